@@ -1,0 +1,1 @@
+"""Manifests, dataset adapters, decoders and synthetic datasets."""
