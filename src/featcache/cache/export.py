@@ -1,0 +1,65 @@
+"""Export a cache to HDF5 for tools that read HDF5 (h5py), one part at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import CacheError
+from .reader import FeatureCache
+from .store import KIND_ARRAYS, part_bounds
+
+
+def export_h5(cache_path, out, *, progress: bool = False) -> Path:
+    """Write every array (concatenated over parts), ``ok`` and ``meta/<column>`` to ``out``.
+
+    Frame caches keep their layout: ``frames`` flat with global ``offsets`` (n + 1).
+    The cache's attributes are stored as JSON in the file attribute ``featcache``.
+    """
+    from tqdm.auto import tqdm
+
+    cache = FeatureCache(cache_path)
+    out = Path(out)
+    if out.exists() and out.is_dir():
+        raise CacheError(f"{out} is a directory; give a file name such as features.h5")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    kinds = {**KIND_ARRAYS[cache.kind], "ok": "row"}
+    first = cache.read_part(0)
+    flat_total = 0
+    if cache.kind == "frames":
+        flat_total = sum(int(cache.read_part(i, ["offsets"])["offsets"][-1]) for i in range(cache.n_parts))
+    with h5py.File(tmp, "w") as h5:
+        h5.attrs["featcache"] = json.dumps(cache.attrs)
+        dsets = {}
+        for name, rel in kinds.items():
+            shape0 = {"row": cache.rows, "offsets": cache.rows + 1, "flat": flat_total}[rel]
+            dsets[name] = h5.create_dataset(name, shape=(shape0, *first[name].shape[1:]), dtype=first[name].dtype,
+                                            chunks=True if shape0 else None)
+        flat_at = 0
+        for i in tqdm(range(cache.n_parts), desc="export", unit="part", disable=not progress):
+            start, stop = part_bounds(i, cache.rows, cache.part_rows)
+            data = cache.read_part(i)
+            for name, rel in kinds.items():
+                if rel == "row":
+                    dsets[name][start:stop] = data[name]
+                elif rel == "flat":
+                    dsets[name][flat_at:flat_at + len(data[name])] = data[name]
+                else:  # offsets, made global
+                    dsets[name][start:stop + 1] = data[name] + flat_at
+            if "offsets" in data:
+                flat_at += int(data["offsets"][-1])
+        meta = cache.meta()
+        grp = h5.create_group("meta")
+        for col in meta.columns:
+            values = meta[col].to_numpy()
+            if values.dtype == object:
+                grp.create_dataset(col, data=np.array(values, dtype=h5py.string_dtype("utf-8")))
+            else:
+                grp.create_dataset(col, data=values)
+    os.replace(tmp, out)
+    return out

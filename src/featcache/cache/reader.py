@@ -1,0 +1,217 @@
+"""Reading a cache into memory (DESIGN.md: readers load what a head needs, then hand out tensors).
+
+>>> cache = open_cache("runs/ffpp_clip")
+>>> train = cache.load(split="train")          # CacheData: features (n, D) float32, meta DataFrame
+>>> x, y = train.tensors("label")              # torch tensors
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.storage import LocalStore
+
+from ..errors import CacheError
+from .store import (
+    ERRORS_FILE,
+    FORMAT_VERSION,
+    KIND_ARRAYS,
+    part_bounds,
+    part_name,
+    read_attrs,
+)
+
+
+@dataclass
+class CacheData:
+    """Rows of a cache loaded into memory: an array per name, the meta table, the row indices."""
+
+    arrays: dict[str, np.ndarray]
+    meta: pd.DataFrame
+    index: np.ndarray  # row numbers in the cache
+
+    @property
+    def features(self) -> np.ndarray:
+        return self.arrays["features"]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def tensors(self, *columns: str, device=None):
+        """Features as a float tensor, then each named meta column as a tensor."""
+        import torch
+
+        out = [torch.from_numpy(np.ascontiguousarray(self.features)).to(device)]
+        for col in columns:
+            values = self.meta[col].to_numpy()
+            if values.dtype.kind not in "iufb":
+                raise CacheError(f"meta column {col!r} is not numeric; encode it before making a tensor")
+            out.append(torch.from_numpy(np.ascontiguousarray(values)).to(device))
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+class FeatureCache:
+    """A cache opened for reading. Refuses unfinished caches unless ``require_complete=False``."""
+
+    def __init__(self, path, *, require_complete: bool = True):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CacheError(f"cache {self.path} does not exist")
+        self.attrs = read_attrs(self.path)
+        if "format_version" not in self.attrs:
+            raise CacheError(f"{self.path} is a Zarr group but not a featcache cache")
+        if self.attrs["format_version"] != FORMAT_VERSION:
+            raise CacheError(
+                f"{self.path} has cache format {self.attrs['format_version']}, this featcache reads "
+                f"format {FORMAT_VERSION}; re-extract it with this version"
+            )
+        if "fingerprint" not in self.attrs:
+            raise CacheError(f"{self.path}: its creation was interrupted before any part; rerun the extraction")
+        if require_complete and not self.attrs.get("complete"):
+            done = len(self.done_parts())
+            raise CacheError(
+                f"{self.path} is incomplete ({done} of {self.n_parts} parts); rerun the same "
+                "`featcache extract` command to finish it"
+            )
+        self._root = zarr.open_group(LocalStore(self.path, read_only=True), mode="r")
+
+    # -- attributes ------------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self.attrs["kind"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.attrs["fingerprint"]
+
+    @property
+    def rows(self) -> int:
+        return int(self.attrs["manifest"]["rows"])
+
+    @property
+    def part_rows(self) -> int:
+        return int(self.attrs["part_rows"])
+
+    @property
+    def n_parts(self) -> int:
+        return int(self.attrs["n_parts"])
+
+    @property
+    def backbone(self) -> dict:
+        return self.attrs["backbone"]
+
+    @property
+    def preprocess(self) -> dict:
+        return self.attrs["preprocess"]
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __repr__(self) -> str:
+        return f"FeatureCache({str(self.path)!r}, kind={self.kind!r}, rows={self.rows}, dim={self.dim})"
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension, read from the first part's main array."""
+        name = next(iter(KIND_ARRAYS[self.kind]))
+        return int(self.part(0)[name].shape[-1])
+
+    def done_parts(self) -> list[int]:
+        parts = self.path / "parts"
+        return sorted(int(d.name) for d in parts.iterdir() if d.is_dir() and d.name.isdigit())
+
+    # -- reading ---------------------------------------------------------------------------
+    def meta(self, columns=None) -> pd.DataFrame:
+        group = self._root["meta"]
+        names = list(columns) if columns is not None else sorted(group.array_keys(), key=_meta_order)
+        out = {}
+        for name in names:
+            if name not in group:
+                raise CacheError(f"{self.path} has no meta column {name!r}; it has {sorted(group.array_keys())}")
+            arr = group[name]
+            _check_chunks(arr, f"meta/{name}", self.path)
+            values = arr[...]
+            out[name] = values.astype(object) if values.dtype.kind == "T" else values
+        return pd.DataFrame(out)
+
+    def part(self, index: int) -> zarr.Group:
+        if not 0 <= index < self.n_parts:
+            raise CacheError(f"{self.path}: part {index} out of range 0..{self.n_parts - 1}")
+        name = f"parts/{part_name(index)}"
+        if not (self.path / name).is_dir():
+            raise CacheError(f"{self.path}: part {index} is missing; rerun the extraction to complete it")
+        return self._root[name]
+
+    def read_part(self, index: int, names=None) -> dict[str, np.ndarray]:
+        group = self.part(index)
+        out = {}
+        for name in names or [*KIND_ARRAYS[self.kind], "ok"]:
+            arr = group[name]
+            _check_chunks(arr, f"parts/{part_name(index)}/{name}", self.path)
+            out[name] = arr[...]
+        return out
+
+    def load_rows(self, name: str, dtype=None) -> np.ndarray:
+        """Concatenate a per-row array (``features``, ``ok``, ``hidden``, ...) over all parts."""
+        kinds = {**KIND_ARRAYS[self.kind], "ok": "row"}
+        if kinds.get(name) != "row":
+            raise CacheError(f"{name!r} is not a per-row array of a {self.kind} cache")
+        first = self.part(0)[name]
+        out = np.empty((self.rows, *first.shape[1:]), dtype=dtype or first.dtype)
+        for i in range(self.n_parts):
+            start, stop = part_bounds(i, self.rows, self.part_rows)
+            out[start:stop] = self.read_part(i, [name])[name]
+        return out
+
+    def load(self, split: str | list[str] | None = None, *, columns=None, ok_only: bool = True,
+             dtype=np.float32) -> CacheData:
+        """Load features and meta of the selected split(s); rows that failed to read are dropped."""
+        if self.kind != "pooled":
+            raise CacheError(f"load() reads pooled caches; {self.path} is a {self.kind} cache")
+        meta = self.meta(columns)
+        mask = np.ones(self.rows, dtype=bool)
+        if split is not None:
+            splits = [split] if isinstance(split, str) else list(split)
+            all_splits = self.meta(["split"])["split"].to_numpy()
+            mask &= np.isin(all_splits, splits)
+            if not mask.any():
+                raise CacheError(f"{self.path} has no rows in split(s) {splits}")
+        if ok_only:
+            mask &= self.load_rows("ok")
+        features = self.load_rows("features", dtype=dtype)
+        index = np.flatnonzero(mask)
+        return CacheData(
+            arrays={"features": features[index]},
+            meta=meta.iloc[index].reset_index(drop=True),
+            index=index,
+        )
+
+    def errors(self) -> list[dict]:
+        f = self.path / ERRORS_FILE
+        if not f.is_file():
+            return []
+        return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+
+
+def open_cache(path, *, require_complete: bool = True) -> FeatureCache:
+    return FeatureCache(path, require_complete=require_complete)
+
+
+def _meta_order(name: str):
+    from ..data.manifest import COLUMNS
+
+    return (COLUMNS.index(name), "") if name in COLUMNS else (len(COLUMNS), name)
+
+
+def _check_chunks(arr: zarr.Array, where: str, root: Path) -> None:
+    """A missing chunk reads as the fill value; refuse instead (DESIGN.md)."""
+    if arr.nchunks_initialized != arr.nchunks:
+        raise CacheError(
+            f"{root}: {where} has {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks missing; "
+            "the cache is damaged: run `featcache cache verify`, then re-extract with --overwrite"
+        )

@@ -1,0 +1,386 @@
+"""The cache on disk: layout, fingerprint, lock and writer (DESIGN.md, "Cache").
+
+A cache is one Zarr v3 group::
+
+    NAME/zarr.json          attributes (format_version, kind, backbone, preprocess, manifest,
+                            part_rows, n_parts, fingerprint, complete, ...)
+    NAME/meta/<column>      one 1-D array per manifest column, written before any part
+    NAME/parts/00000/       part i: rows [i * part_rows, (i + 1) * part_rows); written into
+                            parts/00000.tmp/ by exactly one writer and renamed when whole
+    NAME/errors.jsonl       one line per sample that could not be read
+    NAME/.lock              held (flock) while a writer works on the cache
+
+Every chunk is stored, empty ones included, so that a missing chunk is detectable: Zarr
+would otherwise read it back as its fill value.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.storage import LocalStore
+
+from .. import __version__
+from ..errors import CacheError, CacheLockedError, StaleCacheError
+
+FORMAT_VERSION = 1
+DEFAULT_PART_ROWS = 4096
+#: Target size of one chunk; parts larger than this are split along their first axis.
+CHUNK_BYTES = 16 * 2**20
+
+#: Arrays of a part per cache kind, and how their first axis relates to the part's rows n:
+#: "row" has n rows, "offsets" n + 1, "flat" as many as the part's last offset.
+KIND_ARRAYS: dict[str, dict[str, str]] = {
+    "pooled": {"features": "row"},
+    "frames": {"frames": "flat", "offsets": "offsets", "frame_labels": "flat"},
+    "queries": {"hidden": "row", "logits": "row", "boxes": "row"},
+}
+#: The attributes that determine the arrays; the fingerprint is their sha256.
+FINGERPRINT_KEYS = ("format_version", "kind", "backbone", "preprocess", "manifest", "part_rows")
+
+ERRORS_FILE = "errors.jsonl"
+PART_ERRORS_FILE = "errors.jsonl"
+LOCK_FILE = ".lock"
+
+
+def part_name(index: int) -> str:
+    return f"{index:05d}"
+
+
+def n_parts_for(rows: int, part_rows: int) -> int:
+    return (rows + part_rows - 1) // part_rows
+
+
+def part_bounds(index: int, rows: int, part_rows: int) -> tuple[int, int]:
+    start = index * part_rows
+    return start, min(start + part_rows, rows)
+
+
+def _canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def fingerprint(spec: dict) -> str:
+    """sha256 of the attributes that determine the arrays (:data:`FINGERPRINT_KEYS`)."""
+    missing = [k for k in FINGERPRINT_KEYS if k not in spec]
+    if missing:
+        raise ValueError(f"fingerprint spec lacks {missing}")
+    return hashlib.sha256(_canonical_json({k: spec[k] for k in FINGERPRINT_KEYS}).encode()).hexdigest()
+
+
+def _flatten(obj, prefix=""):
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: obj}
+
+
+def describe_differences(old: dict, new: dict) -> list[str]:
+    """Human-readable list of the fingerprinted attributes that differ between two specs."""
+    a = _flatten({k: old.get(k) for k in FINGERPRINT_KEYS})
+    b = _flatten({k: new.get(k) for k in FINGERPRINT_KEYS})
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if _canonical_json(a.get(key)) != _canonical_json(b.get(key)):
+            if key == "manifest.sha256":
+                diffs.append("the manifest's contents changed")
+            else:
+                diffs.append(f"{key}: {a.get(key)!r} in the cache, {b.get(key)!r} now")
+    return diffs
+
+
+def is_cache(path: Path) -> bool:
+    """True when ``path`` holds a featcache cache (complete or not)."""
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        return False
+    try:
+        attrs = json.loads(meta.read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return False
+    return "format_version" in attrs
+
+
+def read_attrs(path: Path) -> dict:
+    try:
+        return dict(json.loads((Path(path) / "zarr.json").read_text()).get("attributes", {}))
+    except FileNotFoundError:
+        raise CacheError(f"{path} is not a featcache cache (no zarr.json)") from None
+    except (OSError, ValueError) as exc:
+        raise CacheError(f"{path}: cannot read zarr.json ({exc})") from None
+
+
+class CacheLock:
+    """An exclusive advisory lock on ``CACHE/.lock``.
+
+    ``flock`` is released by the kernel when its holder dies, so a cache left by a killed
+    extraction can be resumed at once, while a live second writer is refused.
+    """
+
+    def __init__(self, root: Path):
+        self.path = Path(root) / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> CacheLock:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
+                os.close(fd)
+                raise CacheLockedError(
+                    f"{self.path.parent} is being written by another process ({holder}); "
+                    "wait for it to finish or stop it (a lock left by a killed process is released by itself)"
+                ) from None
+            # The previous holder may have unlinked the file between our open and our lock.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        holder = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        os.write(fd, json.dumps(holder).encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _chunks_for(arr: np.ndarray) -> tuple[int, ...]:
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        return tuple(max(1, s) for s in arr.shape)
+    row_bytes = max(1, arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64)))
+    rows = max(1, min(arr.shape[0], CHUNK_BYTES // row_bytes))
+    return (rows,) + tuple(max(1, s) for s in arr.shape[1:])
+
+
+def write_array(group: zarr.Group, name: str, data: np.ndarray) -> None:
+    """Write one whole array with every chunk stored (fill-valued chunks too)."""
+    data = np.asarray(data)
+    if data.dtype.kind in ("U", "O", "T"):
+        data = data.astype(str)
+        dtype = str
+    else:
+        dtype = data.dtype
+    arr = group.create_array(name, shape=data.shape, dtype=dtype, chunks=_chunks_for(data),
+                             config={"write_empty_chunks": True})
+    if data.size:
+        arr[...] = data
+
+
+def meta_arrays(df: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Manifest columns as 1-D arrays: strings, label and subgroup as int8."""
+    out = {}
+    for col in df.columns:
+        values = df[col].to_numpy()
+        if col in ("label", "subgroup"):
+            out[col] = values.astype(np.int8)
+        else:
+            out[col] = np.array(["" if v is None else str(v) for v in values], dtype=str)
+    return out
+
+
+@dataclass
+class CacheSpec:
+    """What determines a cache's arrays: the fingerprinted attributes."""
+
+    kind: str
+    backbone: dict
+    preprocess: dict
+    manifest_sha256: str
+    rows: int
+    part_rows: int = DEFAULT_PART_ROWS
+
+    def __post_init__(self):
+        if self.kind not in KIND_ARRAYS:
+            raise ValueError(f"unknown cache kind {self.kind!r}")
+        if self.part_rows < 1:
+            raise CacheError(f"--part-rows must be at least 1, got {self.part_rows}")
+
+    def attrs(self) -> dict:
+        attrs = {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "backbone": self.backbone,
+            "preprocess": self.preprocess,
+            "manifest": {"sha256": self.manifest_sha256, "rows": self.rows},
+            "part_rows": self.part_rows,
+        }
+        # Round-trip through JSON so the comparison with stored attributes is like for like.
+        attrs = json.loads(_canonical_json(attrs))
+        attrs["fingerprint"] = fingerprint(attrs)
+        return attrs
+
+    @property
+    def n_parts(self) -> int:
+        return n_parts_for(self.rows, self.part_rows)
+
+
+class CacheWriter:
+    """Creates or resumes a cache and writes its parts; one instance per writing process.
+
+    Use as a context manager::
+
+        with CacheWriter(path, spec, manifest_df) as w:
+            for i in w.missing_parts():
+                w.write_part(i, {"features": f}, ok, errors)
+            w.finalize()
+    """
+
+    def __init__(self, path, spec: CacheSpec, meta: pd.DataFrame, *, overwrite: bool = False):
+        self.path = Path(path)
+        self.spec = spec
+        self.meta = meta
+        self.overwrite = overwrite
+        self.attrs = spec.attrs()
+        self.lock = CacheLock(self.path)
+        self.resumed = False
+        if len(meta) != spec.rows:
+            raise ValueError("meta rows differ from spec rows")
+
+    # -- opening ---------------------------------------------------------------------------
+    def __enter__(self) -> CacheWriter:
+        self.open()
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def open(self) -> None:
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise CacheError(f"{p} exists and is not a directory")
+        if p.is_dir() and not is_cache(p) and any(c.name != LOCK_FILE for c in p.iterdir()):
+            raise CacheError(f"{p} exists, is not empty and is not a featcache cache; choose a new --out")
+        p.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        try:
+            self._prepare()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _prepare(self) -> None:
+        old = read_attrs(self.path) if is_cache(self.path) else None
+        if old is not None and "fingerprint" in old:
+            if old["fingerprint"] == self.attrs["fingerprint"]:
+                self.resumed = True
+                for tmp in (self.path / "parts").glob("*.tmp"):
+                    shutil.rmtree(tmp)
+                return
+            if not self.overwrite:
+                diffs = describe_differences(old, self.attrs) or ["the fingerprint"]
+                raise StaleCacheError(
+                    f"{self.path} was made by another extraction ({'; '.join(diffs)}); "
+                    "pass --overwrite to replace it, or choose a new --out"
+                )
+        # New cache, an initialisation that was interrupted, or --overwrite: start afresh.
+        self._clear()
+        root = zarr.open_group(LocalStore(self.path), mode="w", attributes={"format_version": FORMAT_VERSION})
+        meta = root.create_group("meta")
+        for col, values in meta_arrays(self.meta).items():
+            write_array(meta, col, values)
+        root.create_group("parts")
+        (self.path / ERRORS_FILE).write_text("")
+        attrs = dict(self.attrs)
+        attrs.update(n_parts=self.spec.n_parts, featcache_version=__version__,
+                     created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                     complete=False)
+        # The fingerprint is written last: a cache without one is an unfinished initialisation.
+        root.attrs.update(attrs)
+
+    def _clear(self) -> None:
+        for child in self.path.iterdir():
+            if child.name == LOCK_FILE:
+                continue
+            if child.is_dir():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+
+    def close(self) -> None:
+        self.lock.release()
+
+    # -- parts -----------------------------------------------------------------------------
+    def done_parts(self) -> set[int]:
+        parts = self.path / "parts"
+        return {int(d.name) for d in parts.iterdir() if d.is_dir() and d.name.isdigit()} if parts.is_dir() else set()
+
+    def missing_parts(self) -> list[int]:
+        done = self.done_parts()
+        return [i for i in range(self.spec.n_parts) if i not in done]
+
+    def part_bounds(self, index: int) -> tuple[int, int]:
+        return part_bounds(index, self.spec.rows, self.spec.part_rows)
+
+    def write_part(self, index: int, arrays: dict[str, np.ndarray], ok: np.ndarray,
+                   errors: list[dict] | None = None) -> None:
+        """Write part ``index`` under a temporary name, then rename it into place."""
+        start, stop = self.part_bounds(index)
+        n = stop - start
+        expected = KIND_ARRAYS[self.spec.kind]
+        if set(arrays) != set(expected):
+            raise ValueError(f"a {self.spec.kind} part holds {sorted(expected)}, got {sorted(arrays)}")
+        if len(ok) != n:
+            raise ValueError(f"part {index} has {n} rows, ok has {len(ok)}")
+        tmp = self.path / "parts" / (part_name(index) + ".tmp")
+        final = self.path / "parts" / part_name(index)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        group = zarr.open_group(LocalStore(tmp), mode="w", attributes={"start": start, "stop": stop})
+        for name, data in arrays.items():
+            write_array(group, name, data)
+        write_array(group, "ok", np.asarray(ok, dtype=bool))
+        with open(tmp / PART_ERRORS_FILE, "w") as fh:
+            for rec in errors or []:
+                fh.write(json.dumps(rec) + "\n")
+        os.rename(tmp, final)
+
+    def finalize(self) -> None:
+        """Gather the parts' error records into errors.jsonl and mark the cache complete."""
+        missing = self.missing_parts()
+        if missing:
+            raise CacheError(f"{self.path}: cannot finalize, parts {missing[:5]} are missing")
+        lines = []
+        for i in range(self.spec.n_parts):
+            f = self.path / "parts" / part_name(i) / PART_ERRORS_FILE
+            if f.is_file():
+                lines.append(f.read_text())
+        tmp = self.path / (ERRORS_FILE + ".tmp")
+        tmp.write_text("".join(lines))
+        os.replace(tmp, self.path / ERRORS_FILE)
+        root = zarr.open_group(LocalStore(self.path), mode="r+")
+        root.attrs.update({"complete": True})

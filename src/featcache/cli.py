@@ -1,0 +1,281 @@
+"""The ``featcache`` command: parse arguments, call one library function, print.
+
+Errors a user can cause print one line ``error: ...`` and exit with status 2;
+``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from . import __version__
+from .errors import FeatcacheError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class State:
+    def __init__(self, quiet: bool, debug: bool):
+        self.quiet = quiet
+        self.debug = debug
+
+
+def quiet_option(f):
+    """``--quiet`` after the command too (``featcache extract ... -q``), not only before it."""
+
+    def set_quiet(ctx, _param, value):
+        if value:
+            ctx.find_object(State).quiet = True
+
+    return click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=set_quiet,
+                        help="No progress bars.")(f)
+
+
+@click.group(context_settings=CONTEXT)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(__version__, prog_name="featcache")
+@click.pass_context
+def cli(ctx, quiet, debug):
+    """featcache: run a frozen backbone once into a verifiable Zarr cache, then train heads from it.
+
+    \b
+    Start with `featcache demo`, or:
+      featcache synth faces data/
+      featcache extract --backbone clip --model small --manifest data/manifest.csv --out cache/
+      featcache cache info cache/
+    """
+    ctx.obj = State(quiet, debug)
+
+
+# -- demo ----------------------------------------------------------------------------------
+@cli.command(context_settings=CONTEXT)
+@click.option("--out", default="featcache-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the synthetic data and the cache.")
+@click.option("--n", default=800, show_default=True, help="Number of synthetic face images.")
+@quiet_option
+@click.pass_obj
+def demo(state, out, n):
+    """Run the main job offline on synthetic data (a few minutes on a CPU).
+
+    Synthesizes a face-forgery set, extracts CLIP features with the offline `small` preset
+    into a cache, and prints the cache's summary. Rerunning resumes instead of recomputing.
+    """
+    from .demo import run_demo
+
+    run_demo(out, n=n, progress=not state.quiet, echo=click.echo)
+
+
+# -- synth ---------------------------------------------------------------------------------
+@cli.group(context_settings=CONTEXT)
+def synth():
+    """Make synthetic datasets in real file formats."""
+
+
+@synth.command("faces", context_settings=CONTEXT)
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--n", default=800, show_default=True, help="Number of face images (real and fake).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--bias", default=0.6, show_default=True,
+              help="0 = equal artifact strength for all subgroups; 1 = forgeries of some subgroups much harder.")
+@click.option("--size", default=64, show_default=True, help="Image side in pixels.")
+@quiet_option
+@click.pass_obj
+def synth_faces_cmd(state, out, n, seed, bias, size):
+    """Procedural faces in 8 subgroups, imbalanced like FF++, with blended face-swap forgeries.
+
+    Writes OUT/manifest.csv (detection) and OUT/stage1_manifest.csv (real faces with race and
+    gender, for Stage 1).  Example: featcache synth faces data/faces --n 2000 --bias 0.8
+    """
+    from .data.synth_faces import synth_faces
+
+    summary = synth_faces(out, n=n, seed=seed, bias=bias, size=size, progress=not state.quiet)
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
+# -- manifest ------------------------------------------------------------------------------
+@cli.command(context_settings=CONTEXT)
+@click.argument("fmt", metavar="FORMAT")
+@click.argument("root", type=click.Path())
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Manifest CSV to write.")
+@click.option("--annotations", type=click.Path(), default=None,
+              help="Demographic annotations (ffpp: a CSV with img_path and intersec_label or ismale/isasian/...).")
+@click.option("--val-fraction", default=0.1, show_default=True, help="Where the dataset has no val split.")
+@click.option("--test-fraction", default=0.1, show_default=True, help="Where the dataset has no test split.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the identity-disjoint split.")
+@click.option("--no-check-files", is_flag=True, help="Do not check that every file exists.")
+def manifest(fmt, root, out, annotations, val_fraction, test_fraction, seed, no_check_files):
+    """Write the canonical manifest CSV of a dataset.
+
+    FORMAT is one of: folder, ffpp, celebdf, fairface, utkface.
+
+    \b
+    Examples:
+      featcache manifest folder data/my_faces -o my_faces.csv
+      featcache manifest ffpp /data/FaceForensics++ --annotations ffpp_demo.csv -o ffpp.csv
+      featcache manifest fairface /data/fairface -o fairface.csv
+    """
+    from .data.adapters import build_manifest
+
+    m = build_manifest(fmt, root, out, annotations=annotations, val_fraction=val_fraction,
+                       test_fraction=test_fraction, seed=seed, check_files=not no_check_files)
+    df = m.df
+    click.echo(f"wrote {out}: {len(df)} rows")
+    click.echo("  splits: " + ", ".join(f"{k} {v}" for k, v in sorted(df["split"].value_counts().items())))
+    labels = df["label"].map({0: "real", 1: "fake", -1: "unlabelled"}).value_counts()
+    click.echo("  labels: " + ", ".join(f"{k} {v}" for k, v in sorted(labels.items())))
+    known = int((df["subgroup"] >= 0).sum())
+    click.echo(f"  subgroup known for {known} rows")
+
+
+# -- extract -------------------------------------------------------------------------------
+@cli.command(context_settings=CONTEXT)
+@click.option("--backbone", required=True, help="Registry name: clip.")
+@click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache folder (created or resumed).")
+@click.option("--model", default=None, help="Model name (clip: ViT-L-14 by default; tiny, small offline).")
+@click.option("--pretrained", default=None, help="Weights: a tag (clip: openai), a local file, or none.")
+@click.option("--layer", default=None, help="Which output to cache (backbone-specific).")
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--num-workers", default=None, type=int, help="DataLoader decoding workers [cores - 1, at most 8].")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when present].")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Compute precision; features are stored as fp16.")
+@click.option("--part-rows", default=4096, show_default=True, help="Samples per cache part (the unit of resume).")
+@click.option("--on-error", type=click.Choice(["skip", "raise"]), default="skip", show_default=True,
+              help="skip: record unreadable samples in errors.jsonl; raise: stop at the first.")
+@click.option("--overwrite", is_flag=True, help="Replace a cache made by another extraction.")
+@click.option("--seed", default=0, show_default=True, help="Seed of randomly initialised weights.")
+@quiet_option
+@click.pass_obj
+def extract(state, backbone, manifest_path, out, model, pretrained, layer, batch_size, num_workers, device,
+            precision, part_rows, on_error, overwrite, seed):
+    """Run a frozen backbone over a manifest into a cache.
+
+    Rerun the same command to resume: only missing parts are computed.
+
+    \b
+    Example:
+      featcache extract --backbone clip --manifest data/manifest.csv --out caches/clip
+      featcache extract --backbone clip --model small --manifest data/manifest.csv --out caches/small
+    """
+    from .extract import extract as run_extract
+
+    try:
+        r = run_extract(backbone, manifest_path, out, model=model, pretrained=pretrained, layer=layer,
+                        batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
+                        part_rows=part_rows, on_error=on_error, overwrite=overwrite, seed=seed,
+                        progress=not state.quiet)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; rerun the same command to resume {out}", err=True)
+        sys.exit(130)
+    resumed = f", {r.parts_resumed} already there" if r.parts_resumed else ""
+    click.echo(f"{r.cache}: {r.rows} samples in {r.parts_total} parts ({r.parts_written} written{resumed}), "
+               f"{r.failed} unreadable, {r.seconds:.1f} s"
+               + (f", {r.samples_per_second:.1f} samples/s" if r.samples_per_second else ""))
+    for f in r.failures[:5]:
+        click.echo(f"  skipped {f['sample_id']}: {f['error']}")
+    if r.failed > 5:
+        click.echo(f"  ... see {r.cache}/errors.jsonl")
+
+
+# -- cache ---------------------------------------------------------------------------------
+@cli.group(context_settings=CONTEXT)
+def cache():
+    """Inspect, verify and export a cache."""
+
+
+@cache.command("info", context_settings=CONTEXT)
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cache_info_cmd(path, as_json):
+    """Show rows, dimension, parts, fingerprint, backbone, size.
+
+    Example: featcache cache info caches/clip
+    """
+    from .cache import cache_info, format_info
+
+    info = cache_info(path)
+    click.echo(json.dumps(info, indent=2) if as_json else format_info(info))
+
+
+@cache.command("verify", context_settings=CONTEXT)
+@click.argument("path", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def cache_verify_cmd(path, as_json):
+    """Check a cache's parts, shapes and values; exit 1 if damaged.
+
+    Every part present and readable, every chunk stored, shapes consistent, no NaN or Inf,
+    errors.jsonl agreeing with the ok flags.
+
+    Example: featcache cache verify caches/clip
+    """
+    from .cache import verify_cache
+
+    report = verify_cache(path)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    elif report.ok:
+        click.echo(f"ok: {report.path}: {report.parts_checked} parts, {report.rows} rows, {report.ok_rows} ok")
+    else:
+        click.echo(f"FAILED: {report.path}")
+        for p in report.problems:
+            click.echo(f"  {p}")
+    sys.exit(0 if report.ok else 1)
+
+
+@cache.command("export", context_settings=CONTEXT)
+@click.argument("path", type=click.Path())
+@click.option("--h5", "h5_out", required=True, type=click.Path(dir_okay=False), help="HDF5 file to write.")
+@quiet_option
+@click.pass_obj
+def cache_export_cmd(state, path, h5_out):
+    """Export features, ok flags and meta columns to HDF5.
+
+    Example: featcache cache export caches/clip --h5 clip.h5
+    """
+    from .cache import export_h5
+
+    out = export_h5(path, h5_out, progress=not state.quiet)
+    click.echo(f"wrote {out}")
+
+
+def main(argv=None) -> None:
+    """Entry point: run the CLI, turning the errors a user can cause into one line and status 2."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="featcache", standalone_mode=False)
+    except FeatcacheError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except OSError as exc:  # disk full, permission denied, ...: the user's to fix
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

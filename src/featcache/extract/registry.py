@@ -1,0 +1,125 @@
+"""One registry of backbones: ``get_backbone(name, model, pretrained)`` builds any of them.
+
+A backbone is a frozen feature extractor with what the cache needs to know about it:
+its output ``kind`` (``pooled`` | ``frames`` | ``queries``), its preprocessing (recorded in the
+cache and its fingerprint), a decoder that turns manifest rows into model inputs, and
+``fingerprint()``: the facts that determine its outputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from ..errors import BackboneError
+
+_BACKBONES: dict[str, type[Backbone]] = {}
+
+
+class Backbone(ABC):
+    """Base class of the frozen backbones (one module each in ``featcache.extract``)."""
+
+    name: str = ""
+    kind: str = ""  # pooled | frames | queries
+    default_model: str = ""
+    default_pretrained: str = "none"
+    #: Offline presets: model names that need no download and are randomly initialised.
+    presets: tuple[str, ...] = ()
+
+    module: torch.nn.Module
+    model_name: str
+    pretrained: str
+
+    # -- what the cache records ----------------------------------------------------------
+    @abstractmethod
+    def preprocess_spec(self) -> dict:
+        """The preprocessing that determines the inputs (size, mean, std, sample rate, ...)."""
+
+    def layer(self) -> str:
+        return "final"
+
+    def pooling(self) -> str:
+        return "none"
+
+    def fingerprint(self) -> dict:
+        """Name, model, weights and the sha256 of the weights actually loaded."""
+        return {
+            "name": self.name,
+            "model": self.model_name,
+            "pretrained": self.pretrained,
+            "weights_sha256": weights_sha256(self.module),
+            "layer": self.layer(),
+            "pooling": self.pooling(),
+        }
+
+    # -- running ---------------------------------------------------------------------------
+    @abstractmethod
+    def dataset(self, paths: list[str]) -> torch.utils.data.Dataset:
+        """A dataset yielding ``(row, input, error)`` for each path; ``error`` is '' when read."""
+
+    @abstractmethod
+    def collate(self, batch) -> tuple[np.ndarray, object, list[str]]:
+        """Stack dataset items into ``(rows, model_input, errors)``."""
+
+    @abstractmethod
+    def forward(self, inputs, device: torch.device) -> dict[str, np.ndarray]:
+        """Run the frozen model on one batch; return the cache arrays of the batch's rows."""
+
+    def to(self, device: torch.device) -> Backbone:
+        self.module.to(device)
+        return self
+
+    def freeze(self) -> None:
+        self.module.eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+
+def weights_sha256(module: torch.nn.Module) -> str:
+    """sha256 over the module's state dict (names, dtypes, shapes, bytes), in name order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def register_backbone(name: str) -> Callable[[type[Backbone]], type[Backbone]]:
+    def deco(cls: type[Backbone]) -> type[Backbone]:
+        cls.name = name
+        _BACKBONES[name] = cls
+        return cls
+
+    return deco
+
+
+def list_backbones() -> list[str]:
+    _import_all()
+    return sorted(_BACKBONES)
+
+
+def get_backbone(name: str, model: str | None = None, pretrained: str | None = None, *,
+                 layer: str | None = None, seed: int = 0) -> Backbone:
+    """Build a frozen backbone by registry name (``clip``, ...), model name and weights.
+
+    ``pretrained`` is a tag (downloaded where there is network), a local file, or ``none``
+    (random initialisation with ``seed``; the default for the offline presets).
+    """
+    _import_all()
+    try:
+        cls = _BACKBONES[name]
+    except KeyError:
+        raise BackboneError(f"unknown backbone {name!r}; known: {', '.join(sorted(_BACKBONES))}") from None
+    backbone = cls(model=model, pretrained=pretrained, layer=layer, seed=seed)
+    backbone.freeze()
+    return backbone
+
+
+def _import_all() -> None:
+    # Importing a backbone module registers it.
+    from . import clip  # noqa: F401
