@@ -46,12 +46,12 @@ class CacheData:
         """Features as a float tensor, then each named meta column as a tensor."""
         import torch
 
-        out = [torch.from_numpy(np.ascontiguousarray(self.features)).to(device)]
+        out = [torch.from_numpy(np.array(self.features)).to(device)]
         for col in columns:
             values = self.meta[col].to_numpy()
             if values.dtype.kind not in "iufb":
                 raise CacheError(f"meta column {col!r} is not numeric; encode it before making a tensor")
-            out.append(torch.from_numpy(np.ascontiguousarray(values)).to(device))
+            out.append(torch.from_numpy(np.array(values)).to(device))
         return out[0] if len(out) == 1 else tuple(out)
 
 

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from ..data.images import ImageFiles, collate_images
