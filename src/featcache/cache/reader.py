@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,9 +164,14 @@ class FeatureCache:
             raise CacheError(f"{name!r} is not a per-row array of a {self.kind} cache")
         first = self.part(0)[name]
         out = np.empty((self.rows, *first.shape[1:]), dtype=dtype or first.dtype)
-        for i in range(self.n_parts):
+
+        def read(i: int) -> None:
             start, stop = part_bounds(i, self.rows, self.part_rows)
             out[start:stop] = self.read_part(i, [name])[name]
+
+        # File reads and large copies release the GIL: a few threads overlap them.
+        with ThreadPoolExecutor(max_workers=min(4, self.n_parts)) as pool:
+            list(pool.map(read, range(self.n_parts)))
         return out
 
     def load(self, split: str | list[str] | None = None, *, columns=None, ok_only: bool = True,
@@ -177,19 +183,17 @@ class FeatureCache:
         mask = np.ones(self.rows, dtype=bool)
         if split is not None:
             splits = [split] if isinstance(split, str) else list(split)
-            all_splits = self.meta(["split"])["split"].to_numpy()
-            mask &= np.isin(all_splits, splits)
+            all_splits = (meta if "split" in meta else self.meta(["split"]))["split"]
+            mask &= all_splits.isin(splits).to_numpy()  # hashing; np.isin sorts Python strings
             if not mask.any():
                 raise CacheError(f"{self.path} has no rows in split(s) {splits}")
         if ok_only:
             mask &= self.load_rows("ok")
         features = self.load_rows("features", dtype=dtype)
         index = np.flatnonzero(mask)
-        return CacheData(
-            arrays={"features": features[index]},
-            meta=meta.iloc[index].reset_index(drop=True),
-            index=index,
-        )
+        if len(index) < self.rows:
+            features, meta = features[index], meta.iloc[index].reset_index(drop=True)
+        return CacheData(arrays={"features": features}, meta=meta, index=index)
 
     def errors(self) -> list[dict]:
         f = self.path / ERRORS_FILE
