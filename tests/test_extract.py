@@ -82,29 +82,50 @@ def test_not_a_cache_is_never_overwritten(images, tmp_path):
     assert (tmp_path / "data" / "thesis.tex").read_text() == "precious"
 
 
-def test_kill_9_then_resume_gives_identical_arrays(tmp_path):
-    manifest = write_image_manifest(tmp_path / "data", 400, corrupt={17, 300})
+def _parts_done(out) -> int:
+    parts = out / "parts"
+    return sum(d.name.isdigit() for d in parts.iterdir()) if parts.is_dir() else 0
+
+
+def _start_and_wait(args, out, at_least: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "featcache", *map(str, args), "--out", str(out)],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while _parts_done(out) < at_least and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    return proc
+
+
+def test_ctrl_c_and_kill_9_then_resume_give_identical_arrays(tmp_path):
+    manifest = write_image_manifest(tmp_path / "data", 300, corrupt={17, 250})
     args = ["extract", "--backbone", "clip", "--model", "tiny", "--manifest", manifest, "--part-rows", 10,
             "--batch-size", 5, "--num-workers", 0, "-q"]
-    run_cli(*args, "--out", tmp_path / "straight")
+    # The uninterrupted reference, in-process (this also imports open_clip now, so that the
+    # second writer below is quick).
+    extract("clip", manifest, tmp_path / "straight", model="tiny", part_rows=10, batch_size=5,
+            num_workers=0, progress=False)
+    out = tmp_path / "interrupted"
 
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "featcache", *map(str, args), "--out", str(out)])
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        parts = out / "parts"
-        if parts.is_dir() and sum(d.name.isdigit() for d in parts.iterdir()) >= 3:
-            break
-        time.sleep(0.005)
+    # Ctrl-C mid-run; meanwhile a second writer is refused.
+    proc = _start_and_wait(args, out, 3)
+    with pytest.raises(CacheLockedError, match="another process"):
+        extract("clip", manifest, out, model="tiny", part_rows=10, batch_size=5, num_workers=0, progress=False)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait() == 130
+    assert "rerun the same command to resume" in proc.stderr.read()
+    after_ctrl_c = _parts_done(out)
+    assert 3 <= after_ctrl_c < 30, f"Ctrl-C landed at {after_ctrl_c} parts; the test needs it mid-run"
+
+    # Resume, then kill -9 mid-run: the kernel releases the dead writer's lock.
+    proc = _start_and_wait(args, out, after_ctrl_c + 3)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = sum(d.name.isdigit() for d in (out / "parts").iterdir())
-    assert 3 <= done < 40, f"kill landed at {done} parts; the test needs it mid-run"
+    done = _parts_done(out)
+    assert after_ctrl_c + 3 <= done < 30, f"kill landed at {done} parts; the test needs it mid-run"
     assert not json.loads((out / "zarr.json").read_text())["attributes"]["complete"]
     report = verify_cache(out)
     assert not report.ok and "incomplete" in report.problems[0]
 
-    # The killed writer's lock is released by the kernel, so the same command resumes.
     resumed = run_cli(*args, "--out", out)
     assert f"{done} already there" in resumed.stdout
     assert array_hashes(out) == array_hashes(tmp_path / "straight")

@@ -161,6 +161,15 @@ class CacheLock:
         self.fd = fd
         return self
 
+    def check(self) -> None:
+        """Raise unless the lock file on disk is still the one this process holds."""
+        try:
+            held = self.fd is not None and os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+        except FileNotFoundError:
+            held = False
+        if not held:
+            raise CacheLockedError(f"{self.path} was removed or replaced while this process held it")
+
     def release(self) -> None:
         if self.fd is None:
             return
@@ -297,6 +306,7 @@ class CacheWriter:
         self.lock.acquire()
         try:
             self._prepare()
+            self.lock.check()
         except BaseException:
             self.lock.release()
             raise
@@ -317,7 +327,9 @@ class CacheWriter:
                 )
         # New cache, an initialisation that was interrupted, or --overwrite: start afresh.
         self._clear()
-        root = zarr.open_group(LocalStore(self.path), mode="w", attributes={"format_version": FORMAT_VERSION})
+        # mode "a" (create, never delete), not "w": "w" empties the whole directory, the lock
+        # file included, which would let a second writer in; _clear() already emptied the rest.
+        root = zarr.open_group(LocalStore(self.path), mode="a", attributes={"format_version": FORMAT_VERSION})
         meta = root.create_group("meta")
         for col, values in meta_arrays(self.meta).items():
             write_array(meta, col, values)
