@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -180,6 +181,107 @@ def extract(state, backbone, manifest_path, out, model, pretrained, layer, batch
         click.echo(f"  skipped {f['sample_id']}: {f['error']}")
     if r.failed > 5:
         click.echo(f"  ... see {r.cache}/errors.jsonl")
+
+
+# -- heads ---------------------------------------------------------------------------------
+def _evals(items) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r}: expected NAME=CACHE, e.g. celebdf=caches/celebdf", param_hint="--eval")
+        name, path = item.split("=", 1)
+        out[name.strip()] = path.strip()
+    return out
+
+
+@cli.command("train-head", context_settings=CONTEXT)
+@click.argument("task")
+@click.option("--cache", "cache_path", required=True, type=click.Path(), help="Cache to train from.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
+@click.option("--preset", default=None, help="A preset of the task's config (stage2: full, cvar, ldam, minimal, none).")
+@click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="YAML overrides.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one key, e.g. training.epochs=5.")
+@click.option("--stage1", default=None, type=click.Path(file_okay=False), help="stage2: the Stage-1 run directory.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@quiet_option
+@click.pass_obj
+def train_head_cmd(state, task, cache_path, out, preset, config_file, sets, stage1, overwrite):
+    """Train a head (stage1, stage2) from a cache into a run directory.
+
+    \b
+    Examples:
+      featcache train-head stage1 --cache caches/fairface --out runs/stage1
+      featcache train-head stage2 --cache caches/ffpp --stage1 runs/stage1 --preset cvar --out runs/s2-cvar
+      featcache train-head stage2 --cache caches/ffpp --stage1 runs/stage1 --set model.num_ca_views=0 --out runs/adain-only
+    """
+    from .train import train_head
+
+    r = train_head(task, cache_path, out, preset=preset, config_file=config_file, sets=sets, overwrite=overwrite,
+                   progress=not state.quiet, options={"stage1": stage1})
+    click.echo(f"{r.run_dir}: best epoch {r.best_epoch}, {r.seconds:.1f} s")
+    click.echo("  val:  " + _short(r.val))
+    click.echo("  test: " + _short(r.test))
+    if "probe" in r.extra:
+        for attr, row in r.extra["probe"].items():
+            click.echo(f"  probe {attr}: raw {row['raw']:.3f} -> debiased {row['debiased']:.3f} "
+                       f"(chance {row['chance']:.3f})")
+
+
+def _short(metrics: dict) -> str:
+    keys = ["auc", "acc", "eer", "f_fpr", "f_meo", "cos", "race_acc", "gender_acc"]
+    return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if k in metrics and metrics[k] is not None)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--cache", "cache_path", default=None, type=click.Path(), help="Another cache [the run's own].")
+@click.option("--split", default="test", show_default=True)
+@click.option("--name", default=None, help="Tag of the output files, e.g. celebdf.")
+def evaluate(run, cache_path, split, name):
+    """Evaluate a trained head on a split: predictions, metrics, subgroup table, plots.
+
+    \b
+    Examples:
+      featcache evaluate runs/s2-cvar
+      featcache evaluate runs/s2-cvar --cache caches/celebdf --name celebdf
+    """
+    from .train import evaluate_run
+
+    metrics = evaluate_run(run, cache_path, split=split, name=name)
+    tag = f"{name}_{split}" if name else split
+    click.echo(f"{run}: {tag}: " + _short(metrics))
+    click.echo(f"  wrote metrics_{tag}.json, predictions_{tag}.csv" + (", subgroups and plots" if "auc" in metrics else ""))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("task")
+@click.option("--cache", "cache_path", required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--presets", default="all", show_default=True, help="Comma-separated presets, or all.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
+@click.option("--eval", "evals", multiple=True, metavar="NAME=CACHE", help="Also evaluate each run on this cache.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override for every run.")
+@click.option("--stage1", default=None, type=click.Path(file_okay=False), help="stage2: the Stage-1 run directory.")
+@quiet_option
+@click.pass_obj
+def ablate(state, task, cache_path, out, presets, seeds, evals, sets, stage1):
+    """Train every preset x seed; write ablation.csv, ablation.md and a plot. Reuses finished runs.
+
+    \b
+    Example:
+      featcache ablate stage2 --cache caches/ffpp --stage1 runs/stage1 --presets all --seeds 0,1,2 \\
+          --eval celebdf=caches/celebdf --out ablations/stage2
+    """
+    from .train import ablate as run_ablate
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{seeds!r}: expected integers like 0,1,2", param_hint="--seeds") from None
+    preset_list = "all" if presets == "all" else [p.strip() for p in presets.split(",") if p.strip()]
+    run_ablate(task, cache_path, out, presets=preset_list, seeds=seed_list, evals=_evals(evals), sets=sets,
+               options={"stage1": stage1}, progress=not state.quiet, echo=click.echo)
+    click.echo((Path(out) / "ablation.md").read_text())
 
 
 # -- cache ---------------------------------------------------------------------------------

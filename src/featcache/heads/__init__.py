@@ -1,0 +1,1 @@
+"""Trainable heads: blocks and one module per task."""

@@ -1,0 +1,25 @@
+"""Objective functions shared across tasks.
+
+- :mod:`.cvar`: CVaR at a worst fraction, closed form and sync-free; the bilevel (class, subgroup)
+  CVaR of DAW-FDD.
+- :mod:`.ldam`: LDAM margins and loss on cosine logits.
+- :mod:`.sinkhorn`: Sinkhorn divergences between subgroup feature clouds, batched into one geomloss call.
+- :mod:`.disentangle`: squared-cosine disentanglement of detection and fair features.
+"""
+
+from .cvar import BilevelCVaR, bilevel_cvar, bilevel_cvar_parts, cvar
+from .disentangle import cosine_disentanglement
+from .ldam import LDAMLoss, ldam_margins
+from .sinkhorn import GroupSinkhorn, feature_scale
+
+__all__ = [
+    "BilevelCVaR",
+    "GroupSinkhorn",
+    "LDAMLoss",
+    "bilevel_cvar",
+    "bilevel_cvar_parts",
+    "cosine_disentanglement",
+    "cvar",
+    "feature_scale",
+    "ldam_margins",
+]

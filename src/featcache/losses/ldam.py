@@ -1,0 +1,73 @@
+"""LDAM: label-distribution-aware margin loss (Cao et al., NeurIPS 2019) on cosine logits.
+
+The margin of class k is ``m_k = max_margin * n_k^(-1/4) / max_j n_j^(-1/4)``: the rarest class gets
+``max_margin`` and more frequent classes less. The loss subtracts ``m_y`` from the logit of the target
+class, scales all logits by ``s`` and takes the cross-entropy. The logits are cosine similarities in
+[-1, 1] (see :class:`featcache.heads.blocks.CosineClassifier`), which is why a scale ``s`` (30) is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def ldam_margins(counts: Tensor | Sequence[float], max_margin: float = 0.5) -> Tensor:
+    """Per-class LDAM margins ``m_k = max_margin * n_k^(-1/4) / max_j n_j^(-1/4)``.
+
+    Args:
+        counts: (K,) number of training samples of each class. A count of 0 is treated as 1 (a class
+            absent from training gets the largest margin, ``max_margin``, instead of an infinity).
+        max_margin: the margin of the rarest class.
+
+    Returns:
+        (K,) float tensor (float32 unless ``counts`` is a floating tensor), on the device of ``counts``.
+    """
+    c = torch.as_tensor(counts)
+    if not c.is_floating_point():
+        c = c.to(torch.float32)
+    if c.ndim != 1 or c.numel() == 0:
+        raise ValueError(f"counts must be a non-empty 1-D sequence, got shape {tuple(c.shape)}")
+    if bool((c < 0).any()):
+        raise ValueError("class counts must be non-negative")
+    m = c.clamp(min=1.0).pow(-0.25)
+    return max_margin * m / m.max()
+
+
+class LDAMLoss(nn.Module):
+    """Cross-entropy of ``s * (z - m_y * onehot(y))`` on cosine logits ``z``.
+
+    Args:
+        counts: (K,) training samples per class (see :func:`ldam_margins`).
+        max_margin: margin of the rarest class.
+        s: logit scale.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample losses, e.g. for CVaR).
+
+    The margins are a registered buffer (``self.margins``): they move with ``.to(device)`` and are
+    saved in the state dict.
+    """
+
+    margins: Tensor
+
+    def __init__(self, counts: Tensor | Sequence[float], max_margin: float = 0.5, s: float = 30.0,
+                 reduction: str = "mean") -> None:
+        super().__init__()
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        self.register_buffer("margins", ldam_margins(counts, max_margin).to(torch.float32))
+        self.max_margin = float(max_margin)
+        self.s = float(s)
+        self.reduction = reduction
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """``logits``: (B, K) cosine logits; ``target``: (B,) class indices. Returns the loss."""
+        target = target.long()
+        m = self.margins.to(dtype=logits.dtype, device=logits.device)[target]  # (B,)
+        shifted = logits - F.one_hot(target, logits.shape[-1]).to(logits.dtype) * m.unsqueeze(-1)
+        return F.cross_entropy(self.s * shifted, target, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"n_classes={self.margins.numel()}, max_margin={self.max_margin}, s={self.s}, reduction={self.reduction!r}"

@@ -1,0 +1,125 @@
+"""Group fairness of a binary detector (DESIGN.md, "Metric definitions").
+
+``groups`` holds integer subgroup codes (0..7, see ``SUBGROUP_NAMES``); rows whose code is
+negative (gender or race unknown) are ignored here.  At threshold t, a sample is predicted fake
+when ``p >= t``.  Per group g: TPR, FPR, TNR, FNR, PR (predicted-fake fraction), NR = 1 - PR,
+ACC and AUC.  A rate whose denominator is zero in a group (FPR/TNR without reals, TPR/FNR
+without fakes, AUC with one class) is nan for that group.
+
+- F_FPR = 100 · Σ_g |FPR_g − FPR_all|
+- F_EO  = 100 · Σ_g (|FPR_g − FPR_all| + |TPR_g − TPR_all|)
+- F_MEO = 100 · max over r ∈ {FPR, FNR, TNR, TPR} of (max_g r_g − min_g r_g)
+- F_DP  = 100 · max(range_g PR_g, range_g NR_g)
+- F_OAE = 100 · (max_g ACC_g − min_g ACC_g)
+
+Choices where the definitions leave room:
+
+- "all" rates (FPR_all, TPR_all) are over all rows with a known group (code >= 0).
+- A group whose rate is nan is left out of that rate's sum or range.
+- A disparity needs two groups to compare: a rate defined in fewer than two groups gives no
+  term.  F_FPR is nan without an FPR term; F_EO is nan unless both its FPR and TPR terms exist
+  (half of it would silently understate it); F_MEO, F_DP and F_OAE take the largest range among
+  the rates that have one, nan when none has.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from ..data.manifest import SUBGROUP_NAMES
+from .detection import NAN, check_binary
+
+RATE_COLUMNS = ("n", "n_pos", "n_neg", "tpr", "fpr", "tnr", "fnr", "pr", "nr", "acc", "auc")
+
+
+def _check_groups(y, p, groups) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    y, p = check_binary(y, p)
+    g = np.asarray(groups)
+    if g.ndim != 1 or len(g) != len(y):
+        raise ValueError(f"groups must be 1-D with one code per sample; got shape {g.shape} for {len(y)} samples")
+    try:
+        gf = g.astype(np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"groups must be integer subgroup codes; got dtype {g.dtype}") from None
+    if not np.isfinite(gf).all() or (gf != np.round(gf)).any():
+        raise ValueError("groups must be integer subgroup codes (negative for unknown)")
+    return y, p, gf.astype(np.int64)
+
+
+def _rates(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
+    pred = p >= threshold
+    n, n_pos = len(y), int(y.sum())
+    n_neg = n - n_pos
+    tp = int((pred & (y == 1)).sum())
+    fp = int((pred & (y == 0)).sum())
+
+    def ratio(a: float, b: int) -> float:
+        return a / b if b else NAN
+
+    return {
+        "n": n, "n_pos": n_pos, "n_neg": n_neg,
+        "tpr": ratio(tp, n_pos), "fpr": ratio(fp, n_neg),
+        "tnr": ratio(n_neg - fp, n_neg), "fnr": ratio(n_pos - tp, n_pos),
+        "pr": ratio(tp + fp, n), "nr": ratio(n - tp - fp, n),
+        "acc": ratio(tp + n_neg - fp, n),
+        "auc": float(roc_auc_score(y, p)) if 0 < n_pos < n else NAN,
+    }
+
+
+def group_rates(y, p, groups, threshold: float = 0.5) -> pd.DataFrame:
+    """Per-group rates (index: group code, sorted; columns :data:`RATE_COLUMNS`)."""
+    y, p, g = _check_groups(y, p, groups)
+    codes = np.unique(g[g >= 0])
+    rows = [_rates(y[g == c], p[g == c], threshold) for c in codes]
+    df = pd.DataFrame(rows, index=pd.Index(codes, name="group"), columns=list(RATE_COLUMNS))
+    return df.astype({"n": "int64", "n_pos": "int64", "n_neg": "int64"})
+
+
+def _range(values: pd.Series) -> float:
+    v = values.dropna()
+    return float(v.max() - v.min()) if len(v) >= 2 else NAN
+
+
+def _abs_dev_sum(values: pd.Series, overall: float) -> float:
+    v = values.dropna()
+    return float((v - overall).abs().sum()) if len(v) >= 2 and not np.isnan(overall) else NAN
+
+
+def _max(*values: float) -> float:
+    v = [x for x in values if not np.isnan(x)]
+    return max(v) if v else NAN
+
+
+def fairness_metrics(y, p, groups, threshold: float = 0.5) -> dict:
+    """``f_fpr``, ``f_eo``, ``f_meo``, ``f_dp``, ``f_oae`` (times 100; see module docstring)."""
+    y, p, g = _check_groups(y, p, groups)
+    known = g >= 0
+    rates = group_rates(y, p, g, threshold)
+    overall = _rates(y[known], p[known], threshold) if known.any() else {"fpr": NAN, "tpr": NAN}
+    dev_fpr = _abs_dev_sum(rates["fpr"], overall["fpr"])
+    dev_tpr = _abs_dev_sum(rates["tpr"], overall["tpr"])
+    return {
+        "f_fpr": 100 * dev_fpr,
+        "f_eo": 100 * (dev_fpr + dev_tpr),
+        "f_meo": 100 * _max(*(_range(rates[r]) for r in ("fpr", "fnr", "tnr", "tpr"))),
+        "f_dp": 100 * _max(_range(rates["pr"]), _range(rates["nr"])),
+        "f_oae": 100 * _range(rates["acc"]),
+    }
+
+
+def subgroup_table(y, p, groups, threshold: float = 0.5, names=SUBGROUP_NAMES) -> pd.DataFrame:
+    """One row per present group: ``code``, ``subgroup`` (name; the code as text past ``names``),
+    ``n``, ``auc``, ``fpr``, ``tpr``, ``acc``."""
+    rates = group_rates(y, p, groups, threshold)
+    codes = rates.index.to_numpy()
+    return pd.DataFrame({
+        "code": codes,
+        "subgroup": [names[c] if c < len(names) else str(c) for c in codes],
+        "n": rates["n"].to_numpy(),
+        "auc": rates["auc"].to_numpy(),
+        "fpr": rates["fpr"].to_numpy(),
+        "tpr": rates["tpr"].to_numpy(),
+        "acc": rates["acc"].to_numpy(),
+    })

@@ -1,0 +1,1 @@
+"""Plots (matplotlib, headless) and markdown tables."""

@@ -1,0 +1,210 @@
+"""Configs, the trainer and run directory, Stage 1 and Stage 2, evaluate and ablate, end to end."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import run_cli
+from PIL import Image
+from safetensors.torch import load_file
+
+from featcache.config import ConfigError, resolve_config, selection_score
+from featcache.errors import FeatcacheError
+from featcache.train import ablate, evaluate_run, load_run, train_head
+
+FAST = ["training.epochs=3", "training.batch_size=64"]
+
+
+@pytest.fixture(scope="session")
+def faces(tmp_path_factory):
+    """Synthetic faces with `tiny` CLIP caches: detection (manifest) and Stage 1 (stage1_manifest)."""
+    from featcache.data.synth_faces import synth_faces
+    from featcache.extract import extract
+
+    root = tmp_path_factory.mktemp("faces")
+    synth_faces(root / "data", n=320, seed=0, size=32, progress=False)
+    kw = dict(model="tiny", part_rows=128, num_workers=0, progress=False)
+    extract("clip", root / "data" / "manifest.csv", root / "det", **kw)
+    extract("clip", root / "data" / "stage1_manifest.csv", root / "s1", **kw)
+    return root
+
+
+@pytest.fixture(scope="session")
+def stage1_run(faces, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "stage1"
+    train_head("stage1", faces / "s1", out, sets=FAST, progress=False)
+    return out
+
+
+# -- configs ---------------------------------------------------------------------------------
+def test_config_precedence_yaml_preset_file_set(tmp_path):
+    base = resolve_config("stage2")
+    assert base["preset"] == "full" and base["loss"]["use_cvar"] and base["training"]["epochs"] == 50
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("training: {epochs: 7, lr: 0.01}\nloss: {use_ldam: true}\n")
+    cfg = resolve_config("stage2", "minimal", cfg_file, ["training.epochs=9"])
+    assert cfg["loss"]["use_cvar"] is False          # from the preset
+    assert cfg["loss"]["use_ldam"] is True           # the file overrides the preset
+    assert cfg["training"]["lr"] == 0.01             # the file
+    assert cfg["training"]["epochs"] == 9            # --set overrides the file
+
+
+def test_config_errors_name_the_nearest_key():
+    with pytest.raises(ConfigError, match="did you mean loss.lambda_ldam"):
+        resolve_config("stage2", sets=["loss.lambda_ldm=0.3"])
+    with pytest.raises(ConfigError, match="must be true or false"):
+        resolve_config("stage2", sets=["loss.use_cvar=maybe"])
+    with pytest.raises(ConfigError, match="presets: full, cvar, ldam, minimal, none"):
+        resolve_config("stage2", "fullest")
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        resolve_config("stage2", sets=["epochs"])
+
+
+def test_selection_formula():
+    assert selection_score("auc - 0.001 * f_fpr - 0.001 * f_meo", {"auc": 0.9, "f_fpr": 50, "f_meo": 20}) == \
+        pytest.approx(0.83)
+    assert np.isnan(selection_score("auc", {"auc": float("nan")}))
+    with pytest.raises(ConfigError, match="only metric names"):
+        selection_score("__import__('os')", {})
+    with pytest.raises(ConfigError, match="names 'acu'"):
+        selection_score("acu", {"auc": 1.0})
+
+
+# -- Stage 1 -----------------------------------------------------------------------------------
+def test_stage1_run_directory_and_probes(stage1_run):
+    files = {p.name for p in stage1_run.iterdir()}
+    assert {"config.yaml", "log.jsonl", "training_log.csv", "best.safetensors", "last.safetensors", "model.json",
+            "predictions_val.csv", "metrics_val.json", "predictions_test.csv", "summary.json"} <= files
+    log = [json.loads(line) for line in (stage1_run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    for key in ("train_race_ce", "train_gender_ce", "train_similarity", "train_sinkhorn_global",
+                "train_sinkhorn_pairwise", "val_race_acc", "val_gender_acc", "val_cos", "grl_lambda"):
+        assert key in log[0], key
+    # the GRL schedule, logged per epoch, follows the DANN formula with p = epoch / epochs
+    assert [r["grl_lambda"] for r in log] == pytest.approx([2 / (1 + np.exp(-10 * e / 3)) - 1 for e in (1, 2, 3)])
+    summary = json.loads((stage1_run / "summary.json").read_text())
+    # model selection: the best epoch maximises the validation score, recomputed from the log
+    scores = [r["val_cos"] - 0.3 * r["val_race_acc"] - 0.2 * r["val_gender_acc"] for r in log]
+    assert summary["best_epoch"] == 1 + int(np.argmax(scores))
+    probe = summary["probe"]
+    assert set(probe) == {"race", "gender"} and probe["race"]["chance"] == 0.25
+    assert 0 <= probe["race"]["raw"] <= 1 and 0 <= probe["race"]["debiased"] <= 1
+    png = stage1_run / "plots" / "training_curves.png"
+    assert Image.open(png).format == "PNG"
+
+
+def test_stage1_probe_matches_an_independent_fit(stage1_run, faces):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from featcache.cache import open_cache
+
+    cache = open_cache(faces / "s1")
+    tr, va = cache.load("train"), cache.load("val")
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=0))
+    clf.fit(tr.features, tr.meta["race"])
+    raw = clf.score(va.features, va.meta["race"])
+    summary = json.loads((stage1_run / "summary.json").read_text())
+    assert summary["probe"]["race"]["raw"] == pytest.approx(raw)
+
+
+# -- Stage 2 -----------------------------------------------------------------------------------
+def test_stage2_frozen_stage1_adapter_gets_no_gradient(faces, stage1_run, tmp_path):
+    run = train_head("stage2", faces / "det", tmp_path / "s2", preset="full", sets=FAST + ["fairness.warmup_start=1",
+                     "fairness.warmup_end=2"], progress=False, options={"stage1": stage1_run})
+    s1 = load_file(str(stage1_run / "best.safetensors"))
+    s2 = load_file(str(run.run_dir / "best.safetensors"))
+    for k, v in s1.items():
+        if k.startswith("adapter."):
+            assert torch.equal(s2["fair." + k[len("adapter."):]], v), k  # unchanged by training
+    task = load_run(run.run_dir)
+    task.data["train"] = task.split_data(__import__("featcache").cache.open_cache(faces / "det"), "train")
+    batch = {k: v[:64] for k, v in task.data["train"].tensors.items()}
+    task.module.train()
+    loss, terms = task.batch_loss(batch, __import__("featcache.heads.task", fromlist=["StepState"]).StepState(3, 3))
+    loss.backward()
+    assert all(p.grad is None for p in task.module.fair.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.module.detect.parameters())
+    assert {"ce", "cvar", "ldam", "sinkhorn", "disentangle"} <= set(terms)
+
+    log = [json.loads(line) for line in (run.run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["fairness_weight"] for r in log] == [0.0, 1.0, 1.0]
+    for key in ("val_auc", "val_acc", "val_eer", "val_f_fpr", "val_f_meo", "val_f_dp", "val_f_oae", "val_f_eo",
+                "val_gate_mean", "val_gate_std", "val_gate_min", "val_gate_max", "val_attention_view0",
+                "val_attention_view3", "train_cvar", "train_ldam", "train_sinkhorn"):
+        assert key in log[-1], key
+
+
+def test_stage2_predictions_and_metrics_agree(faces, stage1_run, tmp_path):
+    from featcache.metrics import all_metrics
+
+    run = train_head("stage2", faces / "det", tmp_path / "s2", preset="none", sets=FAST, progress=False,
+                     options={"stage1": stage1_run})
+    preds = pd.read_csv(run.run_dir / "predictions_test.csv")
+    assert list(preds.columns[:4]) == ["sample_id", "label", "score", "prob"]
+    np.testing.assert_allclose(preds["prob"], 1 / (1 + np.exp(-preds["score"])), rtol=1e-6)
+    metrics = json.loads((run.run_dir / "metrics_test.json").read_text())
+    recomputed = all_metrics(preds["label"].to_numpy(), preds["score"].to_numpy(), groups=preds["subgroup"].to_numpy())
+    for k in ("auc", "acc", "f_fpr", "f_meo", "ece"):
+        assert metrics[k] == pytest.approx(recomputed[k], nan_ok=True), k
+    # evaluate() rebuilds the run from its directory and reproduces the test predictions
+    again = evaluate_run(run.run_dir, name="again")
+    assert again["auc"] == pytest.approx(metrics["auc"])
+    np.testing.assert_allclose(pd.read_csv(run.run_dir / "predictions_again_test.csv")["score"], preds["score"],
+                               rtol=1e-5, atol=1e-6)
+    assert Image.open(run.run_dir / "plots" / "roc_again_test.png").format == "PNG"
+    assert Image.open(run.run_dir / "plots" / "subgroup_rates_again_test.png").format == "PNG"
+    table = pd.read_csv(run.run_dir / "subgroups_again_test.csv")
+    assert set(table.columns) >= {"subgroup", "n", "auc", "fpr", "tpr", "acc"}
+    assert table["n"].sum() == int((preds["subgroup"] >= 0).sum())
+
+
+def test_adain_only_ablation_switch(faces, stage1_run, tmp_path):
+    run = train_head("stage2", faces / "det", tmp_path / "s2", preset="minimal",
+                     sets=FAST + ["model.num_ca_views=0"], progress=False, options={"stage1": stage1_run})
+    state = load_file(str(run.run_dir / "best.safetensors"))
+    assert not any(k.startswith(("cross_attention.", "fusion.")) for k in state)
+    assert "val_gate_mean" not in json.loads((run.run_dir / "log.jsonl").read_text().splitlines()[0])
+
+
+def test_stage2_needs_stage1_and_a_matching_backbone(faces, stage1_run, tmp_path):
+    with pytest.raises(FeatcacheError, match="--stage1"):
+        train_head("stage2", faces / "det", tmp_path / "a", sets=FAST, progress=False)
+    from featcache.extract import extract
+
+    extract("clip", faces / "data" / "manifest.csv", tmp_path / "other", model="tiny", seed=1, part_rows=128,
+            num_workers=0, progress=False)
+    with pytest.raises(FeatcacheError, match="another backbone"):
+        train_head("stage2", tmp_path / "other", tmp_path / "b", sets=FAST, progress=False,
+                   options={"stage1": stage1_run})
+
+
+def test_run_directory_is_not_overwritten_silently(faces, stage1_run):
+    proc = run_cli("train-head", "stage1", "--cache", faces / "s1", "--out", stage1_run, "--set",
+                   "training.epochs=1", check=False)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+
+
+def test_ablate_every_preset_and_seed_and_reuse(faces, stage1_run, tmp_path):
+    out = tmp_path / "abl"
+    kw = dict(presets=["none", "cvar"], seeds=[0, 1], evals={"again": faces / "det"}, sets=["training.epochs=2"],
+              options={"stage1": stage1_run}, progress=False, echo=lambda *_: None)
+    df = ablate("stage2", faces / "det", out, **kw)
+    assert list(zip(df["preset"], df["seed"])) == [("none", 0), ("none", 1), ("cvar", 0), ("cvar", 1)]
+    assert {"test_auc", "test_f_fpr", "val_auc", "again_auc"} <= set(df.columns)
+    # the eval cache here is the training cache, so its test AUC is the in-domain test AUC
+    np.testing.assert_allclose(df["again_auc"], df["test_auc"], rtol=1e-6)
+    cfg = yaml.safe_load((out / "cvar" / "seed1" / "config.yaml").read_text())
+    assert cfg["training"]["seed"] == 1 and cfg["loss"]["use_ldam"] is False
+    md = (out / "ablation.md").read_text()
+    assert md.startswith("| preset | runs | auc |") and "| none | 2 |" in md
+    assert Image.open(out / "ablation_auc_vs_f_fpr.png").format == "PNG"
+    mtime = (out / "none" / "seed0" / "summary.json").stat().st_mtime
+    seen = []
+    ablate("stage2", faces / "det", out, **{**kw, "echo": seen.append})
+    assert (out / "none" / "seed0" / "summary.json").stat().st_mtime == mtime
+    assert all("reused" in line for line in seen)

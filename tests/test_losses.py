@@ -1,0 +1,290 @@
+"""Losses: each checked against an independent computation."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from geomloss import SamplesLoss
+from scipy.optimize import minimize_scalar
+
+from featcache.losses import (
+    GroupSinkhorn,
+    LDAMLoss,
+    bilevel_cvar,
+    bilevel_cvar_parts,
+    cosine_disentanglement,
+    cvar,
+    feature_scale,
+    ldam_margins,
+)
+
+# -- CVaR ---------------------------------------------------------------------------------------
+
+
+def cvar_by_sort(values, alpha):
+    """Mean of the worst alpha*n values, the boundary one weighted fractionally."""
+    v = sorted(values, reverse=True)
+    k = alpha * len(v)
+    whole = int(math.floor(k + 1e-12))
+    total = sum(v[:whole])
+    if whole < len(v):
+        total += (k - whole) * v[whole]
+    return total / k
+
+
+def cvar_by_minimisation(values, alpha):
+    v = np.asarray(values, dtype=np.float64)
+    res = minimize_scalar(lambda lam: lam + np.maximum(v - lam, 0).mean() / alpha,
+                          bounds=(v.min() - 1, v.max() + 1), method="bounded", options={"xatol": 1e-10})
+    return res.fun
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 1.0, 0.1, 0.33, 0.07, 0.9])
+def test_cvar_matches_sort_and_rockafellar_uryasev(alpha):
+    g = torch.Generator().manual_seed(0)
+    losses = torch.rand(3, 20, generator=g, dtype=torch.float64) * 5
+    got = cvar(losses, alpha)
+    for r in range(3):
+        row = losses[r].tolist()
+        assert got[r].item() == pytest.approx(cvar_by_sort(row, alpha), abs=1e-12)
+        assert got[r].item() == pytest.approx(cvar_by_minimisation(row, alpha), abs=1e-6)
+
+
+def test_cvar_extremes():
+    x = torch.tensor([3.0, -1.0, 7.0, 2.0])
+    assert cvar(x, 1.0).item() == pytest.approx(x.mean().item())
+    assert cvar(x, 0.01).item() == pytest.approx(7.0)  # alpha*n < 1: the worst sample
+    assert cvar(x, 0.5).item() == pytest.approx(5.0)  # integer alpha*n = 2: mean of 7 and 3
+    with pytest.raises(ValueError):
+        cvar(x, 0.0)
+    with pytest.raises(ValueError):
+        cvar(x, 1.5)
+
+
+def test_cvar_masked_rows():
+    losses = torch.tensor([[1.0, 9.0, 4.0, float("nan"), 2.0],
+                           [5.0, float("inf"), 3.0, 8.0, 0.0],
+                           [1.0, 2.0, 3.0, 4.0, 5.0]], requires_grad=True)
+    mask = torch.tensor([[True, True, True, False, True],
+                         [True, False, True, True, False],
+                         [False, False, False, False, False]])
+    got = cvar(losses, 0.5, mask)
+    assert got[0].item() == pytest.approx(cvar_by_sort([1, 9, 4, 2], 0.5))  # 6.5
+    assert got[1].item() == pytest.approx(cvar_by_sort([5, 3, 8], 0.5))
+    assert got[2].item() == 0.0  # an empty row gives 0
+    assert torch.isfinite(got).all()
+    got.sum().backward()
+    assert torch.isfinite(losses.grad).all()
+    assert (losses.grad[~mask] == 0).all()  # non-members (nan and inf included) get no gradient
+    # members: dCVaR/dl_i is the sort weight; here k = 2 on row 0, so 9 and 4 get 1/2 each
+    assert losses.grad[0].tolist() == pytest.approx([0, 0.5, 0.5, 0, 0])
+    # row 1: k = 1.5: 8 gets 1/1.5, 5 gets 0.5/1.5
+    assert losses.grad[1].tolist() == pytest.approx([1 / 3, 0, 0, 2 / 3, 0])
+
+
+def test_cvar_tensor_alpha_and_broadcast_mask():
+    losses = torch.tensor([4.0, 1.0, 3.0, 2.0])
+    mask = torch.tensor([[True, True, True, True], [True, False, True, False]])
+    alpha = torch.tensor([0.5, 1.0])
+    got = cvar(losses, alpha, mask)
+    assert got.tolist() == pytest.approx([3.5, 3.5])
+
+
+# -- bilevel CVaR --------------------------------------------------------------------------------
+
+
+def bilevel_reference(losses, groups, labels, a_in, a_out, n_groups=8):
+    """Plain-Python loops."""
+    outers = []
+    for c in (0, 1):
+        inners = []
+        for g in range(n_groups):
+            vals = [ell for ell, gg, y in zip(losses, groups, labels) if gg == g and y == c]
+            if vals:
+                inners.append(cvar_by_sort(vals, a_in))
+        if inners:
+            outers.append(cvar_by_sort(inners, a_out))
+    return sum(outers) / len(outers) if outers else 0.0
+
+
+def test_bilevel_cvar_matches_loops():
+    g = torch.Generator().manual_seed(1)
+    n = 40
+    losses = torch.rand(n, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, 2, (n,), generator=g)
+    groups = torch.randint(0, 6, (n,), generator=g)
+    groups[::7] = -1  # unknown subgroups are excluded
+    groups[(groups == 3) & (labels == 1)] = 2  # subgroup 3 absent from the fakes only
+    assert ((groups == 3) & (labels == 0)).any()
+    for a_in, a_out in [(0.1, 0.5), (0.9, 0.9), (0.5, 0.3), (1.0, 1.0)]:
+        ref = bilevel_reference(losses.tolist(), groups.tolist(), labels.tolist(), a_in, a_out)
+        got = bilevel_cvar(losses, groups, labels, a_in, a_out)
+        assert got.item() == pytest.approx(ref, abs=1e-12)
+    parts = bilevel_cvar_parts(losses, groups, labels)
+    assert not parts.group_present[1, 3] and parts.group_present[0, 3]
+    assert not parts.group_present[:, 6:].any()
+    assert parts.class_present.all()
+
+
+def test_bilevel_cvar_one_class_and_empty():
+    losses = torch.tensor([1.0, 2.0, 3.0, 4.0], requires_grad=True)
+    labels = torch.tensor([1, 1, 1, 1])
+    groups = torch.tensor([0, 0, 5, -1])
+    ref = bilevel_reference(losses.tolist(), groups.tolist(), labels.tolist(), 0.5, 0.5)
+    got = bilevel_cvar(losses, groups, labels, 0.5, 0.5)
+    assert got.item() == pytest.approx(ref)  # the mean over the one class present, not over two
+    got.backward()
+    assert losses.grad[3] == 0 and losses.grad[2] > 0
+    none_known = bilevel_cvar(losses, torch.full((4,), -1), labels)
+    assert none_known.item() == 0.0
+    none_known.backward()  # still in the graph
+
+
+def test_bilevel_cvar_no_host_sync():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA to check for host-device synchronisation")
+    dev = torch.device("cuda")
+    losses = torch.rand(64, device=dev, requires_grad=True)
+    groups = torch.randint(-1, 8, (64,), device=dev)
+    labels = torch.randint(0, 2, (64,), device=dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = bilevel_cvar(losses, groups, labels, 0.9, 0.5)
+        out.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref = bilevel_reference(losses.tolist(), groups.tolist(), labels.tolist(), 0.9, 0.5)
+    assert out.item() == pytest.approx(ref, rel=1e-5)
+
+
+# -- LDAM ----------------------------------------------------------------------------------------
+
+
+def test_ldam_margins_formula():
+    counts = [2475, 25443, 1468, 4163, 8013, 31281, 1111, 2185]
+    m = ldam_margins(counts, max_margin=0.5)
+    raw = [n ** -0.25 for n in counts]
+    assert m.tolist() == pytest.approx([0.5 * r / max(raw) for r in raw], rel=1e-6)
+    assert m.max().item() == pytest.approx(0.5) and m.argmax().item() == 6  # the rarest class
+    assert ldam_margins([0, 1, 16]).tolist() == pytest.approx([0.5, 0.5, 0.25])  # 0 counted as 1
+
+
+def test_ldam_loss_matches_hand_computation():
+    g = torch.Generator().manual_seed(2)
+    counts = [100, 10, 1000]
+    logits = torch.rand(6, 3, generator=g) * 2 - 1
+    target = torch.tensor([0, 1, 2, 1, 0, 2])
+    loss = LDAMLoss(counts, max_margin=0.4, s=30.0)
+    m = torch.tensor([0.4 * n ** -0.25 / 10 ** -0.25 for n in counts])
+    onehot = F.one_hot(target, 3).float()
+    expected = F.cross_entropy(30.0 * (logits - m[target][:, None] * onehot), target)
+    assert loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
+    per_sample = LDAMLoss(counts, max_margin=0.4, reduction="none")(logits, target)
+    assert per_sample.shape == (6,) and per_sample.mean().item() == pytest.approx(expected.item(), rel=1e-6)
+    assert "margins" in dict(loss.named_buffers())
+    assert loss.to(torch.float64).margins.dtype == torch.float64  # a buffer: follows .to()
+
+
+# -- Sinkhorn ------------------------------------------------------------------------------------
+
+
+def test_feature_scale_known_cloud():
+    # 4 points at distance 2 from their mean (the square of side 2*sqrt(2)), shifted
+    x = torch.tensor([[2.0, 0.0], [-2.0, 0.0], [0.0, 2.0], [0.0, -2.0]]) + 5.0
+    assert feature_scale(x) == pytest.approx(2.0)
+    y = torch.tensor([[0.0, 0.0, 0.0], [3.0, 4.0, 0.0]])  # each 2.5 from the mean
+    assert feature_scale(y) == pytest.approx(2.5)
+
+
+def test_sinkhorn_identical_clouds_is_zero_and_grows_with_shift():
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(10, 4, generator=g)
+    sk = GroupSinkhorn(blur=0.1)
+    groups = torch.tensor([0] * 10 + [1] * 10)
+    assert abs(sk.pairwise(torch.cat([base, base]), groups).item()) < 1e-4
+    values = [sk.pairwise(torch.cat([base, base + s]), groups).item() for s in (0.0, 0.25, 0.5, 1.0, 2.0)]
+    assert all(b > a for a, b in zip(values, values[1:]))
+    # a pure translation by t: S ~ |t|^2 / 2 for a small blur (half the squared W2 distance)
+    assert values[-1] == pytest.approx(0.5 * 4 * 2.0 ** 2, rel=0.05)
+
+
+def _cloud_setup():
+    g = torch.Generator().manual_seed(4)
+    sizes = {0: 5, 1: 9, 2: 3, 3: 1, 4: 7}  # subgroup 3 has one sample: skipped with min_group=2
+    groups = torch.cat([torch.full((n,), k) for k, n in sizes.items()] + [torch.full((4,), -1)])
+    groups = groups[torch.randperm(len(groups), generator=g)]
+    x = torch.randn(len(groups), 3, generator=g) + groups[:, None].clamp(min=0) * 0.3
+    labels = torch.randint(0, 2, (len(groups),), generator=g)
+    return x, groups, labels
+
+
+def test_sinkhorn_batched_padded_equals_separate_calls():
+    x, groups, labels = _cloud_setup()
+    diameter = 20.0
+    sk = GroupSinkhorn(blur=0.3, scaling=0.8, diameter=diameter)
+    ref_loss = SamplesLoss("sinkhorn", p=2, blur=0.3, scaling=0.8, debias=True, backend="tensorized",
+                           diameter=diameter)
+    present = [0, 1, 2, 4]  # 3 has one sample
+    clouds = {k: x[groups == k] for k in present}
+    pairs = [ref_loss(clouds[a], clouds[b]) for a, b in itertools.combinations(present, 2)]
+    assert sk.pairwise(x, groups).item() == pytest.approx(torch.stack(pairs).mean().item(), rel=1e-5, abs=1e-6)
+    known = x[groups >= 0]
+    glob = [ref_loss(clouds[k], known) for k in present]
+    assert sk.global_(x, groups).item() == pytest.approx(torch.stack(glob).mean().item(), rel=1e-5, abs=1e-6)
+    within = []
+    for c in (0, 1):
+        present_c = [k for k in range(5) if ((groups == k) & (labels == c)).sum() >= 2]
+        for a, b in itertools.combinations(present_c, 2):
+            within.append(ref_loss(x[(groups == a) & (labels == c)], x[(groups == b) & (labels == c)]))
+    assert sk.per_class(x, groups, labels).item() == pytest.approx(torch.stack(within).mean().item(), rel=1e-5,
+                                                                    abs=1e-6)
+    # one by one too, through the public batched entry point
+    idx = [torch.nonzero(groups == k).flatten() for k in present]
+    batched = sk.divergences(x, list(itertools.combinations(idx, 2)))
+    assert batched.tolist() == pytest.approx(torch.stack(pairs).tolist(), rel=1e-5, abs=1e-6)
+
+
+def test_sinkhorn_padding_is_exact_at_small_blur_and_far_clouds():
+    # float32 points far from the origin, small blur, geomloss's own diameter estimate: a 2-point cloud
+    # padded to 12 must give the unpadded value. (Padding with zeros fails this: it enlarges the
+    # estimated diameter and puts ~1e4 costs into the float32 cost matrices.)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(12, 2, generator=g) * 3 + 100.0
+    small, everyone = torch.arange(2), torch.arange(12)
+    sk = GroupSinkhorn(blur=0.05)
+    ref = SamplesLoss("sinkhorn", p=2, blur=0.05, scaling=0.9, debias=True, backend="tensorized")
+    got = sk.divergences(x, [(small, everyone), (everyone, everyone)])
+    assert got[0].item() == pytest.approx(ref(x[:2], x).item(), rel=1e-6)
+    assert abs(got[1].item()) < 1e-6
+
+
+def test_sinkhorn_skips_small_groups_and_backward():
+    x, groups, labels = _cloud_setup()
+    x.requires_grad_(True)
+    sk = GroupSinkhorn(blur=0.3)
+    out = sk.pairwise(x, groups)
+    out.backward()
+    assert torch.isfinite(x.grad).all()
+    assert (x.grad[groups == 3] == 0).all() and (x.grad[groups == -1] == 0).all()
+    assert (x.grad[groups == 0].abs().sum() > 0)
+    # nothing to compare: a zero that still works in backward
+    lonely = torch.randn(3, 2, requires_grad=True)
+    for value in (sk.pairwise(lonely, torch.tensor([0, 1, 2])), sk.global_(lonely, torch.tensor([0, 1, -1])),
+                  sk.per_class(lonely, torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1])),
+                  sk.pairwise(lonely, torch.tensor([0, 0, 0]))):
+        assert value.item() == 0.0
+        value.backward()
+
+
+# -- disentanglement -----------------------------------------------------------------------------
+
+
+def test_cosine_disentanglement():
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0], [2.0, 0.0]])
+    b = torch.tensor([[0.0, 3.0], [-2.0, -2.0], [1.0, 1.0]])
+    assert cosine_disentanglement(a, b).item() == pytest.approx((0.0 + 1.0 + 0.5) / 3)
+    assert cosine_disentanglement(a[:1], b[:1]).item() == pytest.approx(0.0)
