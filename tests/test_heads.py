@@ -208,3 +208,27 @@ def test_ablate_every_preset_and_seed_and_reuse(faces, stage1_run, tmp_path):
     ablate("stage2", faces / "det", out, **{**kw, "echo": seen.append})
     assert (out / "none" / "seed0" / "summary.json").stat().st_mtime == mtime
     assert all("reused" in line for line in seen)
+
+
+def test_synthetic_feature_cache_bias_hurts_the_hard_subgroups(tmp_path):
+    """The controlled test bed: the fake shift shrinks for hard subgroups as bias grows."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    from featcache.cache import open_cache, verify_cache
+    from featcache.data.synth_faces import HARDNESS
+    from featcache.data.synth_features import synth_feature_cache
+
+    gaps = {}
+    for bias in (0.0, 1.0):
+        info = synth_feature_cache(tmp_path / f"b{bias}", rows=4000, dim=64, bias=bias)
+        assert info["strength"] == pytest.approx([2.0 * (1 - bias * h) for h in HARDNESS])
+        assert verify_cache(tmp_path / f"b{bias}").ok
+        cache = open_cache(tmp_path / f"b{bias}")
+        tr, te = cache.load("train"), cache.load("test")
+        assert not set(tr.meta["identity"]) & set(te.meta["identity"])
+        p = LogisticRegression(max_iter=2000).fit(tr.features, tr.meta["label"]).predict_proba(te.features)[:, 1]
+        y, g = te.meta["label"].to_numpy(), te.meta["subgroup"].to_numpy()
+        easy, hard = (g == 1) | (g == 5), (g == 2) | (g == 6)  # white vs black, hardness 0-0.1 vs 0.9-1
+        gaps[bias] = roc_auc_score(y[easy], p[easy]) - roc_auc_score(y[hard], p[hard])
+    assert gaps[1.0] > 0.2 and abs(gaps[0.0]) < 0.1

@@ -1,0 +1,61 @@
+"""A synthetic *feature* cache: a controlled test bed for the heads, independent of any backbone.
+
+Each sample's feature is ``center[subgroup] * subgroup_scale + label * strength[subgroup] * fake_dir
++ noise`` (unit-variance noise, unit-norm ``fake_dir``): subgroups differ in where they sit, and
+fakes are shifted by ``strength = signal * (1 - bias * hardness)`` noise standard deviations
+(d'), which shrinks for the hard subgroups as ``bias`` grows, with the same hardness table as the
+synthetic faces (:data:`featcache.data.synth_faces.HARDNESS`).  A plain detector is then less
+accurate, and its error rates differ, on the hard subgroups: the question the fairness presets
+must answer, asked without the noise of a randomly initialised backbone.
+
+Subgroups follow the FF++ imbalance; identities (4 samples each) decide the splits (70/15/15).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ..cache import CacheSpec, CacheWriter
+from .manifest import FFPP_SUBGROUP_COUNTS, GENDERS, RACES
+from .synth_faces import HARDNESS
+
+
+def synth_feature_cache(path, *, rows: int = 10_000, dim: int = 768, bias: float = 0.6, signal: float = 2.0,
+                        subgroup_scale: float = 0.6, seed: int = 0, part_rows: int = 4096) -> dict:
+    """Write a pooled cache of ``rows`` x ``dim`` fp16 features with full manifest meta; return counts."""
+    if not 0 <= bias <= 1:
+        raise ValueError(f"bias must be in [0, 1], got {bias}")
+    rng = np.random.default_rng(seed)
+    weights = np.array(FFPP_SUBGROUP_COUNTS, dtype=float)
+    subgroup = rng.choice(8, size=rows, p=weights / weights.sum())
+    label = rng.integers(0, 2, size=rows)
+    centers = rng.normal(size=(8, dim))
+    fake_dir = rng.normal(size=dim)
+    fake_dir /= np.linalg.norm(fake_dir)  # unit norm: the shift is `signal` noise standard deviations
+    strength = signal * (1.0 - bias * np.array(HARDNESS))
+    feats = (subgroup_scale * centers[subgroup] + (label * strength[subgroup])[:, None] * fake_dir
+             + rng.normal(size=(rows, dim))).astype(np.float16)
+    identity = np.arange(rows) // 4
+    order = rng.permutation(identity.max() + 1)
+    cut = np.searchsorted([0.7, 0.85], (order[identity] + 0.5) / (identity.max() + 1), side="right")
+    split = np.array(["train", "val", "test"])[cut]
+    meta = pd.DataFrame({
+        "sample_id": [f"f{i:06d}" for i in range(rows)], "path": "", "label": label.astype(np.int8),
+        "split": split, "dataset": "synthfeatures",
+        "gender": np.array(GENDERS)[subgroup // 4], "race": np.array(RACES)[subgroup % 4],
+        "subgroup": subgroup.astype(np.int8), "identity": [f"p{i}" for i in identity],
+        "method": np.where(label == 1, "shift", ""),
+    })
+    spec = CacheSpec(kind="pooled",
+                     backbone={"name": "synthetic", "model": f"gaussian-{dim}", "pretrained": "none",
+                               "weights_sha256": f"seed{seed}", "layer": "final", "pooling": "none"},
+                     preprocess={"bias": bias, "signal": signal, "subgroup_scale": subgroup_scale},
+                     manifest_sha256=f"synthetic-{rows}-{dim}-{bias}-{signal}-{seed}", rows=rows, part_rows=part_rows)
+    with CacheWriter(path, spec, meta, overwrite=True) as w:
+        for i in w.missing_parts():
+            s, e = w.part_bounds(i)
+            w.write_part(i, {"features": feats[s:e]}, np.ones(e - s, bool))
+        w.finalize()
+    return {"rows": rows, "dim": dim, "strength": strength.tolist(),
+            "splits": meta["split"].value_counts().to_dict()}
