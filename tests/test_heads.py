@@ -11,8 +11,10 @@ from conftest import run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
+from featcache.cache import open_cache
 from featcache.config import ConfigError, resolve_config, selection_score
 from featcache.errors import FeatcacheError
+from featcache.heads.task import StepState
 from featcache.train import ablate, evaluate_run, load_run, train_head
 
 FAST = ["training.epochs=3", "training.batch_size=64"]
@@ -101,8 +103,6 @@ def test_stage1_probe_matches_an_independent_fit(stage1_run, faces):
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from featcache.cache import open_cache
-
     cache = open_cache(faces / "s1")
     tr, va = cache.load("train"), cache.load("val")
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=0))
@@ -122,10 +122,10 @@ def test_stage2_frozen_stage1_adapter_gets_no_gradient(faces, stage1_run, tmp_pa
         if k.startswith("adapter."):
             assert torch.equal(s2["fair." + k[len("adapter."):]], v), k  # unchanged by training
     task = load_run(run.run_dir)
-    task.data["train"] = task.split_data(__import__("featcache").cache.open_cache(faces / "det"), "train")
+    task.data["train"] = task.split_data(open_cache(faces / "det"), "train")
     batch = {k: v[:64] for k, v in task.data["train"].tensors.items()}
     task.module.train()
-    loss, terms = task.batch_loss(batch, __import__("featcache.heads.task", fromlist=["StepState"]).StepState(3, 3))
+    loss, terms = task.batch_loss(batch, StepState(3, 3))
     loss.backward()
     assert all(p.grad is None for p in task.module.fair.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.module.detect.parameters())
@@ -215,7 +215,7 @@ def test_synthetic_feature_cache_bias_hurts_the_hard_subgroups(tmp_path):
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
 
-    from featcache.cache import open_cache, verify_cache
+    from featcache.cache import verify_cache
     from featcache.data.synth_faces import HARDNESS
     from featcache.data.synth_features import synth_feature_cache
 

@@ -17,7 +17,6 @@ same manifest, byte for byte.  :func:`list_images` is the one way adapters find 
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import numbers
@@ -31,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ManifestError
+from ..registry import Registry
 from .manifest import (
     GENDERS,
     RACES,
@@ -48,29 +48,17 @@ ROW_COLUMNS = ("sample_id", "path", "label", "split", "dataset", "gender", "race
 
 Adapter = Callable[..., pd.DataFrame]
 #: Adapter name -> adapter; filled by :func:`register_adapter`.
-ADAPTERS: dict[str, Adapter] = {}
+ADAPTERS = Registry("manifest format", error=ManifestError)
 
 _MAX_LISTED = 5
 
 
 # --------------------------------------------------------------------------- registry
 
-def register_adapter(name: str) -> Callable[[Adapter], Adapter]:
-    """Register ``fn(root, *, annotations, val_fraction, test_fraction, seed) -> DataFrame``."""
-
-    def decorator(fn: Adapter) -> Adapter:
-        old = ADAPTERS.get(name)
-        if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
-            raise ValueError(f"a dataset adapter named {name!r} is already registered ({old.__module__})")
-        ADAPTERS[name] = fn
-        return fn
-
-    return decorator
-
-
-def list_adapters() -> list[str]:
-    """Names of the registered dataset formats, sorted."""
-    return sorted(ADAPTERS)
+#: Register ``fn(root, *, annotations, val_fraction, test_fraction, seed) -> DataFrame``.
+register_adapter = ADAPTERS.register
+#: Names of the registered dataset formats, sorted.
+list_adapters = ADAPTERS.names
 
 
 def build_manifest(
@@ -93,11 +81,6 @@ def build_manifest(
     :class:`~featcache.errors.ManifestError` (and writes nothing) on a problem with the input.
     """
     adapter = ADAPTERS.get(fmt)
-    if adapter is None:
-        known = list_adapters()
-        close = difflib.get_close_matches(str(fmt), known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ManifestError(f"unknown manifest format {fmt!r}{hint}; known formats: {', '.join(known)}")
     root_path = Path(root)
     if not root_path.is_dir():
         what = "is not a directory" if root_path.exists() else "does not exist"

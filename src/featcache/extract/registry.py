@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from ..errors import BackboneError
+from ..registry import Registry
 
-_BACKBONES: dict[str, type[Backbone]] = {}
+BACKBONES = Registry("backbone", ("featcache.extract.clip",), error=BackboneError)
 
 
 class Backbone(ABC):
@@ -89,18 +89,8 @@ def weights_sha256(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def register_backbone(name: str) -> Callable[[type[Backbone]], type[Backbone]]:
-    def deco(cls: type[Backbone]) -> type[Backbone]:
-        cls.name = name
-        _BACKBONES[name] = cls
-        return cls
-
-    return deco
-
-
-def list_backbones() -> list[str]:
-    _import_all()
-    return sorted(_BACKBONES)
+register_backbone = BACKBONES.register
+list_backbones = BACKBONES.names
 
 
 def get_backbone(name: str, model: str | None = None, pretrained: str | None = None, *,
@@ -110,16 +100,6 @@ def get_backbone(name: str, model: str | None = None, pretrained: str | None = N
     ``pretrained`` is a tag (downloaded where there is network), a local file, or ``none``
     (random initialisation with ``seed``; the default for the offline presets).
     """
-    _import_all()
-    try:
-        cls = _BACKBONES[name]
-    except KeyError:
-        raise BackboneError(f"unknown backbone {name!r}; known: {', '.join(sorted(_BACKBONES))}") from None
-    backbone = cls(model=model, pretrained=pretrained, layer=layer, seed=seed)
+    backbone = BACKBONES.get(name)(model=model, pretrained=pretrained, layer=layer, seed=seed)
     backbone.freeze()
     return backbone
-
-
-def _import_all() -> None:
-    # Importing a backbone module registers it.
-    from . import clip  # noqa: F401

@@ -103,8 +103,8 @@ class Stage2Task(Task):
         if trained_on and self.backbone and trained_on.get("weights_sha256") != self.backbone.get("weights_sha256"):
             raise FeatcacheError("the Stage-1 run was trained on features of another backbone than this cache; "
                                  "extract both with the same backbone and weights")
-        counts = np.bincount(self.data["train"].tensors["subgroup"].clamp(min=0).cpu().numpy()[
-            self.data["train"].tensors["subgroup"].cpu().numpy() >= 0], minlength=N_SUBGROUPS)
+        groups = self.data["train"].tensors["subgroup"].cpu().numpy()
+        counts = np.bincount(groups[groups >= 0], minlength=N_SUBGROUPS)  # LDAM margins
         blur = loss["sinkhorn_blur"]
         self._stage1_state = {k: v for k, v in s1.module.adapter.state_dict().items()}
         return {

@@ -12,7 +12,6 @@ The trainer (``featcache.train``) is shared by every task; a task provides:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,34 +21,13 @@ import torch
 
 from ..cache import FeatureCache
 from ..errors import FeatcacheError
+from ..registry import Registry
 
-_TASKS: dict[str, type[Task]] = {}
-
-
-def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
-    def deco(cls: type[Task]) -> type[Task]:
-        cls.name = name
-        _TASKS[name] = cls
-        return cls
-
-    return deco
-
-
-def get_task(name: str) -> type[Task]:
-    _import_all()
-    try:
-        return _TASKS[name]
-    except KeyError:
-        raise FeatcacheError(f"unknown task {name!r}; tasks: {', '.join(sorted(_TASKS))}") from None
-
-
-def list_tasks() -> list[str]:
-    _import_all()
-    return sorted(_TASKS)
-
-
-def _import_all() -> None:
-    from . import stage1, stage2  # noqa: F401  (importing registers)
+#: Importing a task's module registers it.
+TASKS = Registry("task", ("featcache.heads.stage1", "featcache.heads.stage2"))
+register_task = TASKS.register
+get_task = TASKS.get
+list_tasks = TASKS.names
 
 
 @dataclass
