@@ -181,6 +181,8 @@ def test_stage2_needs_stage1_and_a_matching_backbone(faces, stage1_run, tmp_path
     with pytest.raises(FeatcacheError, match="another backbone"):
         train_head("stage2", tmp_path / "other", tmp_path / "b", sets=FAST, progress=False,
                    options={"stage1": stage1_run})
+    with pytest.raises(FeatcacheError, match="another backbone"):
+        evaluate_run(stage1_run, tmp_path / "other", name="other")
 
 
 def test_run_directory_is_not_overwritten_silently(faces, stage1_run):
