@@ -79,8 +79,14 @@ def plot_ablation(df: pd.DataFrame, path: Path, x: str = "test_f_fpr", y: str = 
         ax.scatter(g[x], g[y], color=color, alpha=0.35, s=18)
         ax.errorbar(g[x].mean(), g[y].mean(), xerr=g[x].std(ddof=0), yerr=g[y].std(ddof=0), fmt="o",
                     color=color, capsize=3, label=preset)
-    ax.set(xlabel=x.replace("test_", "test ").replace("_", " ").upper(), ylabel=y.replace("_", " ").upper())
+    ax.set(xlabel=_metric_label(x), ylabel=_metric_label(y))
     ax.legend(title="preset", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _metric_label(column: str) -> str:
+    """``test_f_fpr`` -> ``test F_FPR``, ``val_auc`` -> ``val AUC``."""
+    split, _, metric = column.partition("_")
+    return f"{split} {metric.upper()}" if metric else column
