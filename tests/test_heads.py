@@ -234,3 +234,13 @@ def test_synthetic_feature_cache_bias_hurts_the_hard_subgroups(tmp_path):
         easy, hard = (g == 1) | (g == 5), (g == 2) | (g == 6)  # white vs black, hardness 0-0.1 vs 0.9-1
         gaps[bias] = roc_auc_score(y[easy], p[easy]) - roc_auc_score(y[hard], p[hard])
     assert gaps[1.0] > 0.2 and abs(gaps[0.0]) < 0.1
+
+
+def test_selection_only_from_min_epoch(faces, tmp_path):
+    run = train_head("stage1", faces / "s1", tmp_path / "s1", sets=["training.epochs=4", "selection.min_epoch=3"],
+                     progress=False)
+    log = [json.loads(line) for line in (run.run_dir / "log.jsonl").read_text().splitlines()]
+    eligible = [r for r in log if r["epoch"] >= 3]
+    assert run.best_epoch == max(eligible, key=lambda r: r["score"])["epoch"]
+    # Stage 2 selects after the fairness warm-up (epoch 10), or from the last epoch of a shorter run
+    assert resolve_config("stage2")["selection"]["min_epoch"] == resolve_config("stage2")["fairness"]["warmup_end"]

@@ -123,6 +123,9 @@ def train_head(
     n = len(train)
     gen = torch.Generator().manual_seed(int(tcfg["seed"]))
     formula = cfg["selection"]["score"]
+    # Only epochs from min_epoch on compete (Stage 2: after the fairness warm-up, so that every
+    # preset is judged as trained with its whole objective); fewer epochs than that: all compete.
+    min_epoch = min(int(cfg["selection"].get("min_epoch", 1)), epochs)
     best_score, best_epoch, log = -math.inf, 0, []
     t_start = time.perf_counter()
     bar = tqdm(range(1, epochs + 1), desc=f"train {task_name}" + (f":{cfg['preset']}" if cfg["preset"] else ""),
@@ -157,7 +160,7 @@ def train_head(
         log.append(row)
         with open(out / "log.jsonl", "a") as fh:
             fh.write(json.dumps(row, default=_json_default) + "\n")
-        if not math.isnan(score) and score > best_score:
+        if epoch >= min_epoch and not math.isnan(score) and score > best_score:
             best_score, best_epoch = score, epoch
             save_module(task.module, out / "best.safetensors")
         bar.set_postfix(loss=f"{row.get('train_loss', float('nan')):.3f}", score=f"{score:.3f}")
