@@ -66,6 +66,9 @@ def run_demo(out: str | Path = "featcache-demo", *, n: int = 800, progress: bool
            progress=progress, echo=lambda line: echo("      " + line))
     table = (runs / "ablation" / "ablation.md").read_text()
     echo(table)
+    echo("      The offline preset's random weights map every face to nearly the same direction, so the\n"
+         "      detector stays near chance here; with real CLIP weights (--pretrained openai or a file) the\n"
+         "      same commands learn. benchmarks/fairness_synthetic.py compares the presets on a controlled cache.")
     seconds = time.perf_counter() - t0
     echo(f"demo done in {seconds:.0f} s. Next: featcache evaluate {runs / 'ablation' / 'full' / 'seed0'}")
     return {"cache": str(caches["detection"][1]), "info": info, "seconds": seconds, "ablation": table}
