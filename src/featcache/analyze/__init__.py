@@ -1,0 +1,1 @@
+"""FAISS for every neighbour question: the index layer and the analyses built on it."""
