@@ -149,3 +149,12 @@ def test_export_h5_matches_the_cache(tmp_path):
         assert [s.decode() for s in h5["meta/sample_id"][...]] == list(meta["sample_id"])
         np.testing.assert_array_equal(h5["meta/label"][...], meta["label"].to_numpy())
         assert json.loads(h5.attrs["featcache"])["fingerprint"] == open_cache(tmp_path / "c").fingerprint
+
+
+def test_a_relative_path_reads_like_an_absolute_one(tmp_path, monkeypatch):
+    # zarr 3.1 counts no stored chunks under a relative LocalStore root; the reader must not care.
+    make_cache(tmp_path / "c")
+    monkeypatch.chdir(tmp_path)
+    cache = open_cache("c")
+    assert cache.load_rows("features").shape == (23, 6)
+    assert verify_cache("c").ok

@@ -284,6 +284,100 @@ def ablate(state, task, cache_path, out, presets, seeds, evals, sets, stage1):
     click.echo((Path(out) / "ablation.md").read_text())
 
 
+# -- analyze -------------------------------------------------------------------------------
+@cli.group(context_settings=CONTEXT)
+def analyze():
+    """Neighbour analyses of cached embeddings with FAISS (exact, or IVF at scale; GPU when present)."""
+
+
+@analyze.command("subgroups", context_settings=CONTEXT)
+@click.option("--cache", "cache_path", required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the JSON, markdown and plot.")
+@click.option("--adapter", default=None, type=click.Path(file_okay=False),
+              help="A Stage-1 run: audit the features before and after its debiasing adapter.")
+@click.option("--train-split", default="train", show_default=True, help="Split the index and probes are fitted on.")
+@click.option("--val-split", default="val", show_default=True, help="Split the kNN classifier and probes are scored on.")
+@quiet_option
+@click.pass_obj
+def analyze_subgroups(state, cache_path, out, adapter, train_split, val_split):
+    """Audit how much race, gender, subgroup and label the features carry.
+
+    kNN label purity (k = 10, 20, 50), a similarity-weighted kNN classifier and a linear probe,
+    against the chance level; with --adapter, before and after the Stage-1 adapter.
+
+    \b
+    Examples:
+      featcache analyze subgroups --cache caches/fairface --out audits/raw
+      featcache analyze subgroups --cache caches/fairface --adapter runs/stage1 --out audits/stage1
+    """
+    from .analyze.subgroups import audit_subgroups
+
+    audit_subgroups(cache_path, out, adapter_run=adapter, split_train=train_split, split_val=val_split,
+                    progress=not state.quiet)
+    click.echo((Path(out) / "subgroups.md").read_text())
+    click.echo(f"wrote {out}/subgroups.json, subgroups.md, subgroups.png")
+
+
+@analyze.command("neighbors", context_settings=CONTEXT)
+@click.option("--cache", "cache_path", required=True, type=click.Path())
+@click.option("--query", default=None, help="A sample_id of the cache.")
+@click.option("--image", default=None, type=click.Path(dir_okay=False),
+              help="An image file, embedded with the cache's own backbone and preprocessing.")
+@click.option("-k", "k", default=10, show_default=True)
+def analyze_neighbors(cache_path, query, image, k):
+    """Show the nearest samples of a cached sample or of an image.
+
+    \b
+    Examples:
+      featcache analyze neighbors --cache caches/ffpp --query ffpp/original_sequences/youtube/c23/frames/000/0001.png
+      featcache analyze neighbors --cache caches/faces-small --image my_face.png -k 5
+    """
+    from .analyze.neighbors import nearest_samples
+    from .report.tables import markdown_table
+
+    if (query is None) == (image is None):
+        raise click.UsageError("give exactly one of --query SAMPLE_ID or --image PATH")
+    table = nearest_samples(cache_path, query=query, image=image, k=k)
+    click.echo(markdown_table(table, ".4f"))
+
+
+@analyze.command("duplicates", context_settings=CONTEXT)
+@click.option("--cache", "cache_path", required=True, type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--threshold", default=0.95, show_default=True, help="Cosine similarity of a near-duplicate pair.")
+@click.option("-k", "k", default=10, show_default=True, help="Neighbours examined per sample.")
+def analyze_duplicates(cache_path, out, threshold, k):
+    """Find near-duplicate pairs and leaky splits.
+
+    Leaky: near-duplicates, or shared identities, across train/val/test.
+
+    Example: featcache analyze duplicates --cache caches/ffpp --threshold 0.97 --out audits/dups
+    """
+    from .analyze.duplicates import find_duplicates
+
+    find_duplicates(cache_path, out, threshold=threshold, k=k)
+    click.echo((Path(out) / "duplicates.md").read_text())
+
+
+@analyze.command("map", context_settings=CONTEXT)
+@click.option("--cache", "cache_path", required=True, type=click.Path())
+@click.option("--color-by", type=click.Choice(["subgroup", "label", "dataset", "split"]), default="subgroup",
+              show_default=True)
+@click.option("--method", type=click.Choice(["auto", "pca", "umap"]), default="auto", show_default=True,
+              help="auto: UMAP when umap-learn is installed, else PCA.")
+@click.option("--split", default=None, help="Only this split.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+def analyze_map(cache_path, color_by, method, split, out):
+    """Draw a 2-D map of the cached embeddings (PCA, or UMAP).
+
+    Example: featcache analyze map --cache caches/ffpp --color-by subgroup --out ffpp_map.png
+    """
+    from .analyze.maps import embedding_map
+
+    info = embedding_map(cache_path, out, color_by=color_by, split=split, method=method)
+    click.echo(f"wrote {out} ({info['method']}, {info['points']} points)")
+
+
 # -- cache ---------------------------------------------------------------------------------
 @cli.group(context_settings=CONTEXT)
 def cache():

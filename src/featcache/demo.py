@@ -3,7 +3,8 @@
 1. Synthesize a face-forgery set (8 subgroups, FF++ imbalance, subgroup-dependent artifacts).
 2. Extract CLIP features with the offline ``small`` preset into two caches (detection, Stage 1)
    and verify them.
-3. Train the Stage-1 debiasing adapter; report the leakage probes.
+3. Train the Stage-1 debiasing adapter; audit the leakage before and after it (FAISS kNN purity,
+   weighted kNN, linear probes).
 4. A short Stage-2 ablation over every preset, and its table.
 
 Rerunning resumes the caches and reuses finished runs. The offline preset has random weights,
@@ -26,6 +27,7 @@ DEMO_STAGE2_EPOCHS = 15
 
 
 def run_demo(out: str | Path = "featcache-demo", *, n: int = 800, progress: bool = True, echo=print) -> dict:
+    from .analyze.subgroups import audit_subgroups
     from .data.synth_faces import synth_faces
     from .extract import extract
     from .train import ablate, train_head
@@ -52,13 +54,17 @@ def run_demo(out: str | Path = "featcache-demo", *, n: int = 800, progress: bool
 
     runs = out / "runs"
     stage1 = runs / "stage1"
-    echo(f"[3/4] Stage 1 debiasing adapter -> {stage1}")
+    echo(f"[3/4] Stage 1 debiasing adapter and leakage audit -> {stage1}")
     if not (stage1 / "summary.json").is_file():
         train_head("stage1", caches["stage1"][1], stage1, sets=DEMO_SETS, overwrite=True, progress=progress)
     summary = json.loads((stage1 / "summary.json").read_text())
     for attr, row in summary["probe"].items():
         echo(f"      leakage probe {attr}: raw features {row['raw']:.3f}, debiased {row['debiased']:.3f} "
              f"(chance {row['chance']:.3f})")
+    audit = runs / "audit"
+    echo(f"      leakage audit before and after the adapter (FAISS kNN, probes) -> {audit}")
+    audit_subgroups(caches["stage1"][1], audit, adapter_run=stage1, progress=progress)
+    echo((audit / "subgroups.md").read_text())
 
     echo(f"[4/4] Stage-2 ablation, every preset, seed 0, {DEMO_STAGE2_EPOCHS} epochs -> {runs / 'ablation'}")
     ablate("stage2", caches["detection"][1], runs / "ablation", presets="all", seeds=(0,),

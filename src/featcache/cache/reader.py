@@ -79,7 +79,8 @@ class FeatureCache:
                 f"{self.path} is incomplete ({done} of {self.n_parts} parts); rerun the same "
                 "`featcache extract` command to finish it"
             )
-        self._root = zarr.open_group(LocalStore(self.path, read_only=True), mode="r")
+        # An absolute root: with a relative one, zarr 3.1 counts no stored chunks (nchunks_initialized 0).
+        self._root = zarr.open_group(LocalStore(self.path.resolve(), read_only=True), mode="r")
 
     # -- attributes ------------------------------------------------------------------------
     @property

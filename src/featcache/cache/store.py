@@ -278,7 +278,7 @@ class CacheWriter:
     """
 
     def __init__(self, path, spec: CacheSpec, meta: pd.DataFrame, *, overwrite: bool = False):
-        self.path = Path(path)
+        self.path = Path(path).resolve()  # zarr 3.1 miscounts chunks under a relative root
         self.spec = spec
         self.meta = meta
         self.overwrite = overwrite

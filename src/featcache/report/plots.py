@@ -90,3 +90,67 @@ def _metric_label(column: str) -> str:
     """``test_f_fpr`` -> ``test F_FPR``, ``val_auc`` -> ``val AUC``."""
     split, _, metric = column.partition("_")
     return f"{split} {metric.upper()}" if metric else column
+
+
+def plot_leakage_audit(before: pd.DataFrame, after: pd.DataFrame | None, path: Path, k: int = 10,
+                       title: str = "") -> None:
+    """Per attribute: purity@k, kNN and probe accuracy as bars, each with its chance level as a tick.
+
+    ``before`` / ``after`` are leakage-audit tables (:func:`featcache.analyze.subgroups.audit_features`);
+    with ``after`` the debiased bars (hatched) stand beside the raw ones.  Purity's chance level
+    is ``purity_chance``, the accuracies' the val majority rate ``chance``.
+    """
+    plt = _plt()
+    measures = [(f"purity@{k}", "purity_chance", f"purity@{k}"), ("knn_acc", "chance", "kNN acc"),
+                ("probe_acc", "chance", "probe acc")]
+    sets = [("raw", before)] + ([("debiased", after)] if after is not None else [])
+    attributes = list(before["attribute"])
+    n_bars = len(measures) * len(sets)
+    width = 0.8 / n_bars
+    fig, ax = plt.subplots(figsize=(max(5.5, 1.9 * len(attributes) + 1.5) + 2.2, 4.2))
+    x = np.arange(len(attributes))
+    for m, (col, chance_col, label) in enumerate(measures):
+        for s, (set_name, table) in enumerate(sets):
+            t = table.set_index("attribute").reindex(attributes)
+            pos = x - 0.4 + width * (m * len(sets) + s + 0.5)
+            ax.bar(pos, t[col], width, color=f"C{m}", alpha=1.0 if s == 0 else 0.55, hatch="" if s == 0 else "//",
+                   edgecolor="white" if s == 0 else f"C{m}",
+                   label=f"{label} ({set_name})" if len(sets) > 1 else label)
+            ax.hlines(t[chance_col], pos - width / 2, pos + width / 2, colors="black", lw=1.6,
+                      label="chance" if m == 0 and s == 0 else None)
+    ax.set_xticks(x, [f"{a}\n({c} classes)" for a, c in zip(before["attribute"], before["classes"])], fontsize=8)
+    ax.set(ylabel="rate", ylim=(0, 1.05), title=title)
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_embedding_map(xy: np.ndarray, groups, path: Path, title: str = "", legend_title: str = "",
+                       order=None) -> None:
+    """A 2-D scatter of points coloured by group (strings); the largest group is drawn first.
+
+    ``order``: group names in colour order (e.g. the subgroup names in code order, so that a
+    group keeps its colour from map to map); groups not in it follow, sorted.
+    """
+    plt = _plt()
+    groups = np.asarray(groups, dtype=object)
+    names, counts = np.unique(groups, return_counts=True)
+    palette = [g for g in (order or []) if g in set(names)] + sorted(set(names) - set(order or []))
+    color = {g: f"C{i % 10}" for i, g in enumerate(palette)}
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    size = float(np.clip(3000 / max(len(xy), 1), 1.0, 20.0))
+    handles = {}
+    for name in names[np.argsort(-counts, kind="stable")]:
+        sel = groups == name
+        handles[name] = ax.scatter(xy[sel, 0], xy[sel, 1], s=size, alpha=0.6, lw=0, color=color[name],
+                                   label=f"{name} ({int(sel.sum())})")
+    ax.set(title=title, xticks=[], yticks=[])
+    ax.title.set_fontsize(9)
+    ax.legend([handles[g] for g in palette], [handles[g].get_label() for g in palette], title=legend_title or None,
+              fontsize=7, markerscale=max(1.0, 5 / size ** 0.5), loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
