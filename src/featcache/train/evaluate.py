@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..cache import open_cache
 from ..errors import FeatcacheError
-from .trainer import load_run, write_json, write_predictions
+from .trainer import load_run, write_predictions
 
 
 def evaluate_run(run_dir, cache=None, *, split: str = "test", name: str | None = None, device=None) -> dict:
@@ -30,6 +30,8 @@ def evaluate_run(run_dir, cache=None, *, split: str = "test", name: str | None =
     task.data[split] = task.split_data(c, split).to(task.device)
     metrics, preds = task.evaluate(split)
     tag = f"{name}_{split}" if name else split
+    if task.detects:
+        metrics = {**metrics, "n": int(len(preds))}
     write_predictions(run_dir, tag, metrics, preds)
     if task.detects:
         table = subgroup_table(preds["label"].to_numpy(), preds["prob"].to_numpy(), preds["subgroup"].to_numpy())
@@ -39,6 +41,4 @@ def evaluate_run(run_dir, cache=None, *, split: str = "test", name: str | None =
         plot_roc(preds["label"].to_numpy(), preds["prob"].to_numpy(), run_dir / "plots" / f"roc_{tag}.png", tag)
         if len(table):
             plot_subgroup_rates(table, run_dir / "plots" / f"subgroup_rates_{tag}.png", tag)
-        metrics = {**metrics, "n": int(len(preds))}
-        write_json(run_dir / f"metrics_{tag}.json", metrics)
     return metrics
