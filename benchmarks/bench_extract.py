@@ -76,7 +76,8 @@ def main() -> None:
 
         # -- 1. extraction against the bare forward on the same batches --------------------------
         bb = get_backbone("clip", args.model).to(dev)
-        ds = bb.dataset(read_manifest(manifest).absolute_paths())
+        man_ = read_manifest(manifest)
+        ds = bb.dataset(man_.absolute_paths(), man_.df)
         batches = [bb.collate([ds[i] for i in range(s, min(s + args.batch_size, n))])[1]
                    for s in range(0, n, args.batch_size)]
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.precision]

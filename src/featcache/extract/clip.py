@@ -100,7 +100,7 @@ class ClipBackbone(Backbone):
     def pooling(self) -> str:
         return str(getattr(self.module, "pool_type", "tok")) + "+proj"
 
-    def dataset(self, paths):
+    def dataset(self, paths, meta=None):
         h, w = self.preprocess_spec()["size"]
         return ImageFiles(paths, self.transform, (3, h, w))
 

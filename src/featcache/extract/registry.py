@@ -12,6 +12,7 @@ import hashlib
 from abc import ABC, abstractmethod
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ..errors import BackboneError
@@ -58,16 +59,45 @@ class Backbone(ABC):
 
     # -- running ---------------------------------------------------------------------------
     @abstractmethod
-    def dataset(self, paths: list[str]) -> torch.utils.data.Dataset:
-        """A dataset yielding ``(row, input, error)`` for each path; ``error`` is '' when read."""
+    def dataset(self, paths: list[str], meta: pd.DataFrame | None = None) -> torch.utils.data.Dataset:
+        """A dataset yielding ``(row, input, error)`` for each path; ``error`` is '' when read.
+
+        ``meta`` is the manifest (one row per path) for backbones whose inputs need more than
+        the file (audio segments, detection ground truth).
+        """
 
     @abstractmethod
     def collate(self, batch) -> tuple[np.ndarray, object, list[str]]:
         """Stack dataset items into ``(rows, model_input, errors)``."""
 
     @abstractmethod
-    def forward(self, inputs, device: torch.device) -> dict[str, np.ndarray]:
-        """Run the frozen model on one batch; return the cache arrays of the batch's rows."""
+    def forward(self, inputs, device: torch.device) -> dict[str, np.ndarray | list[np.ndarray]]:
+        """Run the frozen model on one batch.
+
+        Returns, per cache array, either one array whose first axis is the batch or a list of
+        one array per sample (variable-length outputs such as frames).
+        """
+
+    #: dtype in which each output array is stored (default float16).
+    store_dtypes: dict[str, str] = {}
+
+    def pack(self, samples: list[dict[str, np.ndarray]], ok: np.ndarray) -> dict[str, np.ndarray]:
+        """Assemble one part's arrays from its samples' outputs, in row order.
+
+        Every row has an output (a failed sample's input is a placeholder); ``ok`` marks the
+        rows that were read. The default stacks fixed-shape outputs, zeros where not ``ok``,
+        in :attr:`store_dtypes` (float16 unless named). Backbones with variable-length outputs
+        (``frames``) override this.
+        """
+        out = {}
+        for name, first in samples[0].items():
+            dtype = np.dtype(self.store_dtypes.get(name, "float16"))
+            arr = np.zeros((len(samples), *np.shape(first)), dtype=dtype)
+            for i, s in enumerate(samples):
+                if ok[i]:
+                    arr[i] = s[name]
+            out[name] = arr
+        return out
 
     def to(self, device: torch.device) -> Backbone:
         self.module.to(device)

@@ -64,29 +64,28 @@ def _parts_batches(parts: list[int], rows: int, part_rows: int, batch_size: int)
 
 
 class _PartBuffer:
-    """Collects one part's batch outputs until it is whole."""
+    """Collects one part's per-sample outputs until it is whole."""
 
     def __init__(self, start: int, stop: int):
         self.start, self.stop = start, stop
-        self.arrays: dict[str, np.ndarray] = {}
+        self.samples: list[dict[str, np.ndarray] | None] = [None] * (stop - start)
         self.ok = np.zeros(stop - start, dtype=bool)
         self.errors: list[dict] = []
         self.filled = 0
 
-    def add(self, rows: np.ndarray, out: dict[str, np.ndarray], ok: np.ndarray) -> None:
-        local = rows - self.start
-        for name, value in out.items():
-            if name not in self.arrays:
-                self.arrays[name] = np.zeros((self.stop - self.start, *value.shape[1:]), dtype=np.float16)
-            value = value.copy()
-            value[~ok] = 0
-            self.arrays[name][local] = value
-        self.ok[local] = ok
+    def add(self, rows: np.ndarray, out: dict, ok: np.ndarray) -> None:
+        for j, r in enumerate(rows.tolist()):
+            self.samples[r - self.start] = {name: value[j] for name, value in out.items()}
+        self.ok[rows - self.start] = ok
         self.filled += len(rows)
 
     @property
     def whole(self) -> bool:
         return self.filled == self.stop - self.start
+
+
+def _pack_and_write(writer: CacheWriter, bb, part: int, buf: _PartBuffer) -> None:
+    writer.write_part(part, bb.pack(buf.samples, buf.ok), buf.ok, buf.errors)
 
 
 def extract(
@@ -140,7 +139,7 @@ def extract(
         if todo:
             workers = default_num_workers() if num_workers is None else num_workers
             loader = torch.utils.data.DataLoader(
-                bb.dataset(paths),
+                bb.dataset(paths, man.df),
                 batch_sampler=_parts_batches(todo, spec.rows, part_rows, batch_size),
                 num_workers=workers,
                 collate_fn=bb.collate,
@@ -175,7 +174,7 @@ def extract(
                         if pending is not None:
                             pending.result()  # at most one write in flight; surfaces its errors
                         del buffers[part]
-                        pending = pool.submit(writer.write_part, part, buf.arrays, buf.ok, buf.errors)
+                        pending = pool.submit(_pack_and_write, writer, bb, part, buf)
                     bar.update(len(rows))
                 if pending is not None:
                     pending.result()
