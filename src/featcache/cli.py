@@ -157,6 +157,7 @@ def extract(state, backbone, manifest_path, out, model, pretrained, layer, batch
     """Run a frozen backbone over a manifest into a cache.
 
     Rerun the same command to resume: only missing parts are computed.
+    Under torchrun the processes share the parts (one GPU each): see the README.
 
     \b
     Example:
@@ -173,6 +174,8 @@ def extract(state, backbone, manifest_path, out, model, pretrained, layer, batch
     except KeyboardInterrupt:
         click.echo(f"interrupted; rerun the same command to resume {out}", err=True)
         sys.exit(130)
+    if r.rank != 0:  # under torchrun, rank 0 reports for the run
+        return
     resumed = f", {r.parts_resumed} already there" if r.parts_resumed else ""
     click.echo(f"{r.cache}: {r.rows} samples in {r.parts_total} parts ({r.parts_written} written{resumed}), "
                f"{r.failed} unreadable, {r.seconds:.1f} s"

@@ -8,7 +8,9 @@ A cache is one Zarr v3 group::
     NAME/parts/00000/       part i: rows [i * part_rows, (i + 1) * part_rows); written into
                             parts/00000.tmp/ by exactly one writer and renamed when whole
     NAME/errors.jsonl       one line per sample that could not be read
-    NAME/.lock              held (flock) while a writer works on the cache
+    NAME/.lock              held (flock) while a writer works on the cache; under
+                            torch.distributed rank 0 holds it for the whole run and the
+                            other ranks join as members of that run (CacheWriter(member_of=))
 
 Every chunk is stored, empty ones included, so that a missing chunk is detectable: Zarr
 would otherwise read it back as its fill value.
@@ -133,8 +135,11 @@ class CacheLock:
     def __init__(self, root: Path):
         self.path = Path(root) / LOCK_FILE
         self.fd: int | None = None
+        self.member_ino: int | None = None
 
-    def acquire(self) -> CacheLock:
+    def acquire(self, run: str | None = None) -> CacheLock:
+        """Take the lock exclusively; ``run`` (a token shared by the ranks of one distributed
+        run) is recorded in the lock file so that the other ranks can join (:meth:`join`)."""
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -157,20 +162,61 @@ class CacheLock:
         os.ftruncate(fd, 0)
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        if run is not None:
+            holder["run"] = run
         os.write(fd, json.dumps(holder).encode())
         self.fd = fd
         return self
 
-    def check(self) -> None:
-        """Raise unless the lock file on disk is still the one this process holds."""
+    def join(self, run: str) -> CacheLock:
+        """Join the distributed run ``run`` whose rank 0 holds the lock, without taking it.
+
+        ``flock`` belongs to one process, so the ranks of a run cannot all hold it: rank 0
+        holds it exclusively, and each other rank checks that the lock is held and that the
+        holder recorded this run's token. A process of any other run is refused.
+        """
+        fd = None
         try:
-            held = self.fd is not None and os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+            fd = os.open(self.path, os.O_RDONLY)
+            text = os.read(fd, 4096).decode(errors="replace")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held = True
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                held = False
+            ino = os.fstat(fd).st_ino
+        except FileNotFoundError:
+            text, held, ino = "", False, None
+        finally:
+            if fd is not None:
+                os.close(fd)
+        try:
+            holder = json.loads(text)
+        except ValueError:
+            holder = {}
+        if not held or holder.get("run") != run:
+            who = f"another process ({text.strip()})" if held else "no process"
+            raise CacheLockedError(
+                f"{self.path.parent}: cannot join distributed run {run}: the lock is held by {who}"
+            )
+        self.member_ino = ino
+        return self
+    def check(self) -> None:
+        """Raise unless the lock file on disk is still the one this process holds (or joined)."""
+        try:
+            if self.member_ino is not None:
+                held = os.stat(self.path).st_ino == self.member_ino
+            else:
+                held = self.fd is not None and os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
         except FileNotFoundError:
             held = False
         if not held:
             raise CacheLockedError(f"{self.path} was removed or replaced while this process held it")
 
     def release(self) -> None:
+        self.member_ino = None
         if self.fd is None:
             return
         try:
@@ -275,13 +321,21 @@ class CacheWriter:
             for i in w.missing_parts():
                 w.write_part(i, {"features": f}, ok, errors)
             w.finalize()
+
+    Under torch.distributed, rank 0 opens with ``run=TOKEN`` (it takes the lock, checks the
+    fingerprint, writes the meta arrays and later finalizes) and, once it has, every other
+    rank opens with ``member_of=TOKEN``: it joins without re-initialising and writes only its
+    own parts. Each part still has exactly one writer.
     """
 
-    def __init__(self, path, spec: CacheSpec, meta: pd.DataFrame, *, overwrite: bool = False):
+    def __init__(self, path, spec: CacheSpec, meta: pd.DataFrame, *, overwrite: bool = False,
+                 run: str | None = None, member_of: str | None = None):
         self.path = Path(path).resolve()  # zarr 3.1 miscounts chunks under a relative root
         self.spec = spec
         self.meta = meta
         self.overwrite = overwrite
+        self.run = run
+        self.member_of = member_of
         self.attrs = spec.attrs()
         self.lock = CacheLock(self.path)
         self.resumed = False
@@ -297,13 +351,16 @@ class CacheWriter:
         self.close()
 
     def open(self) -> None:
+        if self.member_of is not None:
+            self._join()
+            return
         p = self.path
         if p.exists() and not p.is_dir():
             raise CacheError(f"{p} exists and is not a directory")
         if p.is_dir() and not is_cache(p) and any(c.name != LOCK_FILE for c in p.iterdir()):
             raise CacheError(f"{p} exists, is not empty and is not a featcache cache; choose a new --out")
         p.mkdir(parents=True, exist_ok=True)
-        self.lock.acquire()
+        self.lock.acquire(self.run)
         try:
             self._prepare()
             self.lock.check()
@@ -342,6 +399,14 @@ class CacheWriter:
         # The fingerprint is written last: a cache without one is an unfinished initialisation.
         root.attrs.update(attrs)
 
+    def _join(self) -> None:
+        self.lock.join(self.member_of)
+        old = read_attrs(self.path) if is_cache(self.path) else {}
+        if old.get("fingerprint") != self.attrs["fingerprint"]:
+            diffs = describe_differences(old, self.attrs) or ["the fingerprint"]
+            raise StaleCacheError(f"{self.path}: this rank's extraction differs from rank 0's ({'; '.join(diffs)})")
+        self.resumed = True
+
     def _clear(self) -> None:
         for child in self.path.iterdir():
             if child.name == LOCK_FILE:
@@ -376,6 +441,7 @@ class CacheWriter:
             raise ValueError(f"a {self.spec.kind} part holds {sorted(expected)}, got {sorted(arrays)}")
         if len(ok) != n:
             raise ValueError(f"part {index} has {n} rows, ok has {len(ok)}")
+        self.lock.check()
         tmp = self.path / "parts" / (part_name(index) + ".tmp")
         final = self.path / "parts" / part_name(index)
         if tmp.exists():
@@ -391,6 +457,8 @@ class CacheWriter:
 
     def finalize(self) -> None:
         """Gather the parts' error records into errors.jsonl and mark the cache complete."""
+        if self.member_of is not None:
+            raise CacheError("only the process holding the lock (rank 0) finalizes a cache")
         missing = self.missing_parts()
         if missing:
             raise CacheError(f"{self.path}: cannot finalize, parts {missing[:5]} are missing")

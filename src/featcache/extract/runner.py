@@ -4,12 +4,19 @@ Batches never span parts, so a part is computed from the same batches whether th
 fresh or resumed; that is what makes a resumed cache identical to an uninterrupted one.
 Decoding runs in DataLoader workers; each finished part is written by a background thread
 while the backbone works on the next one.
+
+Under torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set, see :mod:`.distributed`), rank 0
+takes the cache's lock, checks the fingerprint and writes the meta arrays; the other ranks then
+join the same run; each rank computes every ``world_size``-th missing part on its own device;
+after all ranks are done rank 0 marks the cache complete. Since a part is the unit of resume,
+a run killed on any rank resumes with any number of processes.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -20,6 +27,8 @@ from ..cache.reader import open_cache
 from ..cache.store import DEFAULT_PART_ROWS, CacheSpec, CacheWriter
 from ..data.manifest import read_manifest
 from ..errors import FeatcacheError, SampleError
+from .distributed import DistributedError
+from .distributed import context as dist_context
 from .registry import get_backbone
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -37,6 +46,8 @@ class ExtractResult:
     samples_per_second: float
     fingerprint: str
     failures: list[dict] = field(default_factory=list)
+    rank: int = 0
+    world_size: int = 1
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -55,12 +66,20 @@ def default_num_workers() -> int:
     return min(8, max(0, (os.cpu_count() or 1) - 1))
 
 
-def _parts_batches(parts: list[int], rows: int, part_rows: int, batch_size: int) -> list[list[int]]:
-    batches = []
-    for p in parts:
-        start, stop = p * part_rows, min((p + 1) * part_rows, rows)
-        batches.extend(list(range(s, min(s + batch_size, stop))) for s in range(start, stop, batch_size))
-    return batches
+class _PartBatches:
+    """The batches of the given parts, made as the loader asks: memory does not grow with rows."""
+
+    def __init__(self, parts: list[int], rows: int, part_rows: int, batch_size: int):
+        self.bounds = [(p * part_rows, min((p + 1) * part_rows, rows)) for p in parts]
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        for start, stop in self.bounds:
+            for s in range(start, stop, self.batch_size):
+                yield list(range(s, min(s + self.batch_size, stop)))
+
+    def __len__(self) -> int:
+        return sum(-(-(stop - start) // self.batch_size) for start, stop in self.bounds)
 
 
 class _PartBuffer:
@@ -111,16 +130,70 @@ def extract(
     Each sample that cannot be read is recorded in ``errors.jsonl`` with ``ok = False``
     (``on_error="skip"``), or stops the run with :class:`SampleError` (``on_error="raise"``);
     the parts written so far are kept and a rerun resumes after them.
-    """
-    from tqdm.auto import tqdm
 
+    Started by torchrun (``WORLD_SIZE`` > 1), each process computes its share of the missing
+    parts on ``cuda:LOCAL_RANK`` (or the CPU), as described in the module docstring; only
+    rank 0 shows progress. Every process returns the same totals, with its own ``rank``.
+    """
     if precision not in PRECISIONS:
         raise FeatcacheError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if on_error not in ("skip", "raise"):
         raise FeatcacheError(f"--on-error must be skip or raise, got {on_error!r}")
     if batch_size < 1:
         raise FeatcacheError(f"--batch-size must be at least 1, got {batch_size}")
-    dev = resolve_device(device)
+    ctx = dist_context(resolve_device(device))
+    try:
+        return _extract(ctx, backbone, manifest, out, model=model, pretrained=pretrained, layer=layer,
+                        batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
+                        part_rows=part_rows, on_error=on_error, overwrite=overwrite, seed=seed,
+                        progress=progress)
+    finally:
+        ctx.close()
+
+
+def _error_text(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, FeatcacheError) else f"{type(exc).__name__}: {exc}"
+
+
+def _open_writer(ctx, out, spec: CacheSpec, df, overwrite: bool) -> tuple[CacheWriter, list[int]]:
+    """Rank 0 creates or resumes the cache; then the other ranks join it. Returns the missing parts."""
+    run = ctx.broadcast(uuid.uuid4().hex) if ctx.active else None
+    writer = CacheWriter(out, spec, df, overwrite=overwrite, run=run,
+                         member_of=None if ctx.is_main else run)
+    if ctx.is_main:
+        try:
+            writer.open()
+        except Exception as exc:
+            ctx.broadcast((_error_text(exc), None))
+            raise
+        todo = writer.missing_parts()
+        ctx.broadcast((None, todo))
+    else:
+        error, todo = ctx.broadcast(None)
+        if error:
+            raise DistributedError(f"rank 0 could not open the cache: {error}")
+    error = None
+    if not ctx.is_main:
+        try:
+            writer.open()
+        except Exception as exc:
+            error = _error_text(exc)
+    try:
+        ctx.raise_if_any(error, "joining the cache")
+    except BaseException:
+        writer.close()
+        raise
+    return writer, todo
+
+
+def _extract(ctx, backbone, manifest, out, *, model, pretrained, layer, batch_size, num_workers, device,
+             precision, part_rows, on_error, overwrite, seed, progress) -> ExtractResult:
+    from tqdm.auto import tqdm
+
+    dev = ctx.device(resolve_device(device))
+    if dev.type == "cuda" and ctx.active:
+        torch.cuda.set_device(dev)
+    progress = progress and ctx.is_main
     man = read_manifest(manifest)
     bb = get_backbone(backbone, model, pretrained, layer=layer, seed=seed).to(dev)
     dtype = PRECISIONS[precision]
@@ -132,61 +205,102 @@ def extract(
     ids = man.df["sample_id"].tolist()
 
     t0 = time.perf_counter()
-    with CacheWriter(out, spec, man.df, overwrite=overwrite) as writer:
-        todo = writer.missing_parts()
-        resumed = spec.n_parts - len(todo)
+    writer, todo_all = _open_writer(ctx, out, spec, man.df, overwrite)
+    try:
+        todo = todo_all[ctx.rank::ctx.world_size]  # every world_size-th missing part
+        resumed = spec.n_parts - len(todo_all)
         n_todo = sum(stop - start for start, stop in map(writer.part_bounds, todo))
-        if todo:
-            workers = default_num_workers() if num_workers is None else num_workers
-            loader = torch.utils.data.DataLoader(
-                bb.dataset(paths, man.df),
-                batch_sampler=_parts_batches(todo, spec.rows, part_rows, batch_size),
-                num_workers=workers,
-                collate_fn=bb.collate,
-                pin_memory=dev.type == "cuda",
-                persistent_workers=False,
-                prefetch_factor=4 if workers > 0 else None,
-            )
-            autocast = (torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32
-                        else torch.autocast(dev.type, enabled=False))
-            pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featcache-writer")
-            pending: Future | None = None
-            buffers: dict[int, _PartBuffer] = {}
-            bar = tqdm(total=int(n_todo), desc=f"extract {bb.name}:{bb.model_name}", unit="img",
-                       disable=not progress, smoothing=0.1)
+        failed_here: BaseException | None = None
+        try:
+            if todo:
+                _run_parts(bb, writer, todo, paths, ids, spec, dev, dtype, batch_size, num_workers, on_error,
+                           part_rows, bar_desc=f"extract {bb.name}:{bb.model_name}"
+                           + (f" (rank 0 of {ctx.world_size})" if ctx.active else ""),
+                           progress=progress, tqdm=tqdm)
+        except Exception as exc:
+            if not ctx.active:
+                raise
+            failed_here = exc
+        if ctx.active:
+            errors = ctx.gather(_error_text(failed_here) if failed_here else None)
+            if failed_here is not None:
+                raise failed_here
+            bad = [(r, e) for r, e in enumerate(errors) if e]
+            if bad:
+                raise DistributedError(
+                    f"extraction failed on rank {', '.join(str(r) for r, _ in bad)} of {ctx.world_size} "
+                    f"({bad[0][1]}); the parts written so far are kept: rerun to resume")
+        counts = ctx.gather(n_todo)
+        final_error = None
+        if ctx.is_main:
             try:
-                for rows, inputs, errors in loader:
-                    ok = np.array([e == "" for e in errors])
-                    if on_error == "raise" and not ok.all():
-                        r, e = next((int(r), e) for r, e in zip(rows, errors) if e)
-                        raise SampleError(f"cannot read sample {ids[r]!r} ({paths[r]}): {e}; "
-                                          "pass --on-error skip to skip and record such samples")
-                    with autocast:
-                        out_arrays = bb.forward(inputs, dev)
-                    part = int(rows[0]) // part_rows
-                    if part not in buffers:
-                        buffers[part] = _PartBuffer(*writer.part_bounds(part))
-                    buf = buffers[part]
-                    buf.add(rows, out_arrays, ok)
-                    buf.errors.extend({"sample_id": ids[r], "path": paths[r], "error": e}
-                                      for r, e in zip(rows.tolist(), errors) if e)
-                    if buf.whole:
-                        if pending is not None:
-                            pending.result()  # at most one write in flight; surfaces its errors
-                        del buffers[part]
-                        pending = pool.submit(_pack_and_write, writer, bb, part, buf)
-                    bar.update(len(rows))
-                if pending is not None:
-                    pending.result()
-            finally:
-                bar.close()
-                pool.shutdown(wait=True)
-        writer.finalize()
+                writer.finalize()
+            except Exception as exc:
+                if not ctx.active:
+                    raise
+                final_error = exc
+        error = ctx.broadcast(_error_text(final_error) if final_error else None)
+        if final_error is not None:
+            raise final_error
+        if error:
+            raise DistributedError(f"rank 0 could not finalize the cache: {error}")
+    finally:
+        writer.close()
     failures = open_cache(out).errors()
     seconds = time.perf_counter() - t0
+    total = sum(counts)
     return ExtractResult(
-        cache=str(out), rows=spec.rows, parts_total=spec.n_parts, parts_written=len(todo),
+        cache=str(out), rows=spec.rows, parts_total=spec.n_parts, parts_written=len(todo_all),
         parts_resumed=resumed, failed=len(failures), seconds=seconds,
-        samples_per_second=float(n_todo) / seconds if seconds > 0 and n_todo else 0.0,
-        fingerprint=writer.attrs["fingerprint"], failures=failures,
+        samples_per_second=float(total) / seconds if seconds > 0 and total else 0.0,
+        fingerprint=writer.attrs["fingerprint"], failures=failures, rank=ctx.rank, world_size=ctx.world_size,
     )
+
+
+def _run_parts(bb, writer: CacheWriter, todo: list[int], paths, ids, spec: CacheSpec, dev, dtype, batch_size,
+               num_workers, on_error, part_rows, *, bar_desc: str, progress: bool, tqdm) -> None:
+    """Compute and write the parts ``todo``: decoding in workers, writes in a background thread."""
+    n_todo = sum(stop - start for start, stop in map(writer.part_bounds, todo))
+    workers = default_num_workers() if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(
+        bb.dataset(paths, writer.meta),
+        batch_sampler=_PartBatches(todo, spec.rows, part_rows, batch_size),
+        num_workers=workers,
+        collate_fn=bb.collate,
+        pin_memory=dev.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    autocast = (torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32
+                else torch.autocast(dev.type, enabled=False))
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featcache-writer")
+    pending: Future | None = None
+    buffers: dict[int, _PartBuffer] = {}
+    bar = tqdm(total=int(n_todo), desc=bar_desc, unit="img", disable=not progress, smoothing=0.1)
+    try:
+        for rows, inputs, errors in loader:
+            ok = np.array([e == "" for e in errors])
+            if on_error == "raise" and not ok.all():
+                r, e = next((int(r), e) for r, e in zip(rows, errors) if e)
+                raise SampleError(f"cannot read sample {ids[r]!r} ({paths[r]}): {e}; "
+                                  "pass --on-error skip to skip and record such samples")
+            with autocast:
+                out_arrays = bb.forward(inputs, dev)
+            part = int(rows[0]) // part_rows
+            if part not in buffers:
+                buffers[part] = _PartBuffer(*writer.part_bounds(part))
+            buf = buffers[part]
+            buf.add(rows, out_arrays, ok)
+            buf.errors.extend({"sample_id": ids[r], "path": paths[r], "error": e}
+                              for r, e in zip(rows.tolist(), errors) if e)
+            if buf.whole:
+                if pending is not None:
+                    pending.result()  # at most one write in flight; surfaces its errors
+                del buffers[part]
+                pending = pool.submit(_pack_and_write, writer, bb, part, buf)
+            bar.update(len(rows))
+        if pending is not None:
+            pending.result()
+    finally:
+        bar.close()
+        pool.shutdown(wait=True)
