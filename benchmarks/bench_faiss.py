@@ -113,6 +113,60 @@ def compare(rows: int, dim: int, n_queries: int, device: str, seed: int, repeat:
     return {"ours": min(times["ours"]), "theirs": min(times["theirs"]), "overlap": overlap}
 
 
+def ivf_vs_exact(rows: int, dim: int, n_queries: int, device: str, seed: int = 0) -> dict:
+    """The IVF index against exact FAISS search on the same rows: k=10 self-search time and recall."""
+    import faiss
+
+    x = clustered(rows, dim, seed=seed)
+    t = time.perf_counter()
+    ivf = build_index(x, exact_limit=0, device=device, seed=seed)
+    build = time.perf_counter() - t
+    del x
+    q = np.random.default_rng(seed).choice(rows, size=min(n_queries, rows), replace=False)
+
+    def approx():
+        return ivf.search(q, 10, exclude_self=True)
+
+    def exact():  # brute force over the same unit vectors, as recall_at_k does
+        return faiss.knn(ivf.vectors[q], ivf.vectors, 11, metric=faiss.METRIC_INNER_PRODUCT)
+
+    t_ivf = min(_timed(approx) for _ in range(2))
+    t_exact = min(_timed(exact) for _ in range(2))
+    return {"build": build, "ivf": t_ivf, "exact": t_exact, "nlist": ivf.nlist, "nprobe": ivf.nprobe,
+            "recall": ivf.recall_at_k(k=10, n_queries=min(1000, rows), seed=seed), "device": ivf.device}
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def suite(quick: bool, device: str) -> list[dict]:
+    """Rows for benchmarks/run.py: FAISS kNN against exact search and against scikit-learn."""
+    fdev = "gpu" if str(device).startswith("cuda") else ("auto" if device in (None, "", "auto") else "cpu")
+    try:
+        from featcache.analyze.index import gpu_available
+
+        if fdev == "gpu" and not gpu_available():
+            fdev = "cpu"  # the faiss build here has no GPU support: say so in the row
+    except ImportError:
+        fdev = "cpu"
+    rows, queries = (50_000, 1000) if quick else (1_000_000, 10_000)
+    v = ivf_vs_exact(rows, 768, queries, fdev)
+    out = [{"measure": f"FAISS IVF kNN / exact FAISS kNN, k=10 for {queries} queries over {rows:,} x 768",
+            "ratio": v["exact"] / v["ivf"], "value": f"{v['ivf']:.2f} s vs {v['exact']:.2f} s",
+            "note": f"recall@10 {v['recall']:.3f}; nlist {v['nlist']}, nprobe {v['nprobe']}; "
+                    f"build {v['build']:.1f} s; faiss on {v['device']}"}]
+    c_rows, c_queries = (20_000, 500) if quick else (100_000, 2000)
+    c = compare(c_rows, 768, c_queries, fdev, 0, repeat=2 if quick else 3)
+    out.append({"measure": f"scikit-learn brute cosine / FAISS exact, k=10 for {c_queries} queries over "
+                           f"{c_rows:,} x 768, build + query",
+                "ratio": c["theirs"] / c["ours"], "value": f"{c['ours']:.2f} s vs {c['theirs']:.2f} s",
+                "note": f"neighbour sets agree on {c['overlap']:.4f}"})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000, help="rows of the audit (IVF above 100,000)")

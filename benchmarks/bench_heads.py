@@ -36,10 +36,10 @@ from featcache.heads.task import StepState, get_task  # noqa: E402
 from featcache.train import ablate, train_head  # noqa: E402
 
 
-def stage2_task(cache_path, stage1_run, batch_size: int):
+def stage2_task(cache_path, stage1_run, batch_size: int, device: torch.device | None = None):
     cfg = resolve_config("stage2", sets=[f"training.batch_size={batch_size}"])
     cfg["options"] = {"stage1": str(stage1_run)}
-    task = get_task("stage2")(cfg, torch.device("cpu"))
+    task = get_task("stage2")(cfg, device or torch.device("cpu"))
     task.load(open_cache(cache_path), splits=("train",))
     task.spec = task.make_spec()
     task.module = task.build(task.spec)
@@ -58,7 +58,81 @@ def one_epoch(task, batches, features, state) -> float:
         opt.zero_grad()
         loss.backward()
         opt.step()
+    if task.device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t
+
+
+def epoch_cache_vs_recompute(work: Path, *, n: int, model: str, batch_size: int, device: str = "cpu") -> dict:
+    """One Stage-2 epoch from the cache against the same epoch recomputing the frozen backbone."""
+    dev = torch.device(device)
+    synth_faces(work / "faces", n=n, size=64, progress=False)
+    extract("clip", work / "faces" / "manifest.csv", work / "det", model=model, device=device, progress=False)
+    extract("clip", work / "faces" / "stage1_manifest.csv", work / "s1c", model=model, device=device, progress=False)
+    train_head("stage1", work / "s1c", work / "s1", sets=["training.epochs=1", f"training.device={device}"],
+               progress=False)
+    task = stage2_task(work / "det", work / "s1", batch_size, dev)
+    train = task.data["train"]
+    n_train = len(train)
+    batches = [torch.arange(s, min(s + batch_size, n_train)) for s in range(0, n_train, batch_size)]
+    backbone = get_backbone("clip", model).to(dev)
+    man = read_manifest(work / "faces" / "manifest.csv")
+    row_of = {sid: i for i, sid in enumerate(man.df["sample_id"])}
+    dataset = backbone.dataset(man.absolute_paths())
+    rows = np.array([row_of[s] for s in train.meta["sample_id"]])
+
+    def recompute(idx):
+        _, x, _ = backbone.collate([dataset[int(r)] for r in rows[idx.numpy()]])
+        return torch.from_numpy(backbone.forward(x, dev)["features"]).to(dev)
+
+    def cached(idx):
+        return train.tensors["x"][idx]
+
+    state = StepState(10, 50)  # past the warm-up: every loss term is on
+    one_epoch(task, batches[:2], cached, state)  # warm-up
+    return {"n": n_train, "cache": one_epoch(task, batches, cached, state),
+            "recompute": one_epoch(task, batches, recompute, state)}
+
+
+def ablation(work: Path, *, rows: int, dim: int, epochs: int | None, device: str = "cpu") -> dict:
+    """The 5-preset x 3-seed Stage-2 ablation on ``rows`` cached samples; ``epochs`` None = the configs'."""
+    synth_feature_cache(work / "big", rows=rows, dim=dim)
+    train_head("stage1", work / "big", work / "big_s1", sets=["training.epochs=1", f"training.device={device}"],
+               progress=False)
+    sets = [f"training.device={device}"] + ([f"training.epochs={epochs}"] if epochs else [])
+    t = time.perf_counter()
+    df = ablate("stage2", work / "big", work / "abl", presets="all", seeds=(0, 1, 2), sets=sets,
+                options={"stage1": work / "big_s1"}, progress=False, echo=lambda *_: None)
+    wall = time.perf_counter() - t
+    epoch_seconds = [json.loads(line)["seconds"] for log in (work / "abl").glob("*/seed*/log.jsonl")
+                     for line in log.read_text().splitlines()]
+    return {"runs": len(df), "wall": wall, "epochs_run": len(epoch_seconds),
+            "per_epoch": float(np.mean(epoch_seconds)),  # training + val evaluation of one epoch
+            "per_run": (wall - sum(epoch_seconds)) / len(df)}  # loading, final evaluation, writing
+
+
+def suite(quick: bool, device: str) -> list[dict]:
+    """Rows for benchmarks/run.py: a head epoch from the cache against recomputing, and the ablation."""
+    dev = "cuda" if device in (None, "", "auto") and torch.cuda.is_available() else (device or "cpu")
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="featcache-bench-heads-"))
+    rows = []
+    try:
+        e = epoch_cache_vs_recompute(work, n=200 if quick else 600, model="small", batch_size=64, device=dev)
+        rows.append({"measure": f"Stage-2 epoch recomputing clip small from PNGs / from the cache ({e['n']} samples)",
+                     "ratio": e["recompute"] / e["cache"],
+                     "value": f"{e['recompute']:.2f} s vs {e['cache']:.2f} s",
+                     "note": "the offline 3 M-parameter small preset at 64 px; ViT-L/14 widens the gap"})
+        n_rows, epochs = (1000, 1) if quick else (10_000, None)
+        a = ablation(work, rows=n_rows, dim=768, epochs=epochs, device=dev)
+        per_run_epochs = a["epochs_run"] / a["runs"]
+        rows.append({"measure": f"Stage-2 ablation, 5 presets x 3 seeds, {n_rows} x 768 cached, "
+                                f"{per_run_epochs:.0f} epoch(s) per run" + (" (quick: not the configs' 50)" if quick else ""),
+                     "ratio": None, "value": f"{a['wall']:.0f} s",
+                     "note": f"{a['per_epoch']:.2f} s per epoch with val, {a['per_run']:.2f} s per run besides"})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
 
 
 def main() -> None:
@@ -73,42 +147,10 @@ def main() -> None:
     torch.manual_seed(0)
     work = Path(tempfile.mkdtemp(prefix="featcache-bench-heads-"))
     try:
-        # -- 1. one epoch from the cache against one that recomputes the backbone ------------------
-        synth_faces(work / "faces", n=args.n, size=64, progress=False)
-        extract("clip", work / "faces" / "manifest.csv", work / "det", model=args.model, progress=False)
-        extract("clip", work / "faces" / "stage1_manifest.csv", work / "s1c", model=args.model, progress=False)
-        train_head("stage1", work / "s1c", work / "s1", sets=["training.epochs=1"], progress=False)
-        task = stage2_task(work / "det", work / "s1", args.batch_size)
-        train = task.data["train"]
-        n = len(train)
-        batches = [torch.arange(s, min(s + args.batch_size, n)) for s in range(0, n, args.batch_size)]
-        backbone = get_backbone("clip", args.model)
-        man = read_manifest(work / "faces" / "manifest.csv")
-        row_of = {sid: i for i, sid in enumerate(man.df["sample_id"])}
-        dataset = backbone.dataset(man.absolute_paths())
-        rows = np.array([row_of[s] for s in train.meta["sample_id"]])
-
-        def recompute(idx):
-            _, x, _ = backbone.collate([dataset[int(r)] for r in rows[idx.numpy()]])
-            return torch.from_numpy(backbone.forward(x, torch.device("cpu"))["features"])
-
-        state = StepState(10, 50)  # past the warm-up: every loss term is on
-        one_epoch(task, batches[:2], lambda idx: train.tensors["x"][idx], state)  # warm-up
-        t_cache = one_epoch(task, batches, lambda idx: train.tensors["x"][idx], state)
-        t_recompute = one_epoch(task, batches, recompute, state)
-
-        # -- 2. the 5-preset x 3-seed ablation on cached 768-d samples ------------------------------
-        synth_feature_cache(work / "big", rows=args.rows, dim=args.dim)
-        train_head("stage1", work / "big", work / "big_s1", sets=["training.epochs=1"], progress=False)
-        t = time.perf_counter()
-        df = ablate("stage2", work / "big", work / "abl", presets="all", seeds=(0, 1, 2),
-                    sets=[f"training.epochs={args.epochs}"], options={"stage1": work / "big_s1"},
-                    progress=False, echo=lambda *_: None)
-        t_ablation = time.perf_counter() - t
-        epoch_seconds = [json.loads(line)["seconds"] for log in (work / "abl").glob("*/seed*/log.jsonl")
-                         for line in log.read_text().splitlines()]
-        per_epoch = float(np.mean(epoch_seconds))  # training + val evaluation of one epoch
-        per_run = (t_ablation - sum(epoch_seconds)) / len(df)  # loading, final evaluation, writing
+        e = epoch_cache_vs_recompute(work, n=args.n, model=args.model, batch_size=args.batch_size)
+        n, t_cache, t_recompute = e["n"], e["cache"], e["recompute"]
+        a = ablation(work, rows=args.rows, dim=args.dim, epochs=args.epochs)
+        t_ablation, per_epoch, per_run = a["wall"], a["per_epoch"], a["per_run"]
 
         print(f"machine: {machine()}; device cpu")
         print("| measure | value |")
