@@ -203,7 +203,7 @@ def suite(quick: bool, device: str, precision: str | None = None) -> list[dict]:
         if cuda:  # ViT-L/14 at 224 px from PNG files; random weights (same throughput as pretrained)
             n, size, model, pretrained, batch = (1024 if quick else 4096), 224, "ViT-L-14", "none", 256
         else:
-            n, size, model, pretrained, batch = (256 if quick else 2000), 64, "small", None, 64
+            n, size, model, pretrained, batch = (300 if quick else 2000), 64, "small", None, 64
         synth_faces(work / "data", n=n, seed=0, size=size, progress=False)
         manifest = work / "data" / "manifest.csv"
         repeat = 1 if quick else 2

@@ -141,7 +141,7 @@ def manifest(fmt, root, out, annotations, val_fraction, test_fraction, seed, no_
 @click.option("--pretrained", default=None, help="Weights: a tag (clip: openai), a local file, or none.")
 @click.option("--layer", default=None, help="Which output to cache (backbone-specific).")
 @click.option("--batch-size", default=64, show_default=True)
-@click.option("--num-workers", default=None, type=int, help="DataLoader decoding workers [cores - 1, at most 8].")
+@click.option("--num-workers", default=None, type=int, help="DataLoader decoding workers [cores per process on the node - 1, at most 16].")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when present].")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Compute precision; features are stored as fp16.")

@@ -63,7 +63,14 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def default_num_workers() -> int:
-    return min(8, max(0, (os.cpu_count() or 1) - 1))
+    """Decoding workers per process: the cores this process may use, shared with the other ranks
+    on its node (torchrun sets ``LOCAL_WORLD_SIZE``), less one for the process itself; at most 16."""
+    try:
+        cores = len(os.sched_getaffinity(0))  # honours taskset and SLURM cpusets
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return min(16, max(0, cores // local - 1))
 
 
 class _PartBatches:
