@@ -118,12 +118,12 @@ def suite(quick: bool, device: str) -> list[dict]:
     work = Path(tempfile.mkdtemp(prefix="featcache-bench-heads-"))
     rows = []
     try:
-        e = epoch_cache_vs_recompute(work, n=200 if quick else 600, model="small", batch_size=64, device=dev)
+        e = epoch_cache_vs_recompute(work, n=300 if quick else 600, model="small", batch_size=64, device=dev)
         rows.append({"measure": f"Stage-2 epoch recomputing clip small from PNGs / from the cache ({e['n']} samples)",
                      "ratio": e["recompute"] / e["cache"],
                      "value": f"{e['recompute']:.2f} s vs {e['cache']:.2f} s",
                      "note": "the offline 3 M-parameter small preset at 64 px; ViT-L/14 widens the gap"})
-        n_rows, epochs = (1000, 1) if quick else (10_000, None)
+        n_rows, epochs = (500, 1) if quick else (10_000, None)
         a = ablation(work, rows=n_rows, dim=768, epochs=epochs, device=dev)
         per_run_epochs = a["epochs_run"] / a["runs"]
         rows.append({"measure": f"Stage-2 ablation, 5 presets x 3 seeds, {n_rows} x 768 cached, "
