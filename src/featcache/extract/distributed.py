@@ -92,7 +92,8 @@ class DistContext:
         import torch.distributed as dist
 
         box = [obj if self.is_main else None]
-        self._wrap("waiting for rank 0", dist.broadcast_object_list, box, 0, self.group)
+        self._wrap("sending to the other ranks" if self.is_main else "waiting for rank 0",
+                   dist.broadcast_object_list, box, 0, self.group)
         return box[0]
 
     def gather(self, obj) -> list:
