@@ -22,7 +22,7 @@ lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks
 
 bench: $(BIN)/.installed
-	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/bench_extract.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/run.py --quick
 
 clean-venv:
 	rm -rf $(VENV)

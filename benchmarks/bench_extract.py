@@ -206,7 +206,7 @@ def suite(quick: bool, device: str, precision: str | None = None) -> list[dict]:
     rows = []
     try:
         if cuda:  # ViT-L/14 from 256 px PNG faces; random weights (same throughput as pretrained)
-            n, size, model, pretrained, batch = (4096 if quick else 16384), 256, "ViT-L-14", "none", 256
+            n, size, model, pretrained, batch = (4096 if quick else 8192), 256, "ViT-L-14", "none", 256
             synth_faces(work / "data", n=512, seed=0, size=size, progress=False)
             files = [str(p.resolve()) for p in sorted((work / "data").rglob("*.png"))]
             manifest = tiled_manifest(work / "tiled", n, files=files)

@@ -136,6 +136,7 @@ class CacheLock:
         self.path = Path(root) / LOCK_FILE
         self.fd: int | None = None
         self.member_ino: int | None = None
+        self.member_run: str | None = None
 
     def acquire(self, run: str | None = None) -> CacheLock:
         """Take the lock exclusively; ``run`` (a token shared by the ranks of one distributed
@@ -201,22 +202,29 @@ class CacheLock:
             raise CacheLockedError(
                 f"{self.path.parent}: cannot join distributed run {run}: the lock is held by {who}"
             )
-        self.member_ino = ino
+        self.member_ino, self.member_run = ino, run
         return self
     def check(self) -> None:
-        """Raise unless the lock file on disk is still the one this process holds (or joined)."""
+        """Raise unless the lock file on disk is still the one this process holds (or joined).
+
+        A member (a rank joined to rank 0's run) checks again that the lock is held, by its run:
+        if rank 0 died, another writer could take the cache, so this rank must stop writing.
+        """
+        if self.member_run is not None:
+            ino = self.member_ino
+            self.join(self.member_run)
+            if self.member_ino != ino:
+                raise CacheLockedError(f"{self.path} was removed or replaced while this process held it")
+            return
         try:
-            if self.member_ino is not None:
-                held = os.stat(self.path).st_ino == self.member_ino
-            else:
-                held = self.fd is not None and os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+            held = self.fd is not None and os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
         except FileNotFoundError:
             held = False
         if not held:
             raise CacheLockedError(f"{self.path} was removed or replaced while this process held it")
 
     def release(self) -> None:
-        self.member_ino = None
+        self.member_ino = self.member_run = None
         if self.fd is None:
             return
         try:
