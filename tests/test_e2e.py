@@ -18,7 +18,7 @@ from featcache.metrics import calibration_metrics, fit_temperature
 from featcache.metrics.cascade import cascade_rates, recommend_threshold, threshold_analysis
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-TINY = ["--model", "mobilenetv4_conv_small", "--pretrained", "none", "--image-size", "32", "--batch-size", "16",
+TINY = ["--model", "mobilenetv4_conv_small", "--pretrained", "none", "--image-size", "32", "--batch-size", "12",
         "--lr", "2e-3"]
 
 
@@ -93,19 +93,38 @@ def test_cascade_rates_on_a_hand_computed_case():
 
 
 # -- train-e2e, calibrate, evaluate, cascade ------------------------------------------------------
+def _subset(src, out, per_split: dict, by_label: bool):
+    """A seeded sample of each split (half real, half fake when ``by_label``), paths made absolute."""
+    df = pd.read_csv(src, dtype=str, keep_default_na=False)
+    df["path"] = [str(src.parent / p) for p in df["path"]]
+    parts = []
+    for split, k in per_split.items():
+        rows = df[df["split"] == split]
+        if by_label:
+            parts += [rows[rows["label"] == lab].sample(k // 2, random_state=0) for lab in ("0", "1")]
+        else:
+            parts.append(rows.sample(k, random_state=0))
+    pd.concat(parts).to_csv(out, index=False)
+    return out
+
+
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory):
+    """Synthetic faces at 32 px; ``manifest.csv`` holds 48 of them (24 train, 12 val, 12 test)."""
     from featcache.data.synth_faces import minimum_n, synth_faces
 
     root = tmp_path_factory.mktemp("e2e")
     synth_faces(root / "data", n=minimum_n(), seed=0, size=32, progress=False)
+    _subset(root / "data" / "manifest.csv", root / "manifest.csv", {"train": 24, "val": 12, "test": 12}, True)
+    _subset(root / "data" / "stage1_manifest.csv", root / "stage1_manifest.csv",
+            {"train": 32, "val": 16, "test": 16}, False)
     return root
 
 
 @pytest.fixture(scope="module")
 def mnv4_run(faces):
     out = faces / "mnv4"
-    run_cli("-q", "train-e2e", "mnv4", "--manifest", faces / "data" / "manifest.csv", "--out", out, *TINY,
+    run_cli("-q", "train-e2e", "mnv4", "--manifest", faces / "manifest.csv", "--out", out, *TINY,
             "--epochs", "2", "--save-every", "1", "--patience", "0")
     return out
 
@@ -144,45 +163,43 @@ def test_train_e2e_run_directory(mnv4_run):
 def _train(manifest, out, epochs, **kw):
     from featcache.e2e import train_e2e
 
-    return train_e2e(manifest, out, model="mobilenetv4_conv_small", pretrained="none", image_size=32, batch_size=16,
+    return train_e2e(manifest, out, model="mobilenetv4_conv_small", pretrained="none", image_size=32, batch_size=12,
                      lr=2e-3, epochs=epochs, patience=0, progress=False, **kw)
 
 
 def test_resume_continues_from_the_saved_epoch_with_the_same_optimizer_state(faces, tmp_path):
-    manifest = faces / "data" / "manifest.csv"
-    _train(manifest, tmp_path / "whole", 3)
+    manifest = faces / "manifest.csv"
+    _train(manifest, tmp_path / "whole", 2)
 
-    def stop_after_2(epoch, row):
-        if epoch == 2:
+    def stop_after_1(epoch, row):
+        if epoch == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _train(manifest, tmp_path / "cut", 3, on_epoch_end=stop_after_2)
+        _train(manifest, tmp_path / "cut", 2, on_epoch_end=stop_after_1)
     saved = torch.load(tmp_path / "cut" / "last_state.pt", weights_only=True)
-    assert json.loads((tmp_path / "cut" / "last.json").read_text())["epoch"] == 2
-    assert saved["scheduler"]["last_epoch"] == 2
+    assert json.loads((tmp_path / "cut" / "last.json").read_text())["epoch"] == 1
+    assert saved["scheduler"]["last_epoch"] == 1
     steps = {int(s["step"]) for s in saved["optimizer"]["state"].values()}
 
     r = _train(manifest, tmp_path / "cut", None, resume=True)
-    assert r.epochs_run == 3
+    assert r.epochs_run == 2
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2, 3]
+    assert epochs == [1, 2]
     # the resumed run ends exactly where the uninterrupted one does: weights and optimizer moments
     a, b = load_file(tmp_path / "whole" / "final_model.safetensors"), load_file(tmp_path / "cut" / "final_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sa = torch.load(tmp_path / "whole" / "last_state.pt", weights_only=True)["optimizer"]["state"]
     sb = torch.load(tmp_path / "cut" / "last_state.pt", weights_only=True)["optimizer"]["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
-    # the third epoch took as many optimizer steps again as each of the first two
+    # the resumed epoch took as many optimizer steps again as the first
     later = {int(s["step"]) for s in sb.values()}
-    assert len(steps) == 1 and later == {3 * next(iter(steps)) // 2}
+    assert len(steps) == 1 and later == {2 * next(iter(steps))}
 
 
 def test_resume_refuses_another_manifest_and_a_missing_run(faces, tmp_path, mnv4_run):
     other = tmp_path / "other.csv"
-    df = pd.read_csv(faces / "data" / "manifest.csv")
-    df["path"] = [str(faces / "data" / p) for p in df["path"]]
-    df.iloc[:-1].to_csv(other, index=False)
+    pd.read_csv(faces / "manifest.csv").iloc[:-1].to_csv(other, index=False)
     with pytest.raises(FeatcacheError, match="another manifest"):
         _train(other, mnv4_run, None, resume=True)
     with pytest.raises(FeatcacheError, match="cannot resume"):
@@ -190,7 +207,7 @@ def test_resume_refuses_another_manifest_and_a_missing_run(faces, tmp_path, mnv4
 
 
 def test_calibrate_evaluate_and_every_plot(faces, mnv4_run):
-    manifest = faces / "data" / "manifest.csv"
+    manifest = faces / "manifest.csv"
     out = run_cli("-q", "calibrate", mnv4_run, "--manifest", manifest, "--objective", "nll").stdout
     assert "T = " in out
     temp = json.loads((mnv4_run / "calibration_temp.json").read_text())["temperature"]
@@ -229,7 +246,7 @@ def test_cascade_combines_the_filter_and_a_stage2_detector(faces, mnv4_run, tmp_
     from featcache.extract import extract
     from featcache.train import train_head
 
-    data = faces / "data"
+    data = faces
     extract("clip", data / "manifest.csv", tmp_path / "det", model="tiny", part_rows=128, num_workers=0,
             progress=False)
     extract("clip", data / "stage1_manifest.csv", tmp_path / "s1", model="tiny", part_rows=128, num_workers=0,
@@ -247,7 +264,9 @@ def test_cascade_combines_the_filter_and_a_stage2_detector(faces, mnv4_run, tmp_
     assert lat["filter_ms"] > 0 and lat["backbone_ms"] > 0 and lat["head_ms"] > 0
     assert lat["detector_ms"] == pytest.approx(lat["backbone_ms"] + lat["head_ms"])
     # recompute one threshold from the two stages' own predictions
-    filt = pd.read_csv(mnv4_run / "eval_test" / "predictions.csv")  # calibrated filter (previous test) or not
+    from featcache.e2e.mnv4 import FilterRun
+
+    filt = FilterRun(mnv4_run).predict(data / "manifest.csv", "test")  # with the run's temperature, if fitted
     det = pd.read_csv(tmp_path / "stage2" / "predictions_test.csv")
     j = filt.merge(det[["sample_id", "prob"]], on="sample_id", suffixes=("_f", "_d"))
     assert report["n"]["test"] == len(j)
