@@ -238,8 +238,16 @@ def test_calibrate_evaluate_and_every_plot(faces, mnv4_run):
 
 
 def test_evaluate_routes_by_run_kind(faces, mnv4_run):
-    bad = run_cli("evaluate", mnv4_run, "--cache", faces, check=False)
-    assert bad.returncode == 2 and "pass --manifest" in bad.stderr
+    from featcache.train import evaluate_run
+
+    with pytest.raises(FeatcacheError, match="pass --manifest, not --cache"):
+        evaluate_run(mnv4_run, faces)
+    with pytest.raises(FeatcacheError, match="not a train-e2e mnv4 run"):
+        from featcache.e2e import calibrate_run
+
+        (faces / "head").mkdir(exist_ok=True)
+        (faces / "head" / "model.json").write_text('{"task": "stage2", "spec": {}}')
+        calibrate_run(faces / "head", faces / "manifest.csv")
 
 
 def test_cascade_combines_the_filter_and_a_stage2_detector(faces, mnv4_run, tmp_path):

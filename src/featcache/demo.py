@@ -85,8 +85,8 @@ def run_demo(out: str | Path = "featcache-demo", *, n: int = 800, progress: bool
 
 
 #: The demo's filter: small, random-init (offline), at the synthetic images' 64 px.
-DEMO_FILTER = {"model": "mobilenetv4_conv_small", "pretrained": "none", "image_size": 64, "epochs": 8,
-               "batch_size": 32, "lr": 2e-3, "patience": 0}
+DEMO_FILTER = {"model": "mobilenetv4_conv_small", "pretrained": "none", "image_size": 64, "epochs": 10,
+               "batch_size": 32, "lr": 3e-3, "patience": 0}
 
 
 def run_demo_filter(manifest, cache, detector_run, runs, *, progress: bool = True, echo=print) -> dict:

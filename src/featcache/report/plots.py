@@ -30,7 +30,12 @@ def plot_training_curves(log: pd.DataFrame, path: Path, best_epoch: int | None =
             ax2.plot(log["epoch"], log[f"val_{name}"], label=name)
     ax2.plot(log["epoch"], log["score"], "k--", label="selection score")
     ax2.set(xlabel="epoch", ylabel="validation")
-    for ax in (ax1, ax2):
+    _save_epoch_plot(plt, fig, (ax1, ax2), best_epoch, path)
+
+
+def _save_epoch_plot(plt, fig, axes, best_epoch: int | None, path: Path) -> None:
+    """Per-epoch panels: mark the best epoch, add legends, save and close."""
+    for ax in axes:
         if best_epoch:
             ax.axvline(best_epoch, color="grey", lw=0.8, ls=":")
         ax.legend(fontsize=7)
@@ -166,13 +171,7 @@ def plot_e2e_curves(log: pd.DataFrame, path: Path, best_epoch: int | None = None
     for col, label in (("train_acc", "train acc"), ("val_acc", "val acc"), ("val_auc", "val AUC"), ("val_f1", "val F1")):
         ax2.plot(log["epoch"], log[col], marker="o", ms=3, label=label)
     ax2.set(xlabel="epoch", ylabel="rate", ylim=(0, 1.02))
-    for ax in (ax1, ax2):
-        if best_epoch:
-            ax.axvline(best_epoch, color="grey", lw=0.8, ls=":")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_epoch_plot(plt, fig, (ax1, ax2), best_epoch, path)
 
 
 def plot_reliability(panels: list[tuple[str, pd.DataFrame, dict]], path: Path, title: str = "") -> None:
