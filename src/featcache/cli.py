@@ -326,6 +326,7 @@ def train_e2e_group():
 @click.option("--patience", default=5, show_default=True, help="Early stopping on val AUC (0: off).")
 @click.option("--mixed-precision", is_flag=True, help="torch.autocast + GradScaler on CUDA (ignored on the CPU).")
 @click.option("--amp-dtype", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True)
+@click.option("--no-augment", is_flag=True, help="Train without flip, colour jitter, affine and blur.")
 @click.option("--image-size", default=256, show_default=True)
 @click.option("--num-workers", default=0, show_default=True, help="DataLoader decoding workers (spawned).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when present].")
@@ -335,7 +336,8 @@ def train_e2e_group():
 @quiet_option
 @click.pass_obj
 def train_e2e_mnv4(state, manifest_path, out, model, pretrained, epochs, batch_size, lr, weight_decay, save_every,
-                   patience, mixed_precision, amp_dtype, image_size, num_workers, device, seed, resume, overwrite):
+                   patience, mixed_precision, amp_dtype, no_augment, image_size, num_workers, device, seed, resume,
+                   overwrite):
     """Fine-tune MobileNetV4 (one logit, BCE, AdamW, cosine) as the cascade's fast filter.
 
     \b
@@ -350,7 +352,8 @@ def train_e2e_mnv4(state, manifest_path, out, model, pretrained, epochs, batch_s
     try:
         r = train_e2e(manifest_path, out, model=model, pretrained=pretrained, epochs=epochs, batch_size=batch_size,
                       lr=lr, weight_decay=weight_decay, save_every=save_every, patience=patience,
-                      mixed_precision=mixed_precision, amp_dtype=amp_dtype, image_size=image_size,
+                      mixed_precision=mixed_precision, amp_dtype=amp_dtype, augment=not no_augment,
+                      image_size=image_size,
                       num_workers=num_workers, device=device, seed=seed, resume=resume, overwrite=overwrite,
                       progress=not state.quiet)
     except KeyboardInterrupt:

@@ -3,7 +3,7 @@
 Model: ``timm.create_model(MODEL, num_classes=1)``; default ``mobilenetv4_hybrid_medium``
 with the ``ix_e550_r256_in1k`` ImageNet weights.  ``pretrained`` is a timm tag (downloaded
 where there is network), a local weights file (safetensors, or a tensors-only torch file
-read with ``weights_only=True``; the ImageNet classifier is dropped), or ``none`` (random
+read with ``weights_only=True``; its classifier is not used), or ``none`` (random
 initialisation with the seed: tests and the demo use ``mobilenetv4_conv_small``).
 
 Inputs: resize to ``image_size`` square, ImageNet mean/std.  Training adds a horizontal flip,
@@ -55,9 +55,9 @@ def create_model(model: str = DEFAULT_MODEL, pretrained: str | None = None, *, s
     if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
         if not os.path.isfile(pretrained):
             raise BackboneError(f"weights file {pretrained} does not exist")
-        try:  # timm reads the file (weights_only=True) and drops a classifier of another size
-            return timm.create_model(model, pretrained=True, num_classes=1,
-                                     pretrained_cfg_overlay={"file": str(Path(pretrained).resolve())})
+        try:  # timm reads the file (weights_only=True); its classifier is not used
+            return _zero_head(timm.create_model(model, pretrained=True, num_classes=1,
+                                                pretrained_cfg_overlay={"file": str(Path(pretrained).resolve())}))
         except Exception as exc:
             raise BackboneError(f"cannot load weights {pretrained} into {model}: {_first_line(exc)}") from exc
     name = model if pretrained == "default" else f"{model}.{pretrained}"
@@ -86,7 +86,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def make_transform(image_size: int, train: bool):
-    """Resize + (training augmentations) + ImageNet normalisation, as a torchvision pipeline."""
+    """Resize + (training augmentations when ``train``) + ImageNet normalisation (torchvision)."""
     from torchvision import transforms as T
 
     steps = [T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
@@ -117,9 +117,11 @@ def load_split(manifest, split: str) -> tuple[pd.DataFrame, list[str]]:
 
 
 def image_loader(paths: list[str], image_size: int, *, train: bool, batch_size: int, num_workers: int = 0,
-                 generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
-    """Batches ``(rows, images, errors)`` of decoded images (unreadable ones: error set, zeros)."""
-    ds = ImageFiles(paths, make_transform(image_size, train), (3, image_size, image_size))
+                 generator: torch.Generator | None = None, augment: bool = True) -> torch.utils.data.DataLoader:
+    """Batches ``(rows, images, errors)`` of decoded images (unreadable ones: error set, zeros).
+
+    ``train``: shuffled, and augmented unless ``augment`` is False."""
+    ds = ImageFiles(paths, make_transform(image_size, train and augment), (3, image_size, image_size))
     return torch.utils.data.DataLoader(
         ds, batch_size=batch_size, shuffle=train, num_workers=num_workers, collate_fn=collate_images,
         generator=generator, drop_last=False, persistent_workers=False,

@@ -1,7 +1,7 @@
 """``featcache train-e2e mnv4``: fine-tune the MobileNetV4 filter on pixels.
 
 BCEWithLogitsLoss on one logit, AdamW, cosine annealing over the epochs (stepped per epoch),
-training augmentations, early stopping on validation AUC (``patience`` epochs without a new
+training augmentations (``augment=False`` leaves them out), early stopping on validation AUC (``patience`` epochs without a new
 best; 0 = never), mixed precision on CUDA (``torch.autocast`` in fp16 with a GradScaler, or
 bf16); on the CPU it trains in fp32.
 
@@ -72,6 +72,7 @@ def train_e2e(
     patience: int = 5,
     mixed_precision: bool = False,
     amp_dtype: str = "fp16",
+    augment: bool = True,
     image_size: int = 256,
     num_workers: int = 0,
     device: str | None = None,
@@ -112,7 +113,7 @@ def train_e2e(
                       "image_size": int(image_size)},
             "training": _options(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
                                  weight_decay=float(weight_decay), save_every=int(save_every), patience=int(patience),
-                                 mixed_precision=bool(mixed_precision), amp_dtype=amp_dtype,
+                                 mixed_precision=bool(mixed_precision), amp_dtype=amp_dtype, augment=bool(augment),
                                  num_workers=int(num_workers), device=device or "auto", seed=int(seed)),
         }
         state_json = None
@@ -163,7 +164,7 @@ def train_e2e(
         torch.manual_seed(int(tc["seed"]) * 100_003 + epoch)  # augmentations drawn in this process
         gen = torch.Generator().manual_seed(int(tc["seed"]) * 1_000_003 + epoch)  # shuffling, worker seeds
         loader = image_loader(train_paths, size, train=True, batch_size=bs, num_workers=int(tc["num_workers"]),
-                              generator=gen)
+                              generator=gen, augment=bool(tc.get("augment", True)))
         net.train()
         loss_sum, correct, seen, skipped, t_compute = 0.0, 0, 0, 0, 0.0
         for rows, x, errs in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress):
