@@ -124,8 +124,7 @@ def image_loader(paths: list[str], image_size: int, *, train: bool, batch_size: 
     ds = ImageFiles(paths, make_transform(image_size, train and augment), (3, image_size, image_size))
     return torch.utils.data.DataLoader(
         ds, batch_size=batch_size, shuffle=train, num_workers=num_workers, collate_fn=collate_images,
-        generator=generator, drop_last=False, persistent_workers=False,
-        multiprocessing_context="spawn" if num_workers > 0 else None)
+        generator=generator, drop_last=False)  # workers read PNG files only (no Zarr): the default fork is safe
 
 
 @torch.no_grad()
