@@ -140,7 +140,7 @@ def predict_scores(model: torch.nn.Module, paths: list[str], image_size: int, de
     errors = {}
     loader = image_loader(paths, image_size, train=False, batch_size=batch_size, num_workers=num_workers)
     for rows, x, errs in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             out = model(x.to(device)).float().squeeze(1)
         scores[rows] = out.cpu().numpy()
         for r, e in zip(rows, errs):
@@ -150,7 +150,8 @@ def predict_scores(model: torch.nn.Module, paths: list[str], image_size: int, de
     return scores, ok, errors
 
 
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    """``torch.autocast`` in ``amp_dtype`` on CUDA; nothing (fp32) otherwise."""
     import contextlib
 
     if amp_dtype is None or device.type != "cuda":

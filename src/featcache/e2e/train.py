@@ -1,14 +1,17 @@
 """``featcache train-e2e mnv4``: fine-tune the MobileNetV4 filter on pixels.
 
 BCEWithLogitsLoss on one logit, AdamW, cosine annealing over the epochs (stepped per epoch),
-training augmentations (``augment=False`` leaves them out), early stopping on validation AUC (``patience`` epochs without a new
-best; 0 = never), mixed precision on CUDA (``torch.autocast`` in fp16 with a GradScaler, or
-bf16); on the CPU it trains in fp32.
+training augmentations (``augment=False`` leaves them out), early stopping on validation AUC
+(``patience`` epochs without a new best; 0 = never), mixed precision on CUDA
+(``torch.autocast`` in fp16 with a GradScaler, or bf16); on the CPU it trains in fp32.
 
 RUN/ config.yaml  model.json  log.jsonl  training_log.csv  plots/training_curves.png
      best_model.safetensors  final_model.safetensors  checkpoints/epoch_NNN.safetensors
      last.safetensors  last_state.pt  last.json      (the resume point, rewritten every epoch)
      predictions_{val,test}.csv  metrics_{val,test}.json  summary.json
+
+``training_log.csv`` has per epoch: train loss and accuracy, val loss, accuracy, AUC and F1, the
+learning rate, and ``train_images_per_s`` over the whole training loop (decoding included).
 
 ``last_state.pt`` holds only tensors and numbers (optimizer, scheduler and GradScaler state)
 and is read back with ``torch.load(weights_only=True)``.  Epoch ``e`` draws its shuffling and
@@ -37,7 +40,17 @@ from ..extract.runner import resolve_device
 from ..metrics import all_metrics
 from ..metrics.detection import detection_metrics, sigmoid
 from ..train.trainer import prepare_run_dir, save_module, seed_everything, write_json, write_predictions
-from .mnv4 import DEFAULT_MODEL, TASK, FilterRun, create_model, default_pretrained, image_loader, load_split
+from .mnv4 import (
+    DEFAULT_MODEL,
+    TASK,
+    FilterRun,
+    autocast,
+    create_model,
+    default_pretrained,
+    image_loader,
+    load_split,
+    predict_scores,
+)
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -166,28 +179,28 @@ def train_e2e(
         loader = image_loader(train_paths, size, train=True, batch_size=bs, num_workers=int(tc["num_workers"]),
                               generator=gen, augment=bool(tc.get("augment", True)))
         net.train()
-        loss_sum, correct, seen, skipped, t_compute = 0.0, 0, 0, 0, 0.0
+        loss_sum, correct, seen, skipped = 0.0, 0, 0, 0
+        t_loop = time.perf_counter()
         for rows, x, errs in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress):
             keep = torch.tensor([not e for e in errs])
             skipped += int((~keep).sum())
             if int(keep.sum()) < 2:  # a batch of one breaks batch norm
                 continue
             x, y = x[keep].to(dev, non_blocking=True), y_train[torch.from_numpy(rows)[keep]].to(dev)
-            tc0 = time.perf_counter()
-            with _autocast(dev, amp):
+            with autocast(dev, amp):
                 logits = net(x).squeeze(1)
             loss = loss_fn(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t_compute += time.perf_counter() - tc0
             k = len(y)
             seen += k
             loss_sum += float(loss.detach()) * k
             correct += int(((logits.detach() >= 0).float() == y).sum())
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t_loop = time.perf_counter() - t_loop
         lr_used = opt.param_groups[0]["lr"]
         sched.step()
         val_score = _predict(net, val_paths, size, dev, bs, int(tc["num_workers"]), amp)
@@ -197,7 +210,7 @@ def train_e2e(
         row = {"epoch": epoch, "seconds": seconds, "lr": lr_used,
                "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                "val_loss": val_loss, "val_acc": vm["acc"], "val_auc": vm["auc"], "val_f1": vm["f1"],
-               "train_images_per_s": seen / t_compute if t_compute else float("nan"), "unreadable": skipped}
+               "train_images_per_s": seen / t_loop if t_loop else float("nan"), "unreadable": skipped}
         log.append(row)
         with open(out / "log.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
@@ -249,15 +262,7 @@ def train_e2e(
     return E2EResult(out, best_epoch, epochs_run, stopped_early, results["val"], results["test"], ips, seconds)
 
 
-def _autocast(device: torch.device, amp_dtype):
-    from .mnv4 import _autocast as ac
-
-    return ac(device, amp_dtype)
-
-
 def _predict(net, paths, size, dev, bs, workers, amp) -> np.ndarray:
-    from .mnv4 import predict_scores
-
     scores, _, _ = predict_scores(net, paths, size, dev, batch_size=bs, num_workers=workers, amp_dtype=amp)
     return scores
 
