@@ -177,8 +177,8 @@ def plot_e2e_curves(log: pd.DataFrame, path: Path, best_epoch: int | None = None
 def plot_reliability(panels: list[tuple[str, pd.DataFrame, dict]], path: Path, title: str = "") -> None:
     """Reliability diagrams side by side: per panel (name, reliability bins, calibration metrics).
 
-    Bars: the fraction of fakes per bin against the bin's mean probability; the diagonal is
-    perfect calibration; the bin counts are drawn faintly underneath.
+    Bars: the fraction of fakes per bin; hatched: the gap to the bin's mean probability; the
+    diagonal is perfect calibration; the bins' shares of the samples are drawn faintly underneath.
     """
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.4), squeeze=False)
@@ -187,8 +187,8 @@ def plot_reliability(panels: list[tuple[str, pd.DataFrame, dict]], path: Path, t
         width = float(bins["hi"].iloc[0] - bins["lo"].iloc[0])
         ax.bar(filled["lo"], filled["frac_pos"], width=width, align="edge", edgecolor="black", lw=0.5,
                color="C0", label="fraction fake")
-        ax.bar(filled["lo"], filled["mean_p"] - filled["frac_pos"], bottom=filled["frac_pos"], width=width,
-               align="edge", color="C3", alpha=0.35, label="gap")
+        ax.bar(filled["lo"], filled["gap"], bottom=np.minimum(filled["frac_pos"], filled["mean_p"]), width=width,
+               align="edge", fill=False, hatch="///", edgecolor="C3", lw=0, label="gap to mean P(fake)")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         share = ax.twinx()
         share.bar(bins["lo"], bins["count"] / max(bins["count"].sum(), 1), width=width, align="edge", color="grey",
