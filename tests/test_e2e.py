@@ -125,7 +125,7 @@ def faces(tmp_path_factory):
 def mnv4_run(faces):
     out = faces / "mnv4"
     run_cli("-q", "train-e2e", "mnv4", "--manifest", faces / "manifest.csv", "--out", out, *TINY,
-            "--epochs", "2", "--save-every", "1", "--patience", "0")
+            "--epochs", "2", "--save-every", "1", "--patience", "0", "--mixed-precision")
     return out
 
 
@@ -141,6 +141,7 @@ def test_train_e2e_run_directory(mnv4_run):
     for col in ("train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "val_f1"):
         assert log[col].notna().all(), col
     summary = json.loads((mnv4_run / "summary.json").read_text())
+    assert summary["device"] == "cpu" and summary["mixed_precision"] == "off"  # --mixed-precision is for CUDA
     best = summary["best_epoch"]
     assert summary["score"] == pytest.approx(log["val_auc"].max())
     assert log.loc[log["epoch"] == best, "val_auc"].item() == pytest.approx(log["val_auc"].max())
@@ -158,6 +159,22 @@ def test_train_e2e_run_directory(mnv4_run):
     metrics = json.loads((mnv4_run / "metrics_test.json").read_text())
     assert metrics["auc"] == pytest.approx(roc_auc_score(preds["label"], preds["score"]))
     assert np.allclose(preds["prob"], expit(preds["score"]))
+
+
+def test_pretrained_from_a_file_and_offline_tags(mnv4_run):
+    from featcache.e2e.mnv4 import create_model
+    from featcache.errors import BackboneError
+
+    weights = mnv4_run / "best_model.safetensors"
+    net = create_model("mobilenetv4_conv_small", str(weights))
+    ref, got = load_file(weights), net.state_dict()
+    body = [k for k in ref if not k.startswith("classifier.")]
+    assert len(body) > 100 and all(torch.equal(ref[k], got[k]) for k in body)
+    assert not got["classifier.weight"].any() and not got["classifier.bias"].any()  # a new head starts at p = 0.5
+    with pytest.raises(BackboneError, match="pass the file with --pretrained PATH"):
+        create_model("mobilenetv4_conv_small", "e2400_r224_in1k")  # offline: no download
+    with pytest.raises(BackboneError, match="does not exist"):
+        create_model("mobilenetv4_conv_small", str(mnv4_run / "missing.safetensors"))
 
 
 def _train(manifest, out, epochs, **kw):
