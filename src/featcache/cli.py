@@ -238,22 +238,37 @@ def _short(metrics: dict) -> str:
 @cli.command(context_settings=CONTEXT)
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--cache", "cache_path", default=None, type=click.Path(), help="Another cache [the run's own].")
+@click.option("--manifest", "manifest_path", default=None, type=click.Path(dir_okay=False),
+              help="train-e2e runs: the images' manifest [the one trained on].")
 @click.option("--split", default="test", show_default=True)
 @click.option("--name", default=None, help="Tag of the output files, e.g. celebdf.")
-def evaluate(run, cache_path, split, name):
-    """Evaluate a trained head on a split: predictions, metrics, subgroup table, plots.
+@click.option("--thresholds", default="0.9,0.95,0.98,0.99", show_default=True,
+              help="train-e2e runs: cascade thresholds (stop as real when 1 - P(fake) >= t).")
+@click.option("--save-predictions", is_flag=True, help="train-e2e runs: also write predictions.csv.")
+@quiet_option
+@click.pass_obj
+def evaluate(state, run, cache_path, manifest_path, split, name, thresholds, save_predictions):
+    """Evaluate a trained head or filter on a split: predictions, metrics, subgroup table, plots.
 
     \b
     Examples:
       featcache evaluate runs/s2-cvar
       featcache evaluate runs/s2-cvar --cache caches/celebdf --name celebdf
+      featcache evaluate runs/mnv4 --manifest data/manifest.csv --thresholds 0.9,0.98 --save-predictions
     """
+    from .e2e.evaluate import is_e2e_run
     from .train import evaluate_run
 
-    metrics = evaluate_run(run, cache_path, split=split, name=name)
+    metrics = evaluate_run(run, cache_path, split=split, name=name, manifest=manifest_path,
+                           thresholds=_floats(thresholds, "--thresholds"), save_predictions=save_predictions,
+                           progress=not state.quiet)
     tag = f"{name}_{split}" if name else split
     click.echo(f"{run}: {tag}: " + _short(metrics))
-    click.echo(f"  wrote metrics_{tag}.json, predictions_{tag}.csv" + (", subgroups and plots" if "auc" in metrics else ""))
+    if is_e2e_run(run):
+        click.echo(f"  ece {metrics['ece']:.3f}, f1 {metrics['f1']:.3f}; wrote {Path(run) / f'eval_{tag}'}/: "
+                   "evaluation_report.json, threshold_analysis.json, plots")
+    else:
+        click.echo(f"  wrote metrics_{tag}.json, predictions_{tag}.csv" + (", subgroups and plots" if "auc" in metrics else ""))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -285,6 +300,141 @@ def ablate(state, task, cache_path, out, presets, seeds, evals, sets, stage1):
     run_ablate(task, cache_path, out, presets=preset_list, seeds=seed_list, evals=_evals(evals), sets=sets,
                options={"stage1": stage1}, progress=not state.quiet, echo=click.echo)
     click.echo((Path(out) / "ablation.md").read_text())
+
+
+# -- the fast filter (end-to-end MobileNetV4), calibration, cascade ----------------------------
+def _floats(text: str, hint: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected numbers like 0.9,0.98", param_hint=hint) from None
+
+
+@cli.group("train-e2e", context_settings=CONTEXT)
+def train_e2e_group():
+    """Train a model end to end on pixels (the cascade's fast filter)."""
+
+
+@train_e2e_group.command("mnv4", context_settings=CONTEXT)
+@click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--model", default="mobilenetv4_hybrid_medium", show_default=True, help="timm model name.")
+@click.option("--pretrained", default=None,
+              help="timm tag [ix_e550_r256_in1k for the default model], a weights file, or none (random).")
+@click.option("--epochs", default=None, type=int, help="[20]; with --resume: extend the run to this many.")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--lr", default=1e-4, show_default=True)
+@click.option("--weight-decay", default=1e-5, show_default=True)
+@click.option("--save-every", default=0, show_default=True, help="Keep a weights snapshot every N epochs (0: none).")
+@click.option("--patience", default=5, show_default=True, help="Early stopping on val AUC (0: off).")
+@click.option("--mixed-precision", is_flag=True, help="torch.autocast + GradScaler on CUDA (ignored on the CPU).")
+@click.option("--amp-dtype", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True)
+@click.option("--no-augment", is_flag=True, help="Train without flip, colour jitter, affine and blur.")
+@click.option("--image-size", default=256, show_default=True)
+@click.option("--num-workers", default=0, show_default=True, help="DataLoader decoding workers (spawned).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when present].")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@quiet_option
+@click.pass_obj
+def train_e2e_mnv4(state, manifest_path, out, model, pretrained, epochs, batch_size, lr, weight_decay, save_every,
+                   patience, mixed_precision, amp_dtype, no_augment, image_size, num_workers, device, seed, resume,
+                   overwrite):
+    """Fine-tune MobileNetV4 (one logit, BCE, AdamW, cosine) as the cascade's fast filter.
+
+    \b
+    Examples:
+      featcache train-e2e mnv4 --manifest data/manifest.csv --out runs/mnv4 --mixed-precision
+      featcache train-e2e mnv4 --manifest data/faces/manifest.csv --out runs/mnv4-small \\
+          --model mobilenetv4_conv_small --pretrained none --image-size 64 --epochs 8 --lr 1e-3
+      featcache train-e2e mnv4 --manifest data/manifest.csv --out runs/mnv4 --resume
+    """
+    from .e2e import train_e2e
+
+    try:
+        r = train_e2e(manifest_path, out, model=model, pretrained=pretrained, epochs=epochs, batch_size=batch_size,
+                      lr=lr, weight_decay=weight_decay, save_every=save_every, patience=patience,
+                      mixed_precision=mixed_precision, amp_dtype=amp_dtype, augment=not no_augment,
+                      image_size=image_size,
+                      num_workers=num_workers, device=device, seed=seed, resume=resume, overwrite=overwrite,
+                      progress=not state.quiet)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted; continue with: featcache train-e2e mnv4 --manifest {manifest_path} --out {out} --resume",
+                   err=True)
+        sys.exit(130)
+    early = ", stopped early" if r.stopped_early else ""
+    click.echo(f"{r.run_dir}: best epoch {r.best_epoch} of {r.epochs_run}{early}, {r.seconds:.1f} s, "
+               f"{r.images_per_second:.1f} train images/s")
+    click.echo("  val:  " + _short(r.val) + f", f1 {r.val['f1']:.3f}, ece {r.val['ece']:.3f}")
+    click.echo("  test: " + _short(r.test) + f", f1 {r.test['f1']:.3f}, ece {r.test['ece']:.3f}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--split", default="val", show_default=True, help="Split the temperature is fitted on.")
+@click.option("--objective", type=click.Choice(["nll", "ece"]), default="nll", show_default=True)
+@click.option("--device", default=None)
+@quiet_option
+@click.pass_obj
+def calibrate(state, run, manifest_path, split, objective, device):
+    """Fit the filter's temperature (p = sigmoid(logit / T), L-BFGS-B in [0.1, 10]).
+
+    Writes calibration_temp.json, calibration_metrics.json, plots/reliability_diagram.png and
+    calibrated_predictions.csv into RUN; evaluate and cascade then use T.
+
+    Example: featcache calibrate runs/mnv4 --manifest data/manifest.csv --objective nll
+    """
+    from .e2e import calibrate_run
+
+    r = calibrate_run(run, manifest_path, split=split, objective=objective, device=device, progress=not state.quiet)
+    click.echo(f"{run}: T = {r['temperature']:.4f} (fitted on {split}, n = {r['n']}, {objective})")
+    for k in ("ece", "mce", "brier", "nll"):
+        click.echo(f"  {k:5s} {r['before'][k]:.4f} -> {r['after'][k]:.4f}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.option("--filter", "filter_run", required=True, type=click.Path(file_okay=False), help="A train-e2e run.")
+@click.option("--detector", "detector_run", required=True, type=click.Path(file_okay=False),
+              help="A Stage-2 run (train-head stage2).")
+@click.option("--cache", "cache_path", required=True, type=click.Path(), help="The detector's cache of the manifest.")
+@click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False))
+@click.option("--max-leakage", default=0.05, show_default=True, help="Budget of fakes the filter may stop.")
+@click.option("--thresholds", default="0.9,0.95,0.98,0.99", show_default=True,
+              help="Thresholds added to the grid 0.50..0.99, 0.995, 0.999.")
+@click.option("--device", default=None)
+@quiet_option
+@click.pass_obj
+def cascade(state, filter_run, detector_run, cache_path, manifest_path, out, max_leakage, thresholds, device):
+    """Put the filter in front of a Stage-2 detector: AUC, leakage, filtration, compute per threshold.
+
+    The recommended threshold is chosen on val (most filtration within --max-leakage) and
+    reported on test. Writes cascade_report.json, cascade_thresholds.csv, cascade_tradeoff.png.
+
+    \b
+    Example:
+      featcache cascade --filter runs/mnv4 --detector runs/s2-full --cache caches/clip \\
+          --manifest data/manifest.csv --out runs/cascade --max-leakage 0.05
+    """
+    from .e2e import run_cascade
+
+    r = run_cascade(filter_run, detector_run, cache_path, manifest_path, out, max_leakage=max_leakage,
+                    thresholds=_floats(thresholds, "--thresholds"), device=device, progress=not state.quiet)
+    lat = r["latency"]
+    click.echo(f"latency per sample ({lat['device']}): filter {lat['filter_ms']:.2f} ms, detector "
+               f"{lat['detector_ms']:.2f} ms (backbone {lat['backbone_ms']:.2f} + head {lat['head_ms']:.3f})")
+    click.echo(f"detector alone on test: auc {r['alone_test']['detector']['auc']:.3f}")
+    rec = r["recommended"]
+    if rec is None:
+        click.echo(f"no threshold keeps leakage within {max_leakage} on val")
+    else:
+        t = rec["test"]
+        click.echo(f"recommended t = {rec['threshold']:g} (val leakage {rec['val']['leakage']:.3f}); on test: "
+                   f"filtration {t['filtration']:.3f}, leakage {t['leakage']:.3f}, sent to detector "
+                   f"{t['coverage']:.3f}, auc {t['auc']:.3f}, compute saved {t['compute_saved']:.3f}")
+    click.echo(f"wrote {out}/cascade_report.json, cascade_thresholds.csv, cascade_tradeoff.png")
 
 
 # -- analyze -------------------------------------------------------------------------------

@@ -30,7 +30,12 @@ def plot_training_curves(log: pd.DataFrame, path: Path, best_epoch: int | None =
             ax2.plot(log["epoch"], log[f"val_{name}"], label=name)
     ax2.plot(log["epoch"], log["score"], "k--", label="selection score")
     ax2.set(xlabel="epoch", ylabel="validation")
-    for ax in (ax1, ax2):
+    _save_epoch_plot(plt, fig, (ax1, ax2), best_epoch, path)
+
+
+def _save_epoch_plot(plt, fig, axes, best_epoch: int | None, path: Path) -> None:
+    """Per-epoch panels: mark the best epoch, add legends, save and close."""
+    for ax in axes:
         if best_epoch:
             ax.axvline(best_epoch, color="grey", lw=0.8, ls=":")
         ax.legend(fontsize=7)
@@ -151,6 +156,98 @@ def plot_embedding_map(xy: np.ndarray, groups, path: Path, title: str = "", lege
     ax.legend([handles[g] for g in palette], [handles[g].get_label() for g in palette], title=legend_title or None,
               fontsize=7, markerscale=max(1.0, 5 / size ** 0.5), loc="upper left", bbox_to_anchor=(1.01, 1.0),
               frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_e2e_curves(log: pd.DataFrame, path: Path, best_epoch: int | None = None) -> None:
+    """End-to-end training: train/val loss (left), train/val accuracy, val AUC and F1 (right)."""
+    plt = _plt()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for col, label in (("train_loss", "train"), ("val_loss", "val")):
+        ax1.plot(log["epoch"], log[col], marker="o", ms=3, label=label)
+    ax1.set(xlabel="epoch", ylabel="BCE loss")
+    for col, label in (("train_acc", "train acc"), ("val_acc", "val acc"), ("val_auc", "val AUC"), ("val_f1", "val F1")):
+        ax2.plot(log["epoch"], log[col], marker="o", ms=3, label=label)
+    ax2.set(xlabel="epoch", ylabel="rate", ylim=(0, 1.02))
+    _save_epoch_plot(plt, fig, (ax1, ax2), best_epoch, path)
+
+
+def plot_reliability(panels: list[tuple[str, pd.DataFrame, dict]], path: Path, title: str = "") -> None:
+    """Reliability diagrams side by side: per panel (name, reliability bins, calibration metrics).
+
+    Bars: the fraction of fakes per bin; hatched: the gap to the bin's mean probability; the
+    diagonal is perfect calibration; the bins' shares of the samples are drawn faintly underneath.
+    """
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.4), squeeze=False)
+    for ax, (name, bins, m) in zip(axes[0], panels):
+        filled = bins[bins["count"] > 0]
+        width = float(bins["hi"].iloc[0] - bins["lo"].iloc[0])
+        ax.bar(filled["lo"], filled["frac_pos"], width=width, align="edge", edgecolor="black", lw=0.5,
+               color="C0", label="fraction fake")
+        ax.bar(filled["lo"], filled["gap"], bottom=np.minimum(filled["frac_pos"], filled["mean_p"]), width=width,
+               align="edge", fill=False, hatch="///", edgecolor="C3", lw=0, label="gap to mean P(fake)")
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        share = ax.twinx()
+        share.bar(bins["lo"], bins["count"] / max(bins["count"].sum(), 1), width=width, align="edge", color="grey",
+                  alpha=0.15)
+        share.set(ylim=(0, 4), yticks=[])
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="predicted P(fake)", ylabel="observed fraction fake",
+               title=f"{name}: ECE {m['ece']:.3f}, MCE {m['mce']:.3f}")
+        ax.title.set_fontsize(9)
+        ax.legend(loc="upper left", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion(tn: int, fp: int, fn: int, tp: int, path: Path, title: str = "") -> None:
+    """The 2 x 2 confusion matrix (rows: true real/fake; columns: predicted), counts and row shares."""
+    plt = _plt()
+    cm = np.array([[tn, fp], [fn, tp]], dtype=float)
+    share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(2):
+        for j in range(2):
+            ax.text(j, i, f"{int(cm[i, j])}\n({share[i, j]:.1%})", ha="center", va="center",
+                    color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks([0, 1], ["real", "fake"])
+    ax.set_yticks([0, 1], ["real", "fake"])
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_cascade(rows: pd.DataFrame, path: Path, *, marks=(), recommended: float | None = None,
+                 max_leakage: float | None = None, title: str = "") -> None:
+    """Cascade trade-off against the threshold: rates on the left axis (filtration, leakage,
+    precision of what stops, and whichever of ``auc``, ``compute_saved`` the table holds).
+
+    ``marks``: thresholds drawn as points; ``recommended``: a vertical line; ``max_leakage``:
+    the leakage budget as a horizontal line.
+    """
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    for col, label in (("filtration", "filtration (stopped)"), ("leakage", "leakage (fakes stopped)"),
+                       ("precision", "precision of stopped"), ("auc", "cascade AUC"),
+                       ("compute_saved", "compute saved")):
+        if col in rows:
+            ax.plot(rows["threshold"], rows[col], label=label)
+            sel = rows[rows["threshold"].isin(list(marks))]
+            ax.scatter(sel["threshold"], sel[col], s=14)
+    if max_leakage is not None:
+        ax.axhline(max_leakage, color="C1", ls="--", lw=0.8, label=f"leakage budget {max_leakage:g}")
+    if recommended is not None:
+        ax.axvline(recommended, color="grey", ls=":", label=f"recommended t = {recommended:g}")
+    ax.set(xlabel="threshold t (stop when 1 - P(fake) >= t)", ylabel="rate", title=title)
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

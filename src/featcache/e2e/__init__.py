@@ -1,0 +1,15 @@
+"""The one end-to-end job: the MobileNetV4 fast filter of the detection cascade.
+
+- :mod:`.mnv4`: the timm model, its transforms, reading images from a manifest, prediction.
+- :mod:`.train`: ``featcache train-e2e mnv4`` (fine-tuning, early stopping, resume).
+- :mod:`.calibrate`: ``featcache calibrate`` (temperature scaling).
+- :mod:`.evaluate`: ``featcache evaluate`` of an e2e run (with the cascade threshold analysis).
+- :mod:`.cascade`: ``featcache cascade`` (the filter in front of a Stage-2 detector).
+"""
+
+from .calibrate import calibrate_run
+from .cascade import run_cascade
+from .evaluate import evaluate_e2e
+from .train import train_e2e
+
+__all__ = ["calibrate_run", "evaluate_e2e", "run_cascade", "train_e2e"]
