@@ -97,6 +97,28 @@ def synth_faces_cmd(state, out, n, seed, bias, size):
     click.echo(json.dumps(summary, indent=2, default=str))
 
 
+@synth.command("audio", context_settings=CONTEXT)
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--n", default=120, show_default=True, help="Number of utterances (bonafide, spoof, partial spoof).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["flac", "wav"]), default="flac", show_default=True)
+@click.option("--min-seconds", default=1.0, show_default=True)
+@click.option("--max-seconds", default=6.0, show_default=True)
+@quiet_option
+@click.pass_obj
+def synth_audio_cmd(state, out, n, seed, fmt, min_seconds, max_seconds):
+    """Speech-like 16 kHz utterances, whole and partial vocoder-like spoofs, in real layouts.
+
+    Writes OUT/manifest.csv (with `segments`), an ASVspoof-2019-LA tree and protocols, and a
+    PartialSpoof tree with segment labels.  Example: featcache synth audio data/audio --n 200
+    """
+    from .data.synth_audio import synth_audio
+
+    summary = synth_audio(out, n=n, seed=seed, fmt=fmt, min_seconds=min_seconds, max_seconds=max_seconds,
+                          progress=not state.quiet)
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
 # -- manifest ------------------------------------------------------------------------------
 @cli.command(context_settings=CONTEXT)
 @click.argument("fmt", metavar="FORMAT")
@@ -134,12 +156,14 @@ def manifest(fmt, root, out, annotations, val_fraction, test_fraction, seed, no_
 
 # -- extract -------------------------------------------------------------------------------
 @cli.command(context_settings=CONTEXT)
-@click.option("--backbone", required=True, help="Registry name: clip.")
+@click.option("--backbone", required=True, help="Registry name: clip, xlsr.")
 @click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache folder (created or resumed).")
-@click.option("--model", default=None, help="Model name (clip: ViT-L-14 by default; tiny, small offline).")
-@click.option("--pretrained", default=None, help="Weights: a tag (clip: openai), a local file, or none.")
-@click.option("--layer", default=None, help="Which output to cache (backbone-specific).")
+@click.option("--model", default=None, help="Model name (clip: ViT-L-14 by default; xlsr: facebook/wav2vec2-xls-r-300m "
+              "or a local HF folder; tiny, small offline).")
+@click.option("--pretrained", default=None, help="Weights: a tag (clip: openai; xlsr: hf), a local file (xlsr: a "
+              "detector checkpoint with ssl_model.* fairseq names), or none.")
+@click.option("--layer", default=None, help="Which output to cache (xlsr: final, or a hidden-state index).")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--num-workers", default=None, type=int, help="DataLoader decoding workers [cores - 1, at most 8].")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when present].")
@@ -150,10 +174,11 @@ def manifest(fmt, root, out, annotations, val_fraction, test_fraction, seed, no_
               help="skip: record unreadable samples in errors.jsonl; raise: stop at the first.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made by another extraction.")
 @click.option("--seed", default=0, show_default=True, help="Seed of randomly initialised weights.")
+@click.option("--max-seconds", default=None, type=float, help="Audio: cut utterances after this many seconds.")
 @quiet_option
 @click.pass_obj
 def extract(state, backbone, manifest_path, out, model, pretrained, layer, batch_size, num_workers, device,
-            precision, part_rows, on_error, overwrite, seed):
+            precision, part_rows, on_error, overwrite, seed, max_seconds):
     """Run a frozen backbone over a manifest into a cache.
 
     Rerun the same command to resume: only missing parts are computed.
@@ -169,7 +194,7 @@ def extract(state, backbone, manifest_path, out, model, pretrained, layer, batch
         r = run_extract(backbone, manifest_path, out, model=model, pretrained=pretrained, layer=layer,
                         batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
                         part_rows=part_rows, on_error=on_error, overwrite=overwrite, seed=seed,
-                        progress=not state.quiet)
+                        max_seconds=max_seconds, progress=not state.quiet)
     except KeyboardInterrupt:
         click.echo(f"interrupted; rerun the same command to resume {out}", err=True)
         sys.exit(130)

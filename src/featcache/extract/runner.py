@@ -104,13 +104,15 @@ def extract(
     on_error: str = "skip",
     overwrite: bool = False,
     seed: int = 0,
+    max_seconds: float | None = None,
     progress: bool = True,
 ) -> ExtractResult:
     """Run a frozen backbone over a manifest into a cache at ``out`` (created or resumed).
 
     Each sample that cannot be read is recorded in ``errors.jsonl`` with ``ok = False``
     (``on_error="skip"``), or stops the run with :class:`SampleError` (``on_error="raise"``);
-    the parts written so far are kept and a rerun resumes after them.
+    the parts written so far are kept and a rerun resumes after them.  ``max_seconds`` cuts
+    audio after that many seconds (audio backbones).
     """
     from tqdm.auto import tqdm
 
@@ -122,7 +124,7 @@ def extract(
         raise FeatcacheError(f"--batch-size must be at least 1, got {batch_size}")
     dev = resolve_device(device)
     man = read_manifest(manifest)
-    bb = get_backbone(backbone, model, pretrained, layer=layer, seed=seed).to(dev)
+    bb = get_backbone(backbone, model, pretrained, layer=layer, seed=seed, max_seconds=max_seconds).to(dev)
     dtype = PRECISIONS[precision]
     info = bb.fingerprint()
     info["dtype"] = precision
