@@ -227,20 +227,27 @@ def _evals(items) -> dict:
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="YAML overrides.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one key, e.g. training.epochs=5.")
 @click.option("--stage1", default=None, type=click.Path(file_okay=False), help="stage2: the Stage-1 run directory.")
+@click.option("--prototype-mode", type=click.Choice(["ema", "fixed", "learnable"]), default=None,
+              help="xai: prototypes (model.prototype_mode) [ema].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 @quiet_option
 @click.pass_obj
-def train_head_cmd(state, task, cache_path, out, preset, config_file, sets, stage1, overwrite):
-    """Train a head (stage1, stage2) from a cache into a run directory.
+def train_head_cmd(state, task, cache_path, out, preset, config_file, sets, stage1, prototype_mode, overwrite):
+    """Train a head (stage1, stage2, xai) from a cache into a run directory.
 
     \b
     Examples:
       featcache train-head stage1 --cache caches/fairface --out runs/stage1
       featcache train-head stage2 --cache caches/ffpp --stage1 runs/stage1 --preset cvar --out runs/s2-cvar
       featcache train-head stage2 --cache caches/ffpp --stage1 runs/stage1 --set model.num_ca_views=0 --out runs/adain-only
+      featcache train-head xai --cache caches/audio --prototype-mode ema --out runs/xai
     """
     from .train import train_head
 
+    if prototype_mode is not None:
+        if task != "xai":
+            raise click.UsageError("--prototype-mode applies to the xai task only")
+        sets = (*sets, f"model.prototype_mode={prototype_mode}")
     r = train_head(task, cache_path, out, preset=preset, config_file=config_file, sets=sets, overwrite=overwrite,
                    progress=not state.quiet, options={"stage1": stage1})
     click.echo(f"{r.run_dir}: best epoch {r.best_epoch}, {r.seconds:.1f} s")
@@ -250,10 +257,13 @@ def train_head_cmd(state, task, cache_path, out, preset, config_file, sets, stag
         for attr, row in r.extra["probe"].items():
             click.echo(f"  probe {attr}: raw {row['raw']:.3f} -> debiased {row['debiased']:.3f} "
                        f"(chance {row['chance']:.3f})")
+    if r.extra.get("stopped"):
+        click.echo(f"  stopped: {r.extra['stopped']}")
 
 
 def _short(metrics: dict) -> str:
-    keys = ["auc", "acc", "eer", "f_fpr", "f_meo", "cos", "race_acc", "gender_acc"]
+    keys = ["auc", "acc", "eer", "f_fpr", "f_meo", "cos", "race_acc", "gender_acc", "loc_auroc", "loc_ap",
+            "pointing_game", "relevance_mass"]
     return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if k in metrics and metrics[k] is not None)
 
 
@@ -401,6 +411,26 @@ def analyze_map(cache_path, color_by, method, split, out):
 
     info = embedding_map(cache_path, out, color_by=color_by, split=split, method=method)
     click.echo(f"wrote {out} ({info['method']}, {info['points']} points)")
+
+
+@analyze.command("prototypes", context_settings=CONTEXT)
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--cache", "cache_path", default=None, type=click.Path(), help="A frames cache [the run's own].")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder [RUN/prototypes].")
+@click.option("--split", default=None, help="Only this split [all].")
+@click.option("--top", default=10, show_default=True, help="Nearest frames listed per prototype.")
+def analyze_prototypes_cmd(run, cache_path, out, split, top):
+    """Nearest frames of an xai run's prototypes, label purity at k = 10, 50, 100, and a PCA map.
+
+    Example: featcache analyze prototypes runs/xai --cache caches/audio
+    """
+    from .analyze.prototypes import analyze_prototypes
+
+    report = analyze_prototypes(run, cache_path, out, split=split, top=top)
+    folder = Path(out) if out else Path(run) / "prototypes"
+    click.echo((folder / "prototypes.md").read_text())
+    click.echo(f"wrote {folder}/prototypes.json, prototypes.md, prototypes_map.png "
+               f"(prototype distance {report['prototype_distance']:.3f})")
 
 
 # -- cache ---------------------------------------------------------------------------------
