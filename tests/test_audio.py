@@ -1,0 +1,279 @@
+"""Audio: decoding, synthetic partial spoofs, XLS-R frames, the XAI head, prototypes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from conftest import run_cli
+
+from featcache.cache import open_cache
+from featcache.data.audio import frame_labels, n_frames, read_audio
+from featcache.extract import extract
+from featcache.extract.registry import get_backbone
+from featcache.extract.xlsr import collate_audio
+
+
+def _tree_hashes(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
+@pytest.fixture(scope="module")
+def audio(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("audio") / "data"
+    run_cli("-q", "synth", "audio", out, "--n", "45", "--seed", "3", "--min-seconds", "1.0", "--max-seconds", "2.5")
+    return out
+
+
+@pytest.fixture(scope="module")
+def frames_cache(audio, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "xlsr"
+    extract("xlsr", audio / "manifest.csv", out, model="tiny", batch_size=4, num_workers=0, part_rows=16,
+            progress=False)
+    return out
+
+
+def test_resampling_keeps_a_tones_frequency(tmp_path):
+    rate, freq = 44100, 1234.0
+    t = np.arange(int(rate * 1.0)) / rate
+    stereo = np.stack([np.sin(2 * np.pi * freq * t), 0.5 * np.sin(2 * np.pi * freq * t)], 1)
+    sf.write(tmp_path / "tone.wav", stereo, rate, subtype="FLOAT")
+    x = read_audio(str(tmp_path / "tone.wav"))
+    assert len(x) == 16000
+    spec = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    peak = np.fft.rfftfreq(len(x), 1 / 16000)[np.argmax(spec)]
+    assert abs(peak - freq) <= 1.0
+    assert np.isclose(np.abs(x[1000:-1000]).max(), 0.75, atol=0.01)  # mono is the mean of the channels
+    assert len(read_audio(str(tmp_path / "tone.wav"), max_seconds=0.5)) == 8000
+
+
+def test_synth_audio_same_seed_same_bytes(audio, tmp_path):
+    run_cli("-q", "synth", "audio", tmp_path / "again", "--n", "45", "--seed", "3", "--min-seconds", "1.0",
+            "--max-seconds", "2.5")
+    assert _tree_hashes(audio) == _tree_hashes(tmp_path / "again")
+    man = (audio / "manifest.csv").read_text()
+    assert "segments" in man.splitlines()[0]
+    proto = (audio / "LA/ASVspoof2019_LA_cm_protocols/ASVspoof2019.LA.cm.train.trn.txt").read_text().split("\n")
+    assert proto[0].split()[2] == "-" and proto[0].split()[4] in ("bonafide", "spoof")
+    x, rate = sf.read(next((audio / "LA/ASVspoof2019_LA_train/flac").iterdir()))
+    assert rate == 16000 and 1.0 <= len(x) / rate <= 2.5
+
+
+def test_frame_labels_from_intervals():
+    # frame t is centred at (320 t + 200) / 16000 s = 0.0125 + 0.02 t
+    labels = frame_labels(10, "0.05-0.09;0.15-0.155")
+    centres = 0.0125 + 0.02 * np.arange(10)
+    brute = np.array([any(a <= c < b for a, b in [(0.05, 0.09), (0.15, 0.155)]) for c in centres])
+    assert labels.tolist() == brute.astype(int).tolist() == [0, 0, 1, 1, 0, 0, 0, 1, 0, 0]
+    assert frame_labels(3, "", utterance_label=0).tolist() == [0, 0, 0]
+    assert frame_labels(3, "", utterance_label=1).tolist() == [-1, -1, -1]
+    assert [n_frames(n) for n in (399, 400, 719, 720, 16000)] == [0, 1, 1, 2, 49]
+
+
+def test_frames_round_trip_and_padded_batching(audio, frames_cache):
+    cache = open_cache(frames_cache)
+    assert cache.kind == "frames" and cache.backbone["layer"] == "final"
+    d = cache.load_frames()
+    bb = get_backbone("xlsr", "tiny")
+    paths = [str(audio / p) for p in d.meta["path"]] if "path" in d.meta else None
+    paths = paths or [str(audio / p) for p in cache.meta(["path"])["path"]]
+    ds = bb.dataset(paths, cache.meta())
+    # one utterance at a time, no padding: the cache's frames (fp16) and labels
+    for i in (0, 7, 20):
+        out = bb.forward(collate_audio([ds[i]])[1], torch.device("cpu"))
+        got = d.arrays["frames"][d.arrays["offsets"][i]:d.arrays["offsets"][i + 1]]
+        assert got.shape == out["frames"][0].shape
+        np.testing.assert_allclose(got, out["frames"][0], atol=2e-2, rtol=1e-2)
+        assert n_frames(len(ds[i][1][0])) == len(got)
+        labels = d.arrays["frame_labels"][d.arrays["offsets"][i]:d.arrays["offsets"][i + 1]]
+        assert labels.tolist() == frame_labels(len(got), d.meta["segments"][i], int(d.meta["label"][i])).tolist()
+    # a padded batch of different lengths gives each utterance's frames
+    items = [ds[i] for i in (0, 7, 20, 33)]
+    assert len({len(it[1][0]) for it in items}) > 1
+    batched = bb.forward(collate_audio(items)[1], torch.device("cpu"))["frames"]
+    for it, fr in zip(items, batched):
+        alone = bb.forward(collate_audio([it])[1], torch.device("cpu"))["frames"][0]
+        np.testing.assert_allclose(fr, alone, atol=1e-4)
+
+
+def test_resumed_extraction_is_identical(audio, frames_cache, tmp_path):
+    out = tmp_path / "resumed"
+    shutil.copytree(frames_cache, out)
+    shutil.rmtree(out / "parts" / "00001")
+    r = extract("xlsr", audio / "manifest.csv", out, model="tiny", batch_size=4, num_workers=0, part_rows=16,
+                progress=False)
+    assert r.parts_written == 1 and r.parts_resumed == 2
+    a, b = open_cache(frames_cache).load_frames(), open_cache(out).load_frames()
+    for name in ("frames", "offsets", "frame_labels"):
+        assert np.array_equal(a.arrays[name], b.arrays[name])
+    proc = run_cli("extract", "--backbone", "xlsr", "--model", "tiny", "--layer", "1", "--manifest",
+                   audio / "manifest.csv", "--out", out, "--part-rows", "16", check=False)
+    assert proc.returncode == 2 and "backbone.layer" in proc.stderr
+
+
+def test_layer_reproduces_transformers_hidden_states(audio):
+    x = read_audio(str(next((audio / "LA/ASVspoof2019_LA_train/flac").iterdir())))
+    x = (x - x.mean()) / np.sqrt(x.var() + 1e-7)
+    inputs = collate_audio([(0, (x, "", 0), "")])[1]
+    for layer in (None, "0", "1", "2"):
+        bb = get_backbone("xlsr", "tiny", layer=layer)
+        with torch.no_grad():
+            ref = bb.module(torch.from_numpy(x)[None], output_hidden_states=True)
+        want = ref.last_hidden_state if layer is None else ref.hidden_states[int(layer)]
+        got = bb.forward(inputs, torch.device("cpu"))["frames"][0]
+        np.testing.assert_allclose(got, want[0].numpy(), atol=1e-5)
+    # the default is the output of the encoder's final LayerNorm, after the last layer
+    with torch.no_grad():
+        ln = bb.module.encoder.layer_norm(ref.hidden_states[-1])
+    np.testing.assert_allclose(ref.last_hidden_state.numpy(), ln.numpy(), atol=1e-5)
+    proc = run_cli("extract", "--backbone", "xlsr", "--model", "tiny", "--layer", "9", "--manifest",
+                   audio / "manifest.csv", "--out", audio.parent / "bad", check=False)
+    assert proc.returncode == 2 and "out of range" in proc.stderr
+
+
+def _to_fairseq(name: str) -> str:
+    """transformers Wav2Vec2Model names -> fairseq wav2vec2 names (written independently of the loader)."""
+    table = [
+        ("feature_projection.projection.", "post_extract_proj."),
+        ("feature_projection.layer_norm.", "layer_norm."),
+        ("encoder.pos_conv_embed.conv.parametrizations.weight.original0", "encoder.pos_conv.0.weight_g"),
+        ("encoder.pos_conv_embed.conv.parametrizations.weight.original1", "encoder.pos_conv.0.weight_v"),
+        ("encoder.pos_conv_embed.conv.weight_g", "encoder.pos_conv.0.weight_g"),
+        ("encoder.pos_conv_embed.conv.weight_v", "encoder.pos_conv.0.weight_v"),
+        ("encoder.pos_conv_embed.conv.bias", "encoder.pos_conv.0.bias"),
+        ("masked_spec_embed", "mask_emb"),
+        (".attention.", ".self_attn."),
+        (".feed_forward.intermediate_dense.", ".fc1."),
+        (".feed_forward.output_dense.", ".fc2."),
+    ]
+    for a, b in table:
+        name = name.replace(a, b)
+    parts = name.split(".")
+    if name.startswith("feature_extractor.conv_layers."):
+        parts[3] = {"conv": "0", "layer_norm": "2.1"}[parts[3]]
+    elif name.startswith("encoder.layers.") and parts[3] == "layer_norm":
+        parts[3] = "self_attn_layer_norm"
+    return ".".join(parts)
+
+
+def test_fairseq_checkpoint_loads_into_transformers(audio, tmp_path):
+    src = get_backbone("xlsr", "tiny", seed=7)
+    state = {f"module.ssl_model.model.{_to_fairseq(k)}": v for k, v in src.module.state_dict().items()}
+    state["module.ssl_model.model.quantizer.vars"] = torch.zeros(3)
+    state["module.ssl_model.model.unknown_head.weight"] = torch.zeros(2)
+    state["module.backend.classifier.weight"] = torch.zeros(2, 4)
+    torch.save({"model": state}, tmp_path / "detector.pth")
+    with pytest.warns(UserWarning, match="unknown_head"):
+        loaded = get_backbone("xlsr", "tiny", str(tmp_path / "detector.pth"), seed=0)
+    assert loaded.load_report["unmatched"] == ["unknown_head.weight"]
+    assert loaded.load_report["pretraining_only"] == ["quantizer.vars"]
+    assert loaded.normalize is False
+    x = torch.randn(1, 8000)
+    with torch.no_grad():
+        np.testing.assert_array_equal(loaded.module(x).last_hidden_state.numpy(), src.module(x).last_hidden_state.numpy())
+    assert loaded.fingerprint()["weights_sha256"] == src.fingerprint()["weights_sha256"]
+    torch.save({"x": torch.zeros(1)}, tmp_path / "other.pth")
+    proc = run_cli("extract", "--backbone", "xlsr", "--model", "tiny", "--pretrained", tmp_path / "other.pth",
+                   "--manifest", audio / "manifest.csv", "--out", tmp_path / "c", check=False)
+    assert proc.returncode == 2 and "ssl_model" in proc.stderr
+
+
+def test_ema_update_and_loss_against_brute_force():
+    from featcache.losses.prototype import ema_update, frame_contrastive
+
+    g = torch.Generator().manual_seed(0)
+    h = F.normalize(torch.randn(3, 5, 4, generator=g), dim=-1)
+    p = F.normalize(torch.randn(2, 4, generator=g), dim=-1)
+    y = torch.tensor([0, 1, 1])
+    w = torch.rand(3, 5, generator=g)
+    mask = torch.ones(3, 5)
+    mask[2, 3:] = 0
+    tau = 0.07
+    total = 0.0
+    for b in range(3):
+        num = den = 0.0
+        for t in range(5):
+            if mask[b, t]:
+                logits = [float(h[b, t] @ p[c]) / tau for c in range(2)]
+                nll = -(logits[int(y[b])] - np.log(sum(np.exp(v) for v in logits)))
+                num += float(w[b, t]) * nll
+                den += float(w[b, t])
+        total += num / den
+    assert np.isclose(float(frame_contrastive(h, p, y, w, mask, tau)), total / 3, rtol=1e-5)
+    # EMA: p_c <- normalize(m p_c + (1 - m) normalize(weighted mean of class-c frames))
+    weights = torch.where((y == 1)[:, None], w, torch.ones_like(w))
+    new = ema_update(p.clone(), h, y, weights, mask, momentum=0.9)
+    for c in range(2):
+        acc, tot = np.zeros(4), 0.0
+        for b in range(3):
+            for t in range(5):
+                if y[b] == c and mask[b, t]:
+                    acc += float(weights[b, t]) * h[b, t].numpy()
+                    tot += float(weights[b, t])
+        mean = acc / tot
+        mean /= np.linalg.norm(mean)
+        want = 0.9 * p[c].numpy() + 0.1 * mean
+        np.testing.assert_allclose(new[c].numpy(), want / np.linalg.norm(want), atol=1e-6)
+
+
+def test_prototype_purity_on_synthetic_clusters():
+    from featcache.analyze.prototypes import prototype_purity
+
+    rng = np.random.default_rng(0)
+    e1, e2 = np.eye(8)[0], np.eye(8)[1]
+    near = e1 + 0.01 * rng.standard_normal((60, 8))  # class 0, cosine ~1 to prototype 0
+    tilt = np.cos(0.5) * e1 + np.sin(0.5) * np.eye(8)[2] + 0.01 * rng.standard_normal((40, 8))  # class 1, cos ~0.88
+    far = e2 + 0.01 * rng.standard_normal((100, 8))  # class 1, cosine ~0
+    frames = np.concatenate([near, tilt, far]).astype(np.float32)
+    cls = np.array([0] * 60 + [1] * 140)
+    purity, _, ids, _ = prototype_purity(frames, cls, np.stack([e1, e2]).astype(np.float32), device="cpu")
+    assert purity["bonafide"] == {10: 1.0, 50: 1.0, 100: 0.6}
+    assert purity["spoof"] == {10: 1.0, 50: 1.0, 100: 1.0}
+    assert set(ids[0, :60]) == set(range(60))
+
+
+def test_collapse_detection_stops_training(frames_cache, tmp_path):
+    from featcache.heads.xai import collapse_message
+
+    assert collapse_message({"w_max": 0.01, "w_min": 0.0, "w_mean": 0.005, "w_std": 0.001}, 0.02, 3).startswith(
+        "importance collapsed to 0 at epoch 3")
+    assert collapse_message({"w_max": 1.0, "w_min": 0.99, "w_mean": 0.995, "w_std": 0.001}, 0.02, 1).startswith(
+        "importance collapsed to 1")
+    assert collapse_message({"w_max": 0.9, "w_min": 0.0, "w_mean": 0.3, "w_std": 0.2}, 0.02, 1) is None
+    proc = run_cli("-q", "train-head", "xai", "--cache", frames_cache, "--preset", "bare", "--set",
+                   "loss.lambda_sparsity=50", "--set", "loss.lambda_bonafide=50", "--set", "training.lr=0.01",
+                   "--set", "training.epochs=12", "--out", tmp_path / "run")
+    assert "stopped: importance collapsed to 0" in proc.stdout
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) < 12 and log[-1]["w_mean_spoof"] < 0.02
+    assert {"w_mean_bonafide", "w_std_bonafide", "w_mean_spoof", "w_std_spoof"} <= set(log[0])
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["stopped"].startswith("importance collapsed")
+
+
+def test_xai_localizes_partial_spoofs(frames_cache, tmp_path):
+    run = tmp_path / "xai"
+    run_cli("-q", "train-head", "xai", "--cache", frames_cache, "--prototype-mode", "ema", "--set",
+            "training.epochs=6", "--out", run)
+    proc = run_cli("evaluate", run, "--cache", frames_cache, "--split", "train", "--name", "synth")
+    metrics = json.loads((run / "metrics_synth_train.json").read_text())
+    assert metrics["loc_partial_utterances"] >= 5
+    assert metrics["loc_auroc"] > 0.6, metrics
+    assert "loc_auroc" in proc.stdout and (run / "plots" / "importance_synth_train.png").is_file()
+    # the figures against sklearn from the written predictions are consistent: one score per utterance
+    preds = (run / "predictions_synth_train.csv").read_text().splitlines()
+    assert len(preds) == 1 + 27
+    out = run_cli("analyze", "prototypes", run, "--cache", frames_cache)
+    report = json.loads((run / "prototypes" / "prototypes.json").read_text())
+    assert set(report["purity"]) == {"bonafide", "spoof"} and report["frames"] > 0
+    assert (run / "prototypes" / "prototypes_map.png").is_file() and "purity@10" in out.stdout
+    fixed = run_cli("-q", "train-head", "xai", "--cache", frames_cache, "--prototype-mode", "fixed", "--set",
+                    "training.epochs=1", "--out", tmp_path / "fixed")
+    assert "val:" in fixed.stdout
