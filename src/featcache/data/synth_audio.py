@@ -147,7 +147,7 @@ def _partial_intervals(rng: np.random.Generator, seconds: float) -> list[tuple[f
 def seglab(seconds: float, intervals, resolution: float) -> np.ndarray:
     """PartialSpoof segment labels: '1' bonafide, '0' spoof, by majority of each segment."""
     n_seg = int(np.ceil(seconds / resolution - 1e-9))
-    fine = np.arange(0, n_seg * resolution, 0.001) + 0.0005
+    fine = np.arange(0, seconds, 0.001) + 0.0005  # a last, partial segment is judged on its part inside
     spoof = np.zeros(len(fine), dtype=bool)
     for a, b in intervals:
         spoof |= (fine >= a) & (fine < b)

@@ -123,6 +123,7 @@ class Task(ABC):
 
     def write_plots(self, run_dir: Path, tag: str, split: str) -> None:
         """Task-specific plots of an evaluated split (``featcache evaluate``); none by default."""
+        return None
 
     def finish(self, run_dir: Path) -> dict:
         return {}
