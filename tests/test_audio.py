@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,15 @@ import torch
 import torch.nn.functional as F
 from conftest import run_cli
 
+from featcache.analyze.prototypes import analyze_prototypes
 from featcache.cache import open_cache
 from featcache.data.audio import frame_labels, n_frames, read_audio
+from featcache.errors import BackboneError, StaleCacheError
 from featcache.extract import extract
 from featcache.extract.registry import get_backbone
 from featcache.extract.xlsr import collate_audio
+from featcache.train import evaluate_run, train_head
+from featcache.train.trainer import load_run
 
 
 def _tree_hashes(root: Path) -> dict:
@@ -56,8 +61,9 @@ def test_resampling_keeps_a_tones_frequency(tmp_path):
 
 
 def test_synth_audio_same_seed_same_bytes(audio, tmp_path):
-    run_cli("-q", "synth", "audio", tmp_path / "again", "--n", "45", "--seed", "3", "--min-seconds", "1.0",
-            "--max-seconds", "2.5")
+    from featcache.data.synth_audio import synth_audio
+
+    synth_audio(tmp_path / "again", n=45, seed=3, min_seconds=1.0, max_seconds=2.5, progress=False)
     assert _tree_hashes(audio) == _tree_hashes(tmp_path / "again")
     man = (audio / "manifest.csv").read_text()
     assert "segments" in man.splitlines()[0]
@@ -114,9 +120,9 @@ def test_resumed_extraction_is_identical(audio, frames_cache, tmp_path):
     a, b = open_cache(frames_cache).load_frames(), open_cache(out).load_frames()
     for name in ("frames", "offsets", "frame_labels"):
         assert np.array_equal(a.arrays[name], b.arrays[name])
-    proc = run_cli("extract", "--backbone", "xlsr", "--model", "tiny", "--layer", "1", "--manifest",
-                   audio / "manifest.csv", "--out", out, "--part-rows", "16", check=False)
-    assert proc.returncode == 2 and "backbone.layer" in proc.stderr
+    with pytest.raises(StaleCacheError, match="backbone.layer"):
+        extract("xlsr", audio / "manifest.csv", out, model="tiny", layer="1", num_workers=0, part_rows=16,
+                progress=False)
 
 
 def test_layer_reproduces_transformers_hidden_states(audio):
@@ -134,9 +140,8 @@ def test_layer_reproduces_transformers_hidden_states(audio):
     with torch.no_grad():
         ln = bb.module.encoder.layer_norm(ref.hidden_states[-1])
     np.testing.assert_allclose(ref.last_hidden_state.numpy(), ln.numpy(), atol=1e-5)
-    proc = run_cli("extract", "--backbone", "xlsr", "--model", "tiny", "--layer", "9", "--manifest",
-                   audio / "manifest.csv", "--out", audio.parent / "bad", check=False)
-    assert proc.returncode == 2 and "out of range" in proc.stderr
+    with pytest.raises(BackboneError, match="out of range"):
+        get_backbone("xlsr", "tiny", layer="9")
 
 
 def _to_fairseq(name: str) -> str:
@@ -181,9 +186,8 @@ def test_fairseq_checkpoint_loads_into_transformers(audio, tmp_path):
         np.testing.assert_array_equal(loaded.module(x).last_hidden_state.numpy(), src.module(x).last_hidden_state.numpy())
     assert loaded.fingerprint()["weights_sha256"] == src.fingerprint()["weights_sha256"]
     torch.save({"x": torch.zeros(1)}, tmp_path / "other.pth")
-    proc = run_cli("extract", "--backbone", "xlsr", "--model", "tiny", "--pretrained", tmp_path / "other.pth",
-                   "--manifest", audio / "manifest.csv", "--out", tmp_path / "c", check=False)
-    assert proc.returncode == 2 and "ssl_model" in proc.stderr
+    with pytest.raises(BackboneError, match="no parameters under an ssl_model prefix"):
+        get_backbone("xlsr", "tiny", str(tmp_path / "other.pth"))
 
 
 def test_ema_update_and_loss_against_brute_force():
@@ -248,10 +252,9 @@ def test_collapse_detection_stops_training(frames_cache, tmp_path):
     assert collapse_message({"w_max": 1.0, "w_min": 0.99, "w_mean": 0.995, "w_std": 0.001}, 0.02, 1).startswith(
         "importance collapsed to 1")
     assert collapse_message({"w_max": 0.9, "w_min": 0.0, "w_mean": 0.3, "w_std": 0.2}, 0.02, 1) is None
-    proc = run_cli("-q", "train-head", "xai", "--cache", frames_cache, "--preset", "bare", "--set",
-                   "loss.lambda_sparsity=50", "--set", "loss.lambda_bonafide=50", "--set", "training.lr=0.01",
-                   "--set", "training.epochs=12", "--out", tmp_path / "run")
-    assert "stopped: importance collapsed to 0" in proc.stdout
+    r = train_head("xai", frames_cache, tmp_path / "run", preset="bare", progress=False,
+                   sets=["loss.lambda_sparsity=50", "loss.lambda_bonafide=50", "training.lr=0.01", "training.epochs=12"])
+    assert r.extra["stopped"].startswith("importance collapsed to 0")
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(log) < 12 and log[-1]["w_mean_spoof"] < 0.02
     assert {"w_mean_bonafide", "w_std_bonafide", "w_mean_spoof", "w_std_spoof"} <= set(log[0])
@@ -261,19 +264,44 @@ def test_collapse_detection_stops_training(frames_cache, tmp_path):
 def test_xai_localizes_partial_spoofs(frames_cache, tmp_path):
     run = tmp_path / "xai"
     run_cli("-q", "train-head", "xai", "--cache", frames_cache, "--prototype-mode", "ema", "--set",
-            "training.epochs=6", "--out", run)
-    proc = run_cli("evaluate", run, "--cache", frames_cache, "--split", "train", "--name", "synth")
+            "training.epochs=5", "--out", run)
+    evaluate_run(run, frames_cache, split="train", name="synth")
     metrics = json.loads((run / "metrics_synth_train.json").read_text())
     assert metrics["loc_partial_utterances"] >= 5
     assert metrics["loc_auroc"] > 0.6, metrics
-    assert "loc_auroc" in proc.stdout and (run / "plots" / "importance_synth_train.png").is_file()
+    assert (run / "plots" / "importance_synth_train.png").is_file()
     # the figures against sklearn from the written predictions are consistent: one score per utterance
     preds = (run / "predictions_synth_train.csv").read_text().splitlines()
     assert len(preds) == 1 + 27
-    out = run_cli("analyze", "prototypes", run, "--cache", frames_cache)
-    report = json.loads((run / "prototypes" / "prototypes.json").read_text())
+    report = analyze_prototypes(run, frames_cache)
     assert set(report["purity"]) == {"bonafide", "spoof"} and report["frames"] > 0
-    assert (run / "prototypes" / "prototypes_map.png").is_file() and "purity@10" in out.stdout
-    fixed = run_cli("-q", "train-head", "xai", "--cache", frames_cache, "--prototype-mode", "fixed", "--set",
-                    "training.epochs=1", "--out", tmp_path / "fixed")
-    assert "val:" in fixed.stdout
+    assert (run / "prototypes" / "prototypes_map.png").is_file()
+    assert "purity@10" in (run / "prototypes" / "prototypes.md").read_text()
+    # fixed prototypes are the train class means, and stay so
+    fixed = train_head("xai", frames_cache, tmp_path / "fixed", sets=["model.prototype_mode=fixed", "training.epochs=1"],
+                       progress=False)
+    task = load_run(fixed.run_dir, "cpu")
+    d = open_cache(frames_cache).load_frames("train")
+    unit = d.arrays["frames"] / np.linalg.norm(d.arrays["frames"], axis=1, keepdims=True)
+    cls = np.repeat(d.meta["label"].to_numpy(), np.diff(d.arrays["offsets"]))
+    for c in (0, 1):
+        mean = unit[cls == c].mean(0)
+        np.testing.assert_allclose(task.module.prototypes[c].numpy(), mean / np.linalg.norm(mean), atol=1e-5)
+
+
+def test_adapters_read_the_synthetic_layouts(audio, tmp_path):
+    import pandas as pd
+
+    from featcache.data.adapters import build_manifest
+
+    truth = pd.read_csv(audio / "manifest.csv", keep_default_na=False).set_index("sample_id")
+    for fmt in ("asvspoof19", "partialspoof"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            df = build_manifest(fmt, audio, tmp_path / f"{fmt}.csv").df
+        df.index = df["sample_id"].str.rsplit("/", n=1).str[-1].str.split(".").str[0]
+        t = truth.loc[df.index]
+        assert (df["label"].to_numpy() == t["label"].to_numpy()).all() and (df["split"] == t["split"]).all()
+        assert (df["method"] == t["method"]).all() and (df["identity"] == t["identity"]).all()
+        if fmt == "partialspoof":  # the 20 ms segment labels give back the intervals
+            assert (df["segments"] == t["segments"]).all()
