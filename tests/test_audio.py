@@ -201,17 +201,20 @@ def test_ema_update_and_loss_against_brute_force():
     mask = torch.ones(3, 5)
     mask[2, 3:] = 0
     tau = 0.07
-    total = 0.0
+    totals = {"importance": 0.0, "frames": 0.0}
     for b in range(3):
-        num = den = 0.0
+        num = den = frames = 0.0
         for t in range(5):
             if mask[b, t]:
                 logits = [float(h[b, t] @ p[c]) / tau for c in range(2)]
                 nll = -(logits[int(y[b])] - np.log(sum(np.exp(v) for v in logits)))
                 num += float(w[b, t]) * nll
                 den += float(w[b, t])
-        total += num / den
-    assert np.isclose(float(frame_contrastive(h, p, y, w, mask, tau)), total / 3, rtol=1e-5)
+                frames += 1
+        totals["importance"] += num / den
+        totals["frames"] += num / frames
+    for norm, total in totals.items():
+        assert np.isclose(float(frame_contrastive(h, p, y, w, mask, tau, norm)), total / 3, rtol=1e-5)
     # EMA: p_c <- normalize(m p_c + (1 - m) normalize(weighted mean of class-c frames))
     weights = torch.where((y == 1)[:, None], w, torch.ones_like(w))
     new = ema_update(p.clone(), h, y, weights, mask, momentum=0.9)

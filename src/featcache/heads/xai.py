@@ -140,9 +140,10 @@ class XaiTask(Task):
         y = batch["label"].to(self.device)
         w, h = self.module(x, mask)
         protos = self.module.unit_prototypes()
-        terms = {"contrastive": frame_contrastive(h, protos, y, w, mask, float(c["tau"]))}
+        norm = c["normalize"]
+        terms = {"contrastive": frame_contrastive(h, protos, y, w, mask, float(c["tau"]), norm)}
         if c["lambda_complement"] > 0:  # the frames left unimportant should look bonafide
-            terms["complement"] = frame_contrastive(h, protos, torch.zeros_like(y), 1 - w, mask, float(c["tau"]))
+            terms["complement"] = frame_contrastive(h, protos, torch.zeros_like(y), 1 - w, mask, float(c["tau"]), norm)
         bona, spoof = mask * (y == 0)[:, None], mask * (y == 1)[:, None]
         terms["bonafide_low"] = (w * bona).sum() / bona.sum().clamp_min(1)
         pair = mask[:, 1:] * mask[:, :-1]

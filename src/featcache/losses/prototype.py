@@ -3,9 +3,10 @@
 Frames h(t) and prototypes p_c are unit vectors.  For an utterance of class y with importance
 w(t) in [0, 1]::
 
-    l_t = -log softmax_c(h(t) . p_c / tau)[y]            L = sum_t w(t) l_t / sum_t w(t)
+    l_t = -log softmax_c(h(t) . p_c / tau)[y]            L = sum_t w(t) l_t / N
 
-and L is averaged over the utterances of a batch.
+with N = sum_t w(t) (``importance``) or the number of frames T (``frames``), averaged over the
+utterances of a batch.
 """
 
 from __future__ import annotations
@@ -15,16 +16,25 @@ import torch.nn.functional as F
 
 
 def frame_contrastive(h: torch.Tensor, prototypes: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
-                      mask: torch.Tensor, tau: float = 0.07, eps: float = 1e-6) -> torch.Tensor:
+                      mask: torch.Tensor, tau: float = 0.07, normalize: str = "importance",
+                      eps: float = 1e-6) -> torch.Tensor:
     """Importance-weighted, normalised frame contrastive loss.
 
     ``h`` (B, T, D) unit frames, ``prototypes`` (C, D) unit, ``y`` (B,) class per utterance,
-    ``w`` (B, T) importance, ``mask`` (B, T) true on real (not padded) frames.
+    ``w`` (B, T) importance, ``mask`` (B, T) true on real (not padded) frames.  ``normalize``:
+    ``importance`` divides each utterance's sum by sum_t w(t) (invariant to the level of w),
+    ``frames`` by its number of frames T.
     """
     logits = torch.einsum("btd,cd->btc", h, prototypes) / tau
     nll = -F.log_softmax(logits, dim=-1).gather(-1, y[:, None, None].expand(-1, h.shape[1], 1)).squeeze(-1)
     wm = w * mask
-    return ((wm * nll).sum(1) / wm.sum(1).clamp_min(eps)).mean()
+    if normalize == "importance":
+        den = wm.sum(1).clamp_min(eps)
+    elif normalize == "frames":
+        den = mask.sum(1).clamp_min(1)
+    else:
+        raise ValueError(f"normalize must be importance or frames, got {normalize!r}")
+    return ((wm * nll).sum(1) / den).mean()
 
 
 @torch.no_grad()
