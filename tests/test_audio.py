@@ -290,12 +290,13 @@ def test_xai_localizes_partial_spoofs(frames_cache, tmp_path):
     assert set(report["purity"]) == {"bonafide", "spoof"} and report["frames"] > 0
     assert (run / "prototypes" / "prototypes_map.png").is_file()
     assert "purity@10" in (run / "prototypes" / "prototypes.md").read_text()
-    # fixed prototypes are the train class means, and stay so
+    # fixed prototypes are the train class means (of centred unit frames), and stay so
     fixed = train_head("xai", frames_cache, tmp_path / "fixed", sets=["model.prototype_mode=fixed", "training.epochs=1"],
                        progress=False)
     task = load_run(fixed.run_dir, "cpu")
     d = open_cache(frames_cache).load_frames("train")
-    unit = d.arrays["frames"] / np.linalg.norm(d.arrays["frames"], axis=1, keepdims=True)
+    centred = d.arrays["frames"] - d.arrays["frames"].mean(0)
+    unit = centred / np.linalg.norm(centred, axis=1, keepdims=True)
     cls = np.repeat(d.meta["label"].to_numpy(), np.diff(d.arrays["offsets"]))
     for c in (0, 1):
         mean = unit[cls == c].mean(0)

@@ -72,6 +72,7 @@ def analyze_prototypes(run_dir, cache=None, out=None, *, split: str | None = Non
     frame_class = np.where(fl >= 0, fl, utt_label)
     with torch.no_grad():
         protos = task.module.unit_prototypes().cpu().numpy().astype(np.float32)
+        frames = task.module.embed(torch.from_numpy(frames)).numpy()  # the head's space: centred, unit
     purity, sims, ids, index = prototype_purity(frames, frame_class, protos, KS, device=device)
     nearest = {}
     for ci, name in enumerate(CLASSES):

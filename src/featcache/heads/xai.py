@@ -1,6 +1,6 @@
 """The XAI task: a frame-importance network and class prototypes over cached speech frames.
 
-The frozen encoder's frames h(t) (unit-normalised) of an utterance go through an importance
+The frozen encoder's frames h(t) (centred on the train frames' mean, unit-normalised) of an utterance go through an importance
 network (LayerNorm, linear to ``hidden``, a 1-D convolution over ``kernel`` frames for temporal
 context, linear, sigmoid) giving w(t) in [0, 1].  Two prototypes, p_bonafide and p_spoof, live in
 the frame space: ``ema`` (initialised at the train class means, then moved by an importance-
@@ -46,9 +46,12 @@ class ImportanceNet(nn.Module):
 
 class XaiHead(nn.Module):
     def __init__(self, dim: int, hidden: int, kernel: int, dropout: float, prototype_mode: str,
-                 prototypes: torch.Tensor | None = None):
+                 prototypes: torch.Tensor | None = None, center: torch.Tensor | None = None):
         super().__init__()
         self.importance = ImportanceNet(dim, hidden, kernel, dropout)
+        # the train frames' mean, removed before normalising: frozen encoders' frames share a large
+        # common direction that would otherwise put every frame (and both prototypes) close together
+        self.register_buffer("center", center.clone() if center is not None else torch.zeros(dim))
         init = prototypes if prototypes is not None else torch.zeros(len(CLASSES), dim)
         self.prototype_mode = prototype_mode
         if prototype_mode == "learnable":
@@ -59,8 +62,12 @@ class XaiHead(nn.Module):
     def unit_prototypes(self) -> torch.Tensor:
         return F.normalize(self.prototypes, dim=-1)
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """h(t): the frames, centred and unit-normalised."""
+        return F.normalize(x - self.center, dim=-1)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor):
-        return self.importance(x, mask), F.normalize(x, dim=-1)
+        return self.importance(x, mask), self.embed(x)
 
 
 def pad_frames(frames: torch.Tensor, offsets: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,10 +106,15 @@ class XaiTask(Task):
         labels = meta["label"].to_numpy().astype(np.int64)
         return SplitData({"row": torch.arange(len(meta)), "label": torch.from_numpy(labels)}, meta)
 
+    def _center(self, split: str) -> torch.Tensor:
+        if self.cfg["model"]["center"]:
+            return self.flat[split]["frames"].mean(0)
+        return torch.zeros(self.flat[split]["frames"].shape[1], device=self.device)
+
     def class_means(self, split: str = "train") -> torch.Tensor:
         """Unit mean of the unit frames of each class's utterances (the ``fixed`` prototypes)."""
         f = self.flat[split]
-        h = F.normalize(f["frames"], dim=-1)
+        h = F.normalize(f["frames"] - self._center(split), dim=-1)
         lengths = torch.diff(f["offsets"]).to(h.device)
         frame_class = torch.repeat_interleave(self.data[split].tensors["label"].to(h.device), lengths)
         means = []
@@ -124,13 +136,14 @@ class XaiTask(Task):
 
             raise FeatcacheError("the train split needs bonafide (label 0) and spoof (label 1) utterances")
         self._init_prototypes = self.class_means("train").cpu()
+        self._init_center = self._center("train").cpu()
         return {"dim": int(self.flat["train"]["frames"].shape[1]), "hidden": int(m["hidden"]),
                 "kernel": int(m["kernel"]), "dropout": float(m["dropout"]),
                 "prototype_mode": m["prototype_mode"], "backbone": self.backbone}
 
     def build(self, spec: dict) -> nn.Module:
         return XaiHead(spec["dim"], spec["hidden"], spec["kernel"], spec["dropout"], spec["prototype_mode"],
-                       self._init_prototypes)
+                       self._init_prototypes, getattr(self, "_init_center", None))
 
     # -- training ------------------------------------------------------------------------------
     def batch_loss(self, batch, state: StepState):
