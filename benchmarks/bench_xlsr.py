@@ -14,27 +14,20 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from bench_extract import best_of  # noqa: E402
 
 from featcache.data.manifest import read_manifest  # noqa: E402
 from featcache.data.synth_audio import synth_audio  # noqa: E402
 from featcache.extract import extract, get_backbone  # noqa: E402
 from featcache.extract.runner import resolve_device  # noqa: E402
-
-
-def _best_of(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def measure(n: int = 120, model: str = "tiny", batch_size: int = 8, device: str | None = None,
@@ -57,14 +50,14 @@ def measure(n: int = 120, model: str = "tiny", batch_size: int = 8, device: str 
                 torch.cuda.synchronize()
 
         bare()  # warm-up
-        t_bare = _best_of(bare, repeat)
+        t_bare = best_of(bare, repeat)
 
         def full():
             shutil.rmtree(work / "cache", ignore_errors=True)
             extract("xlsr", manifest, work / "cache", model=model, batch_size=batch_size, device=str(dev),
                     num_workers=num_workers, progress=False)
 
-        t_full = _best_of(full, repeat)
+        t_full = best_of(full, repeat)
         return {"n": n, "audio_seconds": audio_seconds, "bare_s": t_bare, "extract_s": t_full,
                 "ratio": t_bare / t_full, "device": str(dev), "model": model, "batch_size": batch_size}
     finally:

@@ -175,12 +175,8 @@ class FeatureCache:
             list(pool.map(read, range(self.n_parts)))
         return out
 
-    def load(self, split: str | list[str] | None = None, *, columns=None, ok_only: bool = True,
-             dtype=np.float32) -> CacheData:
-        """Load features and meta of the selected split(s); rows that failed to read are dropped."""
-        if self.kind != "pooled":
-            raise CacheError(f"load() reads pooled caches; {self.path} is a {self.kind} cache")
-        meta = self.meta(columns)
+    def _split_mask(self, meta: pd.DataFrame, split) -> np.ndarray:
+        """Rows in the split(s) (all rows for None); an error when there are none."""
         mask = np.ones(self.rows, dtype=bool)
         if split is not None:
             splits = [split] if isinstance(split, str) else list(split)
@@ -188,6 +184,15 @@ class FeatureCache:
             mask &= all_splits.isin(splits).to_numpy()  # hashing; np.isin sorts Python strings
             if not mask.any():
                 raise CacheError(f"{self.path} has no rows in split(s) {splits}")
+        return mask
+
+    def load(self, split: str | list[str] | None = None, *, columns=None, ok_only: bool = True,
+             dtype=np.float32) -> CacheData:
+        """Load features and meta of the selected split(s); rows that failed to read are dropped."""
+        if self.kind != "pooled":
+            raise CacheError(f"load() reads pooled caches; {self.path} is a {self.kind} cache")
+        meta = self.meta(columns)
+        mask = self._split_mask(meta, split)
         if ok_only:
             mask &= self.load_rows("ok")
         features = self.load_rows("features", dtype=dtype)
@@ -206,12 +211,7 @@ class FeatureCache:
         if self.kind != "frames":
             raise CacheError(f"load_frames() reads frames caches; {self.path} is a {self.kind} cache")
         meta = self.meta(columns)
-        mask = np.ones(self.rows, dtype=bool)
-        if split is not None:
-            splits = [split] if isinstance(split, str) else list(split)
-            mask &= (meta if "split" in meta else self.meta(["split"]))["split"].isin(splits).to_numpy()
-            if not mask.any():
-                raise CacheError(f"{self.path} has no rows in split(s) {splits}")
+        mask = self._split_mask(meta, split)
         frames, labels, counts, index = [], [], [], []
         for i in range(self.n_parts):
             start, stop = part_bounds(i, self.rows, self.part_rows)
