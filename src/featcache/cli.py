@@ -63,7 +63,9 @@ def demo(state, out, n):
     """Run the main job offline on synthetic data (a few minutes on a CPU).
 
     Synthesizes a face-forgery set, extracts CLIP features with the offline `small` preset
-    into a cache, and prints the cache's summary. Rerunning resumes instead of recomputing.
+    into a cache, and prints the cache's summary; then synthetic partial audio spoofs, XLS-R frames
+    (offline `tiny`) and the XAI head, with its localization figures. Rerunning resumes instead of
+    recomputing.
     """
     from .demo import run_demo
 
@@ -133,7 +135,7 @@ def synth_audio_cmd(state, out, n, seed, fmt, min_seconds, max_seconds):
 def manifest(fmt, root, out, annotations, val_fraction, test_fraction, seed, no_check_files):
     """Write the canonical manifest CSV of a dataset.
 
-    FORMAT is one of: folder, ffpp, celebdf, fairface, utkface.
+    FORMAT is one of: folder, ffpp, celebdf, fairface, utkface, asvspoof19, asvspoof21, partialspoof.
 
     \b
     Examples:
