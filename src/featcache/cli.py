@@ -143,10 +143,16 @@ def manifest(fmt, root, out, annotations, val_fraction, test_fraction, seed, no_
       featcache manifest ffpp /data/FaceForensics++ --annotations ffpp_demo.csv -o ffpp.csv
       featcache manifest fairface /data/fairface -o fairface.csv
     """
+    import warnings
+
     from .data.adapters import build_manifest
 
-    m = build_manifest(fmt, root, out, annotations=annotations, val_fraction=val_fraction,
-                       test_fraction=test_fraction, seed=seed, check_files=not no_check_files)
+    with warnings.catch_warnings(record=True) as notes:  # adapters' notes (skipped folders, label polarity)
+        warnings.simplefilter("always")
+        m = build_manifest(fmt, root, out, annotations=annotations, val_fraction=val_fraction,
+                           test_fraction=test_fraction, seed=seed, check_files=not no_check_files)
+    for note in notes:
+        click.echo(f"note: {note.message}", err=True)
     df = m.df
     click.echo(f"wrote {out}: {len(df)} rows")
     click.echo("  splits: " + ", ".join(f"{k} {v}" for k, v in sorted(df["split"].value_counts().items())))
@@ -287,7 +293,8 @@ def evaluate(run, cache_path, split, name):
     metrics = evaluate_run(run, cache_path, split=split, name=name)
     tag = f"{name}_{split}" if name else split
     click.echo(f"{run}: {tag}: " + _short(metrics))
-    click.echo(f"  wrote metrics_{tag}.json, predictions_{tag}.csv" + (", subgroups and plots" if "auc" in metrics else ""))
+    click.echo(f"  wrote metrics_{tag}.json, predictions_{tag}.csv" + (", subgroups and plots" if "f_fpr" in metrics
+                                                                      else ", plots" if "loc_auroc" in metrics else ""))
 
 
 @cli.command(context_settings=CONTEXT)
