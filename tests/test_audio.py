@@ -18,7 +18,7 @@ from conftest import run_cli
 from featcache.analyze.prototypes import analyze_prototypes
 from featcache.cache import open_cache
 from featcache.data.audio import frame_labels, n_frames, read_audio
-from featcache.errors import BackboneError, StaleCacheError
+from featcache.errors import BackboneError, ManifestError, StaleCacheError
 from featcache.extract import extract
 from featcache.extract.registry import get_backbone
 from featcache.extract.xlsr import collate_audio
@@ -120,6 +120,11 @@ def test_resumed_extraction_is_identical(audio, frames_cache, tmp_path):
     a, b = open_cache(frames_cache).load_frames(), open_cache(out).load_frames()
     for name in ("frames", "offsets", "frame_labels"):
         assert np.array_equal(a.arrays[name], b.arrays[name])
+    bad = (audio / "manifest.csv").read_text().replace("0.00-", "0.50-0.20;0.00-", 1)
+    (audio / "bad_segments.csv").write_text(bad)
+    with pytest.raises(ManifestError, match="0.50-0.20"):
+        extract("xlsr", audio / "bad_segments.csv", tmp_path / "bad", model="tiny", num_workers=0, progress=False)
+    (audio / "bad_segments.csv").unlink()
     with pytest.raises(StaleCacheError, match="backbone.layer"):
         extract("xlsr", audio / "manifest.csv", out, model="tiny", layer="1", num_workers=0, part_rows=16,
                 progress=False)
@@ -267,7 +272,7 @@ def test_collapse_detection_stops_training(frames_cache, tmp_path):
 def test_xai_localizes_partial_spoofs(frames_cache, tmp_path):
     run = tmp_path / "xai"
     run_cli("-q", "train-head", "xai", "--cache", frames_cache, "--prototype-mode", "ema", "--set",
-            "training.epochs=5", "--out", run)
+            "training.epochs=3", "--out", run)
     evaluate_run(run, frames_cache, split="test", name="synth")
     metrics = json.loads((run / "metrics_synth_test.json").read_text())
     assert metrics == json.loads((run / "metrics_test.json").read_text())

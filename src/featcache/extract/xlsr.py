@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..data.audio import FRAME_WINDOW, SAMPLE_RATE, frame_labels, read_audio
+from ..data.audio import FRAME_WINDOW, SAMPLE_RATE, frame_labels, parse_segments, read_audio
 from ..errors import BackboneError
 from .registry import Backbone, register_backbone
 
@@ -142,6 +142,9 @@ class XlsrBackbone(Backbone):
 
     # -- running ---------------------------------------------------------------------------
     def dataset(self, paths, meta=None):
+        if meta is not None and "segments" in meta:  # a malformed interval stops the run before it starts
+            for sid, seg in zip(meta["sample_id"], meta["segments"]):
+                parse_segments(seg, f"segments of {sid}")
         return AudioFiles(paths, meta, max_seconds=self.max_seconds, normalize=self.normalize)
 
     def collate(self, batch):
