@@ -317,7 +317,10 @@ def test_adapters_read_the_synthetic_layouts(audio, tmp_path):
     for fmt in ("asvspoof19", "partialspoof"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            df = build_manifest(fmt, audio, tmp_path / f"{fmt}.csv").df
+            df = build_manifest(fmt, audio / {"asvspoof19": "LA", "partialspoof": "PartialSpoof"}[fmt],
+                                tmp_path / f"{fmt}.csv").df
+            whole = build_manifest(fmt, audio, tmp_path / "whole.csv").df  # files before links to them
+            assert whole["path"].str.contains("/LA/ASVspoof2019_LA_").all()
         df.index = df["sample_id"].str.rsplit("/", n=1).str[-1].str.split(".").str[0]
         t = truth.loc[df.index]
         assert (df["label"].to_numpy() == t["label"].to_numpy()).all() and (df["split"] == t["split"]).all()

@@ -25,7 +25,12 @@ _SPLIT_OF = {"train": "train", "dev": "val", "eval": "test"}
 
 
 def _audio_index(root: Path) -> dict[str, Path]:
-    return {p.stem: p for p in list_files(root, AUDIO_EXTENSIONS)}
+    """Utterance id -> audio file; where an id has several files, a regular file before a link,
+    then the first in path order."""
+    index: dict[str, Path] = {}
+    for p in sorted(list_files(root, AUDIO_EXTENSIONS), key=lambda p: (p.is_symlink(), str(p))):
+        index.setdefault(p.stem, p)
+    return index
 
 
 def _protocol_lines(path: Path, min_columns: int, what: str):
