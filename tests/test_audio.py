@@ -327,3 +327,23 @@ def test_adapters_read_the_synthetic_layouts(audio, tmp_path):
         assert (df["method"] == t["method"]).all() and (df["identity"] == t["identity"]).all()
         if fmt == "partialspoof":  # the 20 ms segment labels give back the intervals
             assert (df["segments"] == t["segments"]).all()
+
+
+def test_unreadable_audio_is_skipped_and_local_hf_folder_loads(audio, tmp_path):
+    import pandas as pd
+
+    man = pd.read_csv(audio / "manifest.csv", keep_default_na=False).iloc[:3].copy()
+    man["path"] = [str(audio / p) for p in man["path"]]
+    (tmp_path / "broken.flac").write_bytes(b"not audio at all")
+    man.loc[1, "path"] = str(tmp_path / "broken.flac")
+    man.to_csv(tmp_path / "m.csv", index=False)
+    # a local Hugging Face folder (save_pretrained) with the tiny weights
+    get_backbone("xlsr", "tiny", seed=5).module.save_pretrained(tmp_path / "hf")
+    r = extract("xlsr", tmp_path / "m.csv", tmp_path / "c", model=str(tmp_path / "hf"), num_workers=0, progress=False)
+    assert r.failed == 1 and r.failures[0]["sample_id"] == man.loc[1, "sample_id"]
+    cache = open_cache(tmp_path / "c")
+    part = cache.read_part(0)
+    assert part["ok"].tolist() == [True, False, True]
+    assert part["offsets"][2] - part["offsets"][1] == 0  # no frames for the unreadable row
+    assert cache.backbone["pretrained"] == str((tmp_path / "hf").resolve())
+    assert cache.backbone["weights_sha256"] == get_backbone("xlsr", "tiny", seed=5).fingerprint()["weights_sha256"]
