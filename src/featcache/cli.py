@@ -63,7 +63,9 @@ def demo(state, out, n):
     """Run the main job offline on synthetic data (a few minutes on a CPU).
 
     Synthesizes a face-forgery set, extracts CLIP features with the offline `small` preset
-    into a cache, and prints the cache's summary. Rerunning resumes instead of recomputing.
+    into a cache, and prints the cache's summary; then synthetic partial audio spoofs, XLS-R frames
+    (offline `tiny`) and the XAI head, with its localization figures. Rerunning resumes instead of
+    recomputing.
     """
     from .demo import run_demo
 
@@ -97,6 +99,28 @@ def synth_faces_cmd(state, out, n, seed, bias, size):
     click.echo(json.dumps(summary, indent=2, default=str))
 
 
+@synth.command("audio", context_settings=CONTEXT)
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--n", default=120, show_default=True, help="Number of utterances (bonafide, spoof, partial spoof).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["flac", "wav"]), default="flac", show_default=True)
+@click.option("--min-seconds", default=1.0, show_default=True)
+@click.option("--max-seconds", default=6.0, show_default=True)
+@quiet_option
+@click.pass_obj
+def synth_audio_cmd(state, out, n, seed, fmt, min_seconds, max_seconds):
+    """Speech-like 16 kHz utterances, whole and partial vocoder-like spoofs, in real layouts.
+
+    Writes OUT/manifest.csv (with `segments`), an ASVspoof-2019-LA tree and protocols, and a
+    PartialSpoof tree with segment labels.  Example: featcache synth audio data/audio --n 200
+    """
+    from .data.synth_audio import synth_audio
+
+    summary = synth_audio(out, n=n, seed=seed, fmt=fmt, min_seconds=min_seconds, max_seconds=max_seconds,
+                          progress=not state.quiet)
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
 # -- manifest ------------------------------------------------------------------------------
 @cli.command(context_settings=CONTEXT)
 @click.argument("fmt", metavar="FORMAT")
@@ -111,7 +135,7 @@ def synth_faces_cmd(state, out, n, seed, bias, size):
 def manifest(fmt, root, out, annotations, val_fraction, test_fraction, seed, no_check_files):
     """Write the canonical manifest CSV of a dataset.
 
-    FORMAT is one of: folder, ffpp, celebdf, fairface, utkface.
+    FORMAT is one of: folder, ffpp, celebdf, fairface, utkface, asvspoof19, asvspoof21, partialspoof.
 
     \b
     Examples:
@@ -119,10 +143,16 @@ def manifest(fmt, root, out, annotations, val_fraction, test_fraction, seed, no_
       featcache manifest ffpp /data/FaceForensics++ --annotations ffpp_demo.csv -o ffpp.csv
       featcache manifest fairface /data/fairface -o fairface.csv
     """
+    import warnings
+
     from .data.adapters import build_manifest
 
-    m = build_manifest(fmt, root, out, annotations=annotations, val_fraction=val_fraction,
-                       test_fraction=test_fraction, seed=seed, check_files=not no_check_files)
+    with warnings.catch_warnings(record=True) as notes:  # adapters' notes (skipped folders, label polarity)
+        warnings.simplefilter("always")
+        m = build_manifest(fmt, root, out, annotations=annotations, val_fraction=val_fraction,
+                           test_fraction=test_fraction, seed=seed, check_files=not no_check_files)
+    for note in notes:
+        click.echo(f"note: {note.message}", err=True)
     df = m.df
     click.echo(f"wrote {out}: {len(df)} rows")
     click.echo("  splits: " + ", ".join(f"{k} {v}" for k, v in sorted(df["split"].value_counts().items())))
@@ -134,12 +164,14 @@ def manifest(fmt, root, out, annotations, val_fraction, test_fraction, seed, no_
 
 # -- extract -------------------------------------------------------------------------------
 @cli.command(context_settings=CONTEXT)
-@click.option("--backbone", required=True, help="Registry name: clip.")
+@click.option("--backbone", required=True, help="Registry name: clip, xlsr.")
 @click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache folder (created or resumed).")
-@click.option("--model", default=None, help="Model name (clip: ViT-L-14 by default; tiny, small offline).")
-@click.option("--pretrained", default=None, help="Weights: a tag (clip: openai), a local file, or none.")
-@click.option("--layer", default=None, help="Which output to cache (backbone-specific).")
+@click.option("--model", default=None, help="Model name (clip: ViT-L-14 by default; xlsr: facebook/wav2vec2-xls-r-300m "
+              "or a local HF folder; tiny, small offline).")
+@click.option("--pretrained", default=None, help="Weights: a tag (clip: openai; xlsr: hf), a local file (xlsr: a "
+              "detector checkpoint with ssl_model.* fairseq names), or none.")
+@click.option("--layer", default=None, help="Which output to cache (xlsr: final, or a hidden-state index).")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--num-workers", default=None, type=int, help="DataLoader decoding workers [cores per process on the node - 1, at most 16].")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when present].")
@@ -150,10 +182,11 @@ def manifest(fmt, root, out, annotations, val_fraction, test_fraction, seed, no_
               help="skip: record unreadable samples in errors.jsonl; raise: stop at the first.")
 @click.option("--overwrite", is_flag=True, help="Replace a cache made by another extraction.")
 @click.option("--seed", default=0, show_default=True, help="Seed of randomly initialised weights.")
+@click.option("--max-seconds", default=None, type=float, help="Audio: cut utterances after this many seconds.")
 @quiet_option
 @click.pass_obj
 def extract(state, backbone, manifest_path, out, model, pretrained, layer, batch_size, num_workers, device,
-            precision, part_rows, on_error, overwrite, seed):
+            precision, part_rows, on_error, overwrite, seed, max_seconds):
     """Run a frozen backbone over a manifest into a cache.
 
     Rerun the same command to resume: only missing parts are computed.
@@ -170,7 +203,7 @@ def extract(state, backbone, manifest_path, out, model, pretrained, layer, batch
         r = run_extract(backbone, manifest_path, out, model=model, pretrained=pretrained, layer=layer,
                         batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
                         part_rows=part_rows, on_error=on_error, overwrite=overwrite, seed=seed,
-                        progress=not state.quiet)
+                        max_seconds=max_seconds, progress=not state.quiet)
     except KeyboardInterrupt:
         click.echo(f"interrupted; rerun the same command to resume {out}", err=True)
         sys.exit(130)
@@ -205,20 +238,27 @@ def _evals(items) -> dict:
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="YAML overrides.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one key, e.g. training.epochs=5.")
 @click.option("--stage1", default=None, type=click.Path(file_okay=False), help="stage2: the Stage-1 run directory.")
+@click.option("--prototype-mode", type=click.Choice(["ema", "fixed", "learnable"]), default=None,
+              help="xai: prototypes (model.prototype_mode) [ema].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 @quiet_option
 @click.pass_obj
-def train_head_cmd(state, task, cache_path, out, preset, config_file, sets, stage1, overwrite):
-    """Train a head (stage1, stage2) from a cache into a run directory.
+def train_head_cmd(state, task, cache_path, out, preset, config_file, sets, stage1, prototype_mode, overwrite):
+    """Train a head (stage1, stage2, xai) from a cache into a run directory.
 
     \b
     Examples:
       featcache train-head stage1 --cache caches/fairface --out runs/stage1
       featcache train-head stage2 --cache caches/ffpp --stage1 runs/stage1 --preset cvar --out runs/s2-cvar
       featcache train-head stage2 --cache caches/ffpp --stage1 runs/stage1 --set model.num_ca_views=0 --out runs/adain-only
+      featcache train-head xai --cache caches/audio --prototype-mode ema --out runs/xai
     """
     from .train import train_head
 
+    if prototype_mode is not None:
+        if task != "xai":
+            raise click.UsageError("--prototype-mode applies to the xai task only")
+        sets = (*sets, f"model.prototype_mode={prototype_mode}")
     r = train_head(task, cache_path, out, preset=preset, config_file=config_file, sets=sets, overwrite=overwrite,
                    progress=not state.quiet, options={"stage1": stage1})
     click.echo(f"{r.run_dir}: best epoch {r.best_epoch}, {r.seconds:.1f} s")
@@ -228,10 +268,13 @@ def train_head_cmd(state, task, cache_path, out, preset, config_file, sets, stag
         for attr, row in r.extra["probe"].items():
             click.echo(f"  probe {attr}: raw {row['raw']:.3f} -> debiased {row['debiased']:.3f} "
                        f"(chance {row['chance']:.3f})")
+    if r.extra.get("stopped"):
+        click.echo(f"  stopped: {r.extra['stopped']}")
 
 
 def _short(metrics: dict) -> str:
-    keys = ["auc", "acc", "eer", "f_fpr", "f_meo", "cos", "race_acc", "gender_acc"]
+    keys = ["auc", "acc", "eer", "f_fpr", "f_meo", "cos", "race_acc", "gender_acc", "loc_auroc", "loc_ap",
+            "pointing_game", "relevance_mass"]
     return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if k in metrics and metrics[k] is not None)
 
 
@@ -268,7 +311,8 @@ def evaluate(state, run, cache_path, manifest_path, split, name, thresholds, sav
         click.echo(f"  ece {metrics['ece']:.3f}, f1 {metrics['f1']:.3f}; wrote {Path(run) / f'eval_{tag}'}/: "
                    "evaluation_report.json, threshold_analysis.json, plots")
     else:
-        click.echo(f"  wrote metrics_{tag}.json, predictions_{tag}.csv" + (", subgroups and plots" if "auc" in metrics else ""))
+        click.echo(f"  wrote metrics_{tag}.json, predictions_{tag}.csv" + (", subgroups and plots" if "f_fpr" in metrics
+                                                                          else ", plots" if "loc_auroc" in metrics else ""))
 
 
 @cli.command(context_settings=CONTEXT)
@@ -529,6 +573,26 @@ def analyze_map(cache_path, color_by, method, split, out):
 
     info = embedding_map(cache_path, out, color_by=color_by, split=split, method=method)
     click.echo(f"wrote {out} ({info['method']}, {info['points']} points)")
+
+
+@analyze.command("prototypes", context_settings=CONTEXT)
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--cache", "cache_path", default=None, type=click.Path(), help="A frames cache [the run's own].")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder [RUN/prototypes].")
+@click.option("--split", default=None, help="Only this split [all].")
+@click.option("--top", default=10, show_default=True, help="Nearest frames listed per prototype.")
+def analyze_prototypes_cmd(run, cache_path, out, split, top):
+    """Nearest frames of an xai run's prototypes, label purity at k = 10, 50, 100, and a PCA map.
+
+    Example: featcache analyze prototypes runs/xai --cache caches/audio
+    """
+    from .analyze.prototypes import analyze_prototypes
+
+    report = analyze_prototypes(run, cache_path, out, split=split, top=top)
+    folder = Path(out) if out else Path(run) / "prototypes"
+    click.echo((folder / "prototypes.md").read_text())
+    click.echo(f"wrote {folder}/prototypes.json, prototypes.md, prototypes_map.png "
+               f"(prototype distance {report['prototype_distance']:.3f})")
 
 
 # -- cache ---------------------------------------------------------------------------------

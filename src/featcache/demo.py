@@ -8,6 +8,8 @@
 4. A short Stage-2 ablation over every preset, and its table.
 5. The fast filter: a short MobileNetV4 run on the same images (small, random-init), its
    temperature calibration, its evaluation, and the cascade in front of the Stage-2 detector.
+6. Audio: synthetic partial spoofs, XLS-R frames (offline ``tiny``), the XAI importance head,
+   and where its map points (localization AUROC, pointing game, prototype purity).
 
 Rerunning resumes the caches and reuses finished runs. The offline preset has random weights,
 so its features carry little of the forgery signal: the demo shows the pipeline, not the
@@ -79,6 +81,7 @@ def run_demo(out: str | Path = "featcache-demo", *, n: int = 800, progress: bool
          "      same commands learn. benchmarks/fairness_synthetic.py compares the presets on a controlled cache.")
     run_demo_filter(data / "manifest.csv", caches["detection"][1], runs / "ablation" / "full" / "seed0", runs,
                     progress=progress, echo=echo)
+    run_audio_demo(out, progress=progress, echo=echo)
     seconds = time.perf_counter() - t0
     echo(f"demo done in {seconds:.0f} s. Next: featcache evaluate {runs / 'ablation' / 'full' / 'seed0'}")
     return {"cache": str(caches["detection"][1]), "info": info, "seconds": seconds, "ablation": table}
@@ -122,3 +125,39 @@ def run_demo_filter(manifest, cache, detector_run, runs, *, progress: bool = Tru
         echo(f"      recommended t = {rec['threshold']:g}: test filtration {t['filtration']:.3f}, leakage "
              f"{t['leakage']:.3f}, auc {t['auc']:.3f}, compute saved {t['compute_saved']:.3f}")
     return rep
+def run_audio_demo(out: str | Path, *, n: int = 120, progress: bool = True, echo=print) -> dict:
+    """The audio branch: synthetic partial spoofs -> XLS-R frames (offline ``tiny``) -> XAI head.
+
+    Prints where the importance map points: localization AUROC / AP, pointing game and
+    relevance mass on the test split's spoofed utterances, and the prototypes' purity.
+    """
+    from .analyze.prototypes import analyze_prototypes
+    from .data.synth_audio import synth_audio
+    from .extract import extract
+    from .train import train_head
+
+    out = Path(out)
+    data, cache_dir, run = out / "audio", out / "caches" / "xlsr-tiny", out / "runs" / "xai"
+    echo(f"[audio 1/3] synthetic speech: {n} utterances (bonafide, vocoded, partially vocoded) -> {data}")
+    synth_audio(data, n=n, seed=0, progress=progress)
+    echo("[audio 2/3] XLS-R frame extraction (offline preset 'tiny', random weights, seed 0)")
+    r = extract("xlsr", data / "manifest.csv", cache_dir, model="tiny", batch_size=8, part_rows=64, num_workers=1,
+                progress=progress)
+    report = verify_cache(cache_dir)
+    if not report.ok:
+        raise CacheError(f"demo cache {cache_dir} failed verification: " + "; ".join(report.problems))
+    echo(f"      {cache_dir}: {r.parts_written} parts written, {r.parts_resumed} resumed; verify ok")
+    echo(f"[audio 3/3] XAI importance head with EMA prototypes -> {run}")
+    if not (run / "summary.json").is_file():
+        train_head("xai", cache_dir, run, overwrite=True, progress=progress)
+    summary = json.loads((run / "summary.json").read_text())
+    test = summary["test"]
+    echo(f"      test split, {test['loc_utterances']} spoofed utterances ({test['loc_partial_utterances']} partial):")
+    echo(f"      localization AUROC {test['loc_auroc']:.3f}, AP {test['loc_ap']:.3f} "
+         f"(spoofed-frame fraction {test['loc_spoof_fraction']:.3f}), pointing game {test['pointing_game']:.3f}, "
+         f"relevance mass {test['relevance_mass']:.3f}; utterance AUC {test['auc']:.3f}, EER {test['eer']:.3f}")
+    protos = analyze_prototypes(run, cache_dir)
+    echo("      prototype purity@10/50/100: " + "; ".join(
+        f"{name} " + "/".join(f"{v:.2f}" for v in p.values()) for name, p in protos["purity"].items()))
+    echo(f"      plots: {run / 'plots' / 'importance_test.png'}, {run / 'prototypes' / 'prototypes_map.png'}")
+    return {"cache": str(cache_dir), "run": str(run), "test": test, "purity": protos["purity"]}

@@ -175,12 +175,8 @@ class FeatureCache:
             list(pool.map(read, range(self.n_parts)))
         return out
 
-    def load(self, split: str | list[str] | None = None, *, columns=None, ok_only: bool = True,
-             dtype=np.float32) -> CacheData:
-        """Load features and meta of the selected split(s); rows that failed to read are dropped."""
-        if self.kind != "pooled":
-            raise CacheError(f"load() reads pooled caches; {self.path} is a {self.kind} cache")
-        meta = self.meta(columns)
+    def _split_mask(self, meta: pd.DataFrame, split) -> np.ndarray:
+        """Rows in the split(s) (all rows for None); an error when there are none."""
         mask = np.ones(self.rows, dtype=bool)
         if split is not None:
             splits = [split] if isinstance(split, str) else list(split)
@@ -188,6 +184,15 @@ class FeatureCache:
             mask &= all_splits.isin(splits).to_numpy()  # hashing; np.isin sorts Python strings
             if not mask.any():
                 raise CacheError(f"{self.path} has no rows in split(s) {splits}")
+        return mask
+
+    def load(self, split: str | list[str] | None = None, *, columns=None, ok_only: bool = True,
+             dtype=np.float32) -> CacheData:
+        """Load features and meta of the selected split(s); rows that failed to read are dropped."""
+        if self.kind != "pooled":
+            raise CacheError(f"load() reads pooled caches; {self.path} is a {self.kind} cache")
+        meta = self.meta(columns)
+        mask = self._split_mask(meta, split)
         if ok_only:
             mask &= self.load_rows("ok")
         features = self.load_rows("features", dtype=dtype)
@@ -195,6 +200,38 @@ class FeatureCache:
         if len(index) < self.rows:
             features, meta = features[index], meta.iloc[index].reset_index(drop=True)
         return CacheData(arrays={"features": features}, meta=meta, index=index)
+
+    def load_frames(self, split: str | list[str] | None = None, *, columns=None, ok_only: bool = True,
+                    dtype=np.float32) -> CacheData:
+        """Frames of the selected rows of a ``frames`` cache, flat, with offsets into them.
+
+        ``arrays``: ``frames`` (ΣT, D), ``frame_labels`` (ΣT,) int8 and ``offsets`` (n + 1,) int64:
+        row i's frames are ``frames[offsets[i]:offsets[i + 1]]``.
+        """
+        if self.kind != "frames":
+            raise CacheError(f"load_frames() reads frames caches; {self.path} is a {self.kind} cache")
+        meta = self.meta(columns)
+        mask = self._split_mask(meta, split)
+        frames, labels, counts, index = [], [], [], []
+        for i in range(self.n_parts):
+            start, stop = part_bounds(i, self.rows, self.part_rows)
+            if not mask[start:stop].any():
+                continue
+            part = self.read_part(i)
+            off = part["offsets"]
+            keep = mask[start:stop] & (part["ok"] if ok_only else True)
+            for j in np.flatnonzero(keep):
+                frames.append(part["frames"][off[j]:off[j + 1]])
+                labels.append(part["frame_labels"][off[j]:off[j + 1]])
+                counts.append(int(off[j + 1] - off[j]))
+                index.append(start + j)
+        index = np.asarray(index, dtype=np.int64)
+        dim = self.dim
+        return CacheData(arrays={
+            "frames": np.concatenate(frames).astype(dtype) if frames else np.zeros((0, dim), dtype),
+            "frame_labels": np.concatenate(labels) if labels else np.zeros(0, np.int8),
+            "offsets": np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        }, meta=meta.iloc[index].reset_index(drop=True), index=index)
 
     def errors(self) -> list[dict]:
         f = self.path / ERRORS_FILE

@@ -43,12 +43,13 @@ from .manifest import (
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+AUDIO_EXTENSIONS = (".wav", ".flac")
 #: The columns every adapter returns, in this order.
 ROW_COLUMNS = ("sample_id", "path", "label", "split", "dataset", "gender", "race", "identity", "method")
 
 Adapter = Callable[..., pd.DataFrame]
 #: Adapter name -> adapter; filled by :func:`register_adapter`.
-ADAPTERS = Registry("manifest format", error=ManifestError)
+ADAPTERS = Registry("manifest format", ("featcache.data.audio_adapters",), error=ManifestError)
 
 _MAX_LISTED = 5
 
@@ -192,7 +193,7 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------- folder
 
-_LABEL_DIRS = {"real": 0, "fake": 1}
+_LABEL_DIRS = {"real": 0, "fake": 1, "bonafide": 0, "spoof": 1}
 _SPLIT_ALIASES = {
     "train": "train", "training": "train",
     "val": "val", "valid": "val", "validation": "val",
@@ -203,7 +204,7 @@ _SPLIT_ALIASES = {
 @register_adapter("folder")
 def folder_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, test_fraction: float = 0.1,
                    seed: int = 0, **_) -> pd.DataFrame:
-    """A generic real/fake image folder.
+    """A generic real/fake image folder, or a bonafide/spoof audio folder (.wav, .flac).
 
     Layouts (folder names case-insensitive; ``val`` may be spelled ``valid`` or ``validation``,
     ``train``/``test`` also ``training``/``testing``)::
@@ -212,7 +213,8 @@ def folder_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, t
         ROOT/train/real/**   ROOT/val/fake/** ...                split folders above
         ROOT/real/train/**   ROOT/fake/test/** ...               split folders below
 
-    Only images inside ``real/`` and ``fake/`` folders are read; other folders are ignored.
+    Only images and audio inside ``real/`` and ``fake/`` (or ``bonafide/`` and ``spoof/``) folders
+    are read; other folders are ignored.
     ``identity`` is the image's immediate folder when it sits in a per-video (per-person)
     subfolder, else its file stem.  Without split folders, identities are split with
     ``val_fraction``/``test_fraction``; with split folders but none for val, val is carved
@@ -247,7 +249,7 @@ def folder_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, t
 
     rows, outside = [], []
     for folder, label, split, below in sources:
-        for path in list_images(folder):
+        for path in list_files(folder, IMAGE_EXTENSIONS + AUDIO_EXTENSIONS):
             rel = path.relative_to(folder).parts
             base = folder
             if below:
@@ -263,7 +265,8 @@ def folder_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, t
             "move them into train/, val/ or test/, or remove the split folders to split by identity"
         )
     if not rows:
-        raise ManifestError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) under the real/ and fake/ folders")
+        raise ManifestError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) or audio ({', '.join(AUDIO_EXTENSIONS)}) "
+                            "under the real/ and fake/ folders")
     df = _frame(rows)
     used = set(df["split"])
     if used == {""}:

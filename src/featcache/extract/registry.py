@@ -18,7 +18,7 @@ import torch
 from ..errors import BackboneError
 from ..registry import Registry
 
-BACKBONES = Registry("backbone", ("featcache.extract.clip",), error=BackboneError)
+BACKBONES = Registry("backbone", ("featcache.extract.clip", "featcache.extract.xlsr"), error=BackboneError)
 
 
 class Backbone(ABC):
@@ -124,12 +124,19 @@ list_backbones = BACKBONES.names
 
 
 def get_backbone(name: str, model: str | None = None, pretrained: str | None = None, *,
-                 layer: str | None = None, seed: int = 0) -> Backbone:
+                 layer: str | None = None, seed: int = 0, **options) -> Backbone:
     """Build a frozen backbone by registry name (``clip``, ...), model name and weights.
 
     ``pretrained`` is a tag (downloaded where there is network), a local file, or ``none``
-    (random initialisation with ``seed``; the default for the offline presets).
+    (random initialisation with ``seed``; the default for the offline presets).  ``options`` are
+    backbone-specific settings that are not None (``max_seconds`` for audio).
     """
-    backbone = BACKBONES.get(name)(model=model, pretrained=pretrained, layer=layer, seed=seed)
+    options = {k: v for k, v in options.items() if v is not None}
+    try:
+        backbone = BACKBONES.get(name)(model=model, pretrained=pretrained, layer=layer, seed=seed, **options)
+    except TypeError as exc:
+        if options and "unexpected keyword" in str(exc):
+            raise BackboneError(f"backbone {name} does not take {', '.join('--' + k.replace('_', '-') for k in options)}") from None
+        raise
     backbone.freeze()
     return backbone

@@ -130,13 +130,15 @@ def extract(
     on_error: str = "skip",
     overwrite: bool = False,
     seed: int = 0,
+    max_seconds: float | None = None,
     progress: bool = True,
 ) -> ExtractResult:
     """Run a frozen backbone over a manifest into a cache at ``out`` (created or resumed).
 
     Each sample that cannot be read is recorded in ``errors.jsonl`` with ``ok = False``
     (``on_error="skip"``), or stops the run with :class:`SampleError` (``on_error="raise"``);
-    the parts written so far are kept and a rerun resumes after them.
+    the parts written so far are kept and a rerun resumes after them.  ``max_seconds`` cuts
+    audio after that many seconds (audio backbones).
 
     Started by torchrun (``WORLD_SIZE`` > 1), each process computes its share of the missing
     parts on ``cuda:LOCAL_RANK`` (or the CPU), as described in the module docstring; only
@@ -153,7 +155,7 @@ def extract(
         return _extract(ctx, backbone, manifest, out, model=model, pretrained=pretrained, layer=layer,
                         batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
                         part_rows=part_rows, on_error=on_error, overwrite=overwrite, seed=seed,
-                        progress=progress)
+                        max_seconds=max_seconds, progress=progress)
     finally:
         ctx.close()
 
@@ -194,7 +196,7 @@ def _open_writer(ctx, out, spec: CacheSpec, df, overwrite: bool) -> tuple[CacheW
 
 
 def _extract(ctx, backbone, manifest, out, *, model, pretrained, layer, batch_size, num_workers, device,
-             precision, part_rows, on_error, overwrite, seed, progress) -> ExtractResult:
+             precision, part_rows, on_error, overwrite, seed, max_seconds, progress) -> ExtractResult:
     from tqdm.auto import tqdm
 
     dev = ctx.device(resolve_device(device))
@@ -202,7 +204,7 @@ def _extract(ctx, backbone, manifest, out, *, model, pretrained, layer, batch_si
         torch.cuda.set_device(dev)
     progress = progress and ctx.is_main
     man = read_manifest(manifest)
-    bb = get_backbone(backbone, model, pretrained, layer=layer, seed=seed).to(dev)
+    bb = get_backbone(backbone, model, pretrained, layer=layer, seed=seed, max_seconds=max_seconds).to(dev)
     dtype = PRECISIONS[precision]
     info = bb.fingerprint()
     info["dtype"] = precision

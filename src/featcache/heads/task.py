@@ -24,7 +24,7 @@ from ..errors import FeatcacheError
 from ..registry import Registry
 
 #: Importing a task's module registers it.
-TASKS = Registry("task", ("featcache.heads.stage1", "featcache.heads.stage2"))
+TASKS = Registry("task", ("featcache.heads.stage1", "featcache.heads.stage2", "featcache.heads.xai"))
 register_task = TASKS.register
 get_task = TASKS.get
 list_tasks = TASKS.names
@@ -116,6 +116,14 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, split: str) -> tuple[dict, pd.DataFrame]:
         """See the module docstring."""
+
+    def stop_reason(self, row: dict) -> str | None:
+        """A message to stop training after this epoch's log ``row`` (e.g. a collapse), or None."""
+        return None
+
+    def write_plots(self, run_dir: Path, tag: str, split: str) -> None:
+        """Task-specific plots of an evaluated split (``featcache evaluate``); none by default."""
+        return None
 
     def finish(self, run_dir: Path) -> dict:
         return {}

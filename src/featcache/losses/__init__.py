@@ -5,11 +5,13 @@
 - :mod:`.ldam`: LDAM margins and loss on cosine logits.
 - :mod:`.sinkhorn`: Sinkhorn divergences between subgroup feature clouds, batched into one geomloss call.
 - :mod:`.disentangle`: squared-cosine disentanglement of detection and fair features.
+- :mod:`.prototype`: the importance-weighted frame contrastive loss and the prototypes' EMA update (XAI).
 """
 
 from .cvar import BilevelCVaR, bilevel_cvar, bilevel_cvar_parts, cvar
 from .disentangle import cosine_disentanglement
 from .ldam import LDAMLoss, ldam_margins
+from .prototype import ema_update, frame_contrastive
 from .sinkhorn import GroupSinkhorn, feature_scale
 
 __all__ = [
@@ -20,6 +22,8 @@ __all__ = [
     "bilevel_cvar_parts",
     "cosine_disentanglement",
     "cvar",
+    "ema_update",
     "feature_scale",
+    "frame_contrastive",
     "ldam_margins",
 ]

@@ -133,11 +133,12 @@ def plot_leakage_audit(before: pd.DataFrame, after: pd.DataFrame | None, path: P
 
 
 def plot_embedding_map(xy: np.ndarray, groups, path: Path, title: str = "", legend_title: str = "",
-                       order=None) -> None:
+                       order=None, marks: dict | None = None) -> None:
     """A 2-D scatter of points coloured by group (strings); the largest group is drawn first.
 
     ``order``: group names in colour order (e.g. the subgroup names in code order, so that a
-    group keeps its colour from map to map); groups not in it follow, sorted.
+    group keeps its colour from map to map); groups not in it follow, sorted.  ``marks``: named
+    points (e.g. prototypes) drawn as black stars with their names.
     """
     plt = _plt()
     groups = np.asarray(groups, dtype=object)
@@ -151,6 +152,9 @@ def plot_embedding_map(xy: np.ndarray, groups, path: Path, title: str = "", lege
         sel = groups == name
         handles[name] = ax.scatter(xy[sel, 0], xy[sel, 1], s=size, alpha=0.6, lw=0, color=color[name],
                                    label=f"{name} ({int(sel.sum())})")
+    for name, (mx, my) in (marks or {}).items():
+        ax.scatter([mx], [my], marker="*", s=260, color="black", edgecolor="white", zorder=5)
+        ax.annotate(name, (mx, my), xytext=(6, 6), textcoords="offset points", fontsize=9, weight="bold")
     ax.set(title=title, xticks=[], yticks=[])
     ax.title.set_fontsize(9)
     ax.legend([handles[g] for g in palette], [handles[g].get_label() for g in palette], title=legend_title or None,
@@ -248,6 +252,22 @@ def plot_cascade(rows: pd.DataFrame, path: Path, *, marks=(), recommended: float
     ax.set(xlabel="threshold t (stop when 1 - P(fake) >= t)", ylabel="rate", title=title)
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+def plot_importance(importances, segments, titles, path: Path, hop_seconds: float = 0.02,
+                    centre_seconds: float = 0.0125) -> None:
+    """Frame importance w(t) over time, one panel per utterance, true spoofed intervals shaded."""
+    from ..data.audio import parse_segments
+
+    plt = _plt()
+    fig, axes = plt.subplots(len(importances), 1, figsize=(9, 1.6 * len(importances) + 0.4), squeeze=False)
+    for ax, w, seg, title in zip(axes[:, 0], importances, segments, titles):
+        t = np.arange(len(w)) * hop_seconds + centre_seconds
+        for i, (a, b) in enumerate(parse_segments(seg)):
+            ax.axvspan(a, b, color="C3", alpha=0.2, lw=0, label="spoofed" if i == 0 else None)
+        ax.plot(t, w, color="C0", lw=1.2, label="importance w(t)")
+        ax.set(ylim=(-0.02, 1.02), xlim=(0, max(t[-1] if len(t) else 0, 0.1)), ylabel="w")
+        ax.set_title(title, fontsize=8, loc="left")
+    axes[-1, 0].set_xlabel("seconds")
+    axes[0, 0].legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

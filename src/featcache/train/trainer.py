@@ -164,6 +164,10 @@ def train_head(
             best_score, best_epoch = score, epoch
             save_module(task.module, out / "best.safetensors")
         bar.set_postfix(loss=f"{row.get('train_loss', float('nan')):.3f}", score=f"{score:.3f}")
+        stop = task.stop_reason(row)
+        if stop:
+            bar.write(f"stopped: {stop}")
+            break
     save_module(task.module, out / "last.safetensors")
     if best_epoch == 0:  # every score was NaN: keep the last epoch, and say so
         best_epoch = epochs

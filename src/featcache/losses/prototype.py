@@ -1,0 +1,55 @@
+"""Prototype objectives of the XAI head: the importance-weighted frame contrastive loss and the EMA update.
+
+Frames h(t) and prototypes p_c are unit vectors.  For an utterance of class y with importance
+w(t) in [0, 1]::
+
+    l_t = -log softmax_c(h(t) . p_c / tau)[y]            L = sum_t w(t) l_t / N
+
+with N = sum_t w(t) (``importance``) or the number of frames T (``frames``), averaged over the
+utterances of a batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def frame_contrastive(h: torch.Tensor, prototypes: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
+                      mask: torch.Tensor, tau: float = 0.07, normalize: str = "importance",
+                      eps: float = 1e-6) -> torch.Tensor:
+    """Importance-weighted, normalised frame contrastive loss.
+
+    ``h`` (B, T, D) unit frames, ``prototypes`` (C, D) unit, ``y`` (B,) class per utterance,
+    ``w`` (B, T) importance, ``mask`` (B, T) true on real (not padded) frames.  ``normalize``:
+    ``importance`` divides each utterance's sum by sum_t w(t) (invariant to the level of w),
+    ``frames`` by its number of frames T.
+    """
+    logits = torch.einsum("btd,cd->btc", h, prototypes) / tau
+    nll = -F.log_softmax(logits, dim=-1).gather(-1, y[:, None, None].expand(-1, h.shape[1], 1)).squeeze(-1)
+    wm = w * mask
+    if normalize == "importance":
+        den = wm.sum(1).clamp_min(eps)
+    elif normalize == "frames":
+        den = mask.sum(1).clamp_min(1)
+    else:
+        raise ValueError(f"normalize must be importance or frames, got {normalize!r}")
+    return ((wm * nll).sum(1) / den).mean()
+
+
+@torch.no_grad()
+def ema_update(prototypes: torch.Tensor, h: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
+               mask: torch.Tensor, momentum: float = 0.99) -> torch.Tensor:
+    """In place: p_c <- normalize(m p_c + (1 - m) normalize(sum_t a(t) h(t) / sum_t a(t))).
+
+    The sum runs over the batch's frames of class-c utterances with weights ``weights`` (B, T)
+    (importance for spoof, 1 for bonafide in the XAI head); a class absent from the batch is kept.
+    """
+    for c in range(prototypes.shape[0]):
+        a = weights * mask * (y == c)[:, None]
+        total = a.sum()
+        if float(total) <= 0:
+            continue
+        mean = F.normalize((a[..., None] * h).sum((0, 1)) / total, dim=0)
+        prototypes[c] = F.normalize(momentum * prototypes[c] + (1 - momentum) * mean, dim=0)
+    return prototypes
