@@ -125,6 +125,8 @@ def run_demo_filter(manifest, cache, detector_run, runs, *, progress: bool = Tru
         echo(f"      recommended t = {rec['threshold']:g}: test filtration {t['filtration']:.3f}, leakage "
              f"{t['leakage']:.3f}, auc {t['auc']:.3f}, compute saved {t['compute_saved']:.3f}")
     return rep
+
+
 def run_audio_demo(out: str | Path, *, n: int = 120, progress: bool = True, echo=print) -> dict:
     """The audio branch: synthetic partial spoofs -> XLS-R frames (offline ``tiny``) -> XAI head.
 

@@ -252,6 +252,11 @@ def plot_cascade(rows: pd.DataFrame, path: Path, *, marks=(), recommended: float
     ax.set(xlabel="threshold t (stop when 1 - P(fake) >= t)", ylabel="rate", title=title)
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_importance(importances, segments, titles, path: Path, hop_seconds: float = 0.02,
                     centre_seconds: float = 0.0125) -> None:
     """Frame importance w(t) over time, one panel per utterance, true spoofed intervals shaded."""
