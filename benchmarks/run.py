@@ -26,6 +26,8 @@ MODULES = {
     "extract": "bench_extract",  # clip: extraction vs bare forward, cache load, peak memory
     "heads": "bench_heads",  # head epoch from the cache vs recomputing; the Stage-2 ablation
     "faiss": "bench_faiss",  # FAISS kNN vs exact and vs scikit-learn
+    "xlsr": "bench_xlsr",  # xlsr: frame extraction vs bare forward
+    "mnv4": "bench_mnv4",  # the MobileNetV4 filter's training throughput
 }
 
 
