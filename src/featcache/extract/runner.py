@@ -181,7 +181,7 @@ def extract(
             finally:
                 bar.close()
                 pool.shutdown(wait=True)
-        writer.finalize()
+        writer.finalize(bb.cache_files())
     failures = open_cache(out).errors()
     seconds = time.perf_counter() - t0
     return ExtractResult(
