@@ -175,6 +175,17 @@ class FeatureCache:
             list(pool.map(read, range(self.n_parts)))
         return out
 
+    def load_ragged(self, name: str) -> list[np.ndarray]:
+        """A flat array (``frames``, ``gt_boxes``, ...) cut per row by its part's ``offsets``."""
+        if {**KIND_ARRAYS[self.kind]}.get(name) != "flat":
+            raise CacheError(f"{name!r} is not a flat (per-offset) array of a {self.kind} cache")
+        out: list[np.ndarray] = []
+        for i in range(self.n_parts):
+            data = self.read_part(i, ["offsets", name])
+            off = data["offsets"]
+            out.extend(data[name][off[j]:off[j + 1]] for j in range(len(off) - 1))
+        return out
+
     def load(self, split: str | list[str] | None = None, *, columns=None, ok_only: bool = True,
              dtype=np.float32) -> CacheData:
         """Load features and meta of the selected split(s); rows that failed to read are dropped."""

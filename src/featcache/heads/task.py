@@ -24,7 +24,7 @@ from ..errors import FeatcacheError
 from ..registry import Registry
 
 #: Importing a task's module registers it.
-TASKS = Registry("task", ("featcache.heads.stage1", "featcache.heads.stage2"))
+TASKS = Registry("task", ("featcache.heads.stage1", "featcache.heads.stage2", "featcache.heads.faap"))
 register_task = TASKS.register
 get_task = TASKS.get
 list_tasks = TASKS.names
@@ -118,6 +118,10 @@ class Task(ABC):
         """See the module docstring."""
 
     def finish(self, run_dir: Path) -> dict:
+        return {}
+
+    def report(self, run_dir: Path, tag: str, metrics: dict) -> dict:
+        """Task-specific files for ``featcache evaluate`` (FAAP: its per-gender table); none by default."""
         return {}
 
 
