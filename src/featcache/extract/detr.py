@@ -303,7 +303,11 @@ def finetune_detr(manifest, out, *, model: str = "tiny", epochs: int = 60, batch
     labels = [{"class_labels": torch.as_tensor(it[1][3]), "boxes": torch.as_tensor(it[1][2])} for it in items]
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
+    for p in net.parameters():  # transformers freezes the ResNet stem; from random weights it must learn too
+        p.requires_grad_(True)
+    aux = net.config.auxiliary_loss
+    net.config.auxiliary_loss = True  # DETR's deep supervision: every decoder layer's outputs are matched
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     log, t0 = [], time.perf_counter()
@@ -323,7 +327,7 @@ def finetune_detr(manifest, out, *, model: str = "tiny", epochs: int = 60, batch
             torch.nn.utils.clip_grad_norm_(net.parameters(), 0.1)
             opt.step()
             seen += len(idx)
-            for k, v in {"loss": res.loss, **res.loss_dict}.items():
+            for k, v in {"loss": res.loss, **{k: v for k, v in res.loss_dict.items() if k[-1].isalpha()}}.items():
                 total[k] = total.get(k, 0.0) + float(v.detach()) * len(idx)
         row = {"epoch": epoch, **{k: v / seen for k, v in total.items()}, "seconds": time.perf_counter() - t0}
         log.append(row)
@@ -331,6 +335,7 @@ def finetune_detr(manifest, out, *, model: str = "tiny", epochs: int = 60, batch
             fh.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.3f}")
     net.eval()
+    net.config.auxiliary_loss = aux
     net.save_pretrained(out)
     processor.save_pretrained(out)
     return {"out": str(out), "images": len(items), "epochs": epochs, "final_loss": log[-1]["loss"],
