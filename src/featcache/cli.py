@@ -465,9 +465,9 @@ def synth_detection_cmd(state, out, n, seed, gap, size):
 @click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the fine-tuned model.")
 @click.option("--model", default="tiny", show_default=True, help="Starting point: tiny (random, offline), a name or a folder.")
-@click.option("--epochs", default=60, show_default=True)
+@click.option("--epochs", default=30, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
-@click.option("--lr", default=5e-4, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
 @click.option("--split", default="train", show_default=True, help="The only split it trains on.")
 @click.option("--seed", default=0, show_default=True)
 @quiet_option
