@@ -305,3 +305,18 @@ def test_faap_train_and_evaluate_cli(det_cache, tmp_path):
     test = (c.meta(["split"])["split"] == "test").to_numpy()
     want = image_scores(torch.from_numpy(c.load_rows("logits")[test])).mean()
     assert m["base_score"] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_finetune_detr_learns_and_its_folder_extracts(det_data, tmp_path):
+    from featcache.cache import open_cache
+    from featcache.extract import extract
+    from featcache.extract.detr import finetune_detr
+
+    r = finetune_detr(det_data / "manifest.csv", tmp_path / "m", epochs=4, batch_size=8, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "m" / "finetune_log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and log[-1]["loss"] < log[0]["loss"] and r["images"] == 14  # the train split only
+    extract("detr", det_data / "manifest.csv", tmp_path / "c", model=str(tmp_path / "m"), num_workers=0,
+            progress=False)
+    c = open_cache(tmp_path / "c")
+    assert c.backbone["pretrained"] == "local" and c.backbone["model"] == str((tmp_path / "m").resolve())
+    assert c.load_rows("hidden").shape == (24, 20, 64)
