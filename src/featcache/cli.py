@@ -470,9 +470,10 @@ def synth_detection_cmd(state, out, n, seed, gap, size):
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--split", default="train", show_default=True, help="The only split it trains on.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when present].")
 @quiet_option
 @click.pass_obj
-def finetune_detr_cmd(state, manifest_path, out, model, epochs, batch_size, lr, split, seed):
+def finetune_detr_cmd(state, manifest_path, out, model, epochs, batch_size, lr, split, seed, device):
     """Fit a DETR (the offline tiny one by default) to a detection manifest's train split.
 
     A randomly initialised DETR detects nothing; this gives the offline pipeline a detector to
@@ -486,7 +487,7 @@ def finetune_detr_cmd(state, manifest_path, out, model, epochs, batch_size, lr, 
     from .extract.detr import finetune_detr
 
     r = finetune_detr(manifest_path, out, model=model, epochs=epochs, batch_size=batch_size, lr=lr, split=split,
-                      seed=seed, progress=not state.quiet)
+                      seed=seed, device=device, progress=not state.quiet)
     click.echo(f"{r['out']}: {r['images']} images, {r['epochs']} epochs, final loss {r['final_loss']:.3f}, "
                f"{r['seconds']:.0f} s")
 

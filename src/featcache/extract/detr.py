@@ -290,7 +290,7 @@ def load_heads(cache_path) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 # -- a short fine-tune, so that an offline DETR detects something ---------------------------------
 def finetune_detr(manifest, out, *, model: str = "tiny", epochs: int = 30, batch_size: int = 16, lr: float = 1e-3,
-                  seed: int = 0, split: str = "train", progress: bool = True) -> dict:
+                  seed: int = 0, split: str = "train", device: str | None = None, progress: bool = True) -> dict:
     """Train a DETR (by default the random ``tiny`` preset) on one split of a detection manifest.
 
     A randomly initialised DETR detects nothing (AP 0), so a fairness perturbation of its
@@ -305,7 +305,9 @@ def finetune_detr(manifest, out, *, model: str = "tiny", epochs: int = 30, batch
     from tqdm.auto import tqdm
 
     from ..data.manifest import read_manifest
+    from .runner import resolve_device
 
+    dev = resolve_device(device)
     man = read_manifest(manifest)
     df = man.df[man.df["split"] == split].reset_index(drop=True)
     if len(df) < 2:
@@ -318,8 +320,10 @@ def finetune_detr(manifest, out, *, model: str = "tiny", epochs: int = 30, batch
         raise FeatcacheError(f"cannot read {len(bad)} training image(s), e.g. {bad[0]}: {items[0][2] or 'see the manifest'}")
     net, processor, _ = load_detr(model, seed=seed)
     enc = processor(images=[it[1][0] for it in items], return_tensors="pt")
-    pixels, mask = enc["pixel_values"], enc.get("pixel_mask")
-    labels = [{"class_labels": torch.as_tensor(it[1][3]), "boxes": torch.as_tensor(it[1][2])} for it in items]
+    pixels, mask = enc["pixel_values"].to(dev), None if enc.get("pixel_mask") is None else enc["pixel_mask"].to(dev)
+    labels = [{"class_labels": torch.as_tensor(it[1][3], device=dev), "boxes": torch.as_tensor(it[1][2], device=dev)}
+              for it in items]
+    net.to(dev)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     for p in net.parameters():  # transformers freezes the ResNet stem; from random weights it must learn too
@@ -335,7 +339,7 @@ def finetune_detr(manifest, out, *, model: str = "tiny", epochs: int = 30, batch
     net.train()
     bar = tqdm(range(1, epochs + 1), desc="finetune detr", unit="epoch", disable=not progress)
     for epoch in bar:
-        order = torch.randperm(len(items), generator=gen)
+        order = torch.randperm(len(items), generator=gen).to(dev)
         total, seen = {}, 0
         for s in range(0, len(items), batch_size):
             idx = order[s:s + batch_size]
@@ -353,7 +357,7 @@ def finetune_detr(manifest, out, *, model: str = "tiny", epochs: int = 30, batch
         with open(log_file, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         bar.set_postfix(loss=f"{row['loss']:.3f}")
-    net.eval()
+    net.eval().cpu()
     net.config.auxiliary_loss = aux
     net.save_pretrained(out)
     processor.save_pretrained(out)
