@@ -320,3 +320,42 @@ def test_finetune_detr_learns_and_its_folder_extracts(det_data, tmp_path):
     c = open_cache(tmp_path / "c")
     assert c.backbone["pretrained"] == "local" and c.backbone["model"] == str((tmp_path / "m").resolve())
     assert c.load_rows("hidden").shape == (24, 20, 64)
+
+
+def test_detr_cache_resumes_identically_records_bad_images_and_exports(det_data, det_cache, tmp_path):
+    import shutil
+
+    import h5py
+    from conftest import array_hashes
+
+    from featcache.cache import export_h5, open_cache
+    from featcache.extract import extract
+
+    # resume: a deleted part is recomputed into the same bytes
+    resumed = tmp_path / "resumed"
+    shutil.copytree(det_cache, resumed)
+    shutil.rmtree(resumed / "parts" / "00001")
+    r = extract("detr", det_data / "manifest.csv", resumed, model="tiny", batch_size=5, part_rows=8, num_workers=0,
+                progress=False)
+    assert r.parts_written == 1 and r.parts_resumed == 2
+    assert array_hashes(resumed) == array_hashes(det_cache)
+    assert (resumed / "heads.safetensors").read_bytes() == (det_cache / "heads.safetensors").read_bytes()
+    # an unreadable image: ok False, recorded, no ground truth rows for it
+    data = tmp_path / "data"
+    shutil.copytree(det_data, data)
+    man = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
+    (data / man["path"][3]).write_bytes(b"not a png")
+    extract("detr", data / "manifest.csv", tmp_path / "bad", model="tiny", part_rows=8, num_workers=0, progress=False)
+    c = open_cache(tmp_path / "bad")
+    assert c.load_rows("ok").tolist() == [i != 3 for i in range(24)]
+    assert [e["sample_id"] for e in c.errors()] == [man["sample_id"][3]]
+    assert len(c.load_ragged("gt_boxes")[3]) == 0 and len(c.load_ragged("gt_boxes")[4]) > 0
+    # export keeps the layout: flat ground truth with global offsets
+    export_h5(det_cache, tmp_path / "c.h5", progress=False)
+    src = open_cache(det_cache)
+    with h5py.File(tmp_path / "c.h5") as h5:
+        off = h5["offsets"][...]
+        flat = h5["gt_boxes"][...]
+        for i in (0, 9, 23):
+            np.testing.assert_array_equal(flat[off[i]:off[i + 1]], src.load_ragged("gt_boxes")[i])
+        assert h5["hidden"].shape == (24, 20, 64)
