@@ -359,3 +359,10 @@ def test_detr_cache_resumes_identically_records_bad_images_and_exports(det_data,
         for i in (0, 9, 23):
             np.testing.assert_array_equal(flat[off[i]:off[i + 1]], src.load_ragged("gt_boxes")[i])
         assert h5["hidden"].shape == (24, 20, 64)
+
+
+def test_detr_without_network_says_how_to_pass_weights(det_data, tmp_path):
+    proc = run_cli("extract", "--backbone", "detr", "--manifest", det_data / "manifest.csv", "--out", tmp_path / "c",
+                   check=False, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot load DETR 'facebook/detr-resnet-50'")
+    assert "--model PATH" in proc.stderr and "--model tiny" in proc.stderr

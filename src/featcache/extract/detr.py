@@ -78,7 +78,7 @@ def tiny_processor():
 
 def load_detr(model: str | None, *, seed: int = 0):
     """(DetrForObjectDetection, image processor, pretrained tag) for a name, a folder or ``tiny``."""
-    from transformers import DetrForObjectDetection, DetrImageProcessor
+    from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor
 
     name = model or DetrBackbone.default_model
     if name == "tiny":
@@ -87,10 +87,13 @@ def load_detr(model: str | None, *, seed: int = 0):
         detr_init(net)
         return net.eval(), tiny_processor(), "none"
     is_dir = os.path.isdir(name)
-    if os.path.sep in name and not is_dir:
+    if not is_dir and (name.startswith((".", os.path.sep, "~")) or name.count("/") > 1):  # a path, not org/name
         raise BackboneError(f"DETR folder {name} does not exist")
     try:
-        net = DetrForObjectDetection.from_pretrained(name, local_files_only=is_dir)
+        # every weight, the backbone's included, is in the checkpoint: no separate timm download
+        config = DetrConfig.from_pretrained(name, local_files_only=is_dir)
+        config.use_pretrained_backbone = False
+        net = DetrForObjectDetection.from_pretrained(name, config=config, local_files_only=is_dir)
         processor = DetrImageProcessor.from_pretrained(name, local_files_only=is_dir)
     except Exception as exc:  # network, missing files, timm backbone not installed ...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
