@@ -258,6 +258,14 @@ def test_per_gender_ap_equals_pycocotools(tmp_path):
             assert ours[f"ap_{name}"] == pytest.approx(ev.stats[0], abs=1e-12)
             assert ours[f"ar_{name}"] == pytest.approx(ev.stats[8], abs=1e-12)
     assert 0 < ours["ap_male"] <= 1 and 0 < ours["ap_female"] <= 1
+    person = group_ap_ar(gt, dets, gender, {0: "male", 1: "female"}, cat_ids=[1])
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev = COCOeval(coco, res, "bbox")
+        ev.params.imgIds, ev.params.catIds = [2, 4], [1]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert person["ap_female"] == pytest.approx(ev.stats[0], abs=1e-12) and person["ap_female"] != ours["ap_female"]
 
 
 # -- the FAAP head ---------------------------------------------------------------------------------

@@ -247,7 +247,9 @@ class FaapTask(Task):
         gt = coco_ground_truth(sizes, [b[c >= 0] for b, c in zip(bx, cls)], [c[c >= 0] for c in cls])
         dets = detr_detections(out["logits"], out["boxes"], sizes)
         gender = d.tensors["gender"].cpu().numpy()
-        r = group_ap_ar(gt, dets, gender, {0: "male", 1: "female"})
+        cats = str(self.cfg["fairness"]["categories"]).strip()
+        cat_ids = None if cats == "all" else [int(c) for c in cats.split(",")]
+        r = group_ap_ar(gt, dets, gender, {0: "male", 1: "female"}, cat_ids)
         s = out["scores"]
         male, female = s[gender == 0], s[gender == 1]
         r.update(score=float(s.mean()), score_male=_np_mean(male), score_female=_np_mean(female),

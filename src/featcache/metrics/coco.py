@@ -51,8 +51,8 @@ def detr_detections(logits: np.ndarray, boxes: np.ndarray, sizes, image_ids=None
     return out
 
 
-def coco_ap_ar(gt: dict, detections: list[dict], image_ids=None) -> dict:
-    """AP@[.5:.95] and AR@100 (pycocotools COCOeval, bbox) over ``image_ids`` (default: all).
+def coco_ap_ar(gt: dict, detections: list[dict], image_ids=None, cat_ids=None) -> dict:
+    """AP@[.5:.95] and AR@100 (pycocotools COCOeval, bbox) over ``image_ids`` and ``cat_ids`` (default: all).
 
     NaN where no ground truth box is in the selected images (pycocotools' -1).
     """
@@ -64,12 +64,15 @@ def coco_ap_ar(gt: dict, detections: list[dict], image_ids=None) -> dict:
         coco_gt.dataset = gt
         coco_gt.createIndex()
         ids = [im["id"] for im in gt["images"]] if image_ids is None else [int(i) for i in image_ids]
-        dets = [d for d in detections if d["image_id"] in set(ids)]
+        wanted = set(ids)
+        dets = [dict(d) for d in detections if d["image_id"] in wanted]  # loadRes writes into the records
         if not dets or not any(a["image_id"] in set(ids) for a in gt["annotations"]):
             return {"ap": float("nan"), "ar": float("nan")}
         coco_dt = coco_gt.loadRes(dets)
         ev = COCOeval(coco_gt, coco_dt, "bbox")
         ev.params.imgIds = ids
+        if cat_ids is not None:
+            ev.params.catIds = [int(c) for c in cat_ids]
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -77,12 +80,13 @@ def coco_ap_ar(gt: dict, detections: list[dict], image_ids=None) -> dict:
     return {"ap": ap if ap >= 0 else float("nan"), "ar": ar if ar >= 0 else float("nan")}
 
 
-def group_ap_ar(gt: dict, detections: list[dict], groups, names: dict) -> dict:
-    """``{"ap": ..., "ar": ..., "ap_<name>": ..., "ar_<name>": ...}`` overall and for each group code."""
+def group_ap_ar(gt: dict, detections: list[dict], groups, names: dict, cat_ids=None) -> dict:
+    """``{"ap": ..., "ar": ..., "ap_<name>": ..., "ar_<name>": ...}`` overall and for each group code,
+    over the categories ``cat_ids`` (default: all in the ground truth)."""
     ids = np.array([im["id"] for im in gt["images"]])
     groups = np.asarray(groups)
-    out = coco_ap_ar(gt, detections)
+    out = coco_ap_ar(gt, detections, cat_ids=cat_ids)
     for code, name in names.items():
-        r = coco_ap_ar(gt, detections, ids[groups == code].tolist())
+        r = coco_ap_ar(gt, detections, ids[groups == code].tolist(), cat_ids)
         out[f"ap_{name}"], out[f"ar_{name}"] = r["ap"], r["ar"]
     return out
