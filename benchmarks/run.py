@@ -28,6 +28,7 @@ MODULES = {
     "faiss": "bench_faiss",  # FAISS kNN vs exact and vs scikit-learn
     "xlsr": "bench_xlsr",  # xlsr: frame extraction vs bare forward
     "mnv4": "bench_mnv4",  # the MobileNetV4 filter's training throughput
+    "faap": "bench_faap",  # detr: one FAAP epoch from the query cache vs rerunning DETR
 }
 
 

@@ -164,7 +164,7 @@ def manifest(fmt, root, out, annotations, val_fraction, test_fraction, seed, no_
 
 # -- extract -------------------------------------------------------------------------------
 @cli.command(context_settings=CONTEXT)
-@click.option("--backbone", required=True, help="Registry name: clip, xlsr.")
+@click.option("--backbone", required=True, help="Registry name: clip, xlsr, detr.")
 @click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache folder (created or resumed).")
 @click.option("--model", default=None, help="Model name (clip: ViT-L-14 by default; xlsr: facebook/wav2vec2-xls-r-300m "
@@ -274,7 +274,7 @@ def train_head_cmd(state, task, cache_path, out, preset, config_file, sets, stag
 
 def _short(metrics: dict) -> str:
     keys = ["auc", "acc", "eer", "f_fpr", "f_meo", "cos", "race_acc", "gender_acc", "loc_auroc", "loc_ap",
-            "pointing_game", "relevance_mass"]
+            "pointing_game", "relevance_mass", "base_score_gap", "score_gap", "base_ap", "ap", "base_ap_gap", "ap_gap"]
     return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if k in metrics and metrics[k] is not None)
 
 
@@ -654,6 +654,58 @@ def cache_export_cmd(state, path, h5_out):
 
     out = export_h5(path, h5_out, progress=not state.quiet)
     click.echo(f"wrote {out}")
+
+
+# -- detection fairness (DETR, FAAP) ---------------------------------------------------------
+@synth.command("detection", context_settings=CONTEXT)
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--n", default=600, show_default=True, help="Number of images (half women, half men).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--gap", default=0.5, show_default=True,
+              help="0 = women's figures as easy to detect as men's; 1 = much fainter and smaller.")
+@click.option("--size", default=64, show_default=True, help="Image side in pixels.")
+@quiet_option
+@click.pass_obj
+def synth_detection_cmd(state, out, n, seed, gap, size):
+    """Drawn people with a gender, and other objects: COCO JSON in the FAAP layout, and OUT/manifest.csv.
+
+    Example: featcache synth detection data/det --n 600 --gap 0.5
+    """
+    from .data.synth_detection import synth_detection
+
+    click.echo(json.dumps(synth_detection(out, n=n, seed=seed, gap=gap, size=size, progress=not state.quiet),
+                          indent=2))
+
+
+@cli.command("finetune-detr", context_settings=CONTEXT)
+@click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the fine-tuned model.")
+@click.option("--model", default="tiny", show_default=True, help="Starting point: tiny (random, offline), a name or a folder.")
+@click.option("--epochs", default=30, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--split", default="train", show_default=True, help="The only split it trains on.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when present].")
+@quiet_option
+@click.pass_obj
+def finetune_detr_cmd(state, manifest_path, out, model, epochs, batch_size, lr, split, seed, device):
+    """Fit a DETR (the offline tiny one by default) to a detection manifest's train split.
+
+    A randomly initialised DETR detects nothing; this gives the offline pipeline a detector to
+    be fair or unfair. Extract from the result with `featcache extract --backbone detr --model OUT`.
+
+    \b
+    Example:
+      featcache synth detection data/det
+      featcache finetune-detr --manifest data/det/manifest.csv --out models/detr-tiny-det
+    """
+    from .extract.detr import finetune_detr
+
+    r = finetune_detr(manifest_path, out, model=model, epochs=epochs, batch_size=batch_size, lr=lr, split=split,
+                      seed=seed, device=device, progress=not state.quiet)
+    click.echo(f"{r['out']}: {r['images']} images, {r['epochs']} epochs, final loss {r['final_loss']:.3f}, "
+               f"{r['seconds']:.0f} s")
 
 
 def main(argv=None) -> None:

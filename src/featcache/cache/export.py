@@ -17,7 +17,7 @@ from .store import KIND_ARRAYS, part_bounds
 def export_h5(cache_path, out, *, progress: bool = False) -> Path:
     """Write every array (concatenated over parts), ``ok`` and ``meta/<column>`` to ``out``.
 
-    Frame caches keep their layout: ``frames`` flat with global ``offsets`` (n + 1).
+    Frame and query caches keep their layout: flat arrays (``frames``, ``gt_boxes``) with global ``offsets`` (n + 1).
     The cache's attributes are stored as JSON in the file attribute ``featcache``.
     """
     from tqdm.auto import tqdm
@@ -31,7 +31,7 @@ def export_h5(cache_path, out, *, progress: bool = False) -> Path:
     kinds = {**KIND_ARRAYS[cache.kind], "ok": "row"}
     first = cache.read_part(0)
     flat_total = 0
-    if cache.kind == "frames":
+    if "offsets" in kinds:
         flat_total = sum(int(cache.read_part(i, ["offsets"])["offsets"][-1]) for i in range(cache.n_parts))
     with h5py.File(tmp, "w") as h5:
         h5.attrs["featcache"] = json.dumps(cache.attrs)

@@ -175,6 +175,17 @@ class FeatureCache:
             list(pool.map(read, range(self.n_parts)))
         return out
 
+    def load_ragged(self, name: str) -> list[np.ndarray]:
+        """A flat array (``frames``, ``gt_boxes``, ...) cut per row by its part's ``offsets``."""
+        if {**KIND_ARRAYS[self.kind]}.get(name) != "flat":
+            raise CacheError(f"{name!r} is not a flat (per-offset) array of a {self.kind} cache")
+        out: list[np.ndarray] = []
+        for i in range(self.n_parts):
+            data = self.read_part(i, ["offsets", name])
+            off = data["offsets"]
+            out.extend(data[name][off[j]:off[j + 1]] for j in range(len(off) - 1))
+        return out
+
     def _split_mask(self, meta: pd.DataFrame, split) -> np.ndarray:
         """Rows in the split(s) (all rows for None); an error when there are none."""
         mask = np.ones(self.rows, dtype=bool)

@@ -46,7 +46,8 @@ CHUNK_BYTES = 16 * 2**20
 KIND_ARRAYS: dict[str, dict[str, str]] = {
     "pooled": {"features": "row"},
     "frames": {"frames": "flat", "offsets": "offsets", "frame_labels": "flat"},
-    "queries": {"hidden": "row", "logits": "row", "boxes": "row"},
+    "queries": {"hidden": "row", "logits": "row", "boxes": "row", "image_size": "row",
+                "offsets": "offsets", "gt_boxes": "flat", "gt_classes": "flat"},  # ground truth per image
 }
 #: The attributes that determine the arrays; the fingerprint is their sha256.
 FINGERPRINT_KEYS = ("format_version", "kind", "backbone", "preprocess", "manifest", "part_rows")
@@ -463,8 +464,9 @@ class CacheWriter:
                 fh.write(json.dumps(rec) + "\n")
         os.rename(tmp, final)
 
-    def finalize(self) -> None:
-        """Gather the parts' error records into errors.jsonl and mark the cache complete."""
+    def finalize(self, files: dict[str, bytes] | None = None) -> None:
+        """Gather the parts' error records into errors.jsonl, write ``files`` (e.g. the frozen heads
+        a later phase needs, ``heads.safetensors``) and mark the cache complete."""
         if self.member_of is not None:
             raise CacheError("only the process holding the lock (rank 0) finalizes a cache")
         missing = self.missing_parts()
@@ -478,5 +480,9 @@ class CacheWriter:
         tmp = self.path / (ERRORS_FILE + ".tmp")
         tmp.write_text("".join(lines))
         os.replace(tmp, self.path / ERRORS_FILE)
+        for name, data in (files or {}).items():
+            tmp = self.path / (name + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, self.path / name)
         root = zarr.open_group(LocalStore(self.path), mode="r+")
         root.attrs.update({"complete": True})

@@ -751,3 +751,122 @@ def utkface_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, 
     df = _frame(rows)
     df["split"] = assign_splits(df["identity"], val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     return df
+
+
+# --------------------------------------------------------------------------- COCO detection with gender
+
+#: Gender words of detection datasets (FAAP's folder names, COCO gender-annotation CSVs).
+DETECTION_GENDERS = {"male": "male", "female": "female", "man": "male", "woman": "female",
+                     "men": "male", "women": "female", "m": "male", "f": "female"}
+FAAP_GROUPS = {"women": "female", "men": "male"}
+
+
+def _read_coco(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"{path}: not a readable COCO JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise ManifestError(f"{path}: not a COCO annotation file (no 'images' list)")
+    for key in ("id", "file_name"):
+        if any(key not in im for im in data["images"]):
+            raise ManifestError(f"{path}: an entry of 'images' has no {key!r}")
+    return data
+
+
+def _detection_row(path: Path, root: Path, dataset: str, *, split: str, gender: str, image_id, ann: Path) -> dict:
+    row = _row(path, root, dataset, -1, identity="", split=split, gender=gender)
+    row.update(image_id=str(int(image_id)), annotations=str(ann))
+    return row
+
+
+@register_adapter("faap-coco")
+def faap_coco_adapter(root: Path, *, annotations=None, **_) -> pd.DataFrame:
+    """The FAAP reference layout of gender-labelled COCO person images::
+
+        ROOT/women_split/{train,val,test}/<file_name>   ROOT/women_split/gender_women_{split}.json
+        ROOT/men_split/{train,val,test}/<file_name>     ROOT/men_split/gender_men_{split}.json
+
+    (the JSON files may also sit in ROOT itself).  Each JSON is a COCO annotation file; its
+    images are ``<group>_split/<split>/<file_name>``.  gender: women -> female, men -> male.
+    ``image_id`` is the COCO id and ``annotations`` the JSON it belongs to (written relative to
+    the manifest's folder when under it).  Labels are empty: these are detection images.
+    """
+    dataset = "faap-coco"
+    rows, found = [], []
+    for group, gender in FAAP_GROUPS.items():
+        for split in SPLITS:
+            name = f"gender_{group}_{split}.json"
+            candidates = [root / f"{group}_split" / name, root / name]
+            ann = next((c for c in candidates if c.is_file()), None)
+            if ann is None:
+                continue
+            found.append(ann)
+            folder = root / f"{group}_split" / split
+            for im in _read_coco(ann)["images"]:
+                rows.append(_detection_row(folder / im["file_name"], root, dataset, split=split, gender=gender,
+                                           image_id=im["id"], ann=ann))
+    if not found:
+        raise ManifestError(f"{root}: no gender_{{women,men}}_{{train,val,test}}.json under women_split/ or men_split/ "
+                            "(the FAAP layout); for one COCO JSON and a gender CSV use the coco-gender format")
+    if not rows:
+        raise ManifestError(f"{root}: the FAAP annotation files list no images")
+    df = pd.DataFrame(rows, columns=[*ROW_COLUMNS, "image_id", "annotations"])
+    _check_unique_image_ids(df)
+    return df.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def _check_unique_image_ids(df: pd.DataFrame) -> None:
+    dup = df[df.duplicated(["annotations", "image_id"], keep=False)]
+    if len(dup):
+        raise ManifestError(f"image ids repeat within one annotation file: {_listing(sorted(set(dup['image_id'])))}")
+
+
+@register_adapter("coco-gender")
+def coco_gender_adapter(root: Path, *, annotations: Path | None = None, **_) -> pd.DataFrame:
+    """COCO in its own layout plus a CSV of image genders::
+
+        ROOT/annotations/instances_<name>.json   (or ROOT/*.json)   ROOT/<name>/<file_name>
+        annotations = a CSV with columns image_id, gender (male/female, man/woman, men/women)
+
+    ``<name>`` is e.g. ``train2017`` or ``val2017``; its split is the first of train, val, test
+    that it contains (COCO's val, the usual evaluation set, is therefore ``val``; rename the
+    JSON or edit the manifest to make it ``test``).  Only images listed in the CSV are kept;
+    a CSV id found in no JSON is an error.
+    """
+    dataset = "coco-gender"
+    if annotations is None or not annotations.is_file():
+        raise ManifestError("coco-gender needs --annotations GENDERS.csv (columns image_id, gender)")
+    table = _read_csv(annotations)
+    missing = [c for c in ("image_id", "gender") if c not in table.columns]
+    if missing:
+        raise ManifestError(f"{annotations}: missing column(s) {', '.join(missing)}; found {', '.join(table.columns)}")
+    genders = {}
+    for image_id, g in zip(table["image_id"], table["gender"]):
+        try:
+            key = int(image_id)
+        except ValueError:
+            raise ManifestError(f"{annotations}: image_id {image_id!r} is not an integer") from None
+        genders[key] = map_gender(g.strip().lower(), DETECTION_GENDERS, source=str(annotations)) if g.strip() else ""
+    jsons = sorted((root / "annotations").glob("*.json")) or sorted(root.glob("*.json"))
+    if not jsons:
+        raise ManifestError(f"{root}: no COCO JSON in annotations/ or in ROOT")
+    rows, seen = [], set()
+    for ann in jsons:
+        name = ann.stem.split("_", 1)[-1] if ann.stem.startswith("instances_") else ann.stem
+        split = next((s for s in SPLITS if s in name.lower()), None)
+        if split is None:
+            raise ManifestError(f"{ann}: its name contains none of {', '.join(SPLITS)}, so its split is unknown")
+        folder = root / name if (root / name).is_dir() else root
+        for im in _read_coco(ann)["images"]:
+            if int(im["id"]) in genders:
+                seen.add(int(im["id"]))
+                rows.append(_detection_row(folder / im["file_name"], root, dataset, split=split,
+                                           gender=genders[int(im["id"])], image_id=im["id"], ann=ann))
+    unknown = sorted(set(genders) - seen)
+    if unknown:
+        raise ManifestError(f"{annotations}: {len(unknown)} image id(s) are in no COCO JSON under {root}: "
+                            f"{_listing([str(u) for u in unknown])}")
+    df = pd.DataFrame(rows, columns=[*ROW_COLUMNS, "image_id", "annotations"])
+    _check_unique_image_ids(df)
+    return df.sort_values("path", kind="stable").reset_index(drop=True)

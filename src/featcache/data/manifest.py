@@ -241,13 +241,15 @@ def write_manifest(rows: pd.DataFrame, out: str | os.PathLike, *, source: str | 
                    check_files: bool = True) -> Manifest:
     """Validate rows and write the canonical CSV to ``out``; nothing is written on error.
 
-    Paths under the manifest's folder are written relative to it, others absolute.
+    Paths (``path``, ``annotations``) under the manifest's folder are written relative to it,
+    others absolute.
     """
     out = Path(out)
     root = out.parent.resolve()
     rows = rows.copy()
-    if "path" in rows.columns:
-        rows["path"] = [_relative_if_under(str(p), root) for p in rows["path"]]
+    for col in ("path", "annotations"):  # portable: files under the manifest's folder are written relative
+        if col in rows.columns:
+            rows[col] = [_relative_if_under(str(p), root) for p in rows[col]]
     df = normalize_manifest(rows, root, source=source or str(out), check_files=check_files)
     data = _canonical_csv_bytes(df)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,8 @@ import torch
 from ..errors import BackboneError
 from ..registry import Registry
 
-BACKBONES = Registry("backbone", ("featcache.extract.clip", "featcache.extract.xlsr"), error=BackboneError)
+BACKBONES = Registry("backbone", ("featcache.extract.clip", "featcache.extract.xlsr", "featcache.extract.detr"),
+                     error=BackboneError)
 
 
 class Backbone(ABC):
@@ -98,6 +99,10 @@ class Backbone(ABC):
                     arr[i] = s[name]
             out[name] = arr
         return out
+
+    def cache_files(self) -> dict[str, bytes]:
+        """Files written into the cache when it is complete (DETR: ``heads.safetensors``)."""
+        return {}
 
     def to(self, device: torch.device) -> Backbone:
         self.module.to(device)

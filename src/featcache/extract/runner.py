@@ -243,7 +243,7 @@ def _extract(ctx, backbone, manifest, out, *, model, pretrained, layer, batch_si
         final_error = None
         if ctx.is_main:
             try:
-                writer.finalize()
+                writer.finalize(bb.cache_files())
             except Exception as exc:
                 if not ctx.active:
                     raise

@@ -24,7 +24,8 @@ from ..errors import FeatcacheError
 from ..registry import Registry
 
 #: Importing a task's module registers it.
-TASKS = Registry("task", ("featcache.heads.stage1", "featcache.heads.stage2", "featcache.heads.xai"))
+TASKS = Registry("task", ("featcache.heads.stage1", "featcache.heads.stage2", "featcache.heads.xai",
+                         "featcache.heads.faap"))
 register_task = TASKS.register
 get_task = TASKS.get
 list_tasks = TASKS.names
@@ -126,6 +127,10 @@ class Task(ABC):
         return None
 
     def finish(self, run_dir: Path) -> dict:
+        return {}
+
+    def report(self, run_dir: Path, tag: str, metrics: dict) -> dict:
+        """Task-specific files for ``featcache evaluate`` (FAAP: its per-gender table); none by default."""
         return {}
 
 

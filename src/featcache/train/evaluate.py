@@ -52,6 +52,7 @@ def evaluate_run(run_dir, cache=None, *, split: str = "test", name: str | None =
         metrics = {**metrics, "n": int(len(preds))}
     write_predictions(run_dir, tag, metrics, preds)
     task.write_plots(run_dir, tag, split)
+    task.report(run_dir, tag, metrics)
     if task.detects:
         table = subgroup_table(preds["label"].to_numpy(), preds["prob"].to_numpy(), preds["subgroup"].to_numpy())
         table.to_csv(run_dir / f"subgroups_{tag}.csv", index=False)

@@ -117,6 +117,7 @@ def train_head(
     params = task.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=float(tcfg["lr"]), weight_decay=float(tcfg["weight_decay"]))
     epochs, bs = int(tcfg["epochs"]), int(tcfg["batch_size"])
+    grad_clip = float(tcfg.get("grad_clip") or 0.0)  # max gradient norm; 0 or absent: no clipping
     if epochs < 1 or bs < 1:
         raise FeatcacheError("training.epochs and training.batch_size must be at least 1")
     train = task.data["train"]
@@ -145,6 +146,8 @@ def train_head(
             loss, terms = task.batch_loss(batch, state)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
             k = len(idx)
             seen += k

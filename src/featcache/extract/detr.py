@@ -1,0 +1,368 @@
+"""DETR, frozen: decoder queries, their class logits and boxes, and the ground truth (``kind = queries``).
+
+``--model`` is a Hugging Face name (default ``facebook/detr-resnet-50``, downloaded where there
+is network), a local folder holding ``config.json`` and weights (e.g. one written by
+:func:`finetune_detr`), or the offline preset ``tiny``: a small DETR (d_model 64, one encoder
+and two decoder layers, 20 queries, COCO's 91 label ids) on a small ResNet built from its
+config (``use_pretrained_backbone=False``), randomly initialised with ``--seed`` the way the original
+DETR initialises (:func:`detr_init`); nothing is downloaded.
+
+Per image the cache holds (DESIGN.md, cache kind ``queries``)::
+
+    hidden (n, Q, d) float16        the decoder's last hidden state
+    logits (n, Q, C+1) float32      the frozen class head on the stored (fp16) hidden state
+    boxes (n, Q, 4) float32         the frozen box head (sigmoid; cx, cy, w, h relative to the image)
+    image_size (n, 2) int64         original height, width
+    offsets (n+1,) int64, gt_boxes (G, 4) float32, gt_classes (G,) int64
+                                     ground truth per image (relative cx, cy, w, h; COCO category ids)
+
+and ``heads.safetensors`` the frozen ``class_labels_classifier`` and ``bbox_predictor``.
+``logits`` and ``boxes`` are computed by :func:`score_queries` from the hidden state *as
+stored* (rounded to fp16), in float64, then rounded to float32: re-scoring the cached hidden
+states with the saved heads reproduces them exactly, whatever the batch, which a head that
+perturbs the hidden state relies on for its unperturbed baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import BackboneError, FeatcacheError
+from .registry import Backbone, register_backbone
+
+PRESETS = ("tiny",)
+TINY_SIZE = 128
+HEAD_PREFIXES = ("class_labels_classifier.", "bbox_predictor.")
+
+
+def tiny_config():
+    """The offline preset's configuration (no download, no timm)."""
+    from transformers import DetrConfig, ResNetConfig
+
+    backbone = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1],
+                            layer_type="basic", out_features=["stage3"])
+    return DetrConfig(use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, backbone=None,
+                      d_model=64, encoder_layers=1, decoder_layers=2, encoder_attention_heads=4,
+                      decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, num_queries=20,
+                      num_labels=91, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+
+
+def detr_init(net) -> None:
+    """The original DETR's initialisation of a random model (from the global torch seed).
+
+    transformers initialises every Linear and Embedding with N(0, 0.02), which suits loading
+    weights but not training from scratch: the object queries come out nearly identical, the
+    attention nearly uniform, and the 20 queries predict the same box for hundreds of steps
+    (measured: box spread across queries 1e-8 at the start, 1e-5 after 135 steps). DETR's own
+    recipe (nn.Embedding's N(0, 1) query embeddings, Xavier-uniform transformer and head
+    weights) lets a small DETR fit the synthetic set within minutes on a CPU.
+    """
+    torch.nn.init.normal_(net.model.query_position_embeddings.weight)
+    for name, m in net.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.startswith(("model.encoder", "model.decoder",
+                                                                "class_labels_classifier", "bbox_predictor")):
+            torch.nn.init.xavier_uniform_(m.weight)
+
+
+def tiny_processor():
+    from transformers import DetrImageProcessor
+
+    return DetrImageProcessor(size={"height": TINY_SIZE, "width": TINY_SIZE}, do_pad=True)
+
+
+def load_detr(model: str | None, *, seed: int = 0):
+    """(DetrForObjectDetection, image processor, pretrained tag) for a name, a folder or ``tiny``."""
+    from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor
+
+    name = model or DetrBackbone.default_model
+    if name == "tiny":
+        torch.manual_seed(seed)
+        net = DetrForObjectDetection(tiny_config())
+        detr_init(net)
+        return net.eval(), tiny_processor(), "none"
+    is_dir = os.path.isdir(name)
+    if not is_dir and (name.startswith((".", os.path.sep, "~")) or name.count("/") > 1):  # a path, not org/name
+        raise BackboneError(f"DETR folder {name} does not exist")
+    try:
+        # every weight, the backbone's included, is in the checkpoint: no separate timm download
+        config = DetrConfig.from_pretrained(name, local_files_only=is_dir)
+        config.use_pretrained_backbone = False
+        net = DetrForObjectDetection.from_pretrained(name, config=config, local_files_only=is_dir)
+        processor = DetrImageProcessor.from_pretrained(name, local_files_only=is_dir)
+    except Exception as exc:  # network, missing files, timm backbone not installed ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise BackboneError(
+            f"cannot load DETR {name!r} ({first}); without network, download it elsewhere and pass the local "
+            "folder with --model PATH, or use --model tiny (random weights, offline)"
+        ) from exc
+    return net.eval(), processor, "local" if is_dir else "hf"
+
+
+@torch.no_grad()
+def score_queries(hidden, class_head: torch.nn.Module, box_head: torch.nn.Module):
+    """Logits and boxes (float32 numpy) of hidden states (..., d), in float64 then rounded.
+
+    Float64 makes the result independent of how the matrix products are blocked, so the
+    same stored hidden states give bit-identical outputs in any batch shape.
+    """
+    h = torch.as_tensor(np.asarray(hidden, dtype=np.float64))
+    cls = _double(class_head)
+    box = _double(box_head)
+    logits = cls(h).to(torch.float32).numpy()
+    boxes = box(h).sigmoid().to(torch.float32).numpy()
+    return logits, boxes
+
+
+def _double(module: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(module).to("cpu", torch.float64).eval()
+
+
+def heads_state(net) -> dict[str, torch.Tensor]:
+    """The frozen class and box heads' weights, named as in DetrForObjectDetection."""
+    return {k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items() if k.startswith(HEAD_PREFIXES)}
+
+
+def build_heads(state: dict[str, torch.Tensor]):
+    """(class head, box head) modules from ``heads.safetensors``' tensors, in eval mode, frozen."""
+    from transformers.models.detr.modeling_detr import DetrMLPPredictionHead
+
+    w = state["class_labels_classifier.weight"]
+    cls = torch.nn.Linear(w.shape[1], w.shape[0])
+    n_layers = len({k.split(".")[2] for k in state if k.startswith("bbox_predictor.layers.")})
+    d = state["bbox_predictor.layers.0.weight"].shape[1]
+    hid = state["bbox_predictor.layers.0.weight"].shape[0]
+    box = DetrMLPPredictionHead(input_dim=d, hidden_dim=hid, output_dim=4, num_layers=n_layers)
+    cls.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("class_labels_classifier.")})
+    box.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("bbox_predictor.")})
+    for m in (cls, box):
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
+    return cls, box
+
+
+# -- ground truth ------------------------------------------------------------------------------
+class CocoIndex:
+    """Annotations of COCO JSON files by image id, read once per file."""
+
+    def __init__(self):
+        self.files: dict[str, dict[int, list[dict]]] = {}
+
+    def annotations(self, ann_file: str, image_id: int) -> list[dict]:
+        if ann_file not in self.files:
+            data = json.loads(Path(ann_file).read_text())
+            by_image: dict[int, list[dict]] = {}
+            for a in data.get("annotations", []):
+                by_image.setdefault(int(a["image_id"]), []).append(a)
+            self.files[ann_file] = by_image
+        return self.files[ann_file].get(int(image_id), [])
+
+
+def ground_truth(anns: list[dict], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """COCO boxes (x, y, w, h in pixels; crowds left out) as relative (cx, cy, w, h), and their classes."""
+    rows = [a for a in anns if not a.get("iscrowd", 0)]
+    boxes = np.array([a["bbox"] for a in rows], dtype=np.float64).reshape(-1, 4)
+    rel = np.stack([(boxes[:, 0] + boxes[:, 2] / 2) / width, (boxes[:, 1] + boxes[:, 3] / 2) / height,
+                    boxes[:, 2] / width, boxes[:, 3] / height], axis=1) if len(rows) else np.zeros((0, 4))
+    return rel.astype(np.float32), np.array([int(a["category_id"]) for a in rows], dtype=np.int64)
+
+
+def _manifest_root(abs_path: str, rel_path: str) -> Path:
+    if os.path.isabs(rel_path):
+        return Path(abs_path).parent
+    return Path(abs_path[: len(abs_path) - len(rel_path)])
+
+
+class DetectionImages(torch.utils.data.Dataset):
+    """Decoded RGB images with their COCO ground truth; failures reported, never raised."""
+
+    def __init__(self, paths: list[str], meta):
+        self.paths = list(paths)
+        if meta is None or "image_id" not in meta or "annotations" not in meta:
+            raise FeatcacheError("detr extraction needs a detection manifest with image_id and annotations columns "
+                                 "(featcache manifest faap-coco|coco-gender, or featcache synth detection)")
+        self.ann = []
+        for p, rel, a in zip(self.paths, meta["path"], meta["annotations"]):
+            a = str(a)
+            self.ann.append("" if not a else a if os.path.isabs(a) else str(_manifest_root(p, str(rel)) / a))
+        self.image_ids = [str(v) for v in meta["image_id"]]
+        self.index = CocoIndex()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, row: int):
+        try:
+            with Image.open(self.paths[row]) as img:
+                img.load()
+                arr = np.array(img.convert("RGB"))
+            h, w = arr.shape[:2]
+            if not self.ann[row] or not self.image_ids[row]:
+                raise FeatcacheError("no annotations file or image_id in the manifest")
+            boxes, classes = ground_truth(self.index.annotations(self.ann[row], int(self.image_ids[row])), h, w)
+            return row, (arr, np.array([h, w], dtype=np.int64), boxes, classes), ""
+        except Exception as exc:  # any failure is data, not a crash
+            empty = (np.zeros((32, 32, 3), np.uint8), np.zeros(2, np.int64), np.zeros((0, 4), np.float32),
+                     np.zeros(0, np.int64))
+            return row, empty, f"{type(exc).__name__}: {exc}"
+
+
+@register_backbone("detr")
+class DetrBackbone(Backbone):
+    kind = "queries"
+    default_model = "facebook/detr-resnet-50"
+    default_pretrained = "hf"
+    presets = PRESETS
+    store_dtypes = {"hidden": "float16", "logits": "float32", "boxes": "float32", "image_size": "int64"}
+
+    def __init__(self, model: str | None = None, pretrained: str | None = None, layer: str | None = None,
+                 seed: int = 0):
+        if layer not in (None, "final"):
+            raise BackboneError(f"detr caches the decoder's last hidden state (--layer final); --layer {layer!r} "
+                                "is not supported by this version")
+        if pretrained not in (None, "hf", "none", "local"):
+            raise BackboneError("detr takes its weights from --model (a Hugging Face name or a local folder); "
+                                f"--pretrained {pretrained!r} is not used")
+        self.net, self.processor, self.pretrained = load_detr(model, seed=seed)
+        self.model_name = str(Path(model).resolve()) if model and os.path.isdir(model) else (model or self.default_model)
+        self.module = self.net
+        self.class_head, self.box_head = build_heads(heads_state(self.net))
+
+    def preprocess_spec(self) -> dict:
+        p = self.processor
+        return {"size": dict(p.size), "mean": list(p.image_mean), "std": list(p.image_std),
+                "pad": bool(getattr(p, "do_pad", True)), "processor": type(p).__name__}
+
+    def dataset(self, paths, meta=None):
+        return DetectionImages(paths, meta)
+
+    def collate(self, batch):
+        rows = np.array([b[0] for b in batch], dtype=np.int64)
+        errors = [b[2] for b in batch]
+        enc = self.processor(images=[b[1][0] for b in batch], return_tensors="pt")
+        extra = [b[1][1:] for b in batch]
+        return rows, (enc["pixel_values"], enc.get("pixel_mask"), extra), errors
+
+    @torch.inference_mode()
+    def forward(self, inputs, device: torch.device):
+        pixels, mask, extra = inputs
+        out = self.net(pixel_values=pixels.to(device), pixel_mask=None if mask is None else mask.to(device))
+        hidden16 = out.last_hidden_state.float().cpu().numpy().astype(np.float16)
+        logits, boxes = score_queries(hidden16, self.class_head, self.box_head)
+        return {"hidden": hidden16, "logits": logits, "boxes": boxes,
+                "image_size": np.stack([e[0] for e in extra]),
+                "gt_boxes": [e[1] for e in extra], "gt_classes": [e[2] for e in extra]}
+
+    def pack(self, samples, ok):
+        gt = {k: [s.pop(k) if ok[i] else None for i, s in enumerate(samples)] for k in ("gt_boxes", "gt_classes")}
+        out = super().pack(samples, ok)
+        counts = [0 if b is None else len(b) for b in gt["gt_boxes"]]
+        out["offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        out["gt_boxes"] = np.concatenate([b for b in gt["gt_boxes"] if b is not None] + [np.zeros((0, 4))]).astype(np.float32)
+        out["gt_classes"] = np.concatenate([c for c in gt["gt_classes"] if c is not None] + [np.zeros(0)]).astype(np.int64)
+        return out
+
+    def cache_files(self) -> dict[str, bytes]:
+        from safetensors.torch import save
+
+        return {"heads.safetensors": save(heads_state(self.net), metadata={"config": json.dumps(self.head_config())})}
+
+    def head_config(self) -> dict:
+        cfg = self.net.config
+        return {"d_model": int(cfg.d_model), "num_queries": int(cfg.num_queries), "num_labels": int(cfg.num_labels)}
+
+
+def load_heads(cache_path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The frozen class and box heads saved with a ``queries`` cache."""
+    from safetensors.torch import load_file
+
+    f = Path(cache_path) / "heads.safetensors"
+    if not f.is_file():
+        raise FeatcacheError(f"{cache_path} has no heads.safetensors; re-extract it with --backbone detr")
+    return build_heads(load_file(str(f)))
+
+
+
+# -- a short fine-tune, so that an offline DETR detects something ---------------------------------
+def finetune_detr(manifest, out, *, model: str = "tiny", epochs: int = 30, batch_size: int = 16, lr: float = 1e-3,
+                  seed: int = 0, split: str = "train", device: str | None = None, progress: bool = True) -> dict:
+    """Train a DETR (by default the random ``tiny`` preset) on one split of a detection manifest.
+
+    A randomly initialised DETR detects nothing (AP 0), so a fairness perturbation of its
+    outputs would show nothing; this fits it to the synthetic train split, with DETR's own
+    set loss (transformers: Hungarian matching, class, L1 and GIoU terms), seeded, on the CPU.
+    Writes a Hugging Face folder (``config.json``, weights, processor) that ``--model OUT``
+    extracts from, and ``finetune_log.jsonl`` (loss per epoch). Only ``split`` is used, so the
+    val and test images stay unseen.
+    """
+    import time
+
+    from tqdm.auto import tqdm
+
+    from ..data.manifest import read_manifest
+    from .runner import resolve_device
+
+    dev = resolve_device(device)
+    man = read_manifest(manifest)
+    df = man.df[man.df["split"] == split].reset_index(drop=True)
+    if len(df) < 2:
+        raise FeatcacheError(f"{manifest}: split {split!r} has {len(df)} image(s); fine-tuning needs at least 2")
+    paths = [p if os.path.isabs(p) else str(man.root / p) for p in df["path"]]
+    data = DetectionImages(paths, df)
+    items = [data[i] for i in range(len(data))]
+    bad = [df["sample_id"][i] for i, it in enumerate(items) if it[2]]
+    if bad:
+        raise FeatcacheError(f"cannot read {len(bad)} training image(s), e.g. {bad[0]}: {items[0][2] or 'see the manifest'}")
+    net, processor, _ = load_detr(model, seed=seed)
+    enc = processor(images=[it[1][0] for it in items], return_tensors="pt")
+    pixels, mask = enc["pixel_values"].to(dev), None if enc.get("pixel_mask") is None else enc["pixel_mask"].to(dev)
+    labels = [{"class_labels": torch.as_tensor(it[1][3], device=dev), "boxes": torch.as_tensor(it[1][2], device=dev)}
+              for it in items]
+    net.to(dev)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    for p in net.parameters():  # transformers freezes the ResNet stem; from random weights it must learn too
+        p.requires_grad_(True)
+    aux = net.config.auxiliary_loss
+    net.config.auxiliary_loss = True  # DETR's deep supervision: every decoder layer's outputs are matched
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log, t0 = [], time.perf_counter()
+    log_file = out / "finetune_log.jsonl"
+    log_file.write_text("")
+    net.train()
+    bar = tqdm(range(1, epochs + 1), desc="finetune detr", unit="epoch", disable=not progress)
+    for epoch in bar:
+        order = torch.randperm(len(items), generator=gen).to(dev)
+        total, seen = {}, 0
+        for s in range(0, len(items), batch_size):
+            idx = order[s:s + batch_size]
+            res = net(pixel_values=pixels[idx], pixel_mask=None if mask is None else mask[idx],
+                      labels=[labels[i] for i in idx.tolist()])
+            opt.zero_grad(set_to_none=True)
+            res.loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 0.1)
+            opt.step()
+            seen += len(idx)
+            for k, v in {"loss": res.loss, **{k: v for k, v in res.loss_dict.items() if k[-1].isalpha()}}.items():
+                total[k] = total.get(k, 0.0) + float(v.detach()) * len(idx)
+        row = {"epoch": epoch, **{k: v / seen for k, v in total.items()}, "seconds": time.perf_counter() - t0}
+        log.append(row)
+        with open(log_file, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{row['loss']:.3f}")
+    net.eval().cpu()
+    net.config.auxiliary_loss = aux
+    net.save_pretrained(out)
+    processor.save_pretrained(out)
+    return {"out": str(out), "images": len(items), "epochs": epochs, "final_loss": log[-1]["loss"],
+            "seconds": time.perf_counter() - t0}

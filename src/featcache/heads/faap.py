@@ -1,0 +1,330 @@
+"""FAAP: a fairness-aware perturbation of a frozen DETR's decoder queries, trained from the cache.
+
+The deployed detector stays untouched. A generator G reads each cached query h (and its
+image's mean query) and produces a perturbation bounded per element by epsilon in units of that
+dimension's standard deviation over the train split:
+
+    delta = epsilon * std * tanh(G(h, mean_q h)),   h' = h + delta,   |delta_j| < epsilon * std_j
+
+and DETR's own frozen class and box heads (``heads.safetensors`` of the cache) score h'.
+Image score s = mean over the top-10 queries of the highest class probability. Losses:
+
+- adaptive score contrastive: rank the batch by s; top 40 % positives, bottom 40 % anchors
+  (at least 2 each); projection Linear(d, 512) + BN + ReLU + Linear(512, 128) of the mean-pooled
+  h', L2-normalised; InfoNCE (tau 0.1) pulling anchors towards positives, weight ramped in over
+  3 epochs; optional positive-to-positive term (``loss.bidirectional_weight``, 0.3);
+- one-way Wasserstein between the sorted scores of women and men, pulling women's up (lambda 0.2);
+- detection preservation: DETR's set criterion against the ground truth on h' (beta 0.5 -> 0.6).
+
+Epsilon schedule: 0.05 rising to 0.10 over 8 warm-up epochs, held 6, cooling to 0.09 over 16.
+The epsilon of the selected epoch is stored with the weights. Evaluation (COCO AP/AR per gender
+with pycocotools, unperturbed vs perturbed) is in :meth:`FaapTask.evaluate`; ``featcache
+evaluate`` also writes the FAAP table (markdown and JSON).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import FeatcacheError
+from ..losses.faap import (
+    DetectionCriterion,
+    image_scores,
+    one_way_wasserstein,
+    ranking_split,
+    score_contrastive,
+    wasserstein_1d,
+)
+from .task import SplitData, StepState, Task, meta_codes, register_task
+
+META = ["sample_id", "split", "gender", "image_id"]
+GENDER_CODES = ("male", "female")  # 0 male, 1 female
+
+
+class FaapModel(nn.Module):
+    """Generator, projection head, and DETR's frozen class and box heads."""
+
+    def __init__(self, dim: int, num_logits: int, box_hidden: int, box_layers: int, generator_hidden: int,
+                 proj_hidden: int = 512, proj_out: int = 128):
+        super().__init__()
+        from transformers.models.detr.modeling_detr import DetrMLPPredictionHead
+
+        self.generator = nn.Sequential(nn.Linear(2 * dim, generator_hidden), nn.GELU(),
+                                       nn.Linear(generator_hidden, dim))
+        nn.init.zeros_(self.generator[-1].weight)  # start from no perturbation
+        nn.init.zeros_(self.generator[-1].bias)
+        self.projection = nn.Sequential(nn.Linear(dim, proj_hidden), nn.BatchNorm1d(proj_hidden), nn.ReLU(),
+                                        nn.Linear(proj_hidden, proj_out))
+        self.class_head = nn.Linear(dim, num_logits)
+        self.box_head = DetrMLPPredictionHead(input_dim=dim, hidden_dim=box_hidden, output_dim=4, num_layers=box_layers)
+        for p in [*self.class_head.parameters(), *self.box_head.parameters()]:
+            p.requires_grad_(False)
+        self.register_buffer("scale", torch.ones(dim))
+        self.register_buffer("epsilon", torch.tensor(0.05))
+
+    def bound(self) -> torch.Tensor:
+        """The per-dimension bound epsilon * std."""
+        return self.epsilon * self.scale
+
+    def perturbation(self, h: torch.Tensor) -> torch.Tensor:
+        ctx = h.mean(1, keepdim=True).expand_as(h)
+        return self.bound() * torch.tanh(self.generator(torch.cat([h, ctx], -1)))
+
+    def score(self, h: torch.Tensor):
+        return self.class_head(h), self.box_head(h).sigmoid()
+
+    def forward(self, h: torch.Tensor):
+        delta = self.perturbation(h)
+        hp = h + delta
+        logits, boxes = self.score(hp)
+        return hp, delta, logits, boxes
+
+    def embed(self, hp: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projection(hp.mean(1)), dim=-1)
+
+
+def epsilon_at(epoch: int, c: dict) -> float:
+    """Warm-up from eps_start to eps_max over ``eps_warmup`` epochs, hold ``eps_hold``, cool to eps_end over ``eps_cool``."""
+    start, top, end = float(c["eps_start"]), float(c["eps_max"]), float(c["eps_end"])
+    warm, hold, cool = int(c["eps_warmup"]), int(c["eps_hold"]), int(c["eps_cool"])
+    if epoch <= warm:
+        return start + (top - start) * (epoch - 1) / max(warm - 1, 1)
+    if epoch <= warm + hold:
+        return top
+    return top + (end - top) * min(epoch - warm - hold, cool) / max(cool, 1)
+
+
+def load_queries(cache, split: str):
+    """Hidden states, ground truth (padded), image sizes and meta of one split of a queries cache."""
+    meta = cache.meta(META)
+    mask = meta["split"].isin([split]).to_numpy() & cache.load_rows("ok")
+    if not mask.any():
+        raise FeatcacheError(f"{cache.path} has no readable rows in split {split!r}")
+    index = np.flatnonzero(mask)
+    hidden = cache.load_rows("hidden", dtype=np.float32)[index]
+    sizes = cache.load_rows("image_size")[index]
+    boxes_all, classes_all = cache.load_ragged("gt_boxes"), cache.load_ragged("gt_classes")
+    boxes = [boxes_all[i] for i in index]
+    classes = [classes_all[i] for i in index]
+    g = max(1, max(len(c) for c in classes))
+    pad_boxes = np.zeros((len(index), g, 4), np.float32)
+    pad_classes = np.full((len(index), g), -1, np.int64)
+    for j, (b, c) in enumerate(zip(boxes, classes)):
+        pad_boxes[j, :len(c)], pad_classes[j, :len(c)] = b, c
+    return hidden, sizes, pad_boxes, pad_classes, meta.iloc[index].reset_index(drop=True)
+
+
+def targets_of(boxes: torch.Tensor, classes: torch.Tensor) -> list[dict]:
+    keep = classes >= 0
+    return [{"class_labels": classes[i][keep[i]], "boxes": boxes[i][keep[i]]} for i in range(len(classes))]
+
+
+@register_task("faap")
+class FaapTask(Task):
+    detects = False
+    cache_kind = "queries"
+
+    def __init__(self, cfg, device, run_dir=None):
+        super().__init__(cfg, device, run_dir)
+        self._heads: dict | None = None
+        self._baseline: dict[str, dict] = {}
+
+    def load(self, cache, splits=("train", "val", "test")) -> None:
+        from safetensors.torch import load_file
+
+        super().load(cache, splits)
+        f = Path(cache.path) / "heads.safetensors"
+        if not f.is_file():
+            raise FeatcacheError(f"{cache.path} has no heads.safetensors (DETR's frozen heads); "
+                                 "re-extract it with --backbone detr")
+        self._heads = load_file(str(f))
+
+    def split_data(self, cache, split: str) -> SplitData:
+        hidden, sizes, boxes, classes, meta = load_queries(cache, split)
+        return SplitData({
+            "hidden": torch.from_numpy(hidden), "gt_boxes": torch.from_numpy(boxes),
+            "gt_classes": torch.from_numpy(classes), "image_size": torch.from_numpy(sizes.astype(np.int64)),
+            "gender": torch.from_numpy(meta_codes(meta, "gender", GENDER_CODES)),
+        }, meta)
+
+    def make_spec(self) -> dict:
+        h = self._heads
+        if h is None:
+            raise FeatcacheError("faap: the cache's heads were not loaded")
+        return {
+            "dim": int(h["class_labels_classifier.weight"].shape[1]),
+            "num_logits": int(h["class_labels_classifier.weight"].shape[0]),
+            "box_hidden": int(h["bbox_predictor.layers.0.weight"].shape[0]),
+            "box_layers": len({k.split(".")[2] for k in h if k.startswith("bbox_predictor.layers.")}),
+            "generator_hidden": int(self.cfg["model"]["generator_hidden"]),
+            "proj_hidden": int(self.cfg["model"]["proj_hidden"]), "proj_out": int(self.cfg["model"]["proj_out"]),
+            "top_k": int(self.cfg["model"]["top_k"]),
+            "backbone": self.backbone,
+        }
+
+    def build(self, spec: dict) -> nn.Module:
+        m = FaapModel(spec["dim"], spec["num_logits"], spec["box_hidden"], spec["box_layers"],
+                      spec["generator_hidden"], spec["proj_hidden"], spec["proj_out"])
+        self.criterion = DetectionCriterion(spec["num_logits"] - 1).to(self.device)
+        if self._heads is not None:  # training: DETR's heads and the train split's per-dimension std
+            m.class_head.load_state_dict({k.split(".", 1)[1]: v for k, v in self._heads.items()
+                                          if k.startswith("class_labels_classifier.")})
+            m.box_head.load_state_dict({k.split(".", 1)[1]: v for k, v in self._heads.items()
+                                        if k.startswith("bbox_predictor.")})
+            h = self.data["train"].tensors["hidden"]
+            m.scale.copy_(h.reshape(-1, h.shape[-1]).std(0).clamp_min(1e-6).to(m.scale.device))
+            m.epsilon.fill_(epsilon_at(1, self.cfg["loss"]))
+        return m
+
+    # -- training ------------------------------------------------------------------------------
+    def schedule(self, state: StepState) -> dict:
+        c = self.cfg["loss"]
+        beta = float(c["beta_start"]) + (float(c["beta_end"]) - float(c["beta_start"])) * (
+            (state.epoch - 1) / max(state.epochs - 1, 1))
+        ramp = min(1.0, state.epoch / max(int(c["contrastive_ramp_epochs"]), 1))
+        return {"epsilon": epsilon_at(state.epoch, c), "beta": beta,
+                "contrastive_weight": float(c["contrastive_weight"]) * ramp}
+
+    def epoch_values(self, state: StepState) -> dict:
+        return self.schedule(state)
+
+    def batch_loss(self, batch, state):
+        c, m = self.cfg["loss"], self.module
+        sched = self.schedule(state)
+        m.epsilon.fill_(sched["epsilon"])
+        h = batch["hidden"]
+        hp, delta, logits, boxes = m(h)
+        scores = image_scores(logits, self.spec["top_k"])
+        pos, anc = ranking_split(scores, float(c["rank_fraction"]), int(c["rank_min"]))
+        z = m.embed(hp)
+        con = score_contrastive(z, pos, anc, float(c["tau"]), float(c["bidirectional_weight"]))
+        gender = batch["gender"]
+        wass = one_way_wasserstein(scores[gender == 1], scores[gender == 0])
+        det, det_terms = self.criterion(logits, boxes, targets_of(batch["gt_boxes"], batch["gt_classes"]))
+        loss = sched["contrastive_weight"] * con + float(c["lambda_wasserstein"]) * wass + sched["beta"] * det
+        per_image = delta.flatten(1)
+        terms = {"contrastive": con, "wasserstein": wass, "detection": det, **det_terms,
+                 "n_pos": float(len(pos)), "n_anchor": float(len(anc)),
+                 "pos_anchor_gap": (scores[pos].mean() - scores[anc].mean()) if len(pos) else torch.tensor(float("nan")),
+                 "score_male": _mean(scores[gender == 0]), "score_female": _mean(scores[gender == 1]),
+                 "delta_linf": delta.abs().max(), "delta_l2": per_image.norm(dim=1).mean()}
+        return loss, {k: (v.detach() if torch.is_tensor(v) else v) for k, v in terms.items()}
+
+    # -- evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def outputs(self, split: str, perturbed: bool = True, batch: int = 1024):
+        """Logits, boxes, image scores (numpy) and perturbation of a split, perturbed or not."""
+        m, d = self.module, self.data[split]
+        m.eval()
+        res = {"logits": [], "boxes": [], "scores": [], "delta": []}
+        for i in range(0, len(d), batch):
+            h = d.tensors["hidden"][i:i + batch].to(self.device)
+            if perturbed:
+                _, delta, logits, boxes = m(h)
+            else:
+                delta = torch.zeros_like(h)
+                logits, boxes = m.score(h)
+            res["logits"].append(logits)
+            res["boxes"].append(boxes)
+            res["scores"].append(image_scores(logits, self.spec["top_k"]))
+            res["delta"].append(delta)
+        return {k: torch.cat(v).cpu().numpy() for k, v in res.items()}
+
+    def _detection_metrics(self, split: str, out: dict) -> dict:
+        from ..metrics.coco import coco_ground_truth, detr_detections, group_ap_ar
+
+        d = self.data[split]
+        sizes = d.tensors["image_size"].cpu().numpy()
+        cls = d.tensors["gt_classes"].cpu().numpy()
+        bx = d.tensors["gt_boxes"].cpu().numpy()
+        gt = coco_ground_truth(sizes, [b[c >= 0] for b, c in zip(bx, cls)], [c[c >= 0] for c in cls])
+        dets = detr_detections(out["logits"], out["boxes"], sizes)
+        gender = d.tensors["gender"].cpu().numpy()
+        cats = str(self.cfg["fairness"]["categories"]).strip()
+        cat_ids = None if cats == "all" else [int(c) for c in cats.split(",")]
+        r = group_ap_ar(gt, dets, gender, {0: "male", 1: "female"}, cat_ids)
+        s = out["scores"]
+        male, female = s[gender == 0], s[gender == 1]
+        r.update(score=float(s.mean()), score_male=_np_mean(male), score_female=_np_mean(female),
+                 score_gap=_np_mean(male) - _np_mean(female), ap_gap=r["ap_male"] - r["ap_female"],
+                 ar_gap=r["ar_male"] - r["ar_female"],
+                 wasserstein=float(wasserstein_1d(torch.from_numpy(male).double(), torch.from_numpy(female).double())))
+        return r
+
+    @torch.no_grad()
+    def evaluate(self, split: str):
+        if split not in self._baseline:
+            self._baseline[split] = self._detection_metrics(split, self.outputs(split, perturbed=False))
+        base = self._baseline[split]
+        out = self.outputs(split, perturbed=True)
+        pert = self._detection_metrics(split, out)
+        delta = out["delta"]
+        bound = self.module.bound().cpu().numpy()
+        metrics = {**pert, **{f"base_{k}": v for k, v in base.items()},
+                   "epsilon": float(self.module.epsilon),
+                   "delta_linf": float(np.abs(delta).max()),
+                   "delta_l2": float(np.linalg.norm(delta.reshape(len(delta), -1), axis=1).mean()),
+                   "delta_linf_over_bound": float((np.abs(delta) / bound).max()),
+                   "gap_closed": base["score_gap"] - pert["score_gap"],
+                   "ap_change": pert["ap"] - base["ap"], "ap_shift": abs(pert["ap"] - base["ap"])}
+        metrics["score_gap_relative_change"] = _rel(pert["score_gap"], base["score_gap"])
+        metrics["ap_gap_relative_change"] = _rel(pert["ap_gap"], base["ap_gap"])
+        metrics["ar_gap_relative_change"] = _rel(pert["ar_gap"], base["ar_gap"])
+        preds = self.data[split].meta[["sample_id", "gender", "image_id"]].copy()
+        preds["base_score"] = self.outputs(split, perturbed=False)["scores"]
+        preds["score"] = out["scores"]
+        preds["delta_l2"] = np.linalg.norm(delta.reshape(len(delta), -1), axis=1)
+        return metrics, preds
+
+    def report(self, run_dir: Path, tag: str, metrics: dict) -> dict:
+        """The FAAP table (Male AP, Female AP, Male AR, Female AR; baseline, perturbed, delta)."""
+        from ..report.tables import markdown_table
+
+        table = faap_table(metrics)
+        (run_dir / f"faap_{tag}.md").write_text(markdown_table(table) + "\n" + faap_summary(metrics) + "\n")
+        (run_dir / f"faap_{tag}.json").write_text(json.dumps(
+            {"table": table.to_dict(orient="records"), "metrics": metrics}, indent=2, default=float))
+        return {"table": table}
+
+    def finish(self, run_dir: Path) -> dict:
+        metrics, _ = self.evaluate("test")
+        self.report(run_dir, "test", metrics)
+        return {"faap_test": {k: metrics[k] for k in ("base_score_gap", "score_gap", "gap_closed", "base_ap",
+                                                       "ap", "ap_change", "base_ap_gap", "ap_gap")}}
+
+
+def faap_table(m: dict) -> pd.DataFrame:
+    cols = {"Male AP": "ap_male", "Female AP": "ap_female", "Male AR": "ar_male", "Female AR": "ar_female",
+            "AP gap": "ap_gap", "AR gap": "ar_gap", "score gap": "score_gap", "Wasserstein": "wasserstein"}
+    rows = []
+    for name, prefix in (("baseline", "base_"), ("perturbed", "")):
+        rows.append({"": name, **{c: m[prefix + k] for c, k in cols.items()}})
+    rows.append({"": "delta", **{c: m[k] - m["base_" + k] for c, k in cols.items()}})
+    return pd.DataFrame(rows)
+
+
+def faap_summary(m: dict) -> str:
+    return (f"epsilon {m['epsilon']:.3f} (x per-dimension std); perturbation L-inf {m['delta_linf']:.4f} "
+            f"({m['delta_linf_over_bound']:.3f} of the bound), mean per-image L2 {m['delta_l2']:.4f}; "
+            f"score gap {m['base_score_gap']:.4f} -> {m['score_gap']:.4f} "
+            f"({100 * m['score_gap_relative_change']:+.1f} %); AP gap {m['base_ap_gap']:.4f} -> {m['ap_gap']:.4f} "
+            f"({100 * m['ap_gap_relative_change']:+.1f} %); AP {m['base_ap']:.4f} -> {m['ap']:.4f}")
+
+
+def _rel(new: float, old: float) -> float:
+    return (new - old) / abs(old) if old not in (0.0,) and np.isfinite(old) else float("nan")
+
+
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    return x.mean() if len(x) else torch.tensor(float("nan"))
+
+
+def _np_mean(x: np.ndarray) -> float:
+    return float(x.mean()) if len(x) else float("nan")
