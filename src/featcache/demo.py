@@ -94,8 +94,8 @@ def run_demo(out: str | Path = "featcache-demo", *, n: int = 800, progress: bool
 #: The demo's filter: small and random-init (offline), at the synthetic images' 64 px, without
 #: augmentations: trained from scratch on 496 images, with flips, jitter and blur it stayed near
 #: chance (val AUC <= 0.51 in 10 epochs); without them it learns the blending artifacts.
-DEMO_FILTER = {"model": "mobilenetv4_conv_small", "pretrained": "none", "image_size": 64, "epochs": 15,
-               "batch_size": 32, "lr": 3e-3, "patience": 0, "augment": False}
+DEMO_FILTER = {"model": "mobilenetv4_conv_small", "pretrained": "none", "image_size": 64, "epochs": 20,
+               "batch_size": 32, "lr": 1e-3, "patience": 0, "augment": False}
 
 
 def run_demo_filter(manifest, cache, detector_run, runs, *, progress: bool = True, echo=print) -> dict:
