@@ -374,3 +374,15 @@ def test_detr_without_network_says_how_to_pass_weights(det_data, tmp_path):
                    check=False, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and proc.stderr.startswith("error: cannot load DETR 'facebook/detr-resnet-50'")
     assert "--model PATH" in proc.stderr and "--model tiny" in proc.stderr
+
+
+def test_detr_refuses_a_manifest_without_ground_truth_and_writes_nothing(tmp_path):
+    from conftest import write_image_manifest
+
+    from featcache.errors import FeatcacheError
+    from featcache.extract import extract
+
+    manifest = write_image_manifest(tmp_path / "faces", 4)  # images, but no image_id / annotations
+    with pytest.raises(FeatcacheError, match="no row of the manifest has both image_id and annotations"):
+        extract("detr", manifest, tmp_path / "c", model="tiny", num_workers=0, progress=False)
+    assert not (tmp_path / "c").exists()  # refused before the cache was created

@@ -189,6 +189,10 @@ class DetectionImages(torch.utils.data.Dataset):
         if meta is None or "image_id" not in meta or "annotations" not in meta:
             raise FeatcacheError("detr extraction needs a detection manifest with image_id and annotations columns "
                                  "(featcache manifest faap-coco|coco-gender, or featcache synth detection)")
+        has = meta["annotations"].fillna("").astype(str).str.len().gt(0) & meta["image_id"].fillna("").astype(str).str.len().gt(0)
+        if len(meta) and not has.any():
+            raise FeatcacheError("detr extraction needs ground truth: no row of the manifest has both image_id and "
+                                 "annotations (featcache manifest faap-coco|coco-gender, or featcache synth detection)")
         self.ann = []
         for p, rel, a in zip(self.paths, meta["path"], meta["annotations"]):
             a = str(a)

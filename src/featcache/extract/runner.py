@@ -212,6 +212,9 @@ def _extract(ctx, backbone, manifest, out, *, model, pretrained, layer, batch_si
                      manifest_sha256=man.sha256, rows=len(man), part_rows=part_rows)
     paths = man.absolute_paths()
     ids = man.df["sample_id"].tolist()
+    # The dataset checks the manifest's backbone-specific columns (audio segments, detection
+    # annotations): a manifest it refuses must not leave a cache behind.
+    dataset = bb.dataset(paths, man.df)
 
     t0 = time.perf_counter()
     writer, todo_all = _open_writer(ctx, out, spec, man.df, overwrite)
@@ -222,7 +225,7 @@ def _extract(ctx, backbone, manifest, out, *, model, pretrained, layer, batch_si
         failed_here: BaseException | None = None
         try:
             if todo:
-                _run_parts(bb, writer, todo, paths, ids, spec, dev, dtype, batch_size, num_workers, on_error,
+                _run_parts(bb, dataset, writer, todo, paths, ids, spec, dev, dtype, batch_size, num_workers, on_error,
                            part_rows, bar_desc=f"extract {bb.name}:{bb.model_name}"
                            + (f" (rank 0 of {ctx.world_size})" if ctx.active else ""),
                            progress=progress, tqdm=tqdm)
@@ -266,13 +269,13 @@ def _extract(ctx, backbone, manifest, out, *, model, pretrained, layer, batch_si
     )
 
 
-def _run_parts(bb, writer: CacheWriter, todo: list[int], paths, ids, spec: CacheSpec, dev, dtype, batch_size,
+def _run_parts(bb, dataset, writer: CacheWriter, todo: list[int], paths, ids, spec: CacheSpec, dev, dtype, batch_size,
                num_workers, on_error, part_rows, *, bar_desc: str, progress: bool, tqdm) -> None:
     """Compute and write the parts ``todo``: decoding in workers, writes in a background thread."""
     n_todo = sum(stop - start for start, stop in map(writer.part_bounds, todo))
     workers = default_num_workers() if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
-        bb.dataset(paths, writer.meta),
+        dataset,
         batch_sampler=_PartBatches(todo, spec.rows, part_rows, batch_size),
         num_workers=workers,
         collate_fn=bb.collate,
