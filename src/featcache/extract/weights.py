@@ -72,8 +72,8 @@ def parse_weights(pretrained: str | None, default: str) -> Weights:
         path = Path(value).expanduser()
         if not path.is_file():
             what = "is a folder, not a weights file" if path.is_dir() else "does not exist"
-            raise BackboneError(f"weights file {value} {what}; pass a checkpoint file, a tag, or none for random "
-                                "weights")
+            raise BackboneError(f"weights file {value} {what}; check the path (or pass --pretrained none for "
+                                "random weights)")
         return Weights("file", str(path.resolve()))
     return Weights("tag", value)
 
