@@ -160,23 +160,19 @@ def _unwrap(obj) -> dict[str, torch.Tensor]:
 
 
 def strip_prefixes(state: Mapping[str, torch.Tensor], target_keys: Iterable[str]) -> tuple[dict, list[str]]:
-    """Remove wrapper prefixes (:data:`WRAPPER_PREFIXES`) that every key carries, while that matches
-    more of ``target_keys``. Returns the new state and the prefixes removed."""
+    """Remove wrapper prefixes (:data:`WRAPPER_PREFIXES`, nested too: ``module._orig_mod.``) that every key
+    carries, as far as that matches the most of ``target_keys`` (no more: a model whose own names
+    start with ``model.`` keeps them). Returns the new state and the prefixes removed."""
     target = set(target_keys)
-    state, removed = dict(state), []
-    while state:
-        best = None
-        for prefix in WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                cut = {k[len(prefix):]: v for k, v in state.items()}
-                if len(target.intersection(cut)) > len(target.intersection(state)):
-                    best = (prefix, cut)
-                    break
-        if best is None:
+    candidates = [(dict(state), [])]
+    while candidates[-1][0]:
+        cur, removed = candidates[-1]
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in cur)), None)
+        if prefix is None:
             break
-        removed.append(best[0])
-        state = best[1]
-    return state, removed
+        candidates.append(({k[len(prefix):]: v for k, v in cur.items()}, removed + [prefix]))
+    scores = [len(target.intersection(c)) for c, _ in candidates]
+    return candidates[scores.index(max(scores))]
 
 
 def _shown(keys: list[str]) -> str:
