@@ -92,8 +92,6 @@ def load_detr(model: str | None, *, seed: int = 0, pretrained: str | None = None
     ``seed``); a file is a state dict of that architecture, read by the one loader. The third
     value is what the cache records: ``none``, ``local``, ``hf`` or the file's absolute path.
     """
-    from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor
-
     name = model or DetrBackbone.default_model
     if pretrained not in (None, "hf", "local") and parse_weights(pretrained, "none").kind == "tag":
         raise BackboneError("detr takes its weights from --model (a Hugging Face name or a local folder); "
@@ -101,6 +99,8 @@ def load_detr(model: str | None, *, seed: int = 0, pretrained: str | None = None
     weights = parse_weights(None if pretrained in ("hf", "local") else pretrained, "none" if name == "tiny" else "hf")
     folder = None if name == "tiny" else local_folder(name, "detr")  # a mistyped path: "no such folder"
     source = str(folder) if folder is not None else name
+    from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor
+
     try:
         if name == "tiny":
             config, processor = tiny_config(), tiny_processor()
