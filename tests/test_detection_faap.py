@@ -150,6 +150,20 @@ def test_ground_truth_equals_pycocotools_annotations(det_cache, det_data):
         np.testing.assert_allclose(gt_boxes[i], want, rtol=1e-6, atol=1e-7)
 
 
+def test_padded_ground_truth_reads_the_ragged_arrays_in_one_pass(det_cache):
+    from featcache.cache import open_cache
+    from featcache.extract.detr import padded_ground_truth
+
+    c = open_cache(det_cache)
+    boxes, classes = padded_ground_truth(c)
+    ragged_b, ragged_c = c.load_ragged("gt_boxes"), c.load_ragged("gt_classes")
+    assert boxes.shape == (c.rows, max(len(x) for x in ragged_c), 4) and c.n_parts > 1
+    for i in range(c.rows):
+        n = len(ragged_c[i])
+        assert np.array_equal(classes[i, :n], ragged_c[i]) and (classes[i, n:] == -1).all()
+        assert np.array_equal(boxes[i, :n], ragged_b[i]) and not boxes[i, n:].any()
+
+
 def test_detection_images_leave_crowds_out_and_scale_by_width_and_height(tmp_path):
     from PIL import Image
     from pycocotools.coco import COCO

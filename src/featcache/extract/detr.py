@@ -245,6 +245,25 @@ def load_heads(cache_path) -> tuple[torch.nn.Module, torch.nn.Module]:
     return build_heads(load_file(str(f)))
 
 
+def padded_ground_truth(cache) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's ground truth of a ``queries`` cache, padded: boxes (n, G, 4) float32 (relative cx, cy,
+    w, h) and classes (n, G) int64 with -1 where there is no box; G = the most boxes of a row (at least 1).
+
+    One pass over the parts reads ``offsets``, ``gt_boxes`` and ``gt_classes`` together: a task reads
+    its ground truth once for all splits, and cuts the splits from these arrays.
+    """
+    parts = [cache.read_part(i, ["offsets", "gt_boxes", "gt_classes"]) for i in range(cache.n_parts)]
+    counts = np.concatenate([np.diff(p["offsets"]) for p in parts]) if parts else np.zeros(0, np.int64)
+    g = max(1, int(counts.max(initial=0)))
+    boxes = np.zeros((len(counts), g, 4), np.float32)
+    classes = np.full((len(counts), g), -1, np.int64)
+    rows = np.repeat(np.arange(len(counts)), counts)
+    slots = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    boxes[rows, slots] = np.concatenate([p["gt_boxes"] for p in parts]) if parts else np.zeros((0, 4))
+    classes[rows, slots] = np.concatenate([p["gt_classes"] for p in parts]) if parts else np.zeros(0)
+    return boxes, classes
+
+
 
 # -- a short fine-tune, so that an offline DETR detects something ---------------------------------
 def finetune_detr(manifest, out, *, model: str = "tiny", epochs: int = 30, batch_size: int = 16, lr: float = 1e-3,
