@@ -130,6 +130,63 @@ def test_detr_cache_rescoring_is_exact_and_ground_truth_matches(det_cache, det_d
         assert sizes[i].tolist() == [64, 64]
 
 
+def test_ground_truth_equals_pycocotools_annotations(det_cache, det_data):
+    """Every cached image's boxes and classes equal pycocotools' annotations of it, converted here by hand."""
+    from pycocotools.coco import COCO
+
+    from featcache.cache import open_cache
+
+    c = open_cache(det_cache)
+    meta, sizes = c.meta(), c.load_rows("image_size")
+    gt_boxes, gt_classes = c.load_ragged("gt_boxes"), c.load_ragged("gt_classes")
+    cocos = {f: COCO(str(det_data / f)) for f in set(meta["annotations"])}
+    for i in range(c.rows):
+        coco = cocos[meta["annotations"][i]]
+        anns = [a for a in coco.loadAnns(coco.getAnnIds(imgIds=int(meta["image_id"][i]))) if not a["iscrowd"]]
+        h, w = sizes[i]
+        want = np.array([[(x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h] for x, y, bw, bh in
+                         (a["bbox"] for a in anns)], dtype=np.float64).reshape(-1, 4)
+        assert gt_classes[i].tolist() == [a["category_id"] for a in anns]
+        np.testing.assert_allclose(gt_boxes[i], want, rtol=1e-6, atol=1e-7)
+
+
+def test_padded_ground_truth_reads_the_ragged_arrays_in_one_pass(det_cache):
+    from featcache.cache import open_cache
+    from featcache.extract.detr import padded_ground_truth
+
+    c = open_cache(det_cache)
+    boxes, classes = padded_ground_truth(c)
+    ragged_b, ragged_c = c.load_ragged("gt_boxes"), c.load_ragged("gt_classes")
+    assert boxes.shape == (c.rows, max(len(x) for x in ragged_c), 4) and c.n_parts > 1
+    for i in range(c.rows):
+        n = len(ragged_c[i])
+        assert np.array_equal(classes[i, :n], ragged_c[i]) and (classes[i, n:] == -1).all()
+        assert np.array_equal(boxes[i, :n], ragged_b[i]) and not boxes[i, n:].any()
+
+
+def test_detection_images_leave_crowds_out_and_scale_by_width_and_height(tmp_path):
+    from PIL import Image
+    from pycocotools.coco import COCO
+
+    from featcache.data.detection_images import DetectionImages
+
+    Image.new("RGB", (80, 40)).save(tmp_path / "a.png")  # width 80, height 40
+    anns = [{"id": 1, "image_id": 7, "category_id": 3, "bbox": [8, 4, 16, 20], "area": 320, "iscrowd": 0},
+            {"id": 2, "image_id": 7, "category_id": 1, "bbox": [0, 0, 80, 40], "area": 3200, "iscrowd": 1},
+            {"id": 3, "image_id": 8, "category_id": 1, "bbox": [1, 1, 2, 2], "area": 4, "iscrowd": 0},
+            {"id": 4, "image_id": 7, "category_id": 37, "bbox": [40, 10, 40, 30], "area": 1200, "iscrowd": 0}]
+    (tmp_path / "ann.json").write_text(json.dumps({"images": [{"id": 7, "width": 80, "height": 40}], "annotations": anns,
+                                                   "categories": [{"id": k} for k in (1, 3, 37)]}))
+    meta = pd.DataFrame({"path": ["a.png"], "annotations": ["ann.json"], "image_id": ["7"]})
+    _, (_, size, boxes, classes), err = DetectionImages([str(tmp_path / "a.png")], meta)[0]
+    assert err == "" and size.tolist() == [40, 80]
+    coco = COCO(str(tmp_path / "ann.json"))
+    kept = coco.loadAnns(coco.getAnnIds(imgIds=7, iscrowd=False))
+    assert classes.tolist() == [a["category_id"] for a in kept] == [3, 37]
+    np.testing.assert_allclose(boxes, [[16 / 80, 14 / 40, 16 / 80, 20 / 40], [60 / 80, 25 / 40, 40 / 80, 30 / 40]],
+                               rtol=1e-6)
+
+
 # -- FAAP losses against brute force --------------------------------------------------------------
 @pytest.mark.parametrize("n,k", [(2, 0), (3, 0), (4, 2), (5, 2), (6, 2), (7, 2), (10, 4), (11, 4), (64, 25)])
 def test_ranking_split_sizes(n, k):

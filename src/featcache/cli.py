@@ -164,13 +164,13 @@ def manifest(fmt, root, out, annotations, val_fraction, test_fraction, seed, no_
 
 # -- extract -------------------------------------------------------------------------------
 @cli.command(context_settings=CONTEXT)
-@click.option("--backbone", required=True, help="Registry name: clip, xlsr, detr.")
+@click.option("--backbone", required=True, help="Registry name: clip, xlsr, detr, timm.")
 @click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache folder (created or resumed).")
 @click.option("--model", default=None, help="Model name (clip: ViT-L-14 by default; xlsr: facebook/wav2vec2-xls-r-300m "
-              "or a local HF folder; tiny, small offline).")
-@click.option("--pretrained", default=None, help="Weights: a tag (clip: openai; xlsr: hf), a local file (xlsr: a "
-              "detector checkpoint with ssl_model.* fairseq names), or none.")
+              "or a local HF folder; tiny, small offline; timm: any timm model name or a train-e2e run folder).")
+@click.option("--pretrained", default=None, help="Weights: a tag (clip: openai; xlsr: hf; timm: its default tag), a "
+              "local file (xlsr: a detector checkpoint with ssl_model.* fairseq names), or none.")
 @click.option("--layer", default=None, help="Which output to cache (xlsr: final, or a hidden-state index).")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--num-workers", default=None, type=int, help="DataLoader decoding workers [cores per process on the node - 1, at most 16].")
@@ -196,6 +196,7 @@ def extract(state, backbone, manifest_path, out, model, pretrained, layer, batch
     Example:
       featcache extract --backbone clip --manifest data/manifest.csv --out caches/clip
       featcache extract --backbone clip --model small --manifest data/manifest.csv --out caches/small
+      featcache extract --backbone timm --model runs/mnv4 --manifest data/manifest.csv --out caches/mnv4-features
     """
     from .extract import extract as run_extract
 

@@ -26,6 +26,8 @@ from safetensors.torch import load_file
 from ..data.images import ImageFiles, collate_images
 from ..data.manifest import read_manifest
 from ..errors import BackboneError, FeatcacheError
+from ..extract.timm_backbone import classifier_names
+from ..extract.weights import load_checkpoint, parse_weights
 
 TASK = "mnv4"
 DEFAULT_MODEL = "mobilenetv4_hybrid_medium"
@@ -48,18 +50,14 @@ def create_model(model: str = DEFAULT_MODEL, pretrained: str | None = None, *, s
     if not timm.is_model(model):
         close = [m for m in timm.list_models("mobilenetv4*")]
         raise BackboneError(f"unknown timm model {model!r}; MobileNetV4 models: {', '.join(close)}")
-    pretrained = pretrained or default_pretrained(model)
+    weights = parse_weights(pretrained, default_pretrained(model))
+    pretrained = weights.value
     torch.manual_seed(seed)  # the new classifier (and everything, with pretrained none)
-    if pretrained == "none":
-        return _zero_head(timm.create_model(model, pretrained=False, num_classes=1))
-    if os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")):
-        if not os.path.isfile(pretrained):
-            raise BackboneError(f"weights file {pretrained} does not exist")
-        try:  # timm reads the file (weights_only=True); its classifier is not used
-            return _zero_head(timm.create_model(model, pretrained=True, num_classes=1,
-                                                pretrained_cfg_overlay={"file": str(Path(pretrained).resolve())}))
-        except Exception as exc:
-            raise BackboneError(f"cannot load weights {pretrained} into {model}: {_first_line(exc)}") from exc
+    if weights.kind != "tag":
+        net = timm.create_model(model, pretrained=False, num_classes=1)
+        if weights.kind == "file":  # the one loader; the file's classifier is not used
+            load_checkpoint(net, weights.value, ignore=classifier_names(net))
+        return _zero_head(net)
     name = model if pretrained == "default" else f"{model}.{pretrained}"
     try:
         return _zero_head(timm.create_model(name, pretrained=True, num_classes=1))

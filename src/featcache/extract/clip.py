@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from ..data.images import ImageFiles, collate_images
 from ..errors import BackboneError
 from .registry import Backbone, register_backbone
+from .weights import LoadReport, Weights, load_state, parse_weights, read_checkpoint, strip_prefixes
 
 PRESETS = {"tiny": "featcache-tiny", "small": "featcache-small"}
 _CONFIGS_REGISTERED = False
@@ -51,16 +51,11 @@ class ClipBackbone(Backbone):
         arch = PRESETS.get(self.model_name, self.model_name)
         is_preset = self.model_name in PRESETS
         schema = arch.split(":", 1)[0] if arch.startswith(("local-dir:", "hf-hub:")) else None
-        if pretrained is None:
-            pretrained = "none" if (is_preset or schema) else self.default_pretrained
-        if schema:
-            pretrained = arch  # the folder or repo holds config and weights
-        elif pretrained != "none" and (os.path.sep in pretrained or pretrained.endswith(
-                (".pt", ".pth", ".bin", ".safetensors"))):
-            if not os.path.isfile(pretrained):
-                raise BackboneError(f"weights file {pretrained} does not exist")
-            pretrained = str(Path(pretrained).resolve())
-        self.pretrained = pretrained
+        # the folder or repo of a schema holds config and weights
+        weights = (Weights("tag", arch) if schema else
+                   parse_weights(pretrained, "none" if is_preset else self.default_pretrained))
+        self.pretrained = pretrained = weights.value
+        self.load_report: dict = {}
 
         if not schema and arch not in open_clip.list_models():
             raise BackboneError(
@@ -71,14 +66,17 @@ class ClipBackbone(Backbone):
         try:
             with _quiet_root_logger():  # open_clip logs errors before raising; ours is one line
                 model = open_clip.create_model(
-                    arch, pretrained=None if (pretrained == "none" or schema) else pretrained, device="cpu",
+                    arch, pretrained=pretrained if weights.kind == "tag" and not schema else None, device="cpu",
                 )
-        except Exception as exc:  # network, missing tag, mismatched checkpoint ...
+        except Exception as exc:  # network, missing tag ...
             raise BackboneError(
                 f"cannot load open_clip weights {pretrained!r} for {self.model_name} ({_first_line(exc)}); "
                 "without network, download the weights elsewhere and pass the file with --pretrained PATH "
-                "(or a local Hugging Face folder with --model local-dir:PATH), or --pretrained none for random weights"
+                "(or a local Hugging Face folder with --model local-dir:PATH), or --pretrained none for random "
+                "weights, or use an offline preset: --model tiny|small --pretrained none"
             ) from exc
+        if weights.kind == "file":
+            self.load_report = load_visual(model, weights.value).as_dict()
         self.module = model.visual
         self.dim = int(model.visual.output_dim)
         self._preprocess = dict(model.visual.preprocess_cfg)
@@ -111,6 +109,26 @@ class ClipBackbone(Backbone):
     def forward(self, inputs: torch.Tensor, device: torch.device) -> dict[str, np.ndarray]:
         x = inputs.to(device, non_blocking=True)
         return {"features": self.module(x).float().cpu().numpy()}
+
+
+def load_visual(model, path: str) -> LoadReport:
+    """Load a CLIP checkpoint file's image tower into ``model.visual`` with the one loader.
+
+    The file holds the whole CLIP model (``visual.*`` and the text tower, whose keys are counted
+    as not used) or the image tower alone. A grid of position embeddings made for another image
+    size is resized by open_clip's own ``resize_pos_embed``.
+    """
+    from open_clip.model import resize_pos_embed
+
+    state, stripped = strip_prefixes(read_checkpoint(path), model.state_dict().keys())
+    if not any(k.startswith("visual.") for k in state):
+        return load_state(model.visual, state, source=path)
+    resize_pos_embed(state, model)
+    visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+    report = load_state(model.visual, visual, source=path)
+    report.ignored = sorted(k for k in state if not k.startswith("visual."))
+    report.stripped = stripped + report.stripped
+    return report
 
 
 def _first_line(exc: BaseException) -> str:

@@ -5,7 +5,14 @@ is network), a local folder holding ``config.json`` and weights (e.g. one writte
 :func:`finetune_detr`), or the offline preset ``tiny``: a small DETR (d_model 64, one encoder
 and two decoder layers, 20 queries, COCO's 91 label ids) on a small ResNet built from its
 config (``use_pretrained_backbone=False``), randomly initialised with ``--seed`` the way the original
-DETR initialises (:func:`detr_init`); nothing is downloaded.
+DETR initialises (:func:`detr_init`); nothing is downloaded. ``--pretrained none`` gives any
+``--model``'s architecture random weights; ``--pretrained FILE`` loads a state dict of that
+architecture (e.g. a fine-tune's ``best.safetensors``) with the one loader (:mod:`.weights`). A
+``--model`` that looks like a path but is no folder is an error ("no such folder"), not a
+Hugging Face lookup.
+
+The images and their COCO ground truth come from :class:`featcache.data.detection_images.DetectionImages`
+(pycocotools' ``COCO`` index, torchvision's ``box_convert``).
 
 Per image the cache holds (DESIGN.md, cache kind ``queries``)::
 
@@ -31,10 +38,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from ..data.detection_images import DetectionImages
 from ..errors import BackboneError, FeatcacheError
 from .registry import Backbone, register_backbone
+from .weights import load_checkpoint, local_folder, parse_weights
 
 PRESETS = ("tiny",)
 TINY_SIZE = 128
@@ -76,32 +84,47 @@ def tiny_processor():
     return DetrImageProcessor(size={"height": TINY_SIZE, "width": TINY_SIZE}, do_pad=True)
 
 
-def load_detr(model: str | None, *, seed: int = 0):
-    """(DetrForObjectDetection, image processor, pretrained tag) for a name, a folder or ``tiny``."""
+def load_detr(model: str | None, *, seed: int = 0, pretrained: str | None = None):
+    """(DetrForObjectDetection, image processor, weights) for a name, a folder or ``tiny``.
+
+    ``pretrained``: ``None``/``hf``/``local`` take the weights of ``model`` (random for ``tiny``);
+    ``none`` builds ``model``'s architecture with random weights (DETR's own initialisation, from
+    ``seed``); a file is a state dict of that architecture, read by the one loader. The third
+    value is what the cache records: ``none``, ``local``, ``hf`` or the file's absolute path.
+    """
+    name = model or DetrBackbone.default_model
+    if pretrained not in (None, "hf", "local") and parse_weights(pretrained, "none").kind == "tag":
+        raise BackboneError("detr takes its weights from --model (a Hugging Face name or a local folder); "
+                            f"--pretrained takes none or a weights file, not {pretrained!r}")
+    weights = parse_weights(None if pretrained in ("hf", "local") else pretrained, "none" if name == "tiny" else "hf")
+    folder = None if name == "tiny" else local_folder(name, "detr")  # a mistyped path: "no such folder"
+    source = str(folder) if folder is not None else name
     from transformers import DetrConfig, DetrForObjectDetection, DetrImageProcessor
 
-    name = model or DetrBackbone.default_model
-    if name == "tiny":
-        torch.manual_seed(seed)
-        net = DetrForObjectDetection(tiny_config())
-        detr_init(net)
-        return net.eval(), tiny_processor(), "none"
-    is_dir = os.path.isdir(name)
-    if not is_dir and (name.startswith((".", os.path.sep, "~")) or name.count("/") > 1):  # a path, not org/name
-        raise BackboneError(f"DETR folder {name} does not exist")
     try:
-        # every weight, the backbone's included, is in the checkpoint: no separate timm download
-        config = DetrConfig.from_pretrained(name, local_files_only=is_dir)
-        config.use_pretrained_backbone = False
-        net = DetrForObjectDetection.from_pretrained(name, config=config, local_files_only=is_dir)
-        processor = DetrImageProcessor.from_pretrained(name, local_files_only=is_dir)
+        if name == "tiny":
+            config, processor = tiny_config(), tiny_processor()
+        else:
+            # every weight, the backbone's included, is in the checkpoint: no separate timm download
+            config = DetrConfig.from_pretrained(source, local_files_only=folder is not None)
+            config.use_pretrained_backbone = False
+            processor = DetrImageProcessor.from_pretrained(source, local_files_only=folder is not None)
+        if weights.kind == "tag":
+            net = DetrForObjectDetection.from_pretrained(source, config=config, local_files_only=folder is not None)
     except Exception as exc:  # network, missing files, timm backbone not installed ...
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise BackboneError(
             f"cannot load DETR {name!r} ({first}); without network, download it elsewhere and pass the local "
             "folder with --model PATH, or use --model tiny (random weights, offline)"
         ) from exc
-    return net.eval(), processor, "local" if is_dir else "hf"
+    if weights.kind != "tag":
+        torch.manual_seed(seed)
+        net = DetrForObjectDetection(config)
+        detr_init(net)
+        if weights.kind == "file":
+            load_checkpoint(net, weights.value)
+    tag = weights.value if weights.kind != "tag" else "local" if folder is not None else "hf"
+    return net.eval(), processor, tag
 
 
 @torch.no_grad()
@@ -149,76 +172,6 @@ def build_heads(state: dict[str, torch.Tensor]):
     return cls, box
 
 
-# -- ground truth ------------------------------------------------------------------------------
-class CocoIndex:
-    """Annotations of COCO JSON files by image id, read once per file."""
-
-    def __init__(self):
-        self.files: dict[str, dict[int, list[dict]]] = {}
-
-    def annotations(self, ann_file: str, image_id: int) -> list[dict]:
-        if ann_file not in self.files:
-            data = json.loads(Path(ann_file).read_text())
-            by_image: dict[int, list[dict]] = {}
-            for a in data.get("annotations", []):
-                by_image.setdefault(int(a["image_id"]), []).append(a)
-            self.files[ann_file] = by_image
-        return self.files[ann_file].get(int(image_id), [])
-
-
-def ground_truth(anns: list[dict], height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """COCO boxes (x, y, w, h in pixels; crowds left out) as relative (cx, cy, w, h), and their classes."""
-    rows = [a for a in anns if not a.get("iscrowd", 0)]
-    boxes = np.array([a["bbox"] for a in rows], dtype=np.float64).reshape(-1, 4)
-    rel = np.stack([(boxes[:, 0] + boxes[:, 2] / 2) / width, (boxes[:, 1] + boxes[:, 3] / 2) / height,
-                    boxes[:, 2] / width, boxes[:, 3] / height], axis=1) if len(rows) else np.zeros((0, 4))
-    return rel.astype(np.float32), np.array([int(a["category_id"]) for a in rows], dtype=np.int64)
-
-
-def _manifest_root(abs_path: str, rel_path: str) -> Path:
-    if os.path.isabs(rel_path):
-        return Path(abs_path).parent
-    return Path(abs_path[: len(abs_path) - len(rel_path)])
-
-
-class DetectionImages(torch.utils.data.Dataset):
-    """Decoded RGB images with their COCO ground truth; failures reported, never raised."""
-
-    def __init__(self, paths: list[str], meta):
-        self.paths = list(paths)
-        if meta is None or "image_id" not in meta or "annotations" not in meta:
-            raise FeatcacheError("detr extraction needs a detection manifest with image_id and annotations columns "
-                                 "(featcache manifest faap-coco|coco-gender, or featcache synth detection)")
-        has = meta["annotations"].fillna("").astype(str).str.len().gt(0) & meta["image_id"].fillna("").astype(str).str.len().gt(0)
-        if len(meta) and not has.any():
-            raise FeatcacheError("detr extraction needs ground truth: no row of the manifest has both image_id and "
-                                 "annotations (featcache manifest faap-coco|coco-gender, or featcache synth detection)")
-        self.ann = []
-        for p, rel, a in zip(self.paths, meta["path"], meta["annotations"]):
-            a = str(a)
-            self.ann.append("" if not a else a if os.path.isabs(a) else str(_manifest_root(p, str(rel)) / a))
-        self.image_ids = [str(v) for v in meta["image_id"]]
-        self.index = CocoIndex()
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, row: int):
-        try:
-            with Image.open(self.paths[row]) as img:
-                img.load()
-                arr = np.array(img.convert("RGB"))
-            h, w = arr.shape[:2]
-            if not self.ann[row] or not self.image_ids[row]:
-                raise FeatcacheError("no annotations file or image_id in the manifest")
-            boxes, classes = ground_truth(self.index.annotations(self.ann[row], int(self.image_ids[row])), h, w)
-            return row, (arr, np.array([h, w], dtype=np.int64), boxes, classes), ""
-        except Exception as exc:  # any failure is data, not a crash
-            empty = (np.zeros((32, 32, 3), np.uint8), np.zeros(2, np.int64), np.zeros((0, 4), np.float32),
-                     np.zeros(0, np.int64))
-            return row, empty, f"{type(exc).__name__}: {exc}"
-
-
 @register_backbone("detr")
 class DetrBackbone(Backbone):
     kind = "queries"
@@ -232,11 +185,9 @@ class DetrBackbone(Backbone):
         if layer not in (None, "final"):
             raise BackboneError(f"detr caches the decoder's last hidden state (--layer final); --layer {layer!r} "
                                 "is not supported by this version")
-        if pretrained not in (None, "hf", "none", "local"):
-            raise BackboneError("detr takes its weights from --model (a Hugging Face name or a local folder); "
-                                f"--pretrained {pretrained!r} is not used")
-        self.net, self.processor, self.pretrained = load_detr(model, seed=seed)
-        self.model_name = str(Path(model).resolve()) if model and os.path.isdir(model) else (model or self.default_model)
+        self.net, self.processor, self.pretrained = load_detr(model, seed=seed, pretrained=pretrained)
+        folder = None if not model or model == "tiny" else local_folder(model, "detr")
+        self.model_name = str(folder) if folder is not None else (model or self.default_model)
         self.module = self.net
         self.class_head, self.box_head = build_heads(heads_state(self.net))
 
@@ -292,6 +243,25 @@ def load_heads(cache_path) -> tuple[torch.nn.Module, torch.nn.Module]:
     if not f.is_file():
         raise FeatcacheError(f"{cache_path} has no heads.safetensors; re-extract it with --backbone detr")
     return build_heads(load_file(str(f)))
+
+
+def padded_ground_truth(cache) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's ground truth of a ``queries`` cache, padded: boxes (n, G, 4) float32 (relative cx, cy,
+    w, h) and classes (n, G) int64 with -1 where there is no box; G = the most boxes of a row (at least 1).
+
+    One pass over the parts reads ``offsets``, ``gt_boxes`` and ``gt_classes`` together: a task reads
+    its ground truth once for all splits, and cuts the splits from these arrays.
+    """
+    parts = [cache.read_part(i, ["offsets", "gt_boxes", "gt_classes"]) for i in range(cache.n_parts)]
+    counts = np.concatenate([np.diff(p["offsets"]) for p in parts]) if parts else np.zeros(0, np.int64)
+    g = max(1, int(counts.max(initial=0)))
+    boxes = np.zeros((len(counts), g, 4), np.float32)
+    classes = np.full((len(counts), g), -1, np.int64)
+    rows = np.repeat(np.arange(len(counts)), counts)
+    slots = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    boxes[rows, slots] = np.concatenate([p["gt_boxes"] for p in parts]) if parts else np.zeros((0, 4))
+    classes[rows, slots] = np.concatenate([p["gt_classes"] for p in parts]) if parts else np.zeros(0)
+    return boxes, classes
 
 
 

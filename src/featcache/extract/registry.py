@@ -18,8 +18,8 @@ import torch
 from ..errors import BackboneError
 from ..registry import Registry
 
-BACKBONES = Registry("backbone", ("featcache.extract.clip", "featcache.extract.xlsr", "featcache.extract.detr"),
-                     error=BackboneError)
+BACKBONES = Registry("backbone", ("featcache.extract.clip", "featcache.extract.xlsr", "featcache.extract.detr",
+                                  "featcache.extract.timm_backbone"), error=BackboneError)
 
 
 class Backbone(ABC):
@@ -120,7 +120,7 @@ def weights_sha256(module: torch.nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d too (BatchNorm counters)
     return h.hexdigest()
 
 

@@ -18,7 +18,6 @@ layer i, before that final LayerNorm).
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from ..data.audio import FRAME_WINDOW, SAMPLE_RATE, frame_labels, parse_segments, read_audio
 from ..errors import BackboneError
 from .registry import Backbone, register_backbone
+from .weights import load_state, local_folder, parse_weights, read_checkpoint
 
 DEFAULT_MODEL = "facebook/wav2vec2-xls-r-300m"
 #: Architecture of facebook/wav2vec2-xls-r-300m (so that a detector checkpoint loads offline).
@@ -71,7 +71,8 @@ class XlsrBackbone(Backbone):
         if self.max_seconds is not None and self.max_seconds <= 0:
             raise BackboneError(f"--max-seconds must be positive, got {max_seconds}")
         is_preset = self.model_name in PRESETS
-        local = os.path.isdir(self.model_name)
+        folder = None if is_preset else local_folder(self.model_name, "xlsr")  # a mistyped path: "no such folder"
+        local = folder is not None
         if pretrained is None:
             pretrained = "none" if is_preset else "hf"
         self.load_report: dict = {}
@@ -82,32 +83,33 @@ class XlsrBackbone(Backbone):
                 raise BackboneError(f"--model {self.model_name} is an offline preset with random weights; "
                                     "use --pretrained none or a checkpoint file")
             try:
-                module = Wav2Vec2Model.from_pretrained(self.model_name)
+                module = Wav2Vec2Model.from_pretrained(str(folder) if local else self.model_name,
+                                                       local_files_only=local)
             except Exception as exc:  # network, missing files
                 raise BackboneError(
                     f"cannot load {self.model_name} with transformers ({_first_line(exc)}); without network, "
                     "download it elsewhere and pass the folder with --model PATH, or pass a detector "
                     "checkpoint with --pretrained FILE, or --model tiny for an offline random model") from exc
-            self.pretrained = str(Path(self.model_name).resolve()) if local else "hf"
-            self.normalize = _do_normalize(self.model_name) if local else True
+            self.pretrained = str(folder) if local else "hf"
+            self.normalize = _do_normalize(str(folder)) if local else True
         else:
-            config = self._architecture(is_preset, local)
+            config = self._architecture(is_preset, str(folder) if local else self.model_name)
             module = Wav2Vec2Model(config)
-            if pretrained != "none":
-                if not os.path.isfile(pretrained):
-                    raise BackboneError(f"weights file {pretrained} does not exist (pass a detector checkpoint, "
-                                        "hf for the Hugging Face weights, or none for random weights)")
-                self.load_report = load_fairseq_checkpoint(module, pretrained)
+            weights = parse_weights(pretrained, "none")
+            if weights.kind == "tag":
+                raise BackboneError(f"--pretrained {pretrained!r} is neither hf, none nor a checkpoint file (pass a "
+                                    "detector checkpoint, hf for the Hugging Face weights, or none for random weights)")
+            if weights.kind == "file":
+                self.load_report = load_fairseq_checkpoint(module, weights.value)
                 self.normalize = False  # the detectors feed the raw waveform
-                pretrained = str(Path(pretrained).resolve())
-            self.pretrained = pretrained
+            self.pretrained = weights.value
         self.module = module
         cfg = module.config
         self.dim = int(cfg.hidden_size)
         self.n_layers = int(cfg.num_hidden_layers)
         self._layer = self._parse_layer(layer)
 
-    def _architecture(self, is_preset: bool, local: bool):
+    def _architecture(self, is_preset: bool, source: str):
         if is_preset:
             return _config(PRESETS[self.model_name])
         if self.model_name == DEFAULT_MODEL:
@@ -115,7 +117,7 @@ class XlsrBackbone(Backbone):
         try:
             from transformers import Wav2Vec2Config
 
-            return Wav2Vec2Config.from_pretrained(self.model_name)
+            return Wav2Vec2Config.from_pretrained(source)
         except Exception as exc:
             raise BackboneError(f"cannot read the config of {self.model_name} ({_first_line(exc)}); pass a local "
                                 f"Hugging Face folder, {DEFAULT_MODEL}, or tiny") from exc
@@ -292,29 +294,21 @@ def map_fairseq_state(fairseq: dict[str, torch.Tensor], target_keys) -> tuple[di
 def load_fairseq_checkpoint(module: torch.nn.Module, path: str) -> dict:
     """Load a detector checkpoint's ``ssl_model`` weights into ``module``; return what matched.
 
-    Read with ``torch.load(weights_only=True)``.  Every parameter of the transformers model
-    must be found with the right shape (else :class:`BackboneError`); checkpoint keys that
-    match no parameter are reported (a warning, and in the returned report).
+    Read by the one loader (:func:`.weights.read_checkpoint`: safetensors or
+    ``torch.load(weights_only=True)``), mapped from fairseq names, loaded with
+    :func:`.weights.load_state`: every parameter of the transformers model must be found with
+    the right shape (else :class:`BackboneError`, which says to pass the matching ``--model``);
+    checkpoint keys that match no parameter are reported (a warning, and in the returned report).
     """
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BackboneError(f"cannot read checkpoint {path} with torch.load(weights_only=True): {_first_line(exc)}") from exc
     own = module.state_dict()
-    mapped, unmatched, pretraining = map_fairseq_state(_ssl_state(obj, path), own.keys())
-    unknown = sorted(k for k in mapped if k not in own)
-    unmatched += unknown
+    mapped, unmatched, pretraining = map_fairseq_state(_ssl_state(read_checkpoint(path), path), own.keys())
+    unmatched += sorted(k for k in mapped if k not in own)
     mapped = {k: v for k, v in mapped.items() if k in own}
-    missing = sorted(k for k in own if k not in mapped)
-    if missing:
-        raise BackboneError(f"{path}: {len(missing)} parameters of the model are not in the checkpoint "
-                            f"({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}); is --model the "
-                            "architecture the detector was trained with?")
-    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in mapped.items() if v.shape != own[k].shape]
-    if bad:
-        raise BackboneError(f"{path}: shapes differ from --model {', '.join(bad[:3])}; pass the matching --model")
-    module.load_state_dict(mapped, strict=True)
-    report = {"matched": len(mapped), "unmatched": sorted(unmatched), "pretraining_only": sorted(pretraining)}
+    try:
+        loaded = load_state(module, mapped, source=path, strip=False)
+    except BackboneError as exc:
+        raise BackboneError(f"{exc} (pass the --model the detector was trained with)") from None
+    report = {"matched": loaded.loaded, "unmatched": sorted(unmatched), "pretraining_only": sorted(pretraining)}
     if unmatched:
         warnings.warn(f"{path}: {len(unmatched)} ssl_model keys matched no parameter and were ignored: "
                       f"{', '.join(sorted(unmatched)[:6])}", stacklevel=2)
