@@ -58,10 +58,11 @@ import numpy as np
 import pandas as pd
 
 from ..errors import FeatcacheError
+from .fairness import FAIRNESS_KEYS
 
-#: The metrics :func:`bootstrap_ci` gives intervals for (fairness ones only with a ``subgroup`` column).
+#: The metrics :func:`bootstrap_ci` gives intervals for (with the ``FAIRNESS_KEYS`` when there is a
+#: ``subgroup`` column).
 DETECTION_KEYS = ("auc", "eer", "acc")
-FAIRNESS_KEYS = ("f_fpr", "f_eo", "f_meo", "f_dp", "f_oae")
 
 #: Resamples processed together (memory: a few (chunk x rows) float64 matrices).
 CHUNK = 125
