@@ -60,9 +60,10 @@ import pandas as pd
 from ..errors import FeatcacheError
 from .fairness import FAIRNESS_KEYS
 
-#: The metrics :func:`bootstrap_ci` gives intervals for (with the ``FAIRNESS_KEYS`` when there is a
+#: The metrics :func:`bootstrap_ci` gives intervals for, in order (the fairness ones only with a
 #: ``subgroup`` column).
 DETECTION_KEYS = ("auc", "eer", "acc")
+METRICS = DETECTION_KEYS + FAIRNESS_KEYS
 
 #: Resamples processed together (memory: a few (chunk x rows) float64 matrices).
 CHUNK = 125
@@ -184,7 +185,7 @@ def bootstrap(predictions: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, c
         w = counts[start:start + CHUNK][:, sorted_codes].astype(np.float64)
         for name, v in engine(w).items():
             parts.setdefault(name, []).append(v)
-    values = {name: np.concatenate(v) for name, v in parts.items()}
+    values = {name: np.concatenate(parts[name]) for name in METRICS if name in parts}
     for name, v in values.items():
         bad = int(np.isnan(v).sum())
         if bad:
