@@ -145,3 +145,23 @@ def test_paired_differences_over_seeds():
     assert one["n"] == 1 and math.isnan(one["lo"]) and not one["differs"]
     with pytest.raises(FeatcacheError, match="baseline preset 'ce'"):
         paired_differences(df, ["test_f_fpr"], baseline="ce")
+
+
+def test_paired_bootstrap_of_two_runs_on_the_same_rows():
+    from featcache.metrics.bootstrap import paired_bootstrap
+
+    a = _predictions(300, seed=2)
+    rng = np.random.default_rng(9)
+    b = a.assign(prob=np.clip(a["prob"] + rng.normal(0, 0.1, len(a)), 0, 1)).sample(frac=1.0, random_state=1)
+    d = paired_bootstrap(a, b, n_boot=12, seed=4)
+    ra = bootstrap(a, n_boot=12, seed=4)
+    w = bootstrap_weights(a, n_boot=12, seed=4)
+    b_in_a_order = b.set_index("sample_id").loc[a["sample_id"]].reset_index()
+    loop_b = _plain_loop(b_in_a_order, w)  # the same rows drawn for both runs
+    for k in ("auc", "eer", "f_fpr"):
+        np.testing.assert_allclose(d.values[k], ra.values[k] - loop_b[k], atol=1e-10, err_msg=k)
+    lo, hi = d.ci()["auc"]
+    point = roc_auc_score(a["label"], a["prob"]) - roc_auc_score(b["label"], b["prob"])
+    assert lo < point < hi
+    with pytest.raises(FeatcacheError, match="same test rows"):
+        paired_bootstrap(a, b.iloc[1:])

@@ -38,6 +38,11 @@ and optionally ``subgroup`` (integer codes, negative = unknown) and a cluster co
   value the interval is ``[nan, nan]``.
 - Seeded (``numpy.random.default_rng(seed)``): the same table and seed give the same interval.
 
+Paired differences of two runs on the same rows (:func:`paired_bootstrap`)
+-------------------------------------------------------------------------
+The same resamples (drawn from the first table's clusters and labels) applied to both tables,
+rows matched on ``sample_id``: the interval of ``metric(a) - metric(b)`` over the test rows.
+
 Paired differences over seeds (:func:`paired_differences`)
 ----------------------------------------------------------
 An ablation trains every preset with the same seeds; run ``(preset, seed)`` and
@@ -170,8 +175,35 @@ def _draw(predictions, n_boot, seed, cluster):
 def bootstrap(predictions: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, cluster: str | None = "identity",
               threshold: float = 0.5) -> Bootstrap:
     """Every resample's AUC, EER, ACC and fairness metrics (see the module docstring)."""
+    return _bootstrap(predictions, _draw(predictions, n_boot, seed, cluster), seed, threshold)
+
+
+def paired_bootstrap(a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0,
+                     cluster: str | None = "identity", threshold: float = 0.5) -> Bootstrap:
+    """The resampled differences ``metric(a) - metric(b)`` of two prediction tables of the same
+    test rows (matched on ``sample_id``), each resample drawing the same rows for both: the test-set
+    noise of a difference between two runs (the seed-to-seed noise is :func:`paired_differences`')."""
+    for name, t in (("first", a), ("second", b)):
+        if "sample_id" not in t:
+            raise FeatcacheError(f"the {name} predictions table lacks sample_id; paired intervals match rows on it")
+    ids_a, ids_b = a["sample_id"].astype(str), b["sample_id"].astype(str)
+    if ids_a.duplicated().any() or len(ids_a) != len(ids_b) or set(ids_a) != set(ids_b):
+        raise FeatcacheError("the two predictions tables do not hold the same test rows (sample_id); "
+                             "a paired interval needs both runs evaluated on one split of one cache")
+    b = b.set_index(ids_b).loc[ids_a.to_numpy()].reset_index(drop=True)
+    if not np.array_equal(a["label"].to_numpy(), b["label"].to_numpy()):
+        raise FeatcacheError("the two predictions tables disagree on the labels of the same sample_id")
+    draw = _draw(a, n_boot, seed, cluster)
+    ra, rb = _bootstrap(a, draw, seed, threshold), _bootstrap(b, draw, seed, threshold)
+    values = {k: ra.values[k] - rb.values[k] for k in ra.values if k in rb.values}
+    notes = [f"first: {n}" for n in ra.notes] + [f"second: {n}" for n in rb.notes if n not in ra.notes]
+    return Bootstrap(values, ra.n_boot, ra.seed, ra.cluster, ra.n_clusters, ra.threshold, notes)
+
+
+def _bootstrap(predictions: pd.DataFrame, draw, seed: int, threshold: float) -> Bootstrap:
     y, p = _columns(predictions)
-    counts, codes, used, notes = _draw(predictions, n_boot, seed, cluster)
+    counts, codes, used, notes = draw
+    notes = list(notes)
     groups = None
     if "subgroup" in predictions:
         g = predictions["subgroup"].to_numpy()
@@ -190,7 +222,7 @@ def bootstrap(predictions: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, c
         bad = int(np.isnan(v).sum())
         if bad:
             notes.append(f"{name}: undefined in {bad} of {len(v)} resamples, left out of its interval")
-    return Bootstrap(values, int(n_boot), int(seed), used, int(counts.shape[1]), float(threshold), notes)
+    return Bootstrap(values, int(counts.shape[0]), int(seed), used, int(counts.shape[1]), float(threshold), notes)
 
 
 def bootstrap_ci(predictions: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
