@@ -6,7 +6,8 @@
 - :mod:`.bootstrap`: 95 % bootstrap intervals of the metrics; paired differences over seeds.
 
 Every function takes array-likes, raises ``ValueError`` on malformed input and returns plain
-Python floats (``nan`` where undefined) so results serialize to JSON.
+Python floats (``nan`` where undefined) so results serialize to JSON; :mod:`.bootstrap` takes a
+predictions table and raises :class:`~featcache.errors.FeatcacheError` (a user's file).
 """
 
 from __future__ import annotations
