@@ -29,6 +29,7 @@ MODULES = {
     "xlsr": "bench_xlsr",  # xlsr: frame extraction vs bare forward
     "mnv4": "bench_mnv4",  # the MobileNetV4 filter's training throughput
     "faap": "bench_faap",  # detr: one FAAP epoch from the query cache vs rerunning DETR
+    "bootstrap": "bench_bootstrap",  # 1,000 bootstrap resamples of 10,000 predictions vs a plain loop
 }
 
 

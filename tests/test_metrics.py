@@ -238,3 +238,109 @@ def test_all_metrics_flat_and_json():
 def test_input_validation(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# --- ASVspoof EER, degenerate detectors, remarks (issues 15 and 19) ------------------------------
+
+def _asvspoof_brute_force(y, p):
+    """The nearest-point rule by explicit loops: reject the k lowest bona fide scores (-p),
+    bona fide first among ties; mean of FRR and FAR at the first k nearest to FRR = FAR."""
+    rows = sorted(range(len(y)), key=lambda i: (-p[i], y[i]))
+    n_real, n_fake = sum(1 for v in y if v == 0), sum(1 for v in y if v == 1)
+    best, best_gap = None, None
+    for k in range(len(y) + 1):
+        rejected = rows[:k]
+        frr = sum(1 for i in rejected if y[i] == 0) / n_real
+        far = sum(1 for i in range(len(y)) if y[i] == 1 and i not in rejected) / n_fake
+        if best_gap is None or abs(frr - far) < best_gap:
+            best, best_gap = (frr + far) / 2, abs(frr - far)
+    return best
+
+
+def test_eer_asvspoof_known_answers():
+    from featcache.metrics import eer_asvspoof
+
+    assert eer_asvspoof([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9]) == 0.0  # separable
+    assert eer_asvspoof([0, 0, 1, 1], [0.9, 0.8, 0.2, 0.1]) == 1.0  # inverted
+    # 3 reals, 2 fakes, one real above a fake: k=0 (0, 1); k=1 flags 0.9 fake (0, 1/2); k=2 flags the
+    # 0.6 real (1/3, 1/2); k=3 flags the 0.5 fake (1/3, 0) -> nearest |FRR - FAR| = 1/6 at k=2: EER 5/12
+    assert eer_asvspoof([0, 0, 0, 1, 1], [0.1, 0.2, 0.6, 0.5, 0.9]) == pytest.approx(5 / 12)
+    # the interpolated EER of the same case lies between the two points of the crossing
+    assert eer([0, 0, 0, 1, 1], [0.1, 0.2, 0.6, 0.5, 0.9]) == pytest.approx(1 / 3)
+    # a tie of one real and one fake at 0.5: after the 0.9 fake (0, 1/2) the tied real is rejected first
+    # -> (1/2, 1/2): EER 1/2, where the interpolated EER crosses at 1/4 (test_eer_known_cases)
+    assert eer_asvspoof([0, 0, 1, 1], [0.1, 0.5, 0.5, 0.9]) == pytest.approx(0.5)
+    # a constant score: the tied real is rejected first -> (1, 1): ASVspoof says 1, the interpolation 1/2
+    assert eer_asvspoof([0, 1], [0.5, 0.5]) == 1.0 and eer([0, 1], [0.5, 0.5]) == pytest.approx(0.5)
+    assert math.isnan(eer_asvspoof([1, 1], [0.2, 0.3]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_eer_asvspoof_matches_brute_force(seed):
+    from featcache.metrics import eer_asvspoof
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 30))
+    y = rng.integers(0, 2, n)
+    y[:2] = [0, 1]
+    p = np.round(rng.random(n), 1 if seed % 2 else 6)  # odd seeds: many ties
+    assert eer_asvspoof(y, p) == pytest.approx(_asvspoof_brute_force(y.tolist(), p.tolist()), abs=1e-12)
+    # ASVspoof's nearest point and the interpolated crossing differ by at most 1/4 of a step without ties
+    if seed % 2 == 0:
+        assert abs(eer_asvspoof(y, p) - eer(y, p)) <= 0.25 / min((y == 0).sum(), (y == 1).sum()) + 1e-12
+
+
+def test_degenerate_detector_is_flagged_not_fair():
+    from featcache.metrics import is_degenerate
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 80)
+    groups = rng.integers(0, 4, 80)
+    score = rng.normal(3.0, 0.5, 80)  # every p > 0.5: "fake" for every sample
+    m = all_metrics(y, score, groups=groups)
+    assert m["degenerate"] is True and is_degenerate(sigmoid(score))
+    assert m["f_fpr"] == 0.0 and m["f_dp"] == 0.0  # "perfectly fair" by construction ...
+    assert any("degenerate" in r and "predicted fake" in r and "f_fpr" in r for r in m["remarks"])  # ... said so
+    m = all_metrics(y, -score, groups=groups)
+    assert m["degenerate"] is True and any("predicted real" in r for r in m["remarks"])
+    ok = all_metrics(y, rng.normal(size=80) + 2 * y, groups=groups)
+    assert ok["degenerate"] is False and ok["remarks"] == []
+    json.loads(json.dumps(m))
+
+
+def test_remarks_say_why_a_metric_is_nan():
+    y = [0, 1, 0, 1, 0, 1]
+    score = [-1.0, 1.0, 0.5, -0.5, -2.0, 2.0]
+    m = all_metrics(y, score, groups=[-1] * 6)
+    assert math.isnan(m["f_fpr"]) and any("0 subgroup(s) with known gender and race" in r for r in m["remarks"])
+    m = all_metrics([1, 1, 1], [1.0, -1.0, 2.0])
+    assert any("one class" in r for r in m["remarks"])
+
+
+def test_coco_group_without_detections_is_zero_like_pycocotools():
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from featcache.metrics.coco import coco_ap_ar, coco_ground_truth
+
+    sizes = np.array([[100, 100], [100, 100], [100, 100]])
+    gt = coco_ground_truth(sizes, [np.array([[0.5, 0.5, 0.4, 0.4]])] * 3, [np.array([1])] * 3)
+    dets = [{"image_id": 1, "category_id": 1, "bbox": [30.0, 30.0, 40.0, 40.0], "score": 0.9}]  # image 1 only
+    ours = coco_ap_ar(gt, dets, image_ids=[2, 3])  # ground truth, no detection
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes([dict(d) for d in dets]), "bbox")
+        ev.params.imgIds = [2, 3]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    assert ev.stats[0] == 0.0 and ev.stats[8] == 0.0  # pycocotools: every box missed
+    assert ours == {"ap": 0.0, "ar": 0.0}
+    assert coco_ap_ar(gt, dets, image_ids=[1])["ap"] == pytest.approx(1.0)
+    assert math.isnan(coco_ap_ar(gt, dets, image_ids=[2], cat_ids=[3])["ap"])  # no ground truth of category 3
+    assert math.isnan(coco_ap_ar({**gt, "annotations": []}, dets)["ar"])

@@ -276,8 +276,7 @@ def audit_subgroups(cache_path, out_dir, *, adapter_run=None, split_train: str =
     and ``subgroups.png`` (per attribute: purity@k, kNN and probe accuracy against their chance
     levels; raw beside debiased).  Returns the dict written to the JSON.
     """
-    from tqdm.auto import tqdm
-
+    from ..progress import bar as tqdm
     from ..report.plots import plot_leakage_audit
     from ..report.tables import markdown_table
 

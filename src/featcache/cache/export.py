@@ -20,7 +20,7 @@ def export_h5(cache_path, out, *, progress: bool = False) -> Path:
     Frame and query caches keep their layout: flat arrays (``frames``, ``gt_boxes``) with global ``offsets`` (n + 1).
     The cache's attributes are stored as JSON in the file attribute ``featcache``.
     """
-    from tqdm.auto import tqdm
+    from ..progress import bar as tqdm
 
     cache = FeatureCache(cache_path)
     out = Path(out)

@@ -47,8 +47,7 @@ def _split_of(k: int, m: int) -> str:
 def synth_detection(out, *, n: int = 600, seed: int = 0, gap: float = 0.5, size: int = 64,
                     progress: bool = True) -> dict:
     """Write ``n`` images (half per gender) with COCO annotations and the manifest; return a summary."""
-    from tqdm.auto import tqdm
-
+    from ..progress import bar as tqdm
     from .adapters import build_manifest
 
     if int(n) < 10:

@@ -160,7 +160,7 @@ def synth_faces(out, *, n: int = 800, seed: int = 0, bias: float = 0.6, size: in
     Arguments are checked before anything is written (:class:`FeatcacheError` says what is
     wrong; :func:`minimum_n` gives the smallest valid ``n``).
     """
-    from tqdm.auto import tqdm
+    from ..progress import bar as tqdm
 
     k = _check_int("images_per_identity", images_per_identity, 1)
     n = _check_int("n", n, 1)

@@ -130,7 +130,7 @@ def predict_scores(model: torch.nn.Module, paths: list[str], image_size: int, de
                    batch_size: int = 64, num_workers: int = 0, amp_dtype: torch.dtype | None = None,
                    progress: bool = False, desc: str = "predict") -> tuple[np.ndarray, np.ndarray, dict]:
     """Logits of every path (float64), a readable mask, and {row: error} for unreadable files."""
-    from tqdm.auto import tqdm
+    from ..progress import bar as tqdm
 
     model.eval()
     scores = np.zeros(len(paths), dtype=np.float64)

@@ -101,8 +101,7 @@ def train_e2e(
     config (``epochs`` may extend it).  ``epochs`` defaults to 20.  ``on_epoch_end(epoch, row)`` is called after each
     epoch's checkpoint is written (a notebook hook; raising in it interrupts the run).
     """
-    from tqdm.auto import tqdm
-
+    from ..progress import bar as tqdm
     from ..report.plots import plot_e2e_curves
 
     out = Path(out)

@@ -279,9 +279,8 @@ def finetune_detr(manifest, out, *, model: str = "tiny", epochs: int = 30, batch
     """
     import time
 
-    from tqdm.auto import tqdm
-
     from ..data.manifest import read_manifest
+    from ..progress import bar as tqdm
     from .runner import resolve_device
 
     dev = resolve_device(device)

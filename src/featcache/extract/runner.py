@@ -197,7 +197,7 @@ def _open_writer(ctx, out, spec: CacheSpec, df, overwrite: bool) -> tuple[CacheW
 
 def _extract(ctx, backbone, manifest, out, *, model, pretrained, layer, batch_size, num_workers, device,
              precision, part_rows, on_error, overwrite, seed, max_seconds, progress) -> ExtractResult:
-    from tqdm.auto import tqdm
+    from ..progress import bar as tqdm
 
     dev = ctx.device(resolve_device(device))
     if dev.type == "cuda" and ctx.active:

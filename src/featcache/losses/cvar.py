@@ -14,6 +14,7 @@ value), so the functions can sit inside a CUDA graph or a fully asynchronous tra
 
 DAW-FDD (Ju et al., "Improving Fairness in Deepfake Detection", WACV 2024) calls this worst
 fraction ``alpha``: its default ``alpha = 0.9`` means the worst 90 % of the samples, not the best.
+FairnessDeepfake's inner CVaR ``alpha = 0.9`` is the other way round: it is featcache's worst fraction 0.1.
 """
 
 from __future__ import annotations

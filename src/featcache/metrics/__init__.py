@@ -3,9 +3,11 @@
 - :mod:`.detection`: AUC, AP, EER, threshold metrics, video-level AUC.
 - :mod:`.fairness`: per-subgroup rates and F_FPR, F_EO, F_MEO, F_DP, F_OAE.
 - :mod:`.calibration`: ECE, MCE, Brier, NLL, reliability bins, temperature scaling.
+- :mod:`.bootstrap`: 95 % bootstrap intervals of the metrics; paired differences over seeds.
 
 Every function takes array-likes, raises ``ValueError`` on malformed input and returns plain
-Python floats (``nan`` where undefined) so results serialize to JSON.
+Python floats (``nan`` where undefined) so results serialize to JSON; :mod:`.bootstrap` takes a
+predictions table and raises :class:`~featcache.errors.FeatcacheError` (a user's file).
 """
 
 from __future__ import annotations
@@ -13,18 +15,21 @@ from __future__ import annotations
 import numpy as np
 
 from .calibration import calibration_metrics, fit_temperature, reliability_bins
-from .detection import detection_metrics, eer, sigmoid, video_auc
-from .fairness import fairness_metrics, group_rates, subgroup_table
+from .detection import detection_metrics, eer, eer_asvspoof, is_degenerate, sigmoid, video_auc
+from .fairness import FAIRNESS_KEYS, fairness_metrics, group_rates, subgroup_table
 
 __all__ = [
     "all_metrics",
     "calibration_metrics",
     "detection_metrics",
     "eer",
+    "eer_asvspoof",
+    "is_degenerate",
     "fairness_metrics",
     "fit_temperature",
     "group_rates",
     "reliability_bins",
+    "remarks",
     "sigmoid",
     "subgroup_table",
     "video_auc",
@@ -36,7 +41,10 @@ def all_metrics(y, score, groups=None, identity=None, threshold: float = 0.5) ->
 
     Detection (``auc, ap, eer, acc, f1, precision, recall, specificity, tp, fp, tn, fn``) and
     calibration (``ece, mce, brier, nll``) always; ``f_fpr, f_eo, f_meo, f_dp, f_oae`` when
-    ``groups`` is given; ``video_auc`` when ``identity`` is given and non-empty.
+    ``groups`` is given; ``video_auc`` when ``identity`` is given and non-empty.  Also
+    ``degenerate`` (bool: every sample got the same decision, see
+    :func:`~.detection.is_degenerate`) and ``remarks`` (list of str: why a result is suspicious
+    or nan; empty when nothing is).
     """
     score = np.asarray(score, dtype=np.float64)
     if not np.isfinite(score).all():
@@ -47,4 +55,31 @@ def all_metrics(y, score, groups=None, identity=None, threshold: float = 0.5) ->
         out.update(fairness_metrics(y, p, groups, threshold))
     if identity is not None and len(identity) > 0:
         out["video_auc"] = video_auc(y, p, identity)
+    out["degenerate"] = is_degenerate(p, threshold)
+    out["remarks"] = remarks(out, groups=groups, threshold=threshold)
+    return out
+
+
+def remarks(metrics: dict, groups=None, threshold: float = 0.5) -> list[str]:
+    """One sentence per suspicious or undefined result in ``metrics`` (from :func:`all_metrics`)."""
+    out = []
+    if metrics.get("degenerate"):
+        decision = "fake" if metrics.get("tp", 0) + metrics.get("fp", 0) > 0 else "real"
+        rate = 1 if decision == "fake" else 0
+        fair = [k for k in ("f_fpr", "f_eo", "f_meo", "f_dp") if k in metrics]
+        out.append(f"degenerate detector: every sample is predicted {decision} at threshold {threshold:g} "
+                   f"(FPR = TPR = {rate} in every subgroup)"
+                   + (f"; {', '.join(fair)} are 0 by construction and say nothing about fairness" if fair else ""))
+    auc = metrics.get("auc")
+    if auc is not None and auc != auc:
+        out.append("auc, ap and eer are nan: the labels hold one class only")
+    if groups is not None:
+        g = np.asarray(groups)
+        known = int(len(np.unique(g[g >= 0]))) if len(g) else 0
+        undefined = [k for k in FAIRNESS_KEYS if k in metrics and metrics[k] != metrics[k]]
+        if known < 2:
+            out.append(f"fairness metrics are nan: {known} subgroup(s) with known gender and race "
+                       f"({int((g < 0).sum())} of {len(g)} rows unknown); a disparity needs two")
+        elif undefined:
+            out.append(f"{', '.join(undefined)} nan: fewer than two subgroups hold both classes needed by the rate")
     return out

@@ -8,6 +8,11 @@
 - ``nll``: binary cross-entropy, mean −[y log p + (1 − y) log(1 − p)], p clipped to
   [1e-7, 1 − 1e-7].
 
+Convention: the bins are [lo, hi) on P(fake) itself, against the fraction of fakes (the
+"positive-class" reliability diagram).  Guo et al. (2017) bin the top-label confidence
+max(p, 1 − p) against the accuracy of the predicted label; on a binary detector the two ECEs
+differ (a bin here mixes predictions of both classes, theirs folds p and 1 − p together).
+
 Temperature scaling: p = sigmoid(score / T).  :func:`fit_temperature` minimises the NLL over
 T ∈ [0.1, 10] with L-BFGS-B from T = 1 (the NLL is smooth; it is computed from logits, without
 clipping, with its analytic gradient).  With ``objective="ece"`` (piecewise constant in T, so no

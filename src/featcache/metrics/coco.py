@@ -54,20 +54,27 @@ def detr_detections(logits: np.ndarray, boxes: np.ndarray, sizes, image_ids=None
 def coco_ap_ar(gt: dict, detections: list[dict], image_ids=None, cat_ids=None) -> dict:
     """AP@[.5:.95] and AR@100 (pycocotools COCOeval, bbox) over ``image_ids`` and ``cat_ids`` (default: all).
 
-    NaN where no ground truth box is in the selected images (pycocotools' -1).
+    NaN where no ground truth box of ``cat_ids`` is in the selected images (pycocotools' -1);
+    0 where there is ground truth but no detection in those images (what pycocotools gives:
+    every box missed; its ``loadRes`` cannot take an empty list, so that case is answered here).
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    ids = [im["id"] for im in gt["images"]] if image_ids is None else [int(i) for i in image_ids]
+    wanted = set(ids)
+    cats = None if cat_ids is None else {int(c) for c in cat_ids}
+    has_gt = any(a["image_id"] in wanted and (cats is None or int(a["category_id"]) in cats)
+                 for a in gt["annotations"])
+    if not has_gt:
+        return {"ap": float("nan"), "ar": float("nan")}
+    dets = [dict(d) for d in detections if d["image_id"] in wanted]  # loadRes writes into the records
+    if not dets:
+        return {"ap": 0.0, "ar": 0.0}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = gt
         coco_gt.createIndex()
-        ids = [im["id"] for im in gt["images"]] if image_ids is None else [int(i) for i in image_ids]
-        wanted = set(ids)
-        dets = [dict(d) for d in detections if d["image_id"] in wanted]  # loadRes writes into the records
-        if not dets or not any(a["image_id"] in set(ids) for a in gt["annotations"]):
-            return {"ap": float("nan"), "ar": float("nan")}
         coco_dt = coco_gt.loadRes(dets)
         ev = COCOeval(coco_gt, coco_dt, "bbox")
         ev.params.imgIds = ids

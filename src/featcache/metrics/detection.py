@@ -8,10 +8,25 @@ the decision is fake when ``p >= threshold`` (0.5 by default).
   step-free polyline through the operating points of :func:`sklearn.metrics.roc_curve`; the EER
   is read off where ``FNR - FPR`` changes sign, linearly interpolated between the two nearest
   points (exact when an operating point has FPR = FNR).
+- ``eer_asvspoof``: the EER as the ASVspoof challenges' ``eval_metric.compute_eer`` computes it
+  (used by SSL_Anti-spoofing and PartialSpoof): reported beside ``eer`` for audio.
 - ``acc``, ``f1``, ``precision``, ``recall`` (TPR), ``specificity`` (TNR) and the counts
   ``tp, fp, tn, fn`` at the threshold.
 - ``video_auc``: AUC over videos, a video (one ``identity``) scored by the mean probability of
   its frames and labelled by its frames' common label.
+- ``is_degenerate``: every sample gets one decision at the threshold; :func:`featcache.metrics.all_metrics`
+  reports it as ``degenerate`` and adds a remark, since the fairness metrics of such a detector
+  are 0 by construction.
+
+EER conventions (on the same untied inputs, ``eer_asvspoof`` and ``eer`` differ by at most
+0.25 / min(n_pos, n_neg); the DeepfakeBench value by several times 1 / min(n_pos, n_neg) on small sets):
+
+- featcache ``eer``: the interpolated crossing above; a continuous function of the ROC curve.
+- ASVspoof (``eer_asvspoof``): rows sorted by score, one operating point after each row (tied
+  scores are not merged: the bona fide rows of a tie come first, as in the reference), the first
+  point nearest to FNR = FPR, and the mean of its FNR and FPR.
+- DeepfakeBench / PG-FDD: the FPR (not the mean) at the point of sklearn's default ROC curve
+  (``drop_intermediate=True``) nearest to FNR = FPR; not computed here.
 
 A value that is undefined (AUC with one class present, precision with no predicted fakes, ...)
 is ``nan``.  All values are plain Python floats (counts are ints) so they serialize to JSON.
@@ -77,6 +92,41 @@ def eer(y, p) -> float:
         return float(fpr[i])
     t = diff[i - 1] / (diff[i - 1] - diff[i])
     return float(fpr[i - 1] + t * (fpr[i] - fpr[i - 1]))
+
+
+def eer_asvspoof(y, p) -> float:
+    """EER by the ASVspoof ``eval_metric`` rule (nearest point, averaged); nan with one class.
+
+    ASVspoof scores bona fide (real) high; here that score is ``-p``.  The rows are sorted by
+    it, ascending, bona fide first among tied scores (the reference sorts the concatenation
+    [bona fide; spoof] with a stable sort).  Point k (k = 0..n) rejects the first k rows:
+    FRR_k = bona fide rejected / n_real (featcache's FPR: reals flagged as fake) and
+    FAR_k = spoofs accepted / n_fake (FNR).  The EER is (FRR_k + FAR_k) / 2 at the first k that
+    minimises |FRR_k - FAR_k|.  See the module docstring for how it differs from :func:`eer`.
+    """
+    y, p = check_binary(y, p)
+    if _one_class(y):
+        return NAN
+    order = np.lexsort((y, -p))  # bona fide score -p ascending; real (0) before fake among ties
+    fake = y[order]
+    n_fake = int(fake.sum())
+    n_real = len(fake) - n_fake
+    real_rejected = np.r_[0, np.cumsum(1 - fake)]
+    fake_rejected = np.r_[0, np.cumsum(fake)]
+    frr = real_rejected / n_real
+    far = (n_fake - fake_rejected) / n_fake
+    k = int(np.argmin(np.abs(frr - far)))
+    return float((frr[k] + far[k]) / 2)
+
+
+def is_degenerate(p, threshold: float = 0.5) -> bool:
+    """True when every sample gets the same decision at ``threshold`` (all fake or all real).
+
+    Such a detector has FPR = TPR = 1 (or 0) in every subgroup, so every fairness metric is 0
+    by construction: "perfectly fair" by a detector that does not detect.
+    """
+    pred = np.asarray(p, dtype=np.float64) >= threshold
+    return bool(pred.all() or not pred.any())
 
 
 def _ratio(num: int, den: int) -> float:

@@ -20,6 +20,22 @@ Choices where the definitions leave room:
   term.  F_FPR is nan without an FPR term; F_EO is nan unless both its FPR and TPR terms exist
   (half of it would silently understate it); F_MEO, F_DP and F_OAE take the largest range among
   the rates that have one, nan when none has.
+
+Reading the numbers: every F_* is in percentage points.  F_FPR and F_EO are *sums* over the
+subgroups, so they grow with the number of subgroups and can exceed 100 (F_FPR 212.5 on 8
+subgroups: the subgroup FPRs lie on average 26.6 points from the overall FPR).  A detector that
+gives every sample one decision has FPR = TPR in {0, 1} in every subgroup, so F_FPR, F_EO,
+F_MEO and F_DP are 0 (and F_OAE only reflects each subgroup's class mix):
+:func:`featcache.metrics.all_metrics` flags it (``degenerate``) instead of letting it look fair.
+
+Conventions of the reference implementations (same names, other numbers):
+
+- PG-FDD (Lin et al., CVPR 2024) drops a subgroup holding only one class from *every* fairness
+  metric; featcache drops it only from the rates it leaves undefined (a group without reals
+  still counts in TPR, PR and ACC), so F_OAE, F_DP and F_MEO can differ widely (F_OAE 34.6 vs
+  5.9 on one reported case).
+- FairnessDeepfake's results key ``F_FPR`` is the *mean* of the subgroup FPRs, not a disparity;
+  featcache's ``f_fpr`` is the sum of absolute deviations from the overall FPR above.
 """
 
 from __future__ import annotations
@@ -31,6 +47,8 @@ from sklearn.metrics import roc_auc_score
 from ..data.manifest import SUBGROUP_NAMES
 from .detection import NAN, check_binary
 
+#: The fairness metrics, in the order they are reported.
+FAIRNESS_KEYS = ("f_fpr", "f_eo", "f_meo", "f_dp", "f_oae")
 RATE_COLUMNS = ("n", "n_pos", "n_neg", "tpr", "fpr", "tnr", "fnr", "pr", "nr", "acc", "auc")
 
 

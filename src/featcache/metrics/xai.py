@@ -5,7 +5,9 @@ On spoofed utterances with frame ground truth (frame label 1 = spoofed, 0 = bona
 - ``loc_auroc`` / ``loc_ap``: AUROC and average precision of w(t) against spoof frames, frames
   of all spoofed utterances pooled (sklearn);
 - ``loc_auroc_utt``: mean per-utterance AUROC over partially spoofed utterances (both classes);
-- ``pointing_game``: fraction of partially spoofed utterances whose top frame is spoofed;
+- ``pointing_game``: fraction of partially spoofed utterances whose top frame is spoofed; with
+  tied top importances the first of them (``argmax``) decides, where Quantus' PointingGame
+  scores a hit when *any* tied top frame is in the ground truth (higher on flat maps);
 - ``relevance_mass``: mean over those of sum of w inside the spoof intervals / sum of w.
 
 The utterance spoof score of an importance map is the mean of its top 10 % importances.

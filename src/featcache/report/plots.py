@@ -1,4 +1,9 @@
-"""Plots written by training, evaluation and ablation; matplotlib with the Agg backend."""
+"""Plots written by training, evaluation and ablation; matplotlib with the Agg backend.
+
+Every function takes a ``title`` (callers put the run and preset in it: a PNG travels without
+its folder), saves the figure to ``path`` and returns the closed :class:`matplotlib.figure.Figure`
+(for tests and notebooks to inspect).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ def _plt():
     return plt
 
 
-def plot_training_curves(log: pd.DataFrame, path: Path, best_epoch: int | None = None) -> None:
+def plot_training_curves(log: pd.DataFrame, path: Path, best_epoch: int | None = None, title: str = ""):
     """Train loss terms (left) and validation metrics (right) per epoch; the best epoch marked."""
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -30,21 +35,28 @@ def plot_training_curves(log: pd.DataFrame, path: Path, best_epoch: int | None =
             ax2.plot(log["epoch"], log[f"val_{name}"], label=name)
     ax2.plot(log["epoch"], log["score"], "k--", label="selection score")
     ax2.set(xlabel="epoch", ylabel="validation")
-    _save_epoch_plot(plt, fig, (ax1, ax2), best_epoch, path)
+    return _save_epoch_plot(plt, fig, (ax1, ax2), best_epoch, path, title)
 
 
-def _save_epoch_plot(plt, fig, axes, best_epoch: int | None, path: Path) -> None:
-    """Per-epoch panels: mark the best epoch, add legends, save and close."""
+def _save_epoch_plot(plt, fig, axes, best_epoch: int | None, path: Path, title: str = ""):
+    """Per-epoch panels: mark the best epoch, add legends and the title, save and close."""
     for ax in axes:
         if best_epoch:
             ax.axvline(best_epoch, color="grey", lw=0.8, ls=":")
         ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
-def plot_roc(y: np.ndarray, p: np.ndarray, path: Path, title: str = "") -> None:
+def plot_roc(y: np.ndarray, p: np.ndarray, path: Path, title: str = ""):
     from sklearn.metrics import roc_auc_score, roc_curve
 
     plt = _plt()
@@ -55,12 +67,10 @@ def plot_roc(y: np.ndarray, p: np.ndarray, path: Path, title: str = "") -> None:
     ax.plot([0, 1], [0, 1], "k:", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return _save(plt, fig, path)
 
 
-def plot_subgroup_rates(table: pd.DataFrame, path: Path, title: str = "") -> None:
+def plot_subgroup_rates(table: pd.DataFrame, path: Path, title: str = ""):
     """FPR and TPR per subgroup as bars, with the overall rates as lines."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -70,35 +80,46 @@ def plot_subgroup_rates(table: pd.DataFrame, path: Path, title: str = "") -> Non
     ax.set_xticks(x, [f"{s}\n(n={n})" for s, n in zip(table["subgroup"], table["n"])], fontsize=7)
     ax.set(ylabel="rate", ylim=(0, 1), title=title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return _save(plt, fig, path)
 
 
-def plot_ablation(df: pd.DataFrame, path: Path, x: str = "test_f_fpr", y: str = "test_auc") -> None:
-    """Each run as a point, each preset's mean with one-standard-deviation bars."""
+def plot_ablation(df: pd.DataFrame, path: Path, x: str = "test_f_fpr", y: str = "test_auc", title: str = ""):
+    """Each run as a faint point; each preset's mean over seeds as one marker with error bars of
+    one sample standard deviation over seeds (ddof = 1; none with a single seed) on both axes.
+
+    ``title``: the ablation (task, run folder); the legend names the presets and the seed count.
+    """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
     for i, (preset, g) in enumerate(df.groupby("preset", sort=False)):
-        color = f"C{i}"
-        ax.scatter(g[x], g[y], color=color, alpha=0.35, s=18)
-        ax.errorbar(g[x].mean(), g[y].mean(), xerr=g[x].std(ddof=0), yerr=g[y].std(ddof=0), fmt="o",
-                    color=color, capsize=3, label=preset)
+        color = f"C{i % 10}"
+        gx, gy = g[x].astype(float), g[y].astype(float)
+        ax.scatter(gx, gy, color=color, alpha=0.35, s=18)
+        ax.errorbar(gx.mean(), gy.mean(), xerr=_sd(gx), yerr=_sd(gy), fmt="o", color=color, capsize=3,
+                    label=f"{preset} (n={len(g)})")
     ax.set(xlabel=_metric_label(x), ylabel=_metric_label(y))
-    ax.legend(title="preset", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ax.set_title((title + "\n" if title else "") + "mean ± sd over seeds; faint: single runs", fontsize=9)
+    ax.legend(title="preset (runs)", fontsize=8)
+    return _save(plt, fig, path)
+
+
+def _sd(values: pd.Series) -> float:
+    """Sample standard deviation over seeds (ddof = 1); 0 (no bar) with fewer than two values."""
+    return float(values.std(ddof=1)) if values.notna().sum() > 1 else 0.0
 
 
 def _metric_label(column: str) -> str:
-    """``test_f_fpr`` -> ``test F_FPR``, ``val_auc`` -> ``val AUC``."""
+    """``test_f_fpr`` -> ``test F_FPR (pp, sum over subgroups)``, ``val_auc`` -> ``val AUC``."""
     split, _, metric = column.partition("_")
-    return f"{split} {metric.upper()}" if metric else column
+    if not metric:
+        return column
+    unit = {"f_fpr": " (pp, sum over subgroups)", "f_eo": " (pp, sum over subgroups)"}.get(
+        metric, " (pp)" if metric.startswith("f_") else "")
+    return f"{split} {metric.upper()}{unit}"
 
 
 def plot_leakage_audit(before: pd.DataFrame, after: pd.DataFrame | None, path: Path, k: int = 10,
-                       title: str = "") -> None:
+                       title: str = ""):
     """Per attribute: purity@k, kNN and probe accuracy as bars, each with its chance level as a tick.
 
     ``before`` / ``after`` are leakage-audit tables (:func:`featcache.analyze.subgroups.audit_features`);
@@ -127,13 +148,11 @@ def plot_leakage_audit(before: pd.DataFrame, after: pd.DataFrame | None, path: P
     ax.set(ylabel="rate", ylim=(0, 1.05), title=title)
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return _save(plt, fig, path)
 
 
 def plot_embedding_map(xy: np.ndarray, groups, path: Path, title: str = "", legend_title: str = "",
-                       order=None, marks: dict | None = None) -> None:
+                       order=None, marks: dict | None = None):
     """A 2-D scatter of points coloured by group (strings); the largest group is drawn first.
 
     ``order``: group names in colour order (e.g. the subgroup names in code order, so that a
@@ -160,12 +179,10 @@ def plot_embedding_map(xy: np.ndarray, groups, path: Path, title: str = "", lege
     ax.legend([handles[g] for g in palette], [handles[g].get_label() for g in palette], title=legend_title or None,
               fontsize=7, markerscale=max(1.0, 5 / size ** 0.5), loc="upper left", bbox_to_anchor=(1.01, 1.0),
               frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return _save(plt, fig, path)
 
 
-def plot_e2e_curves(log: pd.DataFrame, path: Path, best_epoch: int | None = None) -> None:
+def plot_e2e_curves(log: pd.DataFrame, path: Path, best_epoch: int | None = None, title: str = ""):
     """End-to-end training: train/val loss (left), train/val accuracy, val AUC and F1 (right)."""
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -175,10 +192,10 @@ def plot_e2e_curves(log: pd.DataFrame, path: Path, best_epoch: int | None = None
     for col, label in (("train_acc", "train acc"), ("val_acc", "val acc"), ("val_auc", "val AUC"), ("val_f1", "val F1")):
         ax2.plot(log["epoch"], log[col], marker="o", ms=3, label=label)
     ax2.set(xlabel="epoch", ylabel="rate", ylim=(0, 1.02))
-    _save_epoch_plot(plt, fig, (ax1, ax2), best_epoch, path)
+    return _save_epoch_plot(plt, fig, (ax1, ax2), best_epoch, path, title)
 
 
-def plot_reliability(panels: list[tuple[str, pd.DataFrame, dict]], path: Path, title: str = "") -> None:
+def plot_reliability(panels: list[tuple[str, pd.DataFrame, dict]], path: Path, title: str = ""):
     """Reliability diagrams side by side: per panel (name, reliability bins, calibration metrics).
 
     Bars: the fraction of fakes per bin; hatched: the gap to the bin's mean probability; the
@@ -204,12 +221,10 @@ def plot_reliability(panels: list[tuple[str, pd.DataFrame, dict]], path: Path, t
         ax.legend(loc="upper left", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return _save(plt, fig, path)
 
 
-def plot_confusion(tn: int, fp: int, fn: int, tp: int, path: Path, title: str = "") -> None:
+def plot_confusion(tn: int, fp: int, fn: int, tp: int, path: Path, title: str = ""):
     """The 2 x 2 confusion matrix (rows: true real/fake; columns: predicted), counts and row shares."""
     plt = _plt()
     cm = np.array([[tn, fp], [fn, tp]], dtype=float)
@@ -223,13 +238,11 @@ def plot_confusion(tn: int, fp: int, fn: int, tp: int, path: Path, title: str = 
     ax.set_xticks([0, 1], ["real", "fake"])
     ax.set_yticks([0, 1], ["real", "fake"])
     ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return _save(plt, fig, path)
 
 
 def plot_cascade(rows: pd.DataFrame, path: Path, *, marks=(), recommended: float | None = None,
-                 max_leakage: float | None = None, title: str = "") -> None:
+                 max_leakage: float | None = None, title: str = ""):
     """Cascade trade-off against the threshold: rates on the left axis (filtration, leakage,
     precision of what stops, and whichever of ``auc``, ``compute_saved`` the table holds).
 
@@ -252,13 +265,11 @@ def plot_cascade(rows: pd.DataFrame, path: Path, *, marks=(), recommended: float
     ax.set(xlabel="threshold t (stop when 1 - P(fake) >= t)", ylabel="rate", title=title)
     ax.title.set_fontsize(9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return _save(plt, fig, path)
 
 
 def plot_importance(importances, segments, titles, path: Path, hop_seconds: float = 0.02,
-                    centre_seconds: float = 0.0125) -> None:
+                    centre_seconds: float = 0.0125, title: str = ""):
     """Frame importance w(t) over time, one panel per utterance, true spoofed intervals shaded."""
     from ..data.audio import parse_segments
 
@@ -273,6 +284,6 @@ def plot_importance(importances, segments, titles, path: Path, hop_seconds: floa
         ax.set_title(title, fontsize=8, loc="left")
     axes[-1, 0].set_xlabel("seconds")
     axes[0, 0].legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(plt, fig, path)

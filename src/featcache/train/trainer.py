@@ -93,8 +93,7 @@ def train_head(
 
     ``options`` are task inputs that are not hyper-parameters (Stage 2's ``stage1`` run).
     """
-    from tqdm.auto import tqdm
-
+    from ..progress import bar as tqdm
     from ..report.plots import plot_training_curves
 
     out = Path(out)

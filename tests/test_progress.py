@@ -1,0 +1,54 @@
+"""Progress bars off a terminal: a handful of whole lines, not one per refresh (issue 15).
+
+conftest sets TQDM_DISABLE=1; the package always passes ``disable=not progress``, and so do these
+tests (``disable=False``), which overrides it.
+"""
+
+import io
+import time
+
+from featcache.progress import LogBar, bar
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_fast_loop_off_a_terminal_writes_a_handful_of_lines():
+    stream = io.StringIO()
+    b = bar(range(10_000), desc="train", unit="step", file=stream, disable=False)
+    for _ in b:
+        b.set_postfix(loss=0.25)  # a refresh per step on a terminal
+    lines = stream.getvalue().splitlines()
+    assert isinstance(b, LogBar) and 1 <= len(lines) <= 3
+    assert "\r" not in stream.getvalue()
+    assert lines[-1].startswith("train: 100%") and "10000/10000" in lines[-1] and "loss=0.25" in lines[-1]
+
+
+def test_long_loop_writes_one_line_per_interval_and_a_summary():
+    stream = io.StringIO()
+    t = time.time()
+    with bar(total=40, desc="extract", file=stream, log_interval=0.05, disable=False) as b:
+        for _ in range(40):
+            time.sleep(0.005)
+            b.update(1)
+    elapsed = time.time() - t
+    lines = stream.getvalue().splitlines()
+    assert 2 <= len(lines) <= elapsed / 0.05 + 1 < 40  # one per interval and the summary, not one per step
+    assert "40/40" in lines[-1] and len(set(lines)) == len(lines)
+
+
+def test_terminal_gets_tqdm_and_quiet_gets_nothing():
+    term = _Terminal()
+    b = bar(range(3), file=term, disable=False)
+    assert not isinstance(b, LogBar)
+    list(b)
+    assert "\r" in term.getvalue()  # tqdm's own redrawn bar
+    quiet = io.StringIO()
+    list(bar(range(10_000), file=quiet, disable=True))
+    assert quiet.getvalue() == ""
+    inner = io.StringIO()
+    with bar(total=5, file=inner, leave=False, disable=False) as b:  # a transient inner bar leaves nothing behind
+        b.update(5)
+    assert inner.getvalue() == ""

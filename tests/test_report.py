@@ -1,0 +1,118 @@
+"""What a user reads: the ablation plot and table, metric formatting, rounded CSVs (issues 15 and 19)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.container import ErrorbarContainer
+from PIL import Image
+
+from featcache.metrics import all_metrics
+from featcache.metrics.bootstrap import paired_differences
+from featcache.report.plots import plot_ablation, plot_training_curves
+from featcache.report.tables import (
+    METRIC_MEANINGS,
+    ablation_table,
+    format_metric,
+    metric_legend,
+    metrics_line,
+    write_csv_rounded,
+)
+
+
+def _ablation(degenerate_preset="none"):
+    rng = np.random.default_rng(0)
+    rows = []
+    for preset, auc, f_fpr in (("none", 0.80, 30.0), ("ldam", 0.81, 29.0), ("full", 0.79, 12.0)):
+        for seed in range(3):
+            rows.append({"preset": preset, "seed": seed, "test_auc": auc + 0.01 * rng.normal(),
+                         "test_f_fpr": f_fpr + rng.normal(), "test_acc": 0.7 + 0.01 * rng.normal(),
+                         "test_degenerate": preset == degenerate_preset and seed == 0})
+    return pd.DataFrame(rows)
+
+
+def test_ablation_plot_shows_each_preset_with_sd_error_bars(tmp_path):
+    df = _ablation()
+    fig = plot_ablation(df, tmp_path / "a.png", title="stage2 ablation: runs/abl")
+    assert Image.open(tmp_path / "a.png").format == "PNG"
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 3  # one marker with error bars per preset
+    for container, (_, g) in zip(bars, df.groupby("preset", sort=False)):
+        line, _, (xbar, ybar) = container
+        (mx,), (my,) = line.get_data()
+        assert (mx, my) == (pytest.approx(g["test_f_fpr"].mean()), pytest.approx(g["test_auc"].mean()))
+        # the vertical bar spans mean ± the sample sd over seeds
+        seg = ybar.get_segments()[0]
+        assert seg[1, 1] - seg[0, 1] == pytest.approx(2 * g["test_auc"].std(ddof=1))
+        seg = xbar.get_segments()[0]
+        assert seg[1, 0] - seg[0, 0] == pytest.approx(2 * g["test_f_fpr"].std(ddof=1))
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["none (n=3)", "ldam (n=3)", "full (n=3)"]
+    assert "stage2 ablation: runs/abl" in ax.get_title() and "sd over seeds" in ax.get_title()
+    assert "F_FPR" in ax.get_xlabel() and "sum over subgroups" in ax.get_xlabel()
+    # the single runs are there too, faintly: 9 points
+    assert sum(len(c.get_offsets()) for c in ax.collections if c.get_offsets().ndim == 2) >= 9
+
+
+def test_training_curves_carry_the_title(tmp_path):
+    log = pd.DataFrame({"epoch": [1, 2], "train_loss": [0.7, 0.5], "val_auc": [0.6, 0.7], "score": [0.6, 0.7]})
+    fig = plot_training_curves(log, tmp_path / "c.png", best_epoch=2, title="stage2 full seed 0")
+    assert fig._suptitle.get_text() == "stage2 full seed 0"
+
+
+def test_ablation_table_means_sd_differences_and_legend():
+    df = _ablation()
+    diffs = paired_differences(df, ["test_auc", "test_f_fpr", "test_acc"], baseline="none")
+    md = ablation_table(df, diffs, title="stage2")
+    lines = md.splitlines()
+    header = next(line for line in lines if line.startswith("| preset | n |"))
+    assert header == "| preset | n | auc | acc | f_fpr |"
+    full = next(line for line in lines if line.startswith("| full | 3 |"))
+    g = df[df.preset == "full"]
+    assert f"{g['test_auc'].mean():.3f} ± {g['test_auc'].std(ddof=1):.3f}" in full
+    assert f"{g['test_f_fpr'].mean():.1f} ± {g['test_f_fpr'].std(ddof=1):.1f}" in full
+    # the degenerate run of "none" marks its fairness cell, and the note says why
+    none = next(line for line in lines if line.startswith("| none | 3 |"))
+    assert "†1" in none.split("|")[5] and "†" not in none.split("|")[3]
+    assert any("0 by construction" in line for line in lines)
+    # paired differences: full's F_FPR drop (-18) is beyond the noise, marked; ldam's is not
+    d = diffs.set_index(["preset", "metric"])
+    r = d.loc[("full", "test_f_fpr")]
+    dfull = next(line for line in lines if line.startswith("| full | 3 | ") and "[" in line)
+    assert f"{r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}] *" in dfull
+    assert "Δ f_fpr" in md and "paired difference to `none`" in md
+    # every column's meaning once: F_FPR as a sum in percentage points, ± as the sd over seeds, n
+    assert md.count("F_FPR: sum over subgroups") == 1 and "percentage points" in md
+    assert "±: sample standard deviation over seeds" in md and "n: number of rows evaluated, or of runs" in md
+
+
+def test_format_metric_precision_intervals_and_degenerate_mark():
+    assert format_metric("auc", 0.91234) == "0.912"
+    assert format_metric("test_f_fpr", 212.4567) == "212.5"
+    assert format_metric("auc", float("nan")) == "n/a"
+    assert format_metric("n", 1200) == "1200" and format_metric("tp", 3.0) == "3"
+    assert format_metric("auc", 0.9, ci=[0.88, 0.93]) == "0.900 [0.880, 0.930]"
+    assert format_metric("f_fpr", 0.0, degenerate=True) == "0.0 (degenerate)"
+    assert format_metric("auc", 0.5, degenerate=True) == "0.500"  # only fairness metrics are void
+    y, score = [0, 1, 0, 1], [2.0, 3.0, 2.8, 2.5]  # every sample predicted fake; 3 of 4 pairs ordered
+    m = all_metrics(y, score, groups=[0, 0, 1, 1])
+    line = metrics_line(m, ["auc", "f_fpr"], ci={"auc": [0.1, 0.9]})
+    assert line == "auc 0.750 [0.100, 0.900], f_fpr 0.0 (degenerate)"
+
+
+def test_every_reported_metric_has_a_meaning():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 40)
+    m = all_metrics(y, rng.normal(size=40), groups=rng.integers(0, 3, 40),
+                    identity=[f"{label}-{i % 7}" for i, label in enumerate(y)])  # a video has one label
+    assert "video_auc" in m
+    missing = [k for k in m if k not in METRIC_MEANINGS and k not in ("tp", "fp", "tn", "fn", "remarks")]
+    assert missing == []
+    assert metric_legend(["test_auc", "val_auc", "±"]).count("\n") == 2  # each meaning once
+
+
+def test_csv_rounded_json_full(tmp_path):
+    df = pd.DataFrame({"preset": ["a"], "test_auc": [0.912345678], "test_f_fpr": [212.456789], "seed": [1]})
+    write_csv_rounded(df, tmp_path / "t.csv")
+    back = pd.read_csv(tmp_path / "t.csv")
+    assert back["test_auc"].iloc[0] == 0.9123 and back["test_f_fpr"].iloc[0] == 212.46 and back["seed"].iloc[0] == 1
+    assert df["test_auc"].iloc[0] == 0.912345678  # the caller's frame is untouched
