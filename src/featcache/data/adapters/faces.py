@@ -1,199 +1,48 @@
-"""Dataset adapters: a dataset folder in its public layout -> manifest rows.
-
-Each adapter is registered by name with :func:`register_adapter` and run by
-:func:`build_manifest`, which validates and writes its rows with
-:func:`featcache.data.manifest.write_manifest` (nothing is written on error).
-
-An adapter returns a :class:`pandas.DataFrame` with the columns :data:`ROW_COLUMNS`, one row
-per sample, sorted by ``path``: an absolute ``path``, ``label`` 0 (real) or 1 (fake), ``split``,
-``dataset``, ``gender`` and ``race`` already mapped to the canonical vocabularies (or empty),
-``identity``, ``method``, and a portable ``sample_id`` = ``<dataset>/<path relative to ROOT>``
-(the same on every machine, whatever folder the manifest is written to).
-
-Where a dataset has no official split, :func:`assign_splits` puts whole identities (never part
-of one) into train/val/test with a seeded NumPy generator: the same files and seed give the
-same manifest, byte for byte.  :func:`list_images` is the one way adapters find image files.
+"""Manifest adapters of face datasets: a generic real/fake folder, FaceForensics++, Celeb-DF v2,
+FairFace and UTKFace, in their official layouts and those DeepfakeBench, SelfBlendedImages and
+the fairness benchmarks (PG-FDD, AI-Face-FairnessBench) produce.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import numbers
-import os
 import re
-import warnings
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..errors import ManifestError
-from ..registry import Registry
-from .manifest import (
-    GENDERS,
-    RACES,
-    SPLITS,
-    Manifest,
-    map_gender,
-    map_race,
-    write_manifest,
+from ...errors import ManifestError
+from ..manifest import GENDERS, RACES, SPLITS, map_gender, map_race
+from .common import (
+    AUDIO_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    Notes,
+    assign_splits,
+    list_files,
+    list_images,
+    listing,
+    read_csv,
+    register_adapter,
+    seeded_split_source,
 )
+from .common import make_row as _row
+from .common import rows_frame as _frame
+from .common import subdirs as _subdirs
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
-AUDIO_EXTENSIONS = (".wav", ".flac")
-#: The columns every adapter returns, in this order.
-ROW_COLUMNS = ("sample_id", "path", "label", "split", "dataset", "gender", "race", "identity", "method")
-
-Adapter = Callable[..., pd.DataFrame]
-#: Adapter name -> adapter; filled by :func:`register_adapter`.
-ADAPTERS = Registry("manifest format", ("featcache.data.audio_adapters",), error=ManifestError)
-
-_MAX_LISTED = 5
-
-
-# --------------------------------------------------------------------------- registry
-
-#: Register ``fn(root, *, annotations, val_fraction, test_fraction, seed) -> DataFrame``.
-register_adapter = ADAPTERS.register
-#: Names of the registered dataset formats, sorted.
-list_adapters = ADAPTERS.names
-
-
-def build_manifest(
-    fmt: str,
-    root: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    annotations: str | os.PathLike | None = None,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.1,
-    seed: int = 0,
-    check_files: bool = True,
-) -> Manifest:
-    """Build the manifest of the dataset at ``root`` in format ``fmt`` and write it to ``out``.
-
-    ``val_fraction`` and ``test_fraction`` are fractions of identities, used only where the
-    dataset has no official split (each adapter's docstring says where).  ``annotations`` is
-    an extra file or folder some adapters read (FF++ demographics, FairFace label CSVs).
-    Returns the written :class:`~featcache.data.manifest.Manifest`; raises
-    :class:`~featcache.errors.ManifestError` (and writes nothing) on a problem with the input.
-    """
-    adapter = ADAPTERS.get(fmt)
-    root_path = Path(root)
-    if not root_path.is_dir():
-        what = "is not a directory" if root_path.exists() else "does not exist"
-        raise ManifestError(f"dataset folder {root} {what}; pass the folder that holds the {fmt} dataset")
-    ann = None
-    if annotations is not None:
-        ann = Path(annotations)
-        if not ann.exists():
-            raise ManifestError(f"annotations {annotations} do not exist; pass an existing file or folder")
-        ann = ann.resolve()
-    check_fractions(val_fraction, test_fraction)
-    rows = adapter(
-        root_path.resolve(), annotations=ann, val_fraction=float(val_fraction),
-        test_fraction=float(test_fraction), seed=int(seed),
-    )
-    return write_manifest(rows, out, source=f"{fmt} adapter on {root}", check_files=check_files)
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-def check_fractions(val_fraction: float, test_fraction: float) -> None:
-    """Raise unless both fractions are in [0, 1) and leave something for training."""
-    ok = all(isinstance(f, numbers.Real) and 0 <= f < 1 for f in (val_fraction, test_fraction))
-    if not ok or val_fraction + test_fraction >= 1:
-        raise ManifestError(
-            f"val_fraction={val_fraction!r} and test_fraction={test_fraction!r}: each must be in "
-            "[0, 1) and their sum below 1 (e.g. 0.1 and 0.1)"
-        )
-
-
-def assign_splits(groups: Iterable[str], *, val_fraction: float, test_fraction: float, seed: int) -> list[str]:
-    """One split per element of ``groups``, keeping every group (identity) in a single split.
-
-    The distinct groups are sorted, shuffled with ``numpy.random.default_rng(seed)`` and cut:
-    the first ``round(test_fraction * n)`` go to test, the next ``round(val_fraction * n)`` to
-    val, the rest to train.  The fractions count groups, not rows.  A positive fraction gets at
-    least one group as long as train keeps at least one.
-    """
-    check_fractions(val_fraction, test_fraction)
-    keys = [str(g) for g in groups]
-    distinct = sorted(set(keys))
-    n = len(distinct)
-    n_test = math.floor(test_fraction * n + 0.5)
-    n_val = math.floor(val_fraction * n + 0.5)
-    if test_fraction > 0 and n_test == 0 and n - n_val >= 2:
-        n_test = 1
-    if val_fraction > 0 and n_val == 0 and n - n_test >= 2:
-        n_val = 1
-    while n > 0 and n_test + n_val >= n:
-        if n_val > 0:
-            n_val -= 1
-        else:
-            n_test -= 1
-    order = np.random.default_rng(seed).permutation(n)
-    split_of = {}
-    for rank, index in enumerate(order):
-        split_of[distinct[index]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-    return [split_of[k] for k in keys]
-
-
-def list_files(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
-    """Files under ``folder`` (recursively, following links) whose names end in ``extensions``
-    (case-insensitive), sorted.  Hidden files and folders (``.name``, e.g. macOS ``._x.jpg``)
-    are skipped."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        base = Path(dirpath)
-        found.extend(base / f for f in filenames if not f.startswith(".") and f.lower().endswith(extensions))
-    return sorted(found)
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files (:data:`IMAGE_EXTENSIONS`, any case) under ``folder``, recursively, sorted."""
-    return list_files(folder, IMAGE_EXTENSIONS)
-
-
-def _subdirs(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def _row(path: Path, root: Path, dataset: str, label: int, *, identity: str, split: str = "",
-         method: str = "", gender: str = "", race: str = "") -> dict:
-    return {
-        "sample_id": f"{dataset}/{path.relative_to(root).as_posix()}", "path": str(path), "label": label,
-        "split": split, "dataset": dataset, "gender": gender, "race": race, "identity": identity,
-        "method": method,
-    }
-
-
-def _frame(rows: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=list(ROW_COLUMNS))
-    return df.sort_values("path", kind="stable").reset_index(drop=True)
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_MAX_LISTED])
-    return shown + (f" (and {len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: not a readable CSV ({exc})") from None
+_listing = listing
+_read_csv = read_csv
 
 
 # --------------------------------------------------------------------------- folder
 
-_LABEL_DIRS = {"real": 0, "fake": 1, "bonafide": 0, "spoof": 1}
+# crop_img: the processed FF++ crops shared with the fairness benchmarks' annotations keep the fakes
+# in ff++/crop_img and the reals in ff++/real (robust_fairness_withNoisy_labels, dataset/ff++/*.csv)
+_LABEL_DIRS = {"real": 0, "fake": 1, "bonafide": 0, "spoof": 1, "crop_img": 1}
+#: A flat FF++ crop name: ``<n>_<Method>_<target>_<source>_<frame>.png`` (fake) or
+#: ``<n>_youtube_<video>_<frame>.png`` (real), as in the fairness benchmarks' CSVs.
+FLAT_FFPP_NAME = re.compile(r"^\d+_(?P<method>[A-Za-z0-9]+)_(?P<target>\d{3})(?:_(?P<source>\d{3}))?_(?P<frame>\d+)$")
 _SPLIT_ALIASES = {
     "train": "train", "training": "train",
     "val": "val", "valid": "val", "validation": "val",
@@ -203,7 +52,7 @@ _SPLIT_ALIASES = {
 
 @register_adapter("folder")
 def folder_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, test_fraction: float = 0.1,
-                   seed: int = 0, **_) -> pd.DataFrame:
+                   seed: int = 0, notes: Notes, **_) -> pd.DataFrame:
     """A generic real/fake image folder, or a bonafide/spoof audio folder (.wav, .flac).
 
     Layouts (folder names case-insensitive; ``val`` may be spelled ``valid`` or ``validation``,
@@ -213,10 +62,15 @@ def folder_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, t
         ROOT/train/real/**   ROOT/val/fake/** ...                split folders above
         ROOT/real/train/**   ROOT/fake/test/** ...               split folders below
 
-    Only images and audio inside ``real/`` and ``fake/`` (or ``bonafide/`` and ``spoof/``) folders
-    are read; other folders are ignored.
+        ROOT/real/0_youtube_546_131.png  ROOT/crop_img/0_Deepfakes_300_304_151.png
+                                                                 the processed FF++ crops of the
+                                                                 fairness benchmarks (crop_img = fake)
+
+    Only images and audio inside ``real/`` and ``fake/`` (``bonafide/``, ``spoof/``, ``crop_img/``)
+    folders are read; every other folder is counted in a note.
     ``identity`` is the image's immediate folder when it sits in a per-video (per-person)
-    subfolder, else its file stem.  Without split folders, identities are split with
+    subfolder, else its file stem; a flat FF++ crop name gives the target video as identity
+    and its method (``0_Deepfakes_300_304_151`` -> 300, Deepfakes).  Without split folders, identities are split with
     ``val_fraction``/``test_fraction``; with split folders but none for val, val is carved
     from train by identity with ``val_fraction`` (pass 0 to keep train whole).
     ``dataset`` is ROOT's folder name; ``method`` is empty.
@@ -234,11 +88,14 @@ def folder_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, t
         )
     # (folder to scan, label, split or "" for none, whether split folders sit below it)
     sources: list[tuple[Path, int, str, bool]] = []
+    other = [p.name + "/" for p in top if p not in label_dirs and p not in split_dirs]
     if split_dirs:
         for sdir in split_dirs:
             for ldir in _subdirs(sdir):
                 if ldir.name.lower() in _LABEL_DIRS:
                     sources.append((ldir, _LABEL_DIRS[ldir.name.lower()], _SPLIT_ALIASES[sdir.name.lower()], False))
+                else:
+                    other.append(f"{sdir.name}/{ldir.name}/")
     else:
         for ldir in label_dirs:
             below = any(p.name.lower() in _SPLIT_ALIASES for p in _subdirs(ldir))
@@ -258,7 +115,12 @@ def folder_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, t
                     continue
                 split, base = _SPLIT_ALIASES[rel[0].lower()], folder / rel[0]
             identity = path.parent.name if path.parent != base else path.stem
-            rows.append(_row(path, root, dataset, label, identity=identity, split=split))
+            method = ""
+            flat = FLAT_FFPP_NAME.match(path.stem) if path.parent == base else None
+            if flat:
+                identity = flat["target"]
+                method = "" if flat["method"] == "youtube" else flat["method"]
+            rows.append(_row(path, root, dataset, label, identity=identity, split=split, method=method))
     if outside:
         raise ManifestError(
             f"{root}: {len(outside)} image(s) sit outside the split folders next to them: {_listing(outside)}; "
@@ -267,10 +129,15 @@ def folder_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, t
     if not rows:
         raise ManifestError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) or audio ({', '.join(AUDIO_EXTENSIONS)}) "
                             "under the real/ and fake/ folders")
+    notes.skipped("folder(s)", other, "only real/ and fake/ (bonafide/, spoof/, crop_img/) folders are read")
     df = _frame(rows)
     used = set(df["split"])
+    notes.split_source = "the split folders"
     if used == {""}:
         df["split"] = assign_splits(df["identity"], val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+        notes.split_source = seeded_split_source("identities", val_fraction=val_fraction,
+                                                 test_fraction=test_fraction, seed=seed)
+        notes.add("no split folders: " + notes.split_source)
     elif "" in used:
         loose = sorted({str(Path(p).relative_to(root).parts[0]) for p in df.loc[df["split"] == "", "path"]})
         raise ManifestError(
@@ -281,6 +148,9 @@ def folder_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, t
         train = df["split"] == "train"
         df.loc[train, "split"] = assign_splits(df.loc[train, "identity"], val_fraction=val_fraction,
                                                test_fraction=0.0, seed=seed)
+        notes.split_source = "the split folders; val " + seeded_split_source(
+            "train identities", val_fraction=val_fraction, test_fraction=None, seed=seed)
+        notes.add("no val folder: val carved from train by identity")
     return df
 
 
@@ -288,11 +158,39 @@ def folder_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, t
 
 FFPP_METHODS = ("Deepfakes", "Face2Face", "FaceSwap", "NeuralTextures", "FaceShifter")
 _FRAME_FOLDERS = ("frames", "images")
+#: The demographic code columns of the published FF++ annotation CSVs, in the default order:
+#: robust_fairness_withNoisy_labels' ``Intersection`` (the cleaner label) before ``intersec_label``
+#: (its noisy one; the only one in PG-FDD / Fairness-Generalization's CSVs).
+FFPP_LABEL_COLUMNS = ("Intersection", "intersec_label")
+#: Path columns of those CSVs: ``Image Path`` (robust_fairness_withNoisy_labels), ``img_path`` (PG-FDD).
+_FFPP_PATH_COLUMNS = ("Image Path", "img_path", "path")
+#: One-hot columns (PG-FDD's is*, or A-FF++'s attribute names): 1 yes, -1 no, 0 undefined.
+_ONE_HOT = {"male": ("ismale", "male"), "asian": ("isasian", "asian"), "white": ("iswhite", "white"),
+            "black": ("isblack", "black")}
 
 
-def _ffpp_video_dirs(base: Path) -> list[Path]:
-    """``base/<compression>/{frames,images}/<video>/`` for any compression (c0, c23, c40, raw)."""
-    return [video for comp in _subdirs(base) for kind in _FRAME_FOLDERS for video in _subdirs(comp / kind)]
+def _ffpp_video_dirs(base: Path, skipped: list[str], root: Path) -> tuple[list[Path], list[Path]]:
+    """(frame folders ``base/<comp>/{frames,images}/<video>/``, video files ``base/<comp>/videos/*``);
+    other folders next to frames/ (masks, landmarks) go to ``skipped``."""
+    frames, videos = [], []
+    for comp in _subdirs(base):
+        for kind in _subdirs(comp):
+            if kind.name in _FRAME_FOLDERS:
+                frames += _subdirs(kind)
+            elif kind.name == "videos":
+                videos += [p for p in sorted(kind.iterdir()) if p.suffix.lower() in VIDEO_EXTENSIONS]
+            else:
+                skipped.append(kind.relative_to(root).as_posix() + "/")
+    return frames, videos
+
+
+def _ffpp_split_files(root: Path) -> Path | None:
+    """The folder holding the official train/val/test.json: ROOT itself (DeepfakeBench,
+    SelfBlendedImages) or ROOT/splits; None when neither holds any of them."""
+    for folder in (root, root / "splits"):
+        if any((folder / f"{s}.json").is_file() for s in SPLITS):
+            return folder
+    return None
 
 
 def _ffpp_official_splits(split_dir: Path) -> tuple[dict[str, str], dict[frozenset, str]]:
@@ -304,7 +202,7 @@ def _ffpp_official_splits(split_dir: Path) -> tuple[dict[str, str], dict[frozens
             raise ManifestError(
                 f"{split_dir}: {file.name} is missing; the official FF++ splits are train.json, val.json and "
                 "test.json (JSON lists of video id pairs such as [[\"953\", \"974\"], ...]); add it, or remove "
-                "splits/ to split by identity"
+                "the other split files to split by identity"
             )
         try:
             pairs = json.loads(file.read_text())
@@ -347,36 +245,49 @@ def _ffpp_groups(videos: list[str]) -> dict[str, str]:
 
 
 def _indicator(value: str) -> bool | None:
+    """1 -> True, -1 -> False, 0 or empty -> None (undefined, as A-FF++ and PG-FDD code it)."""
     value = str(value).strip()
     if value == "" or value.lower() == "nan":
         return None
     try:
-        return float(value) > 0  # DAW-FDD writes 1 / -1; others 1 / 0
+        number = float(value)
     except ValueError:
-        raise ManifestError(f"not a 0/1 (or 1/-1) indicator: {value!r}") from None
+        raise ManifestError(f"not a 1 / -1 / 0 indicator: {value!r}") from None
+    if number not in (1.0, -1.0, 0.0):
+        raise ManifestError(f"not a 1 / -1 / 0 indicator: {value!r}")
+    return None if number == 0 else number > 0
 
 
-def _demographics_of(df: pd.DataFrame, source: Path) -> list[tuple[str, str]]:
-    """(gender, race) per annotation row, from ``intersec_label`` or the one-hot columns."""
+def _demographics_of(df: pd.DataFrame, source: Path, label_column: str | None,
+                     undefined: list[str]) -> tuple[list[tuple[str, str]], str]:
+    """((gender, race) per annotation row, the column(s) read), from a 0..7 code column or the
+    one-hot columns.  Undefined values (empty, -1 codes, 0 indicators) give ("", "") and are
+    appended to ``undefined``."""
     out, bad = [], []
-    if "intersec_label" in df.columns:
-        for i, value in enumerate(df["intersec_label"]):
+    lower = {c.lower(): c for c in df.columns}
+    if label_column is not None and label_column not in df.columns:
+        raise ManifestError(f"{source}: has no column {label_column!r} (--label-column); found {', '.join(df.columns)}")
+    column = label_column or next((c for c in FFPP_LABEL_COLUMNS if c in df.columns), None)
+    one_hot = {k: next((lower[n] for n in names if n in lower), None) for k, names in _ONE_HOT.items()}
+    if column is not None:
+        for i, value in enumerate(df[column]):
             value = str(value).strip()
             try:
                 code = int(float(value)) if value and value.lower() != "nan" else -1
             except ValueError:
                 code = -2
             if code == -1:
+                undefined.append(f"{source.name} line {i + 2}")
                 out.append(("", ""))
             elif 0 <= code < 8 and float(value) == code:
                 out.append((GENDERS[code // len(RACES)], RACES[code % len(RACES)]))
             else:
                 bad.append(f"line {i + 2}: {value!r}")
                 out.append(("", ""))
-        what = "an intersec_label outside 0..7"
-    elif {"ismale", "isasian", "iswhite", "isblack"} <= set(df.columns):
-        what = "invalid one-hot demographics"
-        for i, row in enumerate(df[["ismale", "isasian", "iswhite", "isblack"]].itertuples(index=False)):
+        what, used = f"a {column} outside 0..7", column
+    elif all(one_hot.values()):
+        what, used = "invalid one-hot demographics", "/".join(one_hot.values())
+        for i, row in enumerate(df[list(one_hot.values())].itertuples(index=False)):
             try:
                 male, *races = (_indicator(v) for v in row)
             except ManifestError as exc:
@@ -389,50 +300,57 @@ def _demographics_of(df: pd.DataFrame, source: Path) -> list[tuple[str, str]]:
             else:
                 hot = [name for name, flag in zip(("asian", "white", "black"), races) if flag]
                 if len(hot) > 1:
-                    bad.append(f"line {i + 2}: more than one of isasian/iswhite/isblack set")
+                    bad.append(f"line {i + 2}: more than one of asian/white/black set")
                     out.append(("", ""))
                     continue
                 race = hot[0] if hot else "other"  # none of the three -> other (DESIGN.md)
+            if gender == "" or race == "":
+                undefined.append(f"{source.name} line {i + 2}")
             out.append((gender, race))
     else:
         raise ManifestError(
-            f"{source}: needs a column intersec_label (0..7) or the columns ismale, isasian, iswhite, isblack; "
-            f"found {', '.join(df.columns)}"
+            f"{source}: needs a column {' or '.join(FFPP_LABEL_COLUMNS)} (0..7) or the one-hot columns ismale, isasian, "
+            f"iswhite, isblack; found {', '.join(df.columns)}"
         )
     if bad:
         raise ManifestError(f"{source}: {len(bad)} row(s) with {what}: {_listing(bad)}")
-    return out
+    return out, used
 
 
 _AMBIGUOUS = ("?", "?")
 _SUFFIX = 4  # CSVs carry their authors' absolute paths: match on at least the last 4 components
+_MIN_KEY = 2  # ... or on folder/name when the frame's own path under ROOT is that short (flat crops)
 
 
 def _path_parts(path: str) -> tuple[str, ...]:
     return tuple(p for p in str(path).strip().replace("\\", "/").split("/") if p not in ("", "."))
 
 
-def _ffpp_annotations(annotations: Path, root: Path, frames: list[Path]) -> list[tuple[str, str]]:
+def _ffpp_annotations(annotations: Path, root: Path, frames: list[Path], notes: Notes,
+                      label_column: str | None) -> list[tuple[str, str]]:
     """(gender, race) per frame from FF++ demographic annotation CSV(s) (a file, or a folder of them)."""
     files = sorted(annotations.glob("*.csv")) if annotations.is_dir() else [annotations]
     if not files:
         raise ManifestError(f"{annotations}: a folder with no .csv file; pass the demographic annotations CSV")
     index: dict[tuple[str, ...], tuple[str, str]] = {}
-    example, n_rows = "", 0
+    example, n_rows, undefined, used = "", 0, [], set()
     for file in files:
         df = _read_csv(file)
-        column = next((c for c in ("img_path", "path") if c in df.columns), None)
+        column = next((c for c in _FFPP_PATH_COLUMNS if c in df.columns), None)
         if column is None:
-            raise ManifestError(f"{file}: needs a column img_path (or path) naming each frame; found {', '.join(df.columns)}")
-        for path, value in zip(df[column], _demographics_of(df, file)):
+            raise ManifestError(f"{file}: needs a column naming each frame ({', '.join(_FFPP_PATH_COLUMNS)}); "
+                                f"found {', '.join(df.columns)}")
+        values, read_from = _demographics_of(df, file, label_column, undefined)
+        used.add(f"{read_from} of {file.name}")
+        for path, value in zip(df[column], values):
             parts = _path_parts(path)
             example = example or str(path)
             n_rows += 1
-            for k in range(min(_SUFFIX, len(parts)), len(parts) + 1):
+            for k in range(min(_MIN_KEY, len(parts)), len(parts) + 1):
                 key = parts[-k:]
                 if index.setdefault(key, value) != value:
                     index[key] = _AMBIGUOUS
-    out, ambiguous, matched = [], [], 0
+    out, ambiguous, unmatched, matched = [], [], [], 0
     for frame in frames:
         parts = frame.relative_to(root).parts
         value = ("", "")
@@ -442,6 +360,8 @@ def _ffpp_annotations(annotations: Path, root: Path, frames: list[Path]) -> list
             if found is not None:
                 value, matched = found, matched + 1
                 break
+        else:
+            unmatched.append(frame.relative_to(root).as_posix())
         if value == _AMBIGUOUS:
             ambiguous.append(frame.relative_to(root).as_posix())
             value = ("", "")
@@ -452,71 +372,105 @@ def _ffpp_annotations(annotations: Path, root: Path, frames: list[Path]) -> list
             f"relative to ROOT or by their last {_SUFFIX} path components (e.g. {example!r} vs the frame "
             f"{frames[0].relative_to(root).as_posix()!r})"
         )
-    if ambiguous:
-        warnings.warn(
-            f"{annotations}: {len(ambiguous)} frame(s) match annotation rows with different demographics "
-            f"and are left unannotated: {_listing(ambiguous)}",
-            stacklevel=4,
-        )
+    notes.add(f"demographics from column {', '.join(sorted(used))} (--label-column picks Intersection, the "
+              "publishers' cleaner label, or intersec_label, their noisy one)")
+    notes.skipped("annotation value(s) as unknown", undefined, "undefined code: 0 in a 1/-1 column, or empty")
+    notes.skipped("frame(s)' demographics", ambiguous, "they match annotation rows that disagree; left unknown")
+    notes.skipped("frame(s)' demographics", unmatched, "no annotation row matches them; left unknown")
     return out
+
+
+def _ffpp_flat_rows(root: Path, dataset: str, notes: Notes) -> list[dict]:
+    """The processed crops of the fairness benchmarks: ROOT/real/0_youtube_546_131.png and
+    ROOT/crop_img/0_Deepfakes_300_304_151.png (one flat folder each)."""
+    rows, odd = [], []
+    for folder, label in (("real", 0), ("crop_img", 1)):
+        for path in list_images(root / folder):
+            m = FLAT_FFPP_NAME.match(path.stem)
+            if m is None or (label == 0) != (m["method"] == "youtube") or (label == 1 and m["source"] is None):
+                odd.append(path.relative_to(root).as_posix())
+                continue
+            video = m["target"] if label == 0 else f"{m['target']}_{m['source']}"
+            row = _row(path, root, dataset, label, identity=m["target"], method="" if label == 0 else m["method"])
+            row["_video"] = video
+            rows.append(row)
+    notes.skipped("crop(s)", odd, "names are not <n>_youtube_<video>_<frame> in real/ or "
+                  "<n>_<Method>_<target>_<source>_<frame> in crop_img/")
+    return rows
 
 
 @register_adapter("ffpp")
 def ffpp_adapter(root: Path, *, annotations: Path | None = None, val_fraction: float = 0.1,
-                 test_fraction: float = 0.1, seed: int = 0, **_) -> pd.DataFrame:
-    """FaceForensics++ with frames extracted into per-video folders::
+                 test_fraction: float = 0.1, seed: int = 0, notes: Notes, label_column: str | None = None,
+                 **_) -> pd.DataFrame:
+    """FaceForensics++ as frames: the official tree (DeepfakeBench, SelfBlendedImages), or flat crops::
 
         ROOT/original_sequences/youtube/<comp>/frames/<video>/*.png            real, video "000"
         ROOT/manipulated_sequences/<Method>/<comp>/frames/<video>/*.png        fake, video "000_003"
-        ROOT/splits/train.json, val.json, test.json                            optional
+        ROOT/{train,val,test}.json   or   ROOT/splits/{train,val,test}.json    official splits
+        ROOT/real/0_youtube_546_131.png  ROOT/crop_img/0_Deepfakes_300_304_151.png   flat crops
 
-    ``<comp>`` is any compression folder (c0, c23, c40, raw, ...), all read; ``images`` is
-    accepted for ``frames``.  Methods: :data:`FFPP_METHODS`; other folders under
-    manipulated_sequences (DeepFakeDetection, whose reals live in original_sequences/actors)
-    are skipped with a warning.  ``identity`` is the video id for reals and the target id
-    (the first) for fakes: "000_003" -> "000".  ``method`` is the Method folder.
+    ``<comp>`` is any compression folder (c0, c23, c40, raw), all read; ``images`` is accepted
+    for ``frames``; masks/, landmarks/ are counted in a note.  A tree of videos only is an error
+    that points to ``featcache frames``.  Methods: :data:`FFPP_METHODS`; other folders
+    (DeepFakeDetection, original_sequences/actors) are counted in a note.  ``identity`` is the
+    video id for reals and the target id (the first) for fakes: "000_003" -> "000".
 
-    Splits: the official ``splits/*.json`` (lists of id pairs) when present -- a video id is in
-    its pair's split, a fake "a_b" in the split of pair (a, b); every video must be listed.
-    Without ``splits/``, ids linked by a fake (target and source) are kept together and split
-    with ``val_fraction``/``test_fraction``.
+    Splits: the official JSONs (lists of id pairs) at ROOT (where DeepfakeBench and
+    SelfBlendedImages keep them) or in ROOT/splits -- a video id is in its pair's split, a fake
+    "a_b" in the split of pair (a, b); every video must be listed.  Without them, ids linked by
+    a fake are kept together and split with ``val_fraction``/``test_fraction``, and a note says so.
 
-    ``annotations``: FF++ demographic annotations as used by the fair deepfake detection
-    benchmarks (DAW-FDD): a CSV, or a folder of CSVs, with ``img_path`` (or ``path``) and
-    either ``intersec_label`` (0..7, DESIGN.md's code order) or ``ismale`` plus ``isasian``,
-    ``iswhite``, ``isblack`` (1 / 0 or 1 / -1; none of the three -> other).  A row matches a
-    frame by its path relative to ROOT, else by the longest common suffix of at least 4 path
-    components (the CSVs carry their authors' absolute paths).  Frames without a row get empty
-    gender and race; a CSV that matches no frame at all is an error.
+    ``annotations``: the published FF++ demographic CSVs (a file or a folder of them):
+    robust_fairness_withNoisy_labels' ``Image Path,...,Intersection,Target,intersec_label``,
+    PG-FDD's ``img_path,label,ismale,isasian,iswhite,isblack,intersec_label``, or A-FF++-style
+    one-hot columns (1 / -1, 0 = undefined -> unknown, never a group).  ``label_column`` picks
+    the 0..7 code column: ``Intersection`` (default when present, the cleaner one) or
+    ``intersec_label``; the choice is a note.  A row matches a frame by its path relative to
+    ROOT, else by the longest common suffix of at least 4 path components (2 for flat crops).
     """
     dataset = "ffpp"
-    videos: list[tuple[Path, int, str]] = [(v, 0, "") for v in _ffpp_video_dirs(root / "original_sequences" / "youtube")]
-    manipulated = root / "manipulated_sequences"
-    skipped = []
-    for method_dir in _subdirs(manipulated):
+    skipped: list[str] = []
+    frames, videos = _ffpp_video_dirs(root / "original_sequences" / "youtube", skipped, root)
+    entries: list[tuple[Path, int, str]] = [(v, 0, "") for v in frames]
+    other = [p.relative_to(root).as_posix() + "/" for p in _subdirs(root / "original_sequences")
+             if p.name != "youtube"]
+    for method_dir in _subdirs(root / "manipulated_sequences"):
         if method_dir.name in FFPP_METHODS:
-            videos += [(v, 1, method_dir.name) for v in _ffpp_video_dirs(method_dir)]
+            f, v = _ffpp_video_dirs(method_dir, skipped, root)
+            entries += [(d, 1, method_dir.name) for d in f]
+            videos += v
         else:
-            skipped.append(method_dir.name)
-    if skipped:
-        warnings.warn(
-            f"{manipulated}: skipping folder(s) {', '.join(skipped)}; the ffpp adapter reads {', '.join(FFPP_METHODS)}",
-            stacklevel=3,
-        )
+            other.append(method_dir.relative_to(root).as_posix() + "/")
     rows = []
-    for video_dir, label, method in videos:
+    for video_dir, label, method in entries:
         identity = video_dir.name.split("_")[0]
-        rows += [_row(p, root, dataset, label, identity=identity, method=method) for p in list_images(video_dir)]
+        for p in list_images(video_dir):
+            row = _row(p, root, dataset, label, identity=identity, method=method)
+            row["_video"] = video_dir.name
+            rows.append(row)
+    if not entries and ((root / "real").is_dir() or (root / "crop_img").is_dir()):
+        rows = _ffpp_flat_rows(root, dataset, notes)
+    notes.skipped("folder(s)", other, f"the ffpp format reads original_sequences/youtube and {', '.join(FFPP_METHODS)}")
+    notes.skipped("folder(s) beside frames/", sorted(set(skipped)), "not frames")
     if not rows:
+        if videos:
+            raise ManifestError(
+                f"{root}: {len(videos)} FF++ video(s) but no frames (e.g. {videos[0].relative_to(root)}); extract "
+                f"frames first: featcache frames {root} {root} --fps 1 (writes <comp>/frames/<video>/*.png)")
         raise ManifestError(
             f"{root}: no FF++ frames found; expected ROOT/original_sequences/youtube/<c23|c40|...>/frames/<video>/*.png "
-            "and ROOT/manipulated_sequences/<Method>/<c23|c40|...>/frames/<video>/*.png (or images/ for frames/)"
+            "and ROOT/manipulated_sequences/<Method>/<c23|c40|...>/frames/<video>/*.png (or images/ for frames), "
+            "or flat crops in ROOT/real and ROOT/crop_img"
         )
-    df = _frame(rows)
-    video = df["path"].map(lambda p: Path(p).parent.name)
+    if entries and videos:
+        notes.add(f"{len(videos)} video file(s) not read: frames/ folders are read instead")
+    full = pd.DataFrame(rows).sort_values("path", kind="stable").reset_index(drop=True)
+    video = full.pop("_video")
+    df = full
 
-    split_dir = root / "splits"
-    if split_dir.is_dir():
+    split_dir = _ffpp_split_files(root)
+    if split_dir is not None:
         id_split, pair_split = _ffpp_official_splits(split_dir)
 
         def official(name: str) -> str:
@@ -534,18 +488,25 @@ def ffpp_adapter(root: Path, *, annotations: Path | None = None, val_fraction: f
         if missing:
             raise ManifestError(
                 f"{split_dir}: {len(missing)} video(s) are in none of the official splits: {_listing(missing)}; "
-                "fix the JSON files, or remove splits/ to split by identity"
+                "fix the JSON files, or remove them to split by identity"
             )
         df["split"] = video.map(split_of)
+        notes.split_source = f"the official FF++ split files {split_dir / 'train.json'}, val.json, test.json"
     else:
         group = _ffpp_groups(sorted(set(video)))
         df["split"] = assign_splits(video.map(lambda v: group[v.split("_")[0]]), val_fraction=val_fraction,
                                     test_fraction=test_fraction, seed=seed)
+        notes.split_source = seeded_split_source("linked video ids", val_fraction=val_fraction,
+                                                 test_fraction=test_fraction, seed=seed)
+        notes.add(f"no official split files (train.json, val.json, test.json in {root} or {root / 'splits'}): "
+                  + notes.split_source)
 
     if annotations is not None:
-        demo = _ffpp_annotations(annotations, root, [Path(p) for p in df["path"]])
+        demo = _ffpp_annotations(annotations, root, [Path(p) for p in df["path"]], notes, label_column)
         df["gender"] = [g for g, _ in demo]
         df["race"] = [r for _, r in demo]
+    elif label_column is not None:
+        raise ManifestError("--label-column applies to --annotations; pass the demographic CSV(s) too")
     return df
 
 
@@ -566,34 +527,42 @@ def _celebdf_identity(folder: str, video: str) -> str:
 
 @register_adapter("celebdf")
 def celebdf_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, test_fraction: float = 0.1,
-                    seed: int = 0, **_) -> pd.DataFrame:
-    """Celeb-DF v2::
+                    seed: int = 0, notes: Notes, **_) -> pd.DataFrame:
+    """Celeb-DF v2, official or as DeepfakeBench's preprocessing leaves it::
 
         ROOT/Celeb-real/id0_0000/*.png        real   (or ROOT/Celeb-real/id0_0000.mp4)
+        ROOT/Celeb-real/frames/id0_0000/*.png real   (DeepfakeBench: <folder>/frames/<video>/)
         ROOT/YouTube-real/00170/*.png         real
         ROOT/Celeb-synthesis/id0_id16_0000/   fake, method "celebdf-synthesis"
         ROOT/List_of_testing_videos.txt       "1 YouTube-real/00170.mp4" per line
 
     Each folder holds per-video frame folders or the video files themselves (then ``path`` is
-    the video file); both may be mixed.  The videos listed in List_of_testing_videos.txt are
-    split ``test`` (a frame folder matches the listed video's stem); the rest are split into
-    train/val by identity with ``val_fraction`` (``test_fraction`` is ignored).  Without the
-    list, identities are split with both fractions.  Note the official test list shares
-    identities with the rest (the same 59 celebrities), so identity-disjointness holds only
-    between train and val.
+    the video file); both may be mixed.  Where ``<folder>/frames/`` exists its frame folders are
+    read and the video files beside it are counted in a note.  Other entries are counted in a
+    note.  The videos listed in List_of_testing_videos.txt are split ``test`` (a frame folder
+    matches the listed video's stem); the rest are split into train/val by identity with
+    ``val_fraction`` (``test_fraction`` is ignored).  Without the list, identities are split
+    with both fractions and a note says the official test split is not used.  Note the official
+    test list shares identities with the rest (the same 59 celebrities), so identity-disjointness
+    holds only between train and val.
 
     ``identity``: Celeb-real "id0_0000" -> "id0"; Celeb-synthesis "id0_id16_0000" -> "id0",
     the target (id0's video with id16's face swapped in); YouTube-real: the video stem.
     """
     dataset = "celebdf"
-    rows, present = [], set()
+    rows, present, videos, not_read, other = [], set(), [], [], []
     for folder, label in CELEBDF_FOLDERS.items():
         base = root / folder
         if not base.is_dir():
             continue
-        for entry in sorted(base.iterdir()):
+        frames_dir = base / "frames"
+        scan = frames_dir if frames_dir.is_dir() else base
+        for entry in sorted(scan.iterdir()):
             is_video = entry.suffix.lower() in VIDEO_EXTENSIONS
-            if entry.name.startswith(".") or not (entry.is_dir() or is_video):
+            if entry.name.startswith("."):
+                continue
+            if not (entry.is_dir() or is_video):
+                other.append(entry.relative_to(root).as_posix())
                 continue
             # a frame folder may be named after its video ("00170.mp4/"): the key is the stem
             video = entry.stem if is_video else entry.name
@@ -601,19 +570,24 @@ def celebdf_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, 
             method = "celebdf-synthesis" if label else ""
             identity = _celebdf_identity(folder, video)
             paths = list_images(entry) if entry.is_dir() else [entry]
-            rows += [_row(p, root, dataset, label, identity=identity, method=method) for p in paths]
+            for p in paths:
+                rows.append(_row(p, root, dataset, label, identity=identity, method=method))
+                videos.append((folder, video))
+        if scan is frames_dir:
+            not_read += [p.relative_to(root).as_posix() for p in sorted(base.iterdir())
+                         if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS]
+            other += [p.relative_to(root).as_posix() + "/" for p in _subdirs(base) if p.name != "frames"]
+    notes.skipped("video file(s)", not_read, "their frames/ folder is read instead")
+    notes.skipped("entries", other, "neither a frame folder nor a video")
     if not rows:
         raise ManifestError(
             f"{root}: no Celeb-DF videos or frames found; expected ROOT/Celeb-real, ROOT/YouTube-real and "
-            "ROOT/Celeb-synthesis holding per-video frame folders (id0_0000/*.png) or .mp4 files"
+            "ROOT/Celeb-synthesis holding per-video frame folders (id0_0000/*.png, or frames/id0_0000/*.png) "
+            "or .mp4 files"
         )
+    order = np.argsort([r["path"] for r in rows], kind="stable")
     df = _frame(rows)
-
-    def video_key(path: str) -> tuple[str, str]:
-        folder, entry = Path(path).relative_to(root).parts[:2]
-        return folder, Path(entry).stem if Path(entry).suffix.lower() in VIDEO_EXTENSIONS else entry
-
-    videos = [video_key(p) for p in df["path"]]
+    videos = [videos[i] for i in order]
 
     test_list = root / CELEBDF_TEST_LIST
     if test_list.is_file():
@@ -633,17 +607,22 @@ def celebdf_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, 
             folder, name = parts[1].replace("\\", "/").split("/")[-2:]
             listed.add((folder, Path(name).stem))
         absent = sorted(f"{f}/{v}" for f, v in listed - present)
-        if absent:
-            warnings.warn(
-                f"{test_list}: {len(absent)} listed test video(s) are not under {root}: {_listing(absent)}",
-                stacklevel=3,
-            )
+        if len(absent) == len(listed):
+            raise ManifestError(f"{test_list}: none of its {len(listed)} test videos is under {root} "
+                                f"(e.g. {absent[0]}); is ROOT the Celeb-DF-v2 folder?")
+        notes.skipped("listed test video(s)", absent, f"in {CELEBDF_TEST_LIST} but not under ROOT")
         test = np.array([v in listed for v in videos], dtype=bool)
         df.loc[test, "split"] = "test"
         df.loc[~test, "split"] = assign_splits(df.loc[~test, "identity"], val_fraction=val_fraction,
                                                test_fraction=0.0, seed=seed)
+        notes.split_source = (f"test: the official {CELEBDF_TEST_LIST}; train/val: "
+                              + seeded_split_source("identities", val_fraction=val_fraction, test_fraction=None,
+                                                    seed=seed))
     else:
         df["split"] = assign_splits(df["identity"], val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+        notes.split_source = seeded_split_source("identities", val_fraction=val_fraction,
+                                                 test_fraction=test_fraction, seed=seed)
+        notes.add(f"no {CELEBDF_TEST_LIST} in {root}: the official test split is not used; " + notes.split_source)
     return df
 
 
@@ -654,7 +633,7 @@ FAIRFACE_CSVS = {"train": "fairface_label_train.csv", "val": "fairface_label_val
 
 @register_adapter("fairface")
 def fairface_adapter(root: Path, *, annotations: Path | None = None, val_fraction: float = 0.1,
-                     test_fraction: float = 0.1, seed: int = 0, **_) -> pd.DataFrame:
+                     test_fraction: float = 0.1, seed: int = 0, notes: Notes, **_) -> pd.DataFrame:
     """FairFace::
 
         ROOT/fairface_label_train.csv   file,age,gender,race,service_test   "train/1.jpg",...
@@ -697,6 +676,10 @@ def fairface_adapter(root: Path, *, annotations: Path | None = None, val_fractio
     if train.any():
         df.loc[train, "split"] = assign_splits(df.loc[train, "identity"], val_fraction=val_fraction,
                                                test_fraction=0.0, seed=seed)
+    notes.split_source = ("test: the official fairface_label_val.csv; train/val: the official train rows, "
+                          + seeded_split_source("them", val_fraction=val_fraction, test_fraction=None, seed=seed))
+    if "val" not in found:
+        notes.add(f"no {FAIRFACE_CSVS['val']}: no test rows")
     return df
 
 
@@ -704,11 +687,13 @@ def fairface_adapter(root: Path, *, annotations: Path | None = None, val_fractio
 
 _UTK_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_(\d+)")
 UTKFACE_MAX_MALFORMED = 0.01
+#: The 3 names of the public UTKFace release that lack the race field (name before the first dot).
+UTKFACE_KNOWN_MALFORMED = frozenset({"39_1_20170116174525125", "61_1_20170109142408075", "61_1_20170109150557335"})
 
 
 @register_adapter("utkface")
 def utkface_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, test_fraction: float = 0.1,
-                    seed: int = 0, **_) -> pd.DataFrame:
+                    seed: int = 0, notes: Notes, **_) -> pd.DataFrame:
     """UTKFace: images anywhere under ROOT named ``[age]_[gender]_[race]_[date&time].jpg``,
     often with ``.chip.jpg`` (ROOT/UTKFace/, ROOT/crop_part1/, ROOT/part1..3/, ...).
 
@@ -718,10 +703,11 @@ def utkface_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, 
     in-the-wild copy of one photo share it; UTKFace has no person ids.  Identities are split
     with ``val_fraction``/``test_fraction``.
 
-    Malformed names: the public release has a handful of files whose names lack a field
-    (e.g. ``39_1_20170116174525125.jpg.chip.jpg``).  When fewer than 1 % of the images have
-    names that do not parse, they are skipped with a warning naming them; more than that
-    means ROOT is not (only) UTKFace, and a ManifestError lists the first few.
+    Malformed names: the public release has 3 files whose names lack a field
+    (:data:`UTKFACE_KNOWN_MALFORMED`, e.g. ``39_1_20170116174525125.jpg.chip.jpg``); they are
+    skipped and counted in a note of their own.  Other names that do not parse are skipped with
+    a note when they are fewer than 1 % of the images; more than that means ROOT is not (only)
+    UTKFace, and a ManifestError lists the first few.
     """
     dataset = "utkface"
     rows, bad = [], []
@@ -736,137 +722,24 @@ def utkface_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, 
             bad.append(path.relative_to(root).as_posix())
             continue
         rows.append(_row(path, root, dataset, 0, identity=path.name.split(".")[0], gender=gender, race=race))
+    known = [b for b in bad if Path(b).name.split(".")[0] in UTKFACE_KNOWN_MALFORMED]
+    bad = [b for b in bad if b not in known]
+    notes.skipped("image(s)", known, "UTKFace's known malformed names, without a race field")
     total = len(rows) + len(bad)
     if total == 0:
         raise ManifestError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found for the utkface format")
     if bad:
-        message = (f"{len(bad)} of {total} image name(s) under {root} do not follow UTKFace's "
-                   f"[age]_[gender 0|1]_[race 0-4]_[date&time].jpg: {_listing(bad)}")
+        why = "names not [age]_[gender 0|1]_[race 0-4]_[date&time].jpg"
         if len(bad) >= UTKFACE_MAX_MALFORMED * total:
             raise ManifestError(
-                f"{message}; fewer than {UTKFACE_MAX_MALFORMED:.0%} would be skipped with a warning -- is ROOT the "
-                "UTKFace folder? Rename or remove these files"
+                f"{len(bad)} of {total} image name(s) under {root} do not follow UTKFace's "
+                f"[age]_[gender 0|1]_[race 0-4]_[date&time].jpg: {_listing(bad)}; fewer than "
+                f"{UTKFACE_MAX_MALFORMED:.0%} would be skipped with a note -- is ROOT the UTKFace folder? Rename or "
+                "remove these files"
             )
-        warnings.warn(f"skipping {message}", stacklevel=3)
+        notes.skipped("image(s)", bad, why)
     df = _frame(rows)
     df["split"] = assign_splits(df["identity"], val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    notes.split_source = seeded_split_source("photos (UTKFace has no split)", val_fraction=val_fraction,
+                                             test_fraction=test_fraction, seed=seed)
     return df
-
-
-# --------------------------------------------------------------------------- COCO detection with gender
-
-#: Gender words of detection datasets (FAAP's folder names, COCO gender-annotation CSVs).
-DETECTION_GENDERS = {"male": "male", "female": "female", "man": "male", "woman": "female",
-                     "men": "male", "women": "female", "m": "male", "f": "female"}
-FAAP_GROUPS = {"women": "female", "men": "male"}
-
-
-def _read_coco(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ManifestError(f"{path}: not a readable COCO JSON ({exc})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise ManifestError(f"{path}: not a COCO annotation file (no 'images' list)")
-    for key in ("id", "file_name"):
-        if any(key not in im for im in data["images"]):
-            raise ManifestError(f"{path}: an entry of 'images' has no {key!r}")
-    return data
-
-
-def _detection_row(path: Path, root: Path, dataset: str, *, split: str, gender: str, image_id, ann: Path) -> dict:
-    row = _row(path, root, dataset, -1, identity="", split=split, gender=gender)
-    row.update(image_id=str(int(image_id)), annotations=str(ann))
-    return row
-
-
-@register_adapter("faap-coco")
-def faap_coco_adapter(root: Path, *, annotations=None, **_) -> pd.DataFrame:
-    """The FAAP reference layout of gender-labelled COCO person images::
-
-        ROOT/women_split/{train,val,test}/<file_name>   ROOT/women_split/gender_women_{split}.json
-        ROOT/men_split/{train,val,test}/<file_name>     ROOT/men_split/gender_men_{split}.json
-
-    (the JSON files may also sit in ROOT itself).  Each JSON is a COCO annotation file; its
-    images are ``<group>_split/<split>/<file_name>``.  gender: women -> female, men -> male.
-    ``image_id`` is the COCO id and ``annotations`` the JSON it belongs to (written relative to
-    the manifest's folder when under it).  Labels are empty: these are detection images.
-    """
-    dataset = "faap-coco"
-    rows, found = [], []
-    for group, gender in FAAP_GROUPS.items():
-        for split in SPLITS:
-            name = f"gender_{group}_{split}.json"
-            candidates = [root / f"{group}_split" / name, root / name]
-            ann = next((c for c in candidates if c.is_file()), None)
-            if ann is None:
-                continue
-            found.append(ann)
-            folder = root / f"{group}_split" / split
-            for im in _read_coco(ann)["images"]:
-                rows.append(_detection_row(folder / im["file_name"], root, dataset, split=split, gender=gender,
-                                           image_id=im["id"], ann=ann))
-    if not found:
-        raise ManifestError(f"{root}: no gender_{{women,men}}_{{train,val,test}}.json under women_split/ or men_split/ "
-                            "(the FAAP layout); for one COCO JSON and a gender CSV use the coco-gender format")
-    if not rows:
-        raise ManifestError(f"{root}: the FAAP annotation files list no images")
-    df = pd.DataFrame(rows, columns=[*ROW_COLUMNS, "image_id", "annotations"])
-    _check_unique_image_ids(df)
-    return df.sort_values("path", kind="stable").reset_index(drop=True)
-
-
-def _check_unique_image_ids(df: pd.DataFrame) -> None:
-    dup = df[df.duplicated(["annotations", "image_id"], keep=False)]
-    if len(dup):
-        raise ManifestError(f"image ids repeat within one annotation file: {_listing(sorted(set(dup['image_id'])))}")
-
-
-@register_adapter("coco-gender")
-def coco_gender_adapter(root: Path, *, annotations: Path | None = None, **_) -> pd.DataFrame:
-    """COCO in its own layout plus a CSV of image genders::
-
-        ROOT/annotations/instances_<name>.json   (or ROOT/*.json)   ROOT/<name>/<file_name>
-        annotations = a CSV with columns image_id, gender (male/female, man/woman, men/women)
-
-    ``<name>`` is e.g. ``train2017`` or ``val2017``; its split is the first of train, val, test
-    that it contains (COCO's val, the usual evaluation set, is therefore ``val``; rename the
-    JSON or edit the manifest to make it ``test``).  Only images listed in the CSV are kept;
-    a CSV id found in no JSON is an error.
-    """
-    dataset = "coco-gender"
-    if annotations is None or not annotations.is_file():
-        raise ManifestError("coco-gender needs --annotations GENDERS.csv (columns image_id, gender)")
-    table = _read_csv(annotations)
-    missing = [c for c in ("image_id", "gender") if c not in table.columns]
-    if missing:
-        raise ManifestError(f"{annotations}: missing column(s) {', '.join(missing)}; found {', '.join(table.columns)}")
-    genders = {}
-    for image_id, g in zip(table["image_id"], table["gender"]):
-        try:
-            key = int(image_id)
-        except ValueError:
-            raise ManifestError(f"{annotations}: image_id {image_id!r} is not an integer") from None
-        genders[key] = map_gender(g.strip().lower(), DETECTION_GENDERS, source=str(annotations)) if g.strip() else ""
-    jsons = sorted((root / "annotations").glob("*.json")) or sorted(root.glob("*.json"))
-    if not jsons:
-        raise ManifestError(f"{root}: no COCO JSON in annotations/ or in ROOT")
-    rows, seen = [], set()
-    for ann in jsons:
-        name = ann.stem.split("_", 1)[-1] if ann.stem.startswith("instances_") else ann.stem
-        split = next((s for s in SPLITS if s in name.lower()), None)
-        if split is None:
-            raise ManifestError(f"{ann}: its name contains none of {', '.join(SPLITS)}, so its split is unknown")
-        folder = root / name if (root / name).is_dir() else root
-        for im in _read_coco(ann)["images"]:
-            if int(im["id"]) in genders:
-                seen.add(int(im["id"]))
-                rows.append(_detection_row(folder / im["file_name"], root, dataset, split=split,
-                                           gender=genders[int(im["id"])], image_id=im["id"], ann=ann))
-    unknown = sorted(set(genders) - seen)
-    if unknown:
-        raise ManifestError(f"{annotations}: {len(unknown)} image id(s) are in no COCO JSON under {root}: "
-                            f"{_listing([str(u) for u in unknown])}")
-    df = pd.DataFrame(rows, columns=[*ROW_COLUMNS, "image_id", "annotations"])
-    _check_unique_image_ids(df)
-    return df.sort_values("path", kind="stable").reset_index(drop=True)
