@@ -151,10 +151,18 @@ def manifest_summary(m: Manifest) -> str:
         names = dict(enumerate(SUBGROUP_NAMES))
         column = df["subgroup"].map(lambda c: names.get(int(c), "unknown"))
         name = "subgroup"
-    table = pd.crosstab([df["split"], label.rename("label")], column.rename(name), margins=True, margins_name="all")
-    order = [s for s in ("train", "val", "test", "all") if s in table.index.get_level_values(0)]
-    table = table.reindex(order, level=0)
-    lines = [f"{len(df)} rows; rows per split x label x {name}:", table.to_string()]
+    counts = pd.crosstab([df["split"], label.rename("label")], column.rename(name))
+    counts["all"] = counts.sum(axis=1)
+    blocks = []
+    for split in [s for s in ("train", "val", "test") if s in counts.index.get_level_values(0)]:
+        part = counts.loc[[split]]
+        total = part.sum().to_frame().T
+        total.index = pd.MultiIndex.from_tuples([(split, "all")], names=counts.index.names)
+        blocks += [part, total]
+    grand = counts.sum().to_frame().T
+    grand.index = pd.MultiIndex.from_tuples([("all", "all")], names=counts.index.names)
+    table = pd.concat([*blocks, grand])
+    lines = [f"{len(df)} rows; rows per split x label x {name}:", table.to_string(sparsify=False)]
     lines.append(f"split source: {m.split_source or 'the rows themselves'}")
     notes = getattr(m, "notes", [])
     lines.append(f"notes ({len(notes)}):" if notes else "notes: none")
