@@ -475,7 +475,7 @@ def test_utkface_known_malformed_names_are_counted_apart_from_the_threshold(tmp_
         image(root / "UTKFace" / f"{stem}.jpg.chip.jpg", "JPEG")
     m = build_manifest("utkface", root, tmp_path / "m.csv")
     assert len(m.df) == 200
-    assert m.notes == [f"skipped 3 image(s) (UTKFace's known malformed names, without a race field): "
+    assert m.notes == ["skipped 3 image(s) (UTKFace's known malformed names, without a race field): "
                        + ", ".join(f"UTKFace/{s}.jpg.chip.jpg" for s in known)]
 
 
