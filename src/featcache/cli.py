@@ -85,10 +85,11 @@ def synth():
 @click.option("--bias", default=0.6, show_default=True,
               help="0 = equal artifact strength for all subgroups; 1 = forgeries of some subgroups much harder.")
 @click.option("--size", default=64, show_default=True, help="Image side in pixels.")
+@click.option("--workers", default=1, show_default=True, help="Processes drawing images (same bytes for any number).")
 @click.option("--overwrite", is_flag=True, help="Write into OUT even when it is not empty.")
 @quiet_option
 @click.pass_obj
-def synth_faces_cmd(state, out, n, seed, bias, size, overwrite):
+def synth_faces_cmd(state, out, n, seed, bias, size, workers, overwrite):
     """Procedural faces in 8 subgroups, imbalanced like FF++, with blended face-swap forgeries.
 
     Writes OUT/manifest.csv (detection) and OUT/stage1_manifest.csv (real faces with race and
@@ -98,7 +99,7 @@ def synth_faces_cmd(state, out, n, seed, bias, size, overwrite):
     from .data.synth_faces import synth_faces
 
     refuse_non_empty(out, overwrite=overwrite)
-    summary = synth_faces(out, n=n, seed=seed, bias=bias, size=size, progress=not state.quiet)
+    summary = synth_faces(out, n=n, seed=seed, bias=bias, size=size, progress=not state.quiet, workers=workers)
     click.echo(json.dumps(summary, indent=2, default=str))
 
 
