@@ -8,7 +8,7 @@ import pytest
 
 from featcache.cli import main as cli_main
 from featcache.data.adapters import build_manifest
-from featcache.data.frames import FAILED_CSV, extract_frames
+from featcache.data.frames import FAILED_CSV, extract_frames, frame_folder
 from featcache.errors import FeatcacheError
 
 N_FRAMES, RATE = 10, 5  # a 2-second video at 5 fps
@@ -84,3 +84,11 @@ def test_frames_options_are_checked(tmp_path):
         extract_frames(tmp_path / "empty", tmp_path / "o", fps=1)
     with pytest.raises(FeatcacheError, match="--every must be at least 1"):
         extract_frames(tmp_path / "v", tmp_path / "o", every=0)
+
+
+def test_frame_folders_follow_the_deepfakebench_layouts(tmp_path):
+    # FF++: <comp>/videos/<id>.mp4 -> <comp>/frames/<id>/; Celeb-DF: <folder>/<video>.mp4 -> <folder>/frames/<video>/
+    v, o = tmp_path / "v", tmp_path / "o"
+    assert frame_folder(v / "manipulated_sequences/Deepfakes/c23/videos/000_003.mp4", v, o) == \
+        o / "manipulated_sequences/Deepfakes/c23/frames/000_003"
+    assert frame_folder(v / "Celeb-synthesis/id0_id16_0000.mp4", v, o) == o / "Celeb-synthesis/frames/id0_id16_0000"

@@ -129,15 +129,22 @@ def synth_audio_cmd(state, out, n, seed, fmt, min_seconds, max_seconds, overwrit
 
 
 # -- manifest ------------------------------------------------------------------------------
-def _manifest_formats_help(f):
-    """Put the registry's format names into the manifest command's help (all of them, always)."""
-    from .data.adapters import list_adapters
+class _ManifestCommand(click.Command):
+    """Fills ``{formats}`` in the help with the registry's format names when the help is shown
+    (so every registered format is listed, and other commands do not import the adapters)."""
 
-    f.__doc__ = f.__doc__.replace("{formats}", ", ".join(list_adapters()))
-    return f
+    def format_help_text(self, ctx, formatter):
+        from .data.adapters import list_adapters
+
+        text = self.help
+        self.help = text.replace("{formats}", ", ".join(list_adapters()))
+        try:
+            super().format_help_text(ctx, formatter)
+        finally:
+            self.help = text
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(cls=_ManifestCommand, context_settings=CONTEXT)
 @click.argument("fmt", metavar="FORMAT")
 @click.argument("root", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Manifest CSV to write.")
@@ -154,7 +161,6 @@ def _manifest_formats_help(f):
 @click.option("--test-fraction", default=0.1, show_default=True, help="Where the dataset has no test split.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the identity-disjoint split.")
 @click.option("--no-check-files", is_flag=True, help="Do not check that every file exists.")
-@_manifest_formats_help
 def manifest(fmt, root, out, overwrite, annotations, label_column, subset, gender_map, val_fraction, test_fraction,
              seed, no_check_files):
     """Write the canonical manifest CSV of a dataset, then its summary.
