@@ -173,9 +173,13 @@ def test_folder_counts_the_folders_it_does_not_read_and_reads_the_processed_crop
     # Regression: ff++/real + ff++/crop_img became a manifest of reals only, without a word.
     root, _ = make_flat_crops(tmp_path)
     png(root / "masks/0_Deepfakes_300_304_151.png")
+    (root / "real/Thumbs.db").write_bytes(b"\0")
+    png(root / "crop_img/._0_Deepfakes_300_304_151.png")  # a macOS resource fork
     m = build_manifest("folder", root, tmp_path / "m.csv")
     assert m.df["label"].value_counts().to_dict() == {1: 3, 0: 2}
     assert m.notes[0] == "skipped 1 folder(s) (only real/ and fake/ (bonafide/, spoof/, crop_img/) folders are read): masks/"
+    assert m.notes[1] == ("skipped 2 file(s) (not images or audio, or hidden): "
+                          "crop_img/._0_Deepfakes_300_304_151.png, real/Thumbs.db")
     assert "seeded split of identities" in m.split_source
 
 
@@ -243,6 +247,7 @@ def make_asv21(root):
     (root / "keys/PA/CM/trial_metadata.txt").write_text("PA_0001 PA_E_1000001 aaa A01 Ba Bb spoof notrim eval\n")
     for utt in cm:
         flac(root / "ASVspoof2021_LA_eval/flac" / f"{utt}.flac")
+    flac(root / "ASVspoof2021_LA_eval/flac/LA_E_9999999.flac")  # in no key file
 
 
 def test_asvspoof21_key_package_reads_cm_keys_only_and_selects_the_eval_subset(tmp_path):
@@ -253,6 +258,8 @@ def test_asvspoof21_key_package_reads_cm_keys_only_and_selects_the_eval_subset(t
     assert m.df["subset"].value_counts().to_dict() == {"eval": 2, "progress": 1, "hidden_track": 1}
     assert m.notes[0] == ("skipped 2 key file(s) (ASV and PA keys carry no LA/DF countermeasure labels): "
                           "keys/LA/ASV/trial_metadata.txt, keys/PA/CM/trial_metadata.txt")
+    assert m.notes[1] == ("skipped 1 audio file(s) (in no protocol or key file): "
+                          "ASVspoof2021_LA_eval/flac/LA_E_9999999.flac")
     ev = build_manifest("asvspoof21", root, tmp_path / "eval.csv", subset="eval")
     assert sorted(ev.df["sample_id"].str.split("/").str[-1]) == ["LA_E_5849185.flac", "LA_E_9332881.flac"]
     assert ev.df["label"].tolist() == [0, 1] or ev.df["label"].tolist() == [1, 0]
@@ -267,7 +274,7 @@ def test_asvspoof21_key_package_reads_cm_keys_only_and_selects_the_eval_subset(t
 # princetonvisualai/imagecaptioning-bias: the COCO gender CSV with columns id, bb_gender (Male/Female/Unsure).
 # COCO 2017's annotations folder holds instances_*.json, captions_*.json and person_keypoints_*.json.
 def make_coco(root):
-    images = [{"id": i, "file_name": f"{i:012d}.jpg", "width": 8, "height": 8} for i in (139, 285, 632)]
+    images = [{"id": i, "file_name": f"{i:012d}.jpg", "width": 8, "height": 8} for i in (139, 285, 632, 724)]
     ann = root / "annotations"
     ann.mkdir(parents=True)
     (ann / "instances_val2017.json").write_text(json.dumps({"images": images, "annotations": [], "categories": []}))
@@ -295,6 +302,7 @@ def test_coco_gender_reads_instances_only_and_the_public_csv_with_a_gender_map(t
     (tmp_path / "map.yaml").write_text("Unsure: unknown\n")
     again = build_manifest("coco-gender", root, tmp_path / "m2.csv", annotations=csv, gender_map=tmp_path / "map.yaml")
     assert again.df["gender"].tolist() == m.df["gender"].tolist()
+    assert m.notes[2] == "skipped 1 COCO image(s) (no row in coco_gender.csv): instances_val2017.json:724"
     with pytest.raises(ManifestError, match="applies only to the coco-gender"):
         build_manifest("ffpp", root, tmp_path / "m3.csv", gender_map="Unsure=unknown")
 

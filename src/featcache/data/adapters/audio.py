@@ -49,6 +49,12 @@ def _key_label(key: str, path: Path, n: int) -> int:
     return int(key == "spoof")
 
 
+def _note_unlisted(notes: Notes, audio: dict[str, Path], listed: set[str], root: Path) -> None:
+    """Count the audio files under ROOT that no protocol line names."""
+    unlisted = sorted(p.relative_to(root).as_posix() for utt, p in audio.items() if utt not in listed)
+    notes.skipped("audio file(s)", unlisted, "in no protocol or key file")
+
+
 def _rows_frame(rows: list[dict], audio: dict[str, Path], root: Path, extra: tuple[str, ...] = ()) -> pd.DataFrame:
     missing = [r["utt"] for r in rows if r["utt"] not in audio]
     if missing:
@@ -87,6 +93,7 @@ def asvspoof19_adapter(root: Path, *, notes: Notes, **_) -> pd.DataFrame:
             rows.append({"utt": utt, "label": label, "split": _SPLIT_OF[m.group(1)], "dataset": "asvspoof19la",
                          "identity": spk, "method": "" if system == "-" else system, "segments": ""})
     notes.skipped("protocol file(s)", other, "not train.trn, dev.trl or eval.trl")
+    _note_unlisted(notes, audio, {r["utt"] for r in rows}, root)
     notes.split_source = "the official protocols: train -> train, dev -> val, eval -> test"
     return _rows_frame(rows, audio, root)
 
@@ -129,6 +136,7 @@ def asvspoof21_adapter(root: Path, *, notes: Notes, subset: str | None = None, *
                          "method": "" if attack in ("-", "bonafide") else attack, "segments": "",
                          "subset": cols[7] if len(cols) > 7 else ""})
     notes.skipped("key file(s)", sorted(set(ignored)), "ASV and PA keys carry no LA/DF countermeasure labels")
+    _note_unlisted(notes, audio, {r["utt"] for r in rows}, root)
     if not rows:
         raise ManifestError(f"{root}: no LA or DF CM key file (keys/LA/CM/trial_metadata.txt, keys/DF/CM/...) found; "
                             f"only {_listing(ignored)}")
@@ -242,6 +250,7 @@ def partialspoof_adapter(root: Path, *, notes: Notes, **_) -> pd.DataFrame:
     notes.add(f"partialspoof: segment labels read as {'1 = bonafide, 0 = spoof' if spoof_value == '0' else '0 = bonafide, 1 = spoof'} "
               f"({why})")
     notes.split_source = "the official protocols: train -> train, dev -> val, eval -> test"
+    _note_unlisted(notes, audio, set(labels), root)
     for r in rows:
         bits, res, _ = labels[r["utt"]]
         if r["utt"] in audio:

@@ -229,6 +229,19 @@ def list_files(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
     return sorted(found)
 
 
+def unread_files(folder: Path, extensions: tuple[str, ...], root: Path) -> list[str]:
+    """Files under ``folder`` that :func:`list_files` does not return (other extensions, hidden
+    files such as macOS ``._x.jpg``), relative to ``root``: what a note must count."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()
+        base = Path(dirpath)
+        found += [(base / f).relative_to(root).as_posix() for f in sorted(filenames)
+                  if f.startswith(".") or not f.lower().endswith(extensions) or any(
+                      part.startswith(".") for part in (base / f).relative_to(folder).parts[:-1])]
+    return found
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files (:data:`IMAGE_EXTENSIONS`, any case) under ``folder``, recursively, sorted."""
     return list_files(folder, IMAGE_EXTENSIONS)

@@ -193,7 +193,7 @@ def coco_gender_adapter(root: Path, *, annotations: Path | None = None, notes: N
         found = f" (found {listing([j.name for j in all_jsons])})" if all_jsons else ""
         raise ManifestError(f"{folder}: no COCO instances_*.json{found}; put COCO's instances_<split>.json in "
                             "ROOT/annotations/")
-    rows, seen = [], set()
+    rows, seen, ungendered = [], set(), []
     for ann in jsons:
         name = ann.stem.split("_", 1)[-1]
         split = next((s for s in SPLITS if s in name.lower()), None)
@@ -205,9 +205,12 @@ def coco_gender_adapter(root: Path, *, annotations: Path | None = None, notes: N
                 seen.add(int(im["id"]))
                 rows.append(_detection_row(images / im["file_name"], root, dataset, split=split,
                                            gender=genders[int(im["id"])], image_id=im["id"], ann=ann))
+            else:
+                ungendered.append(f"{ann.name}:{im['id']}")
     unknown = sorted(set(genders) - seen)
     if unknown:
         raise ManifestError(f"{annotations}: {len(unknown)} image id(s) are in no COCO instances_*.json under "
                             f"{root}: {listing([str(u) for u in unknown])}")
+    notes.skipped("COCO image(s)", ungendered, f"no row in {annotations.name}")
     notes.split_source = "the COCO file names (instances_<name>.json: train/val/test in <name>)"
     return _detection_frame(rows)

@@ -26,6 +26,7 @@ from .common import (
     read_csv,
     register_adapter,
     seeded_split_source,
+    unread_files,
 )
 from .common import make_row as _row
 from .common import rows_frame as _frame
@@ -104,8 +105,9 @@ def folder_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, t
         found = ", ".join(p.name for p in top) or "no folders"
         raise ManifestError(f"{root}: no real/ or fake/ folder found ({found}); {expected}")
 
-    rows, outside = [], []
+    rows, outside, unread = [], [], []
     for folder, label, split, below in sources:
+        unread += unread_files(folder, IMAGE_EXTENSIONS + AUDIO_EXTENSIONS, root)
         for path in list_files(folder, IMAGE_EXTENSIONS + AUDIO_EXTENSIONS):
             rel = path.relative_to(folder).parts
             base = folder
@@ -130,6 +132,7 @@ def folder_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, t
         raise ManifestError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) or audio ({', '.join(AUDIO_EXTENSIONS)}) "
                             "under the real/ and fake/ folders")
     notes.skipped("folder(s)", other, "only real/ and fake/ (bonafide/, spoof/, crop_img/) folders are read")
+    notes.skipped("file(s)", unread, "not images or audio, or hidden")
     df = _frame(rows)
     used = set(df["split"])
     notes.split_source = "the split folders"
@@ -711,6 +714,7 @@ def utkface_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, 
     """
     dataset = "utkface"
     rows, bad = [], []
+    notes.skipped("file(s)", unread_files(root, IMAGE_EXTENSIONS, root), "not images, or hidden")
     for path in list_images(root):
         match = _UTK_NAME.match(path.name)
         try:
