@@ -371,3 +371,34 @@ def test_synth_into_a_non_empty_folder_needs_overwrite(tmp_path, capsys, kind):
     code, _, err = run(capsys, "synth", kind, out, "--n", "10", "-q")
     assert code == 2 and err.startswith("error:") and "--overwrite" in err
     assert (out / "manifest.csv").read_text() == "sample_id,path,split\n"
+
+
+# --------------------------------------------------------------------------- AI-Face
+# Purdue-M2/AI-Face-FairnessBench README: the dataset's train.csv and test.csv have the columns Image Path,
+# Uncertainty Score Gender/Age/Race, Ground Truth Gender (1 male, 0 female), Ground Truth Age, Ground Truth
+# Race (0 Asian, 1 White, 2 Black, 3 Others), Intersection (0-(Male,Asian) ... 7-(Female,Others)), Target
+# (0 real, 1 fake); the images sit in generator folders "AI-Face Dataset/AttGAN", "Latent_Diffusion", ...
+def test_aiface_csvs_give_labels_demographics_and_the_official_test(tmp_path):
+    root = tmp_path / "AI-Face Dataset"
+    header = ["Image Path", "Uncertainty Score Gender", "Uncertainty Score Age", "Uncertainty Score Race",
+              "Ground Truth Gender", "Ground Truth Age", "Ground Truth Race", "Intersection", "Target"]
+    files = {"train": [("AttGAN/img_001.png", 6, 1), ("ff++/real/0_youtube_546_131.png", 5, 0),
+                       ("Palette/x/img_9.png", 1, 1), ("Latent_Diffusion/a.png", 3, 1)],
+             "test": [("Latent_Diffusion/b.png", 4, 1), ("ff++/real/0_youtube_023_81.png", 9, 0)]}
+    for split, rows in files.items():
+        for rel, _, _ in rows:
+            png(root / rel)
+        pd.DataFrame([[f"/home/lin/data/AI-Face Dataset/{rel}", 0.1, 0.2, 0.3, int(code < 4), 1, code % 4, code, t]
+                      for rel, code, t in rows], columns=header).to_csv(tmp_path / f"{split}.csv", index=False)
+    png(root / "AttGAN/not_listed.png")
+    m = build_manifest("aiface", root, tmp_path / "m.csv", annotations=tmp_path, val_fraction=0.25)
+    df = m.df.set_index(m.df["path"].str.split("AI-Face Dataset/").str[-1])
+    assert len(df) == 6
+    assert SUBGROUP_NAMES[df.at["AttGAN/img_001.png", "subgroup"]] == "female-black"
+    assert df.at["AttGAN/img_001.png", "method"] == "AttGAN" and df.at["AttGAN/img_001.png", "label"] == 1
+    assert df.at["ff++/real/0_youtube_546_131.png", "label"] == 0
+    assert df.at["ff++/real/0_youtube_023_81.png", "subgroup"] == -1  # 9 is no code: unknown, counted
+    assert set(df.loc[["Latent_Diffusion/b.png", "ff++/real/0_youtube_023_81.png"], "split"]) == {"test"}
+    assert df["split"].value_counts().to_dict() == {"train": 3, "test": 2, "val": 1}
+    assert "skipped 1 Intersection value(s) as unknown (not a code 0..7): test.csv line 3" in m.notes
+    assert "skipped 1 image(s) (in neither train.csv nor test.csv): AttGAN/not_listed.png" in m.notes

@@ -1,5 +1,5 @@
 """Manifest adapters of face datasets: a generic real/fake folder, FaceForensics++, Celeb-DF v2,
-FairFace and UTKFace, in their official layouts and those DeepfakeBench, SelfBlendedImages and
+FairFace, UTKFace and AI-Face, in their official layouts and those DeepfakeBench, SelfBlendedImages and
 the fairness benchmarks (PG-FDD, AI-Face-FairnessBench) produce.
 """
 
@@ -746,4 +746,87 @@ def utkface_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, 
     df["split"] = assign_splits(df["identity"], val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
     notes.split_source = seeded_split_source("photos (UTKFace has no split)", val_fraction=val_fraction,
                                              test_fraction=test_fraction, seed=seed)
+    return df
+
+
+# --------------------------------------------------------------------------- AI-Face
+
+AIFACE_CSVS = {"train": "train.csv", "test": "test.csv"}
+
+
+def _aiface_code(value: str) -> tuple[str, str] | None:
+    value = str(value).strip()
+    try:
+        code = int(float(value))
+    except ValueError:
+        return None
+    if not 0 <= code < 8 or float(value) != code:
+        return None
+    return GENDERS[code // len(RACES)], RACES[code % len(RACES)]
+
+
+@register_adapter("aiface")
+def aiface_adapter(root: Path, *, annotations: Path | None = None, val_fraction: float = 0.1,
+                   test_fraction: float = 0.1, seed: int = 0, notes: Notes, **_) -> pd.DataFrame:
+    """AI-Face (AI-Face-FairnessBench): generator folders of face images and two CSVs::
+
+        ROOT/AttGAN/..., ROOT/Latent_Diffusion/..., ROOT/Palette/..., ...
+        train.csv, test.csv   Image Path, Uncertainty Score Gender/Age/Race, Ground Truth Gender/Age/Race,
+                              Intersection (0..7), Target (0 real, 1 fake)
+
+    The CSVs are read from ``annotations`` when it is a folder, else from ROOT or ROOT/dataset.
+    ``Image Path`` matches the image whose path under ROOT is its longest suffix (the CSVs carry
+    their authors' paths).  label = Target; gender and race from Intersection (DESIGN.md's code
+    order); ``method`` the top folder under ROOT (the generator, or the source video dataset);
+    ``identity`` the file stem (AI-Face has no person ids).  Splits: test.csv -> test; train.csv
+    rows split into train/val with ``val_fraction`` (seeded).  CSV rows without an image and
+    images in no CSV are counted in notes.
+    """
+    dataset = "aiface"
+    where = [annotations] if annotations is not None and annotations.is_dir() else [root, root / "dataset"]
+    folder = next((w for w in where if any((w / n).is_file() for n in AIFACE_CSVS.values())), None)
+    if folder is None:
+        raise ManifestError(f"{', '.join(map(str, where))}: no AI-Face train.csv or test.csv; pass the folder "
+                            "holding them as --annotations")
+    images = {p.relative_to(root).as_posix(): p for p in list_images(root)}
+    rows, unmatched, undefined, seen = [], [], [], set()
+    for split, name in AIFACE_CSVS.items():
+        csv = folder / name
+        if not csv.is_file():
+            notes.add(f"no AI-Face {name} in {folder}: no {split} rows")
+            continue
+        table = _read_csv(csv)
+        missing = [c for c in ("Image Path", "Intersection", "Target") if c not in table.columns]
+        if missing:
+            raise ManifestError(f"{csv}: missing column(s) {', '.join(missing)}; found {', '.join(table.columns)}")
+        for n, (path, code, target) in enumerate(zip(table["Image Path"], table["Intersection"], table["Target"]),
+                                                 start=2):
+            if target.strip() not in ("0", "1"):
+                raise ManifestError(f"{csv}: line {n}: Target {target!r} is neither 0 (real) nor 1 (fake)")
+            parts = _path_parts(path)
+            rel = next(("/".join(parts[-k:]) for k in range(len(parts), 0, -1) if "/".join(parts[-k:]) in images),
+                       None)
+            if rel is None:
+                unmatched.append(f"{name} line {n}")
+                continue
+            demo = _aiface_code(code)
+            if demo is None:
+                undefined.append(f"{name} line {n}")
+                demo = ("", "")
+            seen.add(rel)
+            p = images[rel]
+            rows.append(_row(p, root, dataset, int(target), identity=Path(rel).stem, split=split,
+                             method=Path(rel).parts[0] if len(Path(rel).parts) > 1 else "",
+                             gender=demo[0], race=demo[1]))
+    if not rows:
+        raise ManifestError(f"{folder}: no CSV row names an image under {root} (matched by the longest path suffix)")
+    notes.skipped("CSV row(s)", unmatched, "no image under ROOT has their Image Path")
+    notes.skipped("Intersection value(s) as unknown", undefined, "not a code 0..7")
+    notes.skipped("image(s)", sorted(set(images) - seen), "in neither train.csv nor test.csv")
+    df = _frame(rows)
+    train = df["split"] == "train"
+    df.loc[train, "split"] = assign_splits(df.loc[train, "identity"], val_fraction=val_fraction, test_fraction=0.0,
+                                           seed=seed)
+    notes.split_source = ("test: the official test.csv; train/val: the official train.csv, "
+                          + seeded_split_source("its images", val_fraction=val_fraction, test_fraction=None, seed=seed))
     return df
