@@ -402,3 +402,20 @@ def test_aiface_csvs_give_labels_demographics_and_the_official_test(tmp_path):
     assert df["split"].value_counts().to_dict() == {"train": 3, "test": 2, "val": 1}
     assert "skipped 1 Intersection value(s) as unknown (not a code 0..7): test.csv line 3" in m.notes
     assert "skipped 1 image(s) (in neither train.csv nor test.csv): AttGAN/not_listed.png" in m.notes
+
+
+# mapooon/SelfBlendedImages data/datasets.md: Celeb-DF-v2/{Celeb-real,Celeb-synthesis,Youtube-real}/videos/*.mp4
+# (it spells "Youtube-real") and List_of_testing_videos.txt beside them.
+def test_celebdf_selfblendedimages_videos_folders(tmp_path):
+    root = tmp_path / "Celeb-DF-v2"
+    for rel in ("Celeb-real/videos/id0_0000.mp4", "Celeb-real/videos/id1_0002.mp4", "Youtube-real/videos/00170.mp4",
+                "Celeb-synthesis/videos/id0_id1_0000.mp4", "Celeb-synthesis/videos/id1_id0_0002.mp4"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"\0")
+    (root / "List_of_testing_videos.txt").write_text("1 YouTube-real/00170.mp4\n0 Celeb-synthesis/id1_id0_0002.mp4\n")
+    m = build_manifest("celebdf", root, tmp_path / "m.csv", check_files=True)
+    df = m.df.set_index(m.df["path"].str.split("/").str[-1])
+    assert len(df) == 5 and "videos" not in set(df["identity"])
+    assert df.at["00170.mp4", "split"] == "test" and df.at["id1_id0_0002.mp4", "split"] == "test"
+    assert df.at["id0_id1_0000.mp4", "identity"] == "id0" and df.at["id0_id1_0000.mp4", "label"] == 1
+    assert (df.loc[["id0_0000.mp4", "id1_0002.mp4", "id0_id1_0000.mp4"], "split"] != "test").all()

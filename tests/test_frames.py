@@ -92,3 +92,17 @@ def test_frame_folders_follow_the_deepfakebench_layouts(tmp_path):
     assert frame_folder(v / "manipulated_sequences/Deepfakes/c23/videos/000_003.mp4", v, o) == \
         o / "manipulated_sequences/Deepfakes/c23/frames/000_003"
     assert frame_folder(v / "Celeb-synthesis/id0_id16_0000.mp4", v, o) == o / "Celeb-synthesis/frames/id0_id16_0000"
+
+
+def test_celebdf_videos_become_frames_the_celebdf_adapter_reads(tmp_path):
+    # SelfBlendedImages' Celeb-DF layout (Celeb-real/videos/*.mp4), frames written next to the videos
+    root = tmp_path / "Celeb-DF-v2"
+    write_video(root / "Celeb-real/videos/id0_0000.mp4", n=4)
+    write_video(root / "Celeb-synthesis/videos/id0_id1_0000.mp4", n=4)
+    write_video(root / "YouTube-real/videos/00170.mp4", n=4)
+    (root / "List_of_testing_videos.txt").write_text("1 YouTube-real/00170.mp4\n")
+    assert extract_frames(root, root, every=2).frames == 6
+    m = build_manifest("celebdf", root, tmp_path / "m.csv")
+    assert len(m.df) == 6 and m.df["path"].str.contains("/frames/").all()
+    assert set(m.df.loc[m.df["split"] == "test", "path"].str.split("/").str[-2]) == {"00170"}
+    assert any(n.startswith("skipped 3 video file(s)") for n in m.notes)

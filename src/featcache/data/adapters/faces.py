@@ -535,6 +535,7 @@ def celebdf_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, 
 
         ROOT/Celeb-real/id0_0000/*.png        real   (or ROOT/Celeb-real/id0_0000.mp4)
         ROOT/Celeb-real/frames/id0_0000/*.png real   (DeepfakeBench: <folder>/frames/<video>/)
+        ROOT/Celeb-real/videos/id0_0000.mp4   real   (SelfBlendedImages; it spells Youtube-real)
         ROOT/YouTube-real/00170/*.png         real
         ROOT/Celeb-synthesis/id0_id16_0000/   fake, method "celebdf-synthesis"
         ROOT/List_of_testing_videos.txt       "1 YouTube-real/00170.mp4" per line
@@ -554,13 +555,21 @@ def celebdf_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, 
     """
     dataset = "celebdf"
     rows, present, videos, not_read, other = [], set(), [], [], []
+    folders = {p.name.lower(): p for p in _subdirs(root)}
     for folder, label in CELEBDF_FOLDERS.items():
-        base = root / folder
-        if not base.is_dir():
+        base = folders.get(folder.lower())  # SelfBlendedImages spells it Youtube-real
+        if base is None:
             continue
-        frames_dir = base / "frames"
-        scan = frames_dir if frames_dir.is_dir() else base
-        for entry in sorted(scan.iterdir()):
+        frames_dir, videos_dir = base / "frames", base / "videos"
+        if frames_dir.is_dir():
+            entries = sorted(frames_dir.iterdir())
+            not_read += [p.relative_to(root).as_posix() for d in (base, videos_dir) if d.is_dir()
+                         for p in sorted(d.iterdir()) if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS]
+            other += [p.relative_to(root).as_posix() + "/" for p in _subdirs(base) if p.name not in ("frames", "videos")]
+        else:  # frame folders or videos in the folder itself, or videos in videos/ (SelfBlendedImages)
+            entries = sorted([*(videos_dir.iterdir() if videos_dir.is_dir() else []),
+                              *(p for p in base.iterdir() if p != videos_dir)])
+        for entry in entries:
             is_video = entry.suffix.lower() in VIDEO_EXTENSIONS
             if entry.name.startswith("."):
                 continue
@@ -576,10 +585,6 @@ def celebdf_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, 
             for p in paths:
                 rows.append(_row(p, root, dataset, label, identity=identity, method=method))
                 videos.append((folder, video))
-        if scan is frames_dir:
-            not_read += [p.relative_to(root).as_posix() for p in sorted(base.iterdir())
-                         if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS]
-            other += [p.relative_to(root).as_posix() + "/" for p in _subdirs(base) if p.name != "frames"]
     notes.skipped("video file(s)", not_read, "their frames/ folder is read instead")
     notes.skipped("entries", other, "neither a frame folder nor a video")
     if not rows:
@@ -608,6 +613,7 @@ def celebdf_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, 
                     "e.g. '1 YouTube-real/00170.mp4'"
                 )
             folder, name = parts[1].replace("\\", "/").split("/")[-2:]
+            folder = next((f for f in CELEBDF_FOLDERS if f.lower() == folder.lower()), folder)
             listed.add((folder, Path(name).stem))
         absent = sorted(f"{f}/{v}" for f, v in listed - present)
         if len(absent) == len(listed):
