@@ -71,10 +71,11 @@ def folder_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, t
     folders are read; every other folder is counted in a note.
     ``identity`` is the image's immediate folder when it sits in a per-video (per-person)
     subfolder, else its file stem; a flat FF++ crop name gives the target video as identity
-    and its method (``0_Deepfakes_300_304_151`` -> 300, Deepfakes).  Without split folders, identities are split with
-    ``val_fraction``/``test_fraction``; with split folders but none for val, val is carved
-    from train by identity with ``val_fraction`` (pass 0 to keep train whole).
-    ``dataset`` is ROOT's folder name; ``method`` is empty.
+    and its method (``0_Deepfakes_300_304_151`` -> 300, Deepfakes).  Without split folders,
+    identities are split with ``val_fraction``/``test_fraction``; with split folders but none
+    for val, val is carved from train by identity with ``val_fraction`` (pass 0 to keep train
+    whole); either fallback is a note.  ``dataset`` is ROOT's folder name; ``method`` is empty
+    except for flat FF++ crop names.
     """
     dataset = root.name
     top = _subdirs(root)
