@@ -77,6 +77,14 @@ def test_same_seed_same_bytes_other_seed_other_bytes(small, tmp_path):
     assert sum(files1[k] != files3[k] for k in pngs) == len(pngs)  # ... other pictures
 
 
+def test_two_workers_write_the_same_bytes_as_one(small, tmp_path):
+    # issue 17, item 5: synth faces in parallel processes, same bytes per seed as one process
+    out, _ = small
+    parallel = tmp_path / "parallel"
+    synth_faces(parallel, n=N_SMALL, seed=0, bias=0.6, size=SIZE, progress=False, workers=2)
+    assert _tree_hash(parallel) == _tree_hash(out)
+
+
 def test_manifests_valid_split_by_identity_and_balanced(small):
     out, summary = small
     man = read_manifest(summary["manifest"], require_label=True)

@@ -85,17 +85,21 @@ def synth():
 @click.option("--bias", default=0.6, show_default=True,
               help="0 = equal artifact strength for all subgroups; 1 = forgeries of some subgroups much harder.")
 @click.option("--size", default=64, show_default=True, help="Image side in pixels.")
+@click.option("--workers", default=1, show_default=True, help="Processes drawing images (same bytes for any number).")
+@click.option("--overwrite", is_flag=True, help="Write into OUT even when it is not empty.")
 @quiet_option
 @click.pass_obj
-def synth_faces_cmd(state, out, n, seed, bias, size):
+def synth_faces_cmd(state, out, n, seed, bias, size, workers, overwrite):
     """Procedural faces in 8 subgroups, imbalanced like FF++, with blended face-swap forgeries.
 
     Writes OUT/manifest.csv (detection) and OUT/stage1_manifest.csv (real faces with race and
     gender, for Stage 1).  Example: featcache synth faces data/faces --n 2000 --bias 0.8
     """
+    from .data.manifest import refuse_non_empty
     from .data.synth_faces import synth_faces
 
-    summary = synth_faces(out, n=n, seed=seed, bias=bias, size=size, progress=not state.quiet)
+    refuse_non_empty(out, overwrite=overwrite)
+    summary = synth_faces(out, n=n, seed=seed, bias=bias, size=size, progress=not state.quiet, workers=workers)
     click.echo(json.dumps(summary, indent=2, default=str))
 
 
@@ -106,60 +110,103 @@ def synth_faces_cmd(state, out, n, seed, bias, size):
 @click.option("--format", "fmt", type=click.Choice(["flac", "wav"]), default="flac", show_default=True)
 @click.option("--min-seconds", default=1.0, show_default=True)
 @click.option("--max-seconds", default=6.0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Write into OUT even when it is not empty.")
 @quiet_option
 @click.pass_obj
-def synth_audio_cmd(state, out, n, seed, fmt, min_seconds, max_seconds):
+def synth_audio_cmd(state, out, n, seed, fmt, min_seconds, max_seconds, overwrite):
     """Speech-like 16 kHz utterances, whole and partial vocoder-like spoofs, in real layouts.
 
     Writes OUT/manifest.csv (with `segments`), an ASVspoof-2019-LA tree and protocols, and a
     PartialSpoof tree with segment labels.  Example: featcache synth audio data/audio --n 200
     """
+    from .data.manifest import refuse_non_empty
     from .data.synth_audio import synth_audio
 
+    refuse_non_empty(out, overwrite=overwrite)
     summary = synth_audio(out, n=n, seed=seed, fmt=fmt, min_seconds=min_seconds, max_seconds=max_seconds,
                           progress=not state.quiet)
     click.echo(json.dumps(summary, indent=2, default=str))
 
 
 # -- manifest ------------------------------------------------------------------------------
-@cli.command(context_settings=CONTEXT)
+class _ManifestCommand(click.Command):
+    """Fills ``{formats}`` in the help with the registry's format names when the help is shown
+    (so every registered format is listed, and other commands do not import the adapters)."""
+
+    def format_help_text(self, ctx, formatter):
+        from .data.adapters import list_adapters
+
+        text = self.help
+        self.help = text.replace("{formats}", ", ".join(list_adapters()))
+        try:
+            super().format_help_text(ctx, formatter)
+        finally:
+            self.help = text
+
+
+@cli.command(cls=_ManifestCommand, context_settings=CONTEXT)
 @click.argument("fmt", metavar="FORMAT")
 @click.argument("root", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Manifest CSV to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing manifest (caches built from it become stale).")
 @click.option("--annotations", type=click.Path(), default=None,
-              help="Demographic annotations (ffpp: a CSV with img_path and intersec_label or ismale/isasian/...).")
+              help="ffpp: demographic CSV(s) (Image Path/img_path + Intersection/intersec_label or one-hot); "
+              "fairface, aiface: the folder of its label CSVs; coco-gender: the gender CSV (image_id,gender or id,bb_gender).")
+@click.option("--label-column", type=click.Choice(["Intersection", "intersec_label"]), default=None,
+              help="ffpp: which 0..7 code column of the annotations [Intersection when present: the cleaner one].")
+@click.option("--subset", default=None, help="asvspoof21: keep only this subset of the keys (eval, progress, ...).")
+@click.option("--gender-map", default=None,
+              help="coco-gender: extra gender values, e.g. Unsure=unknown (or a YAML file of value: male|female|unknown).")
 @click.option("--val-fraction", default=0.1, show_default=True, help="Where the dataset has no val split.")
 @click.option("--test-fraction", default=0.1, show_default=True, help="Where the dataset has no test split.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the identity-disjoint split.")
 @click.option("--no-check-files", is_flag=True, help="Do not check that every file exists.")
-def manifest(fmt, root, out, annotations, val_fraction, test_fraction, seed, no_check_files):
-    """Write the canonical manifest CSV of a dataset.
+def manifest(fmt, root, out, overwrite, annotations, label_column, subset, gender_map, val_fraction, test_fraction,
+             seed, no_check_files):
+    """Write the canonical manifest CSV of a dataset, then its summary.
 
-    FORMAT is one of: folder, ffpp, celebdf, fairface, utkface, asvspoof19, asvspoof21, partialspoof.
+    FORMAT is one of: {formats}. The README lists the layouts each accepts. The summary gives
+    rows per split x label x subgroup (x attack for audio), where the splits came from, and a
+    note for everything skipped or any fallback.
 
     \b
     Examples:
       featcache manifest folder data/my_faces -o my_faces.csv
-      featcache manifest ffpp /data/FaceForensics++ --annotations ffpp_demo.csv -o ffpp.csv
-      featcache manifest fairface /data/fairface -o fairface.csv
+      featcache manifest ffpp /data/FaceForensics++ --annotations test_noise.csv -o ffpp.csv
+      featcache manifest asvspoof21 /data/ASVspoof2021_LA_eval --subset eval -o la21.csv
+      featcache manifest coco-gender /data/coco --annotations coco_gender.csv --gender-map Unsure=unknown -o coco.csv
     """
-    import warnings
+    from .data.adapters import build_manifest, manifest_summary
 
-    from .data.adapters import build_manifest
+    m = build_manifest(fmt, root, out, annotations=annotations, val_fraction=val_fraction,
+                       test_fraction=test_fraction, seed=seed, check_files=not no_check_files, overwrite=overwrite,
+                       label_column=label_column, subset=subset, gender_map=gender_map)
+    click.echo(f"wrote {out}: {len(m.df)} rows")
+    click.echo(manifest_summary(m))
 
-    with warnings.catch_warnings(record=True) as notes:  # adapters' notes (skipped folders, label polarity)
-        warnings.simplefilter("always")
-        m = build_manifest(fmt, root, out, annotations=annotations, val_fraction=val_fraction,
-                           test_fraction=test_fraction, seed=seed, check_files=not no_check_files)
-    for note in notes:
-        click.echo(f"note: {note.message}", err=True)
-    df = m.df
-    click.echo(f"wrote {out}: {len(df)} rows")
-    click.echo("  splits: " + ", ".join(f"{k} {v}" for k, v in sorted(df["split"].value_counts().items())))
-    labels = df["label"].map({0: "real", 1: "fake", -1: "unlabelled"}).value_counts()
-    click.echo("  labels: " + ", ".join(f"{k} {v}" for k, v in sorted(labels.items())))
-    known = int((df["subgroup"] >= 0).sum())
-    click.echo(f"  subgroup known for {known} rows")
+
+@cli.command("frames", context_settings=CONTEXT)
+@click.argument("video_root", type=click.Path())
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--fps", type=float, default=None, help="Frames per second of video to keep.")
+@click.option("--every", type=int, default=None, help="Keep every K-th frame instead.")
+@quiet_option
+@click.pass_obj
+def frames_cmd(state, video_root, out, fps, every):
+    """Extract frames of every video under VIDEO_ROOT (PyAV) into the layout the adapters read.
+
+    .../c23/videos/000.mp4 -> OUT/.../c23/frames/000/*.png (FF++); Celeb-real/id0_0000.mp4 ->
+    OUT/Celeb-real/frames/id0_0000/*.png (Celeb-DF). Resumable: finished videos are skipped.
+    Unreadable videos are listed in OUT/frames_failed.csv and retried on the next run.
+
+    \b
+    Example:
+      featcache frames /data/FaceForensics++ /data/FaceForensics++ --fps 1
+    """
+    from .data.frames import extract_frames
+
+    result = extract_frames(video_root, out, fps=fps, every=every, progress=not state.quiet)
+    click.echo(result.summary())
 
 
 # -- extract -------------------------------------------------------------------------------
@@ -665,15 +712,18 @@ def cache_export_cmd(state, path, h5_out):
 @click.option("--gap", default=0.5, show_default=True,
               help="0 = women's figures as easy to detect as men's; 1 = much fainter and smaller.")
 @click.option("--size", default=64, show_default=True, help="Image side in pixels.")
+@click.option("--overwrite", is_flag=True, help="Write into OUT even when it is not empty.")
 @quiet_option
 @click.pass_obj
-def synth_detection_cmd(state, out, n, seed, gap, size):
+def synth_detection_cmd(state, out, n, seed, gap, size, overwrite):
     """Drawn people with a gender, and other objects: COCO JSON in the FAAP layout, and OUT/manifest.csv.
 
     Example: featcache synth detection data/det --n 600 --gap 0.5
     """
+    from .data.manifest import refuse_non_empty
     from .data.synth_detection import synth_detection
 
+    refuse_non_empty(out, overwrite=overwrite)
     click.echo(json.dumps(synth_detection(out, n=n, seed=seed, gap=gap, size=size, progress=not state.quiet),
                           indent=2))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +98,8 @@ class Manifest:
     root: Path  # the folder relative paths are resolved against
     source: str  # the CSV's path, or the adapter that built it
     sha256: str  # sha256 of the CSV's bytes (of the canonical CSV for an in-memory manifest)
+    notes: list[str] = field(default_factory=list)  # what a dataset adapter skipped or fell back on
+    split_source: str = ""  # where a dataset adapter took the splits from
 
     def __len__(self) -> int:
         return len(self.df)
@@ -266,3 +268,16 @@ def _relative_if_under(p: str, root: Path) -> str:
         return Path(p).resolve().relative_to(root).as_posix()
     except ValueError:
         return p
+
+
+def refuse_non_empty(out: str | os.PathLike, *, overwrite: bool, what: str = "folder") -> None:
+    """Raise unless ``out`` is absent, an empty folder, or ``overwrite`` is set: a synthetic set
+    written into a folder holding another one would replace its manifest without a word."""
+    out = Path(out)
+    if overwrite or not out.exists():
+        return
+    if not out.is_dir():
+        raise ManifestError(f"{out} exists and is not a folder; choose another {what}")
+    if any(out.iterdir()):
+        raise ManifestError(f"{out} is not empty (it may hold another dataset and its manifest); pass --overwrite "
+                            f"to write into it anyway, or choose another {what}")

@@ -10,15 +10,15 @@ from __future__ import annotations
 import io
 import pickle
 import re
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..errors import ManifestError
-from .adapters import AUDIO_EXTENSIONS, ROW_COLUMNS, _listing, list_files, register_adapter
-from .audio import format_segments
+from ...errors import ManifestError
+from ..audio import format_segments
+from .common import AUDIO_EXTENSIONS, ROW_COLUMNS, Notes, list_files, register_adapter
+from .common import listing as _listing
 
 COLUMNS = (*ROW_COLUMNS, "segments")
 _SPLIT_OF = {"train": "train", "dev": "val", "eval": "test"}
@@ -49,7 +49,13 @@ def _key_label(key: str, path: Path, n: int) -> int:
     return int(key == "spoof")
 
 
-def _rows_frame(rows: list[dict], audio: dict[str, Path], root: Path) -> pd.DataFrame:
+def _note_unlisted(notes: Notes, audio: dict[str, Path], listed: set[str], root: Path) -> None:
+    """Count the audio files under ROOT that no protocol line names."""
+    unlisted = sorted(p.relative_to(root).as_posix() for utt, p in audio.items() if utt not in listed)
+    notes.skipped("audio file(s)", unlisted, "in no protocol or key file")
+
+
+def _rows_frame(rows: list[dict], audio: dict[str, Path], root: Path, extra: tuple[str, ...] = ()) -> pd.DataFrame:
     missing = [r["utt"] for r in rows if r["utt"] not in audio]
     if missing:
         raise ManifestError(f"{root}: {len(missing)} utterance(s) of the protocol have no .flac or .wav file under "
@@ -59,7 +65,7 @@ def _rows_frame(rows: list[dict], audio: dict[str, Path], root: Path) -> pd.Data
         path = audio[r.pop("utt")]
         out.append({"sample_id": f"{r['dataset']}/{path.relative_to(root).as_posix()}", "path": str(path),
                     "gender": "", "race": "", **r})
-    return pd.DataFrame(out, columns=list(COLUMNS)).sort_values("path", kind="stable").reset_index(drop=True)
+    return pd.DataFrame(out, columns=[*COLUMNS, *extra]).sort_values("path", kind="stable").reset_index(drop=True)
 
 
 def _find(root: Path, pattern: str, what: str) -> list[Path]:
@@ -70,41 +76,85 @@ def _find(root: Path, pattern: str, what: str) -> list[Path]:
 
 
 @register_adapter("asvspoof19")
-def asvspoof19_adapter(root: Path, **_) -> pd.DataFrame:
+def asvspoof19_adapter(root: Path, *, notes: Notes, **_) -> pd.DataFrame:
     """ASVspoof 2019 LA: ``ASVspoof2019.LA.cm.{train.trn,dev.trl,eval.trl}.txt`` (SPEAKER UTT - SYSTEM KEY).
 
     train -> train, dev -> val, eval -> test; audio ``ASVspoof2019_LA_*/flac/UTT.flac``.
     """
     audio = _audio_index(root)
-    rows = []
+    rows, other = [], []
     for proto in _find(root, "ASVspoof2019.LA.cm.*.txt", "LA protocol"):
         m = re.search(r"\.cm\.(train|dev|eval)\.", proto.name)
         if not m:
+            other.append(proto.relative_to(root).as_posix())
             continue
         for n, (spk, utt, _, system, key, *_rest) in _protocol_lines(proto, 5, "LA protocol"):
             label = _key_label(key, proto, n)
             rows.append({"utt": utt, "label": label, "split": _SPLIT_OF[m.group(1)], "dataset": "asvspoof19la",
                          "identity": spk, "method": "" if system == "-" else system, "segments": ""})
+    notes.skipped("protocol file(s)", other, "not train.trn, dev.trl or eval.trl")
+    _note_unlisted(notes, audio, {r["utt"] for r in rows}, root)
+    notes.split_source = "the official protocols: train -> train, dev -> val, eval -> test"
     return _rows_frame(rows, audio, root)
+
+
+#: Folders of the ASVspoof 2021 key package (keys/<track>/<ASV|CM>/trial_metadata.txt) that hold no
+#: CM labels a detector learns from: the ASV protocols (target/nontarget/spoof) and the PA track.
+_ASV21_IGNORED = ("ASV", "PA")
 
 
 @register_adapter("asvspoof21")
-def asvspoof21_adapter(root: Path, **_) -> pd.DataFrame:
-    """ASVspoof 2021 LA / DF: ``keys/*/CM/trial_metadata.txt`` (SPEAKER UTT CODEC TRANSMISSION ATTACK KEY ...).
+def asvspoof21_adapter(root: Path, *, notes: Notes, subset: str | None = None, **_) -> pd.DataFrame:
+    """ASVspoof 2021 LA / DF CM keys as the official key package unpacks them::
 
-    Evaluation data: every row is split test; ``dataset`` is asvspoof21la or asvspoof21df by the
-    utterance prefix; ``method`` the attack.
+        ROOT/keys/LA/CM/trial_metadata.txt   LA_0009 LA_E_9332881 alaw ita_tx A07 spoof notrim eval
+        ROOT/keys/DF/CM/trial_metadata.txt   LA_0043 DF_E_2000026 mp3m4a asvspoof A09 spoof notrim eval ...
+        ROOT/**/LA_E_9332881.flac
+
+    (SPEAKER TRIAL CODEC TRANSMISSION|SOURCE ATTACK KEY TRIM SUBSET ...).  Key files under an ASV/
+    folder (target/nontarget labels) or the PA track are counted in a note and not read.  Every
+    row is split test; ``dataset`` is asvspoof21la or asvspoof21df by the trial prefix; ``method``
+    the attack; ``subset`` the eval/progress/hidden subset column.  ``subset="eval"`` keeps only
+    the official eval trials (the others are counted in a note).
     """
     audio = _audio_index(root)
-    rows = []
+    rows, ignored, found = [], [], []
     for meta in _find(root, "trial_metadata.txt", "ASVspoof 2021 key file"):
+        parts = meta.relative_to(root).parts[:-1]
+        if any(p in _ASV21_IGNORED for p in parts):
+            ignored.append(meta.relative_to(root).as_posix())
+            continue
+        found.append(meta)
         for n, cols in _protocol_lines(meta, 6, "trial_metadata"):
             spk, utt, attack, key = cols[0], cols[1], cols[4], cols[5]
             track = utt.split("_", 1)[0].lower()
+            if track == "pa":
+                ignored.append(meta.relative_to(root).as_posix())
+                break
             rows.append({"utt": utt, "label": _key_label(key, meta, n), "split": "test",
                          "dataset": f"asvspoof21{track}", "identity": spk,
-                         "method": "" if attack in ("-", "bonafide") else attack, "segments": ""})
-    return _rows_frame(rows, audio, root)
+                         "method": "" if attack in ("-", "bonafide") else attack, "segments": "",
+                         "subset": cols[7] if len(cols) > 7 else ""})
+    notes.skipped("key file(s)", sorted(set(ignored)), "ASV and PA keys carry no LA/DF countermeasure labels")
+    _note_unlisted(notes, audio, {r["utt"] for r in rows}, root)
+    if not rows:
+        raise ManifestError(f"{root}: no LA or DF CM key file (keys/LA/CM/trial_metadata.txt, keys/DF/CM/...) found; "
+                            f"only {_listing(ignored)}")
+    if subset is not None:
+        values = sorted({r["subset"] for r in rows})
+        if subset not in values:
+            raise ManifestError(f"--subset {subset!r}: the keys' subset column holds {', '.join(values) or 'nothing'}; "
+                                "pick one of those")
+        left = [r for r in rows if r["subset"] != subset]
+        counts = pd.Series([r["subset"] for r in left]).value_counts() if left else pd.Series(dtype=int)
+        if left:
+            notes.add(f"--subset {subset}: left out {len(left)} trial(s) of other subsets ("
+                      + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")")
+        rows = [r for r in rows if r["subset"] == subset]
+    notes.split_source = (f"the CM keys ({', '.join(m.relative_to(root).as_posix() for m in found)}): every trial is "
+                          "evaluation data, split test" + (f", subset {subset}" if subset else ""))
+    df = _rows_frame(rows, audio, root, extra=("subset",))
+    return df
 
 
 class _SeglabUnpickler(pickle.Unpickler):
@@ -156,14 +206,14 @@ def _intervals(bits: np.ndarray, resolution: float, duration: float) -> list[tup
 
 
 @register_adapter("partialspoof")
-def partialspoof_adapter(root: Path, **_) -> pd.DataFrame:
+def partialspoof_adapter(root: Path, *, notes: Notes, **_) -> pd.DataFrame:
     """PartialSpoof: protocols ``PartialSpoof.LA.cm.{train.trn,dev.trl,eval.trl}.txt`` and segment labels
     ``segment_labels/{train,dev,eval}_seglab_<resolution>.npy`` (the finest resolution found is used),
     converted to spoofed intervals in ``segments``.
 
     PartialSpoof marks a bonafide segment "1" and a spoofed one "0".  The polarity is checked on the
     bonafide utterances of the protocol (their segments must all be bonafide) and flipped if they
-    say otherwise; which polarity was used is reported as a warning either way.
+    say otherwise; which polarity was used is a note either way.
     """
     import soundfile as sf
 
@@ -197,8 +247,10 @@ def partialspoof_adapter(root: Path, **_) -> pd.DataFrame:
         spoof_value = "0"
         why = (f"the {len(bona)} bonafide utterances have {100 * ones:.1f} % segments '1'" if bona
                else "no bonafide utterance to check it on: PartialSpoof's convention assumed")
-    warnings.warn(f"partialspoof: segment labels read as {'1 = bonafide, 0 = spoof' if spoof_value == '0' else '0 = bonafide, 1 = spoof'} "
-                  f"({why})", stacklevel=2)
+    notes.add(f"partialspoof: segment labels read as {'1 = bonafide, 0 = spoof' if spoof_value == '0' else '0 = bonafide, 1 = spoof'} "
+              f"({why})")
+    notes.split_source = "the official protocols: train -> train, dev -> val, eval -> test"
+    _note_unlisted(notes, audio, set(labels), root)
     for r in rows:
         bits, res, _ = labels[r["utt"]]
         if r["utt"] in audio:
