@@ -354,6 +354,19 @@ def _floats(text: str, hint: str) -> list[float]:
         raise click.BadParameter(f"{text!r}: expected numbers like 0.9,0.98", param_hint=hint) from None
 
 
+def _e2e_default(name: str):
+    """A ``train-e2e mnv4`` option's default, read from ``featcache.e2e.mnv4.DEFAULTS`` when the
+    command runs (importing it at start-up would load torch for every command); the values shown
+    in ``--help`` are pinned to DEFAULTS by a test."""
+
+    def value():
+        from .e2e.mnv4 import DEFAULTS
+
+        return DEFAULTS[name]
+
+    return value
+
+
 @cli.group("train-e2e", context_settings=CONTEXT)
 def train_e2e_group():
     """Train a model end to end on pixels (the cascade's fast filter)."""
@@ -365,16 +378,19 @@ def train_e2e_group():
 @click.option("--model", default="mobilenetv4_hybrid_medium", show_default=True, help="timm model name.")
 @click.option("--pretrained", default=None,
               help="timm tag [ix_e550_r256_in1k for the default model], a weights file, or none (random).")
-@click.option("--epochs", default=None, type=int, help="[20]; with --resume: extend the run to this many.")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--lr", default=1e-4, show_default=True)
-@click.option("--weight-decay", default=1e-5, show_default=True)
+@click.option("--epochs", default=None, type=int,
+              help="[50, the design's length]; with --resume: extend the run to this many.")
+@click.option("--batch-size", default=_e2e_default("batch_size"), type=int, show_default="32")
+@click.option("--lr", default=_e2e_default("lr"), type=float, show_default="0.0001")
+@click.option("--weight-decay", default=_e2e_default("weight_decay"), type=float, show_default="1e-05")
 @click.option("--save-every", default=0, show_default=True, help="Keep a weights snapshot every N epochs (0: none).")
-@click.option("--patience", default=5, show_default=True, help="Early stopping on val AUC (0: off).")
+@click.option("--patience", default=_e2e_default("patience"), type=int, show_default="15, the design's example",
+              help="Early stopping on val AUC (0: off).")
 @click.option("--mixed-precision", is_flag=True, help="torch.autocast + GradScaler on CUDA (ignored on the CPU).")
-@click.option("--amp-dtype", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True)
+@click.option("--amp-dtype", type=click.Choice(["fp16", "bf16"]), default=_e2e_default("amp_dtype"),
+              show_default="fp16")
 @click.option("--no-augment", is_flag=True, help="Train without flip, colour jitter, affine and blur.")
-@click.option("--image-size", default=256, show_default=True)
+@click.option("--image-size", default=_e2e_default("image_size"), type=int, show_default="256")
 @click.option("--num-workers", default=0, show_default=True, help="DataLoader decoding workers (spawned).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when present].")
 @click.option("--seed", default=0, show_default=True)
