@@ -79,3 +79,131 @@ def test_eval_transform_is_timms_own():
         assert torch.allclose(v2.Compose(kept)(img), ref(img), atol=0.05)
     assert mnv4.data_config("mobilenetv4_conv_small", 32)["crop_pct"] == 0.875
     assert mnv4.data_config("mobilenetv4_hybrid_medium", 256)["crop_pct"] == 0.95
+
+
+# -- a filter run without training: random MobileNetV4 weights, labels made from its scores ----------
+def _write_images(root, n):
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        base = rng.integers(0, 255, size=3)
+        pix = np.clip(base + rng.normal(0, 50, size=(40, 48, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pix).save(root / "img" / f"{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def filter_run(tmp_path_factory):
+    """A run directory of mobilenetv4_conv_small at 32 px with a random (non-zero) classifier, 60
+    train images of 20 identities (3 each) and no val split; ``manifest.csv``'s labels are drawn
+    from sigmoid of the filter's own standardised score (informative, not separable),
+    ``anti.csv``'s are the opposite of the score's sign (a temperature search runs to its bound)."""
+    import json
+
+    import pandas as pd
+    from scipy.special import expit
+
+    from featcache.train.trainer import save_module
+
+    root = tmp_path_factory.mktemp("filter")
+    run = root / "run"
+    run.mkdir()
+    net = mnv4.create_model("mobilenetv4_conv_small", "none", seed=0)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        for p in net.get_classifier().parameters():
+            p.normal_(0, 0.05)
+    save_module(net, run / "best.safetensors")
+    (run / "model.json").write_text(json.dumps({"task": "mnv4", "spec": {
+        "model": "mobilenetv4_conv_small", "pretrained": "none", "image_size": 32, "num_classes": 1}}))
+    n = 60
+    _write_images(root, n)
+    df = pd.DataFrame({"sample_id": [f"s{i:03d}" for i in range(n)], "path": [f"img/{i:03d}.png" for i in range(n)],
+                       "label": [i % 2 for i in range(n)], "split": "train",
+                       "identity": [f"p{i // 3:02d}" for i in range(n)]})
+    df.to_csv(root / "unlabelled.csv", index=False)
+    rows, paths = mnv4.load_split(root / "unlabelled.csv", "train")
+    score = mnv4.FilterRun(run, "cpu").predict_rows(rows, paths, "all")["score"].to_numpy()
+    z = (score - np.median(score)) / score.std()
+    rng = np.random.default_rng(0)
+    df.assign(label=(rng.random(n) < expit(2 * z)).astype(int)).to_csv(root / "manifest.csv", index=False)
+    df.assign(label=(z < 0).astype(int)).to_csv(root / "anti.csv", index=False)
+    return run
+
+
+def test_val_split_holds_out_whole_identities_seeded(filter_run):
+    from featcache.e2e.calibrate import held_out_rows
+    from featcache.errors import FeatcacheError
+
+    manifest = filter_run.parent / "manifest.csv"
+    rows, paths, info = held_out_rows(manifest, 0.2, seed=0)
+    train, _ = mnv4.load_split(manifest, "train")
+    held = set(rows["identity"])
+    rest = set(train.loc[~train["sample_id"].isin(rows["sample_id"]), "identity"])
+    assert len(held) == 4 and held.isdisjoint(rest) and len(held | rest) == 20  # 0.2 of 20 identities
+    assert len(rows) == 12 and info["rows"] == 12 and info["identities"] == 4 and info["seed"] == 0
+    assert [str(filter_run.parent / p) for p in rows["path"]] == paths
+    again, _, _ = held_out_rows(manifest, 0.2, seed=0)
+    other, _, _ = held_out_rows(manifest, 0.2, seed=1)
+    assert list(again["sample_id"]) == list(rows["sample_id"])
+    assert set(other["identity"]) != held
+    with pytest.raises(FeatcacheError, match="--val-split"):
+        held_out_rows(manifest, 1.5)
+
+
+def test_calibrate_val_split_fits_the_nll_optimum_on_the_held_out_rows(filter_run):
+    import json
+
+    import pandas as pd
+    from scipy.optimize import minimize_scalar
+    from scipy.special import expit
+
+    from featcache.e2e import calibrate_run
+    from featcache.e2e.calibrate import held_out_rows
+
+    manifest = filter_run.parent / "manifest.csv"
+    r = calibrate_run(filter_run, manifest, val_split=0.4, seed=3, device="cpu", progress=False)
+    held, _, _ = held_out_rows(manifest, 0.4, seed=3)
+    preds = pd.read_csv(filter_run / "calibrated_predictions.csv")
+    assert list(preds["sample_id"]) == list(held["sample_id"])  # exactly the held-out rows
+    record = json.loads((filter_run / "calibration_temp.json").read_text())
+    assert record["split"] == r["split"] == "train held-out 0.4"
+    assert record["held_out"]["seed"] == 3 and record["held_out"]["identities"] == 8
+    assert any(m.startswith("note: the manifest has no val split") for m in r["messages"])
+    score, y = preds["score"].to_numpy(), preds["label"].to_numpy()
+
+    def nll(t):
+        p = np.clip(expit(score / t), 1e-15, 1 - 1e-15)
+        return -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
+
+    ref = minimize_scalar(nll, bounds=(0.1, 10), method="bounded", options={"xatol": 1e-8}).x
+    assert 0.2 < r["temperature"] < 9  # an interior optimum: no remark
+    assert r["temperature"] == pytest.approx(ref, rel=1e-3)
+    assert not [m for m in r["messages"] if m.startswith("remark:")]
+
+
+def _cli(capsys, *args) -> tuple[int, str, str]:
+    """``featcache ARGS`` in this process (the CLI's own entry point): exit code, stdout, stderr."""
+    from featcache.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["-q", *map(str, args)])
+    out = capsys.readouterr()
+    return exc.value.code, out.out, out.err
+
+
+def test_temperature_at_its_bound_gets_a_remark_that_the_cli_prints(filter_run, capsys):
+    from featcache.e2e.calibrate import temperature_remark
+
+    assert temperature_remark(9.95, "val").startswith("remark: the fitted temperature T = 9.950 is at the upper")
+    assert temperature_remark(0.1005, "val").startswith("remark: the fitted temperature T = 0.101 is at the lower")
+    assert temperature_remark(9.8, "val") is None and temperature_remark(1.0, "val") is None
+    # labels opposite to the score's sign: the NLL wants T as large as allowed
+    code, out, err = _cli(capsys, "calibrate", filter_run, "--manifest", filter_run.parent / "anti.csv",
+                          "--val-split", "0.2", "--device", "cpu")
+    assert code == 0, err
+    assert "T = 10.0000 (fitted on train held-out 0.2" in out
+    assert "remark: the fitted temperature T = 10.000 is at the upper bound 10" in out
+    assert "note: the manifest has no val split; calibrated on 12 train rows of 4 identities" in out
+    # without --val-split, a manifest without val is one error line naming the option
+    code, out, err = _cli(capsys, "calibrate", filter_run, "--manifest", filter_run.parent / "anti.csv")
+    assert code == 2 and err.count("\n") == 1 and "--val-split 0.2" in err

@@ -285,15 +285,22 @@ class FilterRun:
 
         Unreadable images are an error naming them (a filter must see every sample it judges).
         """
+        rows, paths = load_split(manifest, split)
+        return self.predict_rows(rows, paths, f"split {split}", batch_size=batch_size, num_workers=num_workers,
+                                 progress=progress)
+
+    def predict_rows(self, rows: pd.DataFrame, paths: list[str], name: str, *, batch_size: int = 64,
+                     num_workers: int = 0, progress: bool = False) -> pd.DataFrame:
+        """:meth:`predict` on given manifest ``rows`` (index 0..n-1) and their file ``paths``;
+        ``name`` (the split, or what the rows are) labels the progress bar and messages."""
         from ..metrics.detection import sigmoid
 
-        rows, paths = load_split(manifest, split)
         scores, ok, errors = predict_scores(self.model, paths, self.image_size, self.device, batch_size=batch_size,
-                                            num_workers=num_workers, progress=progress, desc=f"filter {split}",
+                                            num_workers=num_workers, progress=progress, desc=f"filter {name}",
                                             config=self.data_config)
         if errors:
             shown = "; ".join(f"{rows.at[r, 'sample_id']}: {e}" for r, e in list(errors.items())[:3])
-            raise FeatcacheError(f"{len(errors)} image(s) of split {split} cannot be read ({shown})")
+            raise FeatcacheError(f"{len(errors)} image(s) of {name} cannot be read ({shown})")
         preds = rows[[c for c in META if c in rows.columns]].copy()
         t = self.temperature or 1.0
         preds.insert(2, "score", scores)
