@@ -207,3 +207,78 @@ def test_temperature_at_its_bound_gets_a_remark_that_the_cli_prints(filter_run, 
     # without --val-split, a manifest without val is one error line naming the option
     code, out, err = _cli(capsys, "calibrate", filter_run, "--manifest", filter_run.parent / "anti.csv")
     assert code == 2 and err.count("\n") == 1 and "--val-split 0.2" in err
+
+
+# -- the cascade: the manifest checked against the cache, remarks on the threshold ----------------------
+@pytest.fixture(scope="module")
+def cascade_cache(filter_run):
+    """A tiny-CLIP cache of ``cascade.csv``: the 60 images, identities p00-p09 train, p10-p14 val,
+    p15-p19 test."""
+    import pandas as pd
+
+    from featcache.extract import extract
+
+    root = filter_run.parent
+    df = pd.read_csv(root / "manifest.csv")
+    k = df["identity"].str[1:].astype(int)
+    df["split"] = np.where(k < 10, "train", np.where(k < 15, "val", "test"))
+    df["label"] = np.arange(len(df)) % 2
+    df.to_csv(root / "cascade.csv", index=False)
+    extract("clip", root / "cascade.csv", root / "cache", model="tiny", part_rows=64, num_workers=0, progress=False)
+    return root / "cache"
+
+
+def test_cascade_manifest_must_be_the_caches_or_match_its_rows(cascade_cache, capsys):
+    import pandas as pd
+
+    from featcache.cache import open_cache
+    from featcache.e2e.cascade import match_manifest, match_message
+    from featcache.errors import FeatcacheError
+
+    root = cascade_cache.parent
+    cache = open_cache(cascade_cache)
+    same = match_manifest(cache, root / "cascade.csv")
+    assert same["by"] == "fingerprint" and same["rows"] == {"val": 15, "test": 15}
+    assert match_message(same).startswith("manifest: the cache's own")
+    df = pd.read_csv(root / "cascade.csv")
+    # the val and test rows alone: another file, every row found by sample_id and path
+    df[df["split"] != "train"].iloc[::-1].to_csv(root / "subset.csv", index=False)
+    sub = match_manifest(cache, root / "subset.csv")
+    assert sub["by"] == "row identity" and sub["rows"] == {"val": 15, "test": 15}
+    assert "every row matched a cache row by sample_id and path: val 15, test 15" in match_message(sub)
+    # the issue's case: the same sample_ids naming other images
+    other = df.assign(path=np.roll(df["path"].to_numpy(), 1))
+    other.to_csv(root / "other.csv", index=False)
+    with pytest.raises(FeatcacheError, match=r"30 of its 30 val/test rows do not match a cache row by sample_id and "
+                                             r"path \(e.g. s\d+: path 'img/\d+.png' here, 'img/\d+.png' in the cache"):
+        match_manifest(cache, root / "other.csv")
+    # the same images in other splits, or another label: refused too, naming the field
+    df.assign(split=np.where(df["split"] == "val", "test", df["split"])).to_csv(root / "resplit.csv", index=False)
+    with pytest.raises(FeatcacheError, match="15 of its 30 val/test rows .* split 'test' here, 'val' in the cache"):
+        match_manifest(cache, root / "resplit.csv")
+    # the command refuses the other manifest with one line, before any model is loaded
+    code, out, err = _cli(capsys, "cascade", "--filter", root / "nofilter", "--detector", root / "nodetector",
+                          "--cache", cascade_cache, "--manifest", root / "other.csv", "--out", root / "cascade_out")
+    assert code == 2 and err.startswith("error: --manifest") and err.count("\n") == 1
+    assert not (root / "cascade_out").exists()
+
+
+def test_a_recommended_threshold_that_stops_nothing_gets_a_remark():
+    from featcache.e2e.cascade import threshold_remarks
+    from featcache.metrics.cascade import cascade_rates, default_grid, recommend_threshold
+
+    y = np.array([0, 0, 0, 1, 1, 1, 0, 1])
+    p = np.array([0.2, 0.3, 0.1, 0.005, 0.9, 0.8, 0.4, 0.7])  # the most confident "real" is a fake
+    rows = [cascade_rates(y, p, t) for t in default_grid()]
+    rec = recommend_threshold(rows, max_leakage=0.05)
+    assert rec["filtration"] == 0  # every threshold that stops anything stops that fake first
+    (remark,) = threshold_remarks(rec, {**rec, "compute_saved": -0.1}, 0.05)
+    assert remark.startswith(f"remark: the recommended threshold t = {rec['threshold']:g} stops no sample on val "
+                             "(filtration 0)")
+    assert "compute saved -0.100" in remark
+    good = recommend_threshold(rows, max_leakage=0.5)  # a budget of two fakes of four lets reals through
+    assert good["filtration"] > 0 and threshold_remarks(good, good, 0.5) == []
+    (on_test,) = threshold_remarks(good, {**good, "filtration": 0.0}, 0.5)
+    assert "no sample on test (filtration 0)" in on_test
+    (none,) = threshold_remarks(None, None, 0.0)
+    assert none.startswith("remark: no threshold keeps val leakage within --max-leakage 0")

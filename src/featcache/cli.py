@@ -497,13 +497,13 @@ def cascade(state, filter_run, detector_run, cache_path, manifest_path, out, max
                f"{lat['detector_ms']:.2f} ms (backbone {lat['backbone_ms']:.2f} + head {lat['head_ms']:.3f})")
     click.echo(f"detector alone on test: auc {r['alone_test']['detector']['auc']:.3f}")
     rec = r["recommended"]
-    if rec is None:
-        click.echo(f"no threshold keeps leakage within {max_leakage} on val")
-    else:
+    if rec is not None:
         t = rec["test"]
         click.echo(f"recommended t = {rec['threshold']:g} (val leakage {rec['val']['leakage']:.3f}); on test: "
                    f"filtration {t['filtration']:.3f}, leakage {t['leakage']:.3f}, sent to detector "
                    f"{t['coverage']:.3f}, auc {t['auc']:.3f}, compute saved {t['compute_saved']:.3f}")
+    for line in r["messages"]:  # how the manifest matched the cache, rows used, remarks
+        click.echo(line)
     click.echo(f"wrote {out}/cascade_report.json, cascade_thresholds.csv, cascade_tradeoff.png")
 
 
