@@ -181,7 +181,8 @@ def measure_latency(filt: FilterRun, task, cache, manifest, *, split: str = "tes
     rows, paths = load_split(manifest, split)
     k = min(samples, len(paths))
     dev = filt.device
-    _, x, _ = next(iter(image_loader(paths[:k], filt.image_size, train=False, batch_size=k)))
+    _, x, _ = next(iter(image_loader(paths[:k], filt.image_size, train=False, batch_size=k,
+                                     config=filt.data_config)))
     x = x.to(dev)
 
     def run_filter():
