@@ -116,7 +116,7 @@ def data_config(model=DEFAULT_MODEL, image_size: int | None = None, pretrained: 
 
     ``{input_size, interpolation, mean, std, crop_pct, crop_mode}`` from
     ``timm.data.resolve_model_data_config`` (a module) or ``resolve_data_config`` on the
-    pretrained config of ``model.pretrained`` (a name; a tag that is ``none``, ``default`` or a
+    pretrained config of the timm name ``model.pretrained`` (a tag that is ``none``, ``default`` or a
     file means the architecture's default tag).  ``input_size`` is set to ``image_size`` square.
     """
     import timm
@@ -169,7 +169,7 @@ def make_transform(image_size: int, train: bool, *, model=DEFAULT_MODEL, pretrai
         v2.ColorJitter(brightness=a["brightness"], contrast=a["contrast"], saturation=a["saturation"], hue=a["hue"]),
         v2.RandomAffine(degrees=a["degrees"], translate=a["translate"], scale=a["scale"]),
         v2.GaussianBlur(kernel_size=a["blur_kernel"], sigma=a["blur_sigma"]),  # every image (the design)
-        # a PIL image is augmented with PIL's kernels (2-3x faster on the CPU than on a tensor) and
+        # a PIL image is augmented with PIL's kernels (faster on the CPU than the tensor ones) and
         # becomes a uint8 tensor here; a uint8 tensor input took the tensor kernels and passes through
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
