@@ -4,11 +4,14 @@
 
 For each configuration, on synthetic PNG images written to a temporary folder:
 
-* train step: what ``train-e2e`` does per batch (decode + augment + ImageNet normalise in the
-  DataLoader, forward, BCE, backward, AdamW step), in images/s;
+* train step: what ``train-e2e`` does per batch (decode, timm's resize and crop, the design's
+  augmentations and normalisation in the DataLoader, forward, BCE, backward, AdamW step), in images/s;
 * bare step: forward + backward + AdamW step on one pre-made tensor batch of the same shape;
   ratio = train-step / bare-step throughput (the share of the model's speed that survives the
   input pipeline; 1.0 means decoding costs nothing);
+* input pipeline alone: the training loader (augmented) against the evaluation loader
+  (timm's transform, no augmentation) on the same images, as a ratio (the cost of the design's
+  augmentations: flip, colour jitter, affine, a Gaussian blur on every image);
 * on CUDA also the mixed-precision step (autocast fp16 + GradScaler) against fp32, as a ratio.
 
 quick: mobilenetv4_conv_small at 64 px (the demo's filter). full adds the default
@@ -76,7 +79,8 @@ def measure(model: str, size: int, batch: int, steps: int, device: torch.device,
     full = None
     if folder is not None:
         paths = _images(folder, batch * steps, size)
-        loader = image_loader(paths, size, train=True, batch_size=batch, generator=torch.Generator().manual_seed(0))
+        loader = image_loader(paths, size, train=True, batch_size=batch, generator=torch.Generator().manual_seed(0),
+                              model=model)
         t0 = time.perf_counter()
         n = 0
         for _, xb, _ in loader:
@@ -84,6 +88,13 @@ def measure(model: str, size: int, batch: int, steps: int, device: torch.device,
             n += len(xb)
         _sync(device)
         full = n / (time.perf_counter() - t0)
+        loaders = {}
+        for name, train in (("augmented", True), ("eval", False)):
+            t0 = time.perf_counter()
+            n = sum(len(xb) for _, xb, _ in image_loader(paths, size, train=train, batch_size=batch, model=model,
+                                                         generator=torch.Generator().manual_seed(0)))
+            loaders[name] = n / (time.perf_counter() - t0)
+        return {"bare": bare, "full": full, "loaders": loaders}
     return {"bare": bare, "full": full}
 
 
@@ -101,6 +112,13 @@ def suite(quick: bool, device: str) -> list[dict]:
             "ratio": r["full"] / r["bare"],
             "value": f"{r['full']:.1f} images/s with decoding+augmentation; bare fwd+bwd+AdamW {r['bare']:.1f} images/s",
             "note": "ratio = train-e2e step / bare model step throughput",
+        })
+        ld = r["loaders"]
+        rows.append({
+            "measure": f"mnv4 input pipeline, {size}px b{batch} ({dev.type}, {torch.get_num_threads()} threads)",
+            "ratio": ld["augmented"] / ld["eval"],
+            "value": f"training loader {ld['augmented']:.1f} images/s; evaluation loader {ld['eval']:.1f} images/s",
+            "note": "ratio = augmented / unaugmented loader throughput (decoding included in both)",
         })
         if dev.type == "cuda":
             fp16 = measure(model, size, batch, steps, dev, amp=torch.float16)

@@ -402,6 +402,19 @@ def _floats(text: str, hint: str) -> list[float]:
         raise click.BadParameter(f"{text!r}: expected numbers like 0.9,0.98", param_hint=hint) from None
 
 
+def _e2e_default(name: str):
+    """A ``train-e2e mnv4`` option's default, read from ``featcache.e2e.mnv4.DEFAULTS`` when the
+    command runs (importing it at start-up would load torch for every command); the values shown
+    in ``--help`` are pinned to DEFAULTS by a test."""
+
+    def value():
+        from .e2e.mnv4 import DEFAULTS
+
+        return DEFAULTS[name]
+
+    return value
+
+
 @cli.group("train-e2e", context_settings=CONTEXT)
 def train_e2e_group():
     """Train a model end to end on pixels (the cascade's fast filter)."""
@@ -413,16 +426,19 @@ def train_e2e_group():
 @click.option("--model", default="mobilenetv4_hybrid_medium", show_default=True, help="timm model name.")
 @click.option("--pretrained", default=None,
               help="timm tag [ix_e550_r256_in1k for the default model], a weights file, or none (random).")
-@click.option("--epochs", default=None, type=int, help="[20]; with --resume: extend the run to this many.")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--lr", default=1e-4, show_default=True)
-@click.option("--weight-decay", default=1e-5, show_default=True)
+@click.option("--epochs", default=None, type=int,
+              help="[50, the design's length]; with --resume: extend the run to this many.")
+@click.option("--batch-size", default=_e2e_default("batch_size"), type=int, show_default="32")
+@click.option("--lr", default=_e2e_default("lr"), type=float, show_default="0.0001")
+@click.option("--weight-decay", default=_e2e_default("weight_decay"), type=float, show_default="1e-05")
 @click.option("--save-every", default=0, show_default=True, help="Keep a weights snapshot every N epochs (0: none).")
-@click.option("--patience", default=5, show_default=True, help="Early stopping on val AUC (0: off).")
+@click.option("--patience", default=_e2e_default("patience"), type=int, show_default="15, the design's example",
+              help="Early stopping on val AUC (0: off).")
 @click.option("--mixed-precision", is_flag=True, help="torch.autocast + GradScaler on CUDA (ignored on the CPU).")
-@click.option("--amp-dtype", type=click.Choice(["fp16", "bf16"]), default="fp16", show_default=True)
+@click.option("--amp-dtype", type=click.Choice(["fp16", "bf16"]), default=_e2e_default("amp_dtype"),
+              show_default="fp16")
 @click.option("--no-augment", is_flag=True, help="Train without flip, colour jitter, affine and blur.")
-@click.option("--image-size", default=256, show_default=True)
+@click.option("--image-size", default=_e2e_default("image_size"), type=int, show_default="256")
 @click.option("--num-workers", default=0, show_default=True, help="DataLoader decoding workers (spawned).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when present].")
 @click.option("--seed", default=0, show_default=True)
@@ -466,24 +482,34 @@ def train_e2e_mnv4(state, manifest_path, out, model, pretrained, epochs, batch_s
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--split", default="val", show_default=True, help="Split the temperature is fitted on.")
+@click.option("--val-split", type=float, default=None,
+              help="Where the manifest has no --split rows: hold out this fraction of train's identities "
+                   "(e.g. 0.2; seeded, identity-disjoint) and fit on them.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the --val-split hold-out.")
 @click.option("--objective", type=click.Choice(["nll", "ece"]), default="nll", show_default=True)
 @click.option("--device", default=None)
 @quiet_option
 @click.pass_obj
-def calibrate(state, run, manifest_path, split, objective, device):
+def calibrate(state, run, manifest_path, split, val_split, seed, objective, device):
     """Fit the filter's temperature (p = sigmoid(logit / T), L-BFGS-B in [0.1, 10]).
 
     Writes calibration_temp.json, calibration_metrics.json, plots/reliability_diagram.png and
     calibrated_predictions.csv into RUN; evaluate and cascade then use T.
 
-    Example: featcache calibrate runs/mnv4 --manifest data/manifest.csv --objective nll
+    \b
+    Examples:
+      featcache calibrate runs/mnv4 --manifest data/manifest.csv --objective nll
+      featcache calibrate runs/mnv4 --manifest data/no_val.csv --val-split 0.2
     """
     from .e2e import calibrate_run
 
-    r = calibrate_run(run, manifest_path, split=split, objective=objective, device=device, progress=not state.quiet)
-    click.echo(f"{run}: T = {r['temperature']:.4f} (fitted on {split}, n = {r['n']}, {objective})")
+    r = calibrate_run(run, manifest_path, split=split, objective=objective, val_split=val_split, seed=seed,
+                      device=device, progress=not state.quiet)
+    click.echo(f"{run}: T = {r['temperature']:.4f} (fitted on {r['split']}, n = {r['n']}, {objective})")
     for k in ("ece", "mce", "brier", "nll"):
         click.echo(f"  {k:5s} {r['before'][k]:.4f} -> {r['after'][k]:.4f}")
+    for line in r["messages"]:
+        click.echo(line)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -519,13 +545,13 @@ def cascade(state, filter_run, detector_run, cache_path, manifest_path, out, max
                f"{lat['detector_ms']:.2f} ms (backbone {lat['backbone_ms']:.2f} + head {lat['head_ms']:.3f})")
     click.echo(f"detector alone on test: auc {r['alone_test']['detector']['auc']:.3f}")
     rec = r["recommended"]
-    if rec is None:
-        click.echo(f"no threshold keeps leakage within {max_leakage} on val")
-    else:
+    if rec is not None:
         t = rec["test"]
         click.echo(f"recommended t = {rec['threshold']:g} (val leakage {rec['val']['leakage']:.3f}); on test: "
                    f"filtration {t['filtration']:.3f}, leakage {t['leakage']:.3f}, sent to detector "
                    f"{t['coverage']:.3f}, auc {t['auc']:.3f}, compute saved {t['compute_saved']:.3f}")
+    for line in r["messages"]:  # how the manifest matched the cache, rows used, remarks
+        click.echo(line)
     click.echo(f"wrote {out}/cascade_report.json, cascade_thresholds.csv, cascade_tradeoff.png")
 
 

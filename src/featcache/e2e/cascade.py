@@ -15,11 +15,18 @@ same architecture: the time does not depend on them) plus the detector head.  Im
 is left out of both.  The recommended threshold is chosen on the validation split (the highest
 filtration whose leakage is within ``max_leakage``) and reported on the test split.
 
+Before anything runs, the manifest is checked against the cache (:func:`match_manifest`): the
+cache's own manifest (same sha256 and row count), or a manifest whose val/test rows are all
+cache rows with the same sample_id, path, split and label; any other manifest is refused.  The
+report's ``messages`` say how the rows matched and how many were used, and carry a
+``remark: ...`` when the recommended threshold stops nothing (:func:`threshold_remarks`).
+
 DIR/ cascade_report.json  cascade_thresholds.csv  cascade_tradeoff.png  cascade_predictions_test.csv
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -28,6 +35,7 @@ import pandas as pd
 import torch
 
 from ..cache import open_cache
+from ..data.manifest import read_manifest
 from ..errors import FeatcacheError
 from ..metrics.cascade import cascade_rates, default_grid, recommend_threshold, stopped_mask
 from ..metrics.detection import detection_metrics
@@ -42,6 +50,78 @@ def _detector_predictions(task, cache, split: str) -> pd.DataFrame:
     task.data[split] = task.split_data(cache, split).to(task.device)
     _, preds = task.evaluate(split)
     return preds[["sample_id", "label", "score", "prob"]]
+
+
+#: The manifest fields that identify a row when the manifest is not the cache's own.
+ROW_IDENTITY = ("sample_id", "path")
+
+
+def match_manifest(cache, manifest, splits=SPLITS) -> dict:
+    """Check that ``manifest``'s rows of ``splits`` are rows of ``cache``; how they matched.
+
+    ``by`` is ``fingerprint`` when the manifest is the one the cache was extracted from (its
+    sha256 and row count are in the cache's attributes); otherwise ``row identity``: every
+    manifest row of ``splits`` must be a cache row with the same sample_id and path (and the
+    same split and label), else a :class:`FeatcacheError` says how many are not and shows one.
+    Returns ``{"by", "rows": {split: n}, "manifest_sha256", "cache_manifest_sha256"}``.
+    """
+    m = read_manifest(manifest) if isinstance(manifest, (str, os.PathLike)) else manifest
+    recorded = cache.attrs["manifest"]
+    df = m.df[m.df["split"].isin(splits)]
+    counts = {s: int((df["split"] == s).sum()) for s in splits}
+    info = {"rows": counts, "manifest_sha256": m.sha256, "cache_manifest_sha256": recorded["sha256"]}
+    if m.sha256 == recorded["sha256"] and len(m) == int(recorded["rows"]):
+        return {"by": "fingerprint", **info}
+    meta = cache.meta([*ROW_IDENTITY, "split", "label"])
+    meta["label"] = meta["label"].astype(np.int64)
+    ours = df[[*ROW_IDENTITY, "split", "label"]].astype({"label": np.int64})
+    joined = ours.merge(meta, on="sample_id", how="left", suffixes=("", "_cache"), indicator=True)
+    absent = joined["_merge"] != "both"
+    differs = {c: ~absent & (joined[c].astype(str) != joined[f"{c}_cache"].astype(str))
+               for c in ("path", "split", "label")}
+    bad = absent | differs["path"] | differs["split"] | differs["label"]
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        row = joined.iloc[i]
+        why = ("not in the cache" if absent.iloc[i] else
+               "; ".join(f"{c} {row[c]!r} here, {row[c + '_cache']!r} in the cache"
+                         for c in ("path", "split", "label") if differs[c].iloc[i]))
+        raise FeatcacheError(
+            f"--manifest {m.source} is not the manifest the cache {cache.path} was extracted from (sha256 "
+            f"{m.sha256[:12]} vs {recorded['sha256'][:12]}, {len(m)} vs {recorded['rows']} rows), and {int(bad.sum())} "
+            f"of its {len(df)} {'/'.join(splits)} rows do not match a cache row by sample_id and path "
+            f"(e.g. {row['sample_id']}: {why}); pass the cache's own manifest or extract a cache from this one")
+    return {"by": "row identity", **info}
+
+
+def match_message(match: dict) -> str:
+    """One line: how the manifest matched the cache and how many rows of each split it holds."""
+    rows = ", ".join(f"{s} {n}" for s, n in match["rows"].items())
+    if match["by"] == "fingerprint":
+        return f"manifest: the cache's own (sha256 {match['manifest_sha256'][:12]}); rows matched: {rows}"
+    return (f"manifest: not the cache's own (sha256 {match['manifest_sha256'][:12]}, the cache's "
+            f"{match['cache_manifest_sha256'][:12]}); every row matched a cache row by sample_id and path: {rows}")
+
+
+def threshold_remarks(rec_val: dict | None, rec_test: dict | None, max_leakage: float) -> list[str]:
+    """``remark: ...`` lines when the recommended threshold stops nothing (on val, or on test).
+
+    ``rec_val``/``rec_test``: :func:`cascade_at` rows of the recommended threshold on the two
+    splits (None when no threshold keeps val leakage within ``max_leakage``)."""
+    if rec_val is None:
+        return [f"remark: no threshold keeps val leakage within --max-leakage {max_leakage:g}: the filter stops "
+                "fakes before any real; every sample goes to the detector"]
+    t = rec_val["threshold"]
+    if rec_val["filtration"] == 0:
+        saved = rec_test.get("compute_saved") if rec_test else None
+        cost = "" if saved is None else f" (compute saved {saved:.3f}: the filter only adds its own cost)"
+        return [f"remark: the recommended threshold t = {t:g} stops no sample on val (filtration 0): within "
+                f"--max-leakage {max_leakage:g} the filter cannot stop a real without stopping a fake, so the cascade "
+                f"sends everything to the detector{cost}; raise --max-leakage or train the filter further"]
+    if rec_test is not None and rec_test["filtration"] == 0:
+        return [f"remark: the recommended threshold t = {t:g} stops {rec_val['filtration']:.3f} of val but no "
+                "sample on test (filtration 0): the cascade saves nothing there; the val and test scores differ"]
+    return []
 
 
 def join_stages(filter_preds: pd.DataFrame, detector_preds: pd.DataFrame) -> pd.DataFrame:
@@ -101,7 +181,8 @@ def measure_latency(filt: FilterRun, task, cache, manifest, *, split: str = "tes
     rows, paths = load_split(manifest, split)
     k = min(samples, len(paths))
     dev = filt.device
-    _, x, _ = next(iter(image_loader(paths[:k], filt.image_size, train=False, batch_size=k)))
+    _, x, _ = next(iter(image_loader(paths[:k], filt.image_size, train=False, batch_size=k,
+                                     config=filt.data_config)))
     x = x.to(dev)
 
     def run_filter():
@@ -148,19 +229,27 @@ def run_cascade(filter_run, detector_run, cache, manifest, out, *, max_leakage: 
     if not 0.0 <= max_leakage <= 1.0:
         raise FeatcacheError(f"--max-leakage must be in [0, 1]; got {max_leakage}")
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    c = open_cache(cache)
+    m = read_manifest(manifest)
+    match = match_manifest(c, m)  # before any model is loaded: a wrong pairing fails at once
+    messages = [match_message(match)]
     filt = FilterRun(filter_run, device)
     task = load_run(detector_run, filt.device)
     if not task.detects:
         raise FeatcacheError(f"--detector {detector_run} is a {task.name} run, which does not detect fakes")
-    c = open_cache(cache)
     task.check_cache(c)
+    out.mkdir(parents=True, exist_ok=True)
 
     joined = {}
     for split in SPLITS:
-        fp = filt.predict(manifest, split, batch_size=batch_size, num_workers=num_workers, progress=progress)
+        fp = filt.predict(m, split, batch_size=batch_size, num_workers=num_workers, progress=progress)
         joined[split] = join_stages(fp, _detector_predictions(task, c, split))
-    latency = measure_latency(filt, task, c, manifest, split="test", samples=latency_samples)
+        left = len(fp) - len(joined[split])
+        if left:  # rows the extraction could not read have no detector score
+            messages.append(f"note: {left} of {len(fp)} {split} rows failed extraction in the cache (ok = 0) and "
+                            "are left out of the cascade")
+    messages.append("rows used: " + ", ".join(f"{s} {len(joined[s])}" for s in SPLITS))
+    latency = measure_latency(filt, task, c, m, split="test", samples=latency_samples)
     grid = default_grid(thresholds)
     tables = {s: pd.DataFrame([cascade_at(joined[s], t, latency) for t in grid]) for s in SPLITS}
     rec = recommend_threshold(tables["val"].to_dict(orient="records"), max_leakage)
@@ -185,6 +274,9 @@ def run_cascade(filter_run, detector_run, cache, manifest, out, *, max_leakage: 
     if rec is not None:
         r = report["recommended"]["test"]
         report["recommended"]["test_auc_minus_detector"] = r["auc"] - alone["detector"]["auc"]
+    messages += threshold_remarks(rec, None if rec is None else report["recommended"]["test"], max_leakage)
+    report["manifest_match"] = match
+    report["messages"] = messages
     write_json(out / "cascade_report.json", report)
     pd.concat([t.assign(split=s) for s, t in tables.items()]).to_csv(out / "cascade_thresholds.csv", index=False)
     if rec is not None:

@@ -6,15 +6,20 @@ where there is network), a local weights file (safetensors, or a tensors-only to
 read with ``weights_only=True``; its classifier is not used), or ``none`` (random
 initialisation with the seed: tests and the demo use ``mobilenetv4_conv_small``).
 
-Inputs: resize to ``image_size`` square, ImageNet mean/std.  Training adds a horizontal flip,
-colour jitter, a random affine transform and a Gaussian blur (:func:`make_transform`).
+Inputs (:func:`make_transform`): the model's own preprocessing from timm
+(``resolve_data_config``: mean, std, interpolation, crop_pct; ``create_transform`` for
+evaluation: resize the shorter side to ``image_size / crop_pct``, centre crop ``image_size``),
+at the configured ``image_size``.  Training puts the design's augmentations on top
+(:data:`AUGMENTATIONS`: flip, colour jitter, random affine, Gaussian blur) in a
+``torchvision.transforms.v2`` pipeline that takes a PIL image or a uint8 tensor.
 Score = the logit of fake; p = sigmoid(score / T) with the run's temperature T (1 when the
-run is not calibrated).
+run is not calibrated).  Training defaults: :data:`DEFAULTS`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -34,6 +39,27 @@ DEFAULT_MODEL = "mobilenetv4_hybrid_medium"
 DEFAULT_TAG = "ix_e550_r256_in1k"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+#: ``train-e2e mnv4`` defaults, in one place (the CLI's options and the training loop read them).
+DEFAULTS = {
+    "epochs": 50,  # the design's training length (50 epochs); the cosine schedule's T_max = epochs
+    "patience": 15,  # early stopping on val AUC: the design's example uses patience 15
+    "batch_size": 32,
+    "lr": 1e-4,
+    "weight_decay": 1e-5,
+    "image_size": 256,
+    "amp_dtype": "fp16",
+}
+
+#: The training augmentations, at the design's values (issue 18): flip p 0.5; ColorJitter
+#: brightness/contrast/saturation 0.2 and hue 0.1; RandomAffine rotation 10 degrees, translate
+#: 0.1, scale 0.9-1.1; Gaussian blur on every image, kernel 3, sigma 0.1-2.0.
+AUGMENTATIONS = {
+    "flip_p": 0.5,
+    "brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.1,
+    "degrees": 10.0, "translate": (0.1, 0.1), "scale": (0.9, 1.1),
+    "blur_kernel": 3, "blur_sigma": (0.1, 2.0),
+}
 #: Columns carried from the manifest into predictions tables.
 META = ["sample_id", "label", "split", "subgroup", "identity", "dataset", "method", "gender", "race"]
 
@@ -83,20 +109,70 @@ def _first_line(exc: BaseException) -> str:
     return text[0][:300] if text else type(exc).__name__
 
 
-def make_transform(image_size: int, train: bool):
-    """Resize + (training augmentations when ``train``) + ImageNet normalisation (torchvision)."""
-    from torchvision import transforms as T
+def data_config(model=DEFAULT_MODEL, image_size: int | None = None, pretrained: str | None = None) -> dict:
+    """timm's preprocessing of ``model`` (a timm name, or a created timm module) at ``image_size``.
 
-    steps = [T.Resize((image_size, image_size), interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
-    if train:
-        steps += [
-            T.RandomHorizontalFlip(),
-            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05),
-            T.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.95, 1.05)),
-            T.RandomApply([T.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.3),
-        ]
-    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return T.Compose(steps)
+    ``{input_size, interpolation, mean, std, crop_pct, crop_mode}`` from
+    ``timm.data.resolve_model_data_config`` (a module) or ``resolve_data_config`` on the
+    pretrained config of the timm name ``model.pretrained`` (a tag that is ``none``, ``default`` or a
+    file means the architecture's default tag).  ``input_size`` is set to ``image_size`` square.
+    """
+    import timm
+    from timm.data import resolve_data_config, resolve_model_data_config
+
+    if isinstance(model, torch.nn.Module):
+        cfg = resolve_model_data_config(model)
+    else:
+        is_tag = pretrained and pretrained not in ("none", "default") and not _is_file_spec(pretrained)
+        name = f"{model}.{pretrained}" if is_tag else model
+        pcfg = timm.models.get_pretrained_cfg(name) or timm.models.get_pretrained_cfg(model)
+        cfg = resolve_data_config(pretrained_cfg=pcfg.to_dict() if pcfg is not None else {})
+    cfg = dict(cfg)
+    if image_size is not None:
+        cfg["input_size"] = (3, int(image_size), int(image_size))
+    return cfg
+
+
+def _is_file_spec(pretrained: str) -> bool:
+    return os.path.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+
+
+def make_transform(image_size: int, train: bool, *, model=DEFAULT_MODEL, pretrained: str | None = None,
+                   config: dict | None = None):
+    """The filter's input pipeline at ``image_size`` (see :func:`data_config` for ``model``).
+
+    Evaluation (``train`` False): ``timm.data.create_transform(**config, is_training=False)``,
+    timm's own transform.  Training: the same resize and centre crop, then the design's
+    augmentations (:data:`AUGMENTATIONS`), uint8 to float and the config's normalisation, as a
+    ``torchvision.transforms.v2.Compose`` that accepts a PIL image or a uint8 tensor (C, H, W)."""
+    from timm.data import create_transform
+    from torchvision.transforms import v2
+
+    cfg = dict(config) if config is not None else data_config(model, image_size, pretrained)
+    cfg["input_size"] = (3, int(image_size), int(image_size))
+    if not train:
+        return create_transform(**cfg, is_training=False)
+    interp = v2.InterpolationMode(cfg["interpolation"])
+    scale = math.floor(image_size / cfg["crop_pct"])
+    if cfg.get("crop_mode", "center") not in ("center", "squash"):
+        raise FeatcacheError(f"the filter's training pipeline supports timm crop modes center and squash, not "
+                             f"{cfg['crop_mode']!r}")
+    a = AUGMENTATIONS
+    return v2.Compose([
+        # timm's evaluation geometry: the shorter side (both sides when squashing) to size / crop_pct
+        v2.Resize(scale if cfg.get("crop_mode", "center") == "center" else [scale, scale], interpolation=interp,
+                  antialias=True),
+        v2.CenterCrop(image_size),
+        v2.RandomHorizontalFlip(p=a["flip_p"]),
+        v2.ColorJitter(brightness=a["brightness"], contrast=a["contrast"], saturation=a["saturation"], hue=a["hue"]),
+        v2.RandomAffine(degrees=a["degrees"], translate=a["translate"], scale=a["scale"]),
+        v2.GaussianBlur(kernel_size=a["blur_kernel"], sigma=a["blur_sigma"]),  # every image (the design)
+        # a PIL image is augmented with PIL's kernels (faster on the CPU than the tensor ones) and
+        # becomes a uint8 tensor here; a uint8 tensor input took the tensor kernels and passes through
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(cfg["mean"]), std=list(cfg["std"])),
+    ])
 
 
 def load_split(manifest, split: str) -> tuple[pd.DataFrame, list[str]]:
@@ -115,11 +191,14 @@ def load_split(manifest, split: str) -> tuple[pd.DataFrame, list[str]]:
 
 
 def image_loader(paths: list[str], image_size: int, *, train: bool, batch_size: int, num_workers: int = 0,
-                 generator: torch.Generator | None = None, augment: bool = True) -> torch.utils.data.DataLoader:
+                 generator: torch.Generator | None = None, augment: bool = True, model=DEFAULT_MODEL,
+                 pretrained: str | None = None, config: dict | None = None) -> torch.utils.data.DataLoader:
     """Batches ``(rows, images, errors)`` of decoded images (unreadable ones: error set, zeros).
 
-    ``train``: shuffled, and augmented unless ``augment`` is False."""
-    ds = ImageFiles(paths, make_transform(image_size, train and augment), (3, image_size, image_size))
+    ``train``: shuffled, and augmented unless ``augment`` is False.  ``model``/``pretrained``
+    (or an explicit timm data ``config``) choose the preprocessing (:func:`make_transform`)."""
+    ds = ImageFiles(paths, make_transform(image_size, train and augment, model=model, pretrained=pretrained,
+                                          config=config), (3, image_size, image_size))
     return torch.utils.data.DataLoader(
         ds, batch_size=batch_size, shuffle=train, num_workers=num_workers, collate_fn=collate_images,
         generator=generator, drop_last=False)  # workers read PNG files only (no Zarr): the default fork is safe
@@ -128,15 +207,21 @@ def image_loader(paths: list[str], image_size: int, *, train: bool, batch_size: 
 @torch.no_grad()
 def predict_scores(model: torch.nn.Module, paths: list[str], image_size: int, device: torch.device, *,
                    batch_size: int = 64, num_workers: int = 0, amp_dtype: torch.dtype | None = None,
-                   progress: bool = False, desc: str = "predict") -> tuple[np.ndarray, np.ndarray, dict]:
-    """Logits of every path (float64), a readable mask, and {row: error} for unreadable files."""
+                   progress: bool = False, desc: str = "predict",
+                   config: dict | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Logits of every path (float64), a readable mask, and {row: error} for unreadable files.
+
+    Preprocessing: timm's evaluation transform of ``config``, or of ``model`` itself
+    (``resolve_model_data_config``) when ``config`` is None."""
     from ..progress import bar as tqdm
 
     model.eval()
     scores = np.zeros(len(paths), dtype=np.float64)
     ok = np.ones(len(paths), dtype=bool)
     errors = {}
-    loader = image_loader(paths, image_size, train=False, batch_size=batch_size, num_workers=num_workers)
+    config = config if config is not None else data_config(model, image_size)
+    loader = image_loader(paths, image_size, train=False, batch_size=batch_size, num_workers=num_workers,
+                          config=config)
     for rows, x, errs in tqdm(loader, desc=desc, unit="batch", disable=not progress):
         with autocast(device, amp_dtype):
             out = model(x.to(device)).float().squeeze(1)
@@ -160,7 +245,7 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
 class FilterRun:
     """A trained filter read back from its run directory (``model.json`` + weights + temperature)."""
 
-    def __init__(self, run_dir, device=None, weights: str = "best_model"):
+    def __init__(self, run_dir, device=None, weights: str | None = None):
         from ..extract.runner import resolve_device
 
         self.run_dir = Path(run_dir)
@@ -170,7 +255,11 @@ class FilterRun:
         spec = json.loads(spec_file.read_text())
         if spec.get("task") != TASK:
             raise FeatcacheError(f"{self.run_dir} is a {spec.get('task')!r} run, not a train-e2e {TASK} run")
-        wfile = self.run_dir / f"{weights}.safetensors"
+        # ``weights`` None: the selected weights, best.safetensors (the one run layout) or
+        # best_model.safetensors (the filter's earlier layout)
+        names = [weights] if weights else ["best", "best_model"]
+        wfile = next((self.run_dir / f"{n}.safetensors" for n in names
+                      if (self.run_dir / f"{n}.safetensors").is_file()), self.run_dir / f"{names[0]}.safetensors")
         if not wfile.is_file():
             raise FeatcacheError(f"{self.run_dir} is not a finished run: {wfile.name} is missing")
         self.spec = spec["spec"]
@@ -185,20 +274,33 @@ class FilterRun:
     def image_size(self) -> int:
         return int(self.spec["image_size"])
 
+    @property
+    def data_config(self) -> dict:
+        """timm's preprocessing of the run's model and weights at its image size."""
+        return data_config(self.spec["model"], self.image_size, self.spec.get("pretrained"))
+
     def predict(self, manifest, split: str, *, batch_size: int = 64, num_workers: int = 0,
                 progress: bool = False) -> pd.DataFrame:
         """Predictions table of ``split``: meta columns, ``score`` (logit) and ``prob`` = sigmoid(score / T).
 
         Unreadable images are an error naming them (a filter must see every sample it judges).
         """
+        rows, paths = load_split(manifest, split)
+        return self.predict_rows(rows, paths, f"split {split}", batch_size=batch_size, num_workers=num_workers,
+                                 progress=progress)
+
+    def predict_rows(self, rows: pd.DataFrame, paths: list[str], name: str, *, batch_size: int = 64,
+                     num_workers: int = 0, progress: bool = False) -> pd.DataFrame:
+        """:meth:`predict` on given manifest ``rows`` (index 0..n-1) and their file ``paths``;
+        ``name`` (the split, or what the rows are) labels the progress bar and messages."""
         from ..metrics.detection import sigmoid
 
-        rows, paths = load_split(manifest, split)
         scores, ok, errors = predict_scores(self.model, paths, self.image_size, self.device, batch_size=batch_size,
-                                            num_workers=num_workers, progress=progress, desc=f"filter {split}")
+                                            num_workers=num_workers, progress=progress, desc=f"filter {name}",
+                                            config=self.data_config)
         if errors:
             shown = "; ".join(f"{rows.at[r, 'sample_id']}: {e}" for r, e in list(errors.items())[:3])
-            raise FeatcacheError(f"{len(errors)} image(s) of split {split} cannot be read ({shown})")
+            raise FeatcacheError(f"{len(errors)} image(s) of {name} cannot be read ({shown})")
         preds = rows[[c for c in META if c in rows.columns]].copy()
         t = self.temperature or 1.0
         preds.insert(2, "score", scores)
