@@ -352,6 +352,20 @@ def _raw_layout(arr: zarr.Array):
     return int(grid[0]), int(arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64)))
 
 
+def _convert(src: np.ndarray, dst: np.ndarray) -> None:
+    """``dst[...] = src`` with a dtype conversion: torch's vectorised casts (fp16 -> fp32 with
+    F16C) where both dtypes are torch's, several times numpy's scalar half-float loop."""
+    if src.dtype == dst.dtype:
+        dst[...] = src
+        return
+    try:
+        import torch
+
+        torch.from_numpy(dst).copy_(torch.from_numpy(src))
+    except (TypeError, ValueError):
+        dst[...] = src
+
+
 def _read_selected(array_dir: Path, arr: zarr.Array, local, out: np.ndarray, where: str, root: Path) -> None:
     """Rows ``local`` (sorted) of one part's array, all when None, into ``out``, chunk file by chunk file.
 
@@ -409,16 +423,10 @@ def _read_selected(array_dir: Path, arr: zarr.Array, local, out: np.ndarray, whe
                 view = memoryview(buf[:b1 - b0].reshape(-1).view(np.uint8))
                 if fh.readinto(view) != len(view):
                     raise CacheError(f"{root}: {where}: chunk {k} could not be read whole")
-                if bsel is None:
-                    out[o:o + b1 - b0] = buf[:b1 - b0]
-                    o += b1 - b0
-                else:
-                    m = len(bsel)
-                    if out.dtype == stored:
-                        np.take(buf[:b1 - b0], bsel, axis=0, out=out[o:o + m])
-                    else:
-                        np.copyto(out[o:o + m], buf[bsel], casting="unsafe")
-                    o += m
+                m = b1 - b0 if bsel is None else len(bsel)
+                src = buf[:b1 - b0] if bsel is None else np.take(buf[:b1 - b0], bsel, axis=0)
+                _convert(src, out[o:o + m])
+                o += m
     if o != len(out):
         raise CacheError(f"{root}: {where}: read {o} rows, expected {len(out)}")
 
