@@ -316,9 +316,9 @@ def open_cache(path, kind: str | tuple[str, ...] | None = None, *, require_compl
             raise ValueError(f"unknown cache kind(s) {unknown}; kinds are {sorted(KIND_ARRAYS)}")
         if cache.kind not in kinds:
             made = {"pooled": "clip", "frames": "xlsr", "queries": "detr"}
-            need = " or ".join(f"{k} (extract with --backbone {made[k]})" for k in kinds)
+            need = " or ".join(f"{k} cache (extract with --backbone {made[k]})" for k in kinds)
             raise CacheError(f"{cache.path} is a {cache.kind} cache (backbone {cache.backbone.get('name')}); "
-                             f"this needs a {need} cache")
+                             f"this needs a {need}")
     return cache
 
 
