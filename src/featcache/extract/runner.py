@@ -110,7 +110,7 @@ class _PartBuffer:
         self.start, self.stop = start, stop
         self.batches: list[tuple[np.ndarray, dict]] = []
         self.ok = np.zeros(stop - start, dtype=bool)
-        self.errors: list[dict] = []
+        self.errors: list[tuple[int, dict]] = []  # (row, record)
         self.filled = 0
 
     def add(self, rows: np.ndarray, out: dict, ok: np.ndarray) -> None:
@@ -184,11 +184,12 @@ class _Writer:
         if buf is None:
             buf = self.buffers[part] = _PartBuffer(*self.writer.part_bounds(part))
         buf.add(rows, arrays, ok)
-        buf.errors.extend({"sample_id": self.ids[r], "path": self.paths[r], "error": e}
+        buf.errors.extend((r, {"sample_id": self.ids[r], "path": self.paths[r], "error": e})
                           for r, e in zip(rows.tolist(), errors) if e)
         if buf.whole:
             del self.buffers[part]
-            self.writer.write_part(part, self.bb.pack(buf.samples(), buf.ok), buf.ok, buf.errors)
+            errors = [rec for _, rec in sorted(buf.errors, key=lambda x: x[0])]  # row order, whatever the batching
+            self.writer.write_part(part, self.bb.pack(buf.samples(), buf.ok), buf.ok, errors)
 
     def close(self, wait: bool = True) -> None:
         """Finish the queued batches (``wait``), or drop them (after an error or Ctrl-C)."""
