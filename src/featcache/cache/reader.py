@@ -182,7 +182,7 @@ class FeatureCache:
         kinds = {**KIND_ARRAYS[self.kind], "ok": "row"}
         if kinds.get(name) != "row":
             raise CacheError(f"{name!r} is not a per-row array of a {self.kind} cache")
-        first = self.part(0)[name]
+        first = _ArrayInfo.of(self.path.resolve() / "parts" / part_name(0) / name) or self.part(0)[name]
         rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         out = np.empty((self.rows if rows is None else len(rows), *first.shape[1:]), dtype=dtype or first.dtype)
         starts = np.arange(self.n_parts, dtype=np.int64) * self.part_rows
@@ -197,8 +197,11 @@ class FeatureCache:
         def read(span) -> None:
             i, local, o0, o1 = span
             where = f"parts/{part_name(i)}/{name}"
-            _read_selected(self.path.resolve() / "parts" / part_name(i) / name, self.part(i)[name], local,
-                           out[o0:o1], where, self.path)
+            array_dir = self.path.resolve() / "parts" / part_name(i) / name
+            if not array_dir.parent.is_dir():
+                self.part(i)  # raises: the part is missing
+            info = _ArrayInfo.of(array_dir)  # plain-byte chunks: read without zarr's machinery
+            _read_selected(array_dir, info or self.part(i)[name], local, out[o0:o1], where, self.path)
 
         # File reads and large copies release the GIL: a few threads overlap them.
         if spans:
@@ -334,9 +337,42 @@ def _threads() -> int:
 _BLOCK_BYTES = 4 * 2**20
 
 
-def _raw_layout(arr: zarr.Array):
+class _ArrayInfo:
+    """Shape, dtype and chunking of a Zarr v3 array whose chunks are plain little-endian bytes
+    split along rows only (how write_array stores float features), read from its zarr.json."""
+
+    def __init__(self, shape, dtype, chunk_rows):
+        self.shape, self.dtype, self.chunk_rows = tuple(shape), np.dtype(dtype), int(chunk_rows)
+        self.ndim = len(self.shape)
+
+    @classmethod
+    def of(cls, array_dir: Path) -> _ArrayInfo | None:
+        try:
+            meta = json.loads((array_dir / "zarr.json").read_text())
+        except (OSError, ValueError):
+            return None
+        try:
+            codecs = meta["codecs"]
+            grid = meta["chunk_grid"]
+            enc = meta["chunk_key_encoding"]
+            shape, chunks = meta["shape"], grid["configuration"]["chunk_shape"]
+            dtype = np.dtype(meta["data_type"])
+        except (KeyError, TypeError):
+            return None
+        plain = (len(codecs) == 1 and codecs[0].get("name") == "bytes" and sys.byteorder == "little"
+                 and (codecs[0].get("configuration") or {}).get("endian", "little") == "little"
+                 and grid.get("name") == "regular" and enc.get("name") == "default"
+                 and (enc.get("configuration") or {}).get("separator", "/") == "/"
+                 and len(shape) >= 1 and list(chunks[1:]) == list(shape[1:]) and dtype.kind in "fiub"
+                 and not meta.get("storage_transformers"))
+        return cls(shape, dtype, chunks[0]) if plain else None
+
+
+def _raw_layout(arr):
     """(chunk rows, row bytes) when the array's chunks are plain little-endian bytes along rows
     (how write_array stores floats); None for anything else (then zarr decodes)."""
+    if isinstance(arr, _ArrayInfo):
+        return arr.chunk_rows, int(arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64)))
     meta = arr.metadata
     try:
         codecs = [c.to_dict() for c in meta.codecs]
@@ -366,7 +402,7 @@ def _convert(src: np.ndarray, dst: np.ndarray) -> None:
         dst[...] = src
 
 
-def _read_selected(array_dir: Path, arr: zarr.Array, local, out: np.ndarray, where: str, root: Path) -> None:
+def _read_selected(array_dir: Path, arr, local, out: np.ndarray, where: str, root: Path) -> None:
     """Rows ``local`` (sorted) of one part's array, all when None, into ``out``, chunk file by chunk file.
 
     For plain-byte chunks (features) the file is read straight into ``out`` when nothing needs
@@ -374,8 +410,10 @@ def _read_selected(array_dir: Path, arr: zarr.Array, local, out: np.ndarray, whe
     chunk file that is missing or short is an error, never zeros. Other arrays go through zarr.
     """
     n = arr.shape[0]
+    if n == 0:
+        return
     layout = _raw_layout(arr)
-    if layout is None or n == 0:
+    if layout is None:
         _check_chunks(arr, where, root)
         data = arr[...]
         out[...] = data if local is None else data[local]
