@@ -144,9 +144,11 @@ class FeatureCache:
                 raise CacheError(f"{self.path} has no meta column {name!r}; it has {sorted(group.array_keys())}")
 
         def read(name: str) -> None:
-            arr = group[name]
-            _check_chunks(arr, f"meta/{name}", self.path)
-            values = arr[...]
+            values = _read_1d(self.path.resolve() / "meta" / name, f"meta/{name}", self.path)
+            if values is None:  # a layout the direct decoder does not know: zarr reads it
+                arr = group[name]
+                _check_chunks(arr, f"meta/{name}", self.path)
+                values = arr[...]
             self._meta_cache[name] = values.astype(object) if values.dtype.kind == "T" else values
 
         todo = [n for n in names if n not in self._meta_cache]  # each column is read once per instance
@@ -201,6 +203,11 @@ class FeatureCache:
             if not array_dir.parent.is_dir():
                 self.part(i)  # raises: the part is missing
             info = _ArrayInfo.of(array_dir)  # plain-byte chunks: read without zarr's machinery
+            if info is None and len(first.shape) == 1:  # ok: compressed 1-D, decoded by numcodecs
+                data = _read_1d(array_dir, where, self.path)
+                if data is not None:
+                    out[o0:o1] = data if local is None else data[local]
+                    return
             _read_selected(array_dir, info or self.part(i)[name], local, out[o0:o1], where, self.path)
 
         # File reads and large copies release the GIL: a few threads overlap them.
@@ -413,7 +420,14 @@ def _read_selected(array_dir: Path, arr, local, out: np.ndarray, where: str, roo
     if n == 0:
         return
     layout = _raw_layout(arr)
+    if layout is None and arr.ndim == 1:  # ok (compressed bool): numcodecs, without zarr's machinery
+        data = _read_1d(array_dir, where, root)
+        if data is not None:
+            out[...] = data if local is None else data[local]
+            return
     if layout is None:
+        if isinstance(arr, _ArrayInfo):
+            raise AssertionError("a plain-byte array has a layout")
         _check_chunks(arr, where, root)
         data = arr[...]
         out[...] = data if local is None else data[local]
@@ -482,3 +496,45 @@ def _check_chunks(arr: zarr.Array, where: str, root: Path) -> None:
             f"{root}: {where} has {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks missing; "
             "the cache is damaged: run `featcache cache verify`, then re-extract with --overwrite"
         )
+
+
+def _read_1d(array_dir: Path, where: str, root: Path) -> np.ndarray | None:
+    """A whole 1-D array (meta columns, ``ok``) decoded chunk by chunk with numcodecs, when its
+    codecs are the ones write_array uses (bytes or vlen-utf8, then optionally zstd); None for
+    anything else (then zarr reads it). Strings come back as an object array. A missing chunk
+    is an error, never the fill value."""
+    try:
+        meta = json.loads((array_dir / "zarr.json").read_text())
+        shape, chunks = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
+        names = [c.get("name") for c in meta["codecs"]]
+        enc = meta["chunk_key_encoding"]
+        dtype = meta["data_type"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if (len(shape) != 1 or enc.get("name") != "default" or meta.get("storage_transformers")
+            or names not in (["bytes"], ["bytes", "zstd"], ["vlen-utf8"], ["vlen-utf8", "zstd"])
+            or (names[0] == "bytes" and (sys.byteorder != "little" or (meta["codecs"][0].get("configuration") or {})
+                                         .get("endian", "little") != "little"))):
+        return None
+    from numcodecs import VLenUTF8, Zstd
+
+    strings = names[0] == "vlen-utf8"
+    if strings != (dtype == "string"):
+        return None
+    np_dtype = None if strings else np.dtype(dtype)
+    n, step = int(shape[0]), int(chunks[0])
+    n_chunks = -(-n // step) if n else 0
+    pieces = []
+    for k in range(n_chunks):
+        try:
+            data = (array_dir / "c" / str(k)).read_bytes()
+        except FileNotFoundError:
+            raise CacheError(f"{root}: {where} has 1 of {n_chunks} chunks missing (chunk {k}); the cache is damaged: "
+                             "run `featcache cache verify`, then re-extract with --overwrite") from None
+        if "zstd" in names:
+            data = Zstd().decode(data)
+        values = VLenUTF8().decode(data) if strings else np.frombuffer(data, dtype=np_dtype)
+        pieces.append(values[:min(step, n - k * step)])
+    if not pieces:
+        return np.empty(0, dtype=object if strings else np_dtype)
+    return np.concatenate(pieces)
