@@ -42,6 +42,11 @@ def say(text: str) -> None:
     line = f"[{time.perf_counter() - T0:6.1f} s] {text}"
     print(line, flush=True)
     LOG.append(line)
+    out = os.environ.get("OUT")
+    if out:  # written as it goes: a run stopped by a time limit leaves what it measured
+        Path(out).mkdir(parents=True, exist_ok=True)
+        with open(Path(out) / "gpu_check.log", "a") as fh:
+            fh.write(line + "\n")
 
 
 def figure(name: str, value: str, ratio: float | None, goal: str) -> None:
@@ -119,8 +124,25 @@ def ablation_figure(work: Path, cuda: bool, quick: bool, seconds_left: float) ->
     if seconds_left < 30:
         say(f"skipped: the ablation, {seconds_left:.0f} s left of the budget")
         return
+    import json
+    import subprocess
+
     rows, epochs = (500, 1) if (quick or not cuda) else (10_000, None)
-    a = bench_heads.ablation(work / "abl", rows=rows, dim=768, epochs=epochs, device="cuda" if cuda else "cpu")
+    # In a child process with what is left of the budget: a slow ablation cannot push the
+    # whole check past its limit.
+    code = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import bench_heads; "
+            "print(json.dumps(bench_heads.ablation(Path(sys.argv[2]), rows=int(sys.argv[3]), dim=768, "
+            "epochs=None if sys.argv[4] == 'none' else int(sys.argv[4]), device=sys.argv[5])))")
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(work / "abl"),
+                               str(rows), str(epochs or "none"), "cuda" if cuda else "cpu"],
+                              capture_output=True, text=True, timeout=seconds_left - 10)
+    except subprocess.TimeoutExpired:
+        say(f"skipped: the ablation did not finish in the {seconds_left - 10:.0f} s left of the budget")
+        return
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "the ablation failed")
+    a = json.loads(proc.stdout.strip().splitlines()[-1])
     figure(f"Stage-2 ablation, 5 presets x 3 seeds, {rows} x 768 cached" + (f", {epochs} epoch" if epochs else ""),
            f"{a['wall']:.0f} s ({a['per_epoch']:.2f} s per epoch with val)", None, "the ablation issue's")
 
@@ -179,7 +201,8 @@ def main() -> int:
         say(f"done in {time.perf_counter() - T0:.0f} s, {failures} step(s) failed")
         if out:
             Path(out).mkdir(parents=True, exist_ok=True)
-            (Path(out) / "gpu_check.log").write_text("\n".join(LOG) + "\n")
+            with open(Path(out) / "gpu_check.log", "a") as fh:  # the tracebacks of failed steps
+                fh.write("\n".join(line for line in LOG if not line.startswith("[")) + "\n")
             (Path(out) / "gpu_check.md").write_text(text + "\n")
     return 1 if failures else 0
 
