@@ -378,8 +378,7 @@ def _extract(ctx, backbone, manifest, out, *, model, pretrained, layer, batch_si
     # annotations), and the probe that the files are of the backbone's kind: a manifest they
     # refuse must not leave a cache behind.
     dataset = bb.dataset(paths, man.df)
-    if ctx.is_main:
-        probe_inputs(bb, dataset, paths, backbone)
+    probe_inputs(bb, dataset, paths, backbone)  # every rank: the same files, the same verdict, no rank left waiting
     if compile:
         bb.module = torch.compile(bb.module)
 
