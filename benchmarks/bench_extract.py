@@ -67,11 +67,12 @@ PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat
 
 def extraction_vs_bare(manifest, work: Path, *, model: str, pretrained: str | None = None, batch_size: int = 64,
                        num_workers: int | None = None, device: str | None = None, precision: str = "fp32",
-                       repeat: int = 2) -> dict:
+                       repeat: int = 2, decode: str = "cpu") -> dict:
     """Extraction (decoding in workers, forward, fp16 writes) against the bare forward on the same batches.
 
-    The bare side decodes every batch first and keeps it in memory (pinned on CUDA), then times
-    only ``backbone.forward`` over them; the extraction side is :func:`extract` from the files.
+    The bare side decodes every batch first and keeps it in memory (uint8, pinned on CUDA), then
+    times only the model on them (``forward_async``: the copy to the device, normalisation and
+    forward, one synchronisation at the end); the extraction side is :func:`extract` from the files.
     """
     dev = resolve_device(device)
     bb = get_backbone("clip", model, pretrained).to(dev)
@@ -80,13 +81,14 @@ def extraction_vs_bare(manifest, work: Path, *, model: str, pretrained: str | No
     ds = bb.dataset(man.absolute_paths(), man.df)
     batches = [bb.collate([ds[i] for i in range(s, min(s + batch_size, n))])[1] for s in range(0, n, batch_size)]
     if dev.type == "cuda":
-        batches = [b.pin_memory() for b in batches]
+        batches = [torch.utils.data._utils.pin_memory.pin_memory(b) for b in batches]
     dtype = PRECISIONS[precision]
+    run = getattr(bb, "forward_async", bb.forward)
 
     def bare():
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
             for x in batches:
-                bb.forward(x, dev)
+                run(x, dev)
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
@@ -97,7 +99,8 @@ def extraction_vs_bare(manifest, work: Path, *, model: str, pretrained: str | No
     def full() -> float:  # the extraction's own seconds: building the model is not timed
         shutil.rmtree(work / "cache", ignore_errors=True)
         return extract("clip", manifest, work / "cache", model=model, pretrained=pretrained, batch_size=batch_size,
-                       num_workers=num_workers, device=device, precision=precision, progress=False).seconds
+                       num_workers=num_workers, device=device, precision=precision, decode=decode,
+                       progress=False).seconds
 
     t_full = min(full() for _ in range(repeat))
     shutil.rmtree(work / "cache", ignore_errors=True)

@@ -29,13 +29,13 @@ def free_port() -> int:
 # stops there, deterministically, until it is killed.
 BLOCKING_CLI = """
 import runpy, sys, threading
-from featcache.data.images import ImageFiles
-read = ImageFiles.__getitem__
+from featcache.data.images import Uint8Images
+read = Uint8Images.__getitem__
 def blocked(self, row):
     if row == BLOCK_ROW:
         threading.Event().wait()
     return read(self, row)
-ImageFiles.__getitem__ = blocked
+Uint8Images.__getitem__ = blocked
 runpy.run_module("featcache", run_name="__main__", alter_sys=True)
 """
 

@@ -230,10 +230,13 @@ def frames_cmd(state, video_root, out, fps, every):
 @click.option("--overwrite", is_flag=True, help="Replace a cache made by another extraction.")
 @click.option("--seed", default=0, show_default=True, help="Seed of randomly initialised weights.")
 @click.option("--max-seconds", default=None, type=float, help="Audio: cut utterances after this many seconds.")
+@click.option("--decode", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="clip: gpu decodes JPEGs on the GPU (torchvision.io.decode_jpeg); other files stay on the CPU.")
+@click.option("--compile", "compile_model", is_flag=True, help="Run the model through torch.compile.")
 @quiet_option
 @click.pass_obj
 def extract(state, backbone, manifest_path, out, model, pretrained, layer, batch_size, num_workers, device,
-            precision, part_rows, on_error, overwrite, seed, max_seconds):
+            precision, part_rows, on_error, overwrite, seed, max_seconds, decode, compile_model):
     """Run a frozen backbone over a manifest into a cache.
 
     Rerun the same command to resume: only missing parts are computed.
@@ -251,13 +254,15 @@ def extract(state, backbone, manifest_path, out, model, pretrained, layer, batch
         r = run_extract(backbone, manifest_path, out, model=model, pretrained=pretrained, layer=layer,
                         batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
                         part_rows=part_rows, on_error=on_error, overwrite=overwrite, seed=seed,
-                        max_seconds=max_seconds, progress=not state.quiet)
+                        max_seconds=max_seconds, decode=decode, compile=compile_model, progress=not state.quiet)
     except KeyboardInterrupt:
         click.echo(f"interrupted; rerun the same command to resume {out}", err=True)
         sys.exit(130)
     if r.rank != 0:  # under torchrun, rank 0 reports for the run
         return
     resumed = f", {r.parts_resumed} already there" if r.parts_resumed else ""
+    if r.parts_repaired:
+        resumed += f", {r.parts_repaired} found damaged (missing chunks) and redone"
     click.echo(f"{r.cache}: {r.rows} samples in {r.parts_total} parts ({r.parts_written} written{resumed}), "
                f"{r.failed} unreadable, {r.seconds:.1f} s"
                + (f", {r.samples_per_second:.1f} samples/s" if r.samples_per_second else ""))

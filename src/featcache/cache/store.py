@@ -273,6 +273,25 @@ def write_array(group: zarr.Group, name: str, data: np.ndarray) -> None:
         arr[...] = data
 
 
+def part_damage(root: Path, index: int, kind: str) -> str:
+    """What is missing from part ``index`` ('' when whole): an array, or chunks of one.
+
+    Zarr reads a missing chunk as its fill value, so each array's stored chunks are counted.
+    """
+    where = Path(root).resolve() / "parts" / part_name(index)
+    try:
+        group = zarr.open_group(LocalStore(where, read_only=True), mode="r")
+        for name in [*KIND_ARRAYS[kind], "ok"]:
+            if name not in group:
+                return f"array {name} is missing"
+            arr = group[name]
+            if arr.nchunks_initialized != arr.nchunks:
+                return f"{name} has {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks missing"
+    except Exception as exc:  # an unreadable zarr.json is damage too
+        return f"unreadable ({type(exc).__name__}: {exc})"
+    return ""
+
+
 def meta_arrays(df: pd.DataFrame) -> dict[str, np.ndarray]:
     """Manifest columns as 1-D arrays: strings, label and subgroup as int8."""
     out = {}
@@ -348,6 +367,7 @@ class CacheWriter:
         self.attrs = spec.attrs()
         self.lock = CacheLock(self.path)
         self.resumed = False
+        self.repaired: list[int] = []  # parts found damaged on resume, deleted to be computed again
         if len(meta) != spec.rows:
             raise ValueError("meta rows differ from spec rows")
 
@@ -384,6 +404,7 @@ class CacheWriter:
                 self.resumed = True
                 for tmp in (self.path / "parts").glob("*.tmp"):
                     shutil.rmtree(tmp)
+                self._remove_damaged_parts()
                 return
             if not self.overwrite:
                 diffs = describe_differences(old, self.attrs) or ["the fingerprint"]
@@ -428,6 +449,20 @@ class CacheWriter:
     def close(self) -> None:
         self.lock.release()
 
+    def _remove_damaged_parts(self) -> None:
+        """Delete each existing part that misses a chunk or an array, so that it is computed again.
+
+        The cache is marked incomplete first: a run killed in between leaves a cache that says so.
+        """
+        damaged = [i for i in sorted(self.done_parts()) if part_damage(self.path, i, self.spec.kind)]
+        if not damaged:
+            return
+        root = zarr.open_group(LocalStore(self.path), mode="r+")
+        root.attrs.update({"complete": False})
+        for i in damaged:
+            shutil.rmtree(self.path / "parts" / part_name(i))
+        self.repaired = damaged
+
     # -- parts -----------------------------------------------------------------------------
     def done_parts(self) -> set[int]:
         parts = self.path / "parts"
@@ -463,6 +498,20 @@ class CacheWriter:
             for rec in errors or []:
                 fh.write(json.dumps(rec) + "\n")
         os.rename(tmp, final)
+
+    def part_errors(self, index: int) -> list[dict]:
+        f = self.path / "parts" / part_name(index) / PART_ERRORS_FILE
+        return [json.loads(line) for line in f.read_text().splitlines() if line.strip()] if f.is_file() else []
+
+    def failed_rows(self) -> int:
+        """Rows recorded as unreadable over the parts written so far (their errors.jsonl lines)."""
+        total = 0
+        for i in self.done_parts():
+            f = self.path / "parts" / part_name(i) / PART_ERRORS_FILE
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    total += sum(1 for line in fh if line.strip())
+        return total
 
     def finalize(self, files: dict[str, bytes] | None = None) -> None:
         """Gather the parts' error records into errors.jsonl, write ``files`` (e.g. the frozen heads

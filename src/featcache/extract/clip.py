@@ -4,11 +4,25 @@ Default ``ViT-L-14`` with the ``openai`` weights (768-d).  ``--model`` takes any
 name (``open_clip.list_models()``), ``local-dir:/path`` or ``hf-hub:org/repo``; the offline
 presets ``tiny`` and ``small`` are ViT configs registered here and randomly initialised
 with a seed, for tests and the demo.  Preprocessing comes from the model's own config.
+
+The extraction pipeline: DataLoader workers decode each file to RGB, then apply open_clip's own
+resize and centre crop (its transform without ``ToTensor`` and ``Normalize``) on the uint8
+image (:class:`~featcache.data.images.Uint8Images`); batches travel (pinned on CUDA) as uint8;
+the cast and the normalisation run on the device (:meth:`ClipBackbone.normalise`). With
+``decode="gpu"`` whole JPEGs travel as bytes and ``torchvision.io.decode_jpeg`` decodes them on
+the GPU, where torchvision's bicubic antialiased resize and the crop follow.
+
+Differences from open_clip's transform: a palette image is converted to RGB before it is
+resized (open_clip resizes the palette indices first, i.e. with nearest neighbour); other
+modes (grey, RGBA, CMYK, 16-bit) agree to rounding (a test checks cosine >= 0.9999). Attention:
+open_clip's ViT blocks call ``nn.MultiheadAttention(need_weights=False)``, which PyTorch runs
+through ``scaled_dot_product_attention`` (flash or memory-efficient kernels on CUDA in fp16/bf16).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from pathlib import Path
 
@@ -16,7 +30,7 @@ import numpy as np
 import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
-from ..data.images import ImageFiles, collate_images
+from ..data.images import Uint8Images, collate_uint8
 from ..errors import BackboneError
 from .registry import Backbone, register_backbone
 from .weights import LoadReport, Weights, load_state, parse_weights, read_checkpoint, strip_prefixes
@@ -98,17 +112,119 @@ class ClipBackbone(Backbone):
     def pooling(self) -> str:
         return str(getattr(self.module, "pool_type", "tok")) + "+proj"
 
-    def dataset(self, paths, meta=None):
+    #: "cpu": PIL in the workers; "gpu": JPEGs decoded by torchvision on the device (set by the runner).
+    decode: str = "cpu"
+
+    def set_decode(self, mode: str) -> None:
+        if mode not in ("cpu", "gpu"):
+            raise BackboneError(f"--decode must be cpu or gpu, got {mode!r}")
+        self.decode = mode
+
+    @functools.cached_property
+    def geometry(self):
+        """open_clip's eval transform up to its tensor conversion: resize and crop on a PIL image."""
+        from torchvision.transforms import Compose, Normalize
+
+        steps = list(self.transform.transforms)
+        names = [type(t).__name__ for t in steps[-2:]]
+        if len(steps) < 3 or names[0] not in ("MaybeToTensor", "ToTensor") or not isinstance(steps[-1], Normalize):
+            raise BackboneError(f"unexpected open_clip transform {self.transform}; cannot split off its resize and crop")
+        return Compose(steps[:-2])
+
+    def _size(self) -> tuple[int, int]:
         h, w = self.preprocess_spec()["size"]
-        return ImageFiles(paths, self.transform, (3, h, w))
+        return int(h), int(w)
+
+    def dataset(self, paths, meta=None):
+        return Uint8Images(paths, self.geometry, self._size(), jpeg_bytes=self.decode == "gpu")
 
     def collate(self, batch):
-        return collate_images(batch)
+        return collate_uint8(batch)
+
+    def prepare(self, inputs, device: torch.device) -> tuple[torch.Tensor, dict[int, str]]:
+        """The uint8 batch on ``device``, JPEG bytes decoded there; errors by index in the batch."""
+        pixels, jpegs = inputs
+        h, w = self._size()
+        if pixels.shape[-2:] != (h, w):  # every image of the batch still encoded
+            pixels = torch.zeros((pixels.shape[0], 3, h, w), dtype=torch.uint8)
+        x = pixels.to(device, non_blocking=True)
+        errors: dict[int, str] = {}
+        if jpegs:
+            decoded = decode_jpegs_on(device, [data for _, data in jpegs], (h, w), self.preprocess_spec())
+            for (i, _), (img, err) in zip(jpegs, decoded):
+                if err:
+                    errors[i] = err
+                else:
+                    x[i] = img
+        return x, errors
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (n, 3, h, w) on the device -> normalised, in the autocast dtype where autocast is on."""
+        dev = x.device
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else torch.float32
+        key = (str(dev), dtype)
+        cache = self.__dict__.setdefault("_norm", {})
+        if key not in cache:
+            mean = torch.tensor(self._preprocess["mean"], dtype=torch.float64).view(1, 3, 1, 1)
+            std = torch.tensor(self._preprocess["std"], dtype=torch.float64).view(1, 3, 1, 1)
+            cache[key] = ((1.0 / (255.0 * std)).to(dev, dtype), (-mean / std).to(dev, dtype))
+        scale, shift = cache[key]
+        return torch.addcmul(shift, x.to(dtype), scale)
 
     @torch.inference_mode()
-    def forward(self, inputs: torch.Tensor, device: torch.device) -> dict[str, np.ndarray]:
-        x = inputs.to(device, non_blocking=True)
-        return {"features": self.module(x).float().cpu().numpy()}
+    def forward_async(self, inputs, device: torch.device) -> tuple[dict[str, torch.Tensor], None]:
+        """Features on ``device``, not waited for: the runner copies them out asynchronously."""
+        x = inputs if isinstance(inputs, torch.Tensor) else self.prepare(inputs, device)[0]
+        f = self.module(self.normalise(x.to(device, non_blocking=True)))
+        return {"features": f.float() if f.dtype == torch.bfloat16 else f}, None
+
+    def finish(self, arrays: dict[str, np.ndarray], context) -> dict[str, np.ndarray]:
+        return arrays
+
+    @torch.inference_mode()
+    def forward(self, inputs, device: torch.device) -> dict[str, np.ndarray]:
+        out, ctx = self.forward_async(inputs, device)
+        return self.finish({k: v.float().cpu().numpy() for k, v in out.items()}, ctx)
+
+
+def decode_jpegs_on(device: torch.device, datas: list[torch.Tensor], size: tuple[int, int],
+                    spec: dict) -> list[tuple[torch.Tensor | None, str]]:
+    """Decode JPEG bytes with ``torchvision.io.decode_jpeg`` on ``device``, resize the shortest
+    side with bicubic antialiasing and centre-crop to ``size``: ``(image, '')`` or ``(None, error)``.
+
+    The batch is decoded in one call; when that fails, each image alone, so that one corrupt
+    file is recorded without losing the others.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2 import functional as F
+
+    if spec.get("resize_mode", "shortest") != "shortest":
+        raise BackboneError(f"--decode gpu supports resize_mode shortest, this model uses {spec.get('resize_mode')}")
+    interp = {"bicubic": F.InterpolationMode.BICUBIC, "bilinear": F.InterpolationMode.BILINEAR}.get(
+        spec.get("interpolation", "bicubic"), F.InterpolationMode.BICUBIC)
+
+    def geometry(img: torch.Tensor) -> torch.Tensor:
+        h, w = img.shape[-2:]
+        if size[0] == size[1]:  # torchvision's Resize(int): the shortest side to size, the other truncated
+            s = size[0]
+            new = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
+        else:
+            scale = max(size[0] / h, size[1] / w)
+            new = (max(size[0], round(h * scale)), max(size[1], round(w * scale)))
+        img = F.resize(img, list(new), interpolation=interp, antialias=True)
+        return F.center_crop(img, list(size))
+
+    try:
+        imgs = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+        results = [(img, "") for img in imgs]
+    except Exception:
+        results = []
+        for data in datas:
+            try:
+                results.append((decode_jpeg(data, mode=ImageReadMode.RGB, device=device), ""))
+            except Exception as exc:
+                results.append((None, f"{type(exc).__name__}: {_first_line(exc)}"))
+    return [(geometry(img), "") if img is not None else (None, err) for img, err in results]
 
 
 def load_visual(model, path: str) -> LoadReport:

@@ -2,8 +2,18 @@
 
 Batches never span parts, so a part is computed from the same batches whether the run is
 fresh or resumed; that is what makes a resumed cache identical to an uninterrupted one.
-Decoding runs in DataLoader workers; each finished part is written by a background thread
-while the backbone works on the next one.
+
+The pipeline: decoding runs in DataLoader workers (uint8 images for CLIP, resampled audio for
+XLS-R), batches are pinned on CUDA; the main thread only launches work on the device. A
+backbone with ``forward_async`` returns its outputs on the device; they are copied into pinned
+host buffers with ``non_blocking=True`` and a CUDA event is recorded, and the batch goes to one
+writer thread (a bounded queue), which waits for the event, converts the outputs
+(``backbone.finish``), gathers each part and writes it when whole. So the main thread never
+waits for the GPU, and each part still has exactly one writer. On the CPU the same thread
+does the conversion and the writes.
+
+A rerun checks every existing part's chunks before counting it done: a part with a missing
+chunk (or array) is deleted and computed again, and the result says how many were repaired.
 
 Under torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set, see :mod:`.distributed`), rank 0
 takes the cache's lock, checks the fingerprint and writes the meta arrays; the other ranks then
@@ -15,10 +25,13 @@ a run killed on any rank resumes with any number of processes.
 from __future__ import annotations
 
 import os
+import queue
+import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,6 +61,7 @@ class ExtractResult:
     failures: list[dict] = field(default_factory=list)
     rank: int = 0
     world_size: int = 1
+    parts_repaired: int = 0  # existing parts found damaged (a missing chunk) and computed again
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -90,18 +104,17 @@ class _PartBatches:
 
 
 class _PartBuffer:
-    """Collects one part's per-sample outputs until it is whole."""
+    """Collects one part's batches (host arrays) until it is whole."""
 
     def __init__(self, start: int, stop: int):
         self.start, self.stop = start, stop
-        self.samples: list[dict[str, np.ndarray] | None] = [None] * (stop - start)
+        self.batches: list[tuple[np.ndarray, dict]] = []
         self.ok = np.zeros(stop - start, dtype=bool)
-        self.errors: list[dict] = []
+        self.errors: list[tuple[int, dict]] = []  # (row, record)
         self.filled = 0
 
     def add(self, rows: np.ndarray, out: dict, ok: np.ndarray) -> None:
-        for j, r in enumerate(rows.tolist()):
-            self.samples[r - self.start] = {name: value[j] for name, value in out.items()}
+        self.batches.append((rows, out))
         self.ok[rows - self.start] = ok
         self.filled += len(rows)
 
@@ -109,9 +122,105 @@ class _PartBuffer:
     def whole(self) -> bool:
         return self.filled == self.stop - self.start
 
+    def samples(self) -> list[dict]:
+        """One dict of outputs per row, in row order (the :meth:`Backbone.pack` interface)."""
+        out: list[dict | None] = [None] * (self.stop - self.start)
+        for rows, arrays in self.batches:
+            for j, r in enumerate(rows.tolist()):
+                out[r - self.start] = {name: value[j] for name, value in arrays.items()}
+        return out
 
-def _pack_and_write(writer: CacheWriter, bb, part: int, buf: _PartBuffer) -> None:
-    writer.write_part(part, bb.pack(buf.samples, buf.ok), buf.ok, buf.errors)
+
+class _Writer:
+    """The one writer thread: waits for each batch's copy, converts it, writes whole parts.
+
+    The main thread :meth:`put`s batches; the queue is bounded (``depth`` batches in flight),
+    which is the back-pressure when the disk is slower than the device. An error in this
+    thread is raised in the main thread at its next :meth:`put` or at :meth:`close`.
+    """
+
+    def __init__(self, writer: CacheWriter, bb, part_rows: int, ids, paths, depth: int = 4):
+        self.writer, self.bb, self.part_rows, self.ids, self.paths = writer, bb, part_rows, ids, paths
+        self.finish = getattr(bb, "finish", None)
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.abort = False
+        self.buffers: dict[int, _PartBuffer] = {}
+        self.thread = threading.Thread(target=self._run, name="featcache-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, item) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.q.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                if not self.thread.is_alive():
+                    raise RuntimeError("the cache writer thread stopped") from self.error
+
+    def _run(self) -> None:
+        try:
+            while not self.abort:
+                try:
+                    item = self.q.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    return
+                self._handle(*item)
+        except BaseException as exc:  # surfaced in the main thread
+            self.error = exc
+
+    def _handle(self, rows, outputs, event, context, ok, errors) -> None:
+        if event is not None:
+            event.synchronize()  # the device-to-host copies of this batch are done
+        arrays = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in outputs.items()}
+        if self.finish is not None and context is not _SYNC:
+            arrays = self.finish(arrays, context)
+        part = int(rows[0]) // self.part_rows
+        buf = self.buffers.get(part)
+        if buf is None:
+            buf = self.buffers[part] = _PartBuffer(*self.writer.part_bounds(part))
+        buf.add(rows, arrays, ok)
+        buf.errors.extend((r, {"sample_id": self.ids[r], "path": self.paths[r], "error": e})
+                          for r, e in zip(rows.tolist(), errors) if e)
+        if buf.whole:
+            del self.buffers[part]
+            errors = [rec for _, rec in sorted(buf.errors, key=lambda x: x[0])]  # row order, whatever the batching
+            self.writer.write_part(part, self.bb.pack(buf.samples(), buf.ok), buf.ok, errors)
+
+    def close(self, wait: bool = True) -> None:
+        """Finish the queued batches (``wait``), or drop them (after an error or Ctrl-C)."""
+        if wait and self.error is None:
+            self.put(None)
+            self.thread.join()
+            if self.error is not None:
+                raise self.error
+        else:
+            self.abort = True
+            self.thread.join()
+
+
+_SYNC = object()  # context of outputs from a backbone's plain forward(): already final
+
+
+def _to_host(outputs: dict, device: torch.device):
+    """Start copying device outputs to pinned host buffers; return (host outputs, event or None)."""
+    if device.type != "cuda":
+        return {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in outputs.items()}, None
+    host = {}
+    for k, v in outputs.items():
+        if isinstance(v, torch.Tensor):
+            h = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+            h.copy_(v, non_blocking=True)
+            host[k] = h
+        else:
+            host[k] = v
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 def extract(
@@ -131,6 +240,8 @@ def extract(
     overwrite: bool = False,
     seed: int = 0,
     max_seconds: float | None = None,
+    decode: str = "cpu",
+    compile: bool = False,
     progress: bool = True,
 ) -> ExtractResult:
     """Run a frozen backbone over a manifest into a cache at ``out`` (created or resumed).
@@ -138,7 +249,12 @@ def extract(
     Each sample that cannot be read is recorded in ``errors.jsonl`` with ``ok = False``
     (``on_error="skip"``), or stops the run with :class:`SampleError` (``on_error="raise"``);
     the parts written so far are kept and a rerun resumes after them.  ``max_seconds`` cuts
-    audio after that many seconds (audio backbones).
+    audio after that many seconds (audio backbones).  A manifest whose first rows the backbone
+    cannot read at all (audio for an image backbone, images for XLS-R) is refused before a cache
+    is created, and a run in which every sample failed is refused (the cache stays incomplete).
+
+    ``decode="gpu"`` decodes JPEGs on the GPU (CLIP; needs CUDA); ``compile=True`` runs the
+    model through ``torch.compile``.
 
     Started by torchrun (``WORLD_SIZE`` > 1), each process computes its share of the missing
     parts on ``cuda:LOCAL_RANK`` (or the CPU), as described in the module docstring; only
@@ -150,18 +266,60 @@ def extract(
         raise FeatcacheError(f"--on-error must be skip or raise, got {on_error!r}")
     if batch_size < 1:
         raise FeatcacheError(f"--batch-size must be at least 1, got {batch_size}")
-    ctx = dist_context(resolve_device(device))
+    if num_workers is not None and num_workers < 0:
+        raise FeatcacheError(f"--num-workers must be 0 (decode in the main process) or more, got {num_workers}")
+    if part_rows < 1:
+        raise FeatcacheError(f"--part-rows must be at least 1, got {part_rows}")
+    if decode not in ("cpu", "gpu"):
+        raise FeatcacheError(f"--decode must be cpu or gpu, got {decode!r}")
+    dev = resolve_device(device)
+    if decode == "gpu" and dev.type != "cuda":
+        raise FeatcacheError("--decode gpu decodes JPEGs with CUDA, but the device is "
+                             f"{dev} ({'no CUDA device is visible' if not torch.cuda.is_available() else 'pass --device cuda'}); "
+                             "use --decode cpu")
+    ctx = dist_context(dev)
     try:
         return _extract(ctx, backbone, manifest, out, model=model, pretrained=pretrained, layer=layer,
                         batch_size=batch_size, num_workers=num_workers, device=device, precision=precision,
                         part_rows=part_rows, on_error=on_error, overwrite=overwrite, seed=seed,
-                        max_seconds=max_seconds, progress=progress)
+                        max_seconds=max_seconds, decode=decode, compile=compile, progress=progress)
     finally:
         ctx.close()
 
 
 def _error_text(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, FeatcacheError) else f"{type(exc).__name__}: {exc}"
+
+
+#: File extensions by what they hold, for the probe's message.
+_AUDIO_EXT = {".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aiff", ".aif"}
+_IMAGE_EXT = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+PROBE_ROWS = 8
+
+
+def probe_inputs(bb, dataset, paths: list[str], backbone: str, rows: int = PROBE_ROWS) -> None:
+    """Decode the first ``rows`` samples; when none can be read, refuse the manifest in one line.
+
+    Catches an audio manifest given to an image backbone (and the reverse) before any cache
+    exists, naming what the files look like; a manifest with some unreadable files passes.
+    """
+    n = min(rows, len(dataset))
+    errors = []
+    for i in range(n):
+        err = dataset[i][2]
+        if not err:
+            return
+        errors.append(err)
+    if not n:
+        return
+    exts = Counter(Path(p).suffix.lower() for p in paths[:n])
+    ext = exts.most_common(1)[0][0] or "(no extension)"
+    kind = "audio" if ext in _AUDIO_EXT else "image" if ext in _IMAGE_EXT else None
+    wants = {"frames": "audio"}.get(bb.kind, "image")
+    hint = (f"they are {kind} files ({ext}) and {backbone} reads {wants}; use "
+            f"{'--backbone xlsr' if kind == 'audio' else '--backbone clip or detr'}"
+            if kind and kind != wants else "check the manifest's paths and files")
+    raise FeatcacheError(f"none of the first {n} samples could be read by {backbone} ({errors[0]}); {hint}")
 
 
 def _open_writer(ctx, out, spec: CacheSpec, df, overwrite: bool) -> tuple[CacheWriter, list[int]]:
@@ -175,7 +333,7 @@ def _open_writer(ctx, out, spec: CacheSpec, df, overwrite: bool) -> tuple[CacheW
         except Exception as exc:
             ctx.broadcast((_error_text(exc), None))
             raise
-        todo = writer.missing_parts()
+        todo = writer.missing_parts()  # damaged parts (a missing chunk) were removed by open()
         ctx.broadcast((None, todo))
     else:
         error, todo = ctx.broadcast(None)
@@ -196,7 +354,7 @@ def _open_writer(ctx, out, spec: CacheSpec, df, overwrite: bool) -> tuple[CacheW
 
 
 def _extract(ctx, backbone, manifest, out, *, model, pretrained, layer, batch_size, num_workers, device,
-             precision, part_rows, on_error, overwrite, seed, max_seconds, progress) -> ExtractResult:
+             precision, part_rows, on_error, overwrite, seed, max_seconds, decode, compile, progress) -> ExtractResult:
     from ..progress import bar as tqdm
 
     dev = ctx.device(resolve_device(device))
@@ -205,16 +363,24 @@ def _extract(ctx, backbone, manifest, out, *, model, pretrained, layer, batch_si
     progress = progress and ctx.is_main
     man = read_manifest(manifest)
     bb = get_backbone(backbone, model, pretrained, layer=layer, seed=seed, max_seconds=max_seconds).to(dev)
+    if decode != "cpu":
+        if not hasattr(bb, "set_decode"):
+            raise FeatcacheError(f"--decode {decode} is for image backbones that take it (clip); {backbone} decodes on the CPU")
+        bb.set_decode(decode)
     dtype = PRECISIONS[precision]
-    info = bb.fingerprint()
+    info = bb.fingerprint()  # before torch.compile, which renames the parameters
     info["dtype"] = precision
     spec = CacheSpec(kind=bb.kind, backbone=info, preprocess=bb.preprocess_spec(),
                      manifest_sha256=man.sha256, rows=len(man), part_rows=part_rows)
     paths = man.absolute_paths()
     ids = man.df["sample_id"].tolist()
     # The dataset checks the manifest's backbone-specific columns (audio segments, detection
-    # annotations): a manifest it refuses must not leave a cache behind.
+    # annotations), and the probe that the files are of the backbone's kind: a manifest they
+    # refuse must not leave a cache behind.
     dataset = bb.dataset(paths, man.df)
+    probe_inputs(bb, dataset, paths, backbone)  # every rank: the same files, the same verdict, no rank left waiting
+    if compile:
+        bb.module = torch.compile(bb.module)
 
     t0 = time.perf_counter()
     writer, todo_all = _open_writer(ctx, out, spec, man.df, overwrite)
@@ -246,6 +412,14 @@ def _extract(ctx, backbone, manifest, out, *, model, pretrained, layer, batch_si
         final_error = None
         if ctx.is_main:
             try:
+                failed = writer.failed_rows()
+                if failed == spec.rows:
+                    first = writer.part_errors(0)[:1]
+                    raise FeatcacheError(
+                        f"every one of the {spec.rows} samples failed to read"
+                        + (f" (first: {first[0]['sample_id']}: {first[0]['error']})" if first else "")
+                        + f"; {out} is left incomplete and no head can train on it: fix the manifest or "
+                        "the files, then rerun with --overwrite")
                 writer.finalize(bb.cache_files())
             except Exception as exc:
                 if not ctx.active:
@@ -266,17 +440,22 @@ def _extract(ctx, backbone, manifest, out, *, model, pretrained, layer, batch_si
         parts_resumed=resumed, failed=len(failures), seconds=seconds,
         samples_per_second=float(total) / seconds if seconds > 0 and total else 0.0,
         fingerprint=writer.attrs["fingerprint"], failures=failures, rank=ctx.rank, world_size=ctx.world_size,
+        parts_repaired=len(writer.repaired),
     )
 
 
 def _run_parts(bb, dataset, writer: CacheWriter, todo: list[int], paths, ids, spec: CacheSpec, dev, dtype, batch_size,
                num_workers, on_error, part_rows, *, bar_desc: str, progress: bool, tqdm) -> None:
-    """Compute and write the parts ``todo``: decoding in workers, writes in a background thread."""
+    """Compute and write the parts ``todo``: decoding in workers, the device never waited for,
+    conversion and writes in one writer thread (module docstring)."""
     n_todo = sum(stop - start for start, stop in map(writer.part_bounds, todo))
     workers = default_num_workers() if num_workers is None else num_workers
+    sampler = getattr(bb, "batch_sampler", None)
+    batches = (sampler(todo, spec.rows, part_rows, batch_size, dataset) if sampler is not None
+               else _PartBatches(todo, spec.rows, part_rows, batch_size))
     loader = torch.utils.data.DataLoader(
         dataset,
-        batch_sampler=_PartBatches(todo, spec.rows, part_rows, batch_size),
+        batch_sampler=batches,
         num_workers=workers,
         collate_fn=bb.collate,
         pin_memory=dev.type == "cuda",
@@ -285,34 +464,33 @@ def _run_parts(bb, dataset, writer: CacheWriter, todo: list[int], paths, ids, sp
     )
     autocast = (torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32
                 else torch.autocast(dev.type, enabled=False))
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featcache-writer")
-    pending: Future | None = None
-    buffers: dict[int, _PartBuffer] = {}
+    prepare = getattr(bb, "prepare", None)
+    forward_async = getattr(bb, "forward_async", None)
+    out = _Writer(writer, bb, part_rows, ids, paths)
     bar = tqdm(total=int(n_todo), desc=bar_desc, unit="img", disable=not progress, smoothing=0.1)
+    done = False
     try:
         for rows, inputs, errors in loader:
+            errors = list(errors)
+            if prepare is not None:  # to the device (and, with --decode gpu, decoded there)
+                inputs, late = prepare(inputs, dev)
+                for j, e in late.items():
+                    errors[j] = e
             ok = np.array([e == "" for e in errors])
             if on_error == "raise" and not ok.all():
+                done = True  # the parts before this batch are still written
                 r, e = next((int(r), e) for r, e in zip(rows, errors) if e)
                 raise SampleError(f"cannot read sample {ids[r]!r} ({paths[r]}): {e}; "
                                   "pass --on-error skip to skip and record such samples")
             with autocast:
-                out_arrays = bb.forward(inputs, dev)
-            part = int(rows[0]) // part_rows
-            if part not in buffers:
-                buffers[part] = _PartBuffer(*writer.part_bounds(part))
-            buf = buffers[part]
-            buf.add(rows, out_arrays, ok)
-            buf.errors.extend({"sample_id": ids[r], "path": paths[r], "error": e}
-                              for r, e in zip(rows.tolist(), errors) if e)
-            if buf.whole:
-                if pending is not None:
-                    pending.result()  # at most one write in flight; surfaces its errors
-                del buffers[part]
-                pending = pool.submit(_pack_and_write, writer, bb, part, buf)
+                if forward_async is not None:
+                    outputs, context = forward_async(inputs, dev)
+                    outputs, event = _to_host(outputs, dev)
+                else:  # a backbone with only the plain forward: host arrays, already final
+                    outputs, context, event = bb.forward(inputs, dev), _SYNC, None
+            out.put((rows, outputs, event, context, ok, errors))
             bar.update(len(rows))
-        if pending is not None:
-            pending.result()
+        done = True
     finally:
         bar.close()
-        pool.shutdown(wait=True)
+        out.close(wait=done)

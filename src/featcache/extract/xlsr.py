@@ -152,21 +152,35 @@ class XlsrBackbone(Backbone):
     def collate(self, batch):
         return collate_audio(batch)
 
+    def batch_sampler(self, parts, rows, part_rows, batch_size, dataset):
+        """Batches of utterances of similar length within each part (less padding, no batch across parts)."""
+        return LengthBuckets(parts, rows, part_rows, batch_size, dataset.length)
+
     @torch.inference_mode()
     def forward(self, inputs, device: torch.device) -> dict[str, list[np.ndarray]]:
         return self.frames(inputs, device)
 
-    def frames(self, inputs, device: torch.device) -> dict[str, list[np.ndarray]]:
+    @torch.inference_mode()
+    def forward_async(self, inputs, device: torch.device):
+        """Padded hidden states on ``device``, not waited for; ``finish`` cuts them per utterance."""
         waves, mask, lengths, segs = inputs
-        x = waves.to(device)
+        x = waves.to(device, non_blocking=True)
         want_hidden = self._layer != "final"
-        out = self.module(x, attention_mask=mask.to(device), output_hidden_states=want_hidden)
+        out = self.module(x, attention_mask=mask.to(device, non_blocking=True), output_hidden_states=want_hidden)
         h = out.last_hidden_state if not want_hidden else out.hidden_states[int(self._layer)]
-        counts = self.module._get_feat_extract_output_lengths(lengths).tolist()
-        h = h.float().cpu().numpy()
+        counts = self.module._get_feat_extract_output_lengths(lengths).tolist()  # lengths live on the CPU
+        return {"frames": h.float() if h.dtype == torch.bfloat16 else h}, (counts, segs)
+
+    def finish(self, arrays: dict[str, np.ndarray], context) -> dict[str, list[np.ndarray]]:
+        counts, segs = context
+        h = arrays["frames"]
         frames = [h[i, :int(t)] for i, t in enumerate(counts)]
         labels = [frame_labels(int(t), s, lab) for t, (s, lab) in zip(counts, segs)]
         return {"frames": frames, "frame_labels": labels}
+
+    def frames(self, inputs, device: torch.device) -> dict[str, list[np.ndarray]]:
+        out, ctx = self.forward_async(inputs, device)
+        return self.finish({k: v.float().cpu().numpy() for k, v in out.items()}, ctx)
 
     store_dtypes = {"frames": "float16", "frame_labels": "int8"}
 
@@ -201,6 +215,17 @@ class AudioFiles(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.paths)
 
+    def length(self, i: int) -> int:
+        """Samples at 16 kHz after resampling and the cut, from the file's header (0 if unreadable)."""
+        import soundfile as sf
+
+        try:
+            info = sf.info(self.paths[i])
+            n = int(info.frames * SAMPLE_RATE // max(1, int(info.samplerate)))
+        except Exception:
+            return 0
+        return min(n, int(round(self.max_seconds * SAMPLE_RATE))) if self.max_seconds else n
+
     def __getitem__(self, i):
         try:
             x = read_audio(self.paths[i], SAMPLE_RATE, self.max_seconds)
@@ -214,6 +239,29 @@ class AudioFiles(torch.utils.data.Dataset):
         except Exception as exc:  # unreadable file: recorded, the run goes on
             x, err = np.zeros(FRAME_WINDOW, dtype=np.float32), f"{type(exc).__name__}: {exc}".strip()
         return i, (x.astype(np.float32), self.segments[i], self.labels[i]), err
+
+
+class LengthBuckets:
+    """Batch sampler: each part's rows sorted by length, then cut into batches.
+
+    Batches never span parts and the order within a part depends only on its files, so a
+    resumed part is computed from the same batches as an uninterrupted one. Lengths come from
+    the files' headers (``length(row)``), read as each part's batches are made.
+    """
+
+    def __init__(self, parts, rows: int, part_rows: int, batch_size: int, length):
+        self.bounds = [(p * part_rows, min((p + 1) * part_rows, rows)) for p in parts]
+        self.batch_size = batch_size
+        self.length = length
+
+    def __iter__(self):
+        for start, stop in self.bounds:
+            order = sorted(range(start, stop), key=lambda r: (self.length(r), r))
+            for s in range(0, len(order), self.batch_size):
+                yield order[s:s + self.batch_size]
+
+    def __len__(self) -> int:
+        return sum(-(-(stop - start) // self.batch_size) for start, stop in self.bounds)
 
 
 def collate_audio(batch):
