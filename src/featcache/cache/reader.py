@@ -18,6 +18,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from ..errors import CacheError
+from .splits import split_mask
 from .store import (
     ERRORS_FILE,
     FORMAT_VERSION,
@@ -188,14 +189,9 @@ class FeatureCache:
 
     def _split_mask(self, meta: pd.DataFrame, split) -> np.ndarray:
         """Rows in the split(s) (all rows for None); an error when there are none."""
-        mask = np.ones(self.rows, dtype=bool)
-        if split is not None:
-            splits = [split] if isinstance(split, str) else list(split)
-            all_splits = (meta if "split" in meta else self.meta(["split"]))["split"]
-            mask &= all_splits.isin(splits).to_numpy()  # hashing; np.isin sorts Python strings
-            if not mask.any():
-                raise CacheError(f"{self.path} has no rows in split(s) {splits}")
-        return mask
+        if split is None:
+            return np.ones(self.rows, dtype=bool)
+        return split_mask((meta if "split" in meta else self.meta(["split"]))["split"], split, where=str(self.path))
 
     def load(self, split: str | list[str] | None = None, *, columns=None, ok_only: bool = True,
              dtype=np.float32) -> CacheData:

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import FeatcacheError
 from ..metrics import calibration_metrics, fit_temperature, reliability_bins
 from ..metrics.detection import sigmoid
-from ..train.trainer import write_json
+from ..report.plots import plot_reliability
+from ..runtime import write_json
 from .mnv4 import FilterRun
 
 OBJECTIVES = ("nll", "ece")
@@ -26,9 +28,6 @@ OBJECTIVES = ("nll", "ece")
 def calibrate_run(run_dir, manifest, *, split: str = "val", objective: str = "nll", device=None,
                   batch_size: int = 64, num_workers: int = 0, progress: bool = True) -> dict:
     """Fit the run's temperature on ``split`` of ``manifest``; write the files; return the report."""
-    from ..errors import FeatcacheError
-    from ..report.plots import plot_reliability
-
     if objective not in OBJECTIVES:
         raise FeatcacheError(f"--objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
     run_dir = Path(run_dir)

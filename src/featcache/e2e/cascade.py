@@ -29,10 +29,13 @@ import torch
 
 from ..cache import open_cache
 from ..errors import FeatcacheError
+from ..extract.registry import get_backbone
+from ..heads.task import load_run
 from ..metrics.cascade import cascade_rates, default_grid, recommend_threshold, stopped_mask
 from ..metrics.detection import detection_metrics
 from ..metrics.fairness import fairness_metrics
-from ..train.trainer import load_run, write_json
+from ..report.plots import plot_cascade
+from ..runtime import write_json
 from .mnv4 import FilterRun, load_split
 
 SPLITS = ("val", "test")
@@ -95,7 +98,6 @@ def measure_latency(filt: FilterRun, task, cache, manifest, *, split: str = "tes
                     repeats: int = 3) -> dict:
     """Per-sample forward latency (ms) of the filter, the cache's backbone and the detector head,
     on one batch of ``samples`` images of ``split`` (median of ``repeats`` runs after a warm-up)."""
-    from ..extract.registry import get_backbone
     from .mnv4 import image_loader
 
     rows, paths = load_split(manifest, split)
@@ -143,8 +145,6 @@ def run_cascade(filter_run, detector_run, cache, manifest, out, *, max_leakage: 
                 device=None, latency_samples: int = 16, batch_size: int = 64, num_workers: int = 0,
                 progress: bool = True) -> dict:
     """Combine the filter and the detector over the grid of thresholds; write DIR; return the report."""
-    from ..report.plots import plot_cascade
-
     if not 0.0 <= max_leakage <= 1.0:
         raise FeatcacheError(f"--max-leakage must be in [0, 1]; got {max_leakage}")
     out = Path(out)

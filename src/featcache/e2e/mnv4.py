@@ -25,7 +25,9 @@ from safetensors.torch import load_file
 
 from ..data.images import ImageFiles, collate_images
 from ..data.manifest import read_manifest
-from ..errors import BackboneError, FeatcacheError
+from ..errors import BackboneError, FeatcacheError, first_line
+from ..metrics.detection import sigmoid
+from ..runtime import resolve_device
 
 TASK = "mnv4"
 DEFAULT_MODEL = "mobilenetv4_hybrid_medium"
@@ -59,13 +61,13 @@ def create_model(model: str = DEFAULT_MODEL, pretrained: str | None = None, *, s
             return _zero_head(timm.create_model(model, pretrained=True, num_classes=1,
                                                 pretrained_cfg_overlay={"file": str(Path(pretrained).resolve())}))
         except Exception as exc:
-            raise BackboneError(f"cannot load weights {pretrained} into {model}: {_first_line(exc)}") from exc
+            raise BackboneError(f"cannot load weights {pretrained} into {model}: {first_line(exc)}") from exc
     name = model if pretrained == "default" else f"{model}.{pretrained}"
     try:
         return _zero_head(timm.create_model(name, pretrained=True, num_classes=1))
     except Exception as exc:  # no network, unknown tag, ...
         raise BackboneError(
-            f"cannot load the {model} weights {pretrained!r} ({_first_line(exc)}); without network, download "
+            f"cannot load the {model} weights {pretrained!r} ({first_line(exc)}); without network, download "
             f"them elsewhere (timm model {name}) and pass the file with --pretrained PATH, or --pretrained none "
             "for random weights") from exc
 
@@ -78,11 +80,6 @@ def _zero_head(net: torch.nn.Module) -> torch.nn.Module:
         for p in head.parameters():
             p.zero_()
     return net
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 def make_transform(image_size: int, train: bool):
@@ -162,11 +159,13 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
 class FilterRun:
     """A trained filter read back from its run directory (``model.json`` + weights + temperature)."""
 
-    def __init__(self, run_dir, device=None, weights: str = "best_model"):
-        from ..extract.runner import resolve_device
-
+    def __init__(self, run_dir, device=None, weights: str = "best"):
         self.run_dir = Path(run_dir)
         spec_file = self.run_dir / "model.json"
+        if not self.run_dir.exists():
+            raise FeatcacheError(f"run {self.run_dir} does not exist")
+        if (self.run_dir / "best_model.safetensors").is_file() and not (self.run_dir / f"{weights}.safetensors").is_file():
+            raise FeatcacheError(f"{self.run_dir} was written by an older featcache (another run layout); retrain it")
         if not spec_file.is_file():
             raise FeatcacheError(f"{self.run_dir} is not a run directory: model.json is missing")
         spec = json.loads(spec_file.read_text())
@@ -193,8 +192,6 @@ class FilterRun:
 
         Unreadable images are an error naming them (a filter must see every sample it judges).
         """
-        from ..metrics.detection import sigmoid
-
         rows, paths = load_split(manifest, split)
         scores, ok, errors = predict_scores(self.model, paths, self.image_size, self.device, batch_size=batch_size,
                                             num_workers=num_workers, progress=progress, desc=f"filter {split}")

@@ -18,7 +18,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from ..data.images import ImageFiles, collate_images
-from ..errors import BackboneError
+from ..errors import BackboneError, first_line
 from .registry import Backbone, register_backbone
 
 PRESETS = {"tiny": "featcache-tiny", "small": "featcache-small"}
@@ -75,7 +75,7 @@ class ClipBackbone(Backbone):
                 )
         except Exception as exc:  # network, missing tag, mismatched checkpoint ...
             raise BackboneError(
-                f"cannot load open_clip weights {pretrained!r} for {self.model_name} ({_first_line(exc)}); "
+                f"cannot load open_clip weights {pretrained!r} for {self.model_name} ({first_line(exc)}); "
                 "without network, download the weights elsewhere and pass the file with --pretrained PATH "
                 "(or a local Hugging Face folder with --model local-dir:PATH), or --pretrained none for random weights"
             ) from exc
@@ -112,10 +112,6 @@ class ClipBackbone(Backbone):
         x = inputs.to(device, non_blocking=True)
         return {"features": self.module(x).float().cpu().numpy()}
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 @contextlib.contextmanager

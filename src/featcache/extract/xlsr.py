@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from ..data.audio import FRAME_WINDOW, SAMPLE_RATE, frame_labels, parse_segments, read_audio
-from ..errors import BackboneError
+from ..errors import BackboneError, first_line
 from .registry import Backbone, register_backbone
 
 DEFAULT_MODEL = "facebook/wav2vec2-xls-r-300m"
@@ -85,7 +85,7 @@ class XlsrBackbone(Backbone):
                 module = Wav2Vec2Model.from_pretrained(self.model_name)
             except Exception as exc:  # network, missing files
                 raise BackboneError(
-                    f"cannot load {self.model_name} with transformers ({_first_line(exc)}); without network, "
+                    f"cannot load {self.model_name} with transformers ({first_line(exc)}); without network, "
                     "download it elsewhere and pass the folder with --model PATH, or pass a detector "
                     "checkpoint with --pretrained FILE, or --model tiny for an offline random model") from exc
             self.pretrained = str(Path(self.model_name).resolve()) if local else "hf"
@@ -117,7 +117,7 @@ class XlsrBackbone(Backbone):
 
             return Wav2Vec2Config.from_pretrained(self.model_name)
         except Exception as exc:
-            raise BackboneError(f"cannot read the config of {self.model_name} ({_first_line(exc)}); pass a local "
+            raise BackboneError(f"cannot read the config of {self.model_name} ({first_line(exc)}); pass a local "
                                 f"Hugging Face folder, {DEFAULT_MODEL}, or tiny") from exc
 
     def _parse_layer(self, layer) -> str:
@@ -299,7 +299,7 @@ def load_fairseq_checkpoint(module: torch.nn.Module, path: str) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise BackboneError(f"cannot read checkpoint {path} with torch.load(weights_only=True): {_first_line(exc)}") from exc
+        raise BackboneError(f"cannot read checkpoint {path} with torch.load(weights_only=True): {first_line(exc)}") from exc
     own = module.state_dict()
     mapped, unmatched, pretraining = map_fairseq_state(_ssl_state(obj, path), own.keys())
     unknown = sorted(k for k in mapped if k not in own)
@@ -327,8 +327,3 @@ def _do_normalize(folder: str) -> bool:
         return bool(json.loads(f.read_text()).get("do_normalize", True))
     except (OSError, ValueError):
         return True
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

@@ -11,7 +11,7 @@ import pandas as pd
 from ..config import presets_of
 from ..errors import FeatcacheError
 from ..report.tables import markdown_table
-from .evaluate import evaluate_run
+from .evaluate import evaluate_head
 from .trainer import train_head
 
 #: The columns of ablation.md, when present.
@@ -52,7 +52,7 @@ def ablate(task: str, cache, out, *, presets="all", seeds=(0, 1, 2), evals: dict
                    **{f"val_{k}": v for k, v in summary["val"].items()},
                    **{f"test_{k}": v for k, v in summary["test"].items()}}
             for name, other in (evals or {}).items():
-                metrics = evaluate_run(run, other, split="test", name=name)
+                metrics = evaluate_head(run, other, split="test", name=name).metrics
                 row.update({f"{name}_{k}": v for k, v in metrics.items()})
             rows.append(row)
     df = pd.DataFrame(rows)
