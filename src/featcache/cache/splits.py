@@ -18,7 +18,7 @@ def split_mask(values, split, *, where: str = "the cache") -> np.ndarray:
     if split is None:
         return np.ones(len(values), dtype=bool)
     splits = [split] if isinstance(split, str) else list(split)
-    mask = values.isin(splits).to_numpy()  # hashing; np.isin sorts Python strings
+    mask = np.array(values.isin(splits).to_numpy(), dtype=bool)  # hashing (np.isin sorts strings); writable
     if not mask.any():
         have = ", ".join(sorted(set(values.tolist()))) or "none"
         raise CacheError(f"{where} has no rows in split(s) {', '.join(map(repr, splits))}; its splits: {have}")
