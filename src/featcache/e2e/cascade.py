@@ -41,9 +41,8 @@ from .mnv4 import FilterRun, load_split
 SPLITS = ("val", "test")
 
 
-def _detector_predictions(task, cache, split: str) -> pd.DataFrame:
-    task.data[split] = task.split_data(cache, split).to(task.device)
-    _, preds = task.evaluate(split)
+def _detector_predictions(task, split: str) -> pd.DataFrame:
+    _, preds = task.evaluate(split)[0]
     return preds[["sample_id", "label", "score", "prob"]]
 
 
@@ -154,12 +153,12 @@ def run_cascade(filter_run, detector_run, cache, manifest, out, *, max_leakage: 
     if not task.detects:
         raise FeatcacheError(f"--detector {detector_run} is a {task.name} run, which does not detect fakes")
     c = open_cache(cache)
-    task.check_cache(c)
+    task.load(c, splits=SPLITS)  # one read of the cache for both splits (load checks kind and backbone)
 
     joined = {}
     for split in SPLITS:
         fp = filt.predict(manifest, split, batch_size=batch_size, num_workers=num_workers, progress=progress)
-        joined[split] = join_stages(fp, _detector_predictions(task, c, split))
+        joined[split] = join_stages(fp, _detector_predictions(task, split))
     latency = measure_latency(filt, task, c, manifest, split="test", samples=latency_samples)
     grid = default_grid(thresholds)
     tables = {s: pd.DataFrame([cascade_at(joined[s], t, latency) for t in grid]) for s in SPLITS}
