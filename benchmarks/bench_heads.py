@@ -30,7 +30,7 @@ from featcache.cache import open_cache  # noqa: E402
 from featcache.config import resolve_config  # noqa: E402
 from featcache.data.manifest import read_manifest  # noqa: E402
 from featcache.data.synth_faces import synth_faces  # noqa: E402
-from featcache.data.synth_features import synth_feature_cache  # noqa: E402
+from featcache.cache.synth import synth_feature_cache  # noqa: E402
 from featcache.extract import extract, get_backbone  # noqa: E402
 from featcache.heads.task import StepState, get_task  # noqa: E402
 from featcache.train import ablate, train_head  # noqa: E402

@@ -18,11 +18,11 @@ from conftest import run_cli
 from featcache.analyze.prototypes import analyze_prototypes
 from featcache.cache import open_cache
 from featcache.data.audio import frame_labels, n_frames, read_audio
+from featcache.e2e.evaluate import evaluate_run
 from featcache.errors import BackboneError, ManifestError, StaleCacheError
 from featcache.extract import extract
 from featcache.extract.registry import get_backbone
 from featcache.extract.xlsr import collate_audio
-from featcache.e2e.evaluate import evaluate_run
 from featcache.heads.task import load_run
 from featcache.train import train_head
 

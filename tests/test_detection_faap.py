@@ -319,8 +319,8 @@ def test_faap_train_and_evaluate_cli(det_cache, tmp_path):
 
 def test_finetune_detr_learns_and_its_folder_extracts(det_data, tmp_path):
     from featcache.cache import open_cache
-    from featcache.extract import extract
     from featcache.e2e.detr_finetune import finetune_detr
+    from featcache.extract import extract
 
     r = finetune_detr(det_data / "manifest.csv", tmp_path / "m", epochs=4, batch_size=8, progress=False)
     log = [json.loads(line) for line in (tmp_path / "m" / "log.jsonl").read_text().splitlines()]

@@ -13,10 +13,9 @@ from safetensors.torch import load_file
 
 from featcache.cache import open_cache
 from featcache.config import ConfigError, resolve_config, selection_score
-from featcache.errors import FeatcacheError
-from featcache.heads.task import StepState
 from featcache.e2e.evaluate import evaluate_run
-from featcache.heads.task import load_run
+from featcache.errors import FeatcacheError
+from featcache.heads.task import StepState, load_run
 from featcache.train import ablate, train_head
 
 FAST = ["training.epochs=3", "training.batch_size=64"]
@@ -222,8 +221,8 @@ def test_synthetic_feature_cache_bias_hurts_the_hard_subgroups(tmp_path):
     from sklearn.metrics import roc_auc_score
 
     from featcache.cache import verify_cache
+    from featcache.cache.synth import synth_feature_cache
     from featcache.data.synth_faces import HARDNESS
-    from featcache.data.synth_features import synth_feature_cache
 
     gaps = {}
     for bias in (0.0, 1.0):

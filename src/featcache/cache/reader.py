@@ -17,6 +17,7 @@ import pandas as pd
 import zarr
 from zarr.storage import LocalStore
 
+from ..data.manifest import COLUMNS
 from ..errors import CacheError
 from .splits import split_mask
 from .store import (
@@ -252,8 +253,6 @@ def open_cache(path, *, require_complete: bool = True) -> FeatureCache:
 
 
 def _meta_order(name: str):
-    from ..data.manifest import COLUMNS
-
     return (COLUMNS.index(name), "") if name in COLUMNS else (len(COLUMNS), name)
 
 

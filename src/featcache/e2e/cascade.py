@@ -36,7 +36,7 @@ from ..metrics.detection import detection_metrics
 from ..metrics.fairness import fairness_metrics
 from ..report.plots import plot_cascade
 from ..runtime import write_json
-from .mnv4 import FilterRun, load_split
+from .mnv4 import FilterRun, image_loader, load_split
 
 SPLITS = ("val", "test")
 
@@ -97,8 +97,6 @@ def measure_latency(filt: FilterRun, task, cache, manifest, *, split: str = "tes
                     repeats: int = 3) -> dict:
     """Per-sample forward latency (ms) of the filter, the cache's backbone and the detector head,
     on one batch of ``samples`` images of ``split`` (median of ``repeats`` runs after a warm-up)."""
-    from .mnv4 import image_loader
-
     rows, paths = load_split(manifest, split)
     k = min(samples, len(paths))
     dev = filt.device

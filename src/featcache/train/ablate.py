@@ -10,6 +10,7 @@ import pandas as pd
 
 from ..config import presets_of
 from ..errors import FeatcacheError
+from ..report.plots import plot_ablation
 from ..report.tables import markdown_table
 from .evaluate import evaluate_head
 from .trainer import train_head
@@ -25,8 +26,6 @@ def ablate(task: str, cache, out, *, presets="all", seeds=(0, 1, 2), evals: dict
     Writes ``ablation.csv`` (one row per run: val, test and each eval cache's test metrics),
     ``ablation.md`` (mean ± std per preset) and ``ablation_auc_vs_f_fpr.png``.
     """
-    from ..report.plots import plot_ablation
-
     out = Path(out)
     names = presets_of(task) if presets in ("all", ["all"], ("all",)) else list(presets)
     if not names:

@@ -18,7 +18,7 @@ from ..cache import open_cache
 from ..config import load_config, resolve_config, save_config
 from ..errors import FeatcacheError
 from ..heads.task import Task, get_task, load_run
-from ..runtime import is_run_dir, prepare_run_dir, resolve_device, seed_everything, write_json
+from ..runtime import is_run_dir, load_weights, prepare_run_dir, resolve_device, seed_everything, write_json
 from .evaluate import Evaluation, write_evaluation
 from .loop import RESUME_FILE, FitResult, LoopSettings, fit
 
@@ -138,8 +138,6 @@ def train_runs(task_name: str, cache_path, outs: list, *, cfgs: list[dict], over
 
 def conclude(task: Task, fits: list[FitResult], cfgs: list[dict], seconds: float) -> list[RunResult]:
     """Each run's selected weights evaluated on val and test into RUN/eval/, then summary.json."""
-    from ..runtime import load_weights
-
     for r, f in enumerate(fits):
         task.load_run_state_dict(r, load_weights(f.run_dir / "best.safetensors", task.device))
     task.module.eval()
