@@ -38,9 +38,11 @@ def quiet_option(f):
 @click.group(context_settings=CONTEXT)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("--deterministic", is_flag=True, envvar="FEATCACHE_DETERMINISTIC",
+              help="Deterministic kernels: a resumed CUDA run repeats an uninterrupted one (slower; see ARCHITECTURE.md).")
 @click.version_option(__version__, prog_name="featcache")
 @click.pass_context
-def cli(ctx, quiet, debug):
+def cli(ctx, quiet, debug, deterministic):
     """featcache: run a frozen backbone once into a verifiable Zarr cache, then train heads from it.
 
     \b
@@ -49,6 +51,10 @@ def cli(ctx, quiet, debug):
       featcache extract --backbone clip --model small --manifest data/manifest.csv --out cache/
       featcache cache info cache/
     """
+    if deterministic:
+        from .runtime import set_deterministic
+
+        set_deterministic(True)
     ctx.obj = State(quiet, debug)
 
 
