@@ -311,6 +311,11 @@ def test_cascade_combines_the_filter_and_a_stage2_detector(faces, mnv4_run, tmp_
 
     filt = FilterRun(mnv4_run).predict(data / "manifest.csv", "test")  # with the run's temperature, if fitted
     det = pd.read_csv(tmp_path / "stage2" / "eval" / "test" / "predictions.csv")
+    # one evaluation layout for a head and for the filter: the head's files are all in the filter's
+    ev_head = tmp_path / "stage2" / "eval" / "test"
+    head = {str(p.relative_to(ev_head)) for p in ev_head.rglob("*")}
+    filt_files = {str(p.relative_to(mnv4_run / "eval" / "test")) for p in (mnv4_run / "eval" / "test").rglob("*")}
+    assert {"predictions.csv", "metrics.json", "report.md", "plots", "plots/roc.png"} <= head <= filt_files
     j = filt.merge(det[["sample_id", "prob"]], on="sample_id", suffixes=("_f", "_d"))
     assert report["n"]["test"] == len(j)
     from sklearn.metrics import roc_auc_score

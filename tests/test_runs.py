@@ -183,3 +183,43 @@ def test_cli_errors_name_what_is_wrong(controlled, tmp_path, capsys):
         code, err = _cli("train-head", "stage1", "--cache", controlled, "--out", tmp_path / "z", "--set",
                          "training.device=cuda", capsys=capsys)
         assert code == 2 and "training.device" in err and "--device" not in err
+
+
+def test_demo_runs_end_to_end_at_tiny_sizes(tmp_path):
+    """`featcache demo`'s library function, its steps numbered [i/7] in order, figures returned."""
+    from featcache.data.synth_faces import minimum_n
+    from featcache.demo import DemoSizes, run_demo
+
+    lines = []
+    sizes = DemoSizes(faces=minimum_n(), stage1_epochs=1, stage2_epochs=1, presets=("full",), clip_model="tiny",
+                      branches=("faces",))
+    r = run_demo(tmp_path / "demo", sizes=sizes, progress=False, echo=lines.append)
+    steps = [line.split("]")[0] + "]" for line in lines if line.startswith("[")]
+    assert steps == ["[1/7]", "[2/7]", "[3/7]", "[4/7]"]
+    assert "| full | 1 |" in r["ablation"] and (tmp_path / "demo" / "runs" / "ablation" / "full" / "seed0" /
+                                                 "eval" / "test" / "metrics.json").is_file()
+    assert any("leakage probe race" in line for line in lines)
+
+
+def test_detr_finetune_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch):
+    from featcache.data.synth_detection import synth_detection
+    from featcache.e2e import detr_finetune
+
+    synth_detection(tmp_path / "d", n=12, seed=0, progress=False)
+    kw = dict(epochs=2, batch_size=4, device="cpu", progress=False)
+    detr_finetune.finetune_detr(tmp_path / "d" / "manifest.csv", tmp_path / "whole", **kw)
+    real = detr_finetune.DetrJob.epoch_values
+
+    def dies_in_epoch_2(self, state):
+        if state.epoch == 2:
+            raise KeyboardInterrupt
+        return real(self, state)
+
+    monkeypatch.setattr(detr_finetune.DetrJob, "epoch_values", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        detr_finetune.finetune_detr(tmp_path / "d" / "manifest.csv", tmp_path / "cut", **kw)
+    monkeypatch.setattr(detr_finetune.DetrJob, "epoch_values", real)
+    detr_finetune.finetune_detr(tmp_path / "d" / "manifest.csv", tmp_path / "cut", **kw)  # the same command resumes
+    a, b = load_file(tmp_path / "whole" / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "cut" / "config.json").is_file()  # the Hugging Face folder extract reads

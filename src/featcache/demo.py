@@ -59,6 +59,8 @@ class DemoSizes:
     detection: int = 300
     detr_epochs: int = 0  # > 0: fit the tiny DETR to the train split first (featcache finetune-detr)
     faap_epochs: int = 10
+    presets: tuple[str, ...] | str = "all"  # the Stage-2 presets of step 4
+    clip_model: str = "small"  # the offline CLIP preset of step 2
     branches: tuple[str, ...] = ("faces", "filter", "audio", "detection")
 
 
@@ -94,9 +96,9 @@ def run_demo(out: str | Path = "featcache-demo", *, n: int | None = None, sizes:
 
     caches = {"detection": (data / "manifest.csv", out / "caches" / "clip-small"),
               "stage1": (data / "stage1_manifest.csv", out / "caches" / "clip-small-stage1")}
-    echo(_step(2, "CLIP extraction (offline preset 'small', random weights, seed 0)"))
+    echo(_step(2, f"CLIP extraction (offline preset {sizes.clip_model!r}, random weights, seed 0)"))
     for name, (manifest, cache_dir) in caches.items():
-        r = extract("clip", manifest, cache_dir, model="small", batch_size=64, part_rows=256, num_workers=1,
+        r = extract("clip", manifest, cache_dir, model=sizes.clip_model, batch_size=64, part_rows=256, num_workers=1,
                     progress=progress)
         report = verify_cache(cache_dir)
         if not report.ok:
@@ -123,7 +125,7 @@ def run_demo(out: str | Path = "featcache-demo", *, n: int | None = None, sizes:
     echo(audit_subgroups(caches["stage1"][1], audit, adapter_run=stage1, progress=progress)["markdown"])
 
     echo(_step(4, f"Stage-2 ablation, every preset, seed 0, {sizes.stage2_epochs} epochs -> {runs / 'ablation'}"))
-    df = ablate("stage2", caches["detection"][1], runs / "ablation", presets="all", seeds=(0,),
+    df = ablate("stage2", caches["detection"][1], runs / "ablation", presets=sizes.presets, seeds=(0,),
                 sets=[*DEMO_SETS, f"training.epochs={sizes.stage2_epochs}"], options={"stage1": stage1},
                 progress=progress, echo=lambda line: echo("      " + line))
     table = summary_table(df, [])
@@ -140,7 +142,7 @@ def run_demo(out: str | Path = "featcache-demo", *, n: int | None = None, sizes:
     if "detection" in sizes.branches:
         detection = run_detection_demo(out / "detection", sizes=sizes, progress=progress, echo=echo)
     seconds = time.perf_counter() - t0
-    echo(f"demo done in {seconds:.0f} s. Next: featcache evaluate {runs / 'ablation' / 'full' / 'seed0'}")
+    echo(f"demo done in {seconds:.0f} s ({len(sizes.branches)} branches). Next: featcache evaluate {runs / 'ablation' / 'full' / 'seed0'}")
     return {"cache": str(caches["detection"][1]), "info": info, "seconds": seconds, "ablation": table,
             "detection": detection}
 
