@@ -223,3 +223,34 @@ def test_detr_finetune_resumes_after_a_kill_to_the_same_weights(tmp_path, monkey
     a, b = load_file(tmp_path / "whole" / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "cut" / "config.json").is_file()  # the Hugging Face folder extract reads
+
+
+def test_training_curves_show_every_logged_series(controlled, tmp_path, monkeypatch):
+    """What a user sees: the train terms and the val metrics as lines, the best epoch marked, not blank."""
+    from PIL import Image
+
+    import featcache.report.plots as plots
+
+    real_plt, figures = plots._plt(), []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(real_plt, name)
+
+        def close(self, fig=None):
+            figures.append(fig)
+            return real_plt.close(fig)
+
+    monkeypatch.setattr(plots, "_plt", lambda: Recording())
+    r = train_runs("toy_stack", controlled, [tmp_path / "r"], cfgs=[{**toy_cfg(0, 0.1, epochs=3),
+                                                                      "selection": {"score": "auc"}}], progress=False)[0]
+    left, right = figures[0].axes
+    series = [line for line in left.get_lines() if not line.get_label().startswith("_")]
+    assert {line.get_label() for line in series} == {"loss", "ce", "l2"}
+    assert {"auc", "acc", "selection score"} <= {line.get_label() for line in right.get_lines()}
+    for line in series:
+        assert list(line.get_xdata()) == [1, 2, 3]
+    marks = [line for line in right.get_lines() if line.get_label().startswith("_")]  # the best-epoch rule
+    assert any(list(m.get_xdata()) == [r.best_epoch] * 2 for m in marks)
+    pixels = np.asarray(Image.open(tmp_path / "r" / "plots" / "training_curves.png").convert("L"))
+    assert (pixels < 200).mean() > 0.02  # ink on the page, not a blank canvas
