@@ -43,7 +43,7 @@ def stage2_task(cache_path, stage1_run, batch_size: int, device: torch.device | 
     task.inputs["stage1"] = load_run(stage1_run, task.device)
     task.load(open_cache(cache_path), splits=("train",))
     task.spec = task.make_spec()
-    task.module = task.build(task.spec)
+    task.module = task.build(task.spec).to(task.device)
     return task
 
 
