@@ -193,7 +193,7 @@ def test_audit_subgroups_before_and_after_a_stage1_adapter(synth_cache, tmp_path
     synth_feature_cache(other, rows=200, dim=16, part_rows=256)
     with pytest.raises(FeatcacheError, match="another backbone"):
         audit_subgroups(other, tmp_path / "x", adapter_run=run, progress=False)
-    with pytest.raises(FeatcacheError, match="not a finished run"):
+    with pytest.raises(FeatcacheError, match="does not exist"):  # one true line (issue 19 item 12)
         audit_subgroups(synth_cache, tmp_path / "x", adapter_run=tmp_path / "nothing", progress=False)
 
 
