@@ -57,7 +57,7 @@ def meta_column(meta: pd.DataFrame, name: str) -> np.ndarray:
 
 def _split_mask(meta: pd.DataFrame, split) -> np.ndarray:
     try:
-        return split_mask(meta_column(meta, "split"), split, where="the cache")
+        return split_mask(meta_column(meta, "split"), split, where="the cache's readable rows")
     except CacheError as exc:
         raise FeatcacheError(str(exc)) from None
 

@@ -21,5 +21,5 @@ def split_mask(values, split, *, where: str = "the cache") -> np.ndarray:
     mask = np.array(values.isin(splits).to_numpy(), dtype=bool)  # hashing (np.isin sorts strings); writable
     if not mask.any():
         have = ", ".join(sorted(set(values.tolist()))) or "none"
-        raise CacheError(f"{where} has no rows in split(s) {', '.join(map(repr, splits))}; its splits: {have}")
+        raise CacheError(f"{where} has no rows in split {' or '.join(map(repr, splits))}; its splits: {have}")
     return mask
