@@ -254,3 +254,38 @@ def test_training_curves_show_every_logged_series(controlled, tmp_path, monkeypa
     assert any(list(m.get_xdata()) == [r.best_epoch] * 2 for m in marks)
     pixels = np.asarray(Image.open(tmp_path / "r" / "plots" / "training_curves.png").convert("L"))
     assert (pixels < 200).mean() > 0.02  # ink on the page, not a blank canvas
+
+
+def test_train_head_killed_with_sigkill_resumes_with_the_same_command(controlled, tmp_path):
+    """A real kill -9 of `featcache train-head` mid-run; the same command resumes to the same weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from featcache.train import train_head
+
+    sets = ["training.epochs=6", "training.device=cpu"]
+    args = [sys.executable, "-m", "featcache", "-q", "train-head", "stage1", "--preset", "grl_only", "--cache",
+            str(controlled), "--out", str(tmp_path / "cut")] + [a for s in sets for a in ("--set", s)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "cut" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be killed (machine too fast for 6 epochs)")
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "cut" / "summary.json").exists()
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    train_head("stage1", controlled, tmp_path / "whole", preset="grl_only", sets=sets, progress=False)
+    for f in ("best.safetensors", "last.safetensors"):
+        a, b = load_file(tmp_path / "whole" / f), load_file(tmp_path / "cut" / f)
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+    epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
+    assert epochs == list(range(1, 7))
