@@ -37,7 +37,6 @@ from .e2e.detr_finetune import finetune_detr
 from .e2e.evaluate import evaluate_filter, evaluate_run
 from .errors import CacheError
 from .extract import extract
-from .runtime import RUN_MARKERS
 from .train import ablate, train_head
 from .train.ablate import summary_table
 
@@ -75,10 +74,6 @@ def _epochs(n: int | None) -> list[str]:
 def _reuse(run: Path) -> bool:
     """A finished run is reused; an interrupted one resumes (train_head does it); else it starts."""
     return (run / "summary.json").is_file()
-
-
-def _fresh(run: Path) -> bool:
-    return not any((run / m).exists() for m in RUN_MARKERS)
 
 
 def run_demo(out: str | Path = "featcache-demo", *, n: int | None = None, sizes: DemoSizes | None = None,
@@ -165,8 +160,9 @@ def run_demo_filter(manifest, cache, detector_run, runs, *, epochs: int | None =
         echo(f"      {run}: finished before, reused")
         before = evaluate_filter(run, manifest, split="test", progress=progress).metrics["ece"]
     else:
-        r = train_e2e(manifest, run, resume=not _fresh(run), progress=progress, echo=echo,
-                      **({} if not _fresh(run) else settings))
+        resume = (run / "resume.pt").is_file()  # interrupted after an epoch: continue it
+        r = train_e2e(manifest, run, resume=resume, overwrite=not resume, progress=progress, echo=echo,
+                      **({} if resume else settings))
         echo(f"      val auc {r.val['auc']:.3f}, test auc {r.test['auc']:.3f} "
              f"(best epoch {r.best_epoch}, {r.images_per_second:.0f} train images/s)")
         before = r.test["ece"]
