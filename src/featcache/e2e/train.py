@@ -161,7 +161,7 @@ class FilterJob:
         y, score = preds["label"].to_numpy(), preds["score"].to_numpy()
         if split == "val":  # every epoch: the quick metrics the selection and the curves use
             m = detection_metrics(y, sigmoid(score))
-            loss = float(self.loss_fn(torch.from_numpy(score), torch.from_numpy(y.astype(np.float64))))
+            loss = float(self.loss_fn(torch.tensor(score), torch.tensor(y, dtype=torch.float64)))
             return [({"loss": loss, "acc": m["acc"], "auc": m["auc"], "f1": m["f1"]}, preds)]
         return [(all_metrics(y, score, groups=preds["subgroup"].to_numpy()), preds)]
 
