@@ -37,7 +37,8 @@ from featcache.cache.store import CacheSpec, CacheWriter  # noqa: E402
 from featcache.data.manifest import read_manifest  # noqa: E402
 from featcache.data.synth_faces import synth_faces  # noqa: E402
 from featcache.extract import extract, get_backbone  # noqa: E402
-from featcache.extract.runner import default_num_workers, resolve_device  # noqa: E402
+from featcache.extract.runner import default_num_workers  # noqa: E402
+from featcache.runtime import resolve_device  # noqa: E402
 
 
 def best_of(fn, repeat: int) -> float:

@@ -46,11 +46,11 @@ def one_epoch(task, batches, hidden_of, state) -> float:
     task.module.train()
     t = time.perf_counter()
     for idx in batches:
-        batch = {k: v[idx] for k, v in train.items()}
-        batch["hidden"] = hidden_of(idx)
+        batch = {k: v[idx][None] for k, v in train.items()}  # (R = 1, B, ...)
+        batch["hidden"] = hidden_of(idx)[None]
         loss, _ = task.batch_loss(batch, state)
         opt.zero_grad()
-        loss.backward()
+        loss.sum().backward()
         torch.nn.utils.clip_grad_norm_(task.trainable_parameters(), 0.1)
         opt.step()
     if task.device.type == "cuda":

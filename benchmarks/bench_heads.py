@@ -27,12 +27,12 @@ import torch  # noqa: E402
 from bench_extract import machine  # noqa: E402
 
 from featcache.cache import open_cache  # noqa: E402
+from featcache.cache.synth import synth_feature_cache  # noqa: E402
 from featcache.config import resolve_config  # noqa: E402
 from featcache.data.manifest import read_manifest  # noqa: E402
 from featcache.data.synth_faces import synth_faces  # noqa: E402
-from featcache.data.synth_features import synth_feature_cache  # noqa: E402
 from featcache.extract import extract, get_backbone  # noqa: E402
-from featcache.heads.task import StepState, get_task  # noqa: E402
+from featcache.heads.task import StepState, get_task, load_run  # noqa: E402
 from featcache.train import ablate, train_head  # noqa: E402
 
 
@@ -40,9 +40,10 @@ def stage2_task(cache_path, stage1_run, batch_size: int, device: torch.device | 
     cfg = resolve_config("stage2", sets=[f"training.batch_size={batch_size}"])
     cfg["options"] = {"stage1": str(stage1_run)}
     task = get_task("stage2")(cfg, device or torch.device("cpu"))
+    task.inputs["stage1"] = load_run(stage1_run, task.device)
     task.load(open_cache(cache_path), splits=("train",))
     task.spec = task.make_spec()
-    task.module = task.build(task.spec)
+    task.module = task.build(task.spec).to(task.device)
     return task
 
 
@@ -52,11 +53,11 @@ def one_epoch(task, batches, features, state) -> float:
     task.module.train()
     t = time.perf_counter()
     for idx in batches:
-        batch = {k: v[idx] for k, v in train.items()}
-        batch["x"] = features(idx)
+        batch = {k: v[idx][None] for k, v in train.items()}  # (R = 1, B, ...)
+        batch["x"] = features(idx)[None]
         loss, _ = task.batch_loss(batch, state)
         opt.zero_grad()
-        loss.backward()
+        loss.sum().backward()
         opt.step()
     if task.device.type == "cuda":
         torch.cuda.synchronize()

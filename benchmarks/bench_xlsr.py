@@ -27,7 +27,7 @@ from bench_extract import best_of  # noqa: E402
 from featcache.data.manifest import read_manifest  # noqa: E402
 from featcache.data.synth_audio import synth_audio  # noqa: E402
 from featcache.extract import extract, get_backbone  # noqa: E402
-from featcache.extract.runner import resolve_device  # noqa: E402
+from featcache.runtime import resolve_device  # noqa: E402
 
 
 def measure(n: int = 120, model: str = "tiny", batch_size: int = 8, device: str | None = None,

@@ -26,9 +26,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from featcache.data.synth_detection import synth_detection  # noqa: E402
+from featcache.e2e.detr_finetune import finetune_detr  # noqa: E402
+from featcache.e2e.evaluate import evaluate_run  # noqa: E402
 from featcache.extract import extract  # noqa: E402
-from featcache.extract.detr import finetune_detr  # noqa: E402
-from featcache.train import evaluate_run, train_head  # noqa: E402
+from featcache.train import train_head  # noqa: E402
 
 
 def main() -> None:
@@ -59,7 +60,8 @@ def main() -> None:
                                                    f"training.device={args.device}"], overwrite=True, progress=True)
     m = evaluate_run(run, work / "cache")
     print(f"machine: {machine()}; device {args.device}; {time.perf_counter() - t0:.0f} s in all; work {work}")
-    print((run / "faap_test.md").read_text())
+    print(m.markdown)
+    m = m.metrics
     closed, moved = m["gap_closed"], abs(m["ap_change"])
     holds = m["base_ap"] > 0.05 and closed > 0 and moved < closed
     print(json.dumps({"base_ap": m["base_ap"], "ap": m["ap"], "base_score_gap": m["base_score_gap"],

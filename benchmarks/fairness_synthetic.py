@@ -2,7 +2,7 @@
 
     python benchmarks/fairness_synthetic.py [--rows 6000] [--dim 256] [--bias 0.6] [--presets none,cvar,full]
 
-A synthetic feature cache (``featcache.data.synth_features``) where fakes are harder to tell
+A synthetic feature cache (``featcache.cache.synth``) where fakes are harder to tell
 apart for some subgroups, Stage 1 trained on it, then every preset x seed of Stage 2; prints
 the ablation table (test split, mean ± std over seeds) and each preset's change against
 ``none``. Not part of the tests: the table goes in the README.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from featcache.data.synth_features import synth_feature_cache  # noqa: E402
+from featcache.cache.synth import synth_feature_cache  # noqa: E402
 from featcache.train import ablate, train_head  # noqa: E402
 
 

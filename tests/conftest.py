@@ -17,6 +17,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from featcache.runtime import set_deterministic
+
+# Deterministic kernels in every test (what `featcache --deterministic` does): a resumed run must
+# repeat an uninterrupted one bit for bit on CUDA too, and a test's numbers must not vary by run.
+set_deterministic(True)
+os.environ.setdefault("FEATCACHE_DETERMINISTIC", "1")  # for the CLI subprocesses the tests start
+
 
 def write_image_manifest(root: Path, n: int, *, corrupt=(), truncated=(), seed: int = 0) -> Path:
     """n small PNGs with a manifest; rows in ``corrupt`` hold garbage, in ``truncated`` half a PNG."""

@@ -13,7 +13,7 @@ from featcache.analyze.duplicates import find_duplicates
 from featcache.analyze.index import build_index
 from featcache.analyze.neighbors import RESULT_COLUMNS, nearest_samples
 from featcache.cache import CacheSpec, CacheWriter
-from featcache.data.synth_features import synth_feature_cache
+from featcache.cache.synth import synth_feature_cache
 from featcache.errors import FeatcacheError
 from featcache.extract import extract
 

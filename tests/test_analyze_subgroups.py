@@ -132,7 +132,7 @@ def test_audit_features_separated_race_leaks_independent_gender_does_not():
 # -- end to end on a synthetic cache ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def synth_cache(tmp_path_factory):
-    from featcache.data.synth_features import synth_feature_cache
+    from featcache.cache.synth import synth_feature_cache
 
     path = tmp_path_factory.mktemp("synth") / "cache"
     synth_feature_cache(path, rows=1200, dim=32, bias=0.6, part_rows=512)
@@ -164,7 +164,7 @@ def test_audit_subgroups_writes_json_md_png_and_finds_subgroup_leakage(synth_cac
 
 
 def test_audit_subgroups_before_and_after_a_stage1_adapter(synth_cache, tmp_path):
-    from featcache.data.synth_features import synth_feature_cache
+    from featcache.cache.synth import synth_feature_cache
     from featcache.train import train_head
 
     run = tmp_path / "stage1"
@@ -193,7 +193,7 @@ def test_audit_subgroups_before_and_after_a_stage1_adapter(synth_cache, tmp_path
     synth_feature_cache(other, rows=200, dim=16, part_rows=256)
     with pytest.raises(FeatcacheError, match="another backbone"):
         audit_subgroups(other, tmp_path / "x", adapter_run=run, progress=False)
-    with pytest.raises(FeatcacheError, match="not a finished run"):
+    with pytest.raises(FeatcacheError, match="does not exist"):  # one true line (issue 19 item 12)
         audit_subgroups(synth_cache, tmp_path / "x", adapter_run=tmp_path / "nothing", progress=False)
 
 

@@ -18,12 +18,13 @@ from conftest import run_cli
 from featcache.analyze.prototypes import analyze_prototypes
 from featcache.cache import open_cache
 from featcache.data.audio import frame_labels, n_frames, read_audio
+from featcache.e2e.evaluate import evaluate_run
 from featcache.errors import BackboneError, ManifestError, StaleCacheError
 from featcache.extract import extract
 from featcache.extract.registry import get_backbone
 from featcache.extract.xlsr import collate_audio
-from featcache.train import evaluate_run, train_head
-from featcache.train.trainer import load_run
+from featcache.heads.task import load_run
+from featcache.train import train_head
 
 
 def _tree_hashes(root: Path) -> dict:
@@ -274,23 +275,25 @@ def test_xai_localizes_partial_spoofs(frames_cache, tmp_path):
     run_cli("-q", "train-head", "xai", "--cache", frames_cache, "--prototype-mode", "ema", "--set",
             "training.epochs=3", "--out", run)
     evaluate_run(run, frames_cache, split="test", name="synth")
-    metrics = json.loads((run / "metrics_synth_test.json").read_text())
-    assert metrics == json.loads((run / "metrics_test.json").read_text())
+    metrics = json.loads((run / "eval" / "synth_test" / "metrics.json").read_text())
+    assert metrics == json.loads((run / "eval" / "test" / "metrics.json").read_text())
     assert metrics["loc_utterances"] == 6 and metrics["loc_partial_utterances"] == 3
     assert metrics["loc_auroc"] > 0.6, metrics  # held-out utterances
-    assert (run / "plots" / "importance_synth_test.png").is_file()
-    assert len((run / "predictions_synth_test.csv").read_text().splitlines()) == 1 + 9
+    assert (run / "eval" / "synth_test" / "plots" / "importance.png").is_file()
+    assert len((run / "eval" / "synth_test" / "predictions.csv").read_text().splitlines()) == 1 + 9
     # the pooled localization AUROC, recomputed with sklearn from the head's importance maps
     from sklearn.metrics import roc_auc_score
 
     task = load_run(run, "cpu")
-    task.data["test"] = task.split_data(open_cache(frames_cache), "test")
+    task.load(open_cache(frames_cache), splits=("test",))
     ws = task.importances("test")
     off, fl = task.flat["test"]["offsets"].numpy(), task.flat["test"]["frame_labels"]
     spoofed = [i for i, lab in enumerate(task.data["test"].meta["label"]) if lab == 1]
     y = np.concatenate([fl[off[i]:off[i + 1]] for i in spoofed])
     s = np.concatenate([ws[i] for i in spoofed])
-    assert np.isclose(roc_auc_score(y, s), metrics["loc_auroc"])
+    # the run may have been evaluated on a GPU and is recomputed here on the CPU: float32 kernels
+    # differ in the last bits (0.697853 vs 0.697861 seen on an H100), so compare to 1e-4
+    assert np.isclose(roc_auc_score(y, s), metrics["loc_auroc"], rtol=0, atol=1e-4)
     report = analyze_prototypes(run, frames_cache)
     assert set(report["purity"]) == {"bonafide", "spoof"} and report["frames"] > 0
     assert (run / "prototypes" / "prototypes_map.png").is_file()

@@ -356,12 +356,14 @@ def test_faap_train_and_evaluate_cli(det_cache, tmp_path):
         assert key in log[0], key
     assert log[0]["epsilon"] == 0.05 and log[1]["epsilon"] == pytest.approx(0.05 + 0.05 / 7)
     proc = run_cli("evaluate", run, "--cache", det_cache)
-    m = json.loads((run / "metrics_test.json").read_text())
+    m = json.loads((run / "eval" / "test" / "metrics.json").read_text())
     assert m["delta_linf_over_bound"] <= 1.0
-    table = json.loads((run / "faap_test.json").read_text())["table"]
+    from featcache.heads.faap import faap_table
+
+    table = faap_table(m).to_dict(orient="records")
     assert [r[""] for r in table] == ["baseline", "perturbed", "delta"]
     assert table[0]["Male AP"] == m["base_ap_male"] and table[1]["Female AR"] == m["ar_female"]
-    assert "Male AP" in (run / "faap_test.md").read_text() and "score_gap" in proc.stdout
+    assert "Male AP" in (run / "eval" / "test" / "report.md").read_text() and "score_gap" in proc.stdout
     # the unperturbed baseline is the cache's own outputs: its mean image score matches them
     from featcache.cache import open_cache
     from featcache.losses.faap import image_scores
@@ -374,12 +376,12 @@ def test_faap_train_and_evaluate_cli(det_cache, tmp_path):
 
 def test_finetune_detr_learns_and_its_folder_extracts(det_data, tmp_path):
     from featcache.cache import open_cache
+    from featcache.e2e.detr_finetune import finetune_detr
     from featcache.extract import extract
-    from featcache.extract.detr import finetune_detr
 
     r = finetune_detr(det_data / "manifest.csv", tmp_path / "m", epochs=4, batch_size=8, progress=False)
-    log = [json.loads(line) for line in (tmp_path / "m" / "finetune_log.jsonl").read_text().splitlines()]
-    assert len(log) == 4 and log[-1]["loss"] < log[0]["loss"] and r["images"] == 14  # the train split only
+    log = [json.loads(line) for line in (tmp_path / "m" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and log[-1]["train_loss"] < log[0]["train_loss"] and r["images"] == 14  # train split only
     extract("detr", det_data / "manifest.csv", tmp_path / "c", model=str(tmp_path / "m"), num_workers=0,
             progress=False)
     c = open_cache(tmp_path / "c")

@@ -125,15 +125,15 @@ def faces(tmp_path_factory):
 def mnv4_run(faces):
     out = faces / "mnv4"
     run_cli("-q", "train-e2e", "mnv4", "--manifest", faces / "manifest.csv", "--out", out, *TINY,
-            "--epochs", "2", "--save-every", "1", "--patience", "0", "--mixed-precision")
+            "--epochs", "2", "--save-every", "1", "--patience", "0", "--mixed-precision", "--device", "cpu")
     return out
 
 
 def test_train_e2e_run_directory(mnv4_run):
-    for f in ("config.yaml", "model.json", "log.jsonl", "training_log.csv", "best_model.safetensors",
-              "final_model.safetensors", "last.safetensors", "last_state.pt", "summary.json",
-              "checkpoints/epoch_001.safetensors", "checkpoints/epoch_002.safetensors",
-              "predictions_val.csv", "predictions_test.csv", "metrics_test.json"):
+    for f in ("config.yaml", "model.json", "log.jsonl", "training_log.csv", "best.safetensors",
+              "last.safetensors", "resume.pt", "summary.json",
+              "checkpoints/epoch_0001.safetensors", "checkpoints/epoch_0002.safetensors",
+              "eval/val/predictions.csv", "eval/test/predictions.csv", "eval/test/metrics.json", "eval/test/report.md"):
         assert (mnv4_run / f).is_file(), f
     assert_png(mnv4_run / "plots" / "training_curves.png")
     log = pd.read_csv(mnv4_run / "training_log.csv")
@@ -145,18 +145,18 @@ def test_train_e2e_run_directory(mnv4_run):
     best = summary["best_epoch"]
     assert summary["score"] == pytest.approx(log["val_auc"].max())
     assert log.loc[log["epoch"] == best, "val_auc"].item() == pytest.approx(log["val_auc"].max())
-    # best_model is the snapshot of the best epoch; final_model the last epoch's weights
-    best_w, snap = load_file(mnv4_run / "best_model.safetensors"), load_file(
-        mnv4_run / "checkpoints" / f"epoch_{best:03d}.safetensors")
+    # best is the snapshot of the best epoch; last the last epoch's weights
+    best_w, snap = load_file(mnv4_run / "best.safetensors"), load_file(
+        mnv4_run / "checkpoints" / f"epoch_{best:04d}.safetensors")
     assert all(torch.equal(best_w[k], snap[k]) for k in best_w)
-    final, last_snap = load_file(mnv4_run / "final_model.safetensors"), load_file(
-        mnv4_run / "checkpoints" / "epoch_002.safetensors")
+    final, last_snap = load_file(mnv4_run / "last.safetensors"), load_file(
+        mnv4_run / "checkpoints" / "epoch_0002.safetensors")
     assert all(torch.equal(final[k], last_snap[k]) for k in final)
     # the test predictions are those of the best weights, and their metrics agree with sklearn
     from sklearn.metrics import roc_auc_score
 
-    preds = pd.read_csv(mnv4_run / "predictions_test.csv")
-    metrics = json.loads((mnv4_run / "metrics_test.json").read_text())
+    preds = pd.read_csv(mnv4_run / "eval" / "test" / "predictions.csv")
+    metrics = json.loads((mnv4_run / "eval" / "test" / "metrics.json").read_text())
     assert metrics["auc"] == pytest.approx(roc_auc_score(preds["label"], preds["score"]))
     assert np.allclose(preds["prob"], expit(preds["score"]))
 
@@ -165,7 +165,7 @@ def test_pretrained_from_a_file_and_offline_tags(mnv4_run):
     from featcache.e2e.mnv4 import create_model
     from featcache.errors import BackboneError
 
-    weights = mnv4_run / "best_model.safetensors"
+    weights = mnv4_run / "best.safetensors"
     net = create_model("mobilenetv4_conv_small", str(weights))
     ref, got = load_file(weights), net.state_dict()
     body = [k for k in ref if not k.startswith("classifier.")]
@@ -181,7 +181,7 @@ def _train(manifest, out, epochs, **kw):
     from featcache.e2e import train_e2e
 
     return train_e2e(manifest, out, model="mobilenetv4_conv_small", pretrained="none", image_size=32, batch_size=12,
-                     lr=2e-3, epochs=epochs, patience=0, progress=False, **kw)
+                     epochs=epochs, patience=0, progress=False, device="cpu", **{"lr": 2e-3, **kw})
 
 
 def test_resume_continues_from_the_saved_epoch_with_the_same_optimizer_state(faces, tmp_path):
@@ -194,33 +194,45 @@ def test_resume_continues_from_the_saved_epoch_with_the_same_optimizer_state(fac
 
     with pytest.raises(KeyboardInterrupt):
         _train(manifest, tmp_path / "cut", 2, on_epoch_end=stop_after_1)
-    saved = torch.load(tmp_path / "cut" / "last_state.pt", weights_only=True)
-    assert json.loads((tmp_path / "cut" / "last.json").read_text())["epoch"] == 1
-    assert saved["scheduler"]["last_epoch"] == 1
+    saved = torch.load(tmp_path / "cut" / "resume.pt", weights_only=True)
+    assert saved["loop"]["epoch"] == 1
     steps = {int(s["step"]) for s in saved["optimizer"]["state"].values()}
 
-    r = _train(manifest, tmp_path / "cut", None, resume=True)
+    r = _train(manifest, tmp_path / "cut", None, resume=True, lr=None)
     assert r.epochs_run == 2
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
     # the resumed run ends exactly where the uninterrupted one does: weights and optimizer moments
-    a, b = load_file(tmp_path / "whole" / "final_model.safetensors"), load_file(tmp_path / "cut" / "final_model.safetensors")
+    a, b = load_file(tmp_path / "whole" / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa = torch.load(tmp_path / "whole" / "last_state.pt", weights_only=True)["optimizer"]["state"]
-    sb = torch.load(tmp_path / "cut" / "last_state.pt", weights_only=True)["optimizer"]["state"]
+    sa = torch.load(tmp_path / "whole" / "resume.pt", weights_only=True)["optimizer"]["state"]
+    sb = torch.load(tmp_path / "cut" / "resume.pt", weights_only=True)["optimizer"]["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     # the resumed epoch took as many optimizer steps again as the first
     later = {int(s["step"]) for s in sb.values()}
     assert len(steps) == 1 and later == {2 * next(iter(steps))}
+
+    # issue 19 item 2: --resume --epochs N on the finished run never trains at lr 0, and says which lr
+    log = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    said = []
+    r = _train(manifest, tmp_path / "cut", 3, resume=True, lr=None, echo=said.append)
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert r.epochs_run == 3 and [row["epoch"] for row in rows] == [1, 2, 3]
+    assert rows[2]["lr"] == pytest.approx(log[1]["lr"]) and rows[2]["lr"] > 0  # the last lr used, not 0
+    assert any("the last lr used" in line for line in said)
+    said.clear()
+    _train(manifest, tmp_path / "cut", 4, resume=True, lr=5e-4, echo=said.append)
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert rows[3]["lr"] == pytest.approx(5e-4) and any("the given lr" in line for line in said)
 
 
 def test_resume_refuses_another_manifest_and_a_missing_run(faces, tmp_path, mnv4_run):
     other = tmp_path / "other.csv"
     pd.read_csv(faces / "manifest.csv").iloc[:-1].to_csv(other, index=False)
     with pytest.raises(FeatcacheError, match="another manifest"):
-        _train(other, mnv4_run, None, resume=True)
-    with pytest.raises(FeatcacheError, match="cannot resume"):
-        _train(other, tmp_path / "nothing", None, resume=True)
+        _train(other, mnv4_run, None, resume=True, lr=None)
+    with pytest.raises(FeatcacheError, match="does not exist"):
+        _train(other, tmp_path / "nothing", None, resume=True, lr=None)
 
 
 def test_calibrate_evaluate_and_every_plot(faces, mnv4_run):
@@ -239,23 +251,24 @@ def test_calibrate_evaluate_and_every_plot(faces, mnv4_run):
     assert cal["after"]["nll"] <= cal["before"]["nll"] + 1e-12  # T = 1 was a candidate
     assert_png(mnv4_run / "plots" / "reliability_diagram.png")
 
-    run_cli("-q", "evaluate", mnv4_run, "--manifest", manifest, "--thresholds", "0.9,0.98", "--save-predictions")
-    ev = mnv4_run / "eval_test"
-    report = json.loads((ev / "evaluation_report.json").read_text())
+    run_cli("-q", "evaluate", mnv4_run, "--manifest", manifest, "--thresholds", "0.9,0.98")
+    ev = mnv4_run / "eval" / "test"
+    report = json.loads((ev / "metrics.json").read_text())
     test = pd.read_csv(ev / "predictions.csv")
     assert report["temperature"] == pytest.approx(temp) and report["n"] == len(test)
     assert np.allclose(test["prob"], expit(test["score"] / temp))
-    assert report["metrics"]["ece"] == pytest.approx(calibration_metrics(test["label"], test["prob"])["ece"])
-    assert "f_fpr" in report["metrics"] and len(report["subgroups"]) >= 2
-    rows = json.loads((ev / "threshold_analysis.json").read_text())["thresholds"]
+    assert report["ece"] == pytest.approx(calibration_metrics(test["label"], test["prob"])["ece"])
+    assert "f_fpr" in report and len(pd.read_csv(ev / "subgroups.csv")) >= 2
+    rows = report["threshold_analysis"]
     assert [r["threshold"] for r in rows] == [0.9, 0.98]
     assert rows[1] == pytest.approx(cascade_rates(test["label"], test["prob"], 0.98), nan_ok=True)
-    for f in ("roc_curve", "confusion_matrix", "reliability_diagram", "cascade_analysis", "subgroup_rates"):
-        assert_png(ev / f"{f}.png")
+    for f in ("roc", "confusion_matrix", "reliability_diagram", "cascade_analysis", "subgroup_rates"):
+        assert_png(ev / "plots" / f"{f}.png")
+    assert "Cascade thresholds" in (ev / "report.md").read_text()
 
 
 def test_evaluate_routes_by_run_kind(faces, mnv4_run):
-    from featcache.train import evaluate_run
+    from featcache.e2e.evaluate import evaluate_run
 
     with pytest.raises(FeatcacheError, match="pass --manifest, not --cache"):
         evaluate_run(mnv4_run, faces)
@@ -292,7 +305,12 @@ def test_cascade_combines_the_filter_and_a_stage2_detector(faces, mnv4_run, tmp_
     from featcache.e2e.mnv4 import FilterRun
 
     filt = FilterRun(mnv4_run).predict(data / "manifest.csv", "test")  # with the run's temperature, if fitted
-    det = pd.read_csv(tmp_path / "stage2" / "predictions_test.csv")
+    det = pd.read_csv(tmp_path / "stage2" / "eval" / "test" / "predictions.csv")
+    # one evaluation layout for a head and for the filter: the head's files are all in the filter's
+    ev_head = tmp_path / "stage2" / "eval" / "test"
+    head = {str(p.relative_to(ev_head)) for p in ev_head.rglob("*")}
+    filt_files = {str(p.relative_to(mnv4_run / "eval" / "test")) for p in (mnv4_run / "eval" / "test").rglob("*")}
+    assert {"predictions.csv", "metrics.json", "report.md", "plots", "plots/roc.png"} <= head <= filt_files
     j = filt.merge(det[["sample_id", "prob"]], on="sample_id", suffixes=("_f", "_d"))
     assert report["n"]["test"] == len(j)
     from sklearn.metrics import roc_auc_score

@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 
 from featcache.cache import open_cache
 from featcache.config import ConfigError, resolve_config, selection_score
+from featcache.e2e.evaluate import evaluate_run
 from featcache.errors import FeatcacheError
-from featcache.heads.task import StepState
-from featcache.train import ablate, evaluate_run, load_run, train_head
+from featcache.heads.task import StepState, load_run
+from featcache.train import ablate, train_head
 
 FAST = ["training.epochs=3", "training.batch_size=64"]
 
@@ -79,14 +80,16 @@ def test_selection_formula():
 def test_stage1_run_directory_and_probes(stage1_run):
     files = {p.name for p in stage1_run.iterdir()}
     assert {"config.yaml", "log.jsonl", "training_log.csv", "best.safetensors", "last.safetensors", "model.json",
-            "predictions_val.csv", "metrics_val.json", "predictions_test.csv", "summary.json"} <= files
+            "resume.pt", "summary.json", "eval", "plots"} <= files
+    for split in ("val", "test"):
+        assert {"predictions.csv", "metrics.json", "report.md"} <= {p.name for p in (stage1_run / "eval" / split).iterdir()}
     log = [json.loads(line) for line in (stage1_run / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3]
     for key in ("train_race_ce", "train_gender_ce", "train_similarity", "train_sinkhorn_global",
                 "train_sinkhorn_pairwise", "val_race_acc", "val_gender_acc", "val_cos", "grl_lambda"):
         assert key in log[0], key
-    # the GRL schedule, logged per epoch, follows the DANN formula with p = epoch / epochs
-    assert [r["grl_lambda"] for r in log] == pytest.approx([2 / (1 + np.exp(-10 * e / 3)) - 1 for e in (1, 2, 3)])
+    # the GRL schedule, logged per epoch, follows the DANN formula with p = (epoch - 1) / epochs (0 at the start)
+    assert [r["grl_lambda"] for r in log] == pytest.approx([2 / (1 + np.exp(-10 * (e - 1) / 3)) - 1 for e in (1, 2, 3)])
     summary = json.loads((stage1_run / "summary.json").read_text())
     # model selection: the best epoch maximises the validation score, recomputed from the log
     scores = [r["val_cos"] - 0.3 * r["val_race_acc"] - 0.2 * r["val_gender_acc"] for r in log]
@@ -121,9 +124,9 @@ def test_stage2_frozen_stage1_adapter_gets_no_gradient(faces, stage1_run, tmp_pa
     for k, v in s1.items():
         if k.startswith("adapter."):
             assert torch.equal(s2["fair." + k[len("adapter."):]], v), k  # unchanged by training
-    task = load_run(run.run_dir)
-    task.data["train"] = task.split_data(open_cache(faces / "det"), "train")
-    batch = {k: v[:64] for k, v in task.data["train"].tensors.items()}
+    task = load_run(run.run_dir, "cpu")
+    task.load(open_cache(faces / "det"), splits=("train",))  # the data lands on the module's device
+    batch = {k: v[None, :64] for k, v in task.data["train"].tensors.items()}
     task.module.train()
     loss, terms = task.batch_loss(batch, StepState(3, 3))
     loss.backward()
@@ -144,21 +147,21 @@ def test_stage2_predictions_and_metrics_agree(faces, stage1_run, tmp_path):
 
     run = train_head("stage2", faces / "det", tmp_path / "s2", preset="none", sets=FAST, progress=False,
                      options={"stage1": stage1_run})
-    preds = pd.read_csv(run.run_dir / "predictions_test.csv")
+    preds = pd.read_csv(run.run_dir / "eval" / "test" / "predictions.csv")
     assert list(preds.columns[:4]) == ["sample_id", "label", "score", "prob"]
     np.testing.assert_allclose(preds["prob"], 1 / (1 + np.exp(-preds["score"])), rtol=1e-6)
-    metrics = json.loads((run.run_dir / "metrics_test.json").read_text())
+    metrics = json.loads((run.run_dir / "eval" / "test" / "metrics.json").read_text())
     recomputed = all_metrics(preds["label"].to_numpy(), preds["score"].to_numpy(), groups=preds["subgroup"].to_numpy())
     for k in ("auc", "acc", "f_fpr", "f_meo", "ece"):
         assert metrics[k] == pytest.approx(recomputed[k], nan_ok=True), k
     # evaluate() rebuilds the run from its directory and reproduces the test predictions
     again = evaluate_run(run.run_dir, name="again")
-    assert again["auc"] == pytest.approx(metrics["auc"])
-    np.testing.assert_allclose(pd.read_csv(run.run_dir / "predictions_again_test.csv")["score"], preds["score"],
-                               rtol=1e-5, atol=1e-6)
-    assert Image.open(run.run_dir / "plots" / "roc_again_test.png").format == "PNG"
-    assert Image.open(run.run_dir / "plots" / "subgroup_rates_again_test.png").format == "PNG"
-    table = pd.read_csv(run.run_dir / "subgroups_again_test.csv")
+    assert again.metrics["auc"] == pytest.approx(metrics["auc"])
+    ev = run.run_dir / "eval" / "again_test"
+    np.testing.assert_allclose(pd.read_csv(ev / "predictions.csv")["score"], preds["score"], rtol=1e-5, atol=1e-6)
+    assert Image.open(ev / "plots" / "roc.png").format == "PNG"
+    assert Image.open(ev / "plots" / "subgroup_rates.png").format == "PNG"
+    table = pd.read_csv(ev / "subgroups.csv")
     assert set(table.columns) >= {"subgroup", "n", "auc", "fpr", "tpr", "acc"}
     assert table["n"].sum() == int((preds["subgroup"] >= 0).sum())
 
@@ -188,7 +191,7 @@ def test_stage2_needs_stage1_and_a_matching_backbone(faces, stage1_run, tmp_path
 def test_run_directory_is_not_overwritten_silently(faces, stage1_run):
     proc = run_cli("train-head", "stage1", "--cache", faces / "s1", "--out", stage1_run, "--set",
                    "training.epochs=1", check=False)
-    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+    assert proc.returncode == 2 and "already holds a finished run" in proc.stderr
 
 
 def test_ablate_every_preset_and_seed_and_reuse(faces, stage1_run, tmp_path):
@@ -218,8 +221,8 @@ def test_synthetic_feature_cache_bias_hurts_the_hard_subgroups(tmp_path):
     from sklearn.metrics import roc_auc_score
 
     from featcache.cache import verify_cache
+    from featcache.cache.synth import synth_feature_cache
     from featcache.data.synth_faces import HARDNESS
-    from featcache.data.synth_features import synth_feature_cache
 
     gaps = {}
     for bias in (0.0, 1.0):

@@ -38,9 +38,11 @@ def quiet_option(f):
 @click.group(context_settings=CONTEXT)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("--deterministic", is_flag=True, envvar="FEATCACHE_DETERMINISTIC",
+              help="Deterministic kernels: a resumed CUDA run repeats an uninterrupted one (slower; see ARCHITECTURE.md).")
 @click.version_option(__version__, prog_name="featcache")
 @click.pass_context
-def cli(ctx, quiet, debug):
+def cli(ctx, quiet, debug, deterministic):
     """featcache: run a frozen backbone once into a verifiable Zarr cache, then train heads from it.
 
     \b
@@ -49,6 +51,10 @@ def cli(ctx, quiet, debug):
       featcache extract --backbone clip --model small --manifest data/manifest.csv --out cache/
       featcache cache info cache/
     """
+    if deterministic:
+        from .runtime import set_deterministic
+
+        set_deterministic(True)
     ctx.obj = State(quiet, debug)
 
 
@@ -313,22 +319,9 @@ def train_head_cmd(state, task, cache_path, out, preset, config_file, sets, stag
             raise click.UsageError("--prototype-mode applies to the xai task only")
         sets = (*sets, f"model.prototype_mode={prototype_mode}")
     r = train_head(task, cache_path, out, preset=preset, config_file=config_file, sets=sets, overwrite=overwrite,
-                   progress=not state.quiet, options={"stage1": stage1})
-    click.echo(f"{r.run_dir}: best epoch {r.best_epoch}, {r.seconds:.1f} s")
-    click.echo("  val:  " + _short(r.val))
-    click.echo("  test: " + _short(r.test))
-    if "probe" in r.extra:
-        for attr, row in r.extra["probe"].items():
-            click.echo(f"  probe {attr}: raw {row['raw']:.3f} -> debiased {row['debiased']:.3f} "
-                       f"(chance {row['chance']:.3f})")
-    if r.extra.get("stopped"):
-        click.echo(f"  stopped: {r.extra['stopped']}")
-
-
-def _short(metrics: dict) -> str:
-    keys = ["auc", "acc", "eer", "f_fpr", "f_meo", "cos", "race_acc", "gender_acc", "loc_auroc", "loc_ap",
-            "pointing_game", "relevance_mass", "base_score_gap", "score_gap", "base_ap", "ap", "base_ap_gap", "ap_gap"]
-    return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if k in metrics and metrics[k] is not None)
+                   progress=not state.quiet, options={"stage1": stage1}, echo=click.echo)
+    for line in r.lines():
+        click.echo(line)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -340,10 +333,9 @@ def _short(metrics: dict) -> str:
 @click.option("--name", default=None, help="Tag of the output files, e.g. celebdf.")
 @click.option("--thresholds", default="0.9,0.95,0.98,0.99", show_default=True,
               help="train-e2e runs: cascade thresholds (stop as real when 1 - P(fake) >= t).")
-@click.option("--save-predictions", is_flag=True, help="train-e2e runs: also write predictions.csv.")
 @quiet_option
 @click.pass_obj
-def evaluate(state, run, cache_path, manifest_path, split, name, thresholds, save_predictions):
+def evaluate(state, run, cache_path, manifest_path, split, name, thresholds):
     """Evaluate a trained head or filter on a split: predictions, metrics, subgroup table, plots.
 
     \b
@@ -352,20 +344,12 @@ def evaluate(state, run, cache_path, manifest_path, split, name, thresholds, sav
       featcache evaluate runs/s2-cvar --cache caches/celebdf --name celebdf
       featcache evaluate runs/mnv4 --manifest data/manifest.csv --thresholds 0.9,0.98 --save-predictions
     """
-    from .e2e.evaluate import is_e2e_run
-    from .train import evaluate_run
+    from .e2e.evaluate import evaluate_run
 
-    metrics = evaluate_run(run, cache_path, split=split, name=name, manifest=manifest_path,
-                           thresholds=_floats(thresholds, "--thresholds"), save_predictions=save_predictions,
-                           progress=not state.quiet)
-    tag = f"{name}_{split}" if name else split
-    click.echo(f"{run}: {tag}: " + _short(metrics))
-    if is_e2e_run(run):
-        click.echo(f"  ece {metrics['ece']:.3f}, f1 {metrics['f1']:.3f}; wrote {Path(run) / f'eval_{tag}'}/: "
-                   "evaluation_report.json, threshold_analysis.json, plots")
-    else:
-        click.echo(f"  wrote metrics_{tag}.json, predictions_{tag}.csv" + (", subgroups and plots" if "f_fpr" in metrics
-                                                                          else ", plots" if "loc_auroc" in metrics else ""))
+    e = evaluate_run(run, cache_path, split=split, name=name, manifest=manifest_path,
+                     thresholds=_floats(thresholds, "--thresholds"), progress=not state.quiet)
+    click.echo(f"{run}: {e.split}: {e.short()}")
+    click.echo(f"  wrote {e.out}/: {', '.join(e.files)}")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -388,15 +372,19 @@ def ablate(state, task, cache_path, out, presets, seeds, evals, sets, stage1):
           --eval celebdf=caches/celebdf --out ablations/stage2
     """
     from .train import ablate as run_ablate
+    from .train.ablate import summary_table
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise click.BadParameter(f"{seeds!r}: expected integers like 0,1,2", param_hint="--seeds") from None
+    if not seed_list:
+        raise click.BadParameter(f"{seeds!r}: expected integers like 0,1,2", param_hint="--seeds")
     preset_list = "all" if presets == "all" else [p.strip() for p in presets.split(",") if p.strip()]
-    run_ablate(task, cache_path, out, presets=preset_list, seeds=seed_list, evals=_evals(evals), sets=sets,
-               options={"stage1": stage1}, progress=not state.quiet, echo=click.echo)
-    click.echo((Path(out) / "ablation.md").read_text())
+    evals = _evals(evals)
+    df = run_ablate(task, cache_path, out, presets=preset_list, seeds=seed_list, evals=evals, sets=sets,
+                    options={"stage1": stage1}, progress=not state.quiet, echo=click.echo)
+    click.echo(summary_table(df, list(evals)))
 
 
 # -- the fast filter (end-to-end MobileNetV4), calibration, cascade ----------------------------
@@ -434,7 +422,9 @@ def train_e2e_group():
 @click.option("--epochs", default=None, type=int,
               help="[50, the design's length]; with --resume: extend the run to this many.")
 @click.option("--batch-size", default=_e2e_default("batch_size"), type=int, show_default="32")
-@click.option("--lr", default=_e2e_default("lr"), type=float, show_default="0.0001")
+@click.option("--lr", default=None, type=float,
+              help="[1e-4]; with --resume and a larger --epochs: restart the schedule from this lr "
+                   "[the last lr used].")
 @click.option("--weight-decay", default=_e2e_default("weight_decay"), type=float, show_default="1e-05")
 @click.option("--save-every", default=0, show_default=True, help="Keep a weights snapshot every N epochs (0: none).")
 @click.option("--patience", default=_e2e_default("patience"), type=int, show_default="15, the design's example",
@@ -471,16 +461,13 @@ def train_e2e_mnv4(state, manifest_path, out, model, pretrained, epochs, batch_s
                       mixed_precision=mixed_precision, amp_dtype=amp_dtype, augment=not no_augment,
                       image_size=image_size,
                       num_workers=num_workers, device=device, seed=seed, resume=resume, overwrite=overwrite,
-                      progress=not state.quiet)
+                      progress=not state.quiet, echo=click.echo)
     except KeyboardInterrupt:
         click.echo(f"interrupted; continue with: featcache train-e2e mnv4 --manifest {manifest_path} --out {out} --resume",
                    err=True)
         sys.exit(130)
-    early = ", stopped early" if r.stopped_early else ""
-    click.echo(f"{r.run_dir}: best epoch {r.best_epoch} of {r.epochs_run}{early}, {r.seconds:.1f} s, "
-               f"{r.images_per_second:.1f} train images/s")
-    click.echo("  val:  " + _short(r.val) + f", f1 {r.val['f1']:.3f}, ece {r.val['ece']:.3f}")
-    click.echo("  test: " + _short(r.test) + f", f1 {r.test['f1']:.3f}, ece {r.test['ece']:.3f}")
+    for line in r.lines():
+        click.echo(line)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -769,9 +756,11 @@ def synth_detection_cmd(state, out, n, seed, gap, size, overwrite):
 @click.option("--split", default="train", show_default=True, help="The only split it trains on.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when present].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing fine-tune in --out (an interrupted one "
+              "with the same options resumes without it).")
 @quiet_option
 @click.pass_obj
-def finetune_detr_cmd(state, manifest_path, out, model, epochs, batch_size, lr, split, seed, device):
+def finetune_detr_cmd(state, manifest_path, out, model, epochs, batch_size, lr, split, seed, device, overwrite):
     """Fit a DETR (the offline tiny one by default) to a detection manifest's train split.
 
     A randomly initialised DETR detects nothing; this gives the offline pipeline a detector to
@@ -782,10 +771,10 @@ def finetune_detr_cmd(state, manifest_path, out, model, epochs, batch_size, lr, 
       featcache synth detection data/det
       featcache finetune-detr --manifest data/det/manifest.csv --out models/detr-tiny-det
     """
-    from .extract.detr import finetune_detr
+    from .e2e.detr_finetune import finetune_detr
 
     r = finetune_detr(manifest_path, out, model=model, epochs=epochs, batch_size=batch_size, lr=lr, split=split,
-                      seed=seed, device=device, progress=not state.quiet)
+                      seed=seed, device=device, overwrite=overwrite, progress=not state.quiet, echo=click.echo)
     click.echo(f"{r['out']}: {r['images']} images, {r['epochs']} epochs, final loss {r['final_loss']:.3f}, "
                f"{r['seconds']:.0f} s")
 

@@ -1,54 +1,99 @@
 """`featcache demo`: the main job on the embedded synthetic default, offline.
 
-1. Synthesize a face-forgery set (8 subgroups, FF++ imbalance, subgroup-dependent artifacts).
-2. Extract CLIP features with the offline ``small`` preset into two caches (detection, Stage 1)
-   and verify them.
-3. Train the Stage-1 debiasing adapter; audit the leakage before and after it (FAISS kNN purity,
-   weighted kNN, linear probes).
-4. A short Stage-2 ablation over every preset, and its table.
-5. The fast filter: a short MobileNetV4 run on the same images (small, random-init), its
-   temperature calibration, its evaluation, and the cascade in front of the Stage-2 detector.
-6. Audio: synthetic partial spoofs, XLS-R frames (offline ``tiny``), the XAI importance head,
-   and where its map points (localization AUROC, pointing game, prototype purity).
-7. Detection fairness: synthetic people with a gender gap, the tiny DETR's query cache, and a
-   FAAP perturbation trained from it, with its per-gender COCO AP/AR table.
+[1/7] Synthesize a face-forgery set (8 subgroups, FF++ imbalance, subgroup-dependent artifacts).
+[2/7] Extract CLIP features with the offline ``small`` preset into two caches (detection,
+      Stage 1) and verify them.
+[3/7] Train the Stage-1 debiasing adapter; audit the leakage before and after it (FAISS kNN
+      purity, weighted kNN, linear probes).
+[4/7] A short Stage-2 ablation over every preset, and its table.
+[5/7] The fast filter: a short MobileNetV4 run on the same images (small, random-init), its
+      temperature calibration, its evaluation, and the cascade in front of the Stage-2 detector.
+[6/7] Audio: synthetic partial spoofs, XLS-R frames (offline ``tiny``), the XAI importance head,
+      and where its map points (localization AUROC, pointing game, prototype purity).
+[7/7] Detection fairness: synthetic people with a gender gap, the tiny DETR's query cache, and a
+      FAAP perturbation trained from it, with its per-gender COCO AP/AR table.
 
-Rerunning resumes the caches and reuses finished runs. The offline preset has random weights,
-so its features carry little of the forgery signal: the demo shows the pipeline, not the
-accuracy that real CLIP weights give.
+Every size is a field of :class:`DemoSizes` (the tests run the demo at tiny sizes). Rerunning
+resumes the caches and reuses finished runs; an interrupted run resumes. The offline preset has
+random weights, so its features carry little of the forgery signal: the demo shows the
+pipeline, not the accuracy that real CLIP weights give. The library returns every figure it
+prints: nothing is read back from disk.
 """
 
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from .analyze.prototypes import analyze_prototypes
+from .analyze.subgroups import audit_subgroups
 from .cache import cache_info, format_info, verify_cache
+from .data.synth_audio import synth_audio
+from .data.synth_detection import synth_detection
+from .data.synth_faces import synth_faces
+from .e2e import calibrate_run, run_cascade, train_e2e
+from .e2e.detr_finetune import finetune_detr
+from .e2e.evaluate import evaluate_filter, evaluate_run
 from .errors import CacheError
+from .extract import extract
+from .train import ablate, train_head
+from .train.ablate import summary_table
 
 #: Small-data settings: the synthetic train split is a few hundred samples.
 DEMO_SETS = ("training.batch_size=64",)
-DEMO_STAGE2_EPOCHS = 15
+STEPS = 7
 
 
-def run_demo(out: str | Path = "featcache-demo", *, n: int = 800, progress: bool = True, echo=print) -> dict:
-    from .analyze.subgroups import audit_subgroups
-    from .data.synth_faces import synth_faces
-    from .extract import extract
-    from .train import ablate, train_head
+@dataclass(frozen=True)
+class DemoSizes:
+    """Every size of the demo; the defaults are the documented demo, the tests shrink them."""
 
+    faces: int = 800
+    stage1_epochs: int | None = None  # None: the config's
+    stage2_epochs: int = 15
+    filter_epochs: int = 20
+    audio: int = 120
+    xai_epochs: int | None = None
+    detection: int = 300
+    detr_epochs: int = 0  # > 0: fit the tiny DETR to the train split first (featcache finetune-detr)
+    faap_epochs: int = 10
+    presets: tuple[str, ...] | str = "all"  # the Stage-2 presets of step 4
+    clip_model: str = "small"  # the offline CLIP preset of step 2
+    branches: tuple[str, ...] = ("faces", "filter", "audio", "detection")
+
+
+def _step(i: int, text: str) -> str:
+    return f"[{i}/{STEPS}] {text}"
+
+
+def _epochs(n: int | None) -> list[str]:
+    return [] if n is None else [f"training.epochs={n}"]
+
+
+def _reuse(run: Path) -> bool:
+    """A finished run is reused; an interrupted one resumes (train_head does it); else it starts."""
+    return (run / "summary.json").is_file()
+
+
+def run_demo(out: str | Path = "featcache-demo", *, n: int | None = None, sizes: DemoSizes | None = None,
+             progress: bool = True, echo=print) -> dict:
+    """Run the demo's branches into ``out``; returns its figures (see the module docstring)."""
+    sizes = sizes or DemoSizes()
+    if n is not None:
+        sizes = replace(sizes, faces=int(n))
+    n = sizes.faces
     out = Path(out)
     t0 = time.perf_counter()
     data = out / "data"
-    echo(f"[1/4] synthetic faces: {n} images in 8 subgroups -> {data}")
+    echo(_step(1, f"synthetic faces: {n} images in 8 subgroups -> {data}"))
     synth_faces(data, n=n, seed=0, bias=0.6, size=64, progress=progress)
 
     caches = {"detection": (data / "manifest.csv", out / "caches" / "clip-small"),
               "stage1": (data / "stage1_manifest.csv", out / "caches" / "clip-small-stage1")}
-    echo("[2/4] CLIP extraction (offline preset 'small', random weights, seed 0)")
+    echo(_step(2, f"CLIP extraction (offline preset {sizes.clip_model!r}, random weights, seed 0)"))
     for name, (manifest, cache_dir) in caches.items():
-        r = extract("clip", manifest, cache_dir, model="small", batch_size=64, part_rows=256, num_workers=1,
+        r = extract("clip", manifest, cache_dir, model=sizes.clip_model, batch_size=64, part_rows=256, num_workers=1,
                     progress=progress)
         report = verify_cache(cache_dir)
         if not report.ok:
@@ -60,33 +105,39 @@ def run_demo(out: str | Path = "featcache-demo", *, n: int = 800, progress: bool
 
     runs = out / "runs"
     stage1 = runs / "stage1"
-    echo(f"[3/4] Stage 1 debiasing adapter and leakage audit -> {stage1}")
-    if not (stage1 / "summary.json").is_file():
-        train_head("stage1", caches["stage1"][1], stage1, sets=DEMO_SETS, overwrite=True, progress=progress)
-    summary = json.loads((stage1 / "summary.json").read_text())
-    for attr, row in summary["probe"].items():
+    echo(_step(3, f"Stage 1 debiasing adapter and leakage audit -> {stage1}"))
+    if _reuse(stage1):
+        echo(f"      {stage1}: finished before, reused")
+        probe = {}
+    else:
+        probe = train_head("stage1", caches["stage1"][1], stage1, sets=[*DEMO_SETS, *_epochs(sizes.stage1_epochs)],
+                           progress=progress).extra.get("probe", {})
+    for attr, row in probe.items():
         echo(f"      leakage probe {attr}: raw features {row['raw']:.3f}, debiased {row['debiased']:.3f} "
              f"(chance {row['chance']:.3f})")
     audit = runs / "audit"
     echo(f"      leakage audit before and after the adapter (FAISS kNN, probes) -> {audit}")
-    audit_subgroups(caches["stage1"][1], audit, adapter_run=stage1, progress=progress)
-    echo((audit / "subgroups.md").read_text())
+    echo(audit_subgroups(caches["stage1"][1], audit, adapter_run=stage1, progress=progress)["markdown"])
 
-    echo(f"[4/4] Stage-2 ablation, every preset, seed 0, {DEMO_STAGE2_EPOCHS} epochs -> {runs / 'ablation'}")
-    ablate("stage2", caches["detection"][1], runs / "ablation", presets="all", seeds=(0,),
-           sets=[*DEMO_SETS, f"training.epochs={DEMO_STAGE2_EPOCHS}"], options={"stage1": stage1},
-           progress=progress, echo=lambda line: echo("      " + line))
-    table = (runs / "ablation" / "ablation.md").read_text()
+    echo(_step(4, f"Stage-2 ablation, every preset, seed 0, {sizes.stage2_epochs} epochs -> {runs / 'ablation'}"))
+    df = ablate("stage2", caches["detection"][1], runs / "ablation", presets=sizes.presets, seeds=(0,),
+                sets=[*DEMO_SETS, f"training.epochs={sizes.stage2_epochs}"], options={"stage1": stage1},
+                progress=progress, echo=lambda line: echo("      " + line))
+    table = summary_table(df, [])
     echo(table)
     echo("      The offline preset's random weights map every face to nearly the same direction, so the\n"
          "      detector stays near chance here; with real CLIP weights (--pretrained openai or a file) the\n"
          "      same commands learn. benchmarks/fairness_synthetic.py compares the presets on a controlled cache.")
-    run_demo_filter(data / "manifest.csv", caches["detection"][1], runs / "ablation" / "full" / "seed0", runs,
-                    progress=progress, echo=echo)
-    run_audio_demo(out, progress=progress, echo=echo)
-    detection = run_detection_demo(out / "detection", progress=progress, echo=echo)
+    if "filter" in sizes.branches:
+        run_demo_filter(data / "manifest.csv", caches["detection"][1], runs / "ablation" / "full" / "seed0", runs,
+                        epochs=sizes.filter_epochs, progress=progress, echo=echo)
+    if "audio" in sizes.branches:
+        run_audio_demo(out, n=sizes.audio, epochs=sizes.xai_epochs, progress=progress, echo=echo)
+    detection = None
+    if "detection" in sizes.branches:
+        detection = run_detection_demo(out / "detection", sizes=sizes, progress=progress, echo=echo)
     seconds = time.perf_counter() - t0
-    echo(f"demo done in {seconds:.0f} s. Next: featcache evaluate {runs / 'ablation' / 'full' / 'seed0'}")
+    echo(f"demo done in {seconds:.0f} s ({len(sizes.branches)} branches). Next: featcache evaluate {runs / 'ablation' / 'full' / 'seed0'}")
     return {"cache": str(caches["detection"][1]), "info": info, "seconds": seconds, "ablation": table,
             "detection": detection}
 
@@ -98,24 +149,28 @@ DEMO_FILTER = {"model": "mobilenetv4_conv_small", "pretrained": "none", "image_s
                "batch_size": 32, "lr": 1e-3, "patience": 0, "augment": False}
 
 
-def run_demo_filter(manifest, cache, detector_run, runs, *, progress: bool = True, echo=print) -> dict:
+def run_demo_filter(manifest, cache, detector_run, runs, *, epochs: int | None = None, progress: bool = True,
+                    echo=print) -> dict:
     """Step 5: train, calibrate and evaluate the MobileNetV4 filter; the cascade with ``detector_run``."""
-    from .e2e import calibrate_run, evaluate_e2e, run_cascade, train_e2e
-
     run = Path(runs) / "mnv4"
-    echo(f"[5] fast filter: {DEMO_FILTER['model']} ({DEMO_FILTER['epochs']} epochs, random init, "
-         f"{DEMO_FILTER['image_size']} px, no augmentation) -> {run}")
-    if not (run / "summary.json").is_file():
-        train_e2e(manifest, run, overwrite=True, progress=progress, **DEMO_FILTER)
-    summary = json.loads((run / "summary.json").read_text())
-    echo(f"      val auc {summary['val']['auc']:.3f}, test auc {summary['test']['auc']:.3f} "
-         f"(best epoch {summary['best_epoch']}, {summary['train_images_per_s']:.0f} train images/s)")
+    settings = {**DEMO_FILTER, **({} if epochs is None else {"epochs": int(epochs)})}
+    echo(_step(5, f"fast filter: {settings['model']} ({settings['epochs']} epochs, random init, "
+                  f"{settings['image_size']} px, no augmentation) -> {run}"))
+    if _reuse(run):
+        echo(f"      {run}: finished before, reused")
+        before = evaluate_filter(run, manifest, split="test", progress=progress).metrics["ece"]
+    else:
+        resume = (run / "resume.pt").is_file()  # interrupted after an epoch: continue it
+        r = train_e2e(manifest, run, resume=resume, overwrite=not resume, progress=progress, echo=echo,
+                      **({} if resume else settings))
+        echo(f"      val auc {r.val['auc']:.3f}, test auc {r.test['auc']:.3f} "
+             f"(best epoch {r.best_epoch}, {r.images_per_second:.0f} train images/s)")
+        before = r.test["ece"]
     cal = calibrate_run(run, manifest, split="val", progress=progress)
-    before = json.loads((run / "metrics_test.json").read_text())["ece"]
-    ev = evaluate_e2e(run, manifest, split="test", progress=progress)
+    ev = evaluate_filter(run, manifest, split="test", progress=progress)
     echo(f"      temperature {cal['temperature']:.3f} (fitted on val): test ECE {before:.3f} -> "
-         f"{ev['metrics']['ece']:.3f}")
-    for r in ev["threshold_analysis"]:
+         f"{ev.metrics['ece']:.3f}")
+    for r in ev.metrics["threshold_analysis"]:
         echo(f"      t = {r['threshold']:.2f}: filtration {r['filtration']:.3f}, leakage {r['leakage']:.3f}")
     out = Path(runs) / "cascade"
     rep = run_cascade(run, detector_run, cache, manifest, out, max_leakage=0.05, progress=progress)
@@ -131,33 +186,30 @@ def run_demo_filter(manifest, cache, detector_run, runs, *, progress: bool = Tru
     return rep
 
 
-def run_audio_demo(out: str | Path, *, n: int = 120, progress: bool = True, echo=print) -> dict:
+def run_audio_demo(out: str | Path, *, n: int = 120, epochs: int | None = None, progress: bool = True,
+                   echo=print) -> dict:
     """The audio branch: synthetic partial spoofs -> XLS-R frames (offline ``tiny``) -> XAI head.
 
     Prints where the importance map points: localization AUROC / AP, pointing game and
     relevance mass on the test split's spoofed utterances, and the prototypes' purity.
     """
-    from .analyze.prototypes import analyze_prototypes
-    from .data.synth_audio import synth_audio
-    from .extract import extract
-    from .train import train_head
-
     out = Path(out)
     data, cache_dir, run = out / "audio", out / "caches" / "xlsr-tiny", out / "runs" / "xai"
-    echo(f"[audio 1/3] synthetic speech: {n} utterances (bonafide, vocoded, partially vocoded) -> {data}")
+    echo(_step(6, f"audio: synthetic speech: {n} utterances (bonafide, vocoded, partially vocoded) -> {data}"))
     synth_audio(data, n=n, seed=0, progress=progress)
-    echo("[audio 2/3] XLS-R frame extraction (offline preset 'tiny', random weights, seed 0)")
+    echo("      XLS-R frame extraction (offline preset 'tiny', random weights, seed 0)")
     r = extract("xlsr", data / "manifest.csv", cache_dir, model="tiny", batch_size=8, part_rows=64, num_workers=1,
                 progress=progress)
     report = verify_cache(cache_dir)
     if not report.ok:
         raise CacheError(f"demo cache {cache_dir} failed verification: " + "; ".join(report.problems))
     echo(f"      {cache_dir}: {r.parts_written} parts written, {r.parts_resumed} resumed; verify ok")
-    echo(f"[audio 3/3] XAI importance head with EMA prototypes -> {run}")
-    if not (run / "summary.json").is_file():
-        train_head("xai", cache_dir, run, overwrite=True, progress=progress)
-    summary = json.loads((run / "summary.json").read_text())
-    test = summary["test"]
+    echo(f"      XAI importance head with EMA prototypes -> {run}")
+    if _reuse(run):
+        echo(f"      {run}: finished before, reused")
+        test = evaluate_run(run, split="test").metrics
+    else:
+        test = train_head("xai", cache_dir, run, sets=_epochs(epochs), progress=progress).test
     echo(f"      test split, {test['loc_utterances']} spoofed utterances ({test['loc_partial_utterances']} partial):")
     echo(f"      localization AUROC {test['loc_auroc']:.3f}, AP {test['loc_ap']:.3f} "
          f"(spoofed-frame fraction {test['loc_spoof_fraction']:.3f}), pointing game {test['pointing_game']:.3f}, "
@@ -165,44 +217,36 @@ def run_audio_demo(out: str | Path, *, n: int = 120, progress: bool = True, echo
     protos = analyze_prototypes(run, cache_dir)
     echo("      prototype purity@10/50/100: " + "; ".join(
         f"{name} " + "/".join(f"{v:.2f}" for v in p.values()) for name, p in protos["purity"].items()))
-    echo(f"      plots: {run / 'plots' / 'importance_test.png'}, {run / 'prototypes' / 'prototypes_map.png'}")
+    echo(f"      plots: {run / 'eval' / 'test' / 'plots' / 'importance.png'}, {run / 'prototypes' / 'prototypes_map.png'}")
     return {"cache": str(cache_dir), "run": str(run), "test": test, "purity": protos["purity"]}
 
 
-#: The detection branch's sizes: small enough for a few minutes on a CPU.
-DEMO_DETECTION_N = 300
-DEMO_DETR_EPOCHS = 0  # > 0: fit the tiny DETR to the train split first (featcache finetune-detr)
-DEMO_FAAP_EPOCHS = 10
-
-
-def run_detection_demo(out: str | Path, *, progress: bool = True, echo=print) -> dict:
+def run_detection_demo(out: str | Path, *, sizes: DemoSizes | None = None, progress: bool = True,
+                       echo=print) -> dict:
     """Detection fairness: synthetic people with a gender gap, the tiny DETR's query cache, FAAP."""
-    from .data.synth_detection import synth_detection
-    from .extract import extract
-    from .extract.detr import finetune_detr
-    from .train import evaluate_run, train_head
-
+    sizes = sizes or DemoSizes()
     out = Path(out)
-    echo(f"[detection] synthetic people with a detection-difficulty gap (women harder), {DEMO_DETECTION_N} "
-         f"images, FAAP layout -> {out / 'data'}")
-    synth_detection(out / "data", n=DEMO_DETECTION_N, seed=0, gap=0.5, progress=progress)
+    echo(_step(7, f"detection: synthetic people with a detection-difficulty gap (women harder), {sizes.detection} "
+                  f"images, FAAP layout -> {out / 'data'}"))
+    synth_detection(out / "data", n=sizes.detection, seed=0, gap=0.5, progress=progress)
     model = "tiny"
-    if DEMO_DETR_EPOCHS > 0:
+    if sizes.detr_epochs > 0:
         model = str(out / "detr-tiny-finetuned")
-        if not (Path(model) / "config.json").is_file():
-            echo(f"            fitting the tiny DETR to the train split, {DEMO_DETR_EPOCHS} epochs -> {model}")
-            finetune_detr(out / "data" / "manifest.csv", model, epochs=DEMO_DETR_EPOCHS, progress=progress)
+        if not (Path(model) / "summary.json").is_file():
+            echo(f"            fitting the tiny DETR to the train split, {sizes.detr_epochs} epochs -> {model}")
+            finetune_detr(out / "data" / "manifest.csv", model, epochs=sizes.detr_epochs, progress=progress)
     cache = out / "caches" / "detr-tiny"
     echo(f"            DETR query cache ({model}) -> {cache}")
     extract("detr", out / "data" / "manifest.csv", cache, model=model, batch_size=32, part_rows=256, num_workers=1,
             progress=progress)
     run = out / "runs" / "faap"
-    echo(f"            FAAP perturbation of the cached queries, {DEMO_FAAP_EPOCHS} epochs -> {run}")
-    if not (run / "summary.json").is_file():
-        train_head("faap", cache, run, sets=[f"training.epochs={DEMO_FAAP_EPOCHS}", "training.batch_size=32"],
-                   overwrite=True, progress=progress)
-    metrics = evaluate_run(run, cache)
-    echo((run / "faap_test.md").read_text())
+    echo(f"            FAAP perturbation of the cached queries, {sizes.faap_epochs} epochs -> {run}")
+    if not _reuse(run):
+        train_head("faap", cache, run, sets=[f"training.epochs={sizes.faap_epochs}", "training.batch_size=32"],
+                   progress=progress)
+    ev = evaluate_run(run, cache)
+    metrics = ev.metrics
+    echo(ev.markdown)
     if not metrics["base_ap"] > 0.05:
         echo(f"            The tiny DETR here detects next to nothing (test AP {metrics['base_ap']:.3f}), so these "
              "gaps are\n            noise: the branch shows the pipeline. With a trained DETR (--model "

@@ -36,3 +36,9 @@ class BackboneError(FeatcacheError):
 
 class SampleError(FeatcacheError):
     """One sample cannot be read (raised only with ``--on-error raise``)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type), for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

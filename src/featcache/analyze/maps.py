@@ -15,8 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache import open_cache
 from ..data.manifest import SUBGROUP_NAMES
 from ..errors import FeatcacheError
+from ..report.plots import plot_embedding_map
+from .index import as_unit_float32
 
 COLOR_BY = ("subgroup", "label", "dataset", "split")
 METHODS = ("auto", "pca", "umap")
@@ -47,10 +50,6 @@ def embedding_map(cache_path, out_png, *, color_by: str = "subgroup", split: str
     "rows", "color_by", "groups", "explained_variance", "path"}``; ``explained_variance`` holds
     the two components' explained-variance ratios for PCA and is None for UMAP.
     """
-    from ..cache import open_cache
-    from ..report.plots import plot_embedding_map
-    from .index import as_unit_float32
-
     if color_by not in COLOR_BY:
         raise FeatcacheError(f"cannot colour the map by {color_by!r}; choose one of {', '.join(COLOR_BY)}")
     if method not in METHODS:

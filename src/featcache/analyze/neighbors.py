@@ -21,8 +21,11 @@ import numpy as np
 import pandas as pd
 
 from ..cache.reader import FeatureCache, open_cache
+from ..cache.splits import split_mask
 from ..cache.store import describe_differences
-from ..errors import FeatcacheError
+from ..errors import CacheError, FeatcacheError
+from ..extract.registry import get_backbone
+from ..runtime import resolve_device
 from .index import build_index
 
 #: Meta columns returned with each neighbour (empty where the cache has no such column).
@@ -36,11 +39,12 @@ def check_k(k) -> int:
     return int(k)
 
 
-def open_pooled(cache_path) -> FeatureCache:
-    cache = open_cache(cache_path)
+def open_pooled(cache_path, what: str = "neighbour analyses") -> FeatureCache:
+    """The one pooled-cache check of the analyses: ``what`` names the analysis in the error."""
+    cache = open_cache(Path(cache_path).resolve())
     if cache.kind != "pooled":
-        raise FeatcacheError(f"neighbour analyses need a pooled cache (one vector per sample); {cache.path} is a "
-                             f"{cache.kind} cache: extract one with `featcache extract --backbone clip`")
+        raise FeatcacheError(f"{what} need(s) a pooled cache (one vector per sample); {cache.path} is a "
+                             f"{cache.kind} cache: extract one with an image backbone (e.g. --backbone clip)")
     return cache
 
 
@@ -52,16 +56,10 @@ def meta_column(meta: pd.DataFrame, name: str) -> np.ndarray:
 
 
 def _split_mask(meta: pd.DataFrame, split) -> np.ndarray:
-    if split is None:
-        return np.ones(len(meta), dtype=bool)
-    splits = [split] if isinstance(split, str) else list(split)
-    values = meta_column(meta, "split").astype(str)
-    present = sorted(set(values.tolist()))
-    unknown = [s for s in splits if s not in present]
-    if unknown:
-        raise FeatcacheError(f"split {', '.join(map(repr, unknown))} has no readable samples in the cache; "
-                             f"pass one of: {', '.join(present)}")
-    return pd.Series(values).isin(splits).to_numpy()
+    try:
+        return split_mask(meta_column(meta, "split"), split, where="the cache's readable rows")
+    except CacheError as exc:
+        raise FeatcacheError(str(exc)) from None
 
 
 def _find_query_row(cache: FeatureCache, meta: pd.DataFrame, query: str) -> int:
@@ -80,8 +78,6 @@ def _find_query_row(cache: FeatureCache, meta: pd.DataFrame, query: str) -> int:
 
 def rebuild_backbone(cache: FeatureCache):
     """The backbone that made ``cache``, rebuilt and checked (weights sha256, preprocessing, kind)."""
-    from ..extract.registry import get_backbone
-
     rec = dict(cache.backbone)
     desc = f"{rec.get('name')}:{rec.get('model')} (pretrained {rec.get('pretrained')})"
     try:
@@ -109,8 +105,6 @@ def rebuild_backbone(cache: FeatureCache):
 
 def embed_image(cache: FeatureCache, image, *, device: str | None = "cpu") -> np.ndarray:
     """The (1, D) feature of one image file, computed as the cache's backbone computed its rows."""
-    from ..extract.runner import resolve_device
-
     path = Path(image)
     if not path.is_file():
         raise FeatcacheError(f"image file {image} does not exist; pass the path of an image file")

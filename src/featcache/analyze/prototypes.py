@@ -17,8 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..cache import open_cache
 from ..data.audio import FRAME_HOP, FRAME_WINDOW, SAMPLE_RATE
 from ..errors import FeatcacheError
+from ..heads.task import load_run
+from ..report.plots import plot_embedding_map
+from ..report.tables import markdown_table
 from .index import build_index
 
 CLASSES = ("bonafide", "spoof")
@@ -48,11 +52,6 @@ def analyze_prototypes(run_dir, cache=None, out=None, *, split: str | None = Non
                        max_map_points: int = 5000, device: str = "auto", seed: int = 0) -> dict:
     """Run the analysis of the module docstring; returns the JSON report (also written to ``out``)."""
     import torch
-
-    from ..cache import open_cache
-    from ..report.plots import plot_embedding_map
-    from ..report.tables import markdown_table
-    from ..train.trainer import load_run
 
     run_dir = Path(run_dir)
     task = load_run(run_dir, "cpu")

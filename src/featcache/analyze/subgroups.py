@@ -24,7 +24,6 @@ is known.  Every neighbour search goes through :func:`featcache.analyze.index.bu
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +32,13 @@ import pandas as pd
 
 from ..data.manifest import GENDERS, RACES
 from ..errors import FeatcacheError
+from ..heads.stage1 import probe_accuracy
+from ..heads.task import load_run
+from ..report.plots import plot_leakage_audit
+from ..report.tables import markdown_table
+from ..runtime import to_json
 from .index import NeighborIndex, build_index
+from .neighbors import open_pooled
 
 ATTRIBUTES = ("race", "gender", "subgroup", "label")
 KNN_K = 20  # neighbours of the weighted kNN vote in the audit
@@ -174,8 +179,6 @@ def _index_info(index: NeighborIndex, ks: list[int], seed: int) -> dict:
 
 def _audit_one(attribute, train_x, train_meta, val_x, val_meta, ks, seed, knn_k, temperature, built, indexes):
     """The audit row of one attribute, or None when it has fewer than two known classes."""
-    from ..heads.stage1 import probe_accuracy
-
     ytr, yva = encode_attribute(train_meta, attribute), encode_attribute(val_meta, attribute)
     ktr, kva = ytr >= 0, yva >= 0
     if len(np.unique(ytr[ktr])) < 2 or not kva.any() or ktr.sum() < 3:
@@ -257,16 +260,6 @@ def _check_split(cache, split: str, counts: pd.Series, role: str) -> None:
                              f"pass one of its splits: {have}")
 
 
-def _open_pooled(cache_path, what: str):
-    from ..cache import open_cache
-
-    cache = open_cache(Path(cache_path).resolve())
-    if cache.kind != "pooled":
-        raise FeatcacheError(f"{what} reads a pooled cache (one vector per sample); {cache.path} is a {cache.kind} "
-                             "cache: extract the dataset with an image backbone (e.g. --backbone clip)")
-    return cache
-
-
 def audit_subgroups(cache_path, out_dir, *, adapter_run=None, split_train: str = "train", split_val: str = "val",
                     ks=(10, 20, 50), progress: bool = True, seed: int = 0, device=None) -> dict:
     """The leakage audit of a cache, before and (with a Stage-1 ``adapter_run``) after debiasing.
@@ -277,18 +270,14 @@ def audit_subgroups(cache_path, out_dir, *, adapter_run=None, split_train: str =
     levels; raw beside debiased).  Returns the dict written to the JSON.
     """
     from ..progress import bar as tqdm
-    from ..report.plots import plot_leakage_audit
-    from ..report.tables import markdown_table
 
     ks = _check_ks(ks)
-    cache = _open_pooled(cache_path, "analyze subgroups")
+    cache = open_pooled(cache_path, "analyze subgroups")
     counts = _splits_of(cache)
     _check_split(cache, split_train, counts, "train")
     _check_split(cache, split_val, counts, "val")
     task = None
     if adapter_run is not None:
-        from ..train.trainer import load_run
-
         task = load_run(adapter_run, device)
         if task.name != "stage1":
             raise FeatcacheError(f"{adapter_run} is a {task.name} run, not a stage1 run; pass a Stage-1 run "
@@ -340,8 +329,9 @@ def audit_subgroups(cache_path, out_dir, *, adapter_run=None, split_train: str =
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     result["files"] = {n: str(out_dir / f"subgroups.{n}") for n in ("json", "md", "png")}
-    (out_dir / "subgroups.json").write_text(json.dumps(result, indent=2, default=_json_default, allow_nan=True))
-    (out_dir / "subgroups.md").write_text(_markdown(result, tables, markdown_table))
+    (out_dir / "subgroups.json").write_text(to_json(result))
+    result["markdown"] = _markdown(result, tables, markdown_table)
+    (out_dir / "subgroups.md").write_text(result["markdown"])
     plot_leakage_audit(tables["before"], tables.get("after"), out_dir / "subgroups.png", k=ks[0],
                        title=f"leakage audit: {Path(cache_path).name} ({split_train} -> {split_val})")
     return result
@@ -354,12 +344,6 @@ class _Split:
 
     def __len__(self) -> int:
         return len(self.meta)
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    return str(o)
 
 
 def _markdown(result: dict, tables: dict, markdown_table) -> str:

@@ -19,7 +19,9 @@ import pandas as pd
 import zarr
 from zarr.storage import LocalStore
 
+from ..data.manifest import COLUMNS
 from ..errors import CacheError
+from .splits import split_mask
 from .store import (
     ERRORS_FILE,
     FORMAT_VERSION,
@@ -229,14 +231,9 @@ class FeatureCache:
 
     def _split_mask(self, meta: pd.DataFrame, split) -> np.ndarray:
         """Rows in the split(s) (all rows for None); an error when there are none."""
-        mask = np.ones(self.rows, dtype=bool)
-        if split is not None:
-            splits = [split] if isinstance(split, str) else list(split)
-            all_splits = (meta if "split" in meta else self.meta(["split"]))["split"]
-            mask &= all_splits.isin(splits).to_numpy()  # hashing; np.isin sorts Python strings
-            if not mask.any():
-                raise CacheError(f"{self.path} has no rows in split(s) {splits}")
-        return mask
+        if split is None:
+            return np.ones(self.rows, dtype=bool)
+        return split_mask((meta if "split" in meta else self.meta(["split"]))["split"], split, where=str(self.path))
 
     def load(self, split: str | list[str] | None = None, *, columns=None, ok_only: bool = True,
              dtype=np.float32) -> CacheData:
@@ -484,8 +481,6 @@ def _read_selected(array_dir: Path, arr, local, out: np.ndarray, where: str, roo
 
 
 def _meta_order(name: str):
-    from ..data.manifest import COLUMNS
-
     return (COLUMNS.index(name), "") if name in COLUMNS else (len(COLUMNS), name)
 
 

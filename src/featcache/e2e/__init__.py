@@ -3,13 +3,13 @@
 - :mod:`.mnv4`: the timm model, its transforms, reading images from a manifest, prediction.
 - :mod:`.train`: ``featcache train-e2e mnv4`` (fine-tuning, early stopping, resume).
 - :mod:`.calibrate`: ``featcache calibrate`` (temperature scaling).
-- :mod:`.evaluate`: ``featcache evaluate`` of an e2e run (with the cascade threshold analysis).
+- :mod:`.evaluate`: ``featcache evaluate`` of any run (heads and the filter; one layout).
 - :mod:`.cascade`: ``featcache cascade`` (the filter in front of a Stage-2 detector).
 """
 
 from .calibrate import calibrate_run
 from .cascade import run_cascade
-from .evaluate import evaluate_e2e
+from .evaluate import evaluate_filter, evaluate_run
 from .train import train_e2e
 
-__all__ = ["calibrate_run", "evaluate_e2e", "run_cascade", "train_e2e"]
+__all__ = ["calibrate_run", "evaluate_filter", "evaluate_run", "run_cascade", "train_e2e"]

@@ -28,7 +28,8 @@ from ..errors import FeatcacheError
 from ..metrics import calibration_metrics, fit_temperature, reliability_bins
 from ..metrics.calibration import T_BOUNDS
 from ..metrics.detection import sigmoid
-from ..train.trainer import write_json
+from ..report.plots import plot_reliability
+from ..runtime import write_json
 from .mnv4 import FilterRun, load_split
 
 OBJECTIVES = ("nll", "ece")
@@ -80,8 +81,6 @@ def calibrate_run(run_dir, manifest, *, split: str = "val", objective: str = "nl
                   progress: bool = True) -> dict:
     """Fit the run's temperature on ``split`` of ``manifest`` (or, where it has no rows and
     ``val_split`` is given, on a held-out part of train); write the files; return the report."""
-    from ..report.plots import plot_reliability
-
     if objective not in OBJECTIVES:
         raise FeatcacheError(f"--objective must be one of {', '.join(OBJECTIVES)}; got {objective!r}")
     run_dir = Path(run_dir)

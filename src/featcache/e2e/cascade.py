@@ -37,18 +37,20 @@ import torch
 from ..cache import open_cache
 from ..data.manifest import read_manifest
 from ..errors import FeatcacheError
+from ..extract.registry import get_backbone
+from ..heads.task import load_run
 from ..metrics.cascade import cascade_rates, default_grid, recommend_threshold, stopped_mask
 from ..metrics.detection import detection_metrics
 from ..metrics.fairness import fairness_metrics
-from ..train.trainer import load_run, write_json
-from .mnv4 import FilterRun, load_split
+from ..report.plots import plot_cascade
+from ..runtime import write_json
+from .mnv4 import FilterRun, image_loader, load_split
 
 SPLITS = ("val", "test")
 
 
-def _detector_predictions(task, cache, split: str) -> pd.DataFrame:
-    task.data[split] = task.split_data(cache, split).to(task.device)
-    _, preds = task.evaluate(split)
+def _detector_predictions(task, split: str) -> pd.DataFrame:
+    _, preds = task.evaluate(split)[0]
     return preds[["sample_id", "label", "score", "prob"]]
 
 
@@ -175,9 +177,6 @@ def measure_latency(filt: FilterRun, task, cache, manifest, *, split: str = "tes
                     repeats: int = 3) -> dict:
     """Per-sample forward latency (ms) of the filter, the cache's backbone and the detector head,
     on one batch of ``samples`` images of ``split`` (median of ``repeats`` runs after a warm-up)."""
-    from ..extract.registry import get_backbone
-    from .mnv4 import image_loader
-
     rows, paths = load_split(manifest, split)
     k = min(samples, len(paths))
     dev = filt.device
@@ -224,8 +223,6 @@ def run_cascade(filter_run, detector_run, cache, manifest, out, *, max_leakage: 
                 device=None, latency_samples: int = 16, batch_size: int = 64, num_workers: int = 0,
                 progress: bool = True) -> dict:
     """Combine the filter and the detector over the grid of thresholds; write DIR; return the report."""
-    from ..report.plots import plot_cascade
-
     if not 0.0 <= max_leakage <= 1.0:
         raise FeatcacheError(f"--max-leakage must be in [0, 1]; got {max_leakage}")
     out = Path(out)
@@ -237,13 +234,13 @@ def run_cascade(filter_run, detector_run, cache, manifest, out, *, max_leakage: 
     task = load_run(detector_run, filt.device)
     if not task.detects:
         raise FeatcacheError(f"--detector {detector_run} is a {task.name} run, which does not detect fakes")
-    task.check_cache(c)
+    task.load(c, splits=SPLITS)  # one read of the cache for both splits (load checks kind and backbone)
     out.mkdir(parents=True, exist_ok=True)
 
     joined = {}
     for split in SPLITS:
         fp = filt.predict(m, split, batch_size=batch_size, num_workers=num_workers, progress=progress)
-        joined[split] = join_stages(fp, _detector_predictions(task, c, split))
+        joined[split] = join_stages(fp, _detector_predictions(task, split))
         left = len(fp) - len(joined[split])
         if left:  # rows the extraction could not read have no detector score
             messages.append(f"note: {left} of {len(fp)} {split} rows failed extraction in the cache (ok = 0) and "

@@ -30,9 +30,11 @@ from safetensors.torch import load_file
 
 from ..data.images import ImageFiles, collate_images
 from ..data.manifest import read_manifest
-from ..errors import BackboneError, FeatcacheError
+from ..errors import BackboneError, FeatcacheError, first_line
 from ..extract.timm_backbone import classifier_names
 from ..extract.weights import load_checkpoint, parse_weights
+from ..metrics.detection import sigmoid
+from ..runtime import resolve_device
 
 TASK = "mnv4"
 DEFAULT_MODEL = "mobilenetv4_hybrid_medium"
@@ -89,7 +91,7 @@ def create_model(model: str = DEFAULT_MODEL, pretrained: str | None = None, *, s
         return _zero_head(timm.create_model(name, pretrained=True, num_classes=1))
     except Exception as exc:  # no network, unknown tag, ...
         raise BackboneError(
-            f"cannot load the {model} weights {pretrained!r} ({_first_line(exc)}); without network, download "
+            f"cannot load the {model} weights {pretrained!r} ({first_line(exc)}); without network, download "
             f"them elsewhere (timm model {name}) and pass the file with --pretrained PATH, or --pretrained none "
             "for random weights") from exc
 
@@ -102,11 +104,6 @@ def _zero_head(net: torch.nn.Module) -> torch.nn.Module:
         for p in head.parameters():
             p.zero_()
     return net
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 def data_config(model=DEFAULT_MODEL, image_size: int | None = None, pretrained: str | None = None) -> dict:
@@ -246,10 +243,10 @@ class FilterRun:
     """A trained filter read back from its run directory (``model.json`` + weights + temperature)."""
 
     def __init__(self, run_dir, device=None, weights: str | None = None):
-        from ..extract.runner import resolve_device
-
         self.run_dir = Path(run_dir)
         spec_file = self.run_dir / "model.json"
+        if not self.run_dir.exists():
+            raise FeatcacheError(f"run {self.run_dir} does not exist")
         if not spec_file.is_file():
             raise FeatcacheError(f"{self.run_dir} is not a run directory: model.json is missing")
         spec = json.loads(spec_file.read_text())
@@ -293,8 +290,6 @@ class FilterRun:
                      num_workers: int = 0, progress: bool = False) -> pd.DataFrame:
         """:meth:`predict` on given manifest ``rows`` (index 0..n-1) and their file ``paths``;
         ``name`` (the split, or what the rows are) labels the progress bar and messages."""
-        from ..metrics.detection import sigmoid
-
         scores, ok, errors = predict_scores(self.model, paths, self.image_size, self.device, batch_size=batch_size,
                                             num_workers=num_workers, progress=progress, desc=f"filter {name}",
                                             config=self.data_config)

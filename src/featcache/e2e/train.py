@@ -1,51 +1,55 @@
-"""``featcache train-e2e mnv4``: fine-tune the MobileNetV4 filter on pixels.
+"""``featcache train-e2e mnv4``: fine-tune the MobileNetV4 filter on pixels, on the one loop.
 
-BCEWithLogitsLoss on one logit, AdamW, cosine annealing over the epochs (stepped per epoch),
-training augmentations (``augment=False`` leaves them out), early stopping on validation AUC
-(``patience`` epochs without a new best; 0 = never), mixed precision on CUDA
-(``torch.autocast`` in fp16 with a GradScaler, or bf16); on the CPU it trains in fp32.
+BCEWithLogitsLoss on one logit, AdamW (fused on CUDA), cosine annealing over the epochs
+(stepped per epoch), training augmentations (``augment=False`` leaves them out), selection and
+early stopping on validation AUC (``patience`` epochs without a new best; 0 = never), mixed
+precision on CUDA (``torch.autocast`` in fp16 with a GradScaler, or bf16); fp32 on the CPU.
+:func:`featcache.train.loop.fit` does the epochs, checkpoints, logs and resume; this module
+supplies the batches (decoded images), the loss and the evaluation.
 
-RUN/ config.yaml  model.json  log.jsonl  training_log.csv  plots/training_curves.png
-     best_model.safetensors  final_model.safetensors  checkpoints/epoch_NNN.safetensors
-     last.safetensors  last_state.pt  last.json      (the resume point, rewritten every epoch)
-     predictions_{val,test}.csv  metrics_{val,test}.json  summary.json
-
+The run directory is the one layout (ARCHITECTURE.md): config.yaml, model.json (spec:
+``model``, ``pretrained``, ``image_size``, ``num_classes``), log.jsonl, training_log.csv,
+best.safetensors, last.safetensors, resume.pt, summary.json, plots/, eval/{val,test}/.
 ``training_log.csv`` has per epoch: train loss and accuracy, val loss, accuracy, AUC and F1, the
-learning rate, and ``train_images_per_s`` over the whole training loop (decoding included).
-
-``last_state.pt`` holds only tensors and numbers (optimizer, scheduler and GradScaler state)
-and is read back with ``torch.load(weights_only=True)``.  Epoch ``e`` draws its shuffling and
+learning rate, and ``unreadable`` (images skipped). Epoch ``e`` draws its shuffling and
 augmentations from seeds derived from (seed, e), so an interrupted run resumed with
-``resume=True`` ends with the same weights as an uninterrupted one (on the CPU).
+``resume=True`` ends with the same weights as an uninterrupted one (on the CPU; on CUDA with
+deterministic mode, see :mod:`featcache.runtime`).
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 
 from ..config import load_config, save_config
 from ..data.manifest import read_manifest
 from ..errors import FeatcacheError
-from ..extract.runner import resolve_device
 from ..metrics import all_metrics
 from ..metrics.detection import detection_metrics, sigmoid
-from ..train.trainer import prepare_run_dir, save_module, seed_everything, write_json, write_predictions
+from ..runtime import (
+    is_run_dir,
+    load_weights,
+    prepare_run_dir,
+    resolve_device,
+    seed_everything,
+    write_json,
+)
+from ..train.evaluate import Evaluation, write_evaluation
+from ..train.loop import RESUME_FILE, LoopSettings, fit
 from .mnv4 import (
     DEFAULT_MODEL,
+    DEFAULTS,
+    META,
     TASK,
-    FilterRun,
-    autocast,
     create_model,
+    data_config,
     default_pretrained,
     image_loader,
     load_split,
@@ -53,6 +57,8 @@ from .mnv4 import (
 )
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+#: The metrics a filter run's one-line summary shows.
+SUMMARY_KEYS = ("auc", "acc", "eer", "f1", "ece", "f_fpr")
 
 
 @dataclass
@@ -65,6 +71,108 @@ class E2EResult:
     test: dict
     images_per_second: float
     seconds: float
+    evaluations: list[Evaluation] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        early = ", stopped early" if self.stopped_early else ""
+        out = [f"{self.run_dir}: best epoch {self.best_epoch} of {self.epochs_run}{early}, {self.seconds:.1f} s, "
+               f"{self.images_per_second:.1f} train images/s"]
+        out += [f"  {e.split}: {e.short()}" for e in self.evaluations]
+        return out + [f"  note: {n}" for n in self.notes]
+
+
+class FilterJob:
+    """The filter as a job of the one loop (R = 1)."""
+
+    name = TASK
+    runs = max_runs = 1
+    detects = True
+    summary_keys = SUMMARY_KEYS
+
+    def __init__(self, net, device, manifest, cfg: dict):
+        self.module, self.device, self.cfg = net, device, cfg
+        tc, mc = cfg["training"], cfg["model"]
+        self.size, self.workers, self.seed = int(mc["image_size"]), int(tc["num_workers"]), int(tc["seed"])
+        self.augment, self.bs = bool(tc.get("augment", True)), int(tc["batch_size"])
+        self.amp_dtype = AMP_DTYPES[tc["amp_dtype"]] if tc["mixed_precision"] and device.type == "cuda" else None
+        self.manifest = manifest
+        # timm's preprocessing of this model and weights: training crops as evaluation does
+        self.data_config = data_config(mc["name"], self.size, mc["pretrained"])
+        self.train_rows, self.train_paths = load_split(manifest, "train")
+        self.y_train = torch.from_numpy(self.train_rows["label"].to_numpy().astype(np.float32))
+        self.loss_fn = torch.nn.BCEWithLogitsLoss()
+        self.unreadable = 0
+        self.images_per_s = []
+
+    def trainable_parameters(self):
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def run_state_dict(self, r: int):
+        return self.module.state_dict()
+
+    def load_run_state_dict(self, r: int, sd) -> None:
+        self.module.load_state_dict(sd)
+
+    def batches(self, epoch: int, generators, batch_size: int):
+        torch.manual_seed(self.seed * 100_003 + epoch)  # augmentations drawn in this process
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # shuffling, worker seeds
+        loader = image_loader(self.train_paths, self.size, train=True, batch_size=batch_size,
+                              num_workers=self.workers, generator=gen, augment=self.augment,
+                              config=self.data_config)
+        self.unreadable, seen, t0 = 0, 0, time.perf_counter()
+        for rows, x, errs in loader:
+            keep = torch.tensor([not e for e in errs])
+            self.unreadable += int((~keep).sum())
+            k = int(keep.sum())
+            if k < 2:  # a batch of one breaks batch norm
+                continue
+            seen += k
+            yield {"x": x[keep].to(self.device, non_blocking=True)[None],
+                   "y": self.y_train[torch.from_numpy(rows)[keep]].to(self.device)[None]}, k
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        self.images_per_s.append(seen / dt if dt else float("nan"))
+
+    def batch_loss(self, batch, state):
+        x, y = batch["x"][0], batch["y"][0]
+        logits = self.module(x).squeeze(1).float()
+        loss = self.loss_fn(logits, y)
+        acc = ((logits.detach() >= 0).float() == y).float().mean()
+        return loss.reshape(1), {"acc": acc.reshape(1)}
+
+    def epoch_values(self, state) -> dict:
+        return {"unreadable": self.unreadable,
+                "train_images_per_s": self.images_per_s[-1] if self.images_per_s else float("nan")}
+
+    def stop_reason(self, row: dict, r: int):
+        return None
+
+    def predictions(self, split: str, manifest=None) -> pd.DataFrame:
+        rows, paths = load_split(manifest if manifest is not None else self.manifest, split)
+        scores, _, errors = predict_scores(self.module, paths, self.size, self.device, batch_size=self.bs,
+                                           num_workers=self.workers, amp_dtype=self.amp_dtype,
+                                           config=self.data_config)
+        if errors:
+            shown = "; ".join(f"{rows.at[r, 'sample_id']}: {e}" for r, e in list(errors.items())[:3])
+            raise FeatcacheError(f"{len(errors)} image(s) of split {split} cannot be read ({shown})")
+        preds = rows[[c for c in META if c in rows.columns]].copy()
+        preds.insert(2, "score", scores)
+        preds.insert(3, "prob", sigmoid(scores))
+        return preds
+
+    def evaluate(self, split: str):
+        preds = self.predictions(split)
+        y, score = preds["label"].to_numpy(), preds["score"].to_numpy()
+        if split == "val":  # every epoch: the quick metrics the selection and the curves use
+            m = detection_metrics(y, sigmoid(score))
+            loss = float(self.loss_fn(torch.tensor(score), torch.tensor(y, dtype=torch.float64)))
+            return [({"loss": loss, "acc": m["acc"], "auc": m["auc"], "f1": m["f1"]}, preds)]
+        return [(all_metrics(y, score, groups=preds["subgroup"].to_numpy()), preds)]
+
+    def report(self, metrics, predictions) -> str:
+        return ""
 
 
 def _options(**kw) -> dict:
@@ -78,38 +186,39 @@ def train_e2e(
     model: str = DEFAULT_MODEL,
     pretrained: str | None = None,
     epochs: int | None = None,
-    batch_size: int = 32,
-    lr: float = 1e-4,
-    weight_decay: float = 1e-5,
+    batch_size: int = DEFAULTS["batch_size"],
+    lr: float | None = None,
+    weight_decay: float = DEFAULTS["weight_decay"],
     save_every: int = 0,
-    patience: int = 5,
+    patience: int = DEFAULTS["patience"],
     mixed_precision: bool = False,
-    amp_dtype: str = "fp16",
+    amp_dtype: str = DEFAULTS["amp_dtype"],
     augment: bool = True,
-    image_size: int = 256,
+    image_size: int = DEFAULTS["image_size"],
     num_workers: int = 0,
     device: str | None = None,
     seed: int = 0,
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    echo: Callable[[str], None] | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> E2EResult:
     """Fine-tune the filter on the train split of ``manifest``; select on val AUC; write ``out``.
 
-    With ``resume=True`` the run in ``out`` continues from its last saved epoch with its own
-    config (``epochs`` may extend it).  ``epochs`` defaults to 20.  ``on_epoch_end(epoch, row)`` is called after each
-    epoch's checkpoint is written (a notebook hook; raising in it interrupts the run).
+    With ``resume=True`` the run in ``out`` continues from its last finished epoch with its own
+    config; ``epochs`` larger than the run's extends it, the cosine schedule restarting from the
+    last learning rate used or from ``lr`` when given (``echo`` says which). ``epochs`` defaults
+    to 50 and ``lr`` to 1e-4 (``mnv4.DEFAULTS``, the design's values). ``on_epoch_end(epoch, row)`` is called after each epoch's resume point
+    is written (a notebook hook; raising in it interrupts the run).
     """
-    from ..progress import bar as tqdm
-    from ..report.plots import plot_e2e_curves
-
     out = Path(out)
     m = read_manifest(manifest, require_label=False)
     if resume:
-        cfg, state_json = _resume_config(out, m.sha256, epochs)
+        cfg = _resume_config(out, m.sha256, epochs)
     else:
-        epochs = 20 if epochs is None else epochs
+        epochs = DEFAULTS["epochs"] if epochs is None else epochs
+        lr = DEFAULTS["lr"] if lr is None else lr
         for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 2), ("image_size", image_size, 32),
                                  ("save_every", save_every, 0), ("patience", patience, 0), ("num_workers", num_workers, 0)):
             if int(value) != value or value < low:
@@ -118,6 +227,8 @@ def train_e2e(
             raise FeatcacheError("--lr must be > 0 and --weight-decay >= 0")
         if amp_dtype not in AMP_DTYPES:
             raise FeatcacheError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}; got {amp_dtype!r}")
+        if is_run_dir(out) and (out / RESUME_FILE).is_file() and not (out / "summary.json").is_file() and not overwrite:
+            raise FeatcacheError(f"{out} holds an interrupted run; continue it with --resume, or pass --overwrite")
         cfg = {
             "task": TASK,
             "manifest": {"path": str(Path(manifest).resolve()), "sha256": m.sha256},
@@ -126,162 +237,55 @@ def train_e2e(
             "training": _options(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
                                  weight_decay=float(weight_decay), save_every=int(save_every), patience=int(patience),
                                  mixed_precision=bool(mixed_precision), amp_dtype=amp_dtype, augment=bool(augment),
-                                 num_workers=int(num_workers), device=device or "auto", seed=int(seed)),
+                                 num_workers=int(num_workers), device=device or "auto", seed=int(seed),
+                                 schedule="cosine"),
+            "selection": {"score": "auc", "min_epoch": 1, "rule": "best"},
         }
-        state_json = None
     tc, mc = cfg["training"], cfg["model"]
     dev = resolve_device(None if tc["device"] == "auto" else tc["device"])
-    use_amp = bool(tc["mixed_precision"]) and dev.type == "cuda"
-    amp = AMP_DTYPES[tc["amp_dtype"]] if use_amp else None
-
-    train_rows, train_paths = load_split(m, "train")
-    val_rows, val_paths = load_split(m, "val")
-    y_train = torch.from_numpy(train_rows["label"].to_numpy().astype(np.float32))
-    y_val = val_rows["label"].to_numpy().astype(np.int64)
-
     seed_everything(int(tc["seed"]))
     net = create_model(mc["name"], mc["pretrained"], seed=int(tc["seed"])).to(dev)
-    opt = torch.optim.AdamW(net.parameters(), lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=int(tc["epochs"]))
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp == torch.float16)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-
-    if resume:
-        net.load_state_dict(load_file(str(out / "last.safetensors"), device=str(dev)))
-        st = torch.load(out / "last_state.pt", map_location=dev, weights_only=True)
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        sched.T_max = int(tc["epochs"])  # an extended run anneals over its new length
-        scaler.load_state_dict(st["scaler"])
-        start = int(state_json["epoch"]) + 1
-        best_auc, best_epoch, bad = state_json["best_auc"], int(state_json["best_epoch"]), int(state_json["bad_epochs"])
-        log = list(state_json["log"])
-    else:
+    job = FilterJob(net, dev, m, cfg)
+    load_split(m, "val")  # fail before training when val is missing
+    if not resume:
         prepare_run_dir(out, overwrite)
         save_config(cfg, out / "config.yaml")
         write_json(out / "model.json", {"task": TASK, "spec": {"model": mc["name"], "pretrained": mc["pretrained"],
                                                                "image_size": mc["image_size"], "num_classes": 1}})
-        start, best_auc, best_epoch, bad, log = 1, -math.inf, 0, 0, []
-    save_every, patience = int(tc["save_every"]), int(tc["patience"])
-    n_epochs, bs, size = int(tc["epochs"]), int(tc["batch_size"]), int(mc["image_size"])
-
-    t_start = time.perf_counter()
-    stopped_early = bool(state_json and state_json.get("stopped_early"))
-    epoch = start - 1
-    bar = tqdm(range(start, n_epochs + 1), desc=f"train-e2e {mc['name']}", unit="epoch", disable=not progress)
-    for epoch in bar:
-        if stopped_early:
-            break
-        t0 = time.perf_counter()
-        torch.manual_seed(int(tc["seed"]) * 100_003 + epoch)  # augmentations drawn in this process
-        gen = torch.Generator().manual_seed(int(tc["seed"]) * 1_000_003 + epoch)  # shuffling, worker seeds
-        loader = image_loader(train_paths, size, train=True, batch_size=bs, num_workers=int(tc["num_workers"]),
-                              generator=gen, augment=bool(tc.get("augment", True)))
-        net.train()
-        loss_sum, correct, seen, skipped = 0.0, 0, 0, 0
-        t_loop = time.perf_counter()
-        for rows, x, errs in tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not progress):
-            keep = torch.tensor([not e for e in errs])
-            skipped += int((~keep).sum())
-            if int(keep.sum()) < 2:  # a batch of one breaks batch norm
-                continue
-            x, y = x[keep].to(dev, non_blocking=True), y_train[torch.from_numpy(rows)[keep]].to(dev)
-            with autocast(dev, amp):
-                logits = net(x).squeeze(1)
-            loss = loss_fn(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            k = len(y)
-            seen += k
-            loss_sum += float(loss.detach()) * k
-            correct += int(((logits.detach() >= 0).float() == y).sum())
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        t_loop = time.perf_counter() - t_loop
-        lr_used = opt.param_groups[0]["lr"]
-        sched.step()
-        val_score = _predict(net, val_paths, size, dev, bs, int(tc["num_workers"]), amp)
-        val_loss = float(loss_fn(torch.from_numpy(val_score), torch.from_numpy(y_val.astype(np.float64))))
-        vm = detection_metrics(y_val, sigmoid(val_score))
-        seconds = time.perf_counter() - t0
-        row = {"epoch": epoch, "seconds": seconds, "lr": lr_used,
-               "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
-               "val_loss": val_loss, "val_acc": vm["acc"], "val_auc": vm["auc"], "val_f1": vm["f1"],
-               "train_images_per_s": seen / t_loop if t_loop else float("nan"), "unreadable": skipped}
-        log.append(row)
-        with open(out / "log.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        auc = vm["auc"]
-        if not math.isnan(auc) and auc > best_auc:
-            best_auc, best_epoch, bad = auc, epoch, 0
-            save_module(net, out / "best_model.safetensors")
-        else:
-            bad += 1
-        if save_every and epoch % save_every == 0:
-            (out / "checkpoints").mkdir(exist_ok=True)
-            save_module(net, out / "checkpoints" / f"epoch_{epoch:03d}.safetensors")
-        stopped_early = bool(patience and bad >= patience and epoch < n_epochs)
-        _save_resume_point(out, net, opt, sched, scaler, {
-            "epoch": epoch, "best_auc": best_auc, "best_epoch": best_epoch, "bad_epochs": bad, "log": log,
-            "stopped_early": stopped_early})
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_auc=f"{auc:.3f}",
-                        img_s=f"{row['train_images_per_s']:.0f}")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, row)
-        if stopped_early:
-            break
-    epochs_run = int(log[-1]["epoch"]) if log else 0
-    save_module(net, out / "final_model.safetensors")
-    if best_epoch == 0:  # every val AUC was NaN (one class in val): keep the last epoch, and say so
-        best_epoch = epochs_run
-        save_module(net, out / "best_model.safetensors")
-    df = pd.DataFrame(log)
-    df.to_csv(out / "training_log.csv", index=False)
-    plot_e2e_curves(df, out / "plots" / "training_curves.png", best_epoch=best_epoch)
-
-    filt = FilterRun(out, dev)
-    results = {}
+    settings = LoopSettings(epochs=int(tc["epochs"]), batch_size=int(tc["batch_size"]), lr=float(tc["lr"]),
+                            seeds=[int(tc["seed"])], weight_decay=float(tc["weight_decay"]), selection="auc",
+                            patience=int(tc["patience"]), save_every=int(tc["save_every"]), schedule="cosine")
+    t0 = time.perf_counter()
+    hook = None if on_epoch_end is None else (lambda e, rows: on_epoch_end(e, rows[0]))
+    f = fit(job, [out], settings, resume=resume, lr=lr if resume else None, desc=f"train-e2e {mc['name']}",
+            progress=progress, echo=echo, on_epoch_end=hook)[0]
+    net.load_state_dict(load_weights(out / "best.safetensors", dev))
+    evals, results = [], {}
     for split in ("val", "test"):
-        preds = filt.predict(m, split, batch_size=bs, num_workers=int(tc["num_workers"]))
-        metrics = {**all_metrics(preds["label"].to_numpy(), preds["score"].to_numpy(),
-                                 groups=preds["subgroup"].to_numpy()), "n": int(len(preds))}
-        write_predictions(out, split, metrics, preds)
+        preds = job.predictions(split)
+        metrics = all_metrics(preds["label"].to_numpy(), preds["score"].to_numpy(), groups=preds["subgroup"].to_numpy())
         results[split] = metrics
-    ips = float(np.nanmean([r["train_images_per_s"] for r in log])) if log else float("nan")
-    seconds = time.perf_counter() - t_start
+        evals.append(write_evaluation(out, split, metrics, preds, detects=True, summary_keys=SUMMARY_KEYS,
+                                      title=f"{out.name} (filter {mc['name']})"))
+    ips = float(np.nanmean([r.get("train_images_per_s", np.nan) for r in f.log])) if f.log else float("nan")
+    seconds = time.perf_counter() - t0
+    notes = [n for n in (f.note,) if n]
     write_json(out / "summary.json", {
         "task": TASK, "model": mc["name"], "pretrained": mc["pretrained"], "seed": int(tc["seed"]),
-        "best_epoch": best_epoch, "epochs_run": epochs_run, "stopped_early": stopped_early,
-        "selection": "val auc", "score": best_auc if best_auc > -math.inf else None,
-        "device": str(dev), "mixed_precision": tc["amp_dtype"] if use_amp else "off",
-        "train_images_per_s": ips, "val": results["val"], "test": results["test"], "seconds": seconds,
+        "best_epoch": f.best_epoch, "epochs_run": f.epochs_run, "stopped": f.stopped,
+        "selection": "auc", "rule": "best", "score": f.score, "device": str(dev),
+        "mixed_precision": tc["amp_dtype"] if job.amp_dtype is not None else "off",
+        "train_images_per_s": ips, "val": results["val"], "test": results["test"], "notes": notes,
+        "summary_keys": list(SUMMARY_KEYS), "seconds": seconds,
     })
-    return E2EResult(out, best_epoch, epochs_run, stopped_early, results["val"], results["test"], ips, seconds)
+    return E2EResult(out, f.best_epoch, f.epochs_run, f.stopped is not None, results["val"], results["test"], ips,
+                     seconds, evals, notes)
 
 
-def _predict(net, paths, size, dev, bs, workers, amp) -> np.ndarray:
-    scores, _, _ = predict_scores(net, paths, size, dev, batch_size=bs, num_workers=workers, amp_dtype=amp)
-    return scores
-
-
-def _save_resume_point(out: Path, net, opt, sched, scaler, state: dict) -> None:
-    """Weights, optimizer/scheduler/scaler state and the loop's state; each file replaced atomically."""
-    import os
-
-    tmp = out / "last.safetensors.tmp"
-    save_module(net, tmp)
-    os.replace(tmp, out / "last.safetensors")
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict()},
-               out / "last_state.pt.tmp")
-    os.replace(out / "last_state.pt.tmp", out / "last_state.pt")
-    write_json(out / "last.json.tmp", state)
-    os.replace(out / "last.json.tmp", out / "last.json")
-
-
-def _resume_config(out: Path, manifest_sha: str, epochs: int | None) -> tuple[dict, dict]:
-    for f in ("config.yaml", "model.json", "last.safetensors", "last_state.pt", "last.json"):
+def _resume_config(out: Path, manifest_sha: str, epochs: int | None) -> dict:
+    if not out.exists():
+        raise FeatcacheError(f"cannot resume {out}: it does not exist")
+    for f in ("config.yaml", "model.json", RESUME_FILE):
         if not (out / f).is_file():
             raise FeatcacheError(f"cannot resume {out}: {f} is missing (no epoch was finished); start it again")
     cfg = load_config(out / "config.yaml")
@@ -289,11 +293,10 @@ def _resume_config(out: Path, manifest_sha: str, epochs: int | None) -> tuple[di
         raise FeatcacheError(f"cannot resume {out}: it is not a train-e2e {TASK} run")
     if cfg["manifest"]["sha256"] != manifest_sha:
         raise FeatcacheError(f"cannot resume {out}: it was trained on another manifest ({cfg['manifest']['path']})")
-    state = json.loads((out / "last.json").read_text())
     if epochs is not None and int(epochs) != int(cfg["training"]["epochs"]):
-        if int(epochs) < int(state["epoch"]):
-            raise FeatcacheError(f"cannot resume {out} to {epochs} epochs: it has run {state['epoch']} already")
+        if int(epochs) < int(cfg["training"]["epochs"]):
+            raise FeatcacheError(f"cannot resume {out} to {epochs} epochs: it was set up for "
+                                 f"{cfg['training']['epochs']}")
         cfg["training"]["epochs"] = int(epochs)
-        state["stopped_early"] = False
         save_config(cfg, out / "config.yaml")
-    return cfg, state
+    return cfg

@@ -31,7 +31,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from ..data.images import Uint8Images, collate_uint8
-from ..errors import BackboneError
+from ..errors import BackboneError, first_line
 from .registry import Backbone, register_backbone
 from .weights import LoadReport, Weights, load_state, parse_weights, read_checkpoint, strip_prefixes
 
@@ -84,7 +84,7 @@ class ClipBackbone(Backbone):
                 )
         except Exception as exc:  # network, missing tag ...
             raise BackboneError(
-                f"cannot load open_clip weights {pretrained!r} for {self.model_name} ({_first_line(exc)}); "
+                f"cannot load open_clip weights {pretrained!r} for {self.model_name} ({first_line(exc)}); "
                 "without network, download the weights elsewhere and pass the file with --pretrained PATH "
                 "(or a local Hugging Face folder with --model local-dir:PATH), or --pretrained none for random "
                 "weights, or use an offline preset: --model tiny|small --pretrained none"
@@ -223,7 +223,7 @@ def decode_jpegs_on(device: torch.device, datas: list[torch.Tensor], size: tuple
             try:
                 results.append((decode_jpeg(data, mode=ImageReadMode.RGB, device=device), ""))
             except Exception as exc:
-                results.append((None, f"{type(exc).__name__}: {_first_line(exc)}"))
+                results.append((None, f"{type(exc).__name__}: {first_line(exc)}"))
     return [(geometry(img), "") if img is not None else (None, err) for img, err in results]
 
 
@@ -246,10 +246,6 @@ def load_visual(model, path: str) -> LoadReport:
     report.stripped = stripped + report.stripped
     return report
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
 @contextlib.contextmanager

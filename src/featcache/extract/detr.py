@@ -2,7 +2,7 @@
 
 ``--model`` is a Hugging Face name (default ``facebook/detr-resnet-50``, downloaded where there
 is network), a local folder holding ``config.json`` and weights (e.g. one written by
-:func:`finetune_detr`), or the offline preset ``tiny``: a small DETR (d_model 64, one encoder
+:func:`featcache.e2e.detr_finetune.finetune_detr`), or the offline preset ``tiny``: a small DETR (d_model 64, one encoder
 and two decoder layers, 20 queries, COCO's 91 label ids) on a small ResNet built from its
 config (``use_pretrained_backbone=False``), randomly initialised with ``--seed`` the way the original
 DETR initialises (:func:`detr_init`); nothing is downloaded. ``--pretrained none`` gives any
@@ -262,80 +262,3 @@ def padded_ground_truth(cache) -> tuple[np.ndarray, np.ndarray]:
     boxes[rows, slots] = np.concatenate([p["gt_boxes"] for p in parts]) if parts else np.zeros((0, 4))
     classes[rows, slots] = np.concatenate([p["gt_classes"] for p in parts]) if parts else np.zeros(0)
     return boxes, classes
-
-
-
-# -- a short fine-tune, so that an offline DETR detects something ---------------------------------
-def finetune_detr(manifest, out, *, model: str = "tiny", epochs: int = 30, batch_size: int = 16, lr: float = 1e-3,
-                  seed: int = 0, split: str = "train", device: str | None = None, progress: bool = True) -> dict:
-    """Train a DETR (by default the random ``tiny`` preset) on one split of a detection manifest.
-
-    A randomly initialised DETR detects nothing (AP 0), so a fairness perturbation of its
-    outputs would show nothing; this fits it to the synthetic train split, with DETR's own
-    set loss (transformers: Hungarian matching, class, L1 and GIoU terms), seeded, on the CPU.
-    Writes a Hugging Face folder (``config.json``, weights, processor) that ``--model OUT``
-    extracts from, and ``finetune_log.jsonl`` (loss per epoch). Only ``split`` is used, so the
-    val and test images stay unseen.
-    """
-    import time
-
-    from ..data.manifest import read_manifest
-    from ..progress import bar as tqdm
-    from .runner import resolve_device
-
-    dev = resolve_device(device)
-    man = read_manifest(manifest)
-    df = man.df[man.df["split"] == split].reset_index(drop=True)
-    if len(df) < 2:
-        raise FeatcacheError(f"{manifest}: split {split!r} has {len(df)} image(s); fine-tuning needs at least 2")
-    paths = [p if os.path.isabs(p) else str(man.root / p) for p in df["path"]]
-    data = DetectionImages(paths, df)
-    items = [data[i] for i in range(len(data))]
-    bad = [df["sample_id"][i] for i, it in enumerate(items) if it[2]]
-    if bad:
-        raise FeatcacheError(f"cannot read {len(bad)} training image(s), e.g. {bad[0]}: {items[0][2] or 'see the manifest'}")
-    net, processor, _ = load_detr(model, seed=seed)
-    enc = processor(images=[it[1][0] for it in items], return_tensors="pt")
-    pixels, mask = enc["pixel_values"].to(dev), None if enc.get("pixel_mask") is None else enc["pixel_mask"].to(dev)
-    labels = [{"class_labels": torch.as_tensor(it[1][3], device=dev), "boxes": torch.as_tensor(it[1][2], device=dev)}
-              for it in items]
-    net.to(dev)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    for p in net.parameters():  # transformers freezes the ResNet stem; from random weights it must learn too
-        p.requires_grad_(True)
-    aux = net.config.auxiliary_loss
-    net.config.auxiliary_loss = True  # DETR's deep supervision: every decoder layer's outputs are matched
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    log, t0 = [], time.perf_counter()
-    log_file = out / "finetune_log.jsonl"
-    log_file.write_text("")
-    net.train()
-    bar = tqdm(range(1, epochs + 1), desc="finetune detr", unit="epoch", disable=not progress)
-    for epoch in bar:
-        order = torch.randperm(len(items), generator=gen).to(dev)
-        total, seen = {}, 0
-        for s in range(0, len(items), batch_size):
-            idx = order[s:s + batch_size]
-            res = net(pixel_values=pixels[idx], pixel_mask=None if mask is None else mask[idx],
-                      labels=[labels[i] for i in idx.tolist()])
-            opt.zero_grad(set_to_none=True)
-            res.loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 0.1)
-            opt.step()
-            seen += len(idx)
-            for k, v in {"loss": res.loss, **{k: v for k, v in res.loss_dict.items() if k[-1].isalpha()}}.items():
-                total[k] = total.get(k, 0.0) + float(v.detach()) * len(idx)
-        row = {"epoch": epoch, **{k: v / seen for k, v in total.items()}, "seconds": time.perf_counter() - t0}
-        log.append(row)
-        with open(log_file, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{row['loss']:.3f}")
-    net.eval().cpu()
-    net.config.auxiliary_loss = aux
-    net.save_pretrained(out)
-    processor.save_pretrained(out)
-    return {"out": str(out), "images": len(items), "epochs": epochs, "final_loss": log[-1]["loss"],
-            "seconds": time.perf_counter() - t0}

@@ -40,6 +40,7 @@ from ..cache.reader import open_cache
 from ..cache.store import DEFAULT_PART_ROWS, CacheSpec, CacheWriter
 from ..data.manifest import read_manifest
 from ..errors import FeatcacheError, SampleError
+from ..runtime import resolve_device
 from .distributed import DistributedError
 from .distributed import context as dist_context
 from .registry import get_backbone
@@ -62,18 +63,6 @@ class ExtractResult:
     rank: int = 0
     world_size: int = 1
     parts_repaired: int = 0  # existing parts found damaged (a missing chunk) and computed again
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise FeatcacheError(f"--device {device!r} is not a torch device (use cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FeatcacheError(f"--device {device} asked for CUDA, but torch sees no CUDA device")
-    return dev
 
 
 def default_num_workers() -> int:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..data.images import ImageFiles, collate_images
-from ..errors import BackboneError
+from ..errors import BackboneError, first_line
 from .registry import Backbone, register_backbone
 from .weights import load_checkpoint, looks_like_path, parse_weights, run_weights
 
@@ -105,12 +105,12 @@ class TimmBackbone(Backbone):
                 net = timm.create_model(name, pretrained=True, num_classes=0)
             except Exception as exc:  # no network, unknown tag, ...
                 what = f"{name} (timm's default tag)" if weights.value == DEFAULT_TAG else name
-                raise BackboneError(f"cannot load the timm weights {what} ({_first_line(exc)}); {OFFLINE_HINT}") from exc
+                raise BackboneError(f"cannot load the timm weights {what} ({first_line(exc)}); {OFFLINE_HINT}") from exc
         else:
             try:
                 net = timm.create_model(arch, pretrained=False, num_classes=0)
             except Exception as exc:  # an hf-hub: name without network
-                raise BackboneError(f"cannot build the timm model {arch} ({_first_line(exc)}); {OFFLINE_HINT}") from exc
+                raise BackboneError(f"cannot build the timm model {arch} ({first_line(exc)}); {OFFLINE_HINT}") from exc
             if weights.kind == "file":
                 self.load_report = load_checkpoint(net, weights.value, ignore=classifier_names(net)).as_dict()
         self.pretrained = weights.value
@@ -151,7 +151,3 @@ class TimmBackbone(Backbone):
         net = self.module
         return {"features": net.forward_head(net.forward_features(x), pre_logits=True).float().cpu().numpy()}
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BackboneError
+from ..errors import BackboneError, first_line
 
 #: File endings that make a ``--pretrained`` value a file even without a path separator.
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -136,7 +136,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         how = "safetensors" if path.endswith(".safetensors") else "torch.load(weights_only=True)"
-        raise BackboneError(f"cannot read checkpoint {path} with {how} ({_first_line(exc)}); pass a state dict "
+        raise BackboneError(f"cannot read checkpoint {path} with {how} ({first_line(exc)}); pass a state dict "
                             "saved as safetensors or with torch.save") from exc
     state = _unwrap(obj)
     if not state:
@@ -257,7 +257,3 @@ def load_checkpoint(module: torch.nn.Module, path: str | os.PathLike, **kw) -> L
     """:func:`read_checkpoint` then :func:`load_state` (same keyword arguments)."""
     return load_state(module, read_checkpoint(path), source=str(path), **kw)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

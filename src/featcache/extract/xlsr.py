@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from ..data.audio import FRAME_WINDOW, SAMPLE_RATE, frame_labels, parse_segments, read_audio
-from ..errors import BackboneError
+from ..errors import BackboneError, first_line
 from .registry import Backbone, register_backbone
 from .weights import load_state, local_folder, parse_weights, read_checkpoint
 
@@ -87,7 +87,7 @@ class XlsrBackbone(Backbone):
                                                        local_files_only=local)
             except Exception as exc:  # network, missing files
                 raise BackboneError(
-                    f"cannot load {self.model_name} with transformers ({_first_line(exc)}); without network, "
+                    f"cannot load {self.model_name} with transformers ({first_line(exc)}); without network, "
                     "download it elsewhere and pass the folder with --model PATH, or pass a detector "
                     "checkpoint with --pretrained FILE, or --model tiny for an offline random model") from exc
             self.pretrained = str(folder) if local else "hf"
@@ -119,7 +119,7 @@ class XlsrBackbone(Backbone):
 
             return Wav2Vec2Config.from_pretrained(source)
         except Exception as exc:
-            raise BackboneError(f"cannot read the config of {self.model_name} ({_first_line(exc)}); pass a local "
+            raise BackboneError(f"cannot read the config of {self.model_name} ({first_line(exc)}); pass a local "
                                 f"Hugging Face folder, {DEFAULT_MODEL}, or tiny") from exc
 
     def _parse_layer(self, layer) -> str:
@@ -369,8 +369,3 @@ def _do_normalize(folder: str) -> bool:
         return bool(json.loads(f.read_text()).get("do_normalize", True))
     except (OSError, ValueError):
         return True
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__

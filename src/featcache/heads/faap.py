@@ -24,7 +24,6 @@ evaluate`` also writes the FAAP table (markdown and JSON).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cache.splits import split_mask
 from ..errors import FeatcacheError
 from ..losses.faap import (
     DetectionCriterion,
@@ -42,6 +42,8 @@ from ..losses.faap import (
     score_contrastive,
     wasserstein_1d,
 )
+from ..metrics.coco import coco_ground_truth, detr_detections, group_ap_ar
+from ..report.tables import markdown_table
 from .task import SplitData, StepState, Task, meta_codes, register_task
 
 META = ["sample_id", "split", "gender", "image_id"]
@@ -104,7 +106,7 @@ def epsilon_at(epoch: int, c: dict) -> float:
 def load_queries(cache, split: str):
     """Hidden states, ground truth (padded), image sizes and meta of one split of a queries cache."""
     meta = cache.meta(META)
-    mask = meta["split"].isin([split]).to_numpy() & cache.load_rows("ok")
+    mask = split_mask(meta["split"], split, where=str(cache.path)) & cache.load_rows("ok")
     if not mask.any():
         raise FeatcacheError(f"{cache.path} has no readable rows in split {split!r}")
     index = np.flatnonzero(mask)
@@ -131,8 +133,10 @@ class FaapTask(Task):
     detects = False
     cache_kind = "queries"
 
-    def __init__(self, cfg, device, run_dir=None):
-        super().__init__(cfg, device, run_dir)
+    summary_keys = ("base_score_gap", "score_gap", "base_ap", "ap", "base_ap_gap", "ap_gap")
+
+    def __init__(self, cfgs, device, run_dirs=None):
+        super().__init__(cfgs, device, run_dirs)
         self._heads: dict | None = None
         self._baseline: dict[str, dict] = {}
 
@@ -146,8 +150,11 @@ class FaapTask(Task):
                                  "re-extract it with --backbone detr")
         self._heads = load_file(str(f))
 
-    def split_data(self, cache, split: str) -> SplitData:
-        hidden, sizes, boxes, classes, meta = load_queries(cache, split)
+    def read(self, cache):
+        return load_queries(cache, None)
+
+    def tensors(self, data) -> SplitData:
+        hidden, sizes, boxes, classes, meta = data
         return SplitData({
             "hidden": torch.from_numpy(hidden), "gt_boxes": torch.from_numpy(boxes),
             "gt_classes": torch.from_numpy(classes), "image_size": torch.from_numpy(sizes.astype(np.int64)),
@@ -197,6 +204,7 @@ class FaapTask(Task):
 
     def batch_loss(self, batch, state):
         c, m = self.cfg["loss"], self.module
+        batch = {k: v[0] for k, v in batch.items()}  # R = 1
         sched = self.schedule(state)
         m.epsilon.fill_(sched["epsilon"])
         h = batch["hidden"]
@@ -215,7 +223,7 @@ class FaapTask(Task):
                  "pos_anchor_gap": (scores[pos].mean() - scores[anc].mean()) if len(pos) else torch.tensor(float("nan")),
                  "score_male": _mean(scores[gender == 0]), "score_female": _mean(scores[gender == 1]),
                  "delta_linf": delta.abs().max(), "delta_l2": per_image.norm(dim=1).mean()}
-        return loss, {k: (v.detach() if torch.is_tensor(v) else v) for k, v in terms.items()}
+        return loss.reshape(1), {k: (v.detach().reshape(1) if torch.is_tensor(v) else v) for k, v in terms.items()}
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -238,8 +246,6 @@ class FaapTask(Task):
         return {k: torch.cat(v).cpu().numpy() for k, v in res.items()}
 
     def _detection_metrics(self, split: str, out: dict) -> dict:
-        from ..metrics.coco import coco_ground_truth, detr_detections, group_ap_ar
-
         d = self.data[split]
         sizes = d.tensors["image_size"].cpu().numpy()
         cls = d.tensors["gt_classes"].cpu().numpy()
@@ -281,21 +287,14 @@ class FaapTask(Task):
         preds["base_score"] = self.outputs(split, perturbed=False)["scores"]
         preds["score"] = out["scores"]
         preds["delta_l2"] = np.linalg.norm(delta.reshape(len(delta), -1), axis=1)
-        return metrics, preds
+        return [(metrics, preds)]
 
-    def report(self, run_dir: Path, tag: str, metrics: dict) -> dict:
+    def report(self, metrics: dict, predictions: pd.DataFrame) -> str:
         """The FAAP table (Male AP, Female AP, Male AR, Female AR; baseline, perturbed, delta)."""
-        from ..report.tables import markdown_table
+        return "## FAAP\n\n" + markdown_table(faap_table(metrics)) + "\n" + faap_summary(metrics) + "\n"
 
-        table = faap_table(metrics)
-        (run_dir / f"faap_{tag}.md").write_text(markdown_table(table) + "\n" + faap_summary(metrics) + "\n")
-        (run_dir / f"faap_{tag}.json").write_text(json.dumps(
-            {"table": table.to_dict(orient="records"), "metrics": metrics}, indent=2, default=float))
-        return {"table": table}
-
-    def finish(self, run_dir: Path) -> dict:
-        metrics, _ = self.evaluate("test")
-        self.report(run_dir, "test", metrics)
+    def finish(self, run_dir: Path, r: int = 0) -> dict:
+        metrics, _ = self.evaluate("test")[0]
         return {"faap_test": {k: metrics[k] for k in ("base_score_gap", "score_gap", "gap_closed", "base_ap",
                                                        "ap", "ap_change", "base_ap_gap", "ap_gap")}}
 

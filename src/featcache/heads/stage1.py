@@ -58,9 +58,10 @@ def masked_accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
 @register_task("stage1")
 class Stage1Task(Task):
     detects = False
+    meta_columns = META
+    summary_keys = ("cos", "race_acc", "gender_acc")
 
-    def split_data(self, cache, split: str) -> SplitData:
-        data = cache.load(split, columns=META)
+    def tensors(self, data) -> SplitData:
         meta = data.meta
         return SplitData({
             "x": torch.from_numpy(np.array(data.features)),
@@ -93,6 +94,7 @@ class Stage1Task(Task):
 
     def batch_loss(self, batch, state):
         c = self.cfg["loss"]
+        batch = {k: v[0] for k, v in batch.items()}  # R = 1
         x = batch["x"]
         z, race_logits, gender_logits = self.module(x, self.grl_lambda(state))
         terms = {
@@ -108,7 +110,7 @@ class Stage1Task(Task):
         if c["lambda_pairwise"] > 0:
             terms["sinkhorn_pairwise"] = self.sinkhorn.pairwise(z, batch["subgroup"])
             loss = loss + c["lambda_pairwise"] * terms["sinkhorn_pairwise"]
-        return loss, {k: v.detach() for k, v in terms.items()}
+        return loss.reshape(1), {k: v.detach().reshape(1) for k, v in terms.items()}
 
     @torch.no_grad()
     def transform(self, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
@@ -134,9 +136,9 @@ class Stage1Task(Task):
         preds["race_pred"] = [RACES[i] for i in race_logits.argmax(1).tolist()]
         preds["gender_pred"] = [GENDERS[i] for i in gender_logits.argmax(1).tolist()]
         preds["cos"] = cos.cpu().numpy()
-        return metrics, preds
+        return [(metrics, preds)]
 
-    def finish(self, run_dir: Path) -> dict:
+    def finish(self, run_dir: Path, r: int = 0) -> dict:
         """Leakage probes: logistic regression trained on train, scored on val, raw vs debiased."""
         train, val = self.data["train"], self.data["val"]
         feats = {

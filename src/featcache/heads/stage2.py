@@ -70,33 +70,24 @@ class Stage2Model(nn.Module):
 
 @register_task("stage2")
 class Stage2Task(Task):
-    def split_data(self, cache, split: str) -> SplitData:
-        data = cache.load(split, columns=META)
+    meta_columns = META
+    requires_runs = {"stage1": "stage1"}
+
+    def tensors(self, data) -> SplitData:
         meta = data.meta
         labels = meta["label"].to_numpy().astype(np.int64)
         if (labels < 0).any():
-            raise FeatcacheError(f"{cache.path}: split {split} has rows without a label; Stage 2 needs labels")
+            raise FeatcacheError("the cache has rows without a label; Stage 2 needs labels")
         return SplitData({
             "x": torch.from_numpy(np.array(data.features)),
             "label": torch.from_numpy(labels),
             "subgroup": torch.from_numpy(meta["subgroup"].to_numpy().astype(np.int64)),
         }, meta)
 
-    def _stage1(self):
-        from ..train.trainer import load_run
-
-        run = self.cfg.get("options", {}).get("stage1")
-        if not run:
-            raise FeatcacheError("stage2 needs the Stage-1 run: pass --stage1 RUN1")
-        s1 = load_run(run, self.device)
-        if s1.name != "stage1":
-            raise FeatcacheError(f"--stage1 {run} is a {s1.name} run, not a stage1 run")
-        return s1
-
     def make_spec(self) -> dict:
         m, loss = self.cfg["model"], self.cfg["loss"]
         x = self.data["train"].tensors["x"]
-        s1 = self._stage1()
+        s1 = self.inputs["stage1"]
         if s1.spec["dim"] != x.shape[1]:
             raise FeatcacheError(f"the Stage-1 run works on {s1.spec['dim']}-d features, this cache has {x.shape[1]}")
         trained_on = s1.spec.get("backbone")
@@ -106,7 +97,6 @@ class Stage2Task(Task):
         groups = self.data["train"].tensors["subgroup"].cpu().numpy()
         counts = np.bincount(groups[groups >= 0], minlength=N_SUBGROUPS)  # LDAM margins
         blur = loss["sinkhorn_blur"]
-        self._stage1_state = {k: v for k, v in s1.module.adapter.state_dict().items()}
         return {
             "dim": int(x.shape[1]), "stage1_hidden": int(s1.spec["adapter_hidden"]),
             "stage1_run": str(self.cfg["options"]["stage1"]),
@@ -121,8 +111,8 @@ class Stage2Task(Task):
         loss = self.cfg["loss"]
         model = Stage2Model(spec["dim"], spec["stage1_hidden"], spec["adapter_hidden"], spec["num_ca_views"],
                             spec["ca_heads"], spec["classifier_hidden"], spec["dropout"])
-        if getattr(self, "_stage1_state", None) is not None:
-            model.fair.load_state_dict(self._stage1_state)
+        if "stage1" in self.inputs:
+            model.fair.load_state_dict(self.inputs["stage1"].module.adapter.state_dict())
         self.ldam = LDAMLoss(spec["subgroup_counts"], max_margin=float(loss["ldam_max_margin"]),
                              s=float(loss["ldam_scale"])).to(self.device)
         self.sinkhorn = GroupSinkhorn(blur=spec["sinkhorn_blur"], scaling=float(loss["sinkhorn_scaling"]))
@@ -141,6 +131,7 @@ class Stage2Task(Task):
     def batch_loss(self, batch, state):
         c = self.cfg["loss"]
         w = self.fairness_weight(state)
+        batch = {k: v[0] for k, v in batch.items()}  # R = 1
         y, g = batch["label"], batch["subgroup"]
         out = self.module(batch["x"])
         per_sample = F.cross_entropy(out["logits"], y, reduction="none")
@@ -159,7 +150,7 @@ class Stage2Task(Task):
         if c["lambda_contrastive"] > 0:
             terms["disentangle"] = cosine_disentanglement(out["fair"], out["detect"])
             loss = loss + c["lambda_contrastive"] * terms["disentangle"]
-        return loss, {k: v.detach() for k, v in terms.items()}
+        return loss.reshape(1), {k: v.detach().reshape(1) for k, v in terms.items()}
 
     @torch.no_grad()
     def forward_all(self, x: torch.Tensor, batch: int = 8192) -> dict[str, torch.Tensor]:
@@ -184,7 +175,7 @@ class Stage2Task(Task):
         preds = d.meta[["sample_id", "label", "subgroup", "identity", "dataset", "method"]].copy()
         preds.insert(2, "score", score)
         preds.insert(3, "prob", sigmoid(score))
-        return metrics, preds
+        return [(metrics, preds)]
 
 
 def video_keys(meta) -> np.ndarray | None:

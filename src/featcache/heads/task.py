@@ -1,16 +1,23 @@
 """One registry of tasks. A task is a head module plus how it is fed and judged.
 
-The trainer (``featcache.train``) is shared by every task; a task provides:
+The one training loop (:mod:`featcache.train.loop`) is shared by every task; a task provides:
 
-- ``load(cache)``: read what it needs from the cache into tensors (train/val/test);
-- ``build()`` / ``model_spec()``: the nn.Module, and what rebuilds it without the cache;
-- ``batch_loss(batch, state)``: the training loss of one minibatch and its logged terms;
-- ``evaluate(split)``: metrics and a predictions table for a split;
-- ``finish(run_dir)``: optional analysis after training (e.g. Stage 1's leakage probes).
+- ``read(cache)`` / ``tensors(data)``: the cache is read ONCE (all splits), turned into tensors
+  once, and split by the one split-mask helper (:meth:`Task.load`);
+- ``make_spec()`` / ``build(spec)``: what rebuilds the module without the cache, and the module
+  (for ``self.runs`` stacked runs when ``max_runs > 1``);
+- ``batch_loss(batch, state)``: the loss of one minibatch per run, shape (R,), and its terms;
+- ``evaluate(split)``: one (metrics, predictions) per run;
+- ``finish(run_dir, r)``: optional analysis after training (e.g. Stage 1's leakage probes).
+
+Options that are finished runs of another task (Stage 2's ``stage1``) are declared in
+``requires_runs``; the trainer loads them with :func:`load_run` and puts them into
+``self.inputs`` before ``make_spec()``: a task never imports the trainer.
 """
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,9 +26,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..cache import FeatureCache
+from ..cache import CacheData, FeatureCache
+from ..cache.splits import split_mask
+from ..config import load_config
 from ..errors import FeatcacheError
 from ..registry import Registry
+from ..runtime import load_weights, resolve_device
 
 #: Importing a task's module registers it.
 TASKS = Registry("task", ("featcache.heads.stage1", "featcache.heads.stage2", "featcache.heads.xai",
@@ -33,7 +43,7 @@ list_tasks = TASKS.names
 
 @dataclass
 class SplitData:
-    """One split of a cache in memory: tensors of equal length, and the meta table."""
+    """Rows of a cache in memory: tensors of equal length (first dimension), and the meta table."""
 
     tensors: dict[str, torch.Tensor]
     meta: pd.DataFrame
@@ -44,32 +54,58 @@ class SplitData:
     def to(self, device) -> SplitData:
         return SplitData({k: v.to(device) for k, v in self.tensors.items()}, self.meta)
 
+    def subset(self, mask: np.ndarray) -> SplitData:
+        """The rows where ``mask`` is true (meta re-indexed from 0)."""
+        index = torch.from_numpy(np.flatnonzero(mask))
+        return SplitData({k: v[index] for k, v in self.tensors.items()},
+                         self.meta.iloc[index.numpy()].reset_index(drop=True))
+
 
 @dataclass
 class StepState:
-    """Where training is: epoch (1-based), epochs, and progress p = epoch / epochs."""
+    """Where training is: ``epoch`` (1-based) of ``epochs``.
+
+    ``progress`` = (epoch - 1) / epochs, the fraction of training done BEFORE this epoch (0 at
+    the first epoch: the original designs' p = epoch / total with epochs counted from 0).
+    """
 
     epoch: int
     epochs: int
 
     @property
     def progress(self) -> float:
-        return self.epoch / self.epochs
+        return (self.epoch - 1) / self.epochs
 
 
 class Task(ABC):
-    """Base class of the heads' tasks; see the module docstring."""
+    """Base class of the heads' tasks; see the module docstring and CONTRACT.md."""
 
     name: str = ""
     #: The cache kind this task reads.
     cache_kind: str = "pooled"
-    #: Column of the predictions table that holds the label / score, when the task detects.
+    #: True when the task detects (predictions carry label and prob; subgroup tables apply).
     detects: bool = True
+    #: > 1: the task can stack runs (every parameter and buffer has a leading dimension R = self.runs).
+    max_runs: int = 1
+    #: Option name -> task name of a finished run this task needs (loaded by the trainer into self.inputs).
+    requires_runs: dict[str, str] = {}
+    #: Meta columns read from the cache (None: all).
+    meta_columns: list[str] | None = None
+    #: The metrics a one-line summary shows, in order (``featcache train-head`` / ``evaluate``).
+    summary_keys: tuple[str, ...] = ("auc", "acc", "eer", "f_fpr", "f_meo")
 
-    def __init__(self, cfg: dict, device: torch.device, run_dir: Path | None = None):
-        self.cfg = cfg
-        self.device = device
-        self.run_dir = run_dir
+    def __init__(self, cfgs: dict | list[dict], device, run_dirs=None):
+        self.cfgs = [cfgs] if isinstance(cfgs, dict) else list(cfgs)
+        if not self.cfgs:
+            raise FeatcacheError(f"task {self.name}: no run to build")
+        self.cfg = self.cfgs[0]  # model/training sections are equal across stacked runs
+        self.runs = len(self.cfgs)
+        if self.runs > self.max_runs:
+            raise FeatcacheError(f"task {self.name} trains at most {self.max_runs} run(s) at once, got {self.runs}")
+        self.run_dirs = None if run_dirs is None else [Path(p) for p in
+                                                       ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
+        self.inputs: dict = {}
+        self.device = torch.device(device)
         self.data: dict[str, SplitData] = {}
         self.module: torch.nn.Module | None = None
         self.spec: dict = {}
@@ -80,58 +116,98 @@ class Task(ABC):
         if cache.kind != self.cache_kind:
             raise FeatcacheError(f"task {self.name} reads a {self.cache_kind} cache; {cache.path} is {cache.kind}")
         if self.spec:  # a trained head meeting a cache: same backbone, same dimension
-            check_same_backbone(self.spec.get("backbone"), cache, f"this {self.name} run")
+            check_same_backbone(self.spec.get("backbone"), backbone_identity(cache), f"this {self.name} run",
+                                str(cache.path))
 
-    def load(self, cache: FeatureCache, splits=("train", "val", "test")) -> None:
-        """Read the splits this task needs into ``self.data`` (as tensors on ``self.device``)."""
-        self.check_cache(cache)
-        self.backbone = backbone_identity(cache)
-        for split in splits:
-            self.data[split] = self.split_data(cache, split).to(self.device)
+    def read(self, cache: FeatureCache) -> CacheData:
+        """Every readable row of the cache, in one read."""
+        return cache.load(None, columns=self.meta_columns)
 
     @abstractmethod
-    def split_data(self, cache: FeatureCache, split: str) -> SplitData:
-        """See the module docstring."""
+    def tensors(self, data) -> SplitData:
+        """Tensors and meta for ALL rows of ``data`` (what :meth:`read` returned); meta has ``split``."""
+
+    def load(self, cache: FeatureCache, splits=("train", "val", "test")) -> None:
+        """Read the cache once, make tensors once, split them by mask into ``self.data`` on ``self.device``."""
+        self.check_cache(cache)
+        self.backbone = backbone_identity(cache)
+        everything = self.tensors(self.read(cache))
+        for split in splits:
+            mask = split_mask(everything.meta["split"], split, where=str(cache.path))
+            self.data[split] = everything.subset(mask).to(self.device)
 
     # -- model -------------------------------------------------------------------------------
     @abstractmethod
-    def build(self, spec: dict) -> torch.nn.Module:
-        """See the module docstring."""
+    def make_spec(self) -> dict:
+        """What ``build`` needs, derived from the loaded data, the config and ``self.inputs``."""
 
     @abstractmethod
-    def make_spec(self) -> dict:
-        """What ``build`` needs, derived from the loaded data and the config."""
+    def build(self, spec: dict) -> torch.nn.Module:
+        """The module for ``self.runs`` runs, from ``spec`` (and ``self.inputs``) only."""
 
-    def trainable_parameters(self):
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
+    def run_state_dict(self, r: int) -> dict[str, torch.Tensor]:
+        """Run r's weights: with stacked runs every tensor sliced [r:r+1] (a run dir holds a 1-run module)."""
+        sd = self.module.state_dict()
+        if self.max_runs == 1:
+            return sd
+        return {k: v[r:r + 1] for k, v in sd.items()}
+
+    def load_run_state_dict(self, r: int, sd: dict[str, torch.Tensor]) -> None:
+        if self.max_runs == 1:
+            self.module.load_state_dict(sd)
+            return
+        with torch.no_grad():
+            own = self.module.state_dict()
+            missing = sorted(set(own) - set(sd))
+            if missing:
+                raise FeatcacheError(f"weights of run {r} lack {', '.join(missing[:3])}")
+            for k, v in own.items():
+                v[r:r + 1].copy_(sd[k].to(v.device))
+
     # -- training and evaluation ---------------------------------------------------------------
+    def coefficients(self) -> dict[str, torch.Tensor]:
+        """Per-run loss weights, (R,) tensors on ``self.device`` (none by default)."""
+        return {}
+
     @abstractmethod
     def batch_loss(self, batch: dict[str, torch.Tensor], state: StepState) -> tuple[torch.Tensor, dict]:
-        """See the module docstring."""
+        """Batch tensors are (R, B, ...); return the loss (R,) and terms {name: (R,)}, without a host sync."""
 
     def epoch_values(self, state: StepState) -> dict:
         """Schedule values to log for this epoch (GRL lambda, fairness weight, ...)."""
         return {}
 
     @abstractmethod
-    def evaluate(self, split: str) -> tuple[dict, pd.DataFrame]:
-        """See the module docstring."""
+    def evaluate(self, split: str) -> list[tuple[dict, pd.DataFrame]]:
+        """One (metrics, predictions) per run for ``split``."""
 
-    def stop_reason(self, row: dict) -> str | None:
-        """A message to stop training after this epoch's log ``row`` (e.g. a collapse), or None."""
+    def stop_reason(self, row: dict, r: int) -> str | None:
+        """A message to stop run r after this epoch's log ``row`` (e.g. a collapse), or None."""
         return None
 
-    def write_plots(self, run_dir: Path, tag: str, split: str) -> None:
-        """Task-specific plots of an evaluated split (``featcache evaluate``); none by default."""
-        return None
-
-    def finish(self, run_dir: Path) -> dict:
+    def finish(self, run_dir: Path, r: int) -> dict:
+        """Analysis after training, added to run r's summary (none by default)."""
         return {}
 
-    def report(self, run_dir: Path, tag: str, metrics: dict) -> dict:
-        """Task-specific files for ``featcache evaluate`` (FAAP: its per-gender table); none by default."""
-        return {}
+    def report(self, metrics: dict, predictions: pd.DataFrame) -> str:
+        """Task-specific markdown for ``featcache evaluate``'s report.md (none by default)."""
+        return ""
+
+    def write_plots(self, out: Path, split: str, title: str) -> list[str]:
+        """Task-specific plots of the last evaluated split into ``out``; the file names written."""
+        return []
+
+    @classmethod
+    def stack_key(cls, cfg: dict) -> str:
+        """Runs with equal keys may be stacked: the config without seed, preset and loss coefficients."""
+        c = json.loads(json.dumps(cfg, default=str))
+        c.get("training", {}).pop("seed", None)
+        c.pop("preset", None)
+        c.pop("loss", None)
+        return json.dumps(c, sort_keys=True)
 
 
 BACKBONE_KEYS = ("name", "model", "pretrained", "weights_sha256", "layer", "pooling")
@@ -142,14 +218,14 @@ def backbone_identity(cache: FeatureCache) -> dict:
     return {k: cache.backbone.get(k) for k in BACKBONE_KEYS}
 
 
-def check_same_backbone(trained_on: dict | None, cache: FeatureCache, what: str) -> None:
-    if not trained_on:
+def check_same_backbone(trained_on: dict | None, now: dict | None, what: str, where: str) -> None:
+    """The one backbone-identity check: ``what`` (a run) was trained on ``trained_on``; ``where`` has ``now``."""
+    if not trained_on or not now:
         return
-    now = backbone_identity(cache)
     diffs = [f"{k}: {trained_on.get(k)!r} vs {now.get(k)!r}" for k in ("name", "model", "weights_sha256", "layer")
              if trained_on.get(k) != now.get(k)]
     if diffs:
-        raise FeatcacheError(f"{what} was trained on features of another backbone than {cache.path} "
+        raise FeatcacheError(f"{what} was trained on features of another backbone than {where} "
                              f"({'; '.join(d if 'sha256' not in d else 'the weights differ' for d in diffs)}); "
                              "extract this dataset with the same backbone and weights")
 
@@ -158,3 +234,43 @@ def meta_codes(meta: pd.DataFrame, column: str, vocabulary: tuple[str, ...]) -> 
     """Index of each value in ``vocabulary``; -1 for empty or unknown values."""
     lookup = {v: i for i, v in enumerate(vocabulary)}
     return np.array([lookup.get(v, -1) for v in meta[column].astype(str)], dtype=np.int64)
+
+
+#: Files of the run layouts featcache wrote before the one run layout (issue 13).
+OLD_LAYOUT_FILES = ("best_model.safetensors", "metrics_test.json", "last_state.pt")
+
+
+def check_run_dir(run_dir: Path, weights: str = "best") -> None:
+    """One line for a run directory that does not exist, is unfinished or has an older layout."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise FeatcacheError(f"run {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise FeatcacheError(f"{run_dir} is not a run directory (it is a file)")
+    if any((run_dir / f).exists() for f in OLD_LAYOUT_FILES) and not (run_dir / f"{weights}.safetensors").is_file():
+        raise FeatcacheError(f"{run_dir} was written by an older featcache (another run layout); retrain it")
+    for f in ("config.yaml", "model.json", f"{weights}.safetensors"):
+        if not (run_dir / f).is_file():
+            raise FeatcacheError(f"{run_dir} is not a finished run: {f} is missing")
+
+
+def load_run(run_dir, device=None, *, weights: str = "best") -> Task:
+    """Rebuild a trained task (R = 1) from its run directory (config.yaml, model.json, weights).
+
+    The module and every tensor the task later loads sit on ``device`` (default: CUDA when
+    present); no data is loaded.
+    """
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir, weights)
+    cfg = load_config(run_dir / "config.yaml")
+    spec = json.loads((run_dir / "model.json").read_text())
+    if spec.get("task") not in list_tasks():
+        raise FeatcacheError(f"{run_dir} is a {spec.get('task')!r} run, not a head run "
+                             f"(heads: {', '.join(list_tasks())})")
+    dev = resolve_device(device)
+    task = get_task(spec["task"])(cfg, dev, run_dirs=[run_dir])
+    task.spec = spec["spec"]
+    task.module = task.build(task.spec).to(dev)
+    task.load_run_state_dict(0, load_weights(run_dir / f"{weights}.safetensors", dev))
+    task.module.eval()
+    return task

@@ -19,9 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import FeatcacheError
 from ..losses.prototype import ema_update, frame_contrastive
 from ..metrics.detection import auc, eer
 from ..metrics.xai import importance_score, localization_metrics
+from ..report.plots import plot_importance
 from .task import SplitData, StepState, Task, register_task
 
 CLASSES = ("bonafide", "spoof")
@@ -88,23 +90,38 @@ class XaiTask(Task):
     cache_kind = "frames"
     detects = False
 
-    def __init__(self, cfg, device, run_dir: Path | None = None):
-        super().__init__(cfg, device, run_dir)
+    meta_columns = META
+    summary_keys = ("auc", "eer", "loc_auroc", "loc_ap", "pointing_game", "relevance_mass")
+
+    def __init__(self, cfgs, device, run_dirs=None):
+        super().__init__(cfgs, device, run_dirs)
         self.flat: dict[str, dict] = {}
         self._init_prototypes: torch.Tensor | None = None
         self.stop_message: str | None = None
 
     # -- data ----------------------------------------------------------------------------------
-    def split_data(self, cache, split: str) -> SplitData:
-        d = cache.load_frames(split, columns=META)
-        self.flat[split] = {
-            "frames": torch.from_numpy(d.arrays["frames"]).to(self.device),
-            "offsets": torch.from_numpy(d.arrays["offsets"]),
-            "frame_labels": d.arrays["frame_labels"],
-        }
-        meta = d.meta
-        labels = meta["label"].to_numpy().astype(np.int64)
-        return SplitData({"row": torch.arange(len(meta)), "label": torch.from_numpy(labels)}, meta)
+    def read(self, cache):
+        return cache.load_frames(None, columns=META)
+
+    def tensors(self, data) -> SplitData:
+        self._all = data.arrays  # flat frames of every row; cut per split in load()
+        labels = data.meta["label"].to_numpy().astype(np.int64)
+        return SplitData({"row": torch.arange(len(data.meta)), "label": torch.from_numpy(labels)}, data.meta)
+
+    def load(self, cache, splits=("train", "val", "test")) -> None:
+        super().load(cache, splits)
+        off = self._all["offsets"]
+        for split in splits:
+            rows = self.data[split].tensors["row"].cpu().numpy()
+            lengths = off[rows + 1] - off[rows]
+            take = np.concatenate([np.arange(off[r], off[r + 1]) for r in rows]) if len(rows) else np.zeros(0, int)
+            self.flat[split] = {
+                "frames": torch.from_numpy(self._all["frames"][take]).to(self.device),
+                "offsets": torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)),
+                "frame_labels": self._all["frame_labels"][take],
+            }
+            self.data[split].tensors["row"] = torch.arange(len(rows), device=self.device)
+        del self._all
 
     def _center(self, split: str) -> torch.Tensor:
         if self.cfg["model"]["center"]:
@@ -127,13 +144,9 @@ class XaiTask(Task):
     def make_spec(self) -> dict:
         m = self.cfg["model"]
         if m["prototype_mode"] not in ("ema", "fixed", "learnable"):
-            from ..errors import FeatcacheError
-
             raise FeatcacheError(f"model.prototype_mode must be ema, fixed or learnable, got {m['prototype_mode']!r}")
         labels = self.data["train"].tensors["label"]
         if not ((labels == 0).any() and (labels == 1).any()):
-            from ..errors import FeatcacheError
-
             raise FeatcacheError("the train split needs bonafide (label 0) and spoof (label 1) utterances")
         self._init_prototypes = self.class_means("train").cpu()
         self._init_center = self._center("train").cpu()
@@ -148,6 +161,7 @@ class XaiTask(Task):
     # -- training ------------------------------------------------------------------------------
     def batch_loss(self, batch, state: StepState):
         c = self.cfg["loss"]
+        batch = {k: v[0] for k, v in batch.items()}  # R = 1
         f = self.flat["train"]
         x, mask = pad_frames(f["frames"], f["offsets"], batch["row"].tolist())
         y = batch["label"].to(self.device)
@@ -170,7 +184,7 @@ class XaiTask(Task):
             weights = torch.where((y == 1)[:, None], w.detach(), torch.ones_like(w))
             ema_update(self.module.prototypes.data, h.detach(), y, weights, mask,
                        float(self.cfg["model"]["momentum"]))
-        return loss, {k: v.detach() for k, v in terms.items()}
+        return loss.reshape(1), {k: v.detach().reshape(1) for k, v in terms.items()}
 
     @torch.no_grad()
     def importances(self, split: str, batch: int = 64) -> list[np.ndarray]:
@@ -206,7 +220,7 @@ class XaiTask(Task):
         self.stop_message = collapse_message(stats, float(self.cfg["loss"]["collapse_tol"]), state.epoch)
         return {k: v for k, v in stats.items() if k.startswith("w_mean") or k.startswith("w_std")}
 
-    def stop_reason(self, row: dict) -> str | None:
+    def stop_reason(self, row: dict, r: int = 0) -> str | None:
         return self.stop_message
 
     # -- evaluation ----------------------------------------------------------------------------
@@ -228,12 +242,10 @@ class XaiTask(Task):
         preds["w_mean"] = [float(w.mean()) if len(w) else float("nan") for w in ws]
         preds["top_second"] = [float((np.argmax(w) * 320 + 200) / 16000) if len(w) else float("nan") for w in ws]
         self._last_eval = (split, ws, fl)
-        return metrics, preds
+        return [(metrics, preds)]
 
-    def write_plots(self, run_dir: Path, tag: str, split: str, count: int = 6) -> None:
+    def write_plots(self, out: Path, split: str, title: str, count: int = 6) -> list[str]:
         """Importance over time with the true spoofed intervals shaded, for a few spoofed utterances."""
-        from ..report.plots import plot_importance
-
         if getattr(self, "_last_eval", (None,))[0] != split:
             self.evaluate(split)
         _, ws, _ = self._last_eval
@@ -241,14 +253,16 @@ class XaiTask(Task):
         spoofed = [i for i in range(len(ws)) if int(meta["label"].iloc[i]) == 1]
         partial = [i for i in spoofed if meta["method"].iloc[i] != "A01"] or spoofed
         pick = (partial + [i for i in spoofed if i not in partial])[:count]
-        if pick:
-            (run_dir / "plots").mkdir(exist_ok=True)
-            plot_importance([ws[i] for i in pick], [meta["segments"].iloc[i] for i in pick],
-                            [meta["sample_id"].iloc[i] for i in pick], run_dir / "plots" / f"importance_{tag}.png")
+        if not pick:
+            return []
+        out.mkdir(parents=True, exist_ok=True)
+        plot_importance([ws[i] for i in pick], [meta["segments"].iloc[i] for i in pick],
+                        [meta["sample_id"].iloc[i] for i in pick], out / "importance.png")
+        return ["importance.png"]
 
-    def finish(self, run_dir: Path) -> dict:
+    def finish(self, run_dir: Path, r: int = 0) -> dict:
         for split in ("val", "test"):
-            self.write_plots(run_dir, split, split)
+            self.write_plots(run_dir / "eval" / split / "plots", split, f"{run_dir.name}, {split}")
         return {"importance": self.importance_stats("train"), "stopped": self.stop_message}
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..data.audio import parse_segments
+
 
 def _plt():
     import matplotlib
@@ -271,8 +273,6 @@ def plot_cascade(rows: pd.DataFrame, path: Path, *, marks=(), recommended: float
 def plot_importance(importances, segments, titles, path: Path, hop_seconds: float = 0.02,
                     centre_seconds: float = 0.0125, title: str = ""):
     """Frame importance w(t) over time, one panel per utterance, true spoofed intervals shaded."""
-    from ..data.audio import parse_segments
-
     plt = _plt()
     fig, axes = plt.subplots(len(importances), 1, figsize=(9, 1.6 * len(importances) + 0.4), squeeze=False)
     for ax, w, seg, title in zip(axes[:, 0], importances, segments, titles):

@@ -1,7 +1,10 @@
-"""The one trainer, evaluation of runs, and ablations over presets and seeds."""
+"""The one training loop, the head trainer, the one evaluation writer, and ablations."""
 
+from ..heads.task import load_run
 from .ablate import ablate
-from .evaluate import evaluate_run
-from .trainer import RunResult, load_run, train_head
+from .evaluate import Evaluation, evaluate_head, write_evaluation
+from .loop import FitResult, LoopSettings, fit
+from .trainer import RunResult, train_head, train_runs
 
-__all__ = ["RunResult", "ablate", "evaluate_run", "load_run", "train_head"]
+__all__ = ["Evaluation", "FitResult", "LoopSettings", "RunResult", "ablate", "evaluate_head", "fit", "load_run", "train_head",
+           "train_runs", "write_evaluation"]

@@ -10,8 +10,9 @@ import pandas as pd
 
 from ..config import presets_of
 from ..errors import FeatcacheError
+from ..report.plots import plot_ablation
 from ..report.tables import markdown_table
-from .evaluate import evaluate_run
+from .evaluate import evaluate_head
 from .trainer import train_head
 
 #: The columns of ablation.md, when present.
@@ -25,8 +26,6 @@ def ablate(task: str, cache, out, *, presets="all", seeds=(0, 1, 2), evals: dict
     Writes ``ablation.csv`` (one row per run: val, test and each eval cache's test metrics),
     ``ablation.md`` (mean ± std per preset) and ``ablation_auc_vs_f_fpr.png``.
     """
-    from ..report.plots import plot_ablation
-
     out = Path(out)
     names = presets_of(task) if presets in ("all", ["all"], ("all",)) else list(presets)
     if not names:
@@ -52,7 +51,7 @@ def ablate(task: str, cache, out, *, presets="all", seeds=(0, 1, 2), evals: dict
                    **{f"val_{k}": v for k, v in summary["val"].items()},
                    **{f"test_{k}": v for k, v in summary["test"].items()}}
             for name, other in (evals or {}).items():
-                metrics = evaluate_run(run, other, split="test", name=name)
+                metrics = evaluate_head(run, other, split="test", name=name).metrics
                 row.update({f"{name}_{k}": v for k, v in metrics.items()})
             rows.append(row)
     df = pd.DataFrame(rows)

@@ -1,64 +1,89 @@
-"""`featcache evaluate`: a trained head on a split of its cache or of another cache."""
+"""The one evaluation writer: ``RUN/eval/<name>_<split>/{predictions.csv, metrics.json, report.md, plots/}``.
+
+Heads (:func:`evaluate_head`) and the MobileNetV4 filter (:func:`featcache.e2e.evaluate.evaluate_filter`)
+both end here: the same files, the same subgroup table and ROC for detectors, and the task's own
+markdown and plots. The returned :class:`Evaluation` carries its one-line summary (the task's
+``summary_keys``) and its markdown; nothing is read back from disk.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import pandas as pd
 
 from ..cache import open_cache
 from ..errors import FeatcacheError
-from .trainer import load_run, write_predictions
+from ..heads.task import load_run
+from ..metrics import subgroup_table
+from ..report.plots import plot_roc, plot_subgroup_rates
+from ..report.tables import markdown_table
+from ..runtime import eval_dir, write_eval
 
 
-def evaluate_run(run_dir, cache=None, *, split: str = "test", name: str | None = None, device=None,
-                 manifest=None, thresholds=None, save_predictions: bool = False, progress: bool = False) -> dict:
-    """Predict ``split`` of ``cache`` (default: the run's own cache); write predictions, metrics, plots.
+@dataclass
+class Evaluation:
+    """One evaluated split of one run, and where its files are."""
 
-    A train-e2e run (the MobileNetV4 filter) reads images instead: ``manifest`` (default: the
-    one it was trained on), evaluated by :func:`featcache.e2e.evaluate_e2e` into
-    ``RUN/eval_<tag>/`` with the cascade ``thresholds``; the metrics are returned.
+    run_dir: Path
+    split: str
+    out: Path
+    metrics: dict
+    summary_keys: tuple[str, ...]
+    markdown: str
+    files: list[str] = field(default_factory=list)
 
-    Files are tagged ``<name>_<split>`` (or ``<split>``): ``predictions_*.csv``, ``metrics_*.json``,
-    and for detectors ``subgroups_*.csv`` / ``.md``, ``plots/roc_*.png``, ``plots/subgroup_rates_*.png``.
-    Returns the metrics.
-    """
-    from ..e2e.evaluate import DEFAULT_THRESHOLDS, evaluate_e2e, is_e2e_run
-    from ..metrics import subgroup_table
-    from ..report.plots import plot_roc, plot_subgroup_rates
-    from ..report.tables import markdown_table
+    def short(self) -> str:
+        """The task's summary metrics on one line."""
+        return ", ".join(f"{k} {self.metrics[k]:.3f}" for k in self.summary_keys
+                         if isinstance(self.metrics.get(k), (int, float)) and self.metrics[k] is not None)
 
+
+def write_evaluation(run_dir, split: str, metrics: dict, predictions: pd.DataFrame, *, detects: bool,
+                     summary_keys, title: str, name: str | None = None, task_md: str = "",
+                     plots=None) -> Evaluation:
+    """Write one evaluation; ``plots(out_plots_dir, tag)`` adds the caller's plots."""
     run_dir = Path(run_dir)
-    if is_e2e_run(run_dir):
-        if cache is not None:
-            raise FeatcacheError(f"{run_dir} is a train-e2e run: it reads images; pass --manifest, not --cache")
-        if manifest is None:
-            from ..config import load_config
+    out = eval_dir(run_dir, split, name)
+    tag = out.name
+    metrics = dict(metrics)
+    lines = [f"# {title}: {tag}", "", f"n = {len(predictions)}", ""]
+    keys = [k for k in summary_keys if k in metrics]
+    if keys:
+        lines += [markdown_table(pd.DataFrame([{k: metrics[k] for k in keys}])), ""]
+    files = ["predictions.csv", "metrics.json", "report.md"]
+    if detects and {"label", "prob"} <= set(predictions.columns):
+        metrics.setdefault("n", int(len(predictions)))
+        y, p = predictions["label"].to_numpy(), predictions["prob"].to_numpy()
+        plot_roc(y, p, out / "plots" / "roc.png", f"{title}, {tag}")
+        files.append("plots/roc.png")
+        if "subgroup" in predictions and (predictions["subgroup"].to_numpy() >= 0).any():
+            table = subgroup_table(y, p, predictions["subgroup"].to_numpy())
+            if len(table):
+                table.to_csv(out / "subgroups.csv", index=False)
+                plot_subgroup_rates(table, out / "plots" / "subgroup_rates.png", f"{title}, {tag}")
+                lines += ["## Subgroups (P(fake) >= 0.5)", "", markdown_table(table), ""]
+                files += ["subgroups.csv", "plots/subgroup_rates.png"]
+    if task_md:
+        lines += [task_md, ""]
+    if plots is not None:
+        files += [f"plots/{f}" for f in plots(out / "plots", tag)]
+    markdown = "\n".join(lines)
+    write_eval(out, metrics, predictions, markdown)
+    return Evaluation(run_dir, tag, out, metrics, tuple(summary_keys), markdown, files)
 
-            manifest = load_config(run_dir / "config.yaml")["manifest"]["path"]
-        report = evaluate_e2e(run_dir, manifest, split=split, name=name, device=device, progress=progress,
-                              thresholds=thresholds or DEFAULT_THRESHOLDS, save_predictions=save_predictions)
-        return report["metrics"]
-    if manifest is not None:
-        raise FeatcacheError(f"{run_dir} is a head run: it reads a cache (--cache), not a --manifest")
+
+def evaluate_head(run_dir, cache=None, *, split: str = "test", name: str | None = None, device=None) -> Evaluation:
+    """Predict ``split`` of ``cache`` (default: the run's own) with a trained head."""
     task = load_run(run_dir, device)
     cache_path = cache or task.cfg.get("cache", {}).get("path")
     if not cache_path:
         raise FeatcacheError(f"{run_dir} does not record its cache; pass --cache")
     c = open_cache(cache_path)
-    task.check_cache(c)
-    task.data[split] = task.split_data(c, split).to(task.device)
-    metrics, preds = task.evaluate(split)
-    tag = f"{name}_{split}" if name else split
-    if task.detects:
-        metrics = {**metrics, "n": int(len(preds))}
-    write_predictions(run_dir, tag, metrics, preds)
-    task.write_plots(run_dir, tag, split)
-    task.report(run_dir, tag, metrics)
-    if task.detects:
-        table = subgroup_table(preds["label"].to_numpy(), preds["prob"].to_numpy(), preds["subgroup"].to_numpy())
-        table.to_csv(run_dir / f"subgroups_{tag}.csv", index=False)
-        (run_dir / f"subgroups_{tag}.md").write_text(markdown_table(table))
-        (run_dir / "plots").mkdir(exist_ok=True)
-        plot_roc(preds["label"].to_numpy(), preds["prob"].to_numpy(), run_dir / "plots" / f"roc_{tag}.png", tag)
-        if len(table):
-            plot_subgroup_rates(table, run_dir / "plots" / f"subgroup_rates_{tag}.png", tag)
-    return metrics
+    task.load(c, splits=(split,))
+    metrics, preds = task.evaluate(split)[0]
+    return write_evaluation(run_dir, split, metrics, preds, detects=task.detects, summary_keys=task.summary_keys,
+                            title=f"{Path(run_dir).name} ({task.name})", name=name, task_md=task.report(metrics, preds),
+                            plots=lambda d, tag: task.write_plots(d, split, f"{Path(run_dir).name}, {tag}"))
+

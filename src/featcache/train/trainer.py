@@ -1,211 +1,175 @@
-"""The one trainer: every task trains, selects its best epoch and writes its run directory here.
+"""Training a head: config, run directories, the one loop (:mod:`.loop`), final evaluation, summary.
 
-RUN/ config.yaml  log.jsonl  training_log.csv  best.safetensors  last.safetensors  model.json
-     predictions_<split>.csv  metrics_<split>.json  plots/*.png  summary.json   (DESIGN.md)
+RUN/ config.yaml  model.json  log.jsonl  training_log.csv  best.safetensors  last.safetensors
+     resume.pt  summary.json  plots/training_curves.png  eval/{val,test}/...   (ARCHITECTURE.md)
 
 Model selection uses the validation split only; test metrics are reported, never used to choose.
+An interrupted run (Ctrl-C, kill -9) resumes when the same command is run again; a rerun with
+another config is refused with the difference named (``--overwrite`` replaces the run).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import random
-import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import torch
-from safetensors.torch import load_file, save_file
-
 from ..cache import open_cache
-from ..config import load_config, resolve_config, save_config, selection_score
+from ..config import load_config, resolve_config, save_config
 from ..errors import FeatcacheError
-from ..extract.runner import resolve_device
-from ..heads.task import StepState, Task, get_task
-
-RUN_MARKERS = ("config.yaml", "log.jsonl", "summary.json")
+from ..heads.task import Task, get_task, load_run
+from ..runtime import is_run_dir, load_weights, prepare_run_dir, resolve_device, seed_everything, write_json
+from .evaluate import Evaluation, write_evaluation
+from .loop import RESUME_FILE, FitResult, LoopSettings, fit
 
 
 @dataclass
 class RunResult:
+    """A trained run: its selection, val/test metrics and what the task added; it prints itself."""
+
     run_dir: Path
     best_epoch: int
     val: dict
     test: dict
     seconds: float
     extra: dict
+    summary_keys: tuple[str, ...] = ()
+    evaluations: list[Evaluation] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"{self.run_dir}: best epoch {self.best_epoch}, {self.seconds:.1f} s"]
+        out += [f"  {e.split}: {e.short()}" for e in self.evaluations]
+        for attr, row in (self.extra.get("probe") or {}).items():
+            out.append(f"  probe {attr}: raw {row['raw']:.3f} -> debiased {row['debiased']:.3f} "
+                       f"(chance {row['chance']:.3f})")
+        if self.extra.get("stopped"):
+            out.append(f"  stopped: {self.extra['stopped']}")
+        out += [f"  note: {n}" for n in self.notes]
+        return out
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two configs."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
 
 
-def prepare_run_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise FeatcacheError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not any((out / m).exists() for m in RUN_MARKERS):
-            raise FeatcacheError(f"{out} is not empty and is not a run directory; choose a new --out")
-        if not overwrite:
-            raise FeatcacheError(f"{out} already holds a run; pass --overwrite to replace it, or choose a new --out")
-        shutil.rmtree(out)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    return str(o)
-
-
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=_json_default, allow_nan=True))
-
-
-def write_predictions(run_dir: Path, name: str, metrics: dict, predictions: pd.DataFrame) -> None:
-    predictions.to_csv(run_dir / f"predictions_{name}.csv", index=False)
-    write_json(run_dir / f"metrics_{name}.json", metrics)
-
-
-def save_module(module: torch.nn.Module, path: Path) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(path))
-
-
-def train_head(
-    task_name: str,
-    cache_path,
-    out,
-    *,
-    preset: str | None = None,
-    config_file=None,
-    sets=(),
-    overwrite: bool = False,
-    progress: bool = True,
-    options: dict | None = None,
-) -> RunResult:
-    """Train a task's head from a cache into the run directory ``out``.
-
-    ``options`` are task inputs that are not hyper-parameters (Stage 2's ``stage1`` run).
-    """
-    from ..progress import bar as tqdm
-    from ..report.plots import plot_training_curves
-
-    out = Path(out)
+def _resolve(task_name, cache_path, preset, config_file, sets, options) -> dict:
     cfg = resolve_config(task_name, preset, config_file, sets)
-    cfg["options"] = {k: str(v) for k, v in (options or {}).items() if v is not None}
-    tcfg = cfg["training"]
-    device = resolve_device(None if tcfg["device"] == "auto" else tcfg["device"])
-    cache = open_cache(cache_path)
-    cfg["cache"] = {"path": str(Path(cache_path).resolve()), "fingerprint": cache.fingerprint}
-    seed_everything(int(tcfg["seed"]))
+    cls = get_task(task_name)
+    given = {k: str(v) for k, v in (options or {}).items() if v is not None}
+    cfg["options"] = {k: str(Path(v).resolve()) if k in cls.requires_runs else v for k, v in given.items()}
+    cfg["cache"] = {"path": str(Path(cache_path).resolve())}
+    return cfg
 
-    task: Task = get_task(task_name)(cfg, device, run_dir=out)
+
+def resolve_inputs(task: Task, device) -> None:
+    """Load the finished runs a task requires (``requires_runs``) into ``task.inputs``."""
+    for option, needed in task.requires_runs.items():
+        path = task.cfg.get("options", {}).get(option)
+        if not path:
+            raise FeatcacheError(f"{task.name} needs a finished {needed} run: pass --{option} RUN")
+        if not Path(path).exists():
+            raise FeatcacheError(f"--{option} {path} does not exist")
+        run = load_run(path, device)
+        if run.name != needed:
+            raise FeatcacheError(f"--{option} {path} is a {run.name} run, not a {needed} run")
+        task.inputs[option] = run
+
+
+def _start_or_resume(out: Path, cfg: dict, overwrite: bool) -> bool:
+    """True when ``out`` holds an interrupted run of this very config (it resumes)."""
+    if overwrite or not is_run_dir(out):
+        return False
+    if (out / "summary.json").is_file():
+        raise FeatcacheError(f"{out} already holds a finished run; pass --overwrite to replace it, or choose a new --out")
+    if not (out / RESUME_FILE).is_file() or not (out / "config.yaml").is_file():
+        return False  # nothing finished: started afresh below (prepare_run_dir replaces it)
+    diffs = config_differences(load_config(out / "config.yaml"), cfg)
+    if diffs:
+        raise FeatcacheError(f"{out} holds an interrupted run with another config ({'; '.join(diffs[:4])}); "
+                             "rerun it with the same options to resume, or pass --overwrite to replace it")
+    return True
+
+
+def train_runs(task_name: str, cache_path, outs: list, *, cfgs: list[dict], overwrite: bool = False,
+               progress: bool = True, echo=None) -> list[RunResult]:
+    """Train R runs of one task stacked in one job (R = 1: ``train-head``); one run directory each."""
+    outs = [Path(o) for o in outs]
+    cls = get_task(task_name)
+    keys = {cls.stack_key(c) for c in cfgs}
+    if len(keys) > 1:
+        raise FeatcacheError(f"{len(cfgs)} runs of {task_name} differ in more than seed and loss weights; "
+                             "train them as separate jobs")
+    dev_name = cfgs[0]["training"]["device"]
+    device = resolve_device(None if dev_name == "auto" else dev_name, what="training.device")
+    cache = open_cache(cache_path)
+    for c in cfgs:
+        c["cache"]["fingerprint"] = cache.fingerprint
+    settings = LoopSettings.from_config(cfgs)
+    resumes = [_start_or_resume(o, c, overwrite) for o, c in zip(outs, cfgs)]
+    if any(resumes) and not all(resumes):
+        raise FeatcacheError("some of these runs were interrupted and some not; train them one by one")
+    seed_everything(settings.seeds[0])
+    task: Task = cls(cfgs, device, run_dirs=outs)
+    resolve_inputs(task, device)
     task.load(cache)
     task.spec = task.make_spec()
     task.module = task.build(task.spec).to(device)
-    prepare_run_dir(out, overwrite)
-    save_config(cfg, out / "config.yaml")
-    write_json(out / "model.json", {"task": task_name, "spec": task.spec})
+    if not resumes[0]:
+        for o, c in zip(outs, cfgs):
+            prepare_run_dir(o, overwrite=True if is_run_dir(o) and not (o / "summary.json").is_file() else overwrite)
+            save_config(c, o / "config.yaml")
+            write_json(o / "model.json", {"task": task_name, "spec": task.spec})
+    elif echo:
+        echo(f"resuming {', '.join(map(str, outs))} from its last finished epoch")
+    t0 = time.perf_counter()
+    label = f"train {task_name}" + (f":{cfgs[0]['preset']}" if cfgs[0].get("preset") and len(cfgs) == 1 else "")
+    fits = fit(task, outs, settings, resume=resumes[0], desc=label, progress=progress, echo=echo)
+    return conclude(task, fits, cfgs, time.perf_counter() - t0)
 
-    params = task.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=float(tcfg["lr"]), weight_decay=float(tcfg["weight_decay"]))
-    epochs, bs = int(tcfg["epochs"]), int(tcfg["batch_size"])
-    grad_clip = float(tcfg.get("grad_clip") or 0.0)  # max gradient norm; 0 or absent: no clipping
-    if epochs < 1 or bs < 1:
-        raise FeatcacheError("training.epochs and training.batch_size must be at least 1")
-    train = task.data["train"]
-    n = len(train)
-    gen = torch.Generator().manual_seed(int(tcfg["seed"]))
-    formula = cfg["selection"]["score"]
-    # Only epochs from min_epoch on compete (Stage 2: after the fairness warm-up, so that every
-    # preset is judged as trained with its whole objective); fewer epochs than that: all compete.
-    min_epoch = min(int(cfg["selection"].get("min_epoch", 1)), epochs)
-    best_score, best_epoch, log = -math.inf, 0, []
-    t_start = time.perf_counter()
-    bar = tqdm(range(1, epochs + 1), desc=f"train {task_name}" + (f":{cfg['preset']}" if cfg["preset"] else ""),
-               unit="epoch", disable=not progress)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        state = StepState(epoch, epochs)
-        task.module.train()
-        sums: dict[str, float] = {}
-        seen = 0
-        order = torch.randperm(n, generator=gen).to(device)
-        for start in range(0, n, bs):
-            idx = order[start:start + bs]
-            if len(idx) < 2:  # a batch of one breaks batch statistics and group losses
-                continue
-            batch = {k: v[idx] for k, v in train.tensors.items()}
-            loss, terms = task.batch_loss(batch, state)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            k = len(idx)
-            seen += k
-            for name, value in {"loss": loss.detach(), **terms}.items():
-                sums[name] = sums.get(name, 0.0) + float(value) * k
-        task.module.eval()
-        val_metrics, _ = task.evaluate("val")
-        score = selection_score(formula, val_metrics)
-        row = {"epoch": epoch, "seconds": time.perf_counter() - t0, "lr": opt.param_groups[0]["lr"],
-               **task.epoch_values(state),
-               **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
-               **{f"val_{k}": v for k, v in val_metrics.items()}, "score": score}
-        log.append(row)
-        with open(out / "log.jsonl", "a") as fh:
-            fh.write(json.dumps(row, default=_json_default) + "\n")
-        if epoch >= min_epoch and not math.isnan(score) and score > best_score:
-            best_score, best_epoch = score, epoch
-            save_module(task.module, out / "best.safetensors")
-        bar.set_postfix(loss=f"{row.get('train_loss', float('nan')):.3f}", score=f"{score:.3f}")
-        stop = task.stop_reason(row)
-        if stop:
-            bar.write(f"stopped: {stop}")
-            break
-    save_module(task.module, out / "last.safetensors")
-    if best_epoch == 0:  # every score was NaN: keep the last epoch, and say so
-        best_epoch = epochs
-        shutil.copy(out / "last.safetensors", out / "best.safetensors")
-    pd.DataFrame(log).to_csv(out / "training_log.csv", index=False)
-    plot_training_curves(pd.DataFrame(log), out / "plots" / "training_curves.png", best_epoch=best_epoch)
 
-    task.module.load_state_dict(load_file(str(out / "best.safetensors"), device=str(device)))
+def conclude(task: Task, fits: list[FitResult], cfgs: list[dict], seconds: float) -> list[RunResult]:
+    """Each run's selected weights evaluated on val and test into RUN/eval/, then summary.json."""
+    for r, f in enumerate(fits):
+        task.load_run_state_dict(r, load_weights(f.run_dir / "best.safetensors", task.device))
     task.module.eval()
-    results = {}
-    for split in ("val", "test"):
-        metrics, preds = task.evaluate(split)
-        write_predictions(out, split, metrics, preds)
-        results[split] = metrics
-    extra = task.finish(out)
-    seconds = time.perf_counter() - t_start
-    write_json(out / "summary.json", {
-        "task": task_name, "preset": cfg["preset"], "seed": int(tcfg["seed"]), "best_epoch": best_epoch,
-        "selection": formula, "score": best_score if best_score > -math.inf else None,
-        "val": results["val"], "test": results["test"], **extra, "seconds": seconds,
-    })
-    return RunResult(out, best_epoch, results["val"], results["test"], seconds, extra)
+    evals = {split: task.evaluate(split) for split in ("val", "test")}
+    results = []
+    for r, (f, cfg) in enumerate(zip(fits, cfgs)):
+        written = [write_evaluation(f.run_dir, split, *evals[split][r], detects=task.detects,
+                                    summary_keys=task.summary_keys, title=f"{f.run_dir.name} ({task.name})",
+                                    task_md=task.report(*evals[split][r]))
+                   for split in ("val", "test")]
+        extra = task.finish(f.run_dir, r) or {}
+        if f.stopped:
+            extra.setdefault("stopped", f.stopped)
+        notes = [n for n in (f.note,) if n]
+        write_json(f.run_dir / "summary.json", {
+            "task": task.name, "preset": cfg.get("preset"), "seed": int(cfg["training"]["seed"]),
+            "best_epoch": f.best_epoch, "epochs_run": f.epochs_run, "selection": cfg["selection"]["score"],
+            "rule": cfg["selection"].get("rule", "best"), "score": f.score, "stopped": f.stopped,
+            "val": evals["val"][r][0], "test": evals["test"][r][0], **extra, "notes": notes,
+            "summary_keys": list(task.summary_keys), "seconds": seconds,
+        })
+        results.append(RunResult(f.run_dir, f.best_epoch, evals["val"][r][0], evals["test"][r][0], seconds, extra,
+                                 task.summary_keys, written, notes))
+    return results
 
 
-def load_run(run_dir, device=None, *, weights: str = "best") -> Task:
-    """Rebuild a trained task from its run directory (config.yaml, model.json, weights)."""
-    run_dir = Path(run_dir)
-    for f in ("config.yaml", "model.json", f"{weights}.safetensors"):
-        if not (run_dir / f).is_file():
-            raise FeatcacheError(f"{run_dir} is not a finished run: {f} is missing")
-    cfg = load_config(run_dir / "config.yaml")
-    spec = json.loads((run_dir / "model.json").read_text())
-    dev = resolve_device(device)
-    task = get_task(spec["task"])(cfg, dev, run_dir=run_dir)
-    task.spec = spec["spec"]
-    task.module = task.build(task.spec).to(dev)
-    task.module.load_state_dict(load_file(str(run_dir / f"{weights}.safetensors"), device=str(dev)))
-    task.module.eval()
-    return task
+def train_head(task_name: str, cache_path, out, *, preset: str | None = None, config_file=None, sets=(),
+               overwrite: bool = False, progress: bool = True, options: dict | None = None, echo=None) -> RunResult:
+    """Train a task's head from a cache into the run directory ``out`` (R = 1 of :func:`train_runs`).
+
+    ``options`` are task inputs that are not hyper-parameters (Stage 2's ``stage1`` run). An
+    interrupted run in ``out`` with the same config resumes.
+    """
+    cfg = _resolve(task_name, cache_path, preset, config_file, sets, options)
+    return train_runs(task_name, cache_path, [out], cfgs=[cfg], overwrite=overwrite, progress=progress, echo=echo)[0]

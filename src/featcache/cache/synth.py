@@ -16,9 +16,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..cache import CacheSpec, CacheWriter
-from .manifest import FFPP_SUBGROUP_COUNTS, GENDERS, RACES
-from .synth_faces import HARDNESS
+from ..data.manifest import FFPP_SUBGROUP_COUNTS, GENDERS, RACES
+from ..data.synth_faces import HARDNESS
+from .store import CacheSpec, CacheWriter
 
 
 def synth_feature_cache(path, *, rows: int = 10_000, dim: int = 768, bias: float = 0.6, signal: float = 2.0,

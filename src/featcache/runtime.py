@@ -1,0 +1,192 @@
+"""The runtime room: devices, seeds, deterministic mode and the run directory.
+
+Everything that trains or evaluates (heads, the MobileNetV4 filter, the DETR fine-tune,
+``featcache evaluate``, analysis) takes these from here; nothing above re-implements them.
+
+Deterministic mode (:func:`set_deterministic`, ``--deterministic``; on in the tests) sets
+``torch.use_deterministic_algorithms(True)``, cuDNN's deterministic algorithms without
+benchmarking, and ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, so a resumed CUDA run repeats an
+uninterrupted one bit for bit. CUDA has no deterministic kernel for a few ops; with
+``warn_only=True`` torch warns instead of failing on them. Those featcache reaches are the
+backward of ``index_add_``/``scatter_add_`` on floating CUDA tensors (used by
+``torch.bincount`` with weights and by geomloss's Sinkhorn reductions) and
+``torch.nn.functional.interpolate``'s bilinear backward (timm's MobileNetV4 hybrid models); a
+run that hits one of them is reproducible to float rounding only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import FeatcacheError
+
+#: Files that mark a folder as a run directory (any layout featcache ever wrote).
+RUN_MARKERS = ("config.yaml", "log.jsonl", "summary.json", "model.json")
+
+
+# -- devices, seeds, determinism ------------------------------------------------------------------
+def resolve_device(device: str | None, *, what: str = "--device") -> torch.device:
+    """``None``/``auto`` -> CUDA when present, else the CPU; otherwise the named torch device.
+
+    ``what`` names the option or config key the value came from, for the error message.
+    """
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise FeatcacheError(f"{what} {device!r} is not a torch device (use cpu, cuda, cuda:1, ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FeatcacheError(f"{what}={device} asks for CUDA, but torch sees no CUDA device; use cpu or auto")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_deterministic(on: bool = True) -> None:
+    """Deterministic kernels on (or off); see the module docstring for the ops CUDA cannot repeat."""
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = not on
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """The global generators' states as tensors (readable with ``torch.load(weights_only=True)``)."""
+    state = {"torch": torch.get_rng_state(),
+             "numpy": torch.from_numpy(np.frombuffer(json.dumps(_np_state()).encode(), dtype=np.uint8).copy()),
+             "python": torch.from_numpy(np.frombuffer(json.dumps(_py_state()).encode(), dtype=np.uint8).copy())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    np_state = json.loads(bytes(state["numpy"].cpu().numpy()).decode())
+    np.random.set_state((np_state[0], np.array(np_state[1], dtype=np.uint32), *np_state[2:]))
+    py = json.loads(bytes(state["python"].cpu().numpy()).decode())
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(list(state["cuda"].cpu()))
+
+
+def _np_state():
+    s = np.random.get_state()
+    return [s[0], s[1].tolist(), int(s[2]), int(s[3]), float(s[4])]
+
+
+def _py_state():
+    s = random.getstate()
+    return [s[0], list(s[1]), s[2]]
+
+
+# -- JSON ----------------------------------------------------------------------------------------
+def json_default(o):
+    """JSON for NumPy scalars and arrays, tensors and paths (the one ``default=`` of featcache)."""
+    if isinstance(o, (np.floating, np.integer, np.bool_)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if torch.is_tensor(o):
+        return o.detach().cpu().tolist()
+    return str(o)
+
+
+def to_json(obj, indent: int | None = 2) -> str:
+    return json.dumps(obj, indent=indent, default=json_default, allow_nan=True)
+
+
+def write_json(path: Path, obj) -> None:
+    """Write ``obj`` as JSON, atomically (a kill never leaves half a file)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(to_json(obj))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+# -- the run directory -----------------------------------------------------------------------------
+def is_run_dir(path: Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
+
+
+def prepare_run_dir(out: Path, overwrite: bool) -> None:
+    """Make ``out`` an empty run directory (``plots/`` inside); replace a run only with ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FeatcacheError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_run_dir(out):
+            raise FeatcacheError(f"{out} is not empty and is not a run directory; choose a new --out")
+        if not overwrite:
+            raise FeatcacheError(f"{out} already holds a run; pass --overwrite to replace it, or choose a new --out")
+        shutil.rmtree(out)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+
+
+def save_module(module: torch.nn.Module | dict, path: Path) -> None:
+    """A module's (or a state dict's) tensors in safetensors, written atomically."""
+    sd = module.state_dict() if isinstance(module, torch.nn.Module) else module
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_weights(path: Path, device="cpu") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise FeatcacheError(f"{path} does not exist")
+    return load_file(str(path), device=str(device))
+
+
+def save_state(state: dict, path: Path) -> None:
+    """Optimizer/scheduler/RNG state (tensors and numbers only), written atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, device="cpu") -> dict:
+    """Read :func:`save_state`'s file with ``torch.load(weights_only=True)``."""
+    return torch.load(Path(path), map_location=device, weights_only=True)
+
+
+def eval_dir(run_dir: Path, split: str, name: str | None = None) -> Path:
+    """``RUN/eval/<name>_<split>/`` (or ``RUN/eval/<split>/``), created with its ``plots/``."""
+    out = Path(run_dir) / "eval" / (f"{name}_{split}" if name else split)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_eval(out: Path, metrics: dict, predictions: pd.DataFrame, report_md: str) -> None:
+    """One evaluation's files: predictions.csv, metrics.json, report.md (plots are the caller's)."""
+    predictions.to_csv(out / "predictions.csv", index=False)
+    write_json(out / "metrics.json", metrics)
+    (out / "report.md").write_text(report_md)
+
+
+def finite_or_none(x):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

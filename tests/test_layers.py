@@ -1,0 +1,120 @@
+"""Layers only look down: every import of a featcache module goes to the same or a lower layer.
+
+The table is the one in ARCHITECTURE.md. A function-level (lazy) import of a featcache module
+is refused too: it is how an upward import hides. ``cli.py`` is the one exception: its command
+functions import the library lazily so that ``featcache --help`` does not load torch; cli is the
+top layer, so none of its imports can point up.
+"""
+
+import ast
+from pathlib import Path
+
+import featcache
+
+SRC = Path(featcache.__file__).parent
+
+#: Top-level room of featcache -> layer (higher imports lower, never the reverse).
+LAYERS = {
+    "__init__": 0, "errors": 0, "registry": 0, "config": 0, "runtime": 0, "progress": 0,
+    "data": 1,
+    "cache": 2,
+    "extract": 3, "metrics": 3, "report": 3, "losses": 3,
+    "heads": 4,
+    "train": 5,
+    "analyze": 6, "e2e": 6,
+    "demo": 7,
+    "cli": 8, "__main__": 8,
+}
+LAZY_ALLOWED = {"cli"}
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _modules():
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC.parent).with_suffix("")
+        name = ".".join(rel.parts)
+        if name.endswith(".__init__"):
+            name = name[: -len(".__init__")]
+            package = name
+        else:
+            package = name.rsplit(".", 1)[0]
+        yield path, name, package
+
+
+def _is_module(name: str) -> bool:
+    rel = Path(*name.split(".")[1:])
+    return (SRC / rel).with_suffix(".py").is_file() or (SRC / rel / "__init__.py").is_file()
+
+
+def _imports(tree: ast.Module, package: str):
+    """(featcache module imported, line, at function level?) for every import in the file."""
+    parents = {}
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            parents[child] = node
+
+    def in_function(node):
+        while node in parents:
+            node = parents[node]
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                return True
+        return False
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            targets = [target] if node.module else [
+                f"{target}.{a.name}" if _is_module(f"{target}.{a.name}") else target for a in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        else:
+            continue
+        for t in targets:
+            if t == "featcache" or t.startswith("featcache."):
+                yield t, node.lineno, in_function(node)
+
+
+def test_every_room_has_a_layer():
+    rooms = {_room(name) if name != "featcache" else "__init__" for _, name, _ in _modules()}
+    assert rooms <= set(LAYERS), f"rooms without a layer: {sorted(rooms - set(LAYERS))}; add them to ARCHITECTURE.md"
+
+
+def test_no_upward_and_no_lazy_import():
+    upward, lazy = [], []
+    for path, name, package in _modules():
+        room = "__init__" if name == "featcache" else _room(name)
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for target, line, nested in _imports(tree, package):
+            other = _room(target) if target != "featcache" else "__init__"
+            if LAYERS[other] > LAYERS[room]:
+                upward.append(f"{path.relative_to(SRC)}:{line} ({room}, layer {LAYERS[room]}) imports {target} "
+                              f"(layer {LAYERS[other]})")
+            if nested and room not in LAZY_ALLOWED:
+                lazy.append(f"{path.relative_to(SRC)}:{line} imports {target} inside a function")
+    assert not upward, "imports that run up the layers:\n" + "\n".join(upward)
+    assert not lazy, "function-level imports of featcache modules:\n" + "\n".join(lazy)
+
+
+def test_the_checker_sees_an_upward_and_a_lazy_import():
+    tree = ast.parse("from ..train.trainer import x\nfrom .. import cache\n\ndef f():\n    from ..cache import y\n")
+    found = list(_imports(tree, "featcache.heads"))
+    assert found == [("featcache.train.trainer", 1, False), ("featcache.cache", 2, False), ("featcache.cache", 5, True)]
+
+
+def test_one_file_steps_an_optimizer():
+    steppers = []
+    for path, _, _ in _modules():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "step"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id in ("opt", "optimizer", "scaler")):
+                steppers.append(str(path.relative_to(SRC)))
+    assert sorted(set(steppers)) == ["train/loop.py"], steppers

@@ -1,0 +1,291 @@
+"""The one loop and the one run layout: stacked runs, resume after a kill, selection rules,
+checkpoints, and the errors a user meets at the CLI (issue 13, issue 19 items 11-12)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from featcache.cache.synth import synth_feature_cache
+from featcache.errors import FeatcacheError
+from featcache.heads.task import SplitData, Task, register_task
+from featcache.train import train_runs
+
+
+@register_task("toy_stack")
+class ToyStack(Task):
+    """Logistic regression per run, stacked: weight (R, D), bias (R,); an L2 weight per run."""
+
+    max_runs = 4
+    meta_columns = ["sample_id", "label", "split", "subgroup"]
+    summary_keys = ("auc", "acc")
+
+    def tensors(self, data):
+        return SplitData({"x": torch.from_numpy(np.array(data.features)),
+                          "y": torch.from_numpy(data.meta["label"].to_numpy().astype(np.float32))}, data.meta)
+
+    def make_spec(self):
+        return {"dim": int(self.data["train"].tensors["x"].shape[1])}
+
+    def build(self, spec):
+        ws, bs = [], []
+        for cfg in self.cfgs:  # run r's initialisation depends only on its seed
+            g = torch.Generator().manual_seed(int(cfg["training"]["seed"]))
+            ws.append(torch.randn(1, spec["dim"], generator=g) * 0.1)
+            bs.append(torch.zeros(1))
+        m = torch.nn.Module()
+        m.weight = torch.nn.Parameter(torch.cat(ws))
+        m.bias = torch.nn.Parameter(torch.cat(bs))
+        return m
+
+    def coefficients(self):
+        return {"l2": torch.tensor([float(c["loss"]["l2"]) for c in self.cfgs], device=self.device)}
+
+    def batch_loss(self, batch, state):
+        logits = torch.einsum("rbd,rd->rb", batch["x"], self.module.weight) + self.module.bias[:, None]
+        ce = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["y"], reduction="none").mean(1)
+        l2 = self.module.weight.pow(2).sum(1)
+        return ce + self.coefficients()["l2"] * l2, {"ce": ce.detach(), "l2": l2.detach()}
+
+    def evaluate(self, split):
+        from sklearn.metrics import roc_auc_score
+
+        d = self.data[split]
+        with torch.no_grad():
+            logits = d.tensors["x"] @ self.module.weight.T + self.module.bias  # (N, R)
+        y = d.tensors["y"].cpu().numpy()
+        out = []
+        for r in range(self.runs):
+            s = logits[:, r].cpu().numpy()
+            p = 1 / (1 + np.exp(-s))
+            preds = d.meta[["sample_id", "label", "subgroup"]].assign(score=s, prob=p)
+            out.append(({"auc": float(roc_auc_score(y, s)), "acc": float(((p >= 0.5) == y).mean())}, preds))
+        return out
+
+
+def toy_cfg(seed: int, l2: float, epochs: int = 4, **training):
+    return {"training": {"epochs": epochs, "batch_size": 64, "lr": 0.05, "weight_decay": 0.01, "grad_clip": 0.5,
+                         "seed": seed, "device": "cpu", "patience": 0, "save_every": 0, **training},
+            "selection": {"score": "auc - acc * 0", "min_epoch": 1, "rule": "best"},
+            "loss": {"l2": l2}, "cache": {"path": "x"}, "preset": None}
+
+
+@pytest.fixture(scope="module")
+def controlled(tmp_path_factory):
+    """The controlled synthetic feature cache (data with a known subgroup structure), small."""
+    out = tmp_path_factory.mktemp("controlled") / "c"
+    synth_feature_cache(out, rows=1200, dim=16, seed=0, part_rows=512)
+    return out
+
+
+def _weights(run):
+    return load_file(run / "best.safetensors")
+
+
+def test_two_stacked_runs_equal_two_single_runs(controlled, tmp_path):
+    cfgs = [toy_cfg(0, 0.0), toy_cfg(1, 0.1)]
+    both = train_runs("toy_stack", controlled, [tmp_path / "a0", tmp_path / "a1"], cfgs=[dict(c) for c in cfgs],
+                      progress=False)
+    single = [train_runs("toy_stack", controlled, [tmp_path / f"b{r}"], cfgs=[cfgs[r]], progress=False)[0]
+              for r in range(2)]
+    for r in range(2):
+        assert both[r].best_epoch == single[r].best_epoch
+        for split in ("val", "test"):
+            got, want = getattr(both[r], split), getattr(single[r], split)
+            assert got == pytest.approx(want, abs=1e-5), (r, split)
+        wa, wb = _weights(tmp_path / f"a{r}"), _weights(tmp_path / f"b{r}")
+        assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa) and wa["weight"].shape[0] == 1
+        la = pd.read_csv(tmp_path / f"a{r}" / "training_log.csv")
+        lb = pd.read_csv(tmp_path / f"b{r}" / "training_log.csv")
+        np.testing.assert_allclose(la["train_ce"], lb["train_ce"], rtol=1e-5)
+    # the runs differ (seed and loss weight), so the comparison above is not trivially true
+    assert not torch.allclose(_weights(tmp_path / "a0")["weight"], _weights(tmp_path / "a1")["weight"])
+
+
+def test_a_killed_head_run_resumes_to_the_same_weights(controlled, tmp_path, monkeypatch):
+    cfg = toy_cfg(3, 0.05, epochs=4)
+    train_runs("toy_stack", controlled, [tmp_path / "whole"], cfgs=[json.loads(json.dumps(cfg))], progress=False)
+
+    real = ToyStack.evaluate
+    calls = {"n": 0}
+
+    def dies_in_epoch_3(self, split):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the val evaluation of epoch 3: the process dies before its resume point
+            raise KeyboardInterrupt
+        return real(self, split)
+
+    monkeypatch.setattr(ToyStack, "evaluate", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_runs("toy_stack", controlled, [tmp_path / "cut"], cfgs=[json.loads(json.dumps(cfg))], progress=False)
+    monkeypatch.setattr(ToyStack, "evaluate", real)
+    assert torch.load(tmp_path / "cut" / "resume.pt", weights_only=True)["loop"]["epoch"] == 2
+    # another config is refused, naming the difference; the same one resumes
+    other = json.loads(json.dumps(cfg))
+    other["training"]["lr"] = 0.5
+    with pytest.raises(FeatcacheError, match=r"training.lr: 0.05 -> 0.5"):
+        train_runs("toy_stack", controlled, [tmp_path / "cut"], cfgs=[other], progress=False)
+    said = []
+    train_runs("toy_stack", controlled, [tmp_path / "cut"], cfgs=[json.loads(json.dumps(cfg))], progress=False,
+               echo=said.append)
+    assert any("resuming" in s for s in said)
+    for f in ("best.safetensors", "last.safetensors"):
+        a, b = load_file(tmp_path / "whole" / f), load_file(tmp_path / "cut" / f)
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+    log = [json.loads(line)["epoch"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]
+    with pytest.raises(FeatcacheError, match="already holds a finished run"):
+        train_runs("toy_stack", controlled, [tmp_path / "cut"], cfgs=[json.loads(json.dumps(cfg))], progress=False)
+
+
+def test_rule_last_save_every_and_patience(controlled, tmp_path):
+    last = train_runs("toy_stack", controlled, [tmp_path / "last"], progress=False,
+                      cfgs=[{**toy_cfg(0, 0.0, epochs=3, save_every=1),
+                             "selection": {"score": "auc", "min_epoch": 1, "rule": "last"}}])[0]
+    assert last.best_epoch == 3
+    snaps = sorted(p.name for p in (tmp_path / "last" / "checkpoints").iterdir())
+    assert snaps == ["epoch_0001.safetensors", "epoch_0002.safetensors", "epoch_0003.safetensors"]
+    a, b = _weights(tmp_path / "last"), load_file(tmp_path / "last" / "checkpoints" / "epoch_0003.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a score that never improves after epoch 1 stops after `patience` epochs
+    stop = train_runs("toy_stack", controlled, [tmp_path / "stop"], progress=False,
+                      cfgs=[{**toy_cfg(0, 0.0, epochs=10, patience=2),
+                             "selection": {"score": "0 * auc", "min_epoch": 1, "rule": "best"}}])[0]
+    summary = json.loads((tmp_path / "stop" / "summary.json").read_text())
+    assert stop.best_epoch == 1 and summary["epochs_run"] == 3 and "early stopping" in summary["stopped"]
+
+
+# -- the CLI's one line per mistake ----------------------------------------------------------------
+def _cli(*args, capsys):
+    from featcache.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main([str(a) for a in args])
+    return exc.value.code, capsys.readouterr().err
+
+
+def test_cli_errors_name_what_is_wrong(controlled, tmp_path, capsys):
+    code, err = _cli("train-head", "stage2", "--cache", controlled, "--out", tmp_path / "x", "--stage1",
+                     tmp_path / "no-such-run", capsys=capsys)
+    assert code == 2 and "does not exist" in err and "config.yaml" not in err and err.count("\n") == 1
+    code, err = _cli("evaluate", tmp_path / "no-such-run", capsys=capsys)
+    assert code == 2 and "does not exist" in err
+    code, err = _cli("train-head", "stage1", "--cache", controlled, "--out", tmp_path / "y", "--set",
+                     "training.batch_size=0", capsys=capsys)
+    assert code == 2 and "training.batch_size" in err and "training.epochs" not in err
+    code, err = _cli("finetune-detr", "--manifest", tmp_path / "m.csv", "--out", tmp_path / "d", "--epochs", "0",
+                     capsys=capsys)
+    assert code == 2 and err.startswith("error: --epochs must be") and err.count("\n") == 1
+    if not torch.cuda.is_available():
+        code, err = _cli("train-head", "stage1", "--cache", controlled, "--out", tmp_path / "z", "--set",
+                         "training.device=cuda", capsys=capsys)
+        assert code == 2 and "training.device" in err and "--device" not in err
+
+
+def test_demo_runs_end_to_end_at_tiny_sizes(tmp_path):
+    """`featcache demo`'s library function, its steps numbered [i/7] in order, figures returned."""
+    from featcache.data.synth_faces import minimum_n
+    from featcache.demo import DemoSizes, run_demo
+
+    lines = []
+    sizes = DemoSizes(faces=minimum_n(), stage1_epochs=1, stage2_epochs=1, presets=("full",), clip_model="tiny",
+                      branches=("faces",))
+    r = run_demo(tmp_path / "demo", sizes=sizes, progress=False, echo=lines.append)
+    steps = [line.split("]")[0] + "]" for line in lines if line.startswith("[")]
+    assert steps == ["[1/7]", "[2/7]", "[3/7]", "[4/7]"]
+    assert "| full | 1 |" in r["ablation"] and (tmp_path / "demo" / "runs" / "ablation" / "full" / "seed0" /
+                                                 "eval" / "test" / "metrics.json").is_file()
+    assert any("leakage probe race" in line for line in lines)
+
+
+def test_detr_finetune_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch):
+    from featcache.data.synth_detection import synth_detection
+    from featcache.e2e import detr_finetune
+
+    synth_detection(tmp_path / "d", n=12, seed=0, progress=False)
+    kw = dict(epochs=2, batch_size=4, device="cpu", progress=False)
+    detr_finetune.finetune_detr(tmp_path / "d" / "manifest.csv", tmp_path / "whole", **kw)
+    real = detr_finetune.DetrJob.epoch_values
+
+    def dies_in_epoch_2(self, state):
+        if state.epoch == 2:
+            raise KeyboardInterrupt
+        return real(self, state)
+
+    monkeypatch.setattr(detr_finetune.DetrJob, "epoch_values", dies_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        detr_finetune.finetune_detr(tmp_path / "d" / "manifest.csv", tmp_path / "cut", **kw)
+    monkeypatch.setattr(detr_finetune.DetrJob, "epoch_values", real)
+    detr_finetune.finetune_detr(tmp_path / "d" / "manifest.csv", tmp_path / "cut", **kw)  # the same command resumes
+    a, b = load_file(tmp_path / "whole" / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "cut" / "config.json").is_file()  # the Hugging Face folder extract reads
+
+
+def test_training_curves_show_every_logged_series(controlled, tmp_path, monkeypatch):
+    """What a user sees: the train terms and the val metrics as lines, the best epoch marked, not blank."""
+    from PIL import Image
+
+    import featcache.report.plots as plots
+
+    real_plt, figures = plots._plt(), []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(real_plt, name)
+
+        def close(self, fig=None):
+            figures.append(fig)
+            return real_plt.close(fig)
+
+    monkeypatch.setattr(plots, "_plt", lambda: Recording())
+    r = train_runs("toy_stack", controlled, [tmp_path / "r"], cfgs=[{**toy_cfg(0, 0.1, epochs=3),
+                                                                      "selection": {"score": "auc"}}], progress=False)[0]
+    left, right = figures[0].axes
+    series = [line for line in left.get_lines() if not line.get_label().startswith("_")]
+    assert {line.get_label() for line in series} == {"loss", "ce", "l2"}
+    assert {"auc", "acc", "selection score"} <= {line.get_label() for line in right.get_lines()}
+    for line in series:
+        assert list(line.get_xdata()) == [1, 2, 3]
+    marks = [line for line in right.get_lines() if line.get_label().startswith("_")]  # the best-epoch rule
+    assert any(list(m.get_xdata()) == [r.best_epoch] * 2 for m in marks)
+    pixels = np.asarray(Image.open(tmp_path / "r" / "plots" / "training_curves.png").convert("L"))
+    assert (pixels < 200).mean() > 0.02  # ink on the page, not a blank canvas
+
+
+def test_train_head_killed_with_sigkill_resumes_with_the_same_command(controlled, tmp_path):
+    """A real kill -9 of `featcache train-head` mid-run; the same command resumes to the same weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from featcache.train import train_head
+
+    sets = ["training.epochs=6", "training.device=cpu"]
+    args = [sys.executable, "-m", "featcache", "-q", "train-head", "stage1", "--preset", "grl_only", "--cache",
+            str(controlled), "--out", str(tmp_path / "cut")] + [a for s in sets for a in ("--set", s)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = tmp_path / "cut" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the run finished before it could be killed (machine too fast for 6 epochs)")
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "cut" / "summary.json").exists()
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    train_head("stage1", controlled, tmp_path / "whole", preset="grl_only", sets=sets, progress=False)
+    for f in ("best.safetensors", "last.safetensors"):
+        a, b = load_file(tmp_path / "whole" / f), load_file(tmp_path / "cut" / f)
+        assert all(torch.equal(a[k], b[k]) for k in a), f
+    epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
+    assert epochs == list(range(1, 7))
