@@ -1,16 +1,12 @@
 """One registry of tasks. A task is a head module plus how it is fed and judged.
 
-The trainer (``featcache.train``) is shared by every task; a task provides:
-
-- ``load(cache)``: read what it needs from the cache into tensors (train/val/test);
-- ``build()`` / ``model_spec()``: the nn.Module, and what rebuilds it without the cache;
-- ``batch_loss(batch, state)``: the training loss of one minibatch and its logged terms;
-- ``evaluate(split)``: metrics and a predictions table for a split;
-- ``finish(run_dir)``: optional analysis after training (e.g. Stage 1's leakage probes).
+The trainer (``featcache.train``) is shared by every task; the interface is CONTRACT.md's.
 """
 
 from __future__ import annotations
 
+import copy
+import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,91 +43,142 @@ class SplitData:
 
 @dataclass
 class StepState:
-    """Where training is: epoch (1-based), epochs, and progress p = epoch / epochs."""
+    """Where training is: epoch (1-based) of epochs; ``progress`` is the fraction of training done
+    before this epoch, (epoch - 1) / epochs: 0 at the first epoch (the original design's p)."""
 
     epoch: int
     epochs: int
 
     @property
     def progress(self) -> float:
-        return self.epoch / self.epochs
+        return (self.epoch - 1) / self.epochs
 
 
+# NOTE (heads worktree): a minimal copy of the base class of CONTRACT.md, enough for the stacked
+# tasks and their tests; the "core" engineer's task.py replaces it at merge.
 class Task(ABC):
-    """Base class of the heads' tasks; see the module docstring."""
+    """Base class of the heads' tasks: one instance trains R = len(cfgs) >= 1 stacked runs."""
 
     name: str = ""
-    #: The cache kind this task reads.
     cache_kind: str = "pooled"
-    #: Column of the predictions table that holds the label / score, when the task detects.
     detects: bool = True
+    #: > 1: the task can stack runs (every parameter and buffer has a leading dimension R)
+    max_runs: int = 1
+    #: option name -> task name of a finished run this task needs (the trainer fills self.inputs)
+    requires_runs: dict[str, str] = {}
+    #: loss-section keys that are per-run coefficients (excluded from stack_key)
+    coefficient_keys: tuple[str, ...] = ()
+    #: meta columns read from the cache
+    meta_columns: list[str] | None = None
 
-    def __init__(self, cfg: dict, device: torch.device, run_dir: Path | None = None):
-        self.cfg = cfg
-        self.device = device
-        self.run_dir = run_dir
+    def __init__(self, cfgs: dict | list[dict], device, run_dirs=None):
+        self.cfgs = [cfgs] if isinstance(cfgs, dict) else list(cfgs)
+        self.cfg = self.cfgs[0]
+        self.runs = len(self.cfgs)
+        self.run_dirs = run_dirs
+        self.inputs: dict = {}
+        self.device = torch.device(device)
         self.data: dict[str, SplitData] = {}
         self.module: torch.nn.Module | None = None
         self.spec: dict = {}
         self.backbone: dict | None = None
+        for cfg in self.cfgs:
+            self.check_config(cfg)
+
+    @classmethod
+    def check_config(cls, cfg: dict) -> None:
+        """Refuse a config that cannot train as asked (one line that says how to fix it)."""
+        epochs = int(cfg["training"]["epochs"])
+        min_epoch = int(cfg.get("selection", {}).get("min_epoch", 1))
+        if min_epoch > epochs:
+            raise FeatcacheError(f"selection.min_epoch={min_epoch} is after the last epoch (training.epochs={epochs}), "
+                                 f"so no epoch could be selected; set training.epochs >= {min_epoch} or "
+                                 f"--set selection.min_epoch={epochs}")
 
     # -- data --------------------------------------------------------------------------------
     def check_cache(self, cache: FeatureCache) -> None:
         if cache.kind != self.cache_kind:
             raise FeatcacheError(f"task {self.name} reads a {self.cache_kind} cache; {cache.path} is {cache.kind}")
-        if self.spec:  # a trained head meeting a cache: same backbone, same dimension
+        if self.spec:
             check_same_backbone(self.spec.get("backbone"), cache, f"this {self.name} run")
 
-    def load(self, cache: FeatureCache, splits=("train", "val", "test")) -> None:
-        """Read the splits this task needs into ``self.data`` (as tensors on ``self.device``)."""
-        self.check_cache(cache)
-        self.backbone = backbone_identity(cache)
-        for split in splits:
-            self.data[split] = self.split_data(cache, split).to(self.device)
+    def read(self, cache: FeatureCache):
+        return cache.load(None, columns=self.meta_columns)
 
     @abstractmethod
-    def split_data(self, cache: FeatureCache, split: str) -> SplitData:
-        """See the module docstring."""
+    def tensors(self, data) -> SplitData:
+        """Tensors and meta of all the rows of ``data``."""
+
+    def load(self, cache: FeatureCache, splits=("train", "val", "test")) -> None:
+        self.check_cache(cache)
+        self.backbone = backbone_identity(cache)
+        everything = self.tensors(self.read(cache))
+        split_col = everything.meta["split"].astype(str).to_numpy()
+        for split in splits:
+            rows = np.flatnonzero(split_col == split)
+            idx = torch.from_numpy(rows)
+            self.data[split] = SplitData({k: v[idx] for k, v in everything.tensors.items()},
+                                         everything.meta.iloc[rows].reset_index(drop=True)).to(self.device)
 
     # -- model -------------------------------------------------------------------------------
     @abstractmethod
-    def build(self, spec: dict) -> torch.nn.Module:
-        """See the module docstring."""
+    def make_spec(self) -> dict:
+        """What ``build`` needs, from the loaded data, the config and ``self.inputs``."""
 
     @abstractmethod
-    def make_spec(self) -> dict:
-        """What ``build`` needs, derived from the loaded data and the config."""
+    def build(self, spec: dict) -> torch.nn.Module:
+        """A module for ``self.runs`` runs; uses only ``spec`` and ``self.inputs``."""
 
-    def trainable_parameters(self):
-        return [p for p in self.module.parameters() if p.requires_grad]
+    def seeds(self) -> list[int]:
+        return [int(c["training"]["seed"]) for c in self.cfgs]
+
+    def run_state_dict(self, r: int) -> dict:
+        sd = self.module.state_dict()
+        return {k: v[r:r + 1] for k, v in sd.items()} if self.max_runs > 1 else dict(sd)
+
+    def load_run_state_dict(self, r: int, sd) -> None:
+        if self.max_runs > 1:
+            own = self.module.state_dict()
+            for k, v in sd.items():
+                own[k][r:r + 1].copy_(v)
+        else:
+            self.module.load_state_dict(sd)
 
     # -- training and evaluation ---------------------------------------------------------------
+    def coefficients(self) -> dict[str, torch.Tensor]:
+        """Per-run loss weights, (R,) tensors on the device."""
+        return {}
+
+    def _coef(self, values) -> torch.Tensor:
+        return torch.tensor([float(v) for v in values], dtype=torch.get_default_dtype(), device=self.device)
+
     @abstractmethod
     def batch_loss(self, batch: dict[str, torch.Tensor], state: StepState) -> tuple[torch.Tensor, dict]:
-        """See the module docstring."""
+        """(R,) losses and (R,) terms of one (R, B, ...) batch; no host-device synchronisation."""
 
     def epoch_values(self, state: StepState) -> dict:
-        """Schedule values to log for this epoch (GRL lambda, fairness weight, ...)."""
         return {}
 
     @abstractmethod
-    def evaluate(self, split: str) -> tuple[dict, pd.DataFrame]:
-        """See the module docstring."""
+    def evaluate(self, split: str) -> list[tuple[dict, pd.DataFrame]]:
+        """One (metrics, predictions) per run."""
 
-    def stop_reason(self, row: dict) -> str | None:
-        """A message to stop training after this epoch's log ``row`` (e.g. a collapse), or None."""
+    def stop_reason(self, row: dict, r: int) -> str | None:
         return None
 
-    def write_plots(self, run_dir: Path, tag: str, split: str) -> None:
-        """Task-specific plots of an evaluated split (``featcache evaluate``); none by default."""
-        return None
-
-    def finish(self, run_dir: Path) -> dict:
+    def finish(self, run_dir: Path, r: int) -> dict:
         return {}
 
-    def report(self, run_dir: Path, tag: str, metrics: dict) -> dict:
-        """Task-specific files for ``featcache evaluate`` (FAAP: its per-gender table); none by default."""
-        return {}
+    @classmethod
+    def stack_key(cls, cfg: dict) -> str:
+        """Runs with equal keys may be stacked: the config minus the seed, the preset's name and the
+        loss coefficients (``coefficient_keys``)."""
+        c = copy.deepcopy(cfg)
+        c.pop("preset", None)
+        c.get("training", {}).pop("seed", None)
+        for k in cls.coefficient_keys:
+            c.get("loss", {}).pop(k, None)
+        return json.dumps(c, sort_keys=True, default=str)
 
 
 BACKBONE_KEYS = ("name", "model", "pretrained", "weights_sha256", "layer", "pooling")
