@@ -17,7 +17,7 @@ SMALL2 = ["model.adapter_hidden=16", "model.classifier_hidden=[16,8]", "model.ca
           "fairness.warmup_start=1", "fairness.warmup_end=2", "selection.min_epoch=2"]
 
 
-def faces_split(n=96, dim=16, seed=0) -> SplitData:
+def faces_split(n=64, dim=16, seed=0) -> SplitData:
     """Random features with every (gender, race) subgroup and both labels."""
     g = np.random.default_rng(seed)
     gender = g.integers(0, 2, n)
@@ -42,7 +42,7 @@ def make(cls, cfgs, data, inputs=None):
     return task
 
 
-def batches(data, runs, b=48, seed=0):
+def batches(data, runs, b=32, seed=0):
     """An (R, B) index per run, each from the run's own generator, and the gathered batch."""
     idx = torch.stack([torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + r))[:b]
                        for r in range(runs)])

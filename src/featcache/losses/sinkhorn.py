@@ -196,13 +196,19 @@ class StackedSinkhorn(nn.Module):
     A comparison that is absent (a subgroup with fewer than ``min_group`` members) is solved on a
     uniform dummy weighting and masked out, so its value and gradient are exactly 0.
 
-    ``backend``: ``tensorized`` (dense (P, B, B) matrices; the default and the only one without KeOps)
-    or ``auto``: ``tensorized`` up to ``max_dense`` matrix entries, else ``online`` (KeOps) when
-    pykeops is installed.
+    ``mode``: ``masked`` is the above (sync-free, but every problem spans the whole batch: (B / n_g)^2
+    times the work of a compact cloud); ``compact`` reads the group memberships on the host (one
+    synchronisation per call) and gathers each cloud's members, padded with weight-0 copies of a
+    member to the largest cloud (see :meth:`GroupSinkhorn._pad`); ``auto`` (default): ``masked`` on
+    CUDA, where a synchronisation stalls the device and the work is cheap, ``compact`` on the CPU,
+    where there is no device to stall and the work is what costs. Both give the same values.
+
+    ``backend``: ``tensorized`` (dense matrices; the only one without KeOps) or ``auto``:
+    ``tensorized`` up to ``max_dense`` matrix entries, else ``online`` (KeOps) when pykeops is installed.
     """
 
     def __init__(self, blur: float, scaling: float, diameter: float, min_group: int = 2, n_groups: int = 8,
-                 backend: str = "auto", max_dense: int = 2 ** 28) -> None:
+                 backend: str = "auto", max_dense: int = 2 ** 28, mode: str = "auto") -> None:
         super().__init__()
         if not blur > 0:
             raise ValueError(f"blur must be positive, got {blur}")
@@ -213,6 +219,9 @@ class StackedSinkhorn(nn.Module):
         self.blur, self.scaling, self.diameter = float(blur), float(scaling), float(diameter)
         self.min_group, self.n_groups = max(1, int(min_group)), int(n_groups)
         self.backend, self.max_dense = backend, int(max_dense)
+        if mode not in ("auto", "masked", "compact"):
+            raise ValueError(f"mode must be auto, masked or compact, got {mode!r}")
+        self.mode = mode
         self._pairs = torch.tensor(list(itertools.combinations(range(self.n_groups), 2)), dtype=torch.long)
 
     def extra_repr(self) -> str:
@@ -245,6 +254,27 @@ class StackedSinkhorn(nn.Module):
             pts = z.unsqueeze(1).expand(r, k, n, z.shape[-1]).reshape(r * k, n, z.shape[-1])
             values = loss(a.reshape(r * k, n), pts, b.reshape(r * k, n), pts)
         return values.reshape(r, k)
+
+    def compact_divergences(self, z: Tensor, a: Tensor, b: Tensor, valid: Tensor) -> Tensor:
+        """:meth:`divergences` of the valid problems on gathered clouds: a, b (R, K, B) weights (uniform
+        on their members), valid (R, K). One host synchronisation (the memberships); (R, K), 0 where
+        not valid."""
+        r, k, n = a.shape
+        a_m, b_m, ok = (a > 0).cpu(), (b > 0).cpu(), valid.cpu()
+        probs = torch.nonzero(ok).tolist()
+        values = z.new_zeros(r * k)
+        if not probs:
+            return values.reshape(r, k) + 0.0 * z.sum()
+        flat = z.reshape(r * n, z.shape[-1])
+        xa = [torch.nonzero(a_m[i, j]).flatten() + i * n for i, j in probs]
+        xb = [torch.nonzero(b_m[i, j]).flatten() + i * n for i, j in probs]
+        pa, wa = GroupSinkhorn._pad(flat, xa)
+        pb, wb = GroupSinkhorn._pad(flat, xb)
+        backend = self._backend(len(probs), max(pa.shape[1], pb.shape[1]))
+        loss = SamplesLoss("sinkhorn", p=2, blur=self.blur, scaling=self.scaling, debias=True,
+                           backend=backend, diameter=self.diameter)
+        where = torch.tensor([i * k + j for i, j in probs], device=z.device)
+        return values.index_put((where,), loss(wa, pa, wb, pb)).reshape(r, k)
 
     def _clouds(self, member: Tensor) -> tuple[Tensor, Tensor]:
         """member (R, G, B) bool -> uniform weights on each group (dummy uniform where absent), present (R, G)."""
@@ -302,7 +332,13 @@ class StackedSinkhorn(nn.Module):
                 add(f"class{c}", w[:, gi], w[:, hi], present[:, gi] & present[:, hi])
         if not a_list:
             return {}
-        values = self.divergences(z, torch.cat(a_list, 1), torch.cat(b_list, 1))
+        mode = self.mode if self.mode != "auto" else ("masked" if z.is_cuda else "compact")
+        a_all, b_all = torch.cat(a_list, 1), torch.cat(b_list, 1)
+        if mode == "masked":
+            values = self.divergences(z, a_all, b_all)
+        else:
+            valid = torch.cat([v for _, _, v in spans.values()], 1)
+            values = self.compact_divergences(z, a_all, b_all, valid)
         out = {}
         for name, (s, e, valid) in spans.items():
             if not name.startswith("class"):
