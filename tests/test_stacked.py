@@ -7,7 +7,6 @@ import torch
 
 from featcache.config import presets_of, resolve_config
 from featcache.data.manifest import GENDERS, RACES
-from featcache.errors import FeatcacheError
 from featcache.heads.stage1 import Stage1Task
 from featcache.heads.stage2 import Stage2Task
 from featcache.heads.task import SplitData, StepState
@@ -35,6 +34,8 @@ def faces_split(n=64, dim=16, seed=0) -> SplitData:
 
 def make(cls, cfgs, data, inputs=None):
     task = cls(cfgs, torch.device("cpu"))
+    if isinstance(data, tuple):  # XAI: (flat frames, split data)
+        task.flat, data = data
     task.data = {"train": data, "val": data}
     task.inputs = dict(inputs or {})
     task.spec = task.make_spec()
@@ -49,14 +50,15 @@ def batches(data, runs, b=32, seed=0):
     return {k: v[idx] for k, v in data.tensors.items()}
 
 
-def assert_stack_equals_singles(cls, cfgs, data, inputs=None, state=StepState(3, 3), steps=2):
+def assert_stack_equals_singles(cls, cfgs, data, inputs=None, state=None, steps=2):
     """Forward, loss and backward of the R-run task equal R one-run tasks (same seeds, same batches)."""
+    state = state or StepState(3, 3)
     stacked = make(cls, cfgs, data, inputs)
     singles = [make(cls, [c], data, inputs) for c in cfgs]
     opt = torch.optim.AdamW([p for p in stacked.module.parameters() if p.requires_grad], lr=1e-2)
     opts = [torch.optim.AdamW([p for p in s.module.parameters() if p.requires_grad], lr=1e-2) for s in singles]
     for step in range(steps):  # a second step checks that one optimizer step equals R separate ones
-        batch = batches(data, len(cfgs), seed=10 * step)
+        batch = batches(data[1] if isinstance(data, tuple) else data, len(cfgs), seed=10 * step)
         stacked.module.train()
         loss, terms = stacked.batch_loss(batch, state)
         assert loss.shape == (len(cfgs),) and all(v.shape == (len(cfgs),) for v in terms.values())
@@ -122,3 +124,44 @@ def test_stage2_linear_preset_is_its_own_small_architecture(stage1_input):
     assert stacked.module.classifier.weight.shape == (2, 16, 2)
     assert Stage2Task.stack_key(cfgs[0]) != Stage2Task.stack_key(resolve_config("stage2", "none", sets=SMALL2))
     assert "linear" in presets_of("stage2")  # `ablate --presets all` reads this list
+
+
+def speech_frames(n=20, dim=12, seed=0):
+    """Utterances of 4..11 frames; spoofed ones carry a shifted stretch."""
+    from featcache.heads.xai import frame_table
+
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(4, 12, (n,), generator=g)
+    label = torch.arange(n) % 2
+    frames, flabels = [], []
+    for i in range(n):
+        f = torch.randn(int(lengths[i]), dim, generator=g)
+        fl = torch.zeros(int(lengths[i]), dtype=torch.int8)
+        if label[i]:
+            f[1:3] += 2.0
+            fl[1:3] = 1
+        frames.append(f)
+        flabels.append(fl)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(lengths, 0)])
+    flat = {"frames": torch.cat(frames), "offsets": offsets, "frame_labels": torch.cat(flabels).numpy(),
+            "table": frame_table(offsets)}
+    meta = pd.DataFrame({"sample_id": [f"u{i}" for i in range(n)], "label": label.numpy(), "split": "train",
+                         "segments": "", "identity": "", "method": ["A01" if i % 2 else "bonafide" for i in range(n)]})
+    return flat, SplitData({"row": torch.arange(n), "label": label}, meta)
+
+
+@pytest.mark.parametrize("mode", ["ema", "learnable"])
+def test_xai_stacked_equals_single_runs(mode):
+    from featcache.heads.xai import XaiTask
+
+    data = speech_frames()
+    sets = ["model.hidden=8", "model.kernel=3", f"model.prototype_mode={mode}", "training.epochs=2"]
+    cfgs = [resolve_config("xai", sets=sets + [f"training.seed={i}", f"loss.lambda_sparsity={0.01 * i}"])
+            for i in range(3)]
+    stacked, singles = assert_stack_equals_singles(XaiTask, cfgs, data)
+    assert stacked.coefficients()["lambda_sparsity"].tolist() == pytest.approx([0.0, 0.01, 0.02])
+    # the EMA prototypes (buffers) move per run as each run alone
+    for r, s in enumerate(singles):
+        torch.testing.assert_close(stacked.module.prototypes[r], s.module.prototypes[0], atol=1e-6, rtol=1e-5)
+    (m, _), = singles[1].evaluate("val")
+    assert m["auc"] == pytest.approx(stacked.evaluate("val")[1][0]["auc"])
