@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
 MARGIN_RULES = ("normalized", "literal")
 
 
