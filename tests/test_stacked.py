@@ -80,6 +80,10 @@ def assert_stack_equals_singles(cls, cfgs, data, inputs=None, state=None, steps=
         opt.step()
     for r, s in enumerate(singles):
         for (name, p), (_, q) in zip(stacked.module.named_parameters(), s.module.named_parameters()):
+            if name == "cross_attention.k.bias":
+                # its true gradient is 0 (the softmax ignores a shift shared by every key): AdamW turns
+                # the ~1e-10 float noise into steps of ~lr/100 that differ between the two orders
+                continue
             torch.testing.assert_close(p.data[r], q.data[0], atol=1e-5, rtol=1e-4, msg=name)
     return stacked, singles
 

@@ -269,8 +269,11 @@ class RunRNG:
 
     def rand(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> Tensor:
         """(R, *shape) uniform draws, row r from run r's generator."""
-        return torch.stack([torch.rand(tuple(shape), generator=g, device=device, dtype=dtype)
-                            for g in self.generators(device)])
+        gens = self.generators(device)
+        out = torch.empty((len(gens), *shape), device=device, dtype=dtype)
+        for r, g in enumerate(gens):
+            out[r].uniform_(0.0, 1.0, generator=g)
+        return out
 
 
 def _uniform(shape: Sequence[int], bound: float, gen: torch.Generator) -> Tensor:
