@@ -169,3 +169,37 @@ def test_xai_stacked_equals_single_runs(mode):
         torch.testing.assert_close(stacked.module.prototypes[r], s.module.prototypes[0], atol=1e-6, rtol=1e-5)
     (m, _), = singles[1].evaluate("val")
     assert m["auc"] == pytest.approx(stacked.evaluate("val")[1][0]["auc"])
+
+
+def test_stacked_batch_loss_has_no_host_device_sync():
+    """Issue 16.2: a Stage-2 step (every fairness term, masked Sinkhorn) and an XAI step on CUDA
+    run without a host-device synchronisation."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA to check for host-device synchronisation")
+    from featcache.heads.xai import XaiTask
+
+    dev = torch.device("cuda")
+    data = faces_split().to(dev)
+    s1 = make(Stage1Task, [resolve_config("stage1", sets=SMALL1)], data)
+    cfgs = [resolve_config("stage2", p, sets=SMALL2 + [f"training.seed={i}"]) for i, p in enumerate(("full", "none"))]
+    s2 = Stage2Task(cfgs, dev)
+    s2.data, s2.inputs = {"train": data}, {"stage1": s1}
+    s2.spec = s2.make_spec()
+    s2.module = s2.build(s2.spec).to(dev)
+    flat, speech = speech_frames()
+    xai = XaiTask([resolve_config("xai", sets=["model.hidden=8", "model.kernel=3", "training.epochs=2"])], dev)
+    xai.flat = {**flat, "frames": flat["frames"].to(dev), "table": flat["table"].to(dev)}
+    xai.data = {"train": speech.to(dev)}
+    xai.spec = xai.make_spec()
+    xai.module = xai.build(xai.spec).to(dev)
+    for task, d in ((s2, data), (xai, speech.to(dev))):
+        batch = batches(d, task.runs)
+        task.module.train()
+        task.batch_loss(batch, StepState(3, 3))  # first call: lazy set-up (generators, copies)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss, _ = task.batch_loss(batch, StepState(3, 3))
+            loss.sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -223,6 +223,7 @@ class StackedSinkhorn(nn.Module):
             raise ValueError(f"mode must be auto, masked or compact, got {mode!r}")
         self.mode = mode
         self._pairs = torch.tensor(list(itertools.combinations(range(self.n_groups), 2)), dtype=torch.long)
+        self._pairs_on: dict[str, tuple[Tensor, Tensor]] = {}
 
     def extra_repr(self) -> str:
         return f"blur={self.blur}, scaling={self.scaling}, diameter={self.diameter}, min_group={self.min_group}"
@@ -307,7 +308,10 @@ class StackedSinkhorn(nn.Module):
         """
         z = z.to(torch.get_default_dtype()) if not z.is_floating_point() else z
         dtype = z.dtype
-        gi, hi = self._pairs[:, 0].to(z.device), self._pairs[:, 1].to(z.device)
+        key = str(z.device)
+        if key not in self._pairs_on:  # copied to the device once, not every step
+            self._pairs_on[key] = (self._pairs[:, 0].to(z.device), self._pairs[:, 1].to(z.device))
+        gi, hi = self._pairs_on[key]
         a_list, b_list, spans = [], [], {}
         start = 0
 
