@@ -102,7 +102,7 @@ def filter_run(tmp_path_factory):
     import pandas as pd
     from scipy.special import expit
 
-    from featcache.train.trainer import save_module
+    from featcache.runtime import save_module
 
     root = tmp_path_factory.mktemp("filter")
     run = root / "run"

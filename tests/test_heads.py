@@ -19,6 +19,8 @@ from featcache.heads.task import StepState, load_run
 from featcache.train import ablate, train_head
 
 FAST = ["training.epochs=3", "training.batch_size=64"]
+# Stage 2 in 3 epochs: the warm-up and the first selectable epoch within them (a shorter run is refused)
+S2FAST = FAST + ["fairness.warmup_start=1", "fairness.warmup_end=2", "selection.min_epoch=2"]
 
 
 @pytest.fixture(scope="session")
@@ -88,8 +90,8 @@ def test_stage1_run_directory_and_probes(stage1_run):
     for key in ("train_race_ce", "train_gender_ce", "train_similarity", "train_sinkhorn_global",
                 "train_sinkhorn_pairwise", "val_race_acc", "val_gender_acc", "val_cos", "grl_lambda"):
         assert key in log[0], key
-    # the GRL schedule, logged per epoch, follows the DANN formula with p = (epoch - 1) / epochs (0 at the start)
-    assert [r["grl_lambda"] for r in log] == pytest.approx([2 / (1 + np.exp(-10 * (e - 1) / 3)) - 1 for e in (1, 2, 3)])
+    # the GRL schedule, logged per epoch, follows the DANN formula with p = (epoch - 1) / epochs
+    assert [r["grl_lambda"] for r in log] == pytest.approx([2 / (1 + np.exp(-10 * e / 3)) - 1 for e in (0, 1, 2)])
     summary = json.loads((stage1_run / "summary.json").read_text())
     # model selection: the best epoch maximises the validation score, recomputed from the log
     scores = [r["val_cos"] - 0.3 * r["val_race_acc"] - 0.2 * r["val_gender_acc"] for r in log]
@@ -117,8 +119,7 @@ def test_stage1_probe_matches_an_independent_fit(stage1_run, faces):
 
 # -- Stage 2 -----------------------------------------------------------------------------------
 def test_stage2_frozen_stage1_adapter_gets_no_gradient(faces, stage1_run, tmp_path):
-    run = train_head("stage2", faces / "det", tmp_path / "s2", preset="full", sets=FAST + ["fairness.warmup_start=1",
-                     "fairness.warmup_end=2"], progress=False, options={"stage1": stage1_run})
+    run = train_head("stage2", faces / "det", tmp_path / "s2", preset="full", sets=S2FAST, progress=False, options={"stage1": stage1_run})
     s1 = load_file(str(stage1_run / "best.safetensors"))
     s2 = load_file(str(run.run_dir / "best.safetensors"))
     for k, v in s1.items():
@@ -145,7 +146,7 @@ def test_stage2_frozen_stage1_adapter_gets_no_gradient(faces, stage1_run, tmp_pa
 def test_stage2_predictions_and_metrics_agree(faces, stage1_run, tmp_path):
     from featcache.metrics import all_metrics
 
-    run = train_head("stage2", faces / "det", tmp_path / "s2", preset="none", sets=FAST, progress=False,
+    run = train_head("stage2", faces / "det", tmp_path / "s2", preset="none", sets=S2FAST, progress=False,
                      options={"stage1": stage1_run})
     preds = pd.read_csv(run.run_dir / "eval" / "test" / "predictions.csv")
     assert list(preds.columns[:4]) == ["sample_id", "label", "score", "prob"]
@@ -168,7 +169,7 @@ def test_stage2_predictions_and_metrics_agree(faces, stage1_run, tmp_path):
 
 def test_adain_only_ablation_switch(faces, stage1_run, tmp_path):
     run = train_head("stage2", faces / "det", tmp_path / "s2", preset="minimal",
-                     sets=FAST + ["model.num_ca_views=0"], progress=False, options={"stage1": stage1_run})
+                     sets=S2FAST + ["model.num_ca_views=0"], progress=False, options={"stage1": stage1_run})
     state = load_file(str(run.run_dir / "best.safetensors"))
     assert not any(k.startswith(("cross_attention.", "fusion.")) for k in state)
     assert "val_gate_mean" not in json.loads((run.run_dir / "log.jsonl").read_text().splitlines()[0])
@@ -176,13 +177,13 @@ def test_adain_only_ablation_switch(faces, stage1_run, tmp_path):
 
 def test_stage2_needs_stage1_and_a_matching_backbone(faces, stage1_run, tmp_path):
     with pytest.raises(FeatcacheError, match="--stage1"):
-        train_head("stage2", faces / "det", tmp_path / "a", sets=FAST, progress=False)
+        train_head("stage2", faces / "det", tmp_path / "a", sets=S2FAST, progress=False)
     from featcache.extract import extract
 
     extract("clip", faces / "data" / "manifest.csv", tmp_path / "other", model="tiny", seed=1, part_rows=128,
             num_workers=0, progress=False)
     with pytest.raises(FeatcacheError, match="another backbone"):
-        train_head("stage2", tmp_path / "other", tmp_path / "b", sets=FAST, progress=False,
+        train_head("stage2", tmp_path / "other", tmp_path / "b", sets=S2FAST, progress=False,
                    options={"stage1": stage1_run})
     with pytest.raises(FeatcacheError, match="another backbone"):
         evaluate_run(stage1_run, tmp_path / "other", name="other")
@@ -196,7 +197,8 @@ def test_run_directory_is_not_overwritten_silently(faces, stage1_run):
 
 def test_ablate_every_preset_and_seed_and_reuse(faces, stage1_run, tmp_path):
     out = tmp_path / "abl"
-    kw = dict(presets=["none", "cvar"], seeds=[0, 1], evals={"again": faces / "det"}, sets=["training.epochs=2"],
+    kw = dict(presets=["none", "cvar"], seeds=[0, 1], evals={"again": faces / "det"},
+              sets=["training.epochs=2", "fairness.warmup_start=1", "fairness.warmup_end=2", "selection.min_epoch=2"],
               options={"stage1": stage1_run}, progress=False, echo=lambda *_: None)
     df = ablate("stage2", faces / "det", out, **kw)
     assert list(zip(df["preset"], df["seed"])) == [("none", 0), ("none", 1), ("cvar", 0), ("cvar", 1)]
@@ -245,5 +247,90 @@ def test_selection_only_from_min_epoch(faces, tmp_path):
     log = [json.loads(line) for line in (run.run_dir / "log.jsonl").read_text().splitlines()]
     eligible = [r for r in log if r["epoch"] >= 3]
     assert run.best_epoch == max(eligible, key=lambda r: r["score"])["epoch"]
-    # Stage 2 selects after the fairness warm-up (epoch 10), or from the last epoch of a shorter run
+    # Stage 2 selects after the fairness warm-up (epoch 10); a shorter run is refused (test_stage2_config_checks)
     assert resolve_config("stage2")["selection"]["min_epoch"] == resolve_config("stage2")["fairness"]["warmup_end"]
+
+
+# -- schedules, design defaults and config checks (issues 18, 19) -----------------------------------
+def test_grl_lambda_is_zero_at_the_first_epoch():
+    """Issue 18.4: the design's p = epoch / total counts epochs from 0, so lambda = 0 at the start."""
+    from featcache.heads.stage1 import Stage1Task
+
+    task = Stage1Task(resolve_config("stage1"), "cpu")
+    assert StepState(1, 20).progress == 0.0
+    assert task.grl_lambda(StepState(1, 20)) == 0.0
+    assert task.grl_lambda(StepState(2, 20)) == pytest.approx(2 / (1 + np.exp(-10 * 1 / 20)) - 1)  # 0.245
+    assert task.grl_lambda(StepState(20, 20)) == pytest.approx(2 / (1 + np.exp(-10 * 19 / 20)) - 1)
+
+
+def test_stage2_warmup_and_faap_schedules_keep_the_design_values():
+    from featcache.heads.faap import FaapTask
+    from featcache.heads.stage2 import Stage2Task
+
+    s2 = Stage2Task(resolve_config("stage2"), "cpu")  # design: 0 up to epoch 5, 1 from epoch 10
+    assert [s2.fairness_weight(StepState(e, 50)) for e in (1, 5, 6, 8, 10, 50)] == pytest.approx([0, 0, .2, .6, 1, 1])
+    faap = FaapTask(resolve_config("faap"), "cpu")  # design: eps 0.05 -> 0.10 over 8 epochs, hold 6, -> 0.09 over 16
+    sched = {e: faap.schedule(StepState(e, 30)) for e in (1, 4, 8, 14, 15, 22, 30)}
+    assert [sched[e]["epsilon"] for e in (1, 4, 8, 14, 15, 22, 30)] == pytest.approx(
+        [0.05, 0.05 + 0.05 * 3 / 7, 0.10, 0.10, 0.10 - 0.01 / 16, 0.10 - 0.01 * 8 / 16, 0.09])
+    assert [sched[e]["beta"] for e in (1, 15, 30)] == pytest.approx([0.5, 0.5 + 0.1 * 14 / 29, 0.6])  # beta 0.5 -> 0.6
+
+
+def test_faap_config_has_the_design_values():
+    cfg = resolve_config("faap")
+    assert cfg["training"]["batch_size"] == 7  # issue 18.3
+    assert cfg["training"]["save_every"] == 1 and cfg["selection"]["rule"] == "last"  # issue 18.7
+    for task in ("stage1", "stage2", "xai"):
+        c = resolve_config(task)
+        assert c["training"]["save_every"] == 0 and c["selection"]["rule"] == "best"
+
+
+def test_stage2_config_checks():
+    """Issue 19.1: a fairness run shorter than the warm-up, or selecting after its last epoch, is refused."""
+    from featcache.heads.stage2 import Stage2Task
+
+    with pytest.raises(FeatcacheError, match=r"training.epochs=3 ends before the fairness warm-up.*warmup_end=10"):
+        Stage2Task(resolve_config("stage2", "full", sets=["training.epochs=3"]), "cpu")
+    with pytest.raises(FeatcacheError, match=r"selection.min_epoch=10 is after the last epoch.*min_epoch=3"):
+        Stage2Task(resolve_config("stage2", "none", sets=["training.epochs=3"]), "cpu")
+    Stage2Task(resolve_config("stage2", "none", sets=["training.epochs=3", "selection.min_epoch=3"]), "cpu")
+    Stage2Task(resolve_config("stage2", "full", sets=S2FAST), "cpu")
+    with pytest.raises(FeatcacheError, match="normalized or literal"):
+        Stage2Task(resolve_config("stage2", sets=["loss.ldam_margin_rule=paper"]), "cpu")
+    assert resolve_config("stage2")["loss"]["ldam_margin_rule"] == "normalized"
+
+
+def _split_without_demographics(n=12, dim=8):
+    from featcache.heads.task import SplitData
+
+    meta = pd.DataFrame({"sample_id": [str(i) for i in range(n)], "label": np.arange(n) % 2, "split": "train",
+                         "gender": "", "race": "", "subgroup": -1, "identity": "", "dataset": "d", "method": "m"})
+    t = {"x": torch.randn(n, dim), "label": torch.tensor(meta["label"].to_numpy()),
+         "subgroup": torch.full((n,), -1), "race": torch.full((n,), -1), "gender": torch.full((n,), -1)}
+    return SplitData(t, meta)
+
+
+def test_heads_refuse_a_cache_without_demographics():
+    """Issue 19.4: fairness heads name the missing columns; a baseline runs with a warning."""
+    from featcache.heads.stage1 import Stage1Task
+    from featcache.heads.stage2 import Stage2Task
+
+    for task in (Stage1Task(resolve_config("stage1"), "cpu"), Stage2Task(resolve_config("stage2", "full"), "cpu")):
+        task.data = {"train": _split_without_demographics()}
+        with pytest.raises(FeatcacheError, match=r"has no gender, race \(every subgroup is -1\)"):
+            task.make_spec()
+    base = Stage2Task(resolve_config("stage2", "linear"), "cpu")
+    base.data = {"train": _split_without_demographics()}
+    assert base.make_spec()["architecture"] == "linear"
+    assert base.notes == ["warning: the cache has no gender, race; the fairness metrics will be NaN"]
+
+
+def test_stage2_on_a_cache_where_every_row_failed(tmp_path):
+    """Issue 19.11: one clear error, not a ValueError in feature_scale."""
+    from featcache.heads.stage2 import Stage2Task
+
+    task = Stage2Task(resolve_config("stage2", "full"), "cpu")
+    empty = _split_without_demographics()
+    task.data = {"train": type(empty)({k: v[:0] for k, v in empty.tensors.items()}, empty.meta.iloc[:0])}
+    with pytest.raises(FeatcacheError, match="no readable rows in its train split"):
+        task.make_spec()

@@ -13,6 +13,7 @@ from scipy.optimize import minimize_scalar
 from featcache.losses import (
     GroupSinkhorn,
     LDAMLoss,
+    StackedSinkhorn,
     bilevel_cvar,
     bilevel_cvar_parts,
     cosine_disentanglement,
@@ -288,3 +289,87 @@ def test_cosine_disentanglement():
     b = torch.tensor([[0.0, 3.0], [-2.0, -2.0], [1.0, 1.0]])
     assert cosine_disentanglement(a, b).item() == pytest.approx((0.0 + 1.0 + 0.5) / 3)
     assert cosine_disentanglement(a[:1], b[:1]).item() == pytest.approx(0.0)
+
+
+# -- stacked runs --------------------------------------------------------------------------------
+def _runs_clouds(runs=2, b=40, dim=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(runs, b, dim, generator=g, dtype=torch.float64)
+    groups = torch.randint(0, 8, (runs, b), generator=g)
+    groups[0, :3] = -1  # unknown subgroups are ignored
+    groups[1][groups[1] == 5] = 6  # run 1 lacks subgroup 5
+    labels = torch.randint(0, 2, (runs, b), generator=g)
+    return z + 0.3 * groups.clamp(min=0).unsqueeze(-1), groups, labels
+
+
+def test_stacked_per_class_sinkhorn_is_the_mean_of_the_two_class_means_brute_force():
+    """Stage 2's per-class term = (L_real + L_fake) / 2, L_c = mean over the within-class subgroup
+    pairs (both with >= min_group members) of geomloss's Sinkhorn divergence, for every run."""
+    from geomloss import SamplesLoss
+
+    z, groups, labels = _runs_clouds()
+    blur, scaling, diameter = 0.5, 0.7, 20.0
+    ref = SamplesLoss("sinkhorn", p=2, blur=blur, scaling=scaling, debias=True, diameter=diameter)
+    for mode in ("compact", "masked"):
+        sk = StackedSinkhorn(blur, scaling, diameter, min_group=2, mode=mode)
+        got = sk.terms(z, groups, labels=labels)["sinkhorn"]
+        for r in range(z.shape[0]):
+            per_class = []
+            for c in (0, 1):
+                clouds = [z[r][(groups[r] == k) & (labels[r] == c)] for k in range(8)]
+                clouds = [x for x in clouds if len(x) >= 2]
+                pairs = [ref(clouds[i], clouds[j]) for i in range(len(clouds)) for j in range(i + 1, len(clouds))]
+                if pairs:
+                    per_class.append(torch.stack(pairs).mean())
+            assert len(per_class) == 2
+            assert float(got[r]) == pytest.approx(float(sum(per_class) / 2), rel=1e-6, abs=1e-9), (mode, r)
+
+
+def test_stacked_sinkhorn_masked_equals_compact_with_gradients():
+    z, groups, labels = _runs_clouds(runs=3, seed=1)
+    outs = {}
+    for mode in ("compact", "masked"):
+        zz = z.clone().requires_grad_(True)
+        sk = StackedSinkhorn(0.4, 0.6, 15.0, mode=mode)
+        terms = sk.terms(zz, groups, global_=True, pairwise=True, labels=labels)
+        sum(t.sum() for t in terms.values()).backward()
+        outs[mode] = ({k: v.detach() for k, v in terms.items()}, zz.grad)
+    for k in outs["compact"][0]:
+        torch.testing.assert_close(outs["masked"][0][k], outs["compact"][0][k], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(outs["masked"][1], outs["compact"][1], rtol=1e-5, atol=1e-8)
+    # a run is independent of the others in the call (the diameter is fixed)
+    alone = StackedSinkhorn(0.4, 0.6, 15.0).terms(z[1:2], groups[1:2], pairwise=True)["sinkhorn_pairwise"]
+    assert float(alone[0]) == pytest.approx(float(outs["compact"][0]["sinkhorn_pairwise"][1]), rel=1e-9)
+
+
+def test_stacked_sinkhorn_run_without_groups_is_zero():
+    z, groups, labels = _runs_clouds(runs=2)
+    groups[1] = -1
+    for mode in ("compact", "masked"):
+        zz = z.clone().requires_grad_(True)
+        t = StackedSinkhorn(0.5, 0.5, 20.0, mode=mode).terms(zz, groups, global_=True, labels=labels)
+        v = {k: x.detach() for k, x in t.items()}
+        assert float(v["sinkhorn_global"][1]) == 0 and float(v["sinkhorn"][1]) == 0 and float(v["sinkhorn"][0]) > 0
+        (t["sinkhorn"][1] + t["sinkhorn_global"][1]).backward()
+        assert torch.isfinite(zz.grad).all() and float(zz.grad.abs().sum()) == 0
+
+
+def test_ldam_margin_rules_against_hand_computation():
+    counts = [16, 81, 256, 0]
+    n = torch.tensor([16.0, 81.0, 256.0, 1.0])  # a count of 0 counts as 1
+    literal = ldam_margins(counts, 0.5, rule="literal")
+    torch.testing.assert_close(literal, 0.5 / n ** 0.25)  # the design's m_k = max_margin / n_k^(1/4)
+    assert literal.tolist() == pytest.approx([0.25, 0.5 / 3, 0.125, 0.5])
+    normalized = ldam_margins(counts, 0.5)  # reference code: the rarest class gets max_margin
+    assert normalized.tolist() == pytest.approx([0.25, 0.5 / 3, 0.125, 0.5])  # rarest count is 1 here
+    assert ldam_margins([16, 81, 256], 0.5).tolist() == pytest.approx([0.5, 0.5 * 2 / 3, 0.25])
+    assert ldam_margins([16, 81, 256], 0.5, rule="literal").tolist() == pytest.approx([0.25, 0.5 / 3, 0.125])
+    with pytest.raises(ValueError, match="normalized or literal"):
+        ldam_margins(counts, rule="paper")
+    # the per-run masked loss: mean over known targets, by hand
+    loss = LDAMLoss([16, 81, 256], max_margin=0.5, s=10.0, rule="literal")
+    logits = torch.tensor([[[0.2, 0.1, -0.3], [0.0, 0.5, 0.1]]])
+    target = torch.tensor([[2, -1]])
+    z = logits[0, 0].clone()
+    z[2] -= 0.125
+    assert float(loss.masked(logits, target)[0]) == pytest.approx(float(-torch.log_softmax(10 * z, 0)[2]), rel=1e-6)

@@ -34,6 +34,7 @@ from ..data.manifest import GENDERS, RACES
 from ..errors import FeatcacheError
 from ..heads.stage1 import probe_accuracy
 from ..heads.task import load_run
+from ..progress import bar as tqdm
 from ..report.plots import plot_leakage_audit
 from ..report.tables import markdown_table
 from ..runtime import to_json
@@ -269,8 +270,6 @@ def audit_subgroups(cache_path, out_dir, *, adapter_run=None, split_train: str =
     and ``subgroups.png`` (per attribute: purity@k, kNN and probe accuracy against their chance
     levels; raw beside debiased).  Returns the dict written to the JSON.
     """
-    from ..progress import bar as tqdm
-
     ks = _check_ks(ks)
     cache = open_pooled(cache_path, "analyze subgroups")
     counts = _splits_of(cache)

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 
 from ..errors import CacheError
+from ..progress import bar as tqdm
 from .reader import FeatureCache
 from .store import KIND_ARRAYS, part_bounds
 
@@ -20,8 +21,6 @@ def export_h5(cache_path, out, *, progress: bool = False) -> Path:
     Frame and query caches keep their layout: flat arrays (``frames``, ``gt_boxes``) with global ``offsets`` (n + 1).
     The cache's attributes are stored as JSON in the file attribute ``featcache``.
     """
-    from ..progress import bar as tqdm
-
     cache = FeatureCache(cache_path)
     out = Path(out)
     if out.exists() and out.is_dir():

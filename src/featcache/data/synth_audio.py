@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import FeatcacheError
+from ..progress import bar as tqdm
 from .audio import SAMPLE_RATE, format_segments
 from .manifest import write_manifest
 
@@ -160,8 +161,6 @@ def synth_audio(out, *, n: int = 120, seed: int = 0, fmt: str = "flac", min_seco
                 max_seconds: float = 6.0, progress: bool = True) -> dict:
     """Write the synthetic audio dataset to ``out``; returns a summary (counts per split and kind)."""
     import soundfile as sf
-
-    from ..progress import bar as tqdm
 
     if n < 15:
         raise FeatcacheError(f"--n must be at least 15 (every kind of utterance in every split), got {n}")

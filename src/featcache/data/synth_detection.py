@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import FeatcacheError
+from ..progress import bar as tqdm
 from .adapters import build_manifest
 
 GROUPS = ("women", "men")
@@ -48,8 +49,6 @@ def _split_of(k: int, m: int) -> str:
 def synth_detection(out, *, n: int = 600, seed: int = 0, gap: float = 0.5, size: int = 64,
                     progress: bool = True) -> dict:
     """Write ``n`` images (half per gender) with COCO annotations and the manifest; return a summary."""
-    from ..progress import bar as tqdm
-
     if int(n) < 10:
         raise FeatcacheError(f"--n must be at least 10 (a few images per gender and split), got {n}")
     if not 0.0 <= float(gap) <= 1.0:

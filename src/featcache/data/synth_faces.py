@@ -79,6 +79,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..errors import FeatcacheError
+from ..progress import bar as tqdm
 from .manifest import FFPP_SUBGROUP_COUNTS, GENDERS, RACES, SPLITS, SUBGROUP_NAMES, write_manifest
 
 DATASET = "synthfaces"
@@ -163,8 +164,6 @@ def synth_faces(out, *, n: int = 800, seed: int = 0, bias: float = 0.6, size: in
     Arguments are checked before anything is written (:class:`FeatcacheError` says what is
     wrong; :func:`minimum_n` gives the smallest valid ``n``).
     """
-    from ..progress import bar as tqdm
-
     k = _check_int("images_per_identity", images_per_identity, 1)
     n = _check_int("n", n, 1)
     size = _check_int("size", size, 32)

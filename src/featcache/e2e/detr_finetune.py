@@ -22,9 +22,10 @@ import pandas as pd
 import torch
 
 from ..config import load_config, save_config
+from ..data.detection_images import DetectionImages
 from ..data.manifest import read_manifest
 from ..errors import FeatcacheError
-from ..extract.detr import DetectionImages, load_detr
+from ..extract.detr import load_detr
 from ..runtime import is_run_dir, prepare_run_dir, resolve_device, seed_everything, write_json
 from ..train.loop import RESUME_FILE, LoopSettings, fit
 from ..train.trainer import config_differences

@@ -34,6 +34,7 @@ from ..errors import BackboneError, FeatcacheError, first_line
 from ..extract.timm_backbone import classifier_names
 from ..extract.weights import load_checkpoint, parse_weights
 from ..metrics.detection import sigmoid
+from ..progress import bar as tqdm
 from ..runtime import resolve_device
 
 TASK = "mnv4"
@@ -210,8 +211,6 @@ def predict_scores(model: torch.nn.Module, paths: list[str], image_size: int, de
 
     Preprocessing: timm's evaluation transform of ``config``, or of ``model`` itself
     (``resolve_model_data_config``) when ``config`` is None."""
-    from ..progress import bar as tqdm
-
     model.eval()
     scores = np.zeros(len(paths), dtype=np.float64)
     ok = np.ones(len(paths), dtype=bool)

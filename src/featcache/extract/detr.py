@@ -33,7 +33,6 @@ perturbs the hidden state relies on for its unperturbed baseline.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

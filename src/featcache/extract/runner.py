@@ -40,6 +40,7 @@ from ..cache.reader import open_cache
 from ..cache.store import DEFAULT_PART_ROWS, CacheSpec, CacheWriter
 from ..data.manifest import read_manifest
 from ..errors import FeatcacheError, SampleError
+from ..progress import bar as tqdm
 from ..runtime import resolve_device
 from .distributed import DistributedError
 from .distributed import context as dist_context
@@ -344,8 +345,6 @@ def _open_writer(ctx, out, spec: CacheSpec, df, overwrite: bool) -> tuple[CacheW
 
 def _extract(ctx, backbone, manifest, out, *, model, pretrained, layer, batch_size, num_workers, device,
              precision, part_rows, on_error, overwrite, seed, max_seconds, decode, compile, progress) -> ExtractResult:
-    from ..progress import bar as tqdm
-
     dev = ctx.device(resolve_device(device))
     if dev.type == "cuda" and ctx.active:
         torch.cuda.set_device(dev)

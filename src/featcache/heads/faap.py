@@ -24,6 +24,7 @@ evaluate`` also writes the FAAP table (markdown and JSON).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from torch import nn
 
 from ..cache.splits import split_mask
 from ..errors import FeatcacheError
+from ..extract.detr import padded_ground_truth
 from ..losses.faap import (
     DetectionCriterion,
     image_scores,
@@ -103,24 +105,21 @@ def epsilon_at(epoch: int, c: dict) -> float:
     return top + (end - top) * min(epoch - warm - hold, cool) / max(cool, 1)
 
 
-def load_queries(cache, split: str):
-    """Hidden states, ground truth (padded), image sizes and meta of one split of a queries cache."""
+def load_queries(cache, split: str | None = None):
+    """Hidden states, ground truth (padded), image sizes and meta of the readable rows of a queries
+    cache (one split, or every row for None); read once."""
     meta = cache.meta(META)
-    mask = split_mask(meta["split"], split, where=str(cache.path)) & cache.load_rows("ok")
+    mask = cache.load_rows("ok").astype(bool)
+    if split is not None:
+        mask &= split_mask(meta["split"], split, where=str(cache.path))
     if not mask.any():
-        raise FeatcacheError(f"{cache.path} has no readable rows in split {split!r}")
+        where = f"in split {split!r}" if split is not None else "at all"
+        raise FeatcacheError(f"{cache.path} has no readable rows {where}")
     index = np.flatnonzero(mask)
     hidden = cache.load_rows("hidden", dtype=np.float32)[index]
     sizes = cache.load_rows("image_size")[index]
-    boxes_all, classes_all = cache.load_ragged("gt_boxes"), cache.load_ragged("gt_classes")
-    boxes = [boxes_all[i] for i in index]
-    classes = [classes_all[i] for i in index]
-    g = max(1, max(len(c) for c in classes))
-    pad_boxes = np.zeros((len(index), g, 4), np.float32)
-    pad_classes = np.full((len(index), g), -1, np.int64)
-    for j, (b, c) in enumerate(zip(boxes, classes)):
-        pad_boxes[j, :len(c)], pad_classes[j, :len(c)] = b, c
-    return hidden, sizes, pad_boxes, pad_classes, meta.iloc[index].reset_index(drop=True)
+    boxes, classes = padded_ground_truth(cache)  # one pass over the ground truth of every row
+    return hidden, sizes, boxes[index], classes[index], meta.iloc[index].reset_index(drop=True)
 
 
 def targets_of(boxes: torch.Tensor, classes: torch.Tensor) -> list[dict]:
@@ -132,7 +131,7 @@ def targets_of(boxes: torch.Tensor, classes: torch.Tensor) -> list[dict]:
 class FaapTask(Task):
     detects = False
     cache_kind = "queries"
-
+    max_runs = 1  # the DETR criterion's Hungarian matching runs per image on the host
     summary_keys = ("base_score_gap", "score_gap", "base_ap", "ap", "base_ap_gap", "ap_gap")
 
     def __init__(self, cfgs, device, run_dirs=None):
@@ -151,7 +150,7 @@ class FaapTask(Task):
         self._heads = load_file(str(f))
 
     def read(self, cache):
-        return load_queries(cache, None)
+        return load_queries(cache)
 
     def tensors(self, data) -> SplitData:
         hidden, sizes, boxes, classes, meta = data
@@ -192,6 +191,8 @@ class FaapTask(Task):
 
     # -- training ------------------------------------------------------------------------------
     def schedule(self, state: StepState) -> dict:
+        """epsilon (:func:`epsilon_at`), beta (beta_start at the first epoch, linearly to beta_end at the
+        last) and the contrastive weight (ramped over ``contrastive_ramp_epochs``) of an epoch."""
         c = self.cfg["loss"]
         beta = float(c["beta_start"]) + (float(c["beta_end"]) - float(c["beta_start"])) * (
             (state.epoch - 1) / max(state.epochs - 1, 1))
@@ -203,8 +204,11 @@ class FaapTask(Task):
         return self.schedule(state)
 
     def batch_loss(self, batch, state):
+        """One run: batch tensors (1, B, ...) -> loss (1,) and (1,) terms. The schedule values are
+        Python floats and the gender means use masks; the DETR criterion's Hungarian matching (scipy,
+        on the host) is the one synchronisation left in a step."""
         c, m = self.cfg["loss"], self.module
-        batch = {k: v[0] for k, v in batch.items()}  # R = 1
+        batch = {k: v[0] for k, v in batch.items()}
         sched = self.schedule(state)
         m.epsilon.fill_(sched["epsilon"])
         h = batch["hidden"]
@@ -214,16 +218,18 @@ class FaapTask(Task):
         z = m.embed(hp)
         con = score_contrastive(z, pos, anc, float(c["tau"]), float(c["bidirectional_weight"]))
         gender = batch["gender"]
-        wass = one_way_wasserstein(scores[gender == 1], scores[gender == 0])
+        female, male = gender == 1, gender == 0
+        wass = one_way_wasserstein(scores[female], scores[male])
         det, det_terms = self.criterion(logits, boxes, targets_of(batch["gt_boxes"], batch["gt_classes"]))
         loss = sched["contrastive_weight"] * con + float(c["lambda_wasserstein"]) * wass + sched["beta"] * det
         per_image = delta.flatten(1)
+        nan = scores.new_tensor(float("nan"))
         terms = {"contrastive": con, "wasserstein": wass, "detection": det, **det_terms,
-                 "n_pos": float(len(pos)), "n_anchor": float(len(anc)),
-                 "pos_anchor_gap": (scores[pos].mean() - scores[anc].mean()) if len(pos) else torch.tensor(float("nan")),
-                 "score_male": _mean(scores[gender == 0]), "score_female": _mean(scores[gender == 1]),
+                 "n_pos": scores.new_tensor(float(len(pos))), "n_anchor": scores.new_tensor(float(len(anc))),
+                 "pos_anchor_gap": (scores[pos].mean() - scores[anc].mean()) if len(pos) else nan,
+                 "score_male": _masked_mean(scores, male), "score_female": _masked_mean(scores, female),
                  "delta_linf": delta.abs().max(), "delta_l2": per_image.norm(dim=1).mean()}
-        return loss.reshape(1), {k: (v.detach().reshape(1) if torch.is_tensor(v) else v) for k, v in terms.items()}
+        return loss.reshape(1), {k: v.detach().reshape(1) for k, v in terms.items()}
 
     # -- evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -293,8 +299,26 @@ class FaapTask(Task):
         """The FAAP table (Male AP, Female AP, Male AR, Female AR; baseline, perturbed, delta)."""
         return "## FAAP\n\n" + markdown_table(faap_table(metrics)) + "\n" + faap_summary(metrics) + "\n"
 
+    def layout(self) -> dict:
+        """The data-layout summary of the run (FAAP's ``dataset_layout.json``): per split the images,
+        the images per gender, the ground-truth boxes per category; the queries' shape."""
+        out = {"queries": None, "splits": {}}
+        for split, d in self.data.items():
+            h = d.tensors["hidden"]
+            out["queries"] = {"per_image": int(h.shape[1]), "dim": int(h.shape[2])}
+            cls = d.tensors["gt_classes"].cpu().numpy()
+            gender = d.tensors["gender"].cpu().numpy()
+            cats, counts = np.unique(cls[cls >= 0], return_counts=True)
+            out["splits"][split] = {
+                "images": len(d), "male": int((gender == 0).sum()), "female": int((gender == 1).sum()),
+                "unknown_gender": int((gender < 0).sum()), "boxes": int((cls >= 0).sum()),
+                "boxes_per_category": {str(int(c)): int(n) for c, n in zip(cats, counts)},
+            }
+        return out
+
     def finish(self, run_dir: Path, r: int = 0) -> dict:
-        metrics, _ = self.evaluate("test")[0]
+        (Path(run_dir) / "dataset_layout.json").write_text(json.dumps(self.layout(), indent=2))
+        (metrics, _), = self.evaluate("test")
         return {"faap_test": {k: metrics[k] for k in ("base_score_gap", "score_gap", "gap_closed", "base_ap",
                                                        "ap", "ap_change", "base_ap_gap", "ap_gap")}}
 
@@ -321,8 +345,10 @@ def _rel(new: float, old: float) -> float:
     return (new - old) / abs(old) if old not in (0.0,) and np.isfinite(old) else float("nan")
 
 
-def _mean(x: torch.Tensor) -> torch.Tensor:
-    return x.mean() if len(x) else torch.tensor(float("nan"))
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over mask (NaN when empty), without boolean indexing."""
+    n = mask.sum()
+    return torch.where(n > 0, (x * mask).sum() / n.clamp(min=1), x.new_tensor(float("nan")))
 
 
 def _np_mean(x: np.ndarray) -> float:

@@ -21,19 +21,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.manifest import GENDERS, RACES
-from ..losses.sinkhorn import GroupSinkhorn, feature_scale
-from .blocks import MLPHead, ResidualAdapter, dann_lambda, grad_reverse
+from ..errors import FeatcacheError
+from ..losses.sinkhorn import StackedSinkhorn, bounding_diameter, feature_scale
+from .blocks import RunRNG, StackedAdapter, StackedMLP, dann_lambda, grad_reverse, run_generators
 from .task import SplitData, StepState, Task, meta_codes, register_task
 
 META = ["sample_id", "label", "split", "gender", "race", "subgroup", "identity"]
 
 
 class Stage1Model(nn.Module):
-    def __init__(self, dim: int, adapter_hidden: int, adversary_hidden: int, dropout: float):
+    """R stacked Stage-1 models: adapter, race and gender adversaries (inputs (R, B, D))."""
+
+    def __init__(self, seeds: list[int], dim: int, adapter_hidden: int, adversary_hidden: int, dropout: float):
         super().__init__()
-        self.adapter = ResidualAdapter(dim, adapter_hidden, dropout=dropout)
-        self.race_head = MLPHead(dim, adversary_hidden, len(RACES), dropout=dropout)
-        self.gender_head = MLPHead(dim, adversary_hidden, len(GENDERS), dropout=dropout)
+        runs, gens, self.rng = len(seeds), run_generators(seeds), RunRNG(seeds)
+        self.adapter = StackedAdapter(runs, dim, adapter_hidden, gens, dropout=dropout, rng=self.rng)
+        self.race_head = StackedMLP(runs, dim, (adversary_hidden,), len(RACES), gens, dropout, self.rng)
+        self.gender_head = StackedMLP(runs, dim, (adversary_hidden,), len(GENDERS), gens, dropout, self.rng)
 
     def forward(self, x: torch.Tensor, grl_lambda: float = 1.0):
         z = self.adapter(x)
@@ -42,24 +46,43 @@ class Stage1Model(nn.Module):
 
 
 def masked_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over rows with a known target (>= 0); 0 when there is none."""
+    """Mean cross-entropy over rows with a known target (>= 0), per run: logits (R, B, K), target
+    (R, B) -> (R,); 0 for a run with none. No boolean indexing (sync-free)."""
     known = target >= 0
-    per = F.cross_entropy(logits, target.clamp(min=0), reduction="none")
-    return (per * known).sum() / known.sum().clamp(min=1)
+    per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.clamp(min=0).reshape(-1),
+                          reduction="none").reshape(target.shape)
+    return (per * known).sum(-1) / known.sum(-1).clamp(min=1)
 
 
 def masked_accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
     known = target >= 0
     if not bool(known.any()):
         return float("nan")
-    return float((logits.argmax(1)[known] == target[known]).float().mean())
+    return float((logits.argmax(-1)[known] == target[known]).float().mean())
+
+
+def check_demographics(task: str, meta, needed: bool) -> str | None:
+    """Refuse (fairness needs them) or warn (a baseline may run) when no row has gender or race."""
+    missing = [c for c in ("gender", "race") if c not in meta or not (meta[c].astype(str) != "").any()]
+    sub = meta["subgroup"] if "subgroup" in meta else None
+    if sub is not None and (sub.to_numpy() >= 0).any() and not missing:
+        return None
+    cols = ", ".join(missing) or "subgroup"
+    if needed:
+        raise FeatcacheError(f"{task}: the cache has no {cols} (every subgroup is -1); its fairness losses need "
+                             "them: extract a manifest with gender and race columns, or use a preset without "
+                             "fairness terms")
+    return f"warning: the cache has no {cols}; the fairness metrics will be NaN"
 
 
 @register_task("stage1")
 class Stage1Task(Task):
     detects = False
+    max_runs = 64
     meta_columns = META
     summary_keys = ("cos", "race_acc", "gender_acc")
+    # Stage 1's per-run coefficients: the loss weights of stage1.yaml
+    coefficient_keys = ("lambda_race", "lambda_gender", "lambda_similarity", "lambda_fairness", "lambda_pairwise")
 
     def tensors(self, data) -> SplitData:
         meta = data.meta
@@ -70,22 +93,43 @@ class Stage1Task(Task):
             "subgroup": torch.from_numpy(meta["subgroup"].to_numpy().astype(np.int64)),
         }, meta)
 
+    def coefficients(self) -> dict[str, torch.Tensor]:
+        """Per-run (R,) coefficient tensors, made once (no host-to-device copy per step)."""
+        if getattr(self, "_coefficients", None) is None:
+            self._coefficients = self._make_coefficients()
+        return self._coefficients
+
+    def _make_coefficients(self) -> dict[str, torch.Tensor]:
+        return {k: self._coef(c["loss"][k] for c in self.cfgs) for k in self.coefficient_keys}
+
     def make_spec(self) -> dict:
         m, loss = self.cfg["model"], self.cfg["loss"]
-        x = self.data["train"].tensors["x"]
+        train = self.data["train"]
+        if len(train) == 0:
+            raise FeatcacheError("stage1: the train split has no readable rows; check the cache with "
+                                 "`featcache cache info` and re-extract")
+        check_demographics("stage1", train.meta, needed=True)  # the adversaries learn race and gender
+        x = train.tensors["x"]
         blur = loss["sinkhorn_blur"]
         return {
             "dim": int(x.shape[1]), "adapter_hidden": int(m["adapter_hidden"]),
             "adversary_hidden": int(m["adversary_hidden"]), "dropout": float(m["dropout"]),
             "sinkhorn_blur": float(feature_scale(x)) if blur == "auto" else float(blur),
+            # the start of geomloss's epsilon schedule, fixed: twice the train features' bounding box
+            "sinkhorn_diameter": 2.0 * bounding_diameter(x),
             "backbone": self.backbone,
         }
 
     def build(self, spec: dict) -> nn.Module:
-        self.sinkhorn = GroupSinkhorn(blur=spec["sinkhorn_blur"], scaling=float(self.cfg["loss"]["sinkhorn_scaling"]))
-        return Stage1Model(spec["dim"], spec["adapter_hidden"], spec["adversary_hidden"], spec["dropout"])
+        loss = self.cfg["loss"]
+        diameter = spec.get("sinkhorn_diameter") or 10.0 * spec["sinkhorn_blur"]
+        self.sinkhorn = StackedSinkhorn(spec["sinkhorn_blur"], float(loss["sinkhorn_scaling"]), diameter)
+        return Stage1Model(self.seeds(), spec["dim"], spec["adapter_hidden"], spec["adversary_hidden"],
+                           spec["dropout"])
 
     def grl_lambda(self, state: StepState) -> float:
+        """DANN's schedule at p = state.progress: 0 at the first epoch (the design's p = epoch / total
+        with epochs counted from 0)."""
         loss = self.cfg["loss"]
         return dann_lambda(state.progress, float(loss["grl_max_lambda"]), float(loss["grl_gamma"]))
 
@@ -93,57 +137,70 @@ class Stage1Task(Task):
         return {"grl_lambda": self.grl_lambda(state)}
 
     def batch_loss(self, batch, state):
-        c = self.cfg["loss"]
-        batch = {k: v[0] for k, v in batch.items()}  # R = 1
+        c = self.coefficients()
         x = batch["x"]
         z, race_logits, gender_logits = self.module(x, self.grl_lambda(state))
         terms = {
             "race_ce": masked_ce(race_logits, batch["race"]),
             "gender_ce": masked_ce(gender_logits, batch["gender"]),
-            "similarity": 1.0 - F.cosine_similarity(x, z, dim=1).mean(),
+            "similarity": 1.0 - F.cosine_similarity(x, z, dim=-1).mean(-1),
         }
+        # a Sinkhorn term is computed when some run weighs it (decided from the configs, not tensors)
+        want = {k: any(float(cfg["loss"][f"lambda_{k}"]) > 0 for cfg in self.cfgs) for k in ("fairness", "pairwise")}
+        if want["fairness"] or want["pairwise"]:
+            terms.update(self.sinkhorn.terms(z, batch["subgroup"], global_=want["fairness"],
+                                             pairwise=want["pairwise"]))
         loss = (c["lambda_race"] * terms["race_ce"] + c["lambda_gender"] * terms["gender_ce"]
                 + c["lambda_similarity"] * terms["similarity"])
-        if c["lambda_fairness"] > 0:
-            terms["sinkhorn_global"] = self.sinkhorn.global_(z, batch["subgroup"])
+        if "sinkhorn_global" in terms:
             loss = loss + c["lambda_fairness"] * terms["sinkhorn_global"]
-        if c["lambda_pairwise"] > 0:
-            terms["sinkhorn_pairwise"] = self.sinkhorn.pairwise(z, batch["subgroup"])
+        if "sinkhorn_pairwise" in terms:
             loss = loss + c["lambda_pairwise"] * terms["sinkhorn_pairwise"]
-        return loss.reshape(1), {k: v.detach().reshape(1) for k, v in terms.items()}
+        return loss, {k: v.detach() for k, v in terms.items()}
 
     @torch.no_grad()
-    def transform(self, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
-        """The debiased features x' of a (n, D) tensor."""
+    def transform(self, x: torch.Tensor, r: int = 0) -> torch.Tensor:
+        """The debiased features x' of run r: (n, D) -> (n, D)."""
+        return self.transform_runs(x)[r]
+
+    @torch.no_grad()
+    def transform_runs(self, x: torch.Tensor, batch: int = 8192) -> torch.Tensor:
+        """The debiased features x' of every run: (n, D) -> (R, n, D)."""
         self.module.eval()
-        return torch.cat([self.module.adapter(x[i:i + batch].to(self.device)) for i in range(0, len(x), batch)])
+        return torch.cat([self.module.adapter(x[i:i + batch].to(self.device).unsqueeze(0).expand(self.runs, -1, -1))
+                          for i in range(0, len(x), batch)], dim=1)
 
     @torch.no_grad()
     def evaluate(self, split: str):
         d = self.data[split]
         x = d.tensors["x"]
-        z = self.transform(x)
-        race_logits, gender_logits = self.module.race_head(z), self.module.gender_head(z)
-        cos = F.cosine_similarity(x, z, dim=1)
-        metrics = {
-            "cos": float(cos.mean()),
-            "race_acc": masked_accuracy(race_logits, d.tensors["race"]),
-            "gender_acc": masked_accuracy(gender_logits, d.tensors["gender"]),
-            "race_ce": float(masked_ce(race_logits, d.tensors["race"])),
-            "gender_ce": float(masked_ce(gender_logits, d.tensors["gender"])),
-        }
-        preds = d.meta[["sample_id", "gender", "race", "subgroup"]].copy()
-        preds["race_pred"] = [RACES[i] for i in race_logits.argmax(1).tolist()]
-        preds["gender_pred"] = [GENDERS[i] for i in gender_logits.argmax(1).tolist()]
-        preds["cos"] = cos.cpu().numpy()
-        return [(metrics, preds)]
+        zs = self.transform_runs(x)
+        all_race, all_gender = self.module.race_head(zs), self.module.gender_head(zs)
+        out = []
+        for r in range(self.runs):
+            race_logits, gender_logits = all_race[r], all_gender[r]
+            cos = F.cosine_similarity(x, zs[r], dim=1)
+            metrics = {
+                "cos": float(cos.mean()),
+                "race_acc": masked_accuracy(race_logits, d.tensors["race"]),
+                "gender_acc": masked_accuracy(gender_logits, d.tensors["gender"]),
+                "race_ce": float(masked_ce(race_logits[None], d.tensors["race"][None])[0]),
+                "gender_ce": float(masked_ce(gender_logits[None], d.tensors["gender"][None])[0]),
+            }
+            preds = d.meta[["sample_id", "gender", "race", "subgroup"]].copy()
+            preds["race_pred"] = [RACES[i] for i in race_logits.argmax(1).tolist()]
+            preds["gender_pred"] = [GENDERS[i] for i in gender_logits.argmax(1).tolist()]
+            preds["cos"] = cos.cpu().numpy()
+            out.append((metrics, preds))
+        return out
 
     def finish(self, run_dir: Path, r: int = 0) -> dict:
         """Leakage probes: logistic regression trained on train, scored on val, raw vs debiased."""
         train, val = self.data["train"], self.data["val"]
         feats = {
             "raw": (train.tensors["x"].cpu().numpy(), val.tensors["x"].cpu().numpy()),
-            "debiased": (self.transform(train.tensors["x"]).cpu().numpy(), self.transform(val.tensors["x"]).cpu().numpy()),
+            "debiased": (self.transform(train.tensors["x"], r).cpu().numpy(),
+                         self.transform(val.tensors["x"], r).cpu().numpy()),
         }
         probe = {}
         for attr, classes in (("race", RACES), ("gender", GENDERS)):

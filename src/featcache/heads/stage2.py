@@ -6,9 +6,15 @@ d query V views projected from f, a gate fuses the two, and a classifier gives t
 (score = logit_fake - logit_real, so p = sigmoid(score)).  A cosine head over the 8
 subgroups carries the LDAM loss.
 
-L = (1 - w) CE + w CVaR + w lambda_ldam LDAM + w lambda_sinkhorn Sinkhorn_per_class
-    + lambda_contrastive cos(f, d)^2,   w: 0 until warmup_start, linearly to 1 at warmup_end.
-A term a preset switches off leaves its weight to CE.
+L = (1 - w c_cvar) CE + w c_cvar CVaR + w c_ldam LDAM + w c_sinkhorn Sinkhorn_per_class
+    + c_contrastive cos(f, d)^2,   w: 0 until warmup_start, linearly to 1 at warmup_end.
+The presets differ only in the per-run coefficients c (``coefficients()``): ``none`` is the same graph
+with every fairness coefficient 0, so runs of every preset stack into one module.  A term a preset
+switches off leaves its weight to CE.
+
+``model.architecture: linear`` (the ``linear`` preset, the design's "CLIP + Linear + CE" baseline) is
+another, smaller architecture: the cached features, one linear layer, cross-entropy; it stacks only
+with other ``linear`` runs (its ``stack_key`` differs).
 """
 
 from __future__ import annotations
@@ -21,31 +27,49 @@ from torch import nn
 from ..errors import FeatcacheError
 from ..losses.cvar import bilevel_cvar
 from ..losses.disentangle import cosine_disentanglement
-from ..losses.ldam import LDAMLoss
-from ..losses.sinkhorn import GroupSinkhorn, feature_scale
+from ..losses.ldam import MARGIN_RULES, LDAMLoss
+from ..losses.sinkhorn import StackedSinkhorn, bounding_diameter, feature_scale
 from ..metrics import all_metrics
 from ..metrics.detection import sigmoid
-from .blocks import AdaIN, BinaryClassifier, CosineClassifier, GatedFusion, MultiViewCrossAttention, ResidualAdapter
+from .blocks import (
+    RunRNG,
+    StackedAdaIN,
+    StackedAdapter,
+    StackedCosineClassifier,
+    StackedCrossAttention,
+    StackedGate,
+    StackedLinear,
+    StackedMLP,
+    run_generators,
+)
+from .stage1 import Stage1Task, check_demographics
 from .task import SplitData, StepState, Task, register_task
 
 META = ["sample_id", "label", "split", "dataset", "gender", "race", "subgroup", "identity", "method"]
 N_SUBGROUPS = 8
 
 
+ARCHITECTURES = ("fair", "linear")
+FAIRNESS_KEYS = ("cvar", "ldam", "sinkhorn")
+
+
 class Stage2Model(nn.Module):
-    def __init__(self, dim: int, stage1_hidden: int, adapter_hidden: int, num_ca_views: int, ca_heads: int,
-                 classifier_hidden: list[int], dropout: float):
+    """R stacked Stage-2 models (inputs (R, B, D)); ``fair`` is the frozen Stage-1 adapter, one copy per run."""
+
+    def __init__(self, seeds: list[int], dim: int, stage1_hidden: int, adapter_hidden: int, num_ca_views: int,
+                 ca_heads: int, classifier_hidden: list[int], dropout: float):
         super().__init__()
-        self.fair = ResidualAdapter(dim, stage1_hidden)
+        runs, gens, self.rng = len(seeds), run_generators(seeds), RunRNG(seeds)
+        self.fair = StackedAdapter(runs, dim, stage1_hidden, run_generators(seeds, offset=7))
         self.fair.requires_grad_(False)
-        self.detect = ResidualAdapter(dim, adapter_hidden, dropout=dropout)
-        self.adain = AdaIN(dim, dim)
+        self.detect = StackedAdapter(runs, dim, adapter_hidden, gens, dropout=dropout, rng=self.rng)
+        self.adain = StackedAdaIN(runs, dim, dim, gens)
         self.num_ca_views = num_ca_views
         if num_ca_views > 0:
-            self.cross_attention = MultiViewCrossAttention(dim, dim, n_views=num_ca_views, heads=ca_heads)
-            self.fusion = GatedFusion(dim)
-        self.classifier = BinaryClassifier(dim, hidden=tuple(classifier_hidden), dropout=dropout)
-        self.subgroup_head = CosineClassifier(dim, N_SUBGROUPS)
+            self.cross_attention = StackedCrossAttention(runs, dim, dim, num_ca_views, ca_heads, gens)
+            self.fusion = StackedGate(runs, dim, gens)
+        self.classifier = StackedMLP(runs, dim, tuple(classifier_hidden), 2, gens, dropout, self.rng)
+        self.subgroup_head = StackedCosineClassifier(runs, dim, N_SUBGROUPS, gens)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -68,54 +92,133 @@ class Stage2Model(nn.Module):
         return out
 
 
+class LinearModel(nn.Module):
+    """R linear probes: the cached features -> one Linear(D, 2) (the design's CLIP + Linear + CE)."""
+
+    def __init__(self, seeds: list[int], dim: int):
+        super().__init__()
+        self.classifier = StackedLinear(len(seeds), dim, 2, run_generators(seeds))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.classifier(x)}
+
+
 @register_task("stage2")
 class Stage2Task(Task):
+    max_runs = 64
     meta_columns = META
     requires_runs = {"stage1": "stage1"}
+    # the per-run coefficients (cvar, ldam, sinkhorn, contrastive) come from these loss keys
+    coefficient_keys = ("use_cvar", "use_ldam", "use_sinkhorn", "lambda_ldam", "lambda_sinkhorn", "lambda_contrastive")
+
+    def __init__(self, cfgs, device, run_dirs=None):
+        super().__init__(cfgs, device, run_dirs)
+        self.notes: list[str] = []
+
+    @classmethod
+    def check_config(cls, cfg: dict) -> None:
+        check_stage2_config(cfg)  # the warm-up first: its message also says how to move min_epoch
+        super().check_config(cfg)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.cfg["model"].get("architecture", "fair"))
 
     def tensors(self, data) -> SplitData:
         meta = data.meta
         labels = meta["label"].to_numpy().astype(np.int64)
         if (labels < 0).any():
-            raise FeatcacheError("the cache has rows without a label; Stage 2 needs labels")
+            bad = sorted(set(meta["split"][labels < 0].astype(str)))
+            raise FeatcacheError(f"split(s) {', '.join(bad)} have rows without a label; Stage 2 needs labels")
         return SplitData({
             "x": torch.from_numpy(np.array(data.features)),
             "label": torch.from_numpy(labels),
             "subgroup": torch.from_numpy(meta["subgroup"].to_numpy().astype(np.int64)),
         }, meta)
 
+    @staticmethod
+    def run_coefficients(cfg: dict) -> dict[str, float]:
+        """The four coefficients of one run's config (a switched-off term has coefficient 0)."""
+        c = cfg["loss"]
+        linear = str(cfg["model"].get("architecture", "fair")) == "linear"
+        on = (lambda key: 0.0 if linear else float(bool(c[f"use_{key}"])))  # noqa: E731
+        return {"cvar": on("cvar"), "ldam": on("ldam") * float(c["lambda_ldam"]),
+                "sinkhorn": on("sinkhorn") * float(c["lambda_sinkhorn"]),
+                "contrastive": 0.0 if linear else float(c["lambda_contrastive"])}
+
+    def coefficients(self) -> dict[str, torch.Tensor]:
+        """Per-run (R,) coefficient tensors, made once (no host-to-device copy per step)."""
+        if getattr(self, "_coefficients", None) is None:
+            self._coefficients = self._make_coefficients()
+        return self._coefficients
+
+    def _make_coefficients(self) -> dict[str, torch.Tensor]:
+        per = [self.run_coefficients(c) for c in self.cfgs]
+        return {k: self._coef(p[k] for p in per) for k in per[0]}
+
+    def _stage1(self) -> Stage1Task:
+        s1 = self.inputs.get("stage1")
+        if s1 is None:
+            raise FeatcacheError("stage2 needs the Stage-1 run: pass --stage1 RUN1")
+        if s1.name != "stage1":
+            raise FeatcacheError(f"--stage1 is a {s1.name} run, not a stage1 run")
+        return s1
+
     def make_spec(self) -> dict:
         m, loss = self.cfg["model"], self.cfg["loss"]
-        x = self.data["train"].tensors["x"]
-        s1 = self.inputs["stage1"]
+        train = self.data.get("train")
+        if train is None or len(train) == 0:
+            raise FeatcacheError("stage2: the cache has no readable rows in its train split (every row failed "
+                                 "to extract, or there is no train split); see `featcache cache info` and re-extract")
+        fairness = any(self.run_coefficients(c)[k] > 0 for c in self.cfgs for k in FAIRNESS_KEYS)
+        note = check_demographics("stage2", train.meta, needed=fairness)
+        if note:
+            self.notes.append(note)
+        x = train.tensors["x"]
+        spec = {"architecture": self.architecture, "dim": int(x.shape[1]), "backbone": self.backbone}
+        if self.architecture == "linear":
+            return spec
+        s1 = self._stage1()
         if s1.spec["dim"] != x.shape[1]:
             raise FeatcacheError(f"the Stage-1 run works on {s1.spec['dim']}-d features, this cache has {x.shape[1]}")
         trained_on = s1.spec.get("backbone")
         if trained_on and self.backbone and trained_on.get("weights_sha256") != self.backbone.get("weights_sha256"):
             raise FeatcacheError("the Stage-1 run was trained on features of another backbone than this cache; "
                                  "extract both with the same backbone and weights")
-        groups = self.data["train"].tensors["subgroup"].cpu().numpy()
+        groups = train.tensors["subgroup"].cpu().numpy()
         counts = np.bincount(groups[groups >= 0], minlength=N_SUBGROUPS)  # LDAM margins
         blur = loss["sinkhorn_blur"]
-        return {
-            "dim": int(x.shape[1]), "stage1_hidden": int(s1.spec["adapter_hidden"]),
-            "stage1_run": str(self.cfg["options"]["stage1"]),
+        standard = (x - x.mean(1, keepdim=True)) / x.std(1, unbiased=False, keepdim=True).clamp_min(1e-12)
+        spec.update({
+            "stage1_hidden": int(s1.spec["adapter_hidden"]),
+            "stage1_run": str(self.cfg.get("options", {}).get("stage1", "")),
             "adapter_hidden": int(m["adapter_hidden"]), "num_ca_views": int(m["num_ca_views"]),
             "ca_heads": int(m["ca_heads"]), "classifier_hidden": [int(h) for h in m["classifier_hidden"]],
             "dropout": float(m["dropout"]), "subgroup_counts": counts.tolist(),
             "sinkhorn_blur": float(feature_scale(x)) if blur == "auto" else float(blur),
-            "backbone": self.backbone,
-        }
+            # the start of geomloss's epsilon schedule, fixed: the Sinkhorn term compares the fused
+            # (AdaIN-normalised) features, so twice the bounding box of the per-sample standardised
+            # train features
+            "sinkhorn_diameter": 2.0 * bounding_diameter(standard),
+        })
+        return spec
 
     def build(self, spec: dict) -> nn.Module:
+        seeds = self.seeds()
+        if spec.get("architecture", "fair") == "linear":
+            return LinearModel(seeds, spec["dim"])
         loss = self.cfg["loss"]
-        model = Stage2Model(spec["dim"], spec["stage1_hidden"], spec["adapter_hidden"], spec["num_ca_views"],
+        model = Stage2Model(seeds, spec["dim"], spec["stage1_hidden"], spec["adapter_hidden"], spec["num_ca_views"],
                             spec["ca_heads"], spec["classifier_hidden"], spec["dropout"])
-        if "stage1" in self.inputs:
-            model.fair.load_state_dict(self.inputs["stage1"].module.adapter.state_dict())
+        s1 = self.inputs.get("stage1")
+        if s1 is not None:  # training: every run's fair adapter is a copy of the Stage-1 run's (run 0 of it)
+            src = s1.module.adapter.state_dict()
+            model.fair.load_state_dict({k: v[:1].expand_as(model.fair.state_dict()[k]).clone() for k, v in src.items()})
         self.ldam = LDAMLoss(spec["subgroup_counts"], max_margin=float(loss["ldam_max_margin"]),
-                             s=float(loss["ldam_scale"])).to(self.device)
-        self.sinkhorn = GroupSinkhorn(blur=spec["sinkhorn_blur"], scaling=float(loss["sinkhorn_scaling"]))
+                             s=float(loss["ldam_scale"]), rule=str(loss.get("ldam_margin_rule", "normalized")))
+        self.ldam.to(self.device)
+        diameter = spec.get("sinkhorn_diameter") or 10.0 * spec["sinkhorn_blur"]
+        self.sinkhorn = StackedSinkhorn(spec["sinkhorn_blur"], float(loss["sinkhorn_scaling"]), diameter)
         return model
 
     def fairness_weight(self, state: StepState) -> float:
@@ -129,53 +232,87 @@ class Stage2Task(Task):
         return {"fairness_weight": self.fairness_weight(state)}
 
     def batch_loss(self, batch, state):
-        c = self.cfg["loss"]
-        w = self.fairness_weight(state)
-        batch = {k: v[0] for k, v in batch.items()}  # R = 1
         y, g = batch["label"], batch["subgroup"]
         out = self.module(batch["x"])
-        per_sample = F.cross_entropy(out["logits"], y, reduction="none")
-        terms = {"ce": per_sample.mean()}
-        loss = (1.0 - (w if c["use_cvar"] else 0.0)) * terms["ce"]
-        if c["use_cvar"]:
-            terms["cvar"] = bilevel_cvar(per_sample, g, y, c["inner_worst_fraction"], c["outer_worst_fraction"])
-            loss = loss + w * terms["cvar"]
-        if c["use_ldam"]:
-            known = g >= 0
-            terms["ldam"] = self.ldam(out["subgroup_logits"][known], g[known])
-            loss = loss + w * c["lambda_ldam"] * terms["ldam"]
-        if c["use_sinkhorn"]:
-            terms["sinkhorn"] = self.sinkhorn.per_class(out["fused"], g, y)
-            loss = loss + w * c["lambda_sinkhorn"] * terms["sinkhorn"]
-        if c["lambda_contrastive"] > 0:
-            terms["disentangle"] = cosine_disentanglement(out["fair"], out["detect"])
-            loss = loss + c["lambda_contrastive"] * terms["disentangle"]
-        return loss.reshape(1), {k: v.detach().reshape(1) for k, v in terms.items()}
+        logits = out["logits"]
+        per_sample = F.cross_entropy(logits.reshape(-1, 2), y.reshape(-1), reduction="none").reshape(y.shape)
+        terms = {"ce": per_sample.mean(-1)}
+        if self.architecture == "linear":
+            return terms["ce"], {k: v.detach() for k, v in terms.items()}
+        c = self.coefficients()
+        w = self.fairness_weight(state)  # a Python float from the schedule
+        # A term is computed when some run of the stack weighs it (from the configs, not from tensors);
+        # LDAM always, since it alone trains the subgroup head: a run that does not weigh it still gets
+        # the head's zero gradient (hence AdamW's weight decay), alone as in any stack.
+        want = {k: k == "ldam" or any(self.run_coefficients(cfg)[k] > 0 for cfg in self.cfgs)
+                for k in ("cvar", "ldam", "sinkhorn", "contrastive")}
+        loss = (1.0 - w * c["cvar"]) * terms["ce"]
+        if want["cvar"]:
+            cl = self.cfg["loss"]  # the worst fractions are equal across stacked runs (stack_key)
+            terms["cvar"] = bilevel_cvar(per_sample, g, y, float(cl["inner_worst_fraction"]),
+                                         float(cl["outer_worst_fraction"]))
+            loss = loss + w * c["cvar"] * terms["cvar"]
+        if want["ldam"]:
+            terms["ldam"] = self.ldam.masked(out["subgroup_logits"], g)
+            loss = loss + w * c["ldam"] * terms["ldam"]
+        if want["sinkhorn"]:
+            terms["sinkhorn"] = self.sinkhorn.terms(out["fused"], g, labels=y)["sinkhorn"]
+            loss = loss + w * c["sinkhorn"] * terms["sinkhorn"]
+        if want["contrastive"]:
+            terms["disentangle"] = cosine_disentanglement(out["detect"], out["fair"])
+            loss = loss + c["contrastive"] * terms["disentangle"]
+        return loss, {k: v.detach() for k, v in terms.items()}
 
     @torch.no_grad()
     def forward_all(self, x: torch.Tensor, batch: int = 8192) -> dict[str, torch.Tensor]:
-        outs = [self.module(x[i:i + batch]) for i in range(0, len(x), batch)]
-        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+        """Every run's outputs on the same rows: (n, D) -> {name: (R, n, ...)}."""
+        outs = [self.module(x[i:i + batch].to(self.device).unsqueeze(0).expand(self.runs, -1, -1))
+                for i in range(0, len(x), batch)]
+        return {k: torch.cat([o[k] for o in outs], dim=1) for k in outs[0]}
 
     @torch.no_grad()
     def evaluate(self, split: str):
+        self.module.eval()
         d = self.data[split]
         out = self.forward_all(d.tensors["x"])
-        logits = out["logits"].float()
-        score = (logits[:, 1] - logits[:, 0]).cpu().numpy()
         y = d.tensors["label"].cpu().numpy()
         groups = d.tensors["subgroup"].cpu().numpy()
-        metrics = all_metrics(y, score, groups=groups, identity=video_keys(d.meta))
-        if "gate" in out:
-            gate = out["gate"].float()
-            metrics.update(gate_mean=float(gate.mean()), gate_std=float(gate.std()),
-                           gate_min=float(gate.min()), gate_max=float(gate.max()))
-            for v, value in enumerate(out["attention"].float().mean(0).tolist()):
-                metrics[f"attention_view{v}"] = value
-        preds = d.meta[["sample_id", "label", "subgroup", "identity", "dataset", "method"]].copy()
-        preds.insert(2, "score", score)
-        preds.insert(3, "prob", sigmoid(score))
-        return [(metrics, preds)]
+        identity = video_keys(d.meta)
+        results = []
+        for r in range(self.runs):
+            logits = out["logits"][r].float()
+            score = (logits[:, 1] - logits[:, 0]).cpu().numpy()
+            metrics = all_metrics(y, score, groups=groups, identity=identity)
+            if "gate" in out:
+                gate = out["gate"][r].float()
+                metrics.update(gate_mean=float(gate.mean()), gate_std=float(gate.std()),
+                               gate_min=float(gate.min()), gate_max=float(gate.max()))
+                for v, value in enumerate(out["attention"][r].float().mean(0).tolist()):
+                    metrics[f"attention_view{v}"] = value
+            preds = d.meta[["sample_id", "label", "subgroup", "identity", "dataset", "method"]].copy()
+            preds.insert(2, "score", score)
+            preds.insert(3, "prob", sigmoid(score))
+            results.append((metrics, preds))
+        return results
+
+
+def check_stage2_config(cfg: dict) -> None:
+    """Refuse a config whose fairness terms could never reach their weight, or that could select no epoch."""
+    model, loss, f = cfg["model"], cfg["loss"], cfg["fairness"]
+    epochs = int(cfg["training"]["epochs"])
+    arch = str(model.get("architecture", "fair"))
+    if arch not in ARCHITECTURES:
+        raise FeatcacheError(f"model.architecture must be fair or linear, got {arch!r}")
+    rule = str(loss.get("ldam_margin_rule", "normalized"))
+    if rule not in MARGIN_RULES:
+        raise FeatcacheError(f"loss.ldam_margin_rule must be normalized or literal, got {rule!r}")
+    coefs = Stage2Task.run_coefficients(cfg)
+    if any(coefs[k] > 0 for k in FAIRNESS_KEYS) and epochs < int(f["warmup_end"]):
+        raise FeatcacheError(
+            f"stage2: training.epochs={epochs} ends before the fairness warm-up does (fairness.warmup_end="
+            f"{f['warmup_end']}), so the fairness losses would never reach their weight; train at least "
+            f"{f['warmup_end']} epochs, or shorten the warm-up (e.g. --set fairness.warmup_start=1 "
+            f"--set fairness.warmup_end={max(1, epochs // 2)} --set selection.min_epoch={max(1, epochs // 2)})")
 
 
 def video_keys(meta) -> np.ndarray | None:

@@ -89,6 +89,8 @@ class Task(ABC):
     max_runs: int = 1
     #: Option name -> task name of a finished run this task needs (loaded by the trainer into self.inputs).
     requires_runs: dict[str, str] = {}
+    #: Loss-section keys that are per-run coefficients (presets differ by them; excluded from stack_key).
+    coefficient_keys: tuple[str, ...] = ()
     #: Meta columns read from the cache (None: all).
     meta_columns: list[str] | None = None
     #: The metrics a one-line summary shows, in order (``featcache train-head`` / ``evaluate``).
@@ -104,12 +106,28 @@ class Task(ABC):
             raise FeatcacheError(f"task {self.name} trains at most {self.max_runs} run(s) at once, got {self.runs}")
         self.run_dirs = None if run_dirs is None else [Path(p) for p in
                                                        ([run_dirs] if isinstance(run_dirs, (str, Path)) else run_dirs)]
+        for cfg in self.cfgs:
+            self.check_config(cfg)
         self.inputs: dict = {}
         self.device = torch.device(device)
         self.data: dict[str, SplitData] = {}
         self.module: torch.nn.Module | None = None
         self.spec: dict = {}
         self.backbone: dict | None = None
+
+    @classmethod
+    def check_config(cls, cfg: dict) -> None:
+        """Refuse a config that cannot train as asked (one line that says how to fix it)."""
+        epochs = int(cfg["training"]["epochs"])
+        min_epoch = int(cfg.get("selection", {}).get("min_epoch", 1))
+        if min_epoch > epochs:
+            raise FeatcacheError(f"selection.min_epoch={min_epoch} is after the last epoch (training.epochs={epochs}), "
+                                 f"so no epoch could be selected; set training.epochs >= {min_epoch} or "
+                                 f"--set selection.min_epoch={epochs}")
+
+    def seeds(self) -> list[int]:
+        """Each run's seed (initialisation, batch order, dropout)."""
+        return [int(c["training"]["seed"]) for c in self.cfgs]
 
     # -- data --------------------------------------------------------------------------------
     def check_cache(self, cache: FeatureCache) -> None:
@@ -172,6 +190,10 @@ class Task(ABC):
         """Per-run loss weights, (R,) tensors on ``self.device`` (none by default)."""
         return {}
 
+    def _coef(self, values) -> torch.Tensor:
+        """One float per run as an (R,) tensor on the device."""
+        return torch.tensor([float(v) for v in values], dtype=torch.get_default_dtype(), device=self.device)
+
     @abstractmethod
     def batch_loss(self, batch: dict[str, torch.Tensor], state: StepState) -> tuple[torch.Tensor, dict]:
         """Batch tensors are (R, B, ...); return the loss (R,) and terms {name: (R,)}, without a host sync."""
@@ -202,11 +224,13 @@ class Task(ABC):
 
     @classmethod
     def stack_key(cls, cfg: dict) -> str:
-        """Runs with equal keys may be stacked: the config without seed, preset and loss coefficients."""
+        """Runs with equal keys may be stacked: the config without the seed, the preset's name and the
+        loss coefficients (``coefficient_keys``)."""
         c = json.loads(json.dumps(cfg, default=str))
         c.get("training", {}).pop("seed", None)
         c.pop("preset", None)
-        c.pop("loss", None)
+        for k in cls.coefficient_keys:
+            c.get("loss", {}).pop(k, None)
         return json.dumps(c, sort_keys=True)
 
 

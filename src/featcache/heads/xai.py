@@ -8,10 +8,17 @@ weighted EMA of the batch's frames, no gradient), ``fixed`` (the train class mea
 ``learnable`` (parameters).  The objective is in ``configs/xai.yaml`` and
 :mod:`featcache.losses.prototype`.  Importance mean and std per class are logged every epoch, and
 training stops with a message when the importance collapses to all 0 or all 1.
+
+The utterance score is the mean z of the top 10 % of an utterance's importance logits (before the
+sigmoid), mapped into (0, 1) by the Cauchy CDF 1/2 + arctan(z)/pi: the objective is linear in w, the logits grow without bound (to +-40 in 15 epochs on
+``synth audio``), and from a logit of about 17 on float32's sigmoid is exactly 1.0, so a score read
+from w becomes the same 1.0 for every utterance (the demo's AUC of exactly 0.500 from epoch 8 on).
+w itself is computed in float64 from the logits for the maps and the localisation metrics.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +31,7 @@ from ..losses.prototype import ema_update, frame_contrastive
 from ..metrics.detection import auc, eer
 from ..metrics.xai import importance_score, localization_metrics
 from ..report.plots import plot_importance
+from .blocks import RunRNG, StackedDropout, StackedLayerNorm, StackedLinear, run_generators
 from .task import SplitData, StepState, Task, register_task
 
 CLASSES = ("bonafide", "spoof")
@@ -31,49 +39,89 @@ META = ["sample_id", "label", "split", "segments", "identity", "method"]
 
 
 class ImportanceNet(nn.Module):
-    def __init__(self, dim: int, hidden: int = 256, kernel: int = 5, dropout: float = 0.1):
+    """R stacked importance networks: LayerNorm, Linear(D, hidden), GELU, Conv1d(hidden, hidden, kernel)
+    over time (one grouped convolution for all runs), GELU, dropout, Linear(hidden, 1)."""
+
+    def __init__(self, seeds: list[int], dim: int, hidden: int = 256, kernel: int = 5, dropout: float = 0.1,
+                 rng: RunRNG | None = None):
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.inp = nn.Linear(dim, hidden)
-        self.conv = nn.Conv1d(hidden, hidden, kernel, padding=kernel // 2)
-        self.drop = nn.Dropout(dropout)
-        self.out = nn.Linear(hidden, 1)
+        runs, gens = len(seeds), run_generators(seeds)
+        self.norm = StackedLayerNorm(runs, dim)
+        self.inp = StackedLinear(runs, dim, hidden, gens)
+        bound = 1.0 / math.sqrt(hidden * kernel)  # nn.Conv1d's default initialisation
+        self.conv_weight = nn.Parameter(torch.stack([torch.empty(hidden, hidden, kernel).uniform_(-bound, bound, generator=g)
+                                                     for g in gens]))
+        self.conv_bias = nn.Parameter(torch.stack([torch.empty(hidden).uniform_(-bound, bound, generator=g)
+                                                   for g in gens]))
+        self.kernel = kernel
+        self.drop = StackedDropout(dropout, rng)
+        self.out = StackedLinear(runs, hidden, 1, gens)
+
+    def logits(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``x`` (R, B, T, D), ``mask`` (R, B, T) -> the importance logits (R, B, T)."""
+        r, b, t, _ = x.shape
+        h = self.conv_weight.shape[1]
+        z = F.gelu(self.inp(self.norm(x))) * mask[..., None]  # padding is zero, as at the edges
+        z = z.permute(1, 0, 3, 2).reshape(b, r * h, t)
+        z = F.conv1d(z, self.conv_weight.reshape(r * h, h, self.kernel), self.conv_bias.reshape(r * h),
+                     padding=self.kernel // 2, groups=r)
+        z = F.gelu(z.reshape(b, r, h, t).permute(1, 0, 3, 2))
+        return self.out(self.drop(z)).squeeze(-1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``x`` (B, T, D), ``mask`` (B, T) -> w (B, T) in [0, 1] (0 on padding)."""
-        z = F.gelu(self.inp(self.norm(x))) * mask[..., None]  # padding is zero, as at the edges
-        z = F.gelu(self.conv(z.transpose(1, 2)).transpose(1, 2))
-        return torch.sigmoid(self.out(self.drop(z)).squeeze(-1)) * mask
+        """w (R, B, T) in [0, 1] (0 on padding)."""
+        return torch.sigmoid(self.logits(x, mask)) * mask
 
 
 class XaiHead(nn.Module):
-    def __init__(self, dim: int, hidden: int, kernel: int, dropout: float, prototype_mode: str,
+    def __init__(self, seeds: list[int], dim: int, hidden: int, kernel: int, dropout: float, prototype_mode: str,
                  prototypes: torch.Tensor | None = None, center: torch.Tensor | None = None):
         super().__init__()
-        self.importance = ImportanceNet(dim, hidden, kernel, dropout)
+        runs = len(seeds)
+        self.rng = RunRNG(seeds)
+        self.importance = ImportanceNet(seeds, dim, hidden, kernel, dropout, self.rng)
         # the train frames' mean, removed before normalising: frozen encoders' frames share a large
         # common direction that would otherwise put every frame (and both prototypes) close together
-        self.register_buffer("center", center.clone() if center is not None else torch.zeros(dim))
+        c = center if center is not None else torch.zeros(dim)
+        self.register_buffer("center", c.reshape(1, dim).expand(runs, dim).clone())
         init = prototypes if prototypes is not None else torch.zeros(len(CLASSES), dim)
+        init = init.reshape(1, len(CLASSES), dim).expand(runs, -1, -1).clone()
         self.prototype_mode = prototype_mode
         if prototype_mode == "learnable":
-            self.prototypes = nn.Parameter(init.clone())
+            self.prototypes = nn.Parameter(init)
         else:
-            self.register_buffer("prototypes", init.clone())
+            self.register_buffer("prototypes", init)
 
     def unit_prototypes(self) -> torch.Tensor:
         return F.normalize(self.prototypes, dim=-1)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """h(t): the frames, centred and unit-normalised."""
-        return F.normalize(x - self.center, dim=-1)
+        """h(t): the frames, centred and unit-normalised: (R, B, T, D)."""
+        return F.normalize(x - self.center[:, None, None, :], dim=-1)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor):
         return self.importance(x, mask), self.embed(x)
 
 
+def frame_table(offsets: torch.Tensor) -> torch.Tensor:
+    """(n, T_max) index of each utterance's frames in the flat frames, -1 after its end."""
+    lengths = torch.diff(offsets)
+    t_max = int(lengths.max()) if len(lengths) else 0
+    t = torch.arange(t_max)
+    return torch.where(t[None, :] < lengths[:, None], offsets[:-1, None] + t[None, :], torch.full((1,), -1))
+
+
+def gather_frames(frames: torch.Tensor, table: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Utterances ``rows`` (any shape S) as zero-padded frames (*S, T_max, D) and a mask (*S, T_max),
+    by gathering (no host-device synchronisation)."""
+    idx = table[rows]
+    mask = (idx >= 0).to(frames.dtype)
+    return frames[idx.clamp(min=0)] * mask[..., None], mask
+
+
 def pad_frames(frames: torch.Tensor, offsets: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """Utterances ``rows`` of flat ``frames`` as a zero-padded (B, T_max, D) batch and its mask."""
+    """Utterances ``rows`` of flat ``frames`` as a zero-padded (B, T_max, D) batch and its mask
+    (T_max: the longest of these rows)."""
     rows = [int(r) for r in rows]
     lengths = [int(offsets[r + 1] - offsets[r]) for r in rows]
     t_max = max(lengths) if lengths else 0
@@ -89,50 +137,49 @@ def pad_frames(frames: torch.Tensor, offsets: torch.Tensor, rows) -> tuple[torch
 class XaiTask(Task):
     cache_kind = "frames"
     detects = False
-
+    max_runs = 64
     meta_columns = META
+    # XAI's per-run coefficients: the regularisers' weights of xai.yaml
+    coefficient_keys = ("lambda_bonafide", "lambda_smooth", "lambda_sparsity", "lambda_complement")
     summary_keys = ("auc", "eer", "loc_auroc", "loc_ap", "pointing_game", "relevance_mass")
 
     def __init__(self, cfgs, device, run_dirs=None):
         super().__init__(cfgs, device, run_dirs)
-        self.flat: dict[str, dict] = {}
+        self.flat: dict = {}
         self._init_prototypes: torch.Tensor | None = None
-        self.stop_message: str | None = None
+        self.stop_messages: list[str | None] = [None] * self.runs
 
     # -- data ----------------------------------------------------------------------------------
     def read(self, cache):
         return cache.load_frames(None, columns=META)
 
     def tensors(self, data) -> SplitData:
-        self._all = data.arrays  # flat frames of every row; cut per split in load()
-        labels = data.meta["label"].to_numpy().astype(np.int64)
-        return SplitData({"row": torch.arange(len(data.meta)), "label": torch.from_numpy(labels)}, data.meta)
+        offsets = torch.from_numpy(data.arrays["offsets"])
+        self.flat = {"frames": torch.from_numpy(data.arrays["frames"]).to(self.device), "offsets": offsets,
+                     "frame_labels": data.arrays["frame_labels"], "table": frame_table(offsets).to(self.device)}
+        meta = data.meta
+        labels = meta["label"].to_numpy().astype(np.int64)
+        return SplitData({"row": torch.arange(len(meta)), "label": torch.from_numpy(labels)}, meta)
 
-    def load(self, cache, splits=("train", "val", "test")) -> None:
-        super().load(cache, splits)
-        off = self._all["offsets"]
-        for split in splits:
-            rows = self.data[split].tensors["row"].cpu().numpy()
-            lengths = off[rows + 1] - off[rows]
-            take = np.concatenate([np.arange(off[r], off[r + 1]) for r in rows]) if len(rows) else np.zeros(0, int)
-            self.flat[split] = {
-                "frames": torch.from_numpy(self._all["frames"][take]).to(self.device),
-                "offsets": torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)),
-                "frame_labels": self._all["frame_labels"][take],
-            }
-            self.data[split].tensors["row"] = torch.arange(len(rows), device=self.device)
-        del self._all
+    def split_rows(self, split: str) -> np.ndarray:
+        return self.data[split].tensors["row"].cpu().numpy()
+
+    def _split_frames(self, split: str) -> torch.Tensor:
+        off = self.flat["offsets"].numpy()
+        idx = np.concatenate([np.arange(off[r], off[r + 1]) for r in self.split_rows(split)] or [np.zeros(0, int)])
+        return self.flat["frames"][torch.from_numpy(idx).to(self.device)]
 
     def _center(self, split: str) -> torch.Tensor:
+        frames = self._split_frames(split)
         if self.cfg["model"]["center"]:
-            return self.flat[split]["frames"].mean(0)
-        return torch.zeros(self.flat[split]["frames"].shape[1], device=self.device)
+            return frames.mean(0)
+        return torch.zeros(frames.shape[1], device=self.device)
 
     def class_means(self, split: str = "train") -> torch.Tensor:
         """Unit mean of the unit frames of each class's utterances (the ``fixed`` prototypes)."""
-        f = self.flat[split]
-        h = F.normalize(f["frames"] - self._center(split), dim=-1)
-        lengths = torch.diff(f["offsets"]).to(h.device)
+        h = F.normalize(self._split_frames(split) - self._center(split), dim=-1)
+        off = self.flat["offsets"]
+        lengths = torch.diff(off)[torch.from_numpy(self.split_rows(split))].to(h.device)
         frame_class = torch.repeat_interleave(self.data[split].tensors["label"].to(h.device), lengths)
         means = []
         for c in range(len(CLASSES)):
@@ -150,105 +197,139 @@ class XaiTask(Task):
             raise FeatcacheError("the train split needs bonafide (label 0) and spoof (label 1) utterances")
         self._init_prototypes = self.class_means("train").cpu()
         self._init_center = self._center("train").cpu()
-        return {"dim": int(self.flat["train"]["frames"].shape[1]), "hidden": int(m["hidden"]),
+        return {"dim": int(self.flat["frames"].shape[1]), "hidden": int(m["hidden"]),
                 "kernel": int(m["kernel"]), "dropout": float(m["dropout"]),
                 "prototype_mode": m["prototype_mode"], "backbone": self.backbone}
 
     def build(self, spec: dict) -> nn.Module:
-        return XaiHead(spec["dim"], spec["hidden"], spec["kernel"], spec["dropout"], spec["prototype_mode"],
-                       self._init_prototypes, getattr(self, "_init_center", None))
+        return XaiHead(self.seeds(), spec["dim"], spec["hidden"], spec["kernel"], spec["dropout"],
+                       spec["prototype_mode"], self._init_prototypes, getattr(self, "_init_center", None))
+
+    def coefficients(self) -> dict[str, torch.Tensor]:
+        """Per-run (R,) coefficient tensors, made once (no host-to-device copy per step)."""
+        if getattr(self, "_coefficients", None) is None:
+            self._coefficients = self._make_coefficients()
+        return self._coefficients
+
+    def _make_coefficients(self) -> dict[str, torch.Tensor]:
+        return {k: self._coef(c["loss"][k] for c in self.cfgs) for k in self.coefficient_keys}
 
     # -- training ------------------------------------------------------------------------------
     def batch_loss(self, batch, state: StepState):
-        c = self.cfg["loss"]
-        batch = {k: v[0] for k, v in batch.items()}  # R = 1
-        f = self.flat["train"]
-        x, mask = pad_frames(f["frames"], f["offsets"], batch["row"].tolist())
+        c, co = self.cfg["loss"], self.coefficients()
+        x, mask = gather_frames(self.flat["frames"], self.flat["table"], batch["row"].to(self.device))
         y = batch["label"].to(self.device)
         w, h = self.module(x, mask)
         protos = self.module.unit_prototypes()
-        norm = c["normalize"]
-        terms = {"contrastive": frame_contrastive(h, protos, y, w, mask, float(c["tau"]), norm)}
-        if c["lambda_complement"] > 0:  # the frames left unimportant should look bonafide
-            terms["complement"] = frame_contrastive(h, protos, torch.zeros_like(y), 1 - w, mask, float(c["tau"]), norm)
-        bona, spoof = mask * (y == 0)[:, None], mask * (y == 1)[:, None]
-        terms["bonafide_low"] = (w * bona).sum() / bona.sum().clamp_min(1)
-        pair = mask[:, 1:] * mask[:, :-1]
-        terms["smooth"] = (((w[:, 1:] - w[:, :-1]) ** 2) * pair).sum() / pair.sum().clamp_min(1)
-        terms["sparsity"] = (w * spoof).sum() / spoof.sum().clamp_min(1)
-        loss = (terms["contrastive"] + c["lambda_bonafide"] * terms["bonafide_low"]
-                + c["lambda_smooth"] * terms["smooth"] + c["lambda_sparsity"] * terms["sparsity"])
+        norm, tau = c["normalize"], float(c["tau"])
+        terms = {"contrastive": frame_contrastive(h, protos, y, w, mask, tau, norm)}
+        if any(float(cfg["loss"]["lambda_complement"]) > 0 for cfg in self.cfgs):
+            # the frames left unimportant should look bonafide
+            terms["complement"] = frame_contrastive(h, protos, torch.zeros_like(y), 1 - w, mask, tau, norm)
+        bona, spoof = mask * (y == 0)[..., None], mask * (y == 1)[..., None]
+        terms["bonafide_low"] = (w * bona).sum((-1, -2)) / bona.sum((-1, -2)).clamp_min(1)
+        pair = mask[..., 1:] * mask[..., :-1]
+        terms["smooth"] = (((w[..., 1:] - w[..., :-1]) ** 2) * pair).sum((-1, -2)) / pair.sum((-1, -2)).clamp_min(1)
+        terms["sparsity"] = (w * spoof).sum((-1, -2)) / spoof.sum((-1, -2)).clamp_min(1)
+        loss = (terms["contrastive"] + co["lambda_bonafide"] * terms["bonafide_low"]
+                + co["lambda_smooth"] * terms["smooth"] + co["lambda_sparsity"] * terms["sparsity"])
         if "complement" in terms:
-            loss = loss + c["lambda_complement"] * terms["complement"]
+            loss = loss + co["lambda_complement"] * terms["complement"]
         if self.module.prototype_mode == "ema":
-            weights = torch.where((y == 1)[:, None], w.detach(), torch.ones_like(w))
-            ema_update(self.module.prototypes.data, h.detach(), y, weights, mask,
-                       float(self.cfg["model"]["momentum"]))
-        return loss.reshape(1), {k: v.detach().reshape(1) for k, v in terms.items()}
+            weights = torch.where((y == 1)[..., None], w.detach(), torch.ones_like(w))
+            ema_update(self.module.prototypes.data, h.detach(), y, weights, mask, float(self.cfg["model"]["momentum"]))
+        return loss, {k: v.detach() for k, v in terms.items()}
 
     @torch.no_grad()
-    def importances(self, split: str, batch: int = 64) -> list[np.ndarray]:
-        """w(t) of every utterance of ``split``, in row order."""
+    def importance_logits(self, split: str, batch: int = 64) -> list[list[np.ndarray]]:
+        """The importance logits (before the sigmoid) of every utterance of ``split``, in row order, for
+        each run: [run][utterance] float64 arrays."""
         self.module.eval()
-        f = self.flat[split]
-        n = len(f["offsets"]) - 1
-        out = []
-        for start in range(0, n, batch):
-            rows = list(range(start, min(n, start + batch)))
-            x, mask = pad_frames(f["frames"], f["offsets"], rows)
-            w, _ = self.module(x, mask)
-            w = w.cpu().numpy()
-            out.extend(w[i, :int(f["offsets"][r + 1] - f["offsets"][r])] for i, r in enumerate(rows))
+        rows = self.data[split].tensors["row"].to(self.device)
+        lengths = torch.diff(self.flat["offsets"])[rows.cpu()].tolist()
+        out: list[list[np.ndarray]] = [[] for _ in range(self.runs)]
+        for start in range(0, len(rows), batch):
+            x, mask = gather_frames(self.flat["frames"], self.flat["table"], rows[start:start + batch])
+            lg = self.module.importance.logits(x.unsqueeze(0).expand(self.runs, *x.shape),
+                                               mask.unsqueeze(0).expand(self.runs, *mask.shape))
+            lg = lg.double().cpu().numpy()
+            for r in range(self.runs):
+                out[r].extend(lg[r, i, :n] for i, n in enumerate(lengths[start:start + batch]))
         return out
 
-    def importance_stats(self, split: str = "train") -> dict:
-        ws = self.importances(split)
+    def importances(self, split: str, logits: list[list[np.ndarray]] | None = None) -> list[list[np.ndarray]]:
+        """w(t) of every utterance of ``split``, in row order, for each run: [run][utterance], computed
+        in float64 from the logits (float32's sigmoid is exactly 1.0 from a logit of about 17 on)."""
+        logits = self.importance_logits(split) if logits is None else logits
+        return [[1.0 / (1.0 + np.exp(-lg)) for lg in run] for run in logits]
+
+    def importance_stats(self, split: str = "train", ws: list[list[np.ndarray]] | None = None) -> list[dict]:
+        """Mean and std of w per class, and its range, for each run."""
+        ws = self.importances(split) if ws is None else ws
         labels = self.data[split].tensors["label"].cpu().numpy()
-        stats = {}
-        for c, name in enumerate(CLASSES):
-            sel = [w for w, lab in zip(ws, labels) if lab == c]
-            v = np.concatenate(sel) if sel else np.zeros(0)
-            stats[f"w_mean_{name}"] = float(v.mean()) if len(v) else float("nan")
-            stats[f"w_std_{name}"] = float(v.std()) if len(v) else float("nan")
-        allw = np.concatenate(ws) if ws else np.zeros(0)
-        stats["w_mean"], stats["w_std"] = float(allw.mean()), float(allw.std())
-        stats["w_max"], stats["w_min"] = float(allw.max()), float(allw.min())
-        return stats
+        out = []
+        for run in ws:
+            stats = {}
+            for c, name in enumerate(CLASSES):
+                sel = [w for w, lab in zip(run, labels) if lab == c]
+                v = np.concatenate(sel) if sel else np.zeros(0)
+                stats[f"w_mean_{name}"] = float(v.mean()) if len(v) else float("nan")
+                stats[f"w_std_{name}"] = float(v.std()) if len(v) else float("nan")
+            allw = np.concatenate(run) if run else np.zeros(0)
+            stats["w_mean"], stats["w_std"] = float(allw.mean()), float(allw.std())
+            stats["w_max"], stats["w_min"] = float(allw.max()), float(allw.min())
+            out.append(stats)
+        return out
 
-    def epoch_values(self, state: StepState) -> dict:
-        stats = self.importance_stats("train")
-        self.stop_message = collapse_message(stats, float(self.cfg["loss"]["collapse_tol"]), state.epoch)
-        return {k: v for k, v in stats.items() if k.startswith("w_mean") or k.startswith("w_std")}
-
-    def stop_reason(self, row: dict, r: int = 0) -> str | None:
-        return self.stop_message
+    def stop_reason(self, row: dict, r: int) -> str | None:
+        """Stop run r when its train importances collapsed to all 0 or all 1 (checked once an epoch)."""
+        epoch = int(row.get("epoch", 0))
+        if getattr(self, "_stats_epoch", None) != epoch:
+            self._train_stats, self._stats_epoch = self.importance_stats("train"), epoch
+            tol = float(self.cfg["loss"]["collapse_tol"])
+            self.stop_messages = [collapse_message(st, tol, epoch) for st in self._train_stats]
+        return self.stop_messages[r]
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, split: str):
         d = self.data[split]
-        ws = self.importances(split)
+        logits_runs = self.importance_logits(split)
+        ws_runs = self.importances(split, logits_runs)
         labels = d.tensors["label"].cpu().numpy()
-        f = self.flat[split]
-        off = f["offsets"].numpy()
-        fl = [f["frame_labels"][off[i]:off[i + 1]] for i in range(len(ws))]
-        scores = np.array([importance_score(w) for w in ws])
-        metrics = {"auc": auc(labels, scores) if len(np.unique(labels)) == 2 else float("nan"),
-                   "eer": eer(labels, scores) if len(np.unique(labels)) == 2 else float("nan"),
-                   **localization_metrics(ws, fl, labels)}
-        preds = d.meta[["sample_id", "label", "segments", "method"]].copy()
-        preds["score"] = scores
-        preds["frames"] = [len(w) for w in ws]
-        preds["w_mean"] = [float(w.mean()) if len(w) else float("nan") for w in ws]
-        preds["top_second"] = [float((np.argmax(w) * 320 + 200) / 16000) if len(w) else float("nan") for w in ws]
-        self._last_eval = (split, ws, fl)
-        return [(metrics, preds)]
+        off = self.flat["offsets"].numpy()
+        fl = [self.flat["frame_labels"][off[i]:off[i + 1]] for i in self.split_rows(split)]
+        stats = self.importance_stats(split, ws_runs)
+        results = []
+        for r, ws in enumerate(ws_runs):
+            # The utterance score is read from the logits: the objective is linear in w, so training
+            # (Adam's steps do not shrink with the gradient) drives the logits to +-40 and beyond,
+            # where w itself is exactly 1.0 on the top frames of every utterance and a score read
+            # from w is a constant (AUC 0.500). The logits keep the ranking.
+            # The score in (0, 1) the metrics take: the Cauchy CDF 1/2 + arctan(z)/pi of the mean top-10 %
+            # logit z, strictly increasing and far from saturating in float64 (unlike the sigmoid).
+            logit_scores = np.array([importance_score(lg) for lg in logits_runs[r]])
+            scores = 0.5 + np.arctan(logit_scores) / np.pi
+            both = len(np.unique(labels)) == 2
+            metrics = {"auc": auc(labels, scores) if both else float("nan"),
+                       "eer": eer(labels, scores) if both else float("nan"),
+                       **localization_metrics(ws, fl, labels),
+                       **{k: v for k, v in stats[r].items() if k.startswith(("w_mean", "w_std"))}}
+            preds = d.meta[["sample_id", "label", "segments", "method"]].copy()
+            preds["score"] = scores
+            preds["score_logit"] = logit_scores
+            preds["frames"] = [len(w) for w in ws]
+            preds["w_mean"] = [float(w.mean()) if len(w) else float("nan") for w in ws]
+            preds["top_second"] = [float((np.argmax(w) * 320 + 200) / 16000) if len(w) else float("nan") for w in ws]
+            results.append((metrics, preds))
+        self._last_eval = (split, ws_runs, fl)
+        return results
 
-    def write_plots(self, out: Path, split: str, title: str, count: int = 6) -> list[str]:
+    def write_plots(self, out: Path, split: str, title: str, count: int = 6, r: int = 0) -> list[str]:
         """Importance over time with the true spoofed intervals shaded, for a few spoofed utterances."""
         if getattr(self, "_last_eval", (None,))[0] != split:
             self.evaluate(split)
-        _, ws, _ = self._last_eval
+        ws = self._last_eval[1][r]
         meta = self.data[split].meta
         spoofed = [i for i in range(len(ws)) if int(meta["label"].iloc[i]) == 1]
         partial = [i for i in spoofed if meta["method"].iloc[i] != "A01"] or spoofed
@@ -262,8 +343,8 @@ class XaiTask(Task):
 
     def finish(self, run_dir: Path, r: int = 0) -> dict:
         for split in ("val", "test"):
-            self.write_plots(run_dir / "eval" / split / "plots", split, f"{run_dir.name}, {split}")
-        return {"importance": self.importance_stats("train"), "stopped": self.stop_message}
+            self.write_plots(Path(run_dir) / "eval" / split / "plots", split, f"{Path(run_dir).name}, {split}", r=r)
+        return {"importance": self.importance_stats("train")[r], "stopped": self.stop_messages[r]}
 
 
 def collapse_message(stats: dict, tol: float, epoch: int) -> str | None:

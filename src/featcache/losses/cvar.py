@@ -73,7 +73,7 @@ def cvar(losses: Tensor, alpha: float | Tensor, mask: Tensor | None = None) -> T
 class BilevelCVaR(NamedTuple):
     """The pieces of :func:`bilevel_cvar_parts` (C = 2 classes, G subgroups)."""
 
-    value: Tensor  # () mean of `outer` over the classes present
+    value: Tensor  # () mean of `outer` over the classes present ((...) with leading dimensions)
     inner: Tensor  # (C, G) CVaR of the losses of subgroup g within class c; 0 where absent
     group_present: Tensor  # (C, G) bool: subgroup g has at least one sample of class c
     outer: Tensor  # (C,) CVaR over the present subgroups of `inner`; 0 where the class is absent
@@ -97,17 +97,17 @@ def bilevel_cvar_parts(
     labels = labels.to(device)
     cls = torch.arange(n_classes, device=device)
     grp = torch.arange(n_groups, device=device)
-    # (C, G, B): sample b is of class c and subgroup g. Unknown subgroups (-1), and codes outside
-    # [0, n_groups), match no g and are excluded.
-    in_class = labels.long().unsqueeze(0) == cls.unsqueeze(1)  # (C, B)
-    in_group = groups.long().unsqueeze(0) == grp.unsqueeze(1)  # (G, B)
-    member = in_class.unsqueeze(1) & in_group.unsqueeze(0)  # (C, G, B)
-    inner = cvar(losses, inner_worst_fraction, member)  # (C, G); losses broadcast against the mask
-    group_present = member.any(-1)  # (C, G)
-    outer = cvar(inner, outer_worst_fraction, group_present)  # (C,)
-    class_present = group_present.any(-1)  # (C,)
-    n_present = class_present.sum().to(losses.dtype)
-    value = torch.where(class_present, outer, torch.zeros_like(outer)).sum() / n_present.clamp(min=1.0)
+    # (..., C, G, B): sample b is of class c and subgroup g. Unknown subgroups (-1), and codes outside
+    # [0, n_groups), match no g and are excluded. Leading dimensions (e.g. stacked runs) are kept.
+    in_class = labels.long().unsqueeze(-2) == cls.unsqueeze(-1)  # (..., C, B)
+    in_group = groups.long().unsqueeze(-2) == grp.unsqueeze(-1)  # (..., G, B)
+    member = in_class.unsqueeze(-2) & in_group.unsqueeze(-3)  # (..., C, G, B)
+    inner = cvar(losses.unsqueeze(-2).unsqueeze(-2), inner_worst_fraction, member)  # (..., C, G)
+    group_present = member.any(-1)  # (..., C, G)
+    outer = cvar(inner, outer_worst_fraction, group_present)  # (..., C)
+    class_present = group_present.any(-1)  # (..., C)
+    n_present = class_present.sum(-1).to(losses.dtype)
+    value = torch.where(class_present, outer, torch.zeros_like(outer)).sum(-1) / n_present.clamp(min=1.0)
     return BilevelCVaR(value, inner, group_present, outer, class_present)
 
 
@@ -129,7 +129,8 @@ def bilevel_cvar(
     DAW-FDD's ``alpha`` is a worst fraction in this sense: its ``alpha = 0.9`` means the worst 90 %.
 
     Args:
-        losses: (B,) per-sample losses (e.g. cross-entropy with ``reduction="none"``).
+        losses: (B,) per-sample losses (e.g. cross-entropy with ``reduction="none"``), or (..., B) with
+            leading dimensions (stacked runs: (R, B) gives (R,) values); groups and labels alike.
         groups: (B,) intersectional subgroup codes 0..n_groups-1; -1 (unknown) is excluded.
         labels: (B,) class labels in {0, 1}.
         inner_worst_fraction: worst fraction of the samples within a subgroup.

@@ -11,6 +11,7 @@ def cosine_disentanglement(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
 
     Minimising it pushes the Stage-2 detection features ``a`` (B, D) away from (towards orthogonality
     with) the Stage-1 fair features ``b`` (B, D); squaring makes anti-parallel as bad as parallel.
-    Typically ``b`` is detached (the fair encoder is frozen in Stage 2). Returns a () tensor.
+    Typically ``b`` is detached (the fair encoder is frozen in Stage 2). Returns a () tensor, or (R,)
+    for stacked runs' (R, B, D) features (the mean over each run's batch).
     """
-    return F.cosine_similarity(a, b, dim=-1, eps=eps).pow(2).mean()
+    return F.cosine_similarity(a, b, dim=-1, eps=eps).pow(2).mean(-1)

@@ -1,7 +1,9 @@
 """LDAM: label-distribution-aware margin loss (Cao et al., NeurIPS 2019) on cosine logits.
 
-The margin of class k is ``m_k = max_margin * n_k^(-1/4) / max_j n_j^(-1/4)``: the rarest class gets
-``max_margin`` and more frequent classes less. The loss subtracts ``m_y`` from the logit of the target
+The margin of class k is ``m_k = max_margin * n_k^(-1/4) / max_j n_j^(-1/4)`` (rule ``normalized``, the
+LDAM paper's reference code): the rarest class gets ``max_margin`` and more frequent classes less. Rule
+``literal`` is the Stage-2 design's formula ``m_k = max_margin / n_k^(1/4)`` (the same ratios between
+classes, all smaller by the factor ``min_j n_j^(1/4)``). The loss subtracts ``m_y`` from the logit of the target
 class, scales all logits by ``s`` and takes the cross-entropy. The logits are cosine similarities in
 [-1, 1] (see :class:`featcache.heads.blocks.CosineClassifier`), which is why a scale ``s`` (30) is needed.
 """
@@ -14,14 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+MARGIN_RULES = ("normalized", "literal")
 
-def ldam_margins(counts: Tensor | Sequence[float], max_margin: float = 0.5) -> Tensor:
-    """Per-class LDAM margins ``m_k = max_margin * n_k^(-1/4) / max_j n_j^(-1/4)``.
+
+def ldam_margins(counts: Tensor | Sequence[float], max_margin: float = 0.5, rule: str = "normalized") -> Tensor:
+    """Per-class LDAM margins: ``normalized`` ``m_k = max_margin * n_k^(-1/4) / max_j n_j^(-1/4)``, or
+    ``literal`` ``m_k = max_margin / n_k^(1/4)``.
 
     Args:
         counts: (K,) number of training samples of each class. A count of 0 is treated as 1 (a class
             absent from training gets the largest margin, ``max_margin``, instead of an infinity).
-        max_margin: the margin of the rarest class.
+        max_margin: the margin of the rarest class (``normalized``), the numerator (``literal``).
+        rule: ``normalized`` or ``literal``.
 
     Returns:
         (K,) float tensor (float32 unless ``counts`` is a floating tensor), on the device of ``counts``.
@@ -33,8 +39,10 @@ def ldam_margins(counts: Tensor | Sequence[float], max_margin: float = 0.5) -> T
         raise ValueError(f"counts must be a non-empty 1-D sequence, got shape {tuple(c.shape)}")
     if bool((c < 0).any()):
         raise ValueError("class counts must be non-negative")
+    if rule not in MARGIN_RULES:
+        raise ValueError(f"the LDAM margin rule must be normalized or literal, got {rule!r}")
     m = c.clamp(min=1.0).pow(-0.25)
-    return max_margin * m / m.max()
+    return max_margin * m / m.max() if rule == "normalized" else max_margin * m
 
 
 class LDAMLoss(nn.Module):
@@ -53,21 +61,34 @@ class LDAMLoss(nn.Module):
     margins: Tensor
 
     def __init__(self, counts: Tensor | Sequence[float], max_margin: float = 0.5, s: float = 30.0,
-                 reduction: str = "mean") -> None:
+                 reduction: str = "mean", rule: str = "normalized") -> None:
         super().__init__()
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        self.register_buffer("margins", ldam_margins(counts, max_margin).to(torch.float32))
+        self.register_buffer("margins", ldam_margins(counts, max_margin, rule).to(torch.float32))
         self.max_margin = float(max_margin)
         self.s = float(s)
         self.reduction = reduction
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        """``logits``: (B, K) cosine logits; ``target``: (B,) class indices. Returns the loss."""
+        """``logits``: (..., K) cosine logits; ``target``: (...) class indices. Returns the loss."""
         target = target.long()
         m = self.margins.to(dtype=logits.dtype, device=logits.device)[target]  # (B,)
         shifted = logits - F.one_hot(target, logits.shape[-1]).to(logits.dtype) * m.unsqueeze(-1)
-        return F.cross_entropy(self.s * shifted, target, reduction=self.reduction)
+        per = F.cross_entropy((self.s * shifted).reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+        per = per.reshape(target.shape)
+        return per if self.reduction == "none" else per.sum() if self.reduction == "sum" else per.mean()
+
+    def masked(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Per-run mean over the rows with a known target (>= 0): logits (R, B, K), target (R, B) -> (R,);
+        0 for a run without one. No boolean indexing (no host-device synchronisation)."""
+        known = target >= 0
+        t = target.clamp(min=0).long()
+        m = self.margins.to(dtype=logits.dtype, device=logits.device)[t]
+        shifted = logits - F.one_hot(t, logits.shape[-1]).to(logits.dtype) * m.unsqueeze(-1)
+        per = F.cross_entropy((self.s * shifted).reshape(-1, logits.shape[-1]), t.reshape(-1),
+                              reduction="none").reshape(t.shape)
+        return (per * known).sum(-1) / known.sum(-1).clamp(min=1)
 
     def extra_repr(self) -> str:
         return f"n_classes={self.margins.numel()}, max_margin={self.max_margin}, s={self.s}, reduction={self.reduction!r}"

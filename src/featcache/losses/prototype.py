@@ -20,21 +20,22 @@ def frame_contrastive(h: torch.Tensor, prototypes: torch.Tensor, y: torch.Tensor
                       eps: float = 1e-6) -> torch.Tensor:
     """Importance-weighted, normalised frame contrastive loss.
 
-    ``h`` (B, T, D) unit frames, ``prototypes`` (C, D) unit, ``y`` (B,) class per utterance,
-    ``w`` (B, T) importance, ``mask`` (B, T) true on real (not padded) frames.  ``normalize``:
-    ``importance`` divides each utterance's sum by sum_t w(t) (invariant to the level of w),
-    ``frames`` by its number of frames T.
+    ``h`` (..., B, T, D) unit frames, ``prototypes`` (..., C, D) unit, ``y`` (..., B) class per
+    utterance, ``w`` (..., B, T) importance, ``mask`` (..., B, T) true on real (not padded) frames;
+    leading dimensions (stacked runs) are kept: returns (...).  ``normalize``: ``importance`` divides
+    each utterance's sum by sum_t w(t) (invariant to the level of w), ``frames`` by its number of frames T.
     """
-    logits = torch.einsum("btd,cd->btc", h, prototypes) / tau
-    nll = -F.log_softmax(logits, dim=-1).gather(-1, y[:, None, None].expand(-1, h.shape[1], 1)).squeeze(-1)
+    logits = torch.einsum("...btd,...cd->...btc", h, prototypes) / tau
+    target = y[..., None, None].expand(*y.shape, h.shape[-2], 1)
+    nll = -F.log_softmax(logits, dim=-1).gather(-1, target).squeeze(-1)
     wm = w * mask
     if normalize == "importance":
-        den = wm.sum(1).clamp_min(eps)
+        den = wm.sum(-1).clamp_min(eps)
     elif normalize == "frames":
-        den = mask.sum(1).clamp_min(1)
+        den = mask.sum(-1).clamp_min(1)
     else:
         raise ValueError(f"normalize must be importance or frames, got {normalize!r}")
-    return ((wm * nll).sum(1) / den).mean()
+    return ((wm * nll).sum(-1) / den).mean(-1)
 
 
 @torch.no_grad()
@@ -44,12 +45,17 @@ def ema_update(prototypes: torch.Tensor, h: torch.Tensor, y: torch.Tensor, weigh
 
     The sum runs over the batch's frames of class-c utterances with weights ``weights`` (B, T)
     (importance for spoof, 1 for bonafide in the XAI head); a class absent from the batch is kept.
+    Stacked runs: prototypes (R, C, D), h (R, B, T, D), y (R, B), weights and mask (R, B, T), each run
+    updated from its own batch. No host-device synchronisation.
     """
-    for c in range(prototypes.shape[0]):
-        a = weights * mask * (y == c)[:, None]
-        total = a.sum()
-        if float(total) <= 0:
-            continue
-        mean = F.normalize((a[..., None] * h).sum((0, 1)) / total, dim=0)
-        prototypes[c] = F.normalize(momentum * prototypes[c] + (1 - momentum) * mean, dim=0)
+    single = prototypes.ndim == 2
+    p = prototypes.unsqueeze(0) if single else prototypes
+    if single:
+        h, y, weights, mask = h.unsqueeze(0), y.unsqueeze(0), weights.unsqueeze(0), mask.unsqueeze(0)
+    for c in range(p.shape[-2]):
+        a = weights * mask * (y == c)[..., None]  # (R, B, T)
+        total = a.sum((-1, -2))  # (R,)
+        mean = F.normalize((a[..., None] * h).sum((-3, -2)) / total.clamp_min(1e-12)[:, None], dim=-1)
+        new = F.normalize(momentum * p[:, c] + (1 - momentum) * mean, dim=-1)
+        p[:, c] = torch.where((total > 0)[:, None], new, p[:, c])
     return prototypes
