@@ -291,7 +291,8 @@ def test_cascade_combines_the_filter_and_a_stage2_detector(faces, mnv4_run, tmp_
             progress=False)
     sets = ["training.epochs=2", "training.batch_size=64"]
     train_head("stage1", tmp_path / "s1", tmp_path / "stage1", sets=sets, progress=False)
-    train_head("stage2", tmp_path / "det", tmp_path / "stage2", sets=sets, options={"stage1": tmp_path / "stage1"},
+    train_head("stage2", tmp_path / "det", tmp_path / "stage2", preset="none",
+               sets=[*sets, "selection.min_epoch=1"], options={"stage1": tmp_path / "stage1"},
                progress=False)
     out = tmp_path / "cascade"
     run_cli("-q", "cascade", "--filter", mnv4_run, "--detector", tmp_path / "stage2", "--cache", tmp_path / "det",

@@ -25,11 +25,13 @@ def test_cli_train_e2e_defaults_read_the_one_place():
     from featcache.cli import cli
 
     opts = {p.name: p for p in cli.commands["train-e2e"].commands["mnv4"].params}
-    for name in ("patience", "batch_size", "lr", "weight_decay", "image_size", "amp_dtype"):
+    for name in ("patience", "batch_size", "weight_decay", "image_size", "amp_dtype"):
         value = mnv4.DEFAULTS[name]
         assert opts[name].default() == value, name  # read from DEFAULTS when the command runs
         assert opts[name].show_default.split(",")[0] == str(value), name  # what --help shows
     assert opts["epochs"].help.startswith(f"[{mnv4.DEFAULTS['epochs']},")
+    # --lr has no fixed default (with --resume it restarts from the last lr): its help shows DEFAULTS'
+    assert float(opts["lr"].help[1:].split("]")[0]) == mnv4.DEFAULTS["lr"]
 
 
 def test_training_augmentations_have_the_designs_parameters():

@@ -20,6 +20,7 @@ class ToyStack(Task):
     """Logistic regression per run, stacked: weight (R, D), bias (R,); an L2 weight per run."""
 
     max_runs = 4
+    coefficient_keys = ("l2",)  # the per-run loss weight: runs that differ only in it stack
     meta_columns = ["sample_id", "label", "split", "subgroup"]
     summary_keys = ("auc", "acc")
 

@@ -71,6 +71,14 @@ def _epochs(n: int | None) -> list[str]:
     return [] if n is None else [f"training.epochs={n}"]
 
 
+def _stage2_schedule(epochs: int) -> list[str]:
+    """Stage 2 in ``epochs``: the fairness warm-up scaled into the run (the config's 5 -> 10 of 50
+    would be refused), and selection only among epochs trained with the whole objective."""
+    start, end = max(1, epochs // 3), max(1, (2 * epochs) // 3)
+    return [f"training.epochs={epochs}", f"fairness.warmup_start={start}", f"fairness.warmup_end={end}",
+            f"selection.min_epoch={end}"]
+
+
 def _reuse(run: Path) -> bool:
     """A finished run is reused; an interrupted one resumes (train_head does it); else it starts."""
     return (run / "summary.json").is_file()
@@ -121,7 +129,7 @@ def run_demo(out: str | Path = "featcache-demo", *, n: int | None = None, sizes:
 
     echo(_step(4, f"Stage-2 ablation, every preset, seed 0, {sizes.stage2_epochs} epochs -> {runs / 'ablation'}"))
     df = ablate("stage2", caches["detection"][1], runs / "ablation", presets=sizes.presets, seeds=(0,),
-                sets=[*DEMO_SETS, f"training.epochs={sizes.stage2_epochs}"], options={"stage1": stage1},
+                sets=[*DEMO_SETS, *_stage2_schedule(sizes.stage2_epochs)], options={"stage1": stage1},
                 progress=progress, echo=lambda line: echo("      " + line))
     table = summary_table(df, [])
     echo(table)

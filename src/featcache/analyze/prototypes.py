@@ -70,8 +70,9 @@ def analyze_prototypes(run_dir, cache=None, out=None, *, split: str | None = Non
     utt_label = d.meta["label"].to_numpy().astype(np.int64)[utt]
     frame_class = np.where(fl >= 0, fl, utt_label)
     with torch.no_grad():
-        protos = task.module.unit_prototypes().cpu().numpy().astype(np.float32)
-        frames = task.module.embed(torch.from_numpy(frames)).numpy()  # the head's space: centred, unit
+        # the run's head is a 1-run stacked module: prototypes (1, 2, D), embed (R, B, T, D)
+        protos = task.module.unit_prototypes()[0].cpu().numpy().astype(np.float32)
+        frames = task.module.embed(torch.from_numpy(frames)[None, None])[0, 0].numpy()  # centred, unit
     purity, sims, ids, index = prototype_purity(frames, frame_class, protos, KS, device=device)
     nearest = {}
     for ci, name in enumerate(CLASSES):

@@ -206,7 +206,7 @@ def measure_latency(filt: FilterRun, task, cache, manifest, *, split: str = "tes
 
     def run_head():
         with torch.no_grad():
-            task.module(feats)
+            task.module(feats[None])  # a 1-run stacked head: (R = 1, B, D)
         _sync(dev)
 
     filt_s = _median_seconds(run_filter, repeats)

@@ -254,7 +254,8 @@ def run_generators(seeds: Sequence[int], offset: int = 0) -> list[torch.Generato
 class RunRNG:
     """Per-run random streams for dropout, one generator per run and device (seeded ``seed + offset``).
 
-    Not a module and not in the state dict: a resumed run restarts its dropout stream.
+    Not a module and not in the state dict; the loop saves each run's streams in its resume point
+    (:meth:`get_state` / :meth:`set_state`), so a resumed run draws the masks it would have drawn.
     """
 
     def __init__(self, seeds: Sequence[int], offset: int = 1_000_003) -> None:
@@ -266,6 +267,14 @@ class RunRNG:
         if key not in self._gens:
             self._gens[key] = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
         return self._gens[key]
+
+    def get_state(self, r: int) -> dict[str, Tensor]:
+        """Run r's streams, one state per device used so far."""
+        return {dev: gens[r].get_state() for dev, gens in self._gens.items()}
+
+    def set_state(self, r: int, state: dict[str, Tensor]) -> None:
+        for dev, st in state.items():
+            self.generators(torch.device(dev))[r].set_state(st)
 
     def rand(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> Tensor:
         """(R, *shape) uniform draws, row r from run r's generator."""

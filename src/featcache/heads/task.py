@@ -185,6 +185,16 @@ class Task(ABC):
             for k, v in own.items():
                 v[r:r + 1].copy_(sd[k].to(v.device))
 
+    def run_rng_state(self, r: int) -> dict[str, torch.Tensor]:
+        """Run r's own random streams (dropout), saved in its resume point; none by default."""
+        rng = getattr(self.module, "rng", None)
+        return rng.get_state(r) if hasattr(rng, "get_state") else {}
+
+    def set_run_rng_state(self, r: int, state: dict[str, torch.Tensor]) -> None:
+        rng = getattr(self.module, "rng", None)
+        if state and hasattr(rng, "set_state"):
+            rng.set_state(r, state)
+
     # -- training and evaluation ---------------------------------------------------------------
     def coefficients(self) -> dict[str, torch.Tensor]:
         """Per-run loss weights, (R,) tensors on ``self.device`` (none by default)."""

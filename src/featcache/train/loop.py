@@ -186,6 +186,8 @@ def fit(job, run_dirs: list[Path], settings: LoopSettings, *, resume: bool = Fal
         for r, s in enumerate(saved):
             job.load_run_state_dict(r, s["weights"])
             gens[r].set_state(s["generator"])
+            if hasattr(job, "set_run_rng_state"):  # the run's own streams (a stacked task's dropout)
+                job.set_run_rng_state(r, s.get("run_rng", {}))
             st[r] = json.loads(s["loop"]["json"])
             st[r]["best_score"] = -math.inf if st[r]["best_score"] is None else st[r]["best_score"]
         opt.load_state_dict(_stack_opt_state([s["optimizer"] for s in saved], stacked))
@@ -285,6 +287,7 @@ def fit(job, run_dirs: list[Path], settings: LoopSettings, *, resume: bool = Fal
                                    default=json_default)
             save_state({"weights": weights, "optimizer": _slice_opt_state(opt.state_dict(), r, stacked),
                         "generator": gens[r].get_state(), "rng": rng_state(),
+                        "run_rng": job.run_rng_state(r) if hasattr(job, "run_rng_state") else {},
                         "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                         "loop": {"epoch": epoch, "json": loop_json}}, d / RESUME_FILE)
             if reason:
