@@ -357,14 +357,20 @@ _JITTER = (("brightness", adjust_brightness), ("contrast", adjust_contrast), ("s
 
 
 def color_jitter(x: torch.Tensor, p: dict) -> torch.Tensor:
-    """ColorJitter per image: brightness, contrast, saturation and hue (ops 0..3) with the
-    factors of ``p``, in each image's own ``order`` (n, 4): step j applies op ``order[:, j]``."""
+    """ColorJitter per image: brightness, contrast, saturation and hue (ops 0..3, as in
+    :data:`_JITTER`) with the factors of ``p``, in each image's own ``order`` (n, 4): step j
+    applies op ``order[:, j]``. The three linear ops are one blend per step (with black, the
+    grayscale mean or the grayscale image, by image), the hue shift is taken where chosen;
+    no host synchronisation."""
+    n = x.shape[0]
+    factors = torch.stack([p["brightness"], p["contrast"], p["saturation"]], 1).to(torch.float32)
     for j in range(4):
-        out = x
-        for o, (name, op) in enumerate(_JITTER):
-            sel = p["order"][:, j] == o
-            out = torch.where(sel.view(-1, 1, 1, 1), op(x, p[name]), out)
-        x = out
+        op = p["order"][:, j]
+        gray = _gray(x)
+        other = torch.where((op == 1).view(-1, 1, 1, 1), gray.mean(dim=(1, 2, 3), keepdim=True), gray)
+        other = other * (op != 0).to(x.dtype).view(-1, 1, 1, 1)  # brightness blends with black
+        lin = _blend(x, other, factors.gather(1, op.clamp(max=2).view(n, 1)).view(n))
+        x = torch.where((op == 3).view(-1, 1, 1, 1), adjust_hue(x, p["hue"]), lin)
     return x
 
 
