@@ -108,20 +108,22 @@ def test_per_image_colour_and_blur_ops_are_torchvisions_with_each_images_own_fac
     ident = {**p, "brightness": torch.ones(n), "contrast": torch.ones(n), "saturation": torch.ones(n),
              "hue": torch.zeros(n)}
     assert torch.allclose(mnv4.color_jitter(x, ident), x, atol=1e-6)
+    assert torch.allclose(mnv4.color_jitter(x, ident, sync_free=True), x, atol=1e-6)
     z = torch.zeros(n)
     assert torch.equal(mnv4.affine(x, z, z, z, torch.ones(n)), x)
 
 
 def test_colour_jitter_follows_each_images_order():
     x, p = _batch()
-    got = mnv4.color_jitter(x, p)
     ops = [(k, f) for k, f in mnv4._JITTER]
-    for i in range(len(x)):  # brute force: image i alone, its four ops in its own order
-        y = x[i:i + 1]
-        for o in p["order"][i].tolist():
-            name, op = ops[o]
-            y = op(y, p[name][i:i + 1])
-        assert torch.allclose(got[i:i + 1], y, atol=1e-6)
+    for sync_free in (False, True):  # the CPU's path (by subset) and CUDA's (whole batch, selected)
+        got = mnv4.color_jitter(x, p, sync_free=sync_free)
+        for i in range(len(x)):  # brute force: image i alone, its four ops in its own order
+            y = x[i:i + 1]
+            for o in p["order"][i].tolist():
+                name, op = ops[o]
+                y = op(y, p[name][i:i + 1])
+            assert torch.allclose(got[i:i + 1], y, atol=1e-6), (sync_free, i)
 
 
 def test_per_image_affine_is_torchvisions_random_affine_geometry():

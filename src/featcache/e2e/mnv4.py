@@ -356,12 +356,24 @@ _JITTER = (("brightness", adjust_brightness), ("contrast", adjust_contrast), ("s
            ("hue", adjust_hue))
 
 
-def color_jitter(x: torch.Tensor, p: dict) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, p: dict, *, sync_free: bool | None = None) -> torch.Tensor:
     """ColorJitter per image: brightness, contrast, saturation and hue (ops 0..3, as in
     :data:`_JITTER`) with the factors of ``p``, in each image's own ``order`` (n, 4): step j
-    applies op ``order[:, j]``. The three linear ops are one blend per step (with black, the
-    grayscale mean or the grayscale image, by image), the hue shift is taken where chosen;
-    no host synchronisation."""
+    applies op ``order[:, j]``.
+
+    ``sync_free`` (default: on CUDA) computes every step on the whole batch without a host
+    synchronisation: the three linear ops as one blend (with black, the grayscale mean or the
+    grayscale image, by image) and the hue shift taken where chosen. Otherwise (the CPU) each
+    op runs only on the images that take it at that step: a quarter of the work."""
+    if not (x.is_cuda if sync_free is None else sync_free):
+        for j in range(4):
+            op, out = p["order"][:, j], torch.empty_like(x)
+            for o, (name, fn) in enumerate(_JITTER):
+                idx = (op == o).nonzero().view(-1)
+                if idx.numel():
+                    out[idx] = fn(x[idx], p[name][idx])
+            x = out
+        return x
     n = x.shape[0]
     factors = torch.stack([p["brightness"], p["contrast"], p["saturation"]], 1).to(torch.float32)
     for j in range(4):
