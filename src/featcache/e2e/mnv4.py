@@ -269,10 +269,18 @@ def pixel_loader(paths: list[str], image_size: int, config: dict, *, batch_size:
         prefetch_factor=4 if num_workers > 0 else None)  # workers read image files only: fork is safe
 
 
+_NORM: dict = {}
+
+
 def normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """Float images in [0, 1] (n, 3, h, w) -> ``(x - mean) / std`` per channel (float32)."""
-    m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    """Float images in [0, 1] (n, 3, h, w) -> ``(x - mean) / std`` per channel (float32); the
+    mean and std tensors are made once per device (a copy from pageable memory would wait for
+    the device's queue)."""
+    key = (str(x.device), tuple(float(m) for m in mean), tuple(float(v) for v in std))
+    if key not in _NORM:
+        _NORM[key] = (torch.tensor(key[1], dtype=torch.float32).view(1, 3, 1, 1).to(x.device),
+                      torch.tensor(key[2], dtype=torch.float32).view(1, 3, 1, 1).to(x.device))
+    m, s = _NORM[key]
     return (x - m) / s
 
 
@@ -348,7 +356,8 @@ def adjust_hue(x, f):
     h = torch.where(delta > 0, h / 6.0, torch.zeros_like(h))
     h = torch.remainder(h + f.to(torch.float32).view(-1, 1, 1), 1.0)
     # HSV -> RGB: channel value v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6 h) mod 6, n = 5, 3, 1
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6.0 * h.unsqueeze(1), 6.0)
+    n_rgb = 5.0 - 2.0 * torch.arange(3, device=x.device, dtype=torch.float32)  # made on the device: no copy
+    k = torch.remainder(n_rgb.view(1, 3, 1, 1) + 6.0 * h.unsqueeze(1), 6.0)
     return (maxc.unsqueeze(1) * (1.0 - s.unsqueeze(1) * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))).clamp(0.0, 1.0)
 
 

@@ -150,8 +150,11 @@ class FilterJob:
             if k < 2:  # a batch of one breaks batch norm
                 continue
             seen += k
+            y = self.y_train[torch.from_numpy(rows)]
+            if self.cuda:  # pinned, so that the copies do not wait for the device's queue
+                y, pixels = y.pin_memory(), pixels if pixels.is_pinned() else pixels.pin_memory()
             x = prepare_batch(pixels, self.device, self.data_config, generator=gen, channels_last=self.cuda)
-            y = self.y_train[torch.from_numpy(rows)].to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
             yield {"x": x[None], "y": y[None]}, k
         if self.cuda:
             torch.cuda.synchronize(self.device)
