@@ -32,6 +32,8 @@ def test_cli_train_e2e_defaults_read_the_one_place():
     assert opts["epochs"].help.startswith(f"[{mnv4.DEFAULTS['epochs']},")
     # --lr has no fixed default (with --resume it restarts from the last lr): its help shows DEFAULTS'
     assert float(opts["lr"].help[1:].split("]")[0]) == mnv4.DEFAULTS["lr"]
+    # mixed precision is on by default (it acts on CUDA only); --no-mixed-precision turns it off
+    assert opts["mixed_precision"].default is True and opts["mixed_precision"].secondary_opts == ["--no-mixed-precision"]
 
 
 def test_training_augmentations_have_the_designs_parameters():
@@ -174,6 +176,8 @@ def test_uint8_path_without_augmentation_is_timms_eval_transform(tmp_path):
     assert pixels.dtype == torch.uint8 and pixels.shape == (3, 3, 32, 32) and list(rows) == [0, 1, 2]
     assert errs[:2] == ["", ""] and errs[2] and not pixels[2].any()  # the empty file: an error, a zero image
     x = mnv4.prepare_batch(pixels, torch.device("cpu"), cfg)
+    cl = mnv4.prepare_batch(pixels, torch.device("cpu"), cfg, channels_last=True)  # CUDA's layout, same values
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, x)
     ref = create_transform(**cfg, is_training=False)
     for i in range(2):
         with Image.open(paths[i]) as img:
