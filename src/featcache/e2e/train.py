@@ -142,7 +142,7 @@ class FilterJob:
         self.unreadable, seen, t0 = 0, 0, time.perf_counter()
         for rows, pixels, errs in loader:
             bad = [i for i, e in enumerate(errs) if e]
-            if bad:  # recorded, counted for the epoch's log, and left out of the batch
+            if bad:  # counted in the epoch's `unreadable` column and left out of the batch
                 self.unreadable += len(bad)
                 keep = torch.tensor([not e for e in errs])
                 rows, pixels = rows[keep.numpy()], pixels[keep]
