@@ -330,3 +330,36 @@ def test_cascade_combines_the_filter_and_a_stage2_detector(faces, mnv4_run, tmp_
     ok = val[val["leakage"].fillna(0) <= 0.2]
     assert rec["threshold"] == pytest.approx(ok.sort_values(["filtration", "threshold"]).iloc[-1]["threshold"])
     assert_png(out / "cascade_tradeoff.png")
+
+
+def test_filter_batches_skip_and_count_unreadable_images_and_repeat_per_epoch(faces, tmp_path):
+    """Issue 17: a zero-byte, a truncated and a non-image file in train are skipped and counted in
+    the epoch's ``unreadable``; the rest arrive augmented on the device, the same for the same epoch."""
+    from featcache.data.manifest import read_manifest
+    from featcache.e2e.train import FilterJob
+
+    df = pd.read_csv(faces / "manifest.csv", dtype=str, keep_default_na=False)
+    train = df.index[df["split"] == "train"][:3]
+    good = open(df.at[train[1], "path"], "rb").read()
+    for i, data in zip(train, (b"", good[: len(good) // 2], b"not an image")):
+        (tmp_path / f"bad{i}.png").write_bytes(data)
+        df.at[i, "path"] = str(tmp_path / f"bad{i}.png")
+    df.to_csv(tmp_path / "m.csv", index=False)
+    cfg = {"model": {"name": "mobilenetv4_conv_small", "pretrained": "none", "image_size": 32},
+           "training": {"num_workers": 0, "seed": 0, "augment": True, "batch_size": 12, "amp_dtype": "fp16",
+                        "mixed_precision": True}}
+    job = FilterJob(torch.nn.Identity(), torch.device("cpu"), read_manifest(tmp_path / "m.csv"), cfg)
+    n_train = int((df["split"] == "train").sum())
+
+    def epoch(e):
+        out = list(job.batches(e, None, 12))
+        return out, job.unreadable
+
+    first, bad = epoch(1)
+    assert bad == 3 and sum(k for _, k in first) == n_train - 3
+    for b, k in first:
+        assert b["x"].shape == (1, k, 3, 32, 32) and b["x"].dtype == torch.float32 and torch.isfinite(b["x"]).all()
+    again, _ = epoch(1)
+    assert all(torch.equal(a["x"], b["x"]) and torch.equal(a["y"], b["y"]) for (a, _), (b, _) in zip(first, again))
+    other, bad2 = epoch(2)
+    assert bad2 == 3 and not torch.equal(first[0][0]["x"], other[0][0]["x"])

@@ -32,6 +32,8 @@ def test_cli_train_e2e_defaults_read_the_one_place():
     assert opts["epochs"].help.startswith(f"[{mnv4.DEFAULTS['epochs']},")
     # --lr has no fixed default (with --resume it restarts from the last lr): its help shows DEFAULTS'
     assert float(opts["lr"].help[1:].split("]")[0]) == mnv4.DEFAULTS["lr"]
+    # mixed precision is on by default (it acts on CUDA only); --no-mixed-precision turns it off
+    assert opts["mixed_precision"].default is True and opts["mixed_precision"].secondary_opts == ["--no-mixed-precision"]
 
 
 def test_training_augmentations_have_the_designs_parameters():
@@ -81,6 +83,105 @@ def test_eval_transform_is_timms_own():
         assert torch.allclose(v2.Compose(kept)(img), ref(img), atol=0.05)
     assert mnv4.data_config("mobilenetv4_conv_small", 32)["crop_pct"] == 0.875
     assert mnv4.data_config("mobilenetv4_hybrid_medium", 256)["crop_pct"] == 0.95
+
+
+# -- the device-side pipeline (issue 17 item 3): uint8 from the workers, per-image augmentation ---------
+def _batch(n=6, h=20, w=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, h, w, generator=g), mnv4.sample_augmentations(n, h, w, g)
+
+
+def test_per_image_colour_and_blur_ops_are_torchvisions_with_each_images_own_factor():
+    from torchvision.transforms.v2 import functional as F
+
+    x, p = _batch()
+    for name, ours, ref in (("brightness", mnv4.adjust_brightness, F.adjust_brightness),
+                            ("contrast", mnv4.adjust_contrast, F.adjust_contrast),
+                            ("saturation", mnv4.adjust_saturation, F.adjust_saturation),
+                            ("hue", mnv4.adjust_hue, F.adjust_hue)):
+        want = torch.stack([ref(x[i], float(p[name][i])) for i in range(len(x))])
+        assert torch.allclose(ours(x, p[name]), want, atol=1e-5), name
+    want = torch.stack([F.gaussian_blur(x[i], [3, 3], [float(p["sigma"][i])] * 2) for i in range(len(x))])
+    assert torch.allclose(mnv4.gaussian_blur(x, p["sigma"]), want, atol=1e-5)
+    # identities: no flip, zero jitter (factors 1, hue 0) in any order, identity affine
+    n = len(x)
+    assert torch.equal(mnv4.flip(x, torch.ones(n, dtype=torch.bool)), torch.flip(x, dims=[-1]))
+    assert torch.equal(mnv4.flip(x, torch.zeros(n, dtype=torch.bool)), x)
+    ident = {**p, "brightness": torch.ones(n), "contrast": torch.ones(n), "saturation": torch.ones(n),
+             "hue": torch.zeros(n)}
+    assert torch.allclose(mnv4.color_jitter(x, ident), x, atol=1e-6)
+    assert torch.allclose(mnv4.color_jitter(x, ident, sync_free=True), x, atol=1e-6)
+    z = torch.zeros(n)
+    assert torch.equal(mnv4.affine(x, z, z, z, torch.ones(n)), x)
+
+
+def test_colour_jitter_follows_each_images_order():
+    x, p = _batch()
+    ops = [(k, f) for k, f in mnv4._JITTER]
+    for sync_free in (False, True):  # the CPU's path (by subset) and CUDA's (whole batch, selected)
+        got = mnv4.color_jitter(x, p, sync_free=sync_free)
+        for i in range(len(x)):  # brute force: image i alone, its four ops in its own order
+            y = x[i:i + 1]
+            for o in p["order"][i].tolist():
+                name, op = ops[o]
+                y = op(y, p[name][i:i + 1])
+            assert torch.allclose(got[i:i + 1], y, atol=1e-6), (sync_free, i)
+
+
+def test_per_image_affine_is_torchvisions_random_affine_geometry():
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    x, p = _batch(seed=3)
+    for mode, interp in (("nearest", InterpolationMode.NEAREST), ("bilinear", InterpolationMode.BILINEAR)):
+        got = mnv4.affine(x, p["angle"], p["tx"], p["ty"], p["scale"], mode=mode)
+        want = torch.stack([F.affine(x[i], angle=float(p["angle"][i]), translate=[int(p["tx"][i]), int(p["ty"][i])],
+                                     scale=float(p["scale"][i]), shear=[0.0, 0.0], interpolation=interp)
+                            for i in range(len(x))])
+        assert torch.allclose(got, want, atol=1e-5), mode
+
+
+def test_augmentation_parameters_are_drawn_per_image_in_the_designs_ranges():
+    a = mnv4.AUGMENTATIONS
+    n, h, w = 4000, 64, 48
+    p = mnv4.sample_augmentations(n, h, w, torch.Generator().manual_seed(0))
+    assert abs(p["flip"].float().mean().item() - a["flip_p"]) < 0.03
+    for k in ("brightness", "contrast", "saturation"):
+        assert p[k].min() >= 1 - a[k] and p[k].max() <= 1 + a[k] and p[k].std() > 0.1
+    assert p["hue"].abs().max() <= a["hue"] and p["angle"].abs().max() <= a["degrees"]
+    assert p["tx"].abs().max() <= round(a["translate"][0] * w) and p["ty"].abs().max() <= round(a["translate"][1] * h)
+    assert torch.equal(p["tx"], p["tx"].round()) and p["tx"].unique().numel() == 2 * round(0.1 * w) + 1
+    assert p["scale"].min() >= a["scale"][0] and p["scale"].max() <= a["scale"][1]
+    assert p["sigma"].min() >= a["blur_sigma"][0] and p["sigma"].max() <= a["blur_sigma"][1]
+    assert sorted(p["order"][0].tolist()) == [0, 1, 2, 3] and p["order"].unique(dim=0).shape[0] == 24
+    # same image twice in a batch: different augmentations; the same seed: the same batch
+    img = (torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 255).to(torch.uint8)
+    cfg = mnv4.data_config("mobilenetv4_conv_small", 32)
+    two = mnv4.prepare_batch(img.repeat(2, 1, 1, 1), torch.device("cpu"), cfg, generator=torch.Generator().manual_seed(5))
+    again = mnv4.prepare_batch(img.repeat(2, 1, 1, 1), torch.device("cpu"), cfg, generator=torch.Generator().manual_seed(5))
+    assert not torch.allclose(two[0], two[1]) and torch.equal(two, again)
+
+
+def test_uint8_path_without_augmentation_is_timms_eval_transform(tmp_path):
+    from timm.data import create_transform
+
+    paths = []
+    for i, size in enumerate(((48, 40), (31, 57))):
+        paths.append(str(tmp_path / f"{i}.png"))
+        _pil(i, size).save(paths[-1])
+    (tmp_path / "empty.png").write_bytes(b"")
+    paths.append(str(tmp_path / "empty.png"))
+    cfg = mnv4.data_config("mobilenetv4_conv_small", 32)
+    rows, pixels, errs = next(iter(mnv4.pixel_loader(paths, 32, cfg, batch_size=3)))
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 3, 32, 32) and list(rows) == [0, 1, 2]
+    assert errs[:2] == ["", ""] and errs[2] and not pixels[2].any()  # the empty file: an error, a zero image
+    x = mnv4.prepare_batch(pixels, torch.device("cpu"), cfg)
+    cl = mnv4.prepare_batch(pixels, torch.device("cpu"), cfg, channels_last=True)  # CUDA's layout, same values
+    assert cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(cl, x)
+    ref = create_transform(**cfg, is_training=False)
+    for i in range(2):
+        with Image.open(paths[i]) as img:
+            assert torch.allclose(x[i], ref(img.convert("RGB")), atol=1e-5)
 
 
 # -- a filter run without training: random MobileNetV4 weights, labels made from its scores ----------

@@ -429,12 +429,14 @@ def train_e2e_group():
 @click.option("--save-every", default=0, show_default=True, help="Keep a weights snapshot every N epochs (0: none).")
 @click.option("--patience", default=_e2e_default("patience"), type=int, show_default="15, the design's example",
               help="Early stopping on val AUC (0: off).")
-@click.option("--mixed-precision", is_flag=True, help="torch.autocast + GradScaler on CUDA (ignored on the CPU).")
+@click.option("--mixed-precision/--no-mixed-precision", default=True, show_default="on",
+              help="torch.autocast (+ GradScaler for fp16) on CUDA; the CPU always trains in fp32.")
 @click.option("--amp-dtype", type=click.Choice(["fp16", "bf16"]), default=_e2e_default("amp_dtype"),
               show_default="fp16")
 @click.option("--no-augment", is_flag=True, help="Train without flip, colour jitter, affine and blur.")
 @click.option("--image-size", default=_e2e_default("image_size"), type=int, show_default="256")
-@click.option("--num-workers", default=0, show_default=True, help="DataLoader decoding workers (spawned).")
+@click.option("--num-workers", default=0, show_default=True,
+              help="Persistent DataLoader workers that decode, resize and crop to uint8 (0: in this process).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when present].")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
@@ -448,7 +450,7 @@ def train_e2e_mnv4(state, manifest_path, out, model, pretrained, epochs, batch_s
 
     \b
     Examples:
-      featcache train-e2e mnv4 --manifest data/manifest.csv --out runs/mnv4 --mixed-precision
+      featcache train-e2e mnv4 --manifest data/manifest.csv --out runs/mnv4 --num-workers 8
       featcache train-e2e mnv4 --manifest data/faces/manifest.csv --out runs/mnv4-small \\
           --model mobilenetv4_conv_small --pretrained none --image-size 64 --epochs 8 --lr 1e-3
       featcache train-e2e mnv4 --manifest data/manifest.csv --out runs/mnv4 --resume

@@ -3,9 +3,17 @@
 BCEWithLogitsLoss on one logit, AdamW (fused on CUDA), cosine annealing over the epochs
 (stepped per epoch), training augmentations (``augment=False`` leaves them out), selection and
 early stopping on validation AUC (``patience`` epochs without a new best; 0 = never), mixed
-precision on CUDA (``torch.autocast`` in fp16 with a GradScaler, or bf16); fp32 on the CPU.
-:func:`featcache.train.loop.fit` does the epochs, checkpoints, logs and resume; this module
-supplies the batches (decoded images), the loss and the evaluation.
+precision on by default on CUDA (``torch.autocast`` in fp16 with a GradScaler, or bf16;
+``mixed_precision=False`` turns it off); fp32 on the CPU. On CUDA the model and its batches are
+channels-last. :func:`featcache.train.loop.fit` does the epochs, checkpoints, logs and resume;
+this module supplies the batches, the loss and the evaluation.
+
+Input pipeline: DataLoader workers (persistent when ``num_workers`` > 0, one loader for every
+epoch) decode, resize and centre crop to uint8 (timm's evaluation geometry); batches travel
+pinned as uint8; on the device each image gets its own augmentation parameters from a
+``torch.Generator`` there, seeded per epoch, then float conversion and normalisation
+(:func:`featcache.e2e.mnv4.prepare_batch`). Evaluation runs in batches of
+``mnv4.DEFAULTS["eval_batch_size"]``.
 
 The run directory is the one layout (ARCHITECTURE.md): config.yaml, model.json (spec:
 ``model``, ``pretrained``, ``image_size``, ``num_classes``), log.jsonl, training_log.csv,
@@ -48,12 +56,14 @@ from .mnv4 import (
     DEFAULTS,
     META,
     TASK,
+    EpochSampler,
     create_model,
     data_config,
     default_pretrained,
-    image_loader,
     load_split,
+    pixel_loader,
     predict_scores,
+    prepare_batch,
 )
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -96,6 +106,7 @@ class FilterJob:
         self.size, self.workers, self.seed = int(mc["image_size"]), int(tc["num_workers"]), int(tc["seed"])
         self.augment, self.bs = bool(tc.get("augment", True)), int(tc["batch_size"])
         self.amp_dtype = AMP_DTYPES[tc["amp_dtype"]] if tc["mixed_precision"] and device.type == "cuda" else None
+        self.cuda = device.type == "cuda"
         self.manifest = manifest
         # timm's preprocessing of this model and weights: training crops as evaluation does
         self.data_config = data_config(mc["name"], self.size, mc["pretrained"])
@@ -104,6 +115,14 @@ class FilterJob:
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
         self.unreadable = 0
         self.images_per_s = []
+        self._sampler = EpochSampler(len(self.train_paths), self.seed)
+        self._loaders: dict = {}  # built once: persistent workers serve every epoch
+
+    def _loader(self, key: str, paths: list[str], batch_size: int, sampler=None):
+        if key not in self._loaders:
+            self._loaders[key] = pixel_loader(paths, self.size, self.data_config, batch_size=batch_size,
+                                              num_workers=self.workers, sampler=sampler, pin_memory=self.cuda)
+        return self._loaders[key]
 
     def trainable_parameters(self):
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -115,22 +134,29 @@ class FilterJob:
         self.module.load_state_dict(sd)
 
     def batches(self, epoch: int, generators, batch_size: int):
-        torch.manual_seed(self.seed * 100_003 + epoch)  # augmentations drawn in this process
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # shuffling, worker seeds
-        loader = image_loader(self.train_paths, self.size, train=True, batch_size=batch_size,
-                              num_workers=self.workers, generator=gen, augment=self.augment,
-                              config=self.data_config)
+        self._sampler.set_epoch(epoch)  # shuffling: seeded by (seed, epoch)
+        loader = self._loader(f"train{batch_size}", self.train_paths, batch_size, self._sampler)
+        # augmentations: one generator on the device, seeded by (seed, epoch); each image draws its own
+        gen = (torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + epoch)
+               if self.augment else None)
         self.unreadable, seen, t0 = 0, 0, time.perf_counter()
-        for rows, x, errs in loader:
-            keep = torch.tensor([not e for e in errs])
-            self.unreadable += int((~keep).sum())
-            k = int(keep.sum())
+        for rows, pixels, errs in loader:
+            bad = [i for i, e in enumerate(errs) if e]
+            if bad:  # counted in the epoch's `unreadable` column and left out of the batch
+                self.unreadable += len(bad)
+                keep = torch.tensor([not e for e in errs])
+                rows, pixels = rows[keep.numpy()], pixels[keep]
+            k = len(rows)
             if k < 2:  # a batch of one breaks batch norm
                 continue
             seen += k
-            yield {"x": x[keep].to(self.device, non_blocking=True)[None],
-                   "y": self.y_train[torch.from_numpy(rows)[keep]].to(self.device)[None]}, k
-        if self.device.type == "cuda":
+            y = self.y_train[torch.from_numpy(rows)]
+            if self.cuda:  # pinned, so that the copies do not wait for the device's queue
+                y, pixels = y.pin_memory(), pixels if pixels.is_pinned() else pixels.pin_memory()
+            x = prepare_batch(pixels, self.device, self.data_config, generator=gen, channels_last=self.cuda)
+            y = y.to(self.device, non_blocking=True)
+            yield {"x": x[None], "y": y[None]}, k
+        if self.cuda:
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
         self.images_per_s.append(seen / dt if dt else float("nan"))
@@ -151,9 +177,14 @@ class FilterJob:
 
     def predictions(self, split: str, manifest=None) -> pd.DataFrame:
         rows, paths = load_split(manifest if manifest is not None else self.manifest, split)
-        scores, _, errors = predict_scores(self.module, paths, self.size, self.device, batch_size=self.bs,
+        if manifest is None:  # the run's own splits: one loader each, kept with its workers
+            loader = self._loader(split, paths, max(self.bs, DEFAULTS["eval_batch_size"]))
+        else:
+            loader = None
+        scores, _, errors = predict_scores(self.module, paths, self.size, self.device,
+                                           batch_size=max(self.bs, DEFAULTS["eval_batch_size"]),
                                            num_workers=self.workers, amp_dtype=self.amp_dtype,
-                                           config=self.data_config)
+                                           config=self.data_config, loader=loader)
         if errors:
             shown = "; ".join(f"{rows.at[r, 'sample_id']}: {e}" for r, e in list(errors.items())[:3])
             raise FeatcacheError(f"{len(errors)} image(s) of split {split} cannot be read ({shown})")
@@ -191,7 +222,7 @@ def train_e2e(
     weight_decay: float = DEFAULTS["weight_decay"],
     save_every: int = 0,
     patience: int = DEFAULTS["patience"],
-    mixed_precision: bool = False,
+    mixed_precision: bool = True,
     amp_dtype: str = DEFAULTS["amp_dtype"],
     augment: bool = True,
     image_size: int = DEFAULTS["image_size"],
@@ -210,7 +241,8 @@ def train_e2e(
     config; ``epochs`` larger than the run's extends it, the cosine schedule restarting from the
     last learning rate used or from ``lr`` when given (``echo`` says which). ``epochs`` defaults
     to 50 and ``lr`` to 1e-4 (``mnv4.DEFAULTS``, the design's values). ``on_epoch_end(epoch, row)`` is called after each epoch's resume point
-    is written (a notebook hook; raising in it interrupts the run).
+    is written (a notebook hook; raising in it interrupts the run). ``mixed_precision`` (on by
+    default) trains under autocast in ``amp_dtype`` on CUDA; the CPU trains in fp32 either way.
     """
     out = Path(out)
     m = read_manifest(manifest, require_label=False)
@@ -245,6 +277,8 @@ def train_e2e(
     dev = resolve_device(None if tc["device"] == "auto" else tc["device"])
     seed_everything(int(tc["seed"]))
     net = create_model(mc["name"], mc["pretrained"], seed=int(tc["seed"])).to(dev)
+    if dev.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
     job = FilterJob(net, dev, m, cfg)
     load_split(m, "val")  # fail before training when val is missing
     if not resume:
