@@ -76,7 +76,7 @@ def expected_outputs(line: str) -> list[str]:
 def script(blocks: list[str]) -> str:
     lines = ["set -euo pipefail"]
     for i, line in enumerate(commands(blocks), 1):
-        lines.append(f"echo {shlex.quote(f'[{i}] {line}')} >&2")
+        lines.append(f"echo \"[{i}, $SECONDS s] \"{shlex.quote(line)} >&2")
         lines.append(line)
         for path in expected_outputs(line):
             q = shlex.quote(path)
