@@ -46,10 +46,10 @@ def cli(ctx, quiet, debug, deterministic):
     """featcache: run a frozen backbone once into a verifiable Zarr cache, then train heads from it.
 
     \b
-    Start with `featcache demo`, or:
-      featcache synth faces data/
-      featcache extract --backbone clip --model small --manifest data/manifest.csv --out cache/
-      featcache cache info cache/
+    Start with `featcache demo`, or (the README's walkthrough has every step):
+      featcache synth faces data/faces --n 288
+      featcache extract --backbone clip --model small --pretrained none --manifest data/faces/manifest.csv --out caches/faces-small
+      featcache cache info caches/faces-small
     """
     if deterministic:
         from .runtime import set_deterministic
@@ -68,10 +68,18 @@ def cli(ctx, quiet, debug, deterministic):
 def demo(state, out, n):
     """Run the main job offline on synthetic data (a few minutes on a CPU).
 
-    Synthesizes a face-forgery set, extracts CLIP features with the offline `small` preset
-    into a cache, and prints the cache's summary; then synthetic partial audio spoofs, XLS-R frames
-    (offline `tiny`) and the XAI head, with its localization figures. Rerunning resumes instead of
-    recomputing.
+    \b
+    Every branch on synthetic data, with the offline random-weight presets, into OUT:
+      1-4  faces: synthesize a face-forgery set in 8 subgroups, extract CLIP (`small`) into
+           two caches and verify them, train the Stage-1 adapter and audit the leakage before
+           and after it, then a Stage-2 ablation over every preset and its table;
+      5    the fast filter: MobileNetV4 on the pixels, its temperature, its evaluation and the
+           cascade in front of the Stage-2 detector;
+      6    audio: partial spoofs, XLS-R frames (`tiny`), the XAI head with its localization
+           figures and prototype purity;
+      7    detection: drawn people, the tiny DETR's query cache, a FAAP perturbation and its
+           per-gender COCO table.
+    Rerunning reuses what is finished instead of recomputing.
     """
     from .demo import run_demo
 
@@ -135,22 +143,70 @@ def synth_audio_cmd(state, out, n, seed, fmt, min_seconds, max_seconds, overwrit
 
 
 # -- manifest ------------------------------------------------------------------------------
-class _ManifestCommand(click.Command):
-    """Fills ``{formats}`` in the help with the registry's format names when the help is shown
-    (so every registered format is listed, and other commands do not import the adapters)."""
+def _backbone_list() -> str:
+    from .extract.registry import BACKBONES
 
-    def format_help_text(self, ctx, formatter):
-        from .data.adapters import list_adapters
+    names = []
+    for name in BACKBONES.names():
+        presets = getattr(BACKBONES.get(name), "presets", ())
+        names.append(f"{name} (offline presets: {', '.join(presets)})" if presets else name)
+    return ", ".join(names)
 
-        text = self.help
-        self.help = text.replace("{formats}", ", ".join(list_adapters()))
+
+def _task_presets() -> str:
+    from .config import presets_of
+    from .heads.task import list_tasks
+
+    return "; ".join(f"{t}: {', '.join(presets_of(t))}" for t in list_tasks())
+
+
+def _adapter_list() -> str:
+    from .data.adapters import list_adapters
+
+    return ", ".join(list_adapters())
+
+
+def _task_list() -> str:
+    from .heads.task import list_tasks
+
+    return ", ".join(list_tasks())
+
+
+#: Placeholders in help texts, filled from the registries when a help is shown (so every
+#: registered name is listed, and other commands do not import the adapters, heads or backbones).
+HELP_LISTS = {"{formats}": _adapter_list, "{tasks}": _task_list, "{presets}": _task_presets,
+              "{backbones}": _backbone_list}
+
+
+def _fill_help(text: str | None) -> str | None:
+    if not text:
+        return text
+    for key, names in HELP_LISTS.items():
+        if key in text:
+            text = text.replace(key, names())
+    return text
+
+
+class _RegistryHelpCommand(click.Command):
+    """A command whose help (its text and its options') names ``{formats}``, ``{tasks}``,
+    ``{presets}`` or ``{backbones}``: filled from the registries only when the help is shown."""
+
+    def format_help(self, ctx, formatter):
+        saved = self.help, [(p, getattr(p, "help", None)) for p in self.params]
+        self.help = _fill_help(self.help)
+        for p, text in saved[1]:
+            if text:
+                p.help = _fill_help(text)
         try:
-            super().format_help_text(ctx, formatter)
+            super().format_help(ctx, formatter)
         finally:
-            self.help = text
+            self.help = saved[0]
+            for p, text in saved[1]:
+                if text:
+                    p.help = text
 
 
-@cli.command(cls=_ManifestCommand, context_settings=CONTEXT)
+@cli.command(cls=_RegistryHelpCommand, context_settings=CONTEXT)
 @click.argument("fmt", metavar="FORMAT")
 @click.argument("root", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Manifest CSV to write.")
@@ -167,6 +223,7 @@ class _ManifestCommand(click.Command):
 @click.option("--test-fraction", default=0.1, show_default=True, help="Where the dataset has no test split.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the identity-disjoint split.")
 @click.option("--no-check-files", is_flag=True, help="Do not check that every file exists.")
+@quiet_option
 def manifest(fmt, root, out, overwrite, annotations, label_column, subset, gender_map, val_fraction, test_fraction,
              seed, no_check_files):
     """Write the canonical manifest CSV of a dataset, then its summary.
@@ -216,8 +273,8 @@ def frames_cmd(state, video_root, out, fps, every):
 
 
 # -- extract -------------------------------------------------------------------------------
-@cli.command(context_settings=CONTEXT)
-@click.option("--backbone", required=True, help="Registry name: clip, xlsr, detr, timm.")
+@cli.command(cls=_RegistryHelpCommand, context_settings=CONTEXT)
+@click.option("--backbone", required=True, help="One of: {backbones}.")
 @click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache folder (created or resumed).")
 @click.option("--model", default=None, help="Model name (clip: ViT-L-14 by default; xlsr: facebook/wav2vec2-xls-r-300m "
@@ -245,14 +302,17 @@ def extract(state, backbone, manifest_path, out, model, pretrained, layer, batch
             precision, part_rows, on_error, overwrite, seed, max_seconds, decode, compile_model):
     """Run a frozen backbone over a manifest into a cache.
 
-    Rerun the same command to resume: only missing parts are computed.
-    Under torchrun the processes share the parts (one GPU each): see the README.
+    BACKBONE is one of: {backbones}. An offline preset (--model tiny, small) has seeded random
+    weights and needs no network. Rerun the same command to resume: only missing parts are
+    computed. Under torchrun the processes share the parts (one GPU each): see the README.
 
     \b
-    Example:
-      featcache extract --backbone clip --manifest data/manifest.csv --out caches/clip
-      featcache extract --backbone clip --model small --manifest data/manifest.csv --out caches/small
-      featcache extract --backbone timm --model runs/mnv4 --manifest data/manifest.csv --out caches/mnv4-features
+    Examples:
+      featcache extract --backbone clip --manifest data/faces/manifest.csv --out caches/faces-clip
+      featcache extract --backbone clip --model small --pretrained none --manifest data/faces/manifest.csv \\
+          --out caches/faces-small
+      featcache extract --backbone xlsr --model tiny --manifest data/audio/manifest.csv --out caches/audio-tiny
+      featcache extract --backbone timm --model runs/mnv4-small --manifest data/faces/manifest.csv --out caches/mnv4
     """
     from .extract import extract as run_extract
 
@@ -289,11 +349,11 @@ def _evals(items) -> dict:
     return out
 
 
-@cli.command("train-head", context_settings=CONTEXT)
+@cli.command("train-head", cls=_RegistryHelpCommand, context_settings=CONTEXT)
 @click.argument("task")
 @click.option("--cache", "cache_path", required=True, type=click.Path(), help="Cache to train from.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
-@click.option("--preset", default=None, help="A preset of the task's config (stage2: full, cvar, ldam, minimal, none).")
+@click.option("--preset", default=None, help="A preset of the task's config (the first listed is the default): {presets}.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="YAML overrides.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one key, e.g. training.epochs=5.")
 @click.option("--stage1", default=None, type=click.Path(file_okay=False), help="stage2: the Stage-1 run directory.")
@@ -303,14 +363,19 @@ def _evals(items) -> dict:
 @quiet_option
 @click.pass_obj
 def train_head_cmd(state, task, cache_path, out, preset, config_file, sets, stage1, prototype_mode, overwrite):
-    """Train a head (stage1, stage2, xai) from a cache into a run directory.
+    """Train a head from a cache into a run directory.
+
+    TASK is one of: {tasks}. Presets per task: {presets}. The README's walkthrough makes
+    every cache named below.
 
     \b
     Examples:
-      featcache train-head stage1 --cache caches/fairface --out runs/stage1
-      featcache train-head stage2 --cache caches/ffpp --stage1 runs/stage1 --preset cvar --out runs/s2-cvar
-      featcache train-head stage2 --cache caches/ffpp --stage1 runs/stage1 --set model.num_ca_views=0 --out runs/adain-only
-      featcache train-head xai --cache caches/audio --prototype-mode ema --out runs/xai
+      featcache train-head stage1 --cache caches/stage1-small --out runs/stage1
+      featcache train-head stage2 --cache caches/faces-small --stage1 runs/stage1 --preset cvar --out runs/s2-cvar
+      featcache train-head stage2 --cache caches/faces-small --stage1 runs/stage1 --set model.num_ca_views=0 \\
+          --out runs/s2-adain-only
+      featcache train-head xai --cache caches/audio-tiny --prototype-mode ema --out runs/xai
+      featcache train-head faap --cache caches/detr-fit --preset bidirectional --out runs/faap-bi
     """
     from .train import train_head
 
@@ -341,8 +406,8 @@ def evaluate(state, run, cache_path, manifest_path, split, name, thresholds):
     \b
     Examples:
       featcache evaluate runs/s2-cvar
-      featcache evaluate runs/s2-cvar --cache caches/celebdf --name celebdf
-      featcache evaluate runs/mnv4 --manifest data/manifest.csv --thresholds 0.9,0.98 --save-predictions
+      featcache evaluate runs/s2-cvar --cache caches/celebdf-clip --name celebdf
+      featcache evaluate runs/mnv4-small --manifest data/faces/manifest.csv --thresholds 0.9,0.98
     """
     from .e2e.evaluate import evaluate_run
 
@@ -352,11 +417,11 @@ def evaluate(state, run, cache_path, manifest_path, split, name, thresholds):
     click.echo(f"  wrote {e.out}/: {', '.join(e.files)}")
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(cls=_RegistryHelpCommand, context_settings=CONTEXT)
 @click.argument("task")
 @click.option("--cache", "cache_path", required=True, type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False))
-@click.option("--presets", default="all", show_default=True, help="Comma-separated presets, or all.")
+@click.option("--presets", default="all", show_default=True, help="Comma-separated presets, or all: {presets}.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
 @click.option("--eval", "evals", multiple=True, metavar="NAME=CACHE", help="Also evaluate each run on this cache.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override for every run.")
@@ -366,10 +431,12 @@ def evaluate(state, run, cache_path, manifest_path, split, name, thresholds):
 def ablate(state, task, cache_path, out, presets, seeds, evals, sets, stage1):
     """Train every preset x seed; write ablation.csv, ablation.md and a plot. Reuses finished runs.
 
+    TASK is one of: {tasks}.
+
     \b
     Example:
-      featcache ablate stage2 --cache caches/ffpp --stage1 runs/stage1 --presets all --seeds 0,1,2 \\
-          --eval celebdf=caches/celebdf --out ablations/stage2
+      featcache ablate stage2 --cache caches/faces-small --stage1 runs/stage1 --presets all --seeds 0,1,2 \\
+          --eval other=caches/other-small --out ablations/stage2
     """
     from .train import ablate as run_ablate
     from .train.ablate import summary_table
@@ -450,10 +517,10 @@ def train_e2e_mnv4(state, manifest_path, out, model, pretrained, epochs, batch_s
 
     \b
     Examples:
-      featcache train-e2e mnv4 --manifest data/manifest.csv --out runs/mnv4 --num-workers 8
+      featcache train-e2e mnv4 --manifest ffpp.csv --out runs/mnv4 --num-workers 8
       featcache train-e2e mnv4 --manifest data/faces/manifest.csv --out runs/mnv4-small \\
           --model mobilenetv4_conv_small --pretrained none --image-size 64 --epochs 8 --lr 1e-3
-      featcache train-e2e mnv4 --manifest data/manifest.csv --out runs/mnv4 --resume
+      featcache train-e2e mnv4 --manifest ffpp.csv --out runs/mnv4 --resume
     """
     from .e2e import train_e2e
 
@@ -492,8 +559,8 @@ def calibrate(state, run, manifest_path, split, val_split, seed, objective, devi
 
     \b
     Examples:
-      featcache calibrate runs/mnv4 --manifest data/manifest.csv --objective nll
-      featcache calibrate runs/mnv4 --manifest data/no_val.csv --val-split 0.2
+      featcache calibrate runs/mnv4-small --manifest data/faces/manifest.csv --objective nll
+      featcache calibrate runs/mnv4 --manifest my_no_val.csv --val-split 0.2
     """
     from .e2e import calibrate_run
 
@@ -527,8 +594,8 @@ def cascade(state, filter_run, detector_run, cache_path, manifest_path, out, max
 
     \b
     Example:
-      featcache cascade --filter runs/mnv4 --detector runs/s2-full --cache caches/clip \\
-          --manifest data/manifest.csv --out runs/cascade --max-leakage 0.05
+      featcache cascade --filter runs/mnv4-small --detector runs/s2-full --cache caches/faces-small \\
+          --manifest data/faces/manifest.csv --out runs/cascade --max-leakage 0.05
     """
     from .e2e import run_cascade
 
@@ -552,7 +619,10 @@ def cascade(state, filter_run, detector_run, cache_path, manifest_path, out, max
 # -- analyze -------------------------------------------------------------------------------
 @cli.group(context_settings=CONTEXT)
 def analyze():
-    """Neighbour analyses of cached embeddings with FAISS (exact, or IVF at scale; GPU when present)."""
+    """Analyses of cached embeddings: subgroup leakage, neighbours, duplicates, maps, XAI prototypes.
+
+    The neighbour searches use FAISS (exact, or IVF at scale; GPU when present).
+    """
 
 
 @analyze.command("subgroups", context_settings=CONTEXT)
@@ -572,8 +642,8 @@ def analyze_subgroups(state, cache_path, out, adapter, train_split, val_split):
 
     \b
     Examples:
-      featcache analyze subgroups --cache caches/fairface --out audits/raw
-      featcache analyze subgroups --cache caches/fairface --adapter runs/stage1 --out audits/stage1
+      featcache analyze subgroups --cache caches/stage1-small --out audits/raw
+      featcache analyze subgroups --cache caches/stage1-small --adapter runs/stage1 --out audits/stage1
     """
     from .analyze.subgroups import audit_subgroups
 
@@ -589,12 +659,13 @@ def analyze_subgroups(state, cache_path, out, adapter, train_split, val_split):
 @click.option("--image", default=None, type=click.Path(dir_okay=False),
               help="An image file, embedded with the cache's own backbone and preprocessing.")
 @click.option("-k", "k", default=10, show_default=True)
+@quiet_option
 def analyze_neighbors(cache_path, query, image, k):
     """Show the nearest samples of a cached sample or of an image.
 
     \b
     Examples:
-      featcache analyze neighbors --cache caches/ffpp --query ffpp/original_sequences/youtube/c23/frames/000/0001.png
+      featcache analyze neighbors --cache caches/faces-small --query sf00123
       featcache analyze neighbors --cache caches/faces-small --image my_face.png -k 5
     """
     from .analyze.neighbors import nearest_samples
@@ -611,12 +682,13 @@ def analyze_neighbors(cache_path, query, image, k):
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--threshold", default=0.95, show_default=True, help="Cosine similarity of a near-duplicate pair.")
 @click.option("-k", "k", default=10, show_default=True, help="Neighbours examined per sample.")
+@quiet_option
 def analyze_duplicates(cache_path, out, threshold, k):
     """Find near-duplicate pairs and leaky splits.
 
     Leaky: near-duplicates, or shared identities, across train/val/test.
 
-    Example: featcache analyze duplicates --cache caches/ffpp --threshold 0.97 --out audits/dups
+    Example: featcache analyze duplicates --cache caches/faces-small --threshold 0.97 --out audits/dups
     """
     from .analyze.duplicates import find_duplicates
 
@@ -632,10 +704,11 @@ def analyze_duplicates(cache_path, out, threshold, k):
               help="auto: UMAP when umap-learn is installed, else PCA.")
 @click.option("--split", default=None, help="Only this split.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@quiet_option
 def analyze_map(cache_path, color_by, method, split, out):
     """Draw a 2-D map of the cached embeddings (PCA, or UMAP).
 
-    Example: featcache analyze map --cache caches/ffpp --color-by subgroup --out ffpp_map.png
+    Example: featcache analyze map --cache caches/faces-small --color-by subgroup --out maps/faces-small.png
     """
     from .analyze.maps import embedding_map
 
@@ -649,10 +722,11 @@ def analyze_map(cache_path, color_by, method, split, out):
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder [RUN/prototypes].")
 @click.option("--split", default=None, help="Only this split [all].")
 @click.option("--top", default=10, show_default=True, help="Nearest frames listed per prototype.")
+@quiet_option
 def analyze_prototypes_cmd(run, cache_path, out, split, top):
     """Nearest frames of an xai run's prototypes, label purity at k = 10, 50, 100, and a PCA map.
 
-    Example: featcache analyze prototypes runs/xai --cache caches/audio
+    Example: featcache analyze prototypes runs/xai --cache caches/audio-tiny
     """
     from .analyze.prototypes import analyze_prototypes
 
@@ -672,10 +746,11 @@ def cache():
 @cache.command("info", context_settings=CONTEXT)
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@quiet_option
 def cache_info_cmd(path, as_json):
     """Show rows, dimension, parts, fingerprint, backbone, size.
 
-    Example: featcache cache info caches/clip
+    Example: featcache cache info caches/faces-small
     """
     from .cache import cache_info, format_info
 
@@ -686,13 +761,14 @@ def cache_info_cmd(path, as_json):
 @cache.command("verify", context_settings=CONTEXT)
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@quiet_option
 def cache_verify_cmd(path, as_json):
     """Check a cache's parts, shapes and values; exit 1 if damaged.
 
     Every part present and readable, every chunk stored, shapes consistent, no NaN or Inf,
     errors.jsonl agreeing with the ok flags.
 
-    Example: featcache cache verify caches/clip
+    Example: featcache cache verify caches/faces-small
     """
     from .cache import verify_cache
 
@@ -716,7 +792,7 @@ def cache_verify_cmd(path, as_json):
 def cache_export_cmd(state, path, h5_out):
     """Export features, ok flags and meta columns to HDF5.
 
-    Example: featcache cache export caches/clip --h5 clip.h5
+    Example: featcache cache export caches/faces-small --h5 faces-small.h5
     """
     from .cache import export_h5
 
