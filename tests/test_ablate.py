@@ -21,11 +21,21 @@ S2 = TINY + ["training.epochs=3", "fairness.warmup_start=1", "fairness.warmup_en
              "model.classifier_hidden=[16]", "model.num_ca_views=2", "model.ca_heads=2"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread (on the shared 2-core machine two threads made each small
+    matmul ~50x slower, from contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
     """A small controlled cache, another-backbone cache, and a 1-epoch Stage-1 run on the first."""
     root = tmp_path_factory.mktemp("ablate")
-    synth_feature_cache(root / "c", rows=480, dim=16, seed=0, part_rows=256)
+    synth_feature_cache(root / "c", rows=240, dim=16, seed=0, part_rows=256)
     synth_feature_cache(root / "other", rows=64, dim=16, seed=1, part_rows=64)  # another "backbone" (weights)
     train_head("stage1", root / "c", root / "s1", sets=[*TINY, "training.epochs=1"], progress=False)
     return root
