@@ -87,6 +87,11 @@ def test_batched_ablation_equals_sequential_train_head_runs_then_reuses_and_redo
     assert not (tmp_path / "abl" / "cvar" / "seed0" / "stale.txt").exists()
     redone = json.loads((tmp_path / "abl" / "cvar" / "seed0" / "summary.json").read_text())
     assert redone["test"]["auc"] == pytest.approx(t.loc[("cvar", 0), "test_auc"], abs=1e-4)
+    # --collect with an eval cache: here the training cache itself, so its test AUC is the in-domain one
+    col = ablate("stage2", bed / "c", tmp_path / "abl", echo=lines.append, collect=True,
+                 evals={"again": bed / "c"}, **kw)
+    assert not col.trained and not col.missing and "again_auc" in col.markdown
+    np.testing.assert_allclose(col.table["again_auc"], col.table["test_auc"], rtol=1e-6)
 
 
 def test_runs_of_another_architecture_are_grouped_apart_and_say_why(bed, tmp_path):
@@ -143,9 +148,10 @@ def test_shards_partition_the_run_list_and_devices_balance_the_groups():
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
         assert parts == [shard_runs(runs, (i, n)) for i in range(n)]  # deterministic
     g15, g3, g5 = ["a"] * 15, ["b"] * 3, ["c"] * 5
-    assert assign([g15, g3], ["cuda:0", "cuda:1"]) == {"cuda:0": [g15], "cuda:1": [g3]}
-    assert assign([g3, g5, g5], ["cuda:0", "cuda:1"]) == {"cuda:0": [g3, g5], "cuda:1": [g5]}  # 8 vs 5 runs
-    assert assign([g3, g5], ["cpu"]) == {"cpu": [g3, g5]}
+    assert assign([g15, g3], ["cuda:0", "cuda:1"]) == [("cuda:0", [g15]), ("cuda:1", [g3])]
+    assert assign([g3, g5, g5], ["cuda:0", "cuda:1"]) == [("cuda:0", [g3, g5]), ("cuda:1", [g5])]  # 8 vs 5 runs
+    assert assign([g3, g5], ["cpu"]) == [("cpu", [g3, g5])]
+    assert assign([g3], ["cuda:0", "cuda:1"]) == [("cuda:0", [g3])]  # an idle device gets no process
 
 
 def test_out_of_gpu_memory_splits_the_group_in_two_and_retries(monkeypatch, tmp_path):

@@ -246,15 +246,16 @@ def default_devices() -> list[str]:
     return ["cpu"]
 
 
-def assign(groups: list[list], devices: list[str]) -> dict[str, list[list]]:
-    """Groups to devices, largest first onto the least-loaded device (load = runs); plan order kept per device."""
-    load = {d: 0 for d in devices}
-    out: dict[str, list[int]] = {d: [] for d in devices}
+def assign(groups: list[list], devices: list[str]) -> list[tuple[str, list[list]]]:
+    """Groups to device slots (a device named twice gets two processes), largest group first onto
+    the least-loaded slot (load = runs); plan order kept per slot; slots without a group left out."""
+    load = [0] * len(devices)
+    slots: list[list[int]] = [[] for _ in devices]
     for i in sorted(range(len(groups)), key=lambda i: -len(groups[i])):
-        d = min(devices, key=lambda d: (load[d], devices.index(d)))
-        out[d].append(i)
-        load[d] += len(groups[i])
-    return {d: [groups[i] for i in sorted(ix)] for d, ix in out.items() if ix}
+        k = min(range(len(devices)), key=lambda k: (load[k], k))
+        slots[k].append(i)
+        load[k] += len(groups[i])
+    return [(devices[k], [groups[i] for i in sorted(ix)]) for k, ix in enumerate(slots) if ix]
 
 
 # -- training ------------------------------------------------------------------------------
@@ -296,16 +297,16 @@ def _device_worker(task, cache_path, groups, device, progress, messages) -> None
         messages.put(("error", f"{device}: {type(exc).__name__}: {exc}"))
 
 
-def _train_on_devices(task, cache_path, by_device: dict[str, list], *, progress: bool, echo) -> None:
+def _train_on_devices(task, cache_path, by_device: list[tuple[str, list]], *, progress: bool, echo) -> None:
     if len(by_device) <= 1:
-        for device, groups in by_device.items():
+        for device, groups in by_device:
             for g in groups:
                 train_group(task, cache_path, g, device, progress=progress, echo=echo)
         return
     ctx = torch.multiprocessing.get_context("spawn")
     messages = ctx.Queue()
     procs = [ctx.Process(target=_device_worker, args=(task, str(cache_path), groups, device, False, messages))
-             for device, groups in by_device.items()]
+             for device, groups in by_device]
     for p in procs:
         p.start()
     errors, done = [], 0
@@ -386,7 +387,7 @@ def tables(task: str, df: pd.DataFrame, out: Path, *, evals=(), baselines=(), ti
         files.append("ablation_differences.csv")
     x, y = PLOT_AXES.get(task, ("test_f_fpr", "test_auc"))
     if x in df and y in df and df[[x, y]].notna().any().all():
-        name = f"ablation_{y}_vs_{x}.png"
+        name = f"ablation_{y.removeprefix('test_')}_vs_{x.removeprefix('test_')}.png"
         plot_ablation(df, out / name, x=x, y=y, title=title)
         files.append(name)
     return markdown, diffs_df, files
@@ -434,7 +435,8 @@ def ablate(task: str, cache, out, *, presets="all", seeds=(0, 1, 2), evals: dict
         if not devices:
             raise FeatcacheError("--devices is empty; name devices like cuda:0,cuda:1 or cpu")
         by_device = assign(groups, devices)
-        echo(f"{len(todo)} run(s) to train in {len(groups)} group(s) on {', '.join(by_device)}:")
+        echo(f"{len(todo)} run(s) to train in {len(groups)} group(s) on "
+             f"{', '.join(d for d, _ in by_device)}" + (" (one process each)" if len(by_device) > 1 else "") + ":")
         for line in lines:
             echo(f"  {line}")
         _train_on_devices(task, cache, by_device, progress=progress, echo=echo)
