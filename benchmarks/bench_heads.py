@@ -341,11 +341,11 @@ def main() -> None:
     try:
         for device in devices:
             a = ablation(work / device, rows=args.rows, dim=args.dim, epochs=args.epochs, device=device,
-                         sequential=not args.no_sequential, echo=lambda s: print(f"  {device}: {s}", flush=True))
+                         sequential=not args.no_sequential, echo=lambda s, d=device: print(f"  {d}: {s}", flush=True))
             print("\n".join(report(a, name)) + "\n", flush=True)
             if device.startswith("cuda") and args.big_rows:
                 b = ablation(work / f"{device}-big", rows=args.big_rows, dim=args.dim, epochs=args.epochs,
-                             device=device, sequential=False, echo=lambda s: print(f"  {device}: {s}", flush=True))
+                             device=device, sequential=False, echo=lambda s, d=device: print(f"  {d}: {s}", flush=True))
                 print("\n".join(report(b, name)) + "\n", flush=True)
         if args.recompute:
             dev = devices[-1]
