@@ -1,4 +1,4 @@
-"""Configs, the trainer and run directory, Stage 1 and Stage 2, evaluate and ablate, end to end."""
+"""Configs, the trainer and run directory, Stage 1 and Stage 2, evaluate, end to end (ablate: tests/test_ablate.py)."""
 
 import json
 
@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from conftest import run_cli
 from PIL import Image
 from safetensors.torch import load_file
@@ -16,7 +15,7 @@ from featcache.config import ConfigError, resolve_config, selection_score
 from featcache.e2e.evaluate import evaluate_run
 from featcache.errors import FeatcacheError
 from featcache.heads.task import StepState, load_run
-from featcache.train import ablate, train_head
+from featcache.train import train_head
 
 FAST = ["training.epochs=3", "training.batch_size=64"]
 # Stage 2 in 3 epochs: the warm-up and the first selectable epoch within them (a shorter run is refused)
@@ -193,28 +192,6 @@ def test_run_directory_is_not_overwritten_silently(faces, stage1_run):
     proc = run_cli("train-head", "stage1", "--cache", faces / "s1", "--out", stage1_run, "--set",
                    "training.epochs=1", check=False)
     assert proc.returncode == 2 and "already holds a finished run" in proc.stderr
-
-
-def test_ablate_every_preset_and_seed_and_reuse(faces, stage1_run, tmp_path):
-    out = tmp_path / "abl"
-    kw = dict(presets=["none", "cvar"], seeds=[0, 1], evals={"again": faces / "det"},
-              sets=["training.epochs=2", "fairness.warmup_start=1", "fairness.warmup_end=2", "selection.min_epoch=2"],
-              options={"stage1": stage1_run}, progress=False, echo=lambda *_: None)
-    df = ablate("stage2", faces / "det", out, **kw)
-    assert list(zip(df["preset"], df["seed"])) == [("none", 0), ("none", 1), ("cvar", 0), ("cvar", 1)]
-    assert {"test_auc", "test_f_fpr", "val_auc", "again_auc"} <= set(df.columns)
-    # the eval cache here is the training cache, so its test AUC is the in-domain test AUC
-    np.testing.assert_allclose(df["again_auc"], df["test_auc"], rtol=1e-6)
-    cfg = yaml.safe_load((out / "cvar" / "seed1" / "config.yaml").read_text())
-    assert cfg["training"]["seed"] == 1 and cfg["loss"]["use_ldam"] is False
-    md = (out / "ablation.md").read_text()
-    assert md.startswith("| preset | runs | auc |") and "| none | 2 |" in md
-    assert Image.open(out / "ablation_auc_vs_f_fpr.png").format == "PNG"
-    mtime = (out / "none" / "seed0" / "summary.json").stat().st_mtime
-    seen = []
-    ablate("stage2", faces / "det", out, **{**kw, "echo": seen.append})
-    assert (out / "none" / "seed0" / "summary.json").stat().st_mtime == mtime
-    assert all("reused" in line for line in seen)
 
 
 def test_synthetic_feature_cache_bias_hurts_the_hard_subgroups(tmp_path):

@@ -426,20 +426,33 @@ def evaluate(state, run, cache_path, manifest_path, split, name, thresholds):
 @click.option("--eval", "evals", multiple=True, metavar="NAME=CACHE", help="Also evaluate each run on this cache.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override for every run.")
 @click.option("--stage1", default=None, type=click.Path(file_okay=False), help="stage2: the Stage-1 run directory.")
+@click.option("--baseline", default=None, metavar="PRESET",
+              help="Also table each preset's paired difference to this preset (always to none when present).")
+@click.option("--devices", default=None, metavar="DEV,DEV",
+              help="Devices to spread the run groups over, e.g. cuda:0,cuda:1 [every visible GPU, else cpu].")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Train only share I of N (0 <= I < N), e.g. under SLURM "
+                   "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; then run once with --collect.")
+@click.option("--collect", is_flag=True, help="Train nothing: write the tables from the finished runs.")
+@click.option("--overwrite", is_flag=True, help="Retrain finished runs too.")
 @quiet_option
 @click.pass_obj
-def ablate(state, task, cache_path, out, presets, seeds, evals, sets, stage1):
-    """Train every preset x seed; write ablation.csv, ablation.md and a plot. Reuses finished runs.
+def ablate(state, task, cache_path, out, presets, seeds, evals, sets, stage1, baseline, devices, shard, collect,
+           overwrite):
+    """Train every preset x seed, runs that share an architecture stacked as one job; write
+    ablation.csv, ablation.json, ablation.md and a plot. Reuses finished runs; redoes half-written ones.
 
     TASK is one of: {tasks}.
 
     \b
-    Example:
+    Examples:
       featcache ablate stage2 --cache caches/faces-small --stage1 runs/stage1 --presets all --seeds 0,1,2 \\
           --eval other=caches/other-small --out ablations/stage2
+      featcache ablate stage1 --cache caches/stage1-small --seeds 0,1,2 --out ablations/stage1
+      # SLURM: sbatch --array=0-3 ... featcache ablate ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
+      #        then once: featcache ablate ... --collect
     """
     from .train import ablate as run_ablate
-    from .train.ablate import summary_table
 
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -448,10 +461,13 @@ def ablate(state, task, cache_path, out, presets, seeds, evals, sets, stage1):
     if not seed_list:
         raise click.BadParameter(f"{seeds!r}: expected integers like 0,1,2", param_hint="--seeds")
     preset_list = "all" if presets == "all" else [p.strip() for p in presets.split(",") if p.strip()]
-    evals = _evals(evals)
-    df = run_ablate(task, cache_path, out, presets=preset_list, seeds=seed_list, evals=evals, sets=sets,
-                    options={"stage1": stage1}, progress=not state.quiet, echo=click.echo)
-    click.echo(summary_table(df, list(evals)))
+    device_list = None if devices is None else [d.strip() for d in devices.split(",") if d.strip()]
+    result = run_ablate(task, cache_path, out, presets=preset_list, seeds=seed_list, evals=_evals(evals), sets=sets,
+                        options={"stage1": stage1}, baseline=baseline, devices=device_list, shard=shard,
+                        collect=collect, overwrite=overwrite, progress=not state.quiet, echo=click.echo)
+    click.echo(result.markdown)
+    if result.files:
+        click.echo(f"wrote {out}/: {', '.join(result.files)}")
 
 
 # -- the fast filter (end-to-end MobileNetV4), calibration, cascade ----------------------------

@@ -38,7 +38,6 @@ from .e2e.evaluate import evaluate_filter, evaluate_run
 from .errors import CacheError
 from .extract import extract
 from .train import ablate, train_head
-from .train.ablate import summary_table
 
 #: Small-data settings: the synthetic train split is a few hundred samples.
 DEMO_SETS = ("training.batch_size=64",)
@@ -128,10 +127,9 @@ def run_demo(out: str | Path = "featcache-demo", *, n: int | None = None, sizes:
     echo(audit_subgroups(caches["stage1"][1], audit, adapter_run=stage1, progress=progress)["markdown"])
 
     echo(_step(4, f"Stage-2 ablation, every preset, seed 0, {sizes.stage2_epochs} epochs -> {runs / 'ablation'}"))
-    df = ablate("stage2", caches["detection"][1], runs / "ablation", presets=sizes.presets, seeds=(0,),
+    table = ablate("stage2", caches["detection"][1], runs / "ablation", presets=sizes.presets, seeds=(0,),
                 sets=[*DEMO_SETS, *_stage2_schedule(sizes.stage2_epochs)], options={"stage1": stage1},
-                progress=progress, echo=lambda line: echo("      " + line))
-    table = summary_table(df, [])
+                progress=progress, echo=lambda line: echo("      " + line)).markdown
     echo(table)
     echo("      The offline preset's random weights map every face to nearly the same direction, so the\n"
          "      detector stays near chance here; with real CLIP weights (--pretrained openai or a file) the\n"

@@ -1,78 +1,473 @@
-"""`featcache ablate`: every preset x seed of a task, evaluated in-domain and on other caches."""
+"""`featcache ablate`: every preset x seed of a task, trained as few stacked jobs, then tabled.
+
+1. **Plan and validate** (before anything trains): presets exist, seeds are non-empty and
+   unique, the finished runs a task needs (Stage 2's ``--stage1``) exist, every ``--eval`` cache
+   exists and was extracted with the training cache's backbone, every config passes the task's
+   checks (e.g. Stage 2's warm-up).  Run ``r`` of the plan is ``out/<preset>/seed<k>``.
+2. **Group**: runs whose ``Task.stack_key`` is equal (same cache, architecture and training
+   hyper-parameters; they differ in seed and loss coefficients) form one group, trained as ONE job
+   by :func:`featcache.train.trainer.train_runs` (at most ``max_runs`` runs per job); the command
+   says once which groups were formed and why runs were grouped apart.  Every run writes its own
+   run directory exactly as ``train-head`` does.
+3. **Resume**: a finished run (``summary.json`` present, same config) is reused; a half-written
+   run (no ``summary.json``) is redone from scratch, never reused.
+4. **Devices**: the groups are spread over ``devices`` (default: every visible GPU, else the CPU),
+   one spawned process per device (in-process with one device).  Out of GPU memory, a group is
+   split in two and retried, with one line saying so.  ``shard=(i, n)`` trains only the i-th of n
+   contiguous blocks of the run list (SLURM array jobs); ``collect=True`` trains nothing and tables
+   the finished runs, listing the missing ones.
+5. **Tables**: ``ablation.csv`` (rounded; one row per run), ``ablation.json`` (full precision),
+   ``ablation.md`` (mean ± sd per preset, paired differences to ``none`` and to ``baseline``),
+   a plot with error bars.  Each task tables its own metrics (Stage 1: cos, adversary accuracies,
+   leakage probes raw vs debiased; XAI: its localisation metrics).
+"""
 
 from __future__ import annotations
 
 import json
+import queue as queue_mod
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
+import torch
 
-from ..config import presets_of
+from ..cache import open_cache
+from ..config import load_config, presets_of
 from ..errors import FeatcacheError
+from ..heads.task import backbone_identity, check_run_dir, check_same_backbone, get_task, list_tasks
+from ..metrics.bootstrap import paired_differences
 from ..report.plots import plot_ablation
-from ..report.tables import markdown_table
+from ..report.tables import ABLATION_METRICS, ablation_table, metrics_line, write_csv_rounded
+from ..runtime import write_json
 from .evaluate import evaluate_head
-from .trainer import train_head
+from .trainer import _resolve, config_differences, train_runs
 
-#: The columns of ablation.md, when present.
-REPORTED = ("auc", "acc", "eer", "f_fpr", "f_meo", "f_eo", "f_dp", "f_oae", "ece")
+#: The columns of ablation.md for a detector, when present (kept for callers of the old name).
+REPORTED = ABLATION_METRICS
+
+#: Per task: the metric pair of the ablation plot (x, y); a detector default is F_FPR vs AUC.
+PLOT_AXES = {"stage1": ("probe_race_debiased", "test_cos"), "xai": ("test_loc_auroc", "test_auc")}
+
+#: What the Stage-1 columns mean (they are not detection metrics).
+STAGE1_MEANINGS = (
+    "- cos: mean cosine similarity of the debiased to the raw test features (1 = unchanged)\n"
+    "- race_acc, gender_acc: the adversaries' accuracy on test (lower = less attribute information)\n"
+    "- probe <attr>_raw / <attr>_debiased: val accuracy of a logistic-regression probe trained on the "
+    "raw / debiased train features (debiased below raw = less leakage); chance is 1 / classes\n")
+
+
+@dataclass
+class PlannedRun:
+    """One preset x seed of the ablation: its run directory and resolved config."""
+
+    preset: str
+    seed: int
+    out: Path
+    cfg: dict
+
+    @property
+    def label(self) -> str:
+        return f"{self.preset} seed {self.seed}"
+
+
+@dataclass
+class AblationResult:
+    """The ablation's table (one row per finished run), its markdown, and what happened."""
+
+    task: str
+    out: Path
+    table: pd.DataFrame
+    markdown: str
+    groups: list[str] = field(default_factory=list)
+    trained: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    diffs: pd.DataFrame | None = None
+    files: list[str] = field(default_factory=list)
+
+
+# -- planning and validation -----------------------------------------------------------------
+def parse_shard(text) -> tuple[int, int]:
+    """``"I/N"`` (0 <= I < N, as ``$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT`` with ``--array=0-(N-1)``)."""
+    if isinstance(text, (tuple, list)) and len(text) == 2:
+        i, n = text
+    else:
+        parts = str(text).split("/")
+        try:
+            i, n = (int(p) for p in parts) if len(parts) == 2 else (None, None)
+        except ValueError:
+            i, n = None, None
+        if i is None:
+            raise FeatcacheError(f"--shard {text!r}: expected I/N with integers, e.g. 0/4 "
+                                 "(under SLURM: --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
+    if not (isinstance(i, int) and isinstance(n, int)) or n < 1 or not 0 <= i < n:
+        raise FeatcacheError(f"--shard {i}/{n}: need N >= 1 shards and 0 <= I < N (I counts from 0, "
+                             "as $SLURM_ARRAY_TASK_ID does with --array=0-(N-1))")
+    return i, n
+
+
+def shard_runs(runs: list, shard: tuple[int, int] | None) -> list:
+    """The i-th of n contiguous, balanced blocks of the run list (every run in exactly one shard)."""
+    if shard is None:
+        return list(runs)
+    i, n = shard
+    k = len(runs)
+    return list(runs[i * k // n:(i + 1) * k // n])
+
+
+def _check_seeds(seeds) -> list[int]:
+    seeds = list(seeds)
+    if not seeds:
+        raise FeatcacheError("no seeds to ablate; pass --seeds 0,1,2")
+    try:
+        seeds = [int(s) for s in seeds]
+    except (TypeError, ValueError):
+        raise FeatcacheError(f"seeds must be integers, got {seeds}") from None
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise FeatcacheError(f"seed(s) {', '.join(map(str, repeated))} given twice; each seed is one run "
+                             "(pass distinct seeds, e.g. --seeds 0,1,2)")
+    return seeds
+
+
+def _presets(task: str, presets) -> list[str]:
+    known = presets_of(task)
+    names = known if presets in ("all", ["all"], ("all",)) else list(presets)
+    if not names:
+        raise FeatcacheError(f"no presets to ablate; {task} has {', '.join(known) or 'none'} (or pass --presets all)")
+    unknown = [p for p in names if p not in known]
+    if unknown:
+        raise FeatcacheError(f"unknown preset(s) {', '.join(unknown)}; {task} has {', '.join(known)}")
+    repeated = sorted({p for p in names if names.count(p) > 1})
+    if repeated:
+        raise FeatcacheError(f"preset(s) {', '.join(repeated)} given twice")
+    return names
+
+
+def _check_evals(cache, evals: dict) -> dict[str, Path]:
+    """Every eval cache exists and was extracted with the training cache's backbone."""
+    trained_on = backbone_identity(cache)
+    out = {}
+    for name, path in (evals or {}).items():
+        if not Path(path).exists():
+            raise FeatcacheError(f"--eval {name}={path}: the cache does not exist")
+        other = open_cache(path)
+        if other.kind != cache.kind:
+            raise FeatcacheError(f"--eval {name}={path} is a {other.kind} cache; the training cache is {cache.kind}")
+        check_same_backbone(trained_on, backbone_identity(other), f"the training cache {cache.path}",
+                            f"--eval {name}={path}")
+        out[name] = Path(path)
+    return out
+
+
+def _comparable(cfg: dict) -> dict:
+    """A config as saved and reloaded, without the device (a finished run is the same run on any device)."""
+    c = json.loads(json.dumps(cfg, default=str))
+    c.get("training", {}).pop("device", None)
+    return c
+
+
+def plan(task: str, cache_path, out, *, presets="all", seeds=(0, 1, 2), sets=(), options: dict | None = None,
+         evals: dict | None = None) -> tuple[list[PlannedRun], dict[str, Path]]:
+    """The runs of the ablation (preset-major, then seed) and the checked eval caches; raises on bad input."""
+    if task not in list_tasks():
+        raise FeatcacheError(f"unknown task {task!r}; tasks: {', '.join(list_tasks())}")
+    cls = get_task(task)
+    names = _presets(task, presets)
+    seeds = _check_seeds(seeds)
+    if not Path(cache_path).exists():
+        raise FeatcacheError(f"--cache {cache_path} does not exist")
+    cache = open_cache(cache_path)
+    if cache.kind != cls.cache_kind:
+        raise FeatcacheError(f"task {task} reads a {cls.cache_kind} cache; {cache_path} is {cache.kind}")
+    for option, needed in cls.requires_runs.items():
+        path = (options or {}).get(option)
+        if not path:
+            raise FeatcacheError(f"{task} needs a finished {needed} run: pass --{option} RUN")
+        check_run_dir(Path(path))
+    checked = _check_evals(cache, evals or {})
+    out = Path(out)
+    runs = []
+    for preset in names:
+        for seed in seeds:
+            cfg = _resolve(task, cache_path, preset, None, [*sets, f"training.seed={seed}"], options)
+            cfg["cache"]["fingerprint"] = cache.fingerprint
+            cls.check_config(cfg)
+            runs.append(PlannedRun(preset, seed, out / preset / f"seed{seed}", cfg))
+    return runs, checked
+
+
+def finished(run: PlannedRun) -> bool:
+    """True when the run directory holds a finished run of this config; a finished run of another
+    config is refused (its numbers would be tabled as this ablation's)."""
+    if not (run.out / "summary.json").is_file():
+        return False
+    saved = run.out / "config.yaml"
+    diffs = config_differences(_comparable(load_config(saved)), _comparable(run.cfg)) if saved.is_file() else ["config"]
+    if diffs:
+        raise FeatcacheError(f"{run.out} holds a finished run with another config ({'; '.join(diffs[:3])}); "
+                             "choose a new --out, or pass --overwrite to retrain it")
+    return True
+
+
+def group_runs(task: str, runs: list[PlannedRun]) -> tuple[list[list[PlannedRun]], list[str]]:
+    """Runs with equal ``stack_key`` in one group (at most ``max_runs`` each), in plan order; and one
+    line per group saying what it holds and, for a group apart from the first, why."""
+    cls = get_task(task)
+    keyed: dict[str, list[PlannedRun]] = {}
+    for r in runs:
+        keyed.setdefault(cls.stack_key(r.cfg), []).append(r)
+    groups, lines = [], []
+    first = None
+    for key, members in keyed.items():
+        chunks = [members[i:i + cls.max_runs] for i in range(0, len(members), cls.max_runs)]
+        why = ""
+        if first is None:
+            first = key
+        else:
+            diffs = [d for d in config_differences(json.loads(first), json.loads(key))]
+            why = f"; apart from the first group because {'; '.join(diffs[:3])}" if diffs else ""
+        for j, chunk in enumerate(chunks):
+            presets = list(dict.fromkeys(r.preset for r in chunk))
+            seeds = list(dict.fromkeys(r.seed for r in chunk))
+            split = (f" (part {j + 1} of {len(chunks)}: {task} stacks at most {cls.max_runs} run(s) per job)"
+                     if len(chunks) > 1 else "")
+            lines.append(f"group {len(groups) + 1}: {', '.join(presets)} x seeds {', '.join(map(str, seeds))} "
+                         f"= {len(chunk)} run(s) as one job{split}{why if j == 0 else ''}")
+            groups.append(chunk)
+    return groups, lines
+
+
+def default_devices() -> list[str]:
+    """Every visible GPU, else the CPU."""
+    if torch.cuda.is_available():
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["cpu"]
+
+
+def assign(groups: list[list], devices: list[str]) -> list[tuple[str, list[list]]]:
+    """Groups to device slots (a device named twice gets two processes), largest group first onto
+    the least-loaded slot (load = runs); plan order kept per slot; slots without a group left out."""
+    load = [0] * len(devices)
+    slots: list[list[int]] = [[] for _ in devices]
+    for i in sorted(range(len(groups)), key=lambda i: -len(groups[i])):
+        k = min(range(len(devices)), key=lambda k: (load[k], k))
+        slots[k].append(i)
+        load[k] += len(groups[i])
+    return [(devices[k], [groups[i] for i in sorted(ix)]) for k, ix in enumerate(slots) if ix]
+
+
+# -- training ------------------------------------------------------------------------------
+def train_group(task: str, cache_path, runs: list[PlannedRun], device: str, *, progress: bool, echo) -> None:
+    """Train one group as one job on ``device``; out of GPU memory, split it in two and retry each half."""
+    cfgs = []
+    for r in runs:
+        c = json.loads(json.dumps(r.cfg))
+        c["training"]["device"] = device
+        cfgs.append(c)
+    try:
+        results = train_runs(task, cache_path, [r.out for r in runs], cfgs=cfgs, overwrite=True, progress=progress,
+                             echo=echo)
+    except torch.cuda.OutOfMemoryError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(runs) == 1:
+            raise FeatcacheError(f"{runs[0].out}: out of GPU memory on {device} even as a single run; "
+                                 "lower training.batch_size") from None
+        half = len(runs) // 2
+        echo(f"out of GPU memory training {len(runs)} runs at once on {device}: split into {half} + "
+             f"{len(runs) - half} and retried")
+        train_group(task, cache_path, runs[:half], device, progress=progress, echo=echo)
+        train_group(task, cache_path, runs[half:], device, progress=progress, echo=echo)
+        return
+    keys = get_task(task).summary_keys
+    for r, res in zip(runs, results):
+        echo(f"{r.label}: test {metrics_line(res.test, keys) or '(no test metrics)'} ({res.seconds:.0f} s, "
+             f"best epoch {res.best_epoch})")
+
+
+def _device_worker(task, cache_path, groups, device, progress, messages) -> None:
+    """A spawned process: train its groups on one device; every line and the outcome go to ``messages``."""
+    try:
+        for g in groups:
+            train_group(task, cache_path, g, device, progress=progress, echo=lambda s: messages.put(("line", s)))
+        messages.put(("done", device))
+    except Exception as exc:  # reported by the parent as one line
+        messages.put(("error", f"{device}: {type(exc).__name__}: {exc}"))
+
+
+def _train_on_devices(task, cache_path, by_device: list[tuple[str, list]], *, progress: bool, echo) -> None:
+    if len(by_device) <= 1:
+        for device, groups in by_device:
+            for g in groups:
+                train_group(task, cache_path, g, device, progress=progress, echo=echo)
+        return
+    ctx = torch.multiprocessing.get_context("spawn")
+    messages = ctx.Queue()
+    procs = [ctx.Process(target=_device_worker, args=(task, str(cache_path), groups, device, False, messages))
+             for device, groups in by_device]
+    for p in procs:
+        p.start()
+    errors, done = [], 0
+    while done < len(procs):
+        try:
+            kind, text = messages.get(timeout=1.0)
+        except queue_mod.Empty:
+            if not any(p.is_alive() for p in procs) and messages.empty():
+                break
+            continue
+        if kind == "line":
+            echo(text)
+        else:
+            done += 1
+            if kind == "error":
+                errors.append(text)
+    for p in procs:
+        p.join()
+    crashed = [f"exit code {p.exitcode}" for p in procs if p.exitcode not in (0, None)]
+    if errors or crashed:
+        raise FeatcacheError(f"training failed on {len(errors) + len(crashed)} device(s): "
+                             f"{'; '.join(errors + crashed)}; finished runs are kept, rerun to resume")
+
+
+# -- tables ----------------------------------------------------------------------------------
+def run_row(run: PlannedRun, summary: dict) -> dict:
+    """One table row from a run's summary.json: val/test metrics, Stage 1's probes, timing."""
+    row = {"preset": run.preset, "seed": run.seed, "best_epoch": summary.get("best_epoch"),
+           "seconds": summary.get("seconds")}
+    for split in ("val", "test"):
+        row.update({f"{split}_{k}": v for k, v in (summary.get(split) or {}).items()
+                    if isinstance(v, (int, float, bool)) or v is None})
+    for attr, probe in (summary.get("probe") or {}).items():
+        for k in ("raw", "debiased", "chance"):
+            if k in probe:
+                row[f"probe_{attr}_{k}"] = probe[k]
+    return row
+
+
+def _metric_sets(task: str, df: pd.DataFrame) -> list[tuple[str, tuple[str, ...]]]:
+    """(split, metric names) of each table: a detector's ablation metrics, else the task's own."""
+    cls = get_task(task)
+    sets = [("test", ABLATION_METRICS if cls.detects else tuple(cls.summary_keys))]
+    probes = tuple(dict.fromkeys(c[len("probe_"):] for c in df.columns
+                                 if c.startswith("probe_") and not c.endswith("_chance")))
+    if probes:
+        sets.append(("probe", probes))
+    return sets
+
+
+def tables(task: str, df: pd.DataFrame, out: Path, *, evals=(), baselines=(), title: str = "") -> tuple[str, pd.DataFrame | None, list[str]]:
+    """ablation.md's markdown, the paired differences, and the files written (csv, json, md, plot)."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = [write_csv_rounded(df, out / "ablation.csv").name]
+    write_json(out / "ablation.json", df.to_dict(orient="records"))
+    files.append("ablation.json")
+    parts, all_diffs = [], []
+    for split, metrics in _metric_sets(task, df):
+        cols = [f"{split}_{m}" for m in metrics if f"{split}_{m}" in df] + [f"{e}_auc" for e in evals if f"{e}_auc" in df]
+        diffs = [paired_differences(df, cols, baseline=b) for b in baselines if b in set(df["preset"])]
+        heading = title if split == "test" else "leakage probes (val accuracy, raw vs debiased features)"
+        parts.append(ablation_table(df, diffs[0] if diffs else None, evals=evals if split == "test" else (),
+                                    metrics=metrics, split=split, title=heading))
+        for d in diffs[1:]:  # a further baseline: its differences only
+            text = ablation_table(df, d, evals=evals if split == "test" else (), metrics=metrics, split=split)
+            start = text.find("\npaired difference")
+            if start >= 0:
+                parts.append(text[start:])
+        all_diffs += [d.assign(split=split) for d in diffs]
+    if task == "stage1":
+        parts.append(STAGE1_MEANINGS)
+    markdown = "\n".join(parts)
+    (out / "ablation.md").write_text(markdown)
+    files.append("ablation.md")
+    diffs_df = pd.concat(all_diffs, ignore_index=True) if all_diffs else None
+    if diffs_df is not None and len(diffs_df):
+        write_csv_rounded(diffs_df, out / "ablation_differences.csv")
+        files.append("ablation_differences.csv")
+    x, y = PLOT_AXES.get(task, ("test_f_fpr", "test_auc"))
+    if x in df and y in df and df[[x, y]].notna().any().all():
+        name = f"ablation_{y.removeprefix('test_')}_vs_{x.removeprefix('test_')}.png"
+        plot_ablation(df, out / name, x=x, y=y, title=title)
+        files.append(name)
+    return markdown, diffs_df, files
 
 
 def ablate(task: str, cache, out, *, presets="all", seeds=(0, 1, 2), evals: dict | None = None, sets=(),
-           options: dict | None = None, progress: bool = True, echo=print) -> pd.DataFrame:
-    """Train every preset x seed into ``out/<preset>/seed<k>``; finished runs are reused.
+           options: dict | None = None, baseline: str | None = None, devices=None, shard=None,
+           collect: bool = False, overwrite: bool = False, progress: bool = True, echo=print) -> AblationResult:
+    """Train every preset x seed into ``out/<preset>/seed<k>`` as stacked jobs and table them.
 
-    Writes ``ablation.csv`` (one row per run: val, test and each eval cache's test metrics),
-    ``ablation.md`` (mean ± std per preset) and ``ablation_auc_vs_f_fpr.png``.
+    See the module docstring.  ``devices``: torch devices to spread the groups over (None: every
+    visible GPU, else the CPU; a config's explicit ``training.device`` when not ``auto``).
+    ``shard``: ``(i, n)`` or ``"i/n"``: train only that share and write no tables (run with
+    ``collect=True`` once every shard finished).  ``collect``: train nothing, table the finished
+    runs.  ``overwrite``: retrain finished runs too.
     """
     out = Path(out)
-    names = presets_of(task) if presets in ("all", ["all"], ("all",)) else list(presets)
-    if not names:
-        raise FeatcacheError(f"task {task} has no presets to ablate")
-    unknown = [p for p in names if p not in presets_of(task)]
-    if unknown:
-        raise FeatcacheError(f"unknown preset(s) {', '.join(unknown)}; {task} has {', '.join(presets_of(task))}")
-    rows = []
-    for preset in names:
-        for seed in seeds:
-            run = out / preset / f"seed{seed}"
-            if (run / "summary.json").is_file():
-                summary = json.loads((run / "summary.json").read_text())
-                echo(f"{preset} seed {seed}: done before, reused")
-            else:
-                res = train_head(task, cache, run, preset=preset, sets=[*sets, f"training.seed={seed}"],
-                                 overwrite=True, progress=progress, options=options)
-                summary = {"val": res.val, "test": res.test, "best_epoch": res.best_epoch, "seconds": res.seconds}
-                echo(f"{preset} seed {seed}: test auc {res.test.get('auc', float('nan')):.3f}, "
-                     f"f_fpr {res.test.get('f_fpr', float('nan')):.1f} ({res.seconds:.0f} s)")
-            row = {"preset": preset, "seed": seed, "best_epoch": summary.get("best_epoch"),
-                   "seconds": summary.get("seconds"),
-                   **{f"val_{k}": v for k, v in summary["val"].items()},
-                   **{f"test_{k}": v for k, v in summary["test"].items()}}
-            for name, other in (evals or {}).items():
-                metrics = evaluate_head(run, other, split="test", name=name).metrics
-                row.update({f"{name}_{k}": v for k, v in metrics.items()})
-            rows.append(row)
-    df = pd.DataFrame(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "ablation.csv", index=False)
-    (out / "ablation.md").write_text(summary_table(df, list(evals or {})))
-    if "test_auc" in df and "test_f_fpr" in df:
-        plot_ablation(df, out / "ablation_auc_vs_f_fpr.png")
-    return df
-
-
-def summary_table(df: pd.DataFrame, evals: list[str]) -> str:
-    """Markdown: mean ± std over seeds per preset, test metrics then each eval cache's AUC."""
-    cols = [f"test_{m}" for m in REPORTED if f"test_{m}" in df] + [f"{e}_auc" for e in evals if f"{e}_auc" in df]
-    rows = []
-    for preset, g in df.groupby("preset", sort=False):
-        row = {"preset": preset, "runs": len(g)}
-        for c in cols:
-            v = g[c].astype(float)
-            spec = ".1f" if c.split("_", 1)[1].startswith("f_") else ".3f"
-            row[c.replace("test_", "")] = (f"{np.nanmean(v):{spec}} ± {np.nanstd(v):{spec}}"
-                                           if v.notna().any() else "n/a")
+    shard = parse_shard(shard) if shard is not None else None
+    runs, eval_caches = plan(task, cache, out, presets=presets, seeds=seeds, sets=sets, options=options, evals=evals)
+    names = list(dict.fromkeys(r.preset for r in runs))
+    if baseline is not None and baseline not in names:
+        raise FeatcacheError(f"--baseline {baseline} is not among the presets ({', '.join(names)}); add it to --presets")
+    mine = shard_runs(runs, shard)
+    done = {id(r) for r in mine if not overwrite and finished(r)}
+    if not collect and not overwrite:
+        for r in runs:  # a finished run of another config anywhere in the ablation is refused before training
+            finished(r)
+    reused = [r.label for r in mine if id(r) in done]
+    todo = [r for r in mine if id(r) not in done]
+    trained: list[str] = []
+    lines: list[str] = []
+    if shard is not None:
+        echo(f"shard {shard[0]}/{shard[1]}: {len(mine)} of {len(runs)} runs ({', '.join(r.label for r in mine) or 'none'})")
+    if reused:
+        echo(f"{len(reused)} finished run(s) reused: {', '.join(reused)}")
+    if todo and not collect:
+        half = [r.label for r in todo if r.out.exists()]
+        if half:
+            echo(f"{len(half)} half-written run(s) redone from scratch: {', '.join(half)}")
+        groups, lines = group_runs(task, todo)
+        if devices is None:
+            dev = str(todo[0].cfg["training"].get("device", "auto"))
+            devices = [dev] if dev not in ("auto", "") else default_devices()
+        devices = [devices] if isinstance(devices, str) else list(devices)
+        if not devices:
+            raise FeatcacheError("--devices is empty; name devices like cuda:0,cuda:1 or cpu")
+        by_device = assign(groups, devices)
+        echo(f"{len(todo)} run(s) to train in {len(groups)} group(s) on "
+             f"{', '.join(d for d, _ in by_device)}" + (" (one process each)" if len(by_device) > 1 else "") + ":")
+        for line in lines:
+            echo(f"  {line}")
+        _train_on_devices(task, cache, by_device, progress=progress, echo=echo)
+        trained = [r.label for r in todo]
+    title = f"{task} ablation: {out}"
+    if shard is not None and not collect:
+        msg = (f"shard {shard[0]}/{shard[1]} done; when every shard has finished, run the same command with "
+               "--collect (instead of --shard) to write the tables")
+        echo(msg)
+        return AblationResult(task, out, pd.DataFrame(), msg, lines, trained, reused, [], None, [])
+    rows, missing = [], []
+    for r in runs:
+        if not finished(r):
+            missing.append(r.label)
+            continue
+        row = run_row(r, json.loads((r.out / "summary.json").read_text()))
+        for name, other in eval_caches.items():
+            metrics = evaluate_head(r.out, other, split="test", name=name).metrics
+            row.update({f"{name}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float, bool))})
         rows.append(row)
-    return markdown_table(pd.DataFrame(rows))
+    if not rows:
+        raise FeatcacheError(f"no finished run in {out} to table ({len(missing)} missing); train them first "
+                             "(without --collect)")
+    df = pd.DataFrame(rows)
+    baselines = list(dict.fromkeys([b for b in ("none" if "none" in names else None, baseline) if b]))
+    if not baselines and len(names) > 1:
+        baselines = [names[0]]
+    markdown, diffs, files = tables(task, df, out, evals=list(eval_caches), baselines=baselines, title=title)
+    if missing:
+        note = f"\nmissing runs (not finished, left out of the tables): {', '.join(missing)}\n"
+        markdown += note
+        (out / "ablation.md").write_text(markdown)
+    return AblationResult(task, out, df, markdown, lines, trained, reused, missing, diffs, files)
+

@@ -1,0 +1,204 @@
+"""`featcache ablate` (issue 16; issue 19 items 4 and 12): runs grouped by stack_key and trained as
+one job each, equal to sequential `train_head` runs; reuse and redo; validation before training;
+shards, collect, devices, out-of-memory splitting; each task's own table."""
+
+import importlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from featcache.cache.synth import synth_feature_cache
+from featcache.errors import FeatcacheError
+from featcache.train import ablate, train_head
+from featcache.train.ablate import PlannedRun, assign, group_runs, parse_shard, plan, shard_runs, train_group
+
+AB = importlib.import_module("featcache.train.ablate")  # the module (featcache.train.ablate is the function)
+
+TINY = ["training.batch_size=64", "training.device=cpu", "model.adapter_hidden=16", "model.dropout=0.1"]
+S2 = TINY + ["training.epochs=3", "fairness.warmup_start=1", "fairness.warmup_end=2", "selection.min_epoch=2",
+             "model.classifier_hidden=[16]", "model.num_ca_views=2", "model.ca_heads=2"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread (on the shared 2-core machine two threads made each small
+    matmul ~50x slower, from contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory):
+    """A small controlled cache, another-backbone cache, and a 1-epoch Stage-1 run on the first."""
+    root = tmp_path_factory.mktemp("ablate")
+    synth_feature_cache(root / "c", rows=240, dim=16, seed=0, part_rows=256)
+    synth_feature_cache(root / "other", rows=64, dim=16, seed=1, part_rows=64)  # another "backbone" (weights)
+    train_head("stage1", root / "c", root / "s1", sets=[*TINY, "training.epochs=1"], progress=False)
+    return root
+
+
+def _numbers(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def test_batched_ablation_equals_sequential_train_head_runs_then_reuses_and_redoes(bed, tmp_path):
+    kw = dict(presets=["none", "full", "cvar"], seeds=[0, 1], sets=S2, options={"stage1": bed / "s1"},
+              progress=False, devices=["cpu"])
+    lines = []
+    res = ablate("stage2", bed / "c", tmp_path / "abl", echo=lines.append, **kw)
+    # one group, one job: the three presets differ only in loss coefficients
+    assert res.groups == ["group 1: none, full, cvar x seeds 0, 1 = 6 run(s) as one job"]
+    assert len(res.table) == 6 and not res.missing
+    for preset in ("none", "full", "cvar"):
+        for seed in (0, 1):
+            single = train_head("stage2", bed / "c", tmp_path / "seq" / preset / str(seed), preset=preset,
+                                sets=[*S2, f"training.seed={seed}"], options={"stage1": bed / "s1"}, progress=False)
+            got = json.loads((tmp_path / "abl" / preset / f"seed{seed}" / "summary.json").read_text())
+            assert got["best_epoch"] == single.best_epoch
+            for split in ("val", "test"):
+                want = _numbers(getattr(single, split))
+                assert want and _numbers(got[split]).keys() == want.keys()
+                for k, v in want.items():
+                    assert got[split][k] == pytest.approx(v, abs=1e-4, nan_ok=True), (preset, seed, split, k)
+    # the presets really differ (the comparison above is not trivially true)
+    t = res.table.set_index(["preset", "seed"])
+    assert t.loc[("full", 0), "test_auc"] != t.loc[("none", 0), "test_auc"]
+    md = res.markdown
+    assert "| preset | n | auc |" in md and "paired difference to `none`" in md and "| full | 2 |" in md
+    assert {"ablation.csv", "ablation.json", "ablation.md"} <= set(res.files)
+    assert any(f.endswith(".png") for f in res.files)
+    # rerun: every run reused, nothing rewritten
+    mtime = (tmp_path / "abl" / "full" / "seed1" / "summary.json").stat().st_mtime_ns
+    lines.clear()
+    again = ablate("stage2", bed / "c", tmp_path / "abl", echo=lines.append, **kw)
+    assert len(again.reused) == 6 and not again.trained
+    assert (tmp_path / "abl" / "full" / "seed1" / "summary.json").stat().st_mtime_ns == mtime
+    # a half-written run (no summary.json) is redone from scratch, never reused
+    (tmp_path / "abl" / "cvar" / "seed0" / "summary.json").unlink()
+    (tmp_path / "abl" / "cvar" / "seed0" / "stale.txt").write_text("x")
+    lines.clear()
+    third = ablate("stage2", bed / "c", tmp_path / "abl", echo=lines.append, **kw)
+    assert third.trained == ["cvar seed 0"] and len(third.reused) == 5
+    assert any("half-written" in ln and "cvar seed 0" in ln for ln in lines)
+    assert not (tmp_path / "abl" / "cvar" / "seed0" / "stale.txt").exists()
+    redone = json.loads((tmp_path / "abl" / "cvar" / "seed0" / "summary.json").read_text())
+    assert redone["test"]["auc"] == pytest.approx(t.loc[("cvar", 0), "test_auc"], abs=1e-4)
+    # --collect with an eval cache: here the training cache itself, so its test AUC is the in-domain one
+    col = ablate("stage2", bed / "c", tmp_path / "abl", echo=lines.append, collect=True,
+                 evals={"again": bed / "c"}, **kw)
+    assert not col.trained and not col.missing and "again_auc" in col.markdown
+    np.testing.assert_allclose(col.table["again_auc"], col.table["test_auc"], rtol=1e-6)
+
+
+def test_runs_of_another_architecture_are_grouped_apart_and_say_why(bed, tmp_path):
+    runs, _ = plan("stage2", bed / "c", tmp_path, presets=["full", "linear", "none"], seeds=[0, 1, 2], sets=S2,
+                   options={"stage1": bed / "s1"})
+    groups, lines = group_runs("stage2", runs)
+    assert [[(r.preset, r.seed) for r in g] for g in groups] == [
+        [("full", 0), ("full", 1), ("full", 2), ("none", 0), ("none", 1), ("none", 2)],
+        [("linear", 0), ("linear", 1), ("linear", 2)]]
+    assert "apart" in lines[1] and "model.architecture: 'fair' -> 'linear'" in lines[1]
+
+
+def test_validation_refuses_before_any_training(bed, tmp_path):
+    base = dict(sets=S2, options={"stage1": bed / "s1"}, progress=False, echo=lambda *_: None)
+    out = tmp_path / "never"
+    cases = [
+        (dict(seeds=[0, 0]), "given twice"),
+        (dict(seeds=[]), "no seeds"),
+        (dict(presets=["full", "fullest"]), "unknown preset"),
+        (dict(evals={"gone": tmp_path / "missing"}), "does not exist"),
+        (dict(evals={"other": bed / "other"}), "another backbone"),
+        (dict(baseline="ldam", presets=["none", "full"]), "--baseline ldam"),
+        (dict(sets=TINY + ["training.epochs=3"], presets=["full"]), "warm-up"),
+    ]
+    for extra, message in cases:
+        with pytest.raises(FeatcacheError, match=message):
+            ablate("stage2", bed / "c", out, **{**base, **extra})
+    with pytest.raises(FeatcacheError, match="needs a finished stage1 run"):
+        ablate("stage2", bed / "c", out, **{**base, "options": {}})
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_cli_bad_shard_and_repeated_seeds_are_one_error_line(bed, tmp_path, capsys):
+    from featcache.cli import main
+
+    for shard in ("3/2", "0/0", "a/b", "1"):
+        with pytest.raises(SystemExit) as exc:
+            main(["ablate", "stage1", "--cache", str(bed / "c"), "--out", str(tmp_path / "x"), "--shard", shard])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith("error: --shard") and err.count("\n") == 1, (shard, err)
+    with pytest.raises(SystemExit) as exc:
+        main(["ablate", "stage1", "--cache", str(bed / "c"), "--out", str(tmp_path / "x"), "--seeds", "0,0"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "seed(s) 0 given twice" in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_shards_partition_the_run_list_and_devices_balance_the_groups():
+    assert parse_shard("2/4") == (2, 4) and parse_shard((0, 1)) == (0, 1)
+    runs = list(range(17))
+    for n in (1, 2, 3, 5, 17, 20):
+        parts = [shard_runs(runs, (i, n)) for i in range(n)]
+        assert sorted(x for p in parts for x in p) == runs  # each run in exactly one shard
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+        assert parts == [shard_runs(runs, (i, n)) for i in range(n)]  # deterministic
+    g15, g3, g5 = ["a"] * 15, ["b"] * 3, ["c"] * 5
+    assert assign([g15, g3], ["cuda:0", "cuda:1"]) == [("cuda:0", [g15]), ("cuda:1", [g3])]
+    assert assign([g3, g5, g5], ["cuda:0", "cuda:1"]) == [("cuda:0", [g3, g5]), ("cuda:1", [g5])]  # 8 vs 5 runs
+    assert assign([g3, g5], ["cpu"]) == [("cpu", [g3, g5])]
+    assert assign([g3], ["cuda:0", "cuda:1"]) == [("cuda:0", [g3])]  # an idle device gets no process
+
+
+def test_out_of_gpu_memory_splits_the_group_in_two_and_retries(monkeypatch, tmp_path):
+    jobs = []
+
+    def fake_train_runs(task, cache, outs, *, cfgs, **kw):
+        if len(outs) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        jobs.append([o.name for o in outs])
+        return [type("R", (), {"test": {"auc": 0.5}, "seconds": 0.0, "best_epoch": 1})() for _ in outs]
+
+    monkeypatch.setattr(AB, "train_runs", fake_train_runs)
+    cfg = {"training": {"device": "auto", "seed": 0}}
+    runs = [PlannedRun("p", s, tmp_path / f"r{s}", cfg) for s in range(5)]
+    lines = []
+    train_group("stage2", tmp_path, runs, "cuda:0", progress=False, echo=lines.append)
+    assert jobs == [["r0", "r1"], ["r2"], ["r3", "r4"]]  # 5 -> 2 + 3, 3 -> 1 + 2; every run trained once
+    splits = [ln for ln in lines if "out of GPU memory" in ln]
+    assert splits == ["out of GPU memory training 5 runs at once on cuda:0: split into 2 + 3 and retried",
+                      "out of GPU memory training 3 runs at once on cuda:0: split into 1 + 2 and retried"]
+
+    def always_oom(task, cache, outs, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(AB, "train_runs", always_oom)
+    with pytest.raises(FeatcacheError, match="even as a single run; lower training.batch_size"):
+        train_group("stage2", tmp_path, runs[:2], "cuda:0", progress=False, echo=lines.append)
+
+
+def test_stage1_ablation_tables_its_own_metrics_with_shards_and_collect(bed, tmp_path):
+    kw = dict(presets="all", seeds=[0, 1], sets=[*TINY, "training.epochs=1"], progress=False, echo=lambda *_: None)
+    out = tmp_path / "s1abl"
+    first = ablate("stage1", bed / "c", out, shard=(0, 2), **kw)  # default x 2 seeds
+    assert first.trained == ["default seed 0", "default seed 1"] and first.table.empty
+    assert not (out / "ablation.md").exists()  # a shard writes no tables
+    partial = ablate("stage1", bed / "c", out, collect=True, **kw)
+    assert partial.missing == ["grl_only seed 0", "grl_only seed 1"] and not partial.trained
+    assert "missing runs" in partial.markdown and "grl_only seed 1" in partial.markdown
+    full = ablate("stage1", bed / "c", out, **kw)
+    assert full.trained == ["grl_only seed 0", "grl_only seed 1"] and len(full.reused) == 2 and not full.missing
+    md = full.markdown
+    assert "| preset | n | cos | race_acc | gender_acc |" in md
+    assert "race_raw" in md and "race_debiased" in md and "paired difference to `default`" in md
+    assert "auc" not in md and "nan" not in md.lower()
+    t = full.table.set_index(["preset", "seed"])
+    s = json.loads((out / "grl_only" / "seed1" / "summary.json").read_text())
+    assert t.loc[("grl_only", 1), "test_cos"] == pytest.approx(s["test"]["cos"])
+    assert t.loc[("grl_only", 1), "probe_race_debiased"] == pytest.approx(s["probe"]["race"]["debiased"])
+    mean = np.mean([t.loc[("default", k), "test_cos"] for k in (0, 1)])
+    assert f"{mean:.3f} ±" in md
