@@ -200,6 +200,7 @@ def train_e2e(
     seed: int = 0,
     resume: bool = False,
     overwrite: bool = False,
+    tensorboard: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
@@ -210,7 +211,8 @@ def train_e2e(
     config; ``epochs`` larger than the run's extends it, the cosine schedule restarting from the
     last learning rate used or from ``lr`` when given (``echo`` says which). ``epochs`` defaults
     to 50 and ``lr`` to 1e-4 (``mnv4.DEFAULTS``, the design's values). ``on_epoch_end(epoch, row)`` is called after each epoch's resume point
-    is written (a notebook hook; raising in it interrupts the run).
+    is written (a notebook hook; raising in it interrupts the run). ``tensorboard``: the per-epoch
+    scalars also go to ``out/tensorboard/`` (recorded in the config as ``logging.tensorboard``).
     """
     out = Path(out)
     m = read_manifest(manifest, require_label=False)
@@ -240,6 +242,7 @@ def train_e2e(
                                  num_workers=int(num_workers), device=device or "auto", seed=int(seed),
                                  schedule="cosine"),
             "selection": {"score": "auc", "min_epoch": 1, "rule": "best"},
+            "logging": {"tensorboard": bool(tensorboard)},
         }
     tc, mc = cfg["training"], cfg["model"]
     dev = resolve_device(None if tc["device"] == "auto" else tc["device"])
@@ -254,7 +257,8 @@ def train_e2e(
                                                                "image_size": mc["image_size"], "num_classes": 1}})
     settings = LoopSettings(epochs=int(tc["epochs"]), batch_size=int(tc["batch_size"]), lr=float(tc["lr"]),
                             seeds=[int(tc["seed"])], weight_decay=float(tc["weight_decay"]), selection="auc",
-                            patience=int(tc["patience"]), save_every=int(tc["save_every"]), schedule="cosine")
+                            patience=int(tc["patience"]), save_every=int(tc["save_every"]), schedule="cosine",
+                            tensorboard=bool(tensorboard or (cfg.get("logging") or {}).get("tensorboard")))
     t0 = time.perf_counter()
     hook = None if on_epoch_end is None else (lambda e, rows: on_epoch_end(e, rows[0]))
     f = fit(job, [out], settings, resume=resume, lr=lr if resume else None, desc=f"train-e2e {mc['name']}",
