@@ -26,7 +26,14 @@ from ..heads.task import load_run
 from ..metrics import subgroup_table
 from ..metrics.bootstrap import with_intervals
 from ..report.plots import plot_roc, plot_subgroup_rates
-from ..report.tables import format_metric, markdown_table, metric_legend, metrics_line, write_csv_rounded
+from ..report.tables import (
+    METRIC_MEANINGS,
+    format_metric,
+    markdown_table,
+    metric_legend,
+    metrics_line,
+    write_csv_rounded,
+)
 from ..runtime import eval_dir, write_eval
 
 
@@ -55,7 +62,7 @@ class Evaluation:
 
     def legend(self) -> str:
         """The meaning of every metric of :meth:`short` (and of the interval), one bullet each."""
-        keys = [k for k in self.summary_keys if isinstance(self.metrics.get(k), (int, float))]
+        keys = [k for k in self.summary_keys if k in METRIC_MEANINGS and isinstance(self.metrics.get(k), (int, float))]
         return metric_legend([*keys, *(["ci95"] if self.metrics.get("ci95") else [])])
 
 
@@ -87,7 +94,8 @@ def write_evaluation(run_dir, split: str, metrics: dict, predictions: pd.DataFra
         ci, deg = metrics.get("ci95") or {}, bool(metrics.get("degenerate"))
         cells = {k: format_metric(k, metrics[k], ci=ci.get(k), degenerate=deg) for k in keys}
         lines += [markdown_table(pd.DataFrame([cells])), "",
-                  metric_legend([*keys, *(["ci95"] if ci else []), *(["degenerate"] if deg else [])])]
+                  metric_legend([*(k for k in keys if k in METRIC_MEANINGS), *(["ci95"] if ci else []),
+                                 *(["degenerate"] if deg else [])])]
     if metrics.get("remarks"):
         lines += [*(f"Remark: {r}" for r in metrics["remarks"]), ""]
     files = ["predictions.csv", "metrics.json", "report.md"]
