@@ -66,12 +66,17 @@ def cli(ctx, quiet, debug, deterministic):
 @quiet_option
 @click.pass_obj
 def demo(state, out, n):
-    """Run the main job offline on synthetic data (a few minutes on a CPU).
+    """Run the main job offline on synthetic data (see the README for its time on a 2-core CPU).
 
-    Synthesizes a face-forgery set, extracts CLIP features with the offline `small` preset
-    into a cache, and prints the cache's summary; then synthetic partial audio spoofs, XLS-R frames
-    (offline `tiny`) and the XAI head, with its localization figures. Rerunning resumes instead of
-    recomputing.
+    \b
+    1 synthetic faces; 2 the MobileNetV4 filter (train, calibrate, evaluate);
+    3 the filter's features cached (extract --backbone timm --model RUN);
+    4 Stage 1 and the leakage audit on them; 5 the Stage-2 ablation on them, with intervals and
+      per-subgroup rates (the result with signal);
+    6 the pipeline check: offline CLIP `small` through Stage 1, Stage 2 and the cascade;
+    7 audio: partial spoofs, XLS-R frames (offline `tiny`), the XAI head;
+    8 detection fairness: the tiny DETR's query cache and FAAP.
+    Rerunning resumes instead of recomputing.
     """
     from .demo import run_demo
 
