@@ -104,3 +104,25 @@ def test_tensorboard_without_the_package_is_one_error_line(heads, tmp_path, caps
     code, _, err = _cli("-q", "train-head", "stage1", "--cache", heads["cache"], "--out", tmp_path / "r",
                         "--tensorboard", "--set", "training.epochs=1", "--set", "training.device=cpu", capsys=capsys)
     assert code == 2 and "featcache[tensorboard]" in err and err.count("\n") == 1
+
+
+def test_xai_reports_the_asvspoof_eer_beside_eer_and_bounds_both():
+    """The audio evaluation reports `eer_asvspoof` (the ASVspoof convention) beside `eer`; its
+    metrics.json intervals cover the utterance AUC and EER it reports (and no ACC it does not)."""
+    from test_stacked import speech_frames
+
+    from featcache.config import resolve_config
+    from featcache.heads.xai import XaiTask
+    from featcache.metrics import eer, eer_asvspoof
+    from featcache.train.evaluate import add_intervals
+
+    flat, data = speech_frames(n=16, dim=12, seed=1)
+    task = XaiTask(resolve_config("xai", sets=["model.hidden=8", "model.kernel=3"]), "cpu")
+    task.flat, task.data = flat, {"train": data, "val": data}
+    task.spec = task.make_spec()
+    task.module = task.build(task.spec)
+    (metrics, preds), = task.evaluate("val")
+    y, p = preds["label"].to_numpy(), preds["prob"].to_numpy()
+    assert metrics["eer_asvspoof"] == eer_asvspoof(y, p) and metrics["eer"] == eer(y, p)
+    ci = add_intervals(metrics, preds)["ci95"]
+    assert set(ci) == {"auc", "eer"} and ci["auc"][0] <= metrics["auc"] <= ci["auc"][1]
