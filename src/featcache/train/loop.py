@@ -341,7 +341,8 @@ def fit(job, run_dirs: list[Path], settings: LoopSettings, *, resume: bool = Fal
         log = pd.DataFrame(s["log"])
         log.to_csv(d / "training_log.csv", index=False)
         (d / "plots").mkdir(exist_ok=True)
-        plot_training_curves(log, d / "plots" / "training_curves.png", best_epoch=s["best_epoch"])
+        plot_training_curves(log, d / "plots" / "training_curves.png", best_epoch=s["best_epoch"],
+                             title=f"{d.parent.name}/{d.name}, {desc}" if d.name.startswith("seed") else f"{d.name}, {desc}")
         best = s["best_score"]
         results.append(FitResult(d, s["best_epoch"], s["epoch"], best if best > -math.inf else None, s["stopped"],
                                  s["log"], seconds, note))
