@@ -75,7 +75,10 @@ def add_intervals(metrics: dict, predictions: pd.DataFrame, *, n_boot: int = N_B
     ``ci95`` keeps the metrics that ``metrics`` reports (an XAI run has no ACC to bound)."""
     if not {"label", "prob"} <= set(predictions.columns) or len(predictions) == 0:
         return metrics
-    out = with_intervals(metrics, predictions, n_boot=n_boot, seed=seed)
+    try:
+        out = with_intervals(metrics, predictions, n_boot=n_boot, seed=seed)
+    except FeatcacheError as exc:  # e.g. rows without a 0/1 label: no interval, and the reason kept
+        return {**metrics, "ci95": {}, "ci95_info": {"notes": [f"no intervals: {exc}"]}}
     out["ci95"] = {k: v for k, v in out["ci95"].items() if k in metrics}
     return out
 
