@@ -61,9 +61,12 @@ def test_every_metrics_json_carries_intervals_that_hold_the_point(heads, capsys)
     run = heads["stage2"]
     for split in ("val", "test"):
         m = json.loads((run / "eval" / split / "metrics.json").read_text())
-        for key in ("auc", "eer", "acc", "f_fpr"):
+        for key in ("auc", "eer", "acc"):
             lo, hi = m["ci95"][key]
             assert lo <= m[key] <= hi, (split, key, m[key], lo, hi)
+        # a fairness metric (a sum or range of absolute gaps) is biased upward under resampling, so its
+        # percentile interval may sit above the point; it is there and ordered
+        assert m["ci95"]["f_fpr"][0] <= m["ci95"]["f_fpr"][1]
         assert m["ci95_info"]["cluster"] == "identity" and m["ci95_info"]["n_boot"] == 1000
         # the interval is the bootstrap of the predictions written beside it (seeded: the same numbers)
         preds = pd.read_csv(run / "eval" / split / "predictions.csv")
