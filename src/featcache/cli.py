@@ -71,7 +71,7 @@ def demo(state, out, n):
     \b
     1 synthetic faces; 2 the MobileNetV4 filter (train, calibrate, evaluate);
     3 the filter's features cached (extract --backbone timm --model RUN);
-    4 Stage 1 and the leakage audit on them; 5 the Stage-2 ablation on them, with intervals and
+    4 Stage 1 and the leakage audit on them; 5 a Stage-2 ablation on them, with intervals and
       per-subgroup rates (the result with signal);
     6 the pipeline check: offline CLIP `small` through Stage 1, Stage 2 and the cascade;
     7 audio: partial spoofs, XLS-R frames (offline `tiny`), the XAI head;
