@@ -187,19 +187,28 @@ def test_cli_errors_name_what_is_wrong(controlled, tmp_path, capsys):
 
 
 def test_demo_runs_end_to_end_at_tiny_sizes(tmp_path):
-    """`featcache demo`'s library function, its steps numbered [i/7] in order, figures returned."""
+    """`featcache demo`'s library function: the filter first, its features cached by the timm backbone
+    and used by Stage 1 and the Stage-2 ablation; steps numbered [i/8] in order; figures returned."""
+    from featcache.cache import open_cache
     from featcache.data.synth_faces import minimum_n
     from featcache.demo import DemoSizes, run_demo
 
     lines = []
-    sizes = DemoSizes(faces=minimum_n(), stage1_epochs=1, stage2_epochs=1, presets=("full",), clip_model="tiny",
-                      branches=("faces",))
+    sizes = DemoSizes(faces=minimum_n(), filter_epochs=1, stage1_epochs=1, stage2_epochs=1, seeds=(0,),
+                      presets=("full",), branches=("faces",))
     r = run_demo(tmp_path / "demo", sizes=sizes, progress=False, echo=lines.append)
     steps = [line.split("]")[0] + "]" for line in lines if line.startswith("[")]
-    assert steps == ["[1/7]", "[2/7]", "[3/7]", "[4/7]"]
-    assert "| full | 1 |" in r["ablation"] and (tmp_path / "demo" / "runs" / "ablation" / "full" / "seed0" /
-                                                 "eval" / "test" / "metrics.json").is_file()
+    assert steps == ["[1/8]", "[2/8]", "[3/8]", "[4/8]", "[5/8]"]
+    cache = open_cache(tmp_path / "demo" / "caches" / "mnv4")
+    assert cache.backbone["name"] == "timm" and cache.dim == 1280  # the filter's pooled features
+    run = tmp_path / "demo" / "runs" / "mnv4-features" / "ablation" / "full" / "seed0"
+    assert "| full | 1 |" in r["ablation"]
+    metrics = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+    lo, hi = metrics["ci95"]["auc"]
+    assert lo <= metrics["auc"] <= hi
     assert any("leakage probe race" in line for line in lines)
+    assert any(line.startswith("      full, seed 0, test: auc ") and " [" in line for line in lines)
+    assert sum("AUC: area under the ROC curve" in line for line in lines) == 1  # each meaning printed once
 
 
 def test_detr_finetune_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch):

@@ -66,20 +66,17 @@ def cli(ctx, quiet, debug, deterministic):
 @quiet_option
 @click.pass_obj
 def demo(state, out, n):
-    """Run the main job offline on synthetic data (a few minutes on a CPU).
+    """Run the main job offline on synthetic data (see the README for its time on a 2-core CPU).
 
     \b
-    Every branch on synthetic data, with the offline random-weight presets, into OUT:
-      1-4  faces: synthesize a face-forgery set in 8 subgroups, extract CLIP (`small`) into
-           two caches and verify them, train the Stage-1 adapter and audit the leakage before
-           and after it, then a Stage-2 ablation over every preset and its table;
-      5    the fast filter: MobileNetV4 on the pixels, its temperature, its evaluation and the
-           cascade in front of the Stage-2 detector;
-      6    audio: partial spoofs, XLS-R frames (`tiny`), the XAI head with its localization
-           figures and prototype purity;
-      7    detection: drawn people, the tiny DETR's query cache, a FAAP perturbation and its
-           per-gender COCO table.
-    Rerunning reuses what is finished instead of recomputing.
+    1 synthetic faces; 2 the MobileNetV4 filter (train, calibrate, evaluate);
+    3 the filter's features cached (extract --backbone timm --model RUN);
+    4 Stage 1 and the leakage audit on them; 5 a Stage-2 ablation on them, with intervals and
+      per-subgroup rates (the result with signal);
+    6 the pipeline check: offline CLIP `small` through Stage 1, Stage 2 and the cascade;
+    7 audio: partial spoofs, XLS-R frames (offline `tiny`), the XAI head;
+    8 detection fairness: the tiny DETR's query cache and FAAP.
+    Rerunning resumes instead of recomputing.
     """
     from .demo import run_demo
 
@@ -139,6 +136,32 @@ def synth_audio_cmd(state, out, n, seed, fmt, min_seconds, max_seconds, overwrit
     refuse_non_empty(out, overwrite=overwrite)
     summary = synth_audio(out, n=n, seed=seed, fmt=fmt, min_seconds=min_seconds, max_seconds=max_seconds,
                           progress=not state.quiet)
+    click.echo(json.dumps(summary, indent=2, default=str))
+
+
+@synth.command("features", context_settings=CONTEXT)
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--rows", default=10_000, show_default=True, help="Samples (real and fake; 4 per identity).")
+@click.option("--dim", default=768, show_default=True, help="Feature dimension.")
+@click.option("--bias", default=0.6, show_default=True,
+              help="0 = fakes equally far from reals in every subgroup; 1 = the hard subgroups' fakes barely shifted.")
+@click.option("--signal", default=2.0, show_default=True, help="Shift of a fake in noise standard deviations (d') "
+              "in an easy subgroup.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Write into OUT even when it is not empty.")
+@quiet_option
+def synth_features_cmd(out, rows, dim, bias, signal, seed, overwrite):
+    """A controlled feature cache: features whose forgery signal and subgroup bias are known.
+
+    A fake is shifted by d' = signal * (1 - bias * hardness) noise standard deviations along one
+    direction, with the synthetic faces' hardness per subgroup; train heads on it with no backbone.
+    Example: featcache synth features caches/controlled --rows 6000 --dim 256 --bias 0.6
+    """
+    from .cache.synth import synth_feature_cache
+    from .data.manifest import refuse_non_empty
+
+    refuse_non_empty(out, overwrite=overwrite)
+    summary = synth_feature_cache(out, rows=rows, dim=dim, bias=bias, signal=signal, seed=seed)
     click.echo(json.dumps(summary, indent=2, default=str))
 
 
@@ -360,9 +383,12 @@ def _evals(items) -> dict:
 @click.option("--prototype-mode", type=click.Choice(["ema", "fixed", "learnable"]), default=None,
               help="xai: prototypes (model.prototype_mode) [ema].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@click.option("--tensorboard", is_flag=True, help="Also log the per-epoch scalars to RUN/tensorboard/ "
+              "(logging.tensorboard; needs pip install 'featcache[tensorboard]').")
 @quiet_option
 @click.pass_obj
-def train_head_cmd(state, task, cache_path, out, preset, config_file, sets, stage1, prototype_mode, overwrite):
+def train_head_cmd(state, task, cache_path, out, preset, config_file, sets, stage1, prototype_mode, overwrite,
+                   tensorboard):
     """Train a head from a cache into a run directory.
 
     TASK is one of: {tasks}. Presets per task: {presets}. The README's walkthrough makes
@@ -383,10 +409,23 @@ def train_head_cmd(state, task, cache_path, out, preset, config_file, sets, stag
         if task != "xai":
             raise click.UsageError("--prototype-mode applies to the xai task only")
         sets = (*sets, f"model.prototype_mode={prototype_mode}")
+    if tensorboard:
+        sets = (*sets, "logging.tensorboard=true")
     r = train_head(task, cache_path, out, preset=preset, config_file=config_file, sets=sets, overwrite=overwrite,
                    progress=not state.quiet, options={"stage1": stage1}, echo=click.echo)
     for line in r.lines():
         click.echo(line)
+    _print_remarks_and_legend(r.evaluations)
+
+
+def _print_remarks_and_legend(evaluations) -> None:
+    """Each evaluation's remarks (degenerate detector, NaN metrics and why), then the meaning of
+    the printed metrics once."""
+    for e in evaluations:
+        for remark in e.remarks:
+            click.echo(f"  remark ({e.split}): {remark}")
+    if evaluations:
+        click.echo(evaluations[-1].legend().rstrip())
 
 
 @cli.command(context_settings=CONTEXT)
@@ -414,6 +453,7 @@ def evaluate(state, run, cache_path, manifest_path, split, name, thresholds):
     e = evaluate_run(run, cache_path, split=split, name=name, manifest=manifest_path,
                      thresholds=_floats(thresholds, "--thresholds"), progress=not state.quiet)
     click.echo(f"{run}: {e.split}: {e.short()}")
+    _print_remarks_and_legend([e])
     click.echo(f"  wrote {e.out}/: {', '.join(e.files)}")
 
 
@@ -524,11 +564,13 @@ def train_e2e_group():
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
+@click.option("--tensorboard", is_flag=True, help="Also log the per-epoch scalars to OUT/tensorboard/ "
+              "(needs pip install 'featcache[tensorboard]').")
 @quiet_option
 @click.pass_obj
 def train_e2e_mnv4(state, manifest_path, out, model, pretrained, epochs, batch_size, lr, weight_decay, save_every,
                    patience, mixed_precision, amp_dtype, no_augment, image_size, num_workers, device, seed, resume,
-                   overwrite):
+                   overwrite, tensorboard):
     """Fine-tune MobileNetV4 (one logit, BCE, AdamW, cosine) as the cascade's fast filter.
 
     \b
@@ -546,13 +588,14 @@ def train_e2e_mnv4(state, manifest_path, out, model, pretrained, epochs, batch_s
                       mixed_precision=mixed_precision, amp_dtype=amp_dtype, augment=not no_augment,
                       image_size=image_size,
                       num_workers=num_workers, device=device, seed=seed, resume=resume, overwrite=overwrite,
-                      progress=not state.quiet, echo=click.echo)
+                      tensorboard=tensorboard, progress=not state.quiet, echo=click.echo)
     except KeyboardInterrupt:
         click.echo(f"interrupted; continue with: featcache train-e2e mnv4 --manifest {manifest_path} --out {out} --resume",
                    err=True)
         sys.exit(130)
     for line in r.lines():
         click.echo(line)
+    _print_remarks_and_legend(r.evaluations)
 
 
 @cli.command(context_settings=CONTEXT)

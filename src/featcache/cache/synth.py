@@ -18,14 +18,22 @@ import pandas as pd
 
 from ..data.manifest import FFPP_SUBGROUP_COUNTS, GENDERS, RACES
 from ..data.synth_faces import HARDNESS
+from ..errors import FeatcacheError
 from .store import CacheSpec, CacheWriter
 
 
 def synth_feature_cache(path, *, rows: int = 10_000, dim: int = 768, bias: float = 0.6, signal: float = 2.0,
                         subgroup_scale: float = 0.6, seed: int = 0, part_rows: int = 4096) -> dict:
-    """Write a pooled cache of ``rows`` x ``dim`` fp16 features with full manifest meta; return counts."""
+    """Write a pooled cache of ``rows`` x ``dim`` fp16 features with full manifest meta; return counts.
+
+    ``featcache synth features OUT --rows N --dim D --bias B --seed S`` calls it (the command
+    refuses a non-empty OUT without ``--overwrite``; this function replaces a cache at ``path``).
+    """
     if not 0 <= bias <= 1:
-        raise ValueError(f"bias must be in [0, 1], got {bias}")
+        raise FeatcacheError(f"--bias must be in [0, 1] (0: every subgroup equally easy); got {bias}")
+    for name, value, low in (("rows", rows, 40), ("dim", dim, 1), ("part_rows", part_rows, 1)):
+        if isinstance(value, bool) or int(value) != value or value < low:
+            raise FeatcacheError(f"--{name.replace('_', '-')} must be an integer of at least {low}; got {value!r}")
     rng = np.random.default_rng(seed)
     weights = np.array(FFPP_SUBGROUP_COUNTS, dtype=float)
     subgroup = rng.choice(8, size=rows, p=weights / weights.sum())

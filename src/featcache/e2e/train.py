@@ -231,6 +231,7 @@ def train_e2e(
     seed: int = 0,
     resume: bool = False,
     overwrite: bool = False,
+    tensorboard: bool = False,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
@@ -243,6 +244,8 @@ def train_e2e(
     to 50 and ``lr`` to 1e-4 (``mnv4.DEFAULTS``, the design's values). ``on_epoch_end(epoch, row)`` is called after each epoch's resume point
     is written (a notebook hook; raising in it interrupts the run). ``mixed_precision`` (on by
     default) trains under autocast in ``amp_dtype`` on CUDA; the CPU trains in fp32 either way.
+    ``tensorboard``: the per-epoch scalars also go to ``out/tensorboard/`` (recorded in the config
+    as ``logging.tensorboard``).
     """
     out = Path(out)
     m = read_manifest(manifest, require_label=False)
@@ -272,6 +275,7 @@ def train_e2e(
                                  num_workers=int(num_workers), device=device or "auto", seed=int(seed),
                                  schedule="cosine"),
             "selection": {"score": "auc", "min_epoch": 1, "rule": "best"},
+            "logging": {"tensorboard": bool(tensorboard)},
         }
     tc, mc = cfg["training"], cfg["model"]
     dev = resolve_device(None if tc["device"] == "auto" else tc["device"])
@@ -288,7 +292,8 @@ def train_e2e(
                                                                "image_size": mc["image_size"], "num_classes": 1}})
     settings = LoopSettings(epochs=int(tc["epochs"]), batch_size=int(tc["batch_size"]), lr=float(tc["lr"]),
                             seeds=[int(tc["seed"])], weight_decay=float(tc["weight_decay"]), selection="auc",
-                            patience=int(tc["patience"]), save_every=int(tc["save_every"]), schedule="cosine")
+                            patience=int(tc["patience"]), save_every=int(tc["save_every"]), schedule="cosine",
+                            tensorboard=bool(tensorboard or (cfg.get("logging") or {}).get("tensorboard")))
     t0 = time.perf_counter()
     hook = None if on_epoch_end is None else (lambda e, rows: on_epoch_end(e, rows[0]))
     f = fit(job, [out], settings, resume=resume, lr=lr if resume else None, desc=f"train-e2e {mc['name']}",

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..errors import FeatcacheError
 from ..losses.prototype import ema_update, frame_contrastive
-from ..metrics.detection import auc, eer
+from ..metrics.detection import auc, eer, eer_asvspoof
 from ..metrics.xai import importance_score, localization_metrics
 from ..report.plots import plot_importance
 from .blocks import RunRNG, StackedDropout, StackedLayerNorm, StackedLinear, run_generators
@@ -313,10 +313,13 @@ class XaiTask(Task):
             both = len(np.unique(labels)) == 2
             metrics = {"auc": auc(labels, scores) if both else float("nan"),
                        "eer": eer(labels, scores) if both else float("nan"),
+                       # the ASVspoof challenges' EER (nearest operating point, averaged), beside featcache's
+                       "eer_asvspoof": eer_asvspoof(labels, scores) if both else float("nan"),
                        **localization_metrics(ws, fl, labels),
                        **{k: v for k, v in stats[r].items() if k.startswith(("w_mean", "w_std"))}}
             preds = d.meta[["sample_id", "label", "segments", "method"]].copy()
             preds["score"] = scores
+            preds["prob"] = scores  # the utterance score in (0, 1): what the AUC, EER and their intervals rank
             preds["score_logit"] = logit_scores
             preds["frames"] = [len(w) for w in ws]
             preds["w_mean"] = [float(w.mean()) if len(w) else float("nan") for w in ws]

@@ -9,7 +9,11 @@ per-epoch checkpoints (``training.save_every``), ``log.jsonl``, ``training_log.c
 ``resume.pt`` (weights, optimizer, batch-order generator, global RNG and the loop's state; read
 with ``torch.load(weights_only=True)``, replaced atomically after every epoch, so a run killed
 at any moment resumes from its last finished epoch and ends with the same weights as an
-uninterrupted one).
+uninterrupted one). With ``tensorboard`` on (``logging.tensorboard: true`` in a task config,
+``--tensorboard`` on ``train-head`` / ``train-e2e``) every run also writes its per-epoch scalars
+(train terms, val metrics, lr, score) to ``RUN/tensorboard/`` through
+``torch.utils.tensorboard.SummaryWriter``; the ``tensorboard`` package is the optional extra
+``featcache[tensorboard]``.
 
 This is the only file in ``src/`` that steps an optimizer.
 
@@ -41,6 +45,7 @@ import torch
 from ..config import selection_score
 from ..errors import FeatcacheError
 from ..heads.task import StepState
+from ..progress import bar as progress_bar
 from ..report.plots import plot_training_curves
 from ..runtime import json_default, load_state, rng_state, save_module, save_state, set_rng_state
 
@@ -64,6 +69,7 @@ class LoopSettings:
     save_every: int = 0
     schedule: str = "constant"  # or "cosine": annealed to 0 over the epochs, stepped per epoch
     min_batch: int = 2
+    tensorboard: bool = False  # per-epoch scalars to RUN/tensorboard/ (logging.tensorboard)
 
     def __post_init__(self):
         for key, value, low in (("training.epochs", self.epochs, 1), ("training.batch_size", self.batch_size, 1),
@@ -87,7 +93,8 @@ class LoopSettings:
                    weight_decay=float(t.get("weight_decay", 0.0)), grad_clip=float(t.get("grad_clip") or 0.0),
                    selection=s.get("score", "auc"), min_epoch=s.get("min_epoch", 1), rule=s.get("rule", "best"),
                    patience=t.get("patience", 0) or 0, save_every=t.get("save_every", 0) or 0,
-                   schedule=t.get("schedule", "constant"))
+                   schedule=t.get("schedule", "constant"),
+                   tensorboard=bool((cfg.get("logging") or {}).get("tensorboard", False)))
 
 
 @dataclass
@@ -140,6 +147,25 @@ def _default_batches(job, gens: list[torch.Generator], batch_size: int, min_batc
         yield {k: v[idx] for k, v in train.tensors.items()}, idx.shape[1]
 
 
+def tensorboard_writers(run_dirs: list[Path]) -> list:
+    """One ``SummaryWriter`` per run, logging to ``RUN/tensorboard/``; one clear error without the package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise FeatcacheError("TensorBoard logging needs the tensorboard package: pip install 'featcache[tensorboard]' "
+                             "(or pip install tensorboard), or leave out --tensorboard / logging.tensorboard") from None
+    return [SummaryWriter(log_dir=str(Path(d) / "tensorboard")) for d in run_dirs]
+
+
+def log_scalars(writer, row: dict, epoch: int) -> None:
+    """Every finite number of an epoch's log row as a scalar: ``train_loss`` -> ``train/loss``."""
+    for key, value in row.items():
+        if key == "epoch" or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            continue
+        head, _, rest = key.partition("_")
+        writer.add_scalar(f"{head}/{rest}" if head in ("train", "val") and rest else key, value, epoch)
+
+
 def _clip_per_run(params, max_norm: float, runs: int) -> None:
     """Clip each run's gradient (its slice of every parameter) to ``max_norm``, as clip_grad_norm_ does."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -160,8 +186,6 @@ def fit(job, run_dirs: list[Path], settings: LoopSettings, *, resume: bool = Fal
     ``settings.epochs`` is larger, the schedule restarts from the last learning rate used, or
     from ``lr`` when given, and ``echo`` says which.
     """
-    from tqdm.auto import tqdm
-
     R, dev = job.runs, job.device
     run_dirs = [Path(p) for p in run_dirs]
     if len(run_dirs) != R or len(settings.seeds) != R:
@@ -217,8 +241,9 @@ def fit(job, run_dirs: list[Path], settings: LoopSettings, *, resume: bool = Fal
     else:
         start = 1
     active = [st[r]["stopped"] is None for r in range(R)]
+    writers = tensorboard_writers(run_dirs) if settings.tensorboard else None
     t_start = time.perf_counter()
-    bar = tqdm(range(start, epochs + 1), desc=desc, unit="epoch", disable=not progress)
+    bar = progress_bar(range(start, epochs + 1), desc=desc, unit="epoch", disable=not progress)
     for epoch in bar:
         if not any(active):
             break
@@ -266,6 +291,9 @@ def fit(job, run_dirs: list[Path], settings: LoopSettings, *, resume: bool = Fal
             s["log"].append(row)
             with open(d / "log.jsonl", "a") as fh:
                 fh.write(json.dumps(row, default=json_default) + "\n")
+            if writers is not None:
+                log_scalars(writers[r], row, epoch)
+                writers[r].flush()
             weights = job.run_state_dict(r)
             competes = epoch >= min_epoch
             if settings.rule == "last" or (competes and not math.isnan(score) and score > s["best_score"]):
@@ -300,6 +328,8 @@ def fit(job, run_dirs: list[Path], settings: LoopSettings, *, resume: bool = Fal
         if on_epoch_end is not None:
             on_epoch_end(epoch, [s["log"][-1] for s in st])
     seconds = time.perf_counter() - t_start
+    for w in writers or ():
+        w.close()
     results = []
     for r, d in enumerate(run_dirs):
         s = st[r]
@@ -311,7 +341,8 @@ def fit(job, run_dirs: list[Path], settings: LoopSettings, *, resume: bool = Fal
         log = pd.DataFrame(s["log"])
         log.to_csv(d / "training_log.csv", index=False)
         (d / "plots").mkdir(exist_ok=True)
-        plot_training_curves(log, d / "plots" / "training_curves.png", best_epoch=s["best_epoch"])
+        plot_training_curves(log, d / "plots" / "training_curves.png", best_epoch=s["best_epoch"],
+                             title=f"{d.parent.name}/{d.name}, {desc}" if d.name.startswith("seed") else f"{d.name}, {desc}")
         best = s["best_score"]
         results.append(FitResult(d, s["best_epoch"], s["epoch"], best if best > -math.inf else None, s["stopped"],
                                  s["log"], seconds, note))

@@ -19,7 +19,7 @@ from ..config import load_config, resolve_config, save_config
 from ..errors import FeatcacheError
 from ..heads.task import Task, get_task, load_run
 from ..runtime import is_run_dir, load_weights, prepare_run_dir, resolve_device, seed_everything, write_json
-from .evaluate import Evaluation, write_evaluation
+from .evaluate import Evaluation, run_title, write_evaluation
 from .loop import RESUME_FILE, FitResult, LoopSettings, fit
 
 
@@ -145,7 +145,7 @@ def conclude(task: Task, fits: list[FitResult], cfgs: list[dict], seconds: float
     results = []
     for r, (f, cfg) in enumerate(zip(fits, cfgs)):
         written = [write_evaluation(f.run_dir, split, *evals[split][r], detects=task.detects,
-                                    summary_keys=task.summary_keys, title=f"{f.run_dir.name} ({task.name})",
+                                    summary_keys=task.summary_keys, title=run_title(f.run_dir, task.name, cfg.get("preset")),
                                     task_md=task.report(*evals[split][r]))
                    for split in ("val", "test")]
         extra = task.finish(f.run_dir, r) or {}
