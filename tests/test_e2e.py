@@ -109,7 +109,7 @@ def _subset(src, out, per_split: dict, by_label: bool):
 
 
 @pytest.fixture(scope="module")
-def faces(tmp_path_factory):
+def small_faces(tmp_path_factory):
     """Synthetic faces at 32 px; ``manifest.csv`` holds 48 of them (24 train, 12 val, 12 test)."""
     from featcache.data.synth_faces import minimum_n, synth_faces
 
@@ -122,9 +122,9 @@ def faces(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mnv4_run(faces):
-    out = faces / "mnv4"
-    run_cli("-q", "train-e2e", "mnv4", "--manifest", faces / "manifest.csv", "--out", out, *TINY,
+def mnv4_run(small_faces):
+    out = small_faces / "mnv4"
+    run_cli("-q", "train-e2e", "mnv4", "--manifest", small_faces / "manifest.csv", "--out", out, *TINY,
             "--epochs", "2", "--save-every", "1", "--patience", "0", "--mixed-precision", "--device", "cpu")
     return out
 
@@ -184,9 +184,9 @@ def _train(manifest, out, epochs, **kw):
                      epochs=epochs, patience=0, progress=False, device="cpu", **{"lr": 2e-3, **kw})
 
 
-def test_resume_continues_from_the_saved_epoch_with_the_same_optimizer_state(faces, tmp_path):
-    manifest = faces / "manifest.csv"
-    _train(manifest, tmp_path / "whole", 2)
+def test_resume_continues_from_the_saved_epoch_with_the_same_optimizer_state(small_faces, mnv4_run, tmp_path):
+    manifest = small_faces / "manifest.csv"
+    whole = mnv4_run  # the uninterrupted 2-epoch run: the CLI's train-e2e with the settings of _train
 
     def stop_after_1(epoch, row):
         if epoch == 1:
@@ -203,9 +203,9 @@ def test_resume_continues_from_the_saved_epoch_with_the_same_optimizer_state(fac
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
     # the resumed run ends exactly where the uninterrupted one does: weights and optimizer moments
-    a, b = load_file(tmp_path / "whole" / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
+    a, b = load_file(whole / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa = torch.load(tmp_path / "whole" / "resume.pt", weights_only=True)["optimizer"]["state"]
+    sa = torch.load(whole / "resume.pt", weights_only=True)["optimizer"]["state"]
     sb = torch.load(tmp_path / "cut" / "resume.pt", weights_only=True)["optimizer"]["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     # the resumed epoch took as many optimizer steps again as the first
@@ -226,17 +226,17 @@ def test_resume_continues_from_the_saved_epoch_with_the_same_optimizer_state(fac
     assert rows[3]["lr"] == pytest.approx(5e-4) and any("the given lr" in line for line in said)
 
 
-def test_resume_refuses_another_manifest_and_a_missing_run(faces, tmp_path, mnv4_run):
+def test_resume_refuses_another_manifest_and_a_missing_run(small_faces, tmp_path, mnv4_run):
     other = tmp_path / "other.csv"
-    pd.read_csv(faces / "manifest.csv").iloc[:-1].to_csv(other, index=False)
+    pd.read_csv(small_faces / "manifest.csv").iloc[:-1].to_csv(other, index=False)
     with pytest.raises(FeatcacheError, match="another manifest"):
         _train(other, mnv4_run, None, resume=True, lr=None)
     with pytest.raises(FeatcacheError, match="does not exist"):
         _train(other, tmp_path / "nothing", None, resume=True, lr=None)
 
 
-def test_calibrate_evaluate_and_every_plot(faces, mnv4_run):
-    manifest = faces / "manifest.csv"
+def test_calibrate_evaluate_and_every_plot(small_faces, mnv4_run):
+    manifest = small_faces / "manifest.csv"
     out = run_cli("-q", "calibrate", mnv4_run, "--manifest", manifest, "--objective", "nll").stdout
     assert "T = " in out
     temp = json.loads((mnv4_run / "calibration_temp.json").read_text())["temperature"]
@@ -267,35 +267,24 @@ def test_calibrate_evaluate_and_every_plot(faces, mnv4_run):
     assert "Cascade thresholds" in (ev / "report.md").read_text()
 
 
-def test_evaluate_routes_by_run_kind(faces, mnv4_run):
+def test_evaluate_routes_by_run_kind(small_faces, mnv4_run):
     from featcache.e2e.evaluate import evaluate_run
 
     with pytest.raises(FeatcacheError, match="pass --manifest, not --cache"):
-        evaluate_run(mnv4_run, faces)
+        evaluate_run(mnv4_run, small_faces)
     with pytest.raises(FeatcacheError, match="not a train-e2e mnv4 run"):
         from featcache.e2e import calibrate_run
 
-        (faces / "head").mkdir(exist_ok=True)
-        (faces / "head" / "model.json").write_text('{"task": "stage2", "spec": {}}')
-        calibrate_run(faces / "head", faces / "manifest.csv")
+        (small_faces / "head").mkdir(exist_ok=True)
+        (small_faces / "head" / "model.json").write_text('{"task": "stage2", "spec": {}}')
+        calibrate_run(small_faces / "head", small_faces / "manifest.csv")
 
 
-def test_cascade_combines_the_filter_and_a_stage2_detector(faces, mnv4_run, tmp_path):
-    from featcache.extract import extract
-    from featcache.train import train_head
-
-    data = faces
-    extract("clip", data / "manifest.csv", tmp_path / "det", model="tiny", part_rows=128, num_workers=0,
-            progress=False)
-    extract("clip", data / "stage1_manifest.csv", tmp_path / "s1", model="tiny", part_rows=128, num_workers=0,
-            progress=False)
-    sets = ["training.epochs=2", "training.batch_size=64"]
-    train_head("stage1", tmp_path / "s1", tmp_path / "stage1", sets=sets, progress=False)
-    train_head("stage2", tmp_path / "det", tmp_path / "stage2", preset="none",
-               sets=[*sets, "selection.min_epoch=1"], options={"stage1": tmp_path / "stage1"},
-               progress=False)
+def test_cascade_combines_the_filter_and_a_stage2_detector(faces, stage2_run, mnv4_run, tmp_path):
+    # the session's faces (conftest): their tiny-CLIP detection cache and the Stage-2 run trained on it
+    data, detector = faces / "data", stage2_run
     out = tmp_path / "cascade"
-    run_cli("-q", "cascade", "--filter", mnv4_run, "--detector", tmp_path / "stage2", "--cache", tmp_path / "det",
+    run_cli("-q", "cascade", "--filter", mnv4_run, "--detector", detector, "--cache", faces / "det",
             "--manifest", data / "manifest.csv", "--out", out, "--max-leakage", "0.2")
     report = json.loads((out / "cascade_report.json").read_text())
     table = pd.read_csv(out / "cascade_thresholds.csv")
@@ -306,9 +295,9 @@ def test_cascade_combines_the_filter_and_a_stage2_detector(faces, mnv4_run, tmp_
     from featcache.e2e.mnv4 import FilterRun
 
     filt = FilterRun(mnv4_run).predict(data / "manifest.csv", "test")  # with the run's temperature, if fitted
-    det = pd.read_csv(tmp_path / "stage2" / "eval" / "test" / "predictions.csv")
+    det = pd.read_csv(detector / "eval" / "test" / "predictions.csv")
     # one evaluation layout for a head and for the filter: the head's files are all in the filter's
-    ev_head = tmp_path / "stage2" / "eval" / "test"
+    ev_head = detector / "eval" / "test"
     head = {str(p.relative_to(ev_head)) for p in ev_head.rglob("*")}
     filt_files = {str(p.relative_to(mnv4_run / "eval" / "test")) for p in (mnv4_run / "eval" / "test").rglob("*")}
     assert {"predictions.csv", "metrics.json", "report.md", "plots", "plots/roc.png"} <= head <= filt_files
