@@ -283,9 +283,14 @@ def test_evaluate_routes_by_run_kind(small_faces, mnv4_run):
 def test_cascade_combines_the_filter_and_a_stage2_detector(faces, stage2_run, mnv4_run, tmp_path):
     # the session's faces (conftest): their tiny-CLIP detection cache and the Stage-2 run trained on it
     data, detector = faces / "data", stage2_run
+    # 32 val and 32 test rows of the cache's manifest (half real, half fake), matched by row identity
+    subset = data / f"cascade_{tmp_path.name}.csv"
+    df = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
+    df[df["split"].isin(["val", "test"])].groupby(["split", "label"], group_keys=False).head(16).to_csv(
+        subset, index=False)
     out = tmp_path / "cascade"
     run_cli("-q", "cascade", "--filter", mnv4_run, "--detector", detector, "--cache", faces / "det",
-            "--manifest", data / "manifest.csv", "--out", out, "--max-leakage", "0.2")
+            "--manifest", subset, "--out", out, "--max-leakage", "0.2")
     report = json.loads((out / "cascade_report.json").read_text())
     table = pd.read_csv(out / "cascade_thresholds.csv")
     lat = report["latency"]
@@ -294,7 +299,7 @@ def test_cascade_combines_the_filter_and_a_stage2_detector(faces, stage2_run, mn
     # recompute one threshold from the two stages' own predictions
     from featcache.e2e.mnv4 import FilterRun
 
-    filt = FilterRun(mnv4_run).predict(data / "manifest.csv", "test")  # with the run's temperature, if fitted
+    filt = FilterRun(mnv4_run).predict(subset, "test")  # with the run's temperature, if fitted
     det = pd.read_csv(detector / "eval" / "test" / "predictions.csv")
     # one evaluation layout for a head and for the filter: the head's files are all in the filter's
     ev_head = detector / "eval" / "test"
