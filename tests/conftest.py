@@ -108,7 +108,7 @@ S2FAST = FAST + ["fairness.warmup_start=1", "fairness.warmup_end=2", "selection.
 
 
 @pytest.fixture(scope="session")
-def faces(tmp_path_factory) -> Path:
+def face_caches(tmp_path_factory) -> Path:
     """Synthetic faces with `tiny` CLIP caches: detection ``det`` (of ``data/manifest.csv``) and
     Stage 1 ``s1`` (of ``data/stage1_manifest.csv``)."""
     from featcache.data.synth_faces import synth_faces
@@ -123,22 +123,22 @@ def faces(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def stage1_run(faces, tmp_path_factory) -> Path:
-    """A finished Stage-1 run on ``faces/s1`` (3 epochs, on the CPU)."""
+def stage1_run(face_caches, tmp_path_factory) -> Path:
+    """A finished Stage-1 run on ``face_caches/s1`` (3 epochs, on the CPU)."""
     from featcache.train import train_head
 
     out = tmp_path_factory.mktemp("runs") / "stage1"
-    train_head("stage1", faces / "s1", out, sets=[*FAST, "training.device=cpu"], progress=False)
+    train_head("stage1", face_caches / "s1", out, sets=[*FAST, "training.device=cpu"], progress=False)
     return out
 
 
 @pytest.fixture(scope="session")
-def stage2_run(faces, stage1_run, tmp_path_factory) -> Path:
-    """A finished Stage-2 run (preset none) on ``faces/det`` over ``stage1_run`` (3 epochs, on the CPU).
+def stage2_run(face_caches, stage1_run, tmp_path_factory) -> Path:
+    """A finished Stage-2 run (preset none) on ``face_caches/det`` over ``stage1_run`` (3 epochs, on the CPU).
     Tests may add evaluations under its ``eval/`` with their own names; they never retrain it."""
     from featcache.train import train_head
 
     out = tmp_path_factory.mktemp("runs") / "stage2"
-    train_head("stage2", faces / "det", out, preset="none", sets=[*S2FAST, "training.device=cpu"], progress=False,
+    train_head("stage2", face_caches / "det", out, preset="none", sets=[*S2FAST, "training.device=cpu"], progress=False,
                options={"stage1": stage1_run})
     return out

@@ -109,7 +109,7 @@ def _subset(src, out, per_split: dict, by_label: bool):
 
 
 @pytest.fixture(scope="module")
-def small_faces(tmp_path_factory):
+def faces(tmp_path_factory):
     """Synthetic faces at 32 px; ``manifest.csv`` holds 48 of them (24 train, 12 val, 12 test)."""
     from featcache.data.synth_faces import minimum_n, synth_faces
 
@@ -122,9 +122,9 @@ def small_faces(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mnv4_run(small_faces):
-    out = small_faces / "mnv4"
-    run_cli("-q", "train-e2e", "mnv4", "--manifest", small_faces / "manifest.csv", "--out", out, *TINY,
+def mnv4_run(faces):
+    out = faces / "mnv4"
+    run_cli("-q", "train-e2e", "mnv4", "--manifest", faces / "manifest.csv", "--out", out, *TINY,
             "--epochs", "2", "--save-every", "1", "--patience", "0", "--mixed-precision", "--device", "cpu")
     return out
 
@@ -184,8 +184,8 @@ def _train(manifest, out, epochs, **kw):
                      epochs=epochs, patience=0, progress=False, device="cpu", **{"lr": 2e-3, **kw})
 
 
-def test_resume_continues_from_the_saved_epoch_with_the_same_optimizer_state(small_faces, mnv4_run, tmp_path):
-    manifest = small_faces / "manifest.csv"
+def test_resume_continues_from_the_saved_epoch_with_the_same_optimizer_state(faces, mnv4_run, tmp_path):
+    manifest = faces / "manifest.csv"
     whole = mnv4_run  # the uninterrupted 2-epoch run: the CLI's train-e2e with the settings of _train
 
     def stop_after_1(epoch, row):
@@ -226,17 +226,17 @@ def test_resume_continues_from_the_saved_epoch_with_the_same_optimizer_state(sma
     assert rows[3]["lr"] == pytest.approx(5e-4) and any("the given lr" in line for line in said)
 
 
-def test_resume_refuses_another_manifest_and_a_missing_run(small_faces, tmp_path, mnv4_run):
+def test_resume_refuses_another_manifest_and_a_missing_run(faces, tmp_path, mnv4_run):
     other = tmp_path / "other.csv"
-    pd.read_csv(small_faces / "manifest.csv").iloc[:-1].to_csv(other, index=False)
+    pd.read_csv(faces / "manifest.csv").iloc[:-1].to_csv(other, index=False)
     with pytest.raises(FeatcacheError, match="another manifest"):
         _train(other, mnv4_run, None, resume=True, lr=None)
     with pytest.raises(FeatcacheError, match="does not exist"):
         _train(other, tmp_path / "nothing", None, resume=True, lr=None)
 
 
-def test_calibrate_evaluate_and_every_plot(small_faces, mnv4_run):
-    manifest = small_faces / "manifest.csv"
+def test_calibrate_evaluate_and_every_plot(faces, mnv4_run):
+    manifest = faces / "manifest.csv"
     out = run_cli("-q", "calibrate", mnv4_run, "--manifest", manifest, "--objective", "nll").stdout
     assert "T = " in out
     temp = json.loads((mnv4_run / "calibration_temp.json").read_text())["temperature"]
@@ -267,29 +267,29 @@ def test_calibrate_evaluate_and_every_plot(small_faces, mnv4_run):
     assert "Cascade thresholds" in (ev / "report.md").read_text()
 
 
-def test_evaluate_routes_by_run_kind(small_faces, mnv4_run):
+def test_evaluate_routes_by_run_kind(faces, mnv4_run):
     from featcache.e2e.evaluate import evaluate_run
 
     with pytest.raises(FeatcacheError, match="pass --manifest, not --cache"):
-        evaluate_run(mnv4_run, small_faces)
+        evaluate_run(mnv4_run, faces)
     with pytest.raises(FeatcacheError, match="not a train-e2e mnv4 run"):
         from featcache.e2e import calibrate_run
 
-        (small_faces / "head").mkdir(exist_ok=True)
-        (small_faces / "head" / "model.json").write_text('{"task": "stage2", "spec": {}}')
-        calibrate_run(small_faces / "head", small_faces / "manifest.csv")
+        (faces / "head").mkdir(exist_ok=True)
+        (faces / "head" / "model.json").write_text('{"task": "stage2", "spec": {}}')
+        calibrate_run(faces / "head", faces / "manifest.csv")
 
 
-def test_cascade_combines_the_filter_and_a_stage2_detector(faces, stage2_run, mnv4_run, tmp_path):
+def test_cascade_combines_the_filter_and_a_stage2_detector(face_caches, stage2_run, mnv4_run, tmp_path):
     # the session's faces (conftest): their tiny-CLIP detection cache and the Stage-2 run trained on it
-    data, detector = faces / "data", stage2_run
+    data, detector = face_caches / "data", stage2_run
     # 32 val and 32 test rows of the cache's manifest (half real, half fake), matched by row identity
     subset = data / f"cascade_{tmp_path.name}.csv"
     df = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
     df[df["split"].isin(["val", "test"])].groupby(["split", "label"], group_keys=False).head(16).to_csv(
         subset, index=False)
     out = tmp_path / "cascade"
-    run_cli("-q", "cascade", "--filter", mnv4_run, "--detector", detector, "--cache", faces / "det",
+    run_cli("-q", "cascade", "--filter", mnv4_run, "--detector", detector, "--cache", face_caches / "det",
             "--manifest", subset, "--out", out, "--max-leakage", "0.2")
     report = json.loads((out / "cascade_report.json").read_text())
     table = pd.read_csv(out / "cascade_thresholds.csv")

@@ -18,7 +18,12 @@ from featcache.errors import FeatcacheError
 from featcache.heads.task import StepState, load_run
 from featcache.train import ablate, train_head
 
-# faces, stage1_run and stage2_run are the session fixtures of conftest.py
+
+@pytest.fixture(scope="session")
+def faces(face_caches):
+    """conftest's session faces with their `tiny` CLIP caches ``det`` and ``s1`` (stage1_run and
+    stage2_run, also conftest's, are trained on them)."""
+    return face_caches
 
 
 # -- configs ---------------------------------------------------------------------------------
