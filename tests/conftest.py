@@ -64,11 +64,34 @@ def array_hashes(cache_path) -> dict[str, str]:
     return out
 
 
-def run_cli(*args, check=True, **kw) -> subprocess.CompletedProcess:
-    """Run ``python -m featcache ARGS`` in a subprocess, as a user would."""
-    proc = subprocess.run([sys.executable, "-m", "featcache", *map(str, args)], capture_output=True, text=True, **kw)
+def run_cli(*args, check=True, subprocess_=False, env=None, **kw) -> subprocess.CompletedProcess:
+    """Run ``featcache ARGS`` through the CLI's own entry point (``featcache.cli.main``): its parsing,
+    its ``error: ...`` line and its exit status. In this process by default (no second interpreter
+    importing torch: seconds saved per call); ``subprocess_=True`` starts ``python -m featcache`` as a
+    user would, for the tests of the real entry point."""
+    args = [str(a) for a in args]
+    if subprocess_:
+        proc = subprocess.run([sys.executable, "-m", "featcache", *args], capture_output=True, text=True,
+                              env=env, **kw)
+    else:
+        if kw:
+            raise TypeError(f"run_cli in this process takes no {sorted(kw)}; pass subprocess_=True")
+        from click.testing import CliRunner
+
+        from featcache.cli import main
+
+        with CliRunner().isolation(env=None if env is None else dict(env)) as (out, err, _):
+            try:
+                main(args)
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            stdout, stderr = out.getvalue().decode(), err.getvalue().decode()
+        proc = subprocess.CompletedProcess(["featcache", *args], code, stdout, stderr)
     if check and proc.returncode != 0:
-        raise AssertionError(f"featcache {' '.join(map(str, args))} exited {proc.returncode}:\n{proc.stderr}")
+        raise AssertionError(f"featcache {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
     return proc
 
 
@@ -76,3 +99,46 @@ def run_cli(*args, check=True, **kw) -> subprocess.CompletedProcess:
 def images(tmp_path_factory) -> Path:
     """A 40-image manifest with one garbage file and one truncated PNG."""
     return write_image_manifest(tmp_path_factory.mktemp("images"), 40, corrupt={5}, truncated={22})
+
+
+# -- the synthetic faces and the runs trained on them, built once per session ------------------------
+FAST = ["training.epochs=3", "training.batch_size=64"]
+# Stage 2 in 3 epochs: the warm-up and the first selectable epoch within them (a shorter run is refused)
+S2FAST = FAST + ["fairness.warmup_start=1", "fairness.warmup_end=2", "selection.min_epoch=2"]
+
+
+@pytest.fixture(scope="session")
+def face_caches(tmp_path_factory) -> Path:
+    """Synthetic faces with `tiny` CLIP caches: detection ``det`` (of ``data/manifest.csv``) and
+    Stage 1 ``s1`` (of ``data/stage1_manifest.csv``)."""
+    from featcache.data.synth_faces import synth_faces
+    from featcache.extract import extract
+
+    root = tmp_path_factory.mktemp("faces")
+    synth_faces(root / "data", n=320, seed=0, size=32, progress=False)
+    kw = dict(model="tiny", part_rows=128, num_workers=0, progress=False)
+    extract("clip", root / "data" / "manifest.csv", root / "det", **kw)
+    extract("clip", root / "data" / "stage1_manifest.csv", root / "s1", **kw)
+    return root
+
+
+@pytest.fixture(scope="session")
+def stage1_run(face_caches, tmp_path_factory) -> Path:
+    """A finished Stage-1 run on ``face_caches/s1`` (3 epochs, on the CPU)."""
+    from featcache.train import train_head
+
+    out = tmp_path_factory.mktemp("runs") / "stage1"
+    train_head("stage1", face_caches / "s1", out, sets=[*FAST, "training.device=cpu"], progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage2_run(face_caches, stage1_run, tmp_path_factory) -> Path:
+    """A finished Stage-2 run (preset none) on ``face_caches/det`` over ``stage1_run`` (3 epochs, on the CPU).
+    Tests may add evaluations under its ``eval/`` with their own names; they never retrain it."""
+    from featcache.train import train_head
+
+    out = tmp_path_factory.mktemp("runs") / "stage2"
+    train_head("stage2", face_caches / "det", out, preset="none", sets=[*S2FAST, "training.device=cpu"], progress=False,
+               options={"stage1": stage1_run})
+    return out

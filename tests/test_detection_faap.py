@@ -430,7 +430,7 @@ def test_detr_cache_resumes_identically_records_bad_images_and_exports(det_data,
 
 def test_detr_without_network_says_how_to_pass_weights(det_data, tmp_path):
     proc = run_cli("extract", "--backbone", "detr", "--manifest", det_data / "manifest.csv", "--out", tmp_path / "c",
-                   check=False, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                   check=False, env={"HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and proc.stderr.startswith("error: cannot load DETR 'facebook/detr-resnet-50'")
     assert "--model PATH" in proc.stderr and "--model tiny" in proc.stderr
 

@@ -184,9 +184,9 @@ def _train(manifest, out, epochs, **kw):
                      epochs=epochs, patience=0, progress=False, device="cpu", **{"lr": 2e-3, **kw})
 
 
-def test_resume_continues_from_the_saved_epoch_with_the_same_optimizer_state(faces, tmp_path):
+def test_resume_continues_from_the_saved_epoch_with_the_same_optimizer_state(faces, mnv4_run, tmp_path):
     manifest = faces / "manifest.csv"
-    _train(manifest, tmp_path / "whole", 2)
+    whole = mnv4_run  # the uninterrupted 2-epoch run: the CLI's train-e2e with the settings of _train
 
     def stop_after_1(epoch, row):
         if epoch == 1:
@@ -203,9 +203,9 @@ def test_resume_continues_from_the_saved_epoch_with_the_same_optimizer_state(fac
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
     # the resumed run ends exactly where the uninterrupted one does: weights and optimizer moments
-    a, b = load_file(tmp_path / "whole" / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
+    a, b = load_file(whole / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa = torch.load(tmp_path / "whole" / "resume.pt", weights_only=True)["optimizer"]["state"]
+    sa = torch.load(whole / "resume.pt", weights_only=True)["optimizer"]["state"]
     sb = torch.load(tmp_path / "cut" / "resume.pt", weights_only=True)["optimizer"]["state"]
     assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
     # the resumed epoch took as many optimizer steps again as the first
@@ -280,23 +280,17 @@ def test_evaluate_routes_by_run_kind(faces, mnv4_run):
         calibrate_run(faces / "head", faces / "manifest.csv")
 
 
-def test_cascade_combines_the_filter_and_a_stage2_detector(faces, mnv4_run, tmp_path):
-    from featcache.extract import extract
-    from featcache.train import train_head
-
-    data = faces
-    extract("clip", data / "manifest.csv", tmp_path / "det", model="tiny", part_rows=128, num_workers=0,
-            progress=False)
-    extract("clip", data / "stage1_manifest.csv", tmp_path / "s1", model="tiny", part_rows=128, num_workers=0,
-            progress=False)
-    sets = ["training.epochs=2", "training.batch_size=64"]
-    train_head("stage1", tmp_path / "s1", tmp_path / "stage1", sets=sets, progress=False)
-    train_head("stage2", tmp_path / "det", tmp_path / "stage2", preset="none",
-               sets=[*sets, "selection.min_epoch=1"], options={"stage1": tmp_path / "stage1"},
-               progress=False)
+def test_cascade_combines_the_filter_and_a_stage2_detector(face_caches, stage2_run, mnv4_run, tmp_path):
+    # the session's faces (conftest): their tiny-CLIP detection cache and the Stage-2 run trained on it
+    data, detector = face_caches / "data", stage2_run
+    # 32 val and 32 test rows of the cache's manifest (half real, half fake), matched by row identity
+    subset = data / f"cascade_{tmp_path.name}.csv"
+    df = pd.read_csv(data / "manifest.csv", dtype=str, keep_default_na=False)
+    df[df["split"].isin(["val", "test"])].groupby(["split", "label"], group_keys=False).head(16).to_csv(
+        subset, index=False)
     out = tmp_path / "cascade"
-    run_cli("-q", "cascade", "--filter", mnv4_run, "--detector", tmp_path / "stage2", "--cache", tmp_path / "det",
-            "--manifest", data / "manifest.csv", "--out", out, "--max-leakage", "0.2")
+    run_cli("-q", "cascade", "--filter", mnv4_run, "--detector", detector, "--cache", face_caches / "det",
+            "--manifest", subset, "--out", out, "--max-leakage", "0.2")
     report = json.loads((out / "cascade_report.json").read_text())
     table = pd.read_csv(out / "cascade_thresholds.csv")
     lat = report["latency"]
@@ -305,10 +299,10 @@ def test_cascade_combines_the_filter_and_a_stage2_detector(faces, mnv4_run, tmp_
     # recompute one threshold from the two stages' own predictions
     from featcache.e2e.mnv4 import FilterRun
 
-    filt = FilterRun(mnv4_run).predict(data / "manifest.csv", "test")  # with the run's temperature, if fitted
-    det = pd.read_csv(tmp_path / "stage2" / "eval" / "test" / "predictions.csv")
+    filt = FilterRun(mnv4_run).predict(subset, "test")  # with the run's temperature, if fitted
+    det = pd.read_csv(detector / "eval" / "test" / "predictions.csv")
     # one evaluation layout for a head and for the filter: the head's files are all in the filter's
-    ev_head = tmp_path / "stage2" / "eval" / "test"
+    ev_head = detector / "eval" / "test"
     head = {str(p.relative_to(ev_head)) for p in ev_head.rglob("*")}
     filt_files = {str(p.relative_to(mnv4_run / "eval" / "test")) for p in (mnv4_run / "eval" / "test").rglob("*")}
     assert {"predictions.csv", "metrics.json", "report.md", "plots", "plots/roc.png"} <= head <= filt_files

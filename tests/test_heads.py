@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run_cli
+from conftest import S2FAST, run_cli
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -17,30 +17,12 @@ from featcache.errors import FeatcacheError
 from featcache.heads.task import StepState, load_run
 from featcache.train import train_head
 
-FAST = ["training.epochs=3", "training.batch_size=64"]
-# Stage 2 in 3 epochs: the warm-up and the first selectable epoch within them (a shorter run is refused)
-S2FAST = FAST + ["fairness.warmup_start=1", "fairness.warmup_end=2", "selection.min_epoch=2"]
-
 
 @pytest.fixture(scope="session")
-def faces(tmp_path_factory):
-    """Synthetic faces with `tiny` CLIP caches: detection (manifest) and Stage 1 (stage1_manifest)."""
-    from featcache.data.synth_faces import synth_faces
-    from featcache.extract import extract
-
-    root = tmp_path_factory.mktemp("faces")
-    synth_faces(root / "data", n=320, seed=0, size=32, progress=False)
-    kw = dict(model="tiny", part_rows=128, num_workers=0, progress=False)
-    extract("clip", root / "data" / "manifest.csv", root / "det", **kw)
-    extract("clip", root / "data" / "stage1_manifest.csv", root / "s1", **kw)
-    return root
-
-
-@pytest.fixture(scope="session")
-def stage1_run(faces, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "stage1"
-    train_head("stage1", faces / "s1", out, sets=FAST, progress=False)
-    return out
+def faces(face_caches):
+    """conftest's session faces with their `tiny` CLIP caches ``det`` and ``s1`` (stage1_run and
+    stage2_run, also conftest's, are trained on them)."""
+    return face_caches
 
 
 # -- configs ---------------------------------------------------------------------------------
@@ -142,22 +124,21 @@ def test_stage2_frozen_stage1_adapter_gets_no_gradient(faces, stage1_run, tmp_pa
         assert key in log[-1], key
 
 
-def test_stage2_predictions_and_metrics_agree(faces, stage1_run, tmp_path):
+def test_stage2_predictions_and_metrics_agree(stage2_run):
     from featcache.metrics import all_metrics
 
-    run = train_head("stage2", faces / "det", tmp_path / "s2", preset="none", sets=S2FAST, progress=False,
-                     options={"stage1": stage1_run})
-    preds = pd.read_csv(run.run_dir / "eval" / "test" / "predictions.csv")
+    run_dir = stage2_run  # preset none, S2FAST
+    preds = pd.read_csv(run_dir / "eval" / "test" / "predictions.csv")
     assert list(preds.columns[:4]) == ["sample_id", "label", "score", "prob"]
     np.testing.assert_allclose(preds["prob"], 1 / (1 + np.exp(-preds["score"])), rtol=1e-6)
-    metrics = json.loads((run.run_dir / "eval" / "test" / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "eval" / "test" / "metrics.json").read_text())
     recomputed = all_metrics(preds["label"].to_numpy(), preds["score"].to_numpy(), groups=preds["subgroup"].to_numpy())
     for k in ("auc", "acc", "f_fpr", "f_meo", "ece"):
         assert metrics[k] == pytest.approx(recomputed[k], nan_ok=True), k
     # evaluate() rebuilds the run from its directory and reproduces the test predictions
-    again = evaluate_run(run.run_dir, name="again")
+    again = evaluate_run(run_dir, name="again")
     assert again.metrics["auc"] == pytest.approx(metrics["auc"])
-    ev = run.run_dir / "eval" / "again_test"
+    ev = run_dir / "eval" / "again_test"
     np.testing.assert_allclose(pd.read_csv(ev / "predictions.csv")["score"], preds["score"], rtol=1e-5, atol=1e-6)
     assert Image.open(ev / "plots" / "roc.png").format == "PNG"
     assert Image.open(ev / "plots" / "subgroup_rates.png").format == "PNG"
@@ -179,7 +160,11 @@ def test_stage2_needs_stage1_and_a_matching_backbone(faces, stage1_run, tmp_path
         train_head("stage2", faces / "det", tmp_path / "a", sets=S2FAST, progress=False)
     from featcache.extract import extract
 
-    extract("clip", faces / "data" / "manifest.csv", tmp_path / "other", model="tiny", seed=1, part_rows=128,
+    # the backbone checks come before any training: 8 rows of each split are enough
+    df = pd.read_csv(faces / "data" / "manifest.csv", dtype=str, keep_default_na=False)
+    df["path"] = [str(faces / "data" / p) for p in df["path"]]
+    df.groupby("split", group_keys=False).head(8).to_csv(tmp_path / "few.csv", index=False)
+    extract("clip", tmp_path / "few.csv", tmp_path / "other", model="tiny", seed=1, part_rows=128,
             num_workers=0, progress=False)
     with pytest.raises(FeatcacheError, match="another backbone"):
         train_head("stage2", tmp_path / "other", tmp_path / "b", sets=S2FAST, progress=False,

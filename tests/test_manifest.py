@@ -97,5 +97,6 @@ def test_cli_prints_one_error_line_and_exits_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "does not exist" in lines[0]
     assert not (tmp_path / "c").exists()
-    proc = run_cli("manifest", "nosuchformat", tmp_path, "-o", tmp_path / "x.csv", check=False)
+    # the real entry point, `python -m featcache`, in its own process
+    proc = run_cli("manifest", "nosuchformat", tmp_path, "-o", tmp_path / "x.csv", check=False, subprocess_=True)
     assert proc.returncode == 2 and proc.stderr.startswith("error: unknown manifest format")
