@@ -119,7 +119,7 @@ def run_demo(out: str | Path = "featcache-demo", *, n: int | None = None, sizes:
     echo(_step(1, f"synthetic faces: {n} images in 8 subgroups -> {data}"))
     synth_faces(data, n=n, seed=0, bias=0.6, size=64, progress=progress)
     echo("      legend of the printed metrics (each [lo, hi] is its 95 % bootstrap interval):")
-    echo("\n".join("      " + line for line in metric_legend([*DETECTOR_KEYS, "ci95", "n", "±", "Δ"]).splitlines()))
+    echo("\n".join("      " + line for line in metric_legend([*DETECTOR_KEYS, "ci95"]).splitlines()))
 
     filt = run_demo_filter(manifests["detection"], runs / "mnv4", epochs=sizes.filter_epochs, progress=progress,
                            echo=echo)
@@ -201,7 +201,9 @@ def run_filter_features_demo(out: Path, manifests: dict, filter_run: Path, *, si
                     sets=[*DEMO_SETS, *_stage2_schedule(sizes.stage2_epochs)], options={"stage1": stage1},
                     progress=progress, echo=lambda line: echo("      " + line))
     table = result.markdown
-    echo(table)
+    # the table's own legend would repeat the meanings printed at the start: each is printed once
+    legend = {line.strip() for line in metric_legend([*DETECTOR_KEYS, "ci95"]).splitlines() if line.strip()}
+    echo("\n".join(line for line in table.splitlines() if line.strip() not in legend))
     subgroups = {}
     for preset in [p for p in ("none", "full") if (abl / p / f"seed{seeds[0]}" / "summary.json").is_file()]:
         ev = evaluate_head(abl / preset / f"seed{seeds[0]}", split="test")
