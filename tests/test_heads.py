@@ -296,3 +296,13 @@ def test_stage2_on_a_cache_where_every_row_failed(tmp_path):
     task.data = {"train": type(empty)({k: v[:0] for k, v in empty.tensors.items()}, empty.meta.iloc[:0])}
     with pytest.raises(FeatcacheError, match="no readable rows in its train split"):
         task.make_spec()
+
+
+def test_stage1_that_raises_leakage_gets_a_remark():
+    from featcache.heads.stage1 import leakage_remarks
+
+    probe = {"race": {"raw": 0.812, "debiased": 0.875, "chance": 0.25},
+             "gender": {"raw": 0.9, "debiased": 0.6, "chance": 0.5}}
+    remarks = leakage_remarks(probe)
+    assert len(remarks) == 1 and remarks[0].startswith("remark: the race probe") and "0.875" in remarks[0]
+    assert leakage_remarks({"race": {"raw": 0.5, "debiased": float("nan")}}) == []

@@ -212,7 +212,16 @@ class Stage1Task(Task):
             for name, (xtr, xva) in feats.items():
                 row[name] = probe_accuracy(xtr[ktr], ytr[ktr], xva[kva], yva[kva])
             probe[attr] = row
-        return {"probe": probe}
+        return {"probe": probe, "remarks": leakage_remarks(probe)}
+
+
+def leakage_remarks(probe: dict) -> list[str]:
+    """A remark for each attribute whose probe reads MORE of it from the debiased features than from
+    the raw ones: the adapter made the leakage it should remove worse."""
+    return [f"remark: the {attr} probe reads more from the debiased features ({row['debiased']:.3f}) than from "
+            f"the raw ones ({row['raw']:.3f}): this adapter raised the {attr} leakage; try more epochs, a larger "
+            f"adversary weight (loss.lambda_{attr}), or check the run's training curves"
+            for attr, row in probe.items() if row.get("debiased", float("nan")) > row.get("raw", float("nan"))]
 
 
 def probe_accuracy(xtr, ytr, xva, yva, seed: int = 0) -> float:

@@ -45,7 +45,7 @@ class RunResult:
                        f"(chance {row['chance']:.3f})")
         if self.extra.get("stopped"):
             out.append(f"  stopped: {self.extra['stopped']}")
-        out += [f"  note: {n}" for n in self.notes]
+        out += [f"  {n}" if n.startswith("remark:") else f"  note: {n}" for n in self.notes]
         return out
 
 
@@ -151,7 +151,9 @@ def conclude(task: Task, fits: list[FitResult], cfgs: list[dict], seconds: float
         extra = task.finish(f.run_dir, r) or {}
         if f.stopped:
             extra.setdefault("stopped", f.stopped)
-        notes = [n for n in (f.note,) if n]
+        # the loop's note, the task's notes (e.g. a cache without demographics) and its remarks on
+        # a suspicious result (e.g. Stage 1 raising the leakage it should lower)
+        notes = [n for n in (f.note, *getattr(task, "notes", ())) if n] + list(extra.get("remarks", ()))
         write_json(f.run_dir / "summary.json", {
             "task": task.name, "preset": cfg.get("preset"), "seed": int(cfg["training"]["seed"]),
             "best_epoch": f.best_epoch, "epochs_run": f.epochs_run, "selection": cfg["selection"]["score"],
