@@ -11,11 +11,10 @@ from safetensors.torch import load_file
 
 from featcache.cache.synth import synth_feature_cache
 from featcache.errors import FeatcacheError
-from featcache.heads.task import SplitData, Task, register_task
+from featcache.heads.task import TASKS, SplitData, Task, register_task
 from featcache.train import train_runs
 
 
-@register_task("toy_stack")
 class ToyStack(Task):
     """Logistic regression per run, stacked: weight (R, D), bias (R,); an L2 weight per run."""
 
@@ -65,6 +64,15 @@ class ToyStack(Task):
             preds = d.meta[["sample_id", "label", "subgroup"]].assign(score=s, prob=p)
             out.append(({"auc": float(roc_auc_score(y, s)), "acc": float(((p >= 0.5) == y).mean())}, preds))
         return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _toy_task_registered():
+    """The toy task is registered while this module's tests run, and removed after: the help
+    lists of other tests enumerate every registered task, and a toy has no YAML config."""
+    register_task("toy_stack")(ToyStack)
+    yield
+    TASKS._items.pop("toy_stack", None)
 
 
 def toy_cfg(seed: int, l2: float, epochs: int = 4, **training):
