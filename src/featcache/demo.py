@@ -136,7 +136,7 @@ def run_demo(out: str | Path = "featcache-demo", *, n: int | None = None, sizes:
         figures["detection"] = run_detection_demo(out / "detection", sizes=sizes, progress=progress, echo=echo)
     seconds = time.perf_counter() - t0
     echo(f"demo done in {seconds:.0f} s ({len(sizes.branches) + 1} branches). Next: featcache evaluate "
-         f"{runs / 'ablation' / 'full' / f'seed{sizes.seeds[0]}'}")
+         f"{runs / 'mnv4-features' / 'ablation' / 'full' / f'seed{sizes.seeds[0]}'}")
     return {**figures, "seconds": seconds}
 
 
