@@ -27,32 +27,22 @@ from ..data.manifest import read_manifest
 from ..errors import FeatcacheError
 from ..extract.detr import load_detr
 from ..runtime import is_run_dir, prepare_run_dir, resolve_device, seed_everything, write_json
-from ..train.loop import RESUME_FILE, LoopSettings, fit
+from ..train.loop import RESUME_FILE, LoopSettings, OneModelJob, fit
 from ..train.trainer import config_differences
 
 TASK = "detr-finetune"
 
 
-class DetrJob:
+class DetrJob(OneModelJob):
     """DETR on pre-processed train images as a job of the one loop (R = 1, no val split)."""
 
     name = TASK
-    runs = max_runs = 1
     summary_keys = ("loss",)
 
     def __init__(self, net, device, pixels, mask, labels):
         self.module, self.device = net, device
         self.pixels, self.mask, self.labels = pixels, mask, labels
         self.last_loss = float("nan")
-
-    def trainable_parameters(self):
-        return [p for p in self.module.parameters() if p.requires_grad]
-
-    def run_state_dict(self, r: int):
-        return self.module.state_dict()
-
-    def load_run_state_dict(self, r: int, sd) -> None:
-        self.module.load_state_dict(sd)
 
     def batches(self, epoch: int, generators, batch_size: int):
         order = torch.randperm(len(self.labels), generator=generators[0]).to(self.device)

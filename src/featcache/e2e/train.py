@@ -50,7 +50,7 @@ from ..runtime import (
     write_json,
 )
 from ..train.evaluate import Evaluation, write_evaluation
-from ..train.loop import RESUME_FILE, LoopSettings, fit
+from ..train.loop import RESUME_FILE, LoopSettings, OneModelJob, fit
 from .mnv4 import (
     DEFAULT_MODEL,
     DEFAULTS,
@@ -92,11 +92,10 @@ class E2EResult:
         return out + [f"  note: {n}" for n in self.notes]
 
 
-class FilterJob:
+class FilterJob(OneModelJob):
     """The filter as a job of the one loop (R = 1)."""
 
     name = TASK
-    runs = max_runs = 1
     detects = True
     summary_keys = SUMMARY_KEYS
 
@@ -123,15 +122,6 @@ class FilterJob:
             self._loaders[key] = pixel_loader(paths, self.size, self.data_config, batch_size=batch_size,
                                               num_workers=self.workers, sampler=sampler, pin_memory=self.cuda)
         return self._loaders[key]
-
-    def trainable_parameters(self):
-        return [p for p in self.module.parameters() if p.requires_grad]
-
-    def run_state_dict(self, r: int):
-        return self.module.state_dict()
-
-    def load_run_state_dict(self, r: int, sd) -> None:
-        self.module.load_state_dict(sd)
 
     def batches(self, epoch: int, generators, batch_size: int):
         self._sampler.set_epoch(epoch)  # shuffling: seeded by (seed, epoch)

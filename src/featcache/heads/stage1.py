@@ -93,15 +93,6 @@ class Stage1Task(Task):
             "subgroup": torch.from_numpy(meta["subgroup"].to_numpy().astype(np.int64)),
         }, meta)
 
-    def coefficients(self) -> dict[str, torch.Tensor]:
-        """Per-run (R,) coefficient tensors, made once (no host-to-device copy per step)."""
-        if getattr(self, "_coefficients", None) is None:
-            self._coefficients = self._make_coefficients()
-        return self._coefficients
-
-    def _make_coefficients(self) -> dict[str, torch.Tensor]:
-        return {k: self._coef(c["loss"][k] for c in self.cfgs) for k in self.coefficient_keys}
-
     def make_spec(self) -> dict:
         m, loss = self.cfg["model"], self.cfg["loss"]
         train = self.data["train"]

@@ -146,12 +146,6 @@ class Stage2Task(Task):
                 "sinkhorn": on("sinkhorn") * float(c["lambda_sinkhorn"]),
                 "contrastive": 0.0 if linear else float(c["lambda_contrastive"])}
 
-    def coefficients(self) -> dict[str, torch.Tensor]:
-        """Per-run (R,) coefficient tensors, made once (no host-to-device copy per step)."""
-        if getattr(self, "_coefficients", None) is None:
-            self._coefficients = self._make_coefficients()
-        return self._coefficients
-
     def _make_coefficients(self) -> dict[str, torch.Tensor]:
         per = [self.run_coefficients(c) for c in self.cfgs]
         return {k: self._coef(p[k] for p in per) for k in per[0]}

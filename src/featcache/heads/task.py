@@ -197,8 +197,15 @@ class Task(ABC):
 
     # -- training and evaluation ---------------------------------------------------------------
     def coefficients(self) -> dict[str, torch.Tensor]:
-        """Per-run loss weights, (R,) tensors on ``self.device`` (none by default)."""
-        return {}
+        """Per-run loss weights, (R,) tensors on ``self.device``, made once (no host-to-device copy
+        per step) by :meth:`_make_coefficients`."""
+        if getattr(self, "_coefficients", None) is None:
+            self._coefficients = self._make_coefficients()
+        return self._coefficients
+
+    def _make_coefficients(self) -> dict[str, torch.Tensor]:
+        """One (R,) tensor per ``coefficient_keys`` entry, from each run's ``loss`` section."""
+        return {k: self._coef(c["loss"][k] for c in self.cfgs) for k in self.coefficient_keys}
 
     def _coef(self, values) -> torch.Tensor:
         """One float per run as an (R,) tensor on the device."""

@@ -205,15 +205,6 @@ class XaiTask(Task):
         return XaiHead(self.seeds(), spec["dim"], spec["hidden"], spec["kernel"], spec["dropout"],
                        spec["prototype_mode"], self._init_prototypes, getattr(self, "_init_center", None))
 
-    def coefficients(self) -> dict[str, torch.Tensor]:
-        """Per-run (R,) coefficient tensors, made once (no host-to-device copy per step)."""
-        if getattr(self, "_coefficients", None) is None:
-            self._coefficients = self._make_coefficients()
-        return self._coefficients
-
-    def _make_coefficients(self) -> dict[str, torch.Tensor]:
-        return {k: self._coef(c["loss"][k] for c in self.cfgs) for k in self.coefficient_keys}
-
     # -- training ------------------------------------------------------------------------------
     def batch_loss(self, batch, state: StepState):
         c, co = self.cfg["loss"], self.coefficients()

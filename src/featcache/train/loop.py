@@ -52,6 +52,23 @@ from ..runtime import json_default, load_state, rng_state, save_module, save_sta
 RESUME_FILE = "resume.pt"
 
 
+
+class OneModelJob:
+    """The parts of the job protocol that every one-model job (R = 1: the MobileNetV4 filter, the
+    DETR fine-tune) shares: its trainable parameters and its weights as run 0's."""
+
+    runs = max_runs = 1
+    module: torch.nn.Module
+
+    def trainable_parameters(self):
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def run_state_dict(self, r: int):
+        return self.module.state_dict()
+
+    def load_run_state_dict(self, r: int, sd) -> None:
+        self.module.load_state_dict(sd)
+
 @dataclass
 class LoopSettings:
     """What the loop needs to know; :meth:`from_config` reads it from a task config's sections."""
