@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import FeatcacheError
+from .images import read_rgb
 
 
 def read_coco(ann_file: str):
@@ -80,9 +80,7 @@ class DetectionImages(torch.utils.data.Dataset):
 
     def __getitem__(self, row: int):
         try:
-            with Image.open(self.paths[row]) as img:
-                img.load()
-                arr = np.array(img.convert("RGB"))
+            arr = np.array(read_rgb(self.paths[row]))
             h, w = arr.shape[:2]
             if not self.ann[row] or not self.image_ids[row]:
                 raise FeatcacheError("no annotations file or image_id in the manifest")

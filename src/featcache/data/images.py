@@ -26,9 +26,7 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, row: int):
         try:
-            with Image.open(self.paths[row]) as img:
-                img.load()
-                x = self.transform(img.convert("RGB"))
+            x = self.transform(read_rgb(self.paths[row]))
             return row, x, ""
         except Exception as exc:  # any decoding failure is data, not a crash
             return row, torch.zeros(self.shape), f"{type(exc).__name__}: {exc}"
@@ -39,6 +37,13 @@ def collate_images(batch):
     x = torch.stack([b[1] for b in batch])
     errors = [b[2] for b in batch]
     return rows, x, errors
+
+
+def read_rgb(path) -> Image.Image:
+    """The image at ``path``, decoded whole and in RGB (:func:`to_rgb`); the file is closed."""
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -115,9 +120,7 @@ class Uint8Images(torch.utils.data.Dataset):
                     data = fh.read()
                 if jpeg_gpu_decodable(data):
                     return row, torch.frombuffer(bytearray(data), dtype=torch.uint8), ""
-            with Image.open(self.paths[row]) as img:
-                img.load()
-                a = np.asarray(self.geometry(to_rgb(img)))
+            a = np.asarray(self.geometry(read_rgb(self.paths[row])))
             if a.shape != (*self.size, 3) or a.dtype != np.uint8:
                 raise ValueError(f"preprocessing gave {a.dtype} {a.shape}, expected uint8 {(*self.size, 3)}")
             return row, torch.from_numpy(a.transpose(2, 0, 1).copy()), ""
