@@ -161,11 +161,24 @@ def load_weights(path: Path, device="cpu") -> dict[str, torch.Tensor]:
     return load_file(str(path), device=str(device))
 
 
+def _compact(obj):
+    """``obj`` with every tensor that views a larger storage copied out: ``torch.save`` writes a
+    view's whole storage, so one run's slice [r:r+1] of R stacked runs would be written as all R."""
+    if torch.is_tensor(obj):
+        return obj.clone() if obj.untyped_storage().nbytes() > obj.nbytes else obj
+    if isinstance(obj, dict):
+        return {k: _compact(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_compact(v) for v in obj)
+    return obj
+
+
 def save_state(state: dict, path: Path) -> None:
-    """Optimizer/scheduler/RNG state (tensors and numbers only), written atomically."""
+    """Optimizer/scheduler/RNG state (tensors and numbers only), written atomically; a tensor that
+    views part of a larger one is written as its own bytes only."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    torch.save(_compact(state), tmp)
     os.replace(tmp, path)
 
 

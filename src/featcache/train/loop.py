@@ -209,7 +209,9 @@ def fit(job, run_dirs: list[Path], settings: LoopSettings, *, resume: bool = Fal
         raise FeatcacheError(f"{R} run(s) need as many run directories and seeds")
     stacked = job.max_runs > 1
     params = job.trainable_parameters()
-    fused = dev.type == "cuda"
+    # fused AdamW on the CPU too: on stacked runs' large tensors it is ~7x the default per-tensor
+    # loop there (6 x 12 tensors of 1280 x 1280 on the 2-core CPU: 0.05 s vs 0.41 s a step)
+    fused = dev.type in ("cuda", "cpu") and all(p.is_floating_point() for p in params)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, **({"fused": True} if fused else {}))
     amp = getattr(job, "amp_dtype", None) if dev.type == "cuda" else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
