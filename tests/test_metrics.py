@@ -304,8 +304,41 @@ def test_degenerate_detector_is_flagged_not_fair():
     m = all_metrics(y, -score, groups=groups)
     assert m["degenerate"] is True and any("predicted real" in r for r in m["remarks"])
     ok = all_metrics(y, rng.normal(size=80) + 2 * y, groups=groups)
-    assert ok["degenerate"] is False and ok["remarks"] == []
+    assert ok["degenerate"] is False and ok["one_sided"] is False and ok["remarks"] == []
     json.loads(json.dumps(m))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_one_sided_detector_is_flagged_as_a_brute_force_count_says(seed):
+    """Scores shrunk below the threshold (what CVaR did to the demo's Stage 2: AUC 0.85, acc 0.52):
+    flagged when fewer than 1/4 of the fakes' share is predicted fake (or the same for real)."""
+    from featcache.metrics import is_one_sided
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(40, 200))
+    y = (rng.random(n) < rng.uniform(0.2, 0.8)).astype(int)
+    y[:2] = [0, 1]
+    score = rng.normal(size=n) + 1.5 * y + rng.uniform(-4.0, 4.0)  # a shift moves the decisions to one side
+    predicted = sum(1 for s in score if 1 / (1 + math.exp(-s)) >= 0.5)
+    fakes = int(y.sum())
+    want = 0 < predicted < n and (predicted < 0.25 * fakes or (n - predicted) < 0.25 * (n - fakes))
+    m = all_metrics(y, score, groups=rng.integers(0, 4, n))
+    assert m["one_sided"] is want and is_one_sided(y, sigmoid(score)) is want
+    assert any(r.startswith("one-sided detector") and f"{predicted} of {n} samples" in r and "f_fpr" in r
+               for r in m["remarks"]) is want
+
+
+def test_one_sided_cases_at_their_bounds():
+    from featcache.metrics import is_one_sided
+
+    y = np.array([0] * 50 + [1] * 50)
+    p = np.zeros(100)
+    p[:12] = 1.0  # 12 % predicted fake, 50 % are: under a quarter (12.5 %)
+    assert is_one_sided(y, p) and not is_one_sided(y, p, ratio=0.2)
+    p[12] = 1.0  # 13 %: over it
+    assert not is_one_sided(y, p)
+    assert not is_one_sided(y, np.zeros(100)) and not is_one_sided(y, np.ones(100))  # degenerate, not one-sided
+    assert is_one_sided(y, 1.0 - np.r_[np.zeros(12), np.ones(88)])  # the same for real
 
 
 def test_remarks_say_why_a_metric_is_nan():

@@ -19,14 +19,15 @@ from featcache.report.tables import (
 )
 
 
-def _ablation(degenerate_preset="none"):
+def _ablation(degenerate_preset="none", one_sided_preset="full"):
     rng = np.random.default_rng(0)
     rows = []
     for preset, auc, f_fpr in (("none", 0.80, 30.0), ("ldam", 0.81, 29.0), ("full", 0.79, 12.0)):
         for seed in range(3):
             rows.append({"preset": preset, "seed": seed, "test_auc": auc + 0.01 * rng.normal(),
                          "test_f_fpr": f_fpr + rng.normal(), "test_acc": 0.7 + 0.01 * rng.normal(),
-                         "test_degenerate": preset == degenerate_preset and seed == 0})
+                         "test_degenerate": preset == degenerate_preset and seed == 0,
+                         "test_one_sided": preset == one_sided_preset and seed > 0})
     return pd.DataFrame(rows)
 
 
@@ -74,6 +75,9 @@ def test_ablation_table_means_sd_differences_and_legend():
     none = next(line for line in lines if line.startswith("| none | 3 |"))
     assert "†1" in none.split("|")[5] and "†" not in none.split("|")[3]
     assert any("0 by construction" in line for line in lines)
+    # two one-sided runs of "full": its fairness cell says so too (its F_FPR drop is partly a threshold)
+    assert "‡2" in full.split("|")[5] and "‡" not in full.split("|")[3] and "‡" not in none
+    assert any(line.startswith("‡ k:") and "compare auc" in line for line in lines)
     # paired differences: full's F_FPR drop (-18) is beyond the noise, marked; ldam's is not
     d = diffs.set_index(["preset", "metric"])
     r = d.loc[("full", "test_f_fpr")]
@@ -93,6 +97,7 @@ def test_format_metric_precision_intervals_and_degenerate_mark():
     assert format_metric("auc", 0.9, ci=[0.88, 0.93]) == "0.900 [0.880, 0.930]"
     assert format_metric("f_fpr", 0.0, degenerate=True) == "0.0 (degenerate)"
     assert format_metric("auc", 0.5, degenerate=True) == "0.500"  # only fairness metrics are void
+    assert format_metric("f_meo", 4.5, one_sided=True) == "4.5 (one-sided)"
     y, score = [0, 1, 0, 1], [2.0, 3.0, 2.8, 2.5]  # every sample predicted fake; 3 of 4 pairs ordered
     m = all_metrics(y, score, groups=[0, 0, 1, 1])
     line = metrics_line(m, ["auc", "f_fpr"], ci={"auc": [0.1, 0.9]})

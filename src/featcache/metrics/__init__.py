@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .calibration import calibration_metrics, fit_temperature, reliability_bins
-from .detection import detection_metrics, eer, eer_asvspoof, is_degenerate, sigmoid, video_auc
+from .detection import detection_metrics, eer, eer_asvspoof, is_degenerate, is_one_sided, sigmoid, video_auc
 from .fairness import FAIRNESS_KEYS, fairness_metrics, group_rates, subgroup_table
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "eer",
     "eer_asvspoof",
     "is_degenerate",
+    "is_one_sided",
     "fairness_metrics",
     "fit_temperature",
     "group_rates",
@@ -43,7 +44,8 @@ def all_metrics(y, score, groups=None, identity=None, threshold: float = 0.5) ->
     calibration (``ece, mce, brier, nll``) always; ``f_fpr, f_eo, f_meo, f_dp, f_oae`` when
     ``groups`` is given; ``video_auc`` when ``identity`` is given and non-empty.  Also
     ``degenerate`` (bool: every sample got the same decision, see
-    :func:`~.detection.is_degenerate`) and ``remarks`` (list of str: why a result is suspicious
+    :func:`~.detection.is_degenerate`), ``one_sided`` (bool: nearly every sample got one decision,
+    :func:`~.detection.is_one_sided`) and ``remarks`` (list of str: why a result is suspicious
     or nan; empty when nothing is).
     """
     score = np.asarray(score, dtype=np.float64)
@@ -56,6 +58,7 @@ def all_metrics(y, score, groups=None, identity=None, threshold: float = 0.5) ->
     if identity is not None and len(identity) > 0:
         out["video_auc"] = video_auc(y, p, identity)
     out["degenerate"] = is_degenerate(p, threshold)
+    out["one_sided"] = is_one_sided(y, p, threshold)
     out["remarks"] = remarks(out, groups=groups, threshold=threshold)
     return out
 
@@ -70,6 +73,13 @@ def remarks(metrics: dict, groups=None, threshold: float = 0.5) -> list[str]:
         out.append(f"degenerate detector: every sample is predicted {decision} at threshold {threshold:g} "
                    f"(FPR = TPR = {rate} in every subgroup)"
                    + (f"; {', '.join(fair)} are 0 by construction and say nothing about fairness" if fair else ""))
+    if metrics.get("one_sided"):
+        n = sum(int(metrics.get(k, 0)) for k in ("tp", "fp", "tn", "fn"))
+        predicted, fake = metrics.get("tp", 0) + metrics.get("fp", 0), metrics.get("tp", 0) + metrics.get("fn", 0)
+        fair = [k for k in ("f_fpr", "f_eo", "f_meo", "f_dp", "f_oae") if k in metrics]
+        out.append(f"one-sided detector: {predicted} of {n} samples are predicted fake at threshold {threshold:g} "
+                   f"({fake} are fake); acc" + (f" and {', '.join(fair)}" if fair else "")
+                   + " mostly measure where the threshold sits (compare auc, or calibrate the scores)")
     auc = metrics.get("auc")
     if auc is not None and auc != auc:
         out.append("auc, ap and eer are nan: the labels hold one class only")

@@ -17,6 +17,11 @@ the decision is fake when ``p >= threshold`` (0.5 by default).
 - ``is_degenerate``: every sample gets one decision at the threshold; :func:`featcache.metrics.all_metrics`
   reports it as ``degenerate`` and adds a remark, since the fairness metrics of such a detector
   are 0 by construction.
+- ``is_one_sided``: not degenerate, but the decisions at the threshold are nearly all one way: fewer
+  than ``ONE_SIDED_RATIO`` (1/4) of the fakes' share of the samples is predicted fake (or the same
+  for real).  A detector whose scores shrank towards the threshold (CVaR and other worst-case
+  objectives do this on small data) keeps its AUC, but its accuracy and rate-based fairness metrics
+  then measure where the threshold sits more than how fair it is.
 
 EER conventions (on the same untied inputs, ``eer_asvspoof`` and ``eer`` differ by at most
 0.25 / min(n_pos, n_neg); the DeepfakeBench value by several times 1 / min(n_pos, n_neg) on small sets):
@@ -127,6 +132,21 @@ def is_degenerate(p, threshold: float = 0.5) -> bool:
     """
     pred = np.asarray(p, dtype=np.float64) >= threshold
     return bool(pred.all() or not pred.any())
+
+
+#: :func:`is_one_sided`'s bound: predicted fake rate under this share of the fake rate (or the same for real).
+ONE_SIDED_RATIO = 0.25
+
+
+def is_one_sided(y, p, threshold: float = 0.5, ratio: float = ONE_SIDED_RATIO) -> bool:
+    """True when, without being degenerate, fewer than ``ratio`` x (the fraction of fakes) of the
+    samples are predicted fake, or fewer than ``ratio`` x (the fraction of reals) predicted real."""
+    y = np.asarray(y)
+    pred = np.asarray(p, dtype=np.float64) >= threshold
+    if len(y) == 0 or pred.all() or not pred.any():
+        return False
+    fake, predicted = float(np.mean(y == 1)), float(np.mean(pred))
+    return bool(predicted < ratio * fake or (1.0 - predicted) < ratio * (1.0 - fake))
 
 
 def _ratio(num: int, den: int) -> float:

@@ -49,6 +49,8 @@ METRIC_MEANINGS = {
          "* = the interval excludes 0 (beyond the seed-to-seed noise)",
     "degenerate": "degenerate: every sample got one decision (all fake or all real); the fairness "
                   "metrics of such a run are 0 by construction and say nothing about fairness",
+    "one_sided": "one-sided: nearly every sample got one decision (predicted fakes under a quarter of the "
+                 "fakes' share, or the same for real); its acc and fairness metrics mostly measure the threshold",
 }
 
 #: Counts, printed as integers.
@@ -81,9 +83,10 @@ def fmt(value, spec: str = ".3f") -> str:
     return str(value)
 
 
-def format_metric(name: str, value, *, ci=None, degenerate: bool = False) -> str:
+def format_metric(name: str, value, *, ci=None, degenerate: bool = False, one_sided: bool = False) -> str:
     """``value`` of metric ``name`` at its precision; ``ci=[lo, hi]`` appended as `` [lo, hi]``;
-    a fairness metric of a degenerate detector marked `` (degenerate)``."""
+    a fairness metric of a degenerate detector marked `` (degenerate)``, of a one-sided one
+    `` (one-sided)``."""
     base = base_name(name)
     if value is None:
         return "n/a"
@@ -97,16 +100,18 @@ def format_metric(name: str, value, *, ci=None, degenerate: bool = False) -> str
         out += f" [{ci[0]:{spec}}, {ci[1]:{spec}}]"
     if degenerate and base in FAIRNESS:
         out += " (degenerate)"
+    elif one_sided and base in FAIRNESS:
+        out += " (one-sided)"
     return out
 
 
 def metrics_line(metrics: dict, keys, *, ci: dict | None = None) -> str:
     """``auc 0.912 [0.897, 0.925], f_fpr 12.3 [8.1, 17.0]`` for the ``keys`` present in ``metrics``
-    (intervals from ``ci`` or ``metrics["ci95"]``; the degenerate mark from ``metrics["degenerate"]``)."""
+    (intervals from ``ci`` or ``metrics["ci95"]``; the marks from ``metrics["degenerate"]`` and
+    ``metrics["one_sided"]``)."""
     ci = ci if ci is not None else metrics.get("ci95") or {}
-    deg = bool(metrics.get("degenerate"))
-    return ", ".join(f"{k} {format_metric(k, metrics[k], ci=ci.get(k), degenerate=deg)}"
-                     for k in keys if k in metrics)
+    marks = {"degenerate": bool(metrics.get("degenerate")), "one_sided": bool(metrics.get("one_sided"))}
+    return ", ".join(f"{k} {format_metric(k, metrics[k], ci=ci.get(k), **marks)}" for k in keys if k in metrics)
 
 
 def metric_legend(names) -> str:
@@ -147,6 +152,10 @@ def markdown_table(df: pd.DataFrame, spec: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: The ablation table's marks on the fairness cells of suspicious runs (the ``<split>_<kind>`` column).
+RUN_MARKS = {"degenerate": "†", "one_sided": "‡"}
+
+
 def ablation_table(df: pd.DataFrame, diffs: pd.DataFrame | None = None, *, evals=(), metrics=ABLATION_METRICS,
                    split: str = "test", title: str = "") -> str:
     """The ablation's markdown: per preset, each metric's mean ± sd over seeds and the number of
@@ -156,29 +165,34 @@ def ablation_table(df: pd.DataFrame, diffs: pd.DataFrame | None = None, *, evals
 
     ``df``: one row per run with ``preset``, ``seed`` and ``<split>_<metric>`` columns (and
     ``<eval>_auc`` for each cache in ``evals``; ``<split>_degenerate`` marks degenerate runs,
-    whose fairness cells get a ``†``).
+    whose fairness cells get a ``†``, ``<split>_one_sided`` one-sided runs, a ``‡``).
     """
     cols = [f"{split}_{m}" for m in metrics if f"{split}_{m}" in df] + [f"{e}_auc" for e in evals if f"{e}_auc" in df]
-    deg_col = f"{split}_degenerate"
-    rows, marked = [], False
+    rows, marked = [], set()
     for preset, g in df.groupby("preset", sort=False):
         row = {"preset": preset, "n": len(g)}
-        n_deg = int(g[deg_col].fillna(False).astype(bool).sum()) if deg_col in g else 0
+        counts = {mark: int(g[f"{split}_{kind}"].fillna(False).astype(bool).sum()) if f"{split}_{kind}" in g else 0
+                  for kind, mark in RUN_MARKS.items()}
         for c in cols:
             v = g[c].astype(float).dropna()
             d = decimals(c)
             cell = "n/a" if v.empty else (f"{v.mean():.{d}f} ± {v.std(ddof=1):.{d}f}" if len(v) > 1
                                           else f"{v.mean():.{d}f}")
-            if n_deg and base_name(c) in FAIRNESS and c.startswith(f"{split}_"):
-                cell += f" †{n_deg}"
-                marked = True
+            if base_name(c) in FAIRNESS and c.startswith(f"{split}_"):
+                for mark, k in counts.items():
+                    if k:
+                        cell += f" {mark}{k}"
+                        marked.add(mark)
             row[_label(c, split)] = cell
         rows.append(row)
     out = [f"## {title}\n" if title else "", f"{split} metrics per preset: mean ± sd over seeds; n = runs\n\n",
            _plain_table(pd.DataFrame(rows))]
-    if marked:
+    if "†" in marked:
         out.append(f"\n† k: k runs of the preset are degenerate (one decision for every {split} sample): "
                    "their fairness metrics are 0 by construction.\n")
+    if "‡" in marked:
+        out.append(f"\n‡ k: k runs of the preset are one-sided (nearly one decision for every {split} sample): "
+                   "their acc and fairness metrics mostly measure the threshold; compare auc.\n")
     legend = ["n", "±", *cols]
     if diffs is not None and len(diffs):
         base = diffs["baseline"].iloc[0]
@@ -201,8 +215,7 @@ def ablation_table(df: pd.DataFrame, diffs: pd.DataFrame | None = None, *, evals
         out += [f"\npaired difference to `{base}` over shared seeds (n): mean [95 % interval], "
                 "* beyond the noise\n\n", _plain_table(pd.DataFrame(drows))]
         legend.append("Δ")
-    if marked:
-        legend.append("degenerate")
+    legend += [kind for kind, mark in RUN_MARKS.items() if mark in marked]
     out += ["\n", metric_legend(legend)]
     return "".join(out)
 

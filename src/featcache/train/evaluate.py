@@ -94,11 +94,12 @@ def write_evaluation(run_dir, split: str, metrics: dict, predictions: pd.DataFra
     lines = [f"# {title}: {tag}", "", f"n = {len(predictions)}", ""]
     keys = [k for k in summary_keys if k in metrics]
     if keys:
-        ci, deg = metrics.get("ci95") or {}, bool(metrics.get("degenerate"))
-        cells = {k: format_metric(k, metrics[k], ci=ci.get(k), degenerate=deg) for k in keys}
+        ci = metrics.get("ci95") or {}
+        marks = {"degenerate": bool(metrics.get("degenerate")), "one_sided": bool(metrics.get("one_sided"))}
+        cells = {k: format_metric(k, metrics[k], ci=ci.get(k), **marks) for k in keys}
         lines += [markdown_table(pd.DataFrame([cells])), "",
                   metric_legend([*(k for k in keys if k in METRIC_MEANINGS), *(["ci95"] if ci else []),
-                                 *(["degenerate"] if deg else [])])]
+                                 *(k for k, on in marks.items() if on)])]
     if metrics.get("remarks"):
         lines += [*(f"Remark: {r}" for r in metrics["remarks"]), ""]
     files = ["predictions.csv", "metrics.json", "report.md"]
