@@ -52,3 +52,30 @@ def test_terminal_gets_tqdm_and_quiet_gets_nothing():
     with bar(total=5, file=inner, leave=False, disable=False) as b:  # a transient inner bar leaves nothing behind
         b.update(5)
     assert inner.getvalue() == ""
+
+
+def test_library_bars_hide_hugging_face_bars_with_quiet_and_restore_them():
+    """`-q` hides transformers' own "Loading weights" bar (extract/finetune-detr load inside this block)."""
+    import transformers.utils.logging as tl
+    from huggingface_hub import utils as hub
+
+    from featcache.progress import library_bars
+
+    hub.enable_progress_bars()
+    tl.enable_progress_bar()
+    with library_bars(True):
+        assert tl.is_progress_bar_enabled() and not hub.are_progress_bars_disabled()
+    with library_bars(False):
+        assert not tl.is_progress_bar_enabled() and hub.are_progress_bars_disabled()
+        shown = io.StringIO()
+        for _ in tl.tqdm(range(3), desc="Loading weights", file=shown, disable=False):
+            pass
+        assert shown.getvalue() == ""  # transformers' factory hands out its empty bar
+    assert tl.is_progress_bar_enabled() and not hub.are_progress_bars_disabled()  # as before the block
+    hub.disable_progress_bars()  # a user's own setting (HF_HUB_DISABLE_PROGRESS_BARS) is kept
+    tl.disable_progress_bar()
+    with library_bars(False):
+        pass
+    assert hub.are_progress_bars_disabled() and not tl.is_progress_bar_enabled()
+    hub.enable_progress_bars()
+    tl.enable_progress_bar()

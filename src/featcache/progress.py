@@ -10,6 +10,9 @@
 - with ``disable=True`` (``--quiet``): nothing at all.
 
 ``TQDM_DISABLE=1`` and tqdm's other ``TQDM_*`` variables still apply.
+
+:func:`library_bars` turns the Hugging Face libraries' own bars (transformers' "Loading weights",
+hub downloads) off with featcache's, so ``--quiet`` hides them too.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import contextmanager
 
 from tqdm import tqdm
 from tqdm.auto import tqdm as auto_tqdm
@@ -33,6 +37,34 @@ def bar(iterable=None, *, log_interval: float | None = None, **kwargs) -> tqdm:
     if log_interval is None:
         log_interval = float(os.environ.get("FEATCACHE_PROGRESS_INTERVAL", LOG_INTERVAL))
     return LogBar(iterable, file=_Lines(stream), log_interval=log_interval, **kwargs)
+
+
+@contextmanager
+def library_bars(enabled: bool):
+    """Within the block, Hugging Face's own progress bars are off unless ``enabled``; their state
+    before it comes back after (transformers reads the hub's setting when it is first imported,
+    so a block that imports it leaves it as it would have been)."""
+    if enabled:
+        yield
+        return
+    from huggingface_hub import utils as hub
+
+    hub_was_off = hub.are_progress_bars_disabled()
+    tl = sys.modules.get("transformers.utils.logging")
+    tl_was_on = tl.is_progress_bar_enabled() if tl is not None else not hub_was_off
+    hub.disable_progress_bars()
+    if tl is not None:
+        tl.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tl = sys.modules.get("transformers.utils.logging")
+        if tl is not None and tl_was_on:
+            tl.enable_progress_bar()
+        if hub_was_off:
+            hub.disable_progress_bars()
+        else:
+            hub.enable_progress_bars()
 
 
 def _interactive(stream) -> bool:

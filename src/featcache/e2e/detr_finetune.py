@@ -25,6 +25,7 @@ from ..config import load_config, save_config
 from ..data.detection_images import DetectionImages
 from ..data.manifest import read_manifest
 from ..errors import FeatcacheError
+from ..progress import library_bars
 from ..extract.detr import load_detr
 from ..runtime import is_run_dir, prepare_run_dir, resolve_device, seed_everything, write_json
 from ..train.loop import RESUME_FILE, LoopSettings, OneModelJob, fit
@@ -106,7 +107,8 @@ def finetune_detr(manifest, out, *, model: str = "tiny", epochs: int = 30, batch
     if bad:
         raise FeatcacheError(f"cannot read {len(bad)} training image(s), e.g. {bad[0]}: {items[0][2] or 'see the manifest'}")
     seed_everything(int(seed))
-    net, processor, _ = load_detr(model, seed=seed)
+    with library_bars(progress):  # -q: transformers' own "Loading weights" bar too
+        net, processor, _ = load_detr(model, seed=seed)
     enc = processor(images=[it[1][0] for it in items], return_tensors="pt")
     pixels, mask = enc["pixel_values"].to(dev), None if enc.get("pixel_mask") is None else enc["pixel_mask"].to(dev)
     labels = [{"class_labels": torch.as_tensor(it[1][3], device=dev), "boxes": torch.as_tensor(it[1][2], device=dev)}

@@ -41,6 +41,7 @@ from ..cache.store import DEFAULT_PART_ROWS, CacheSpec, CacheWriter
 from ..data.manifest import read_manifest
 from ..errors import FeatcacheError, SampleError
 from ..progress import bar as tqdm
+from ..progress import library_bars
 from ..runtime import resolve_device
 from .distributed import DistributedError
 from .distributed import context as dist_context
@@ -350,7 +351,8 @@ def _extract(ctx, backbone, manifest, out, *, model, pretrained, layer, batch_si
         torch.cuda.set_device(dev)
     progress = progress and ctx.is_main
     man = read_manifest(manifest)
-    bb = get_backbone(backbone, model, pretrained, layer=layer, seed=seed, max_seconds=max_seconds).to(dev)
+    with library_bars(progress):  # -q: transformers' own "Loading weights" bar too
+        bb = get_backbone(backbone, model, pretrained, layer=layer, seed=seed, max_seconds=max_seconds).to(dev)
     if decode != "cpu":
         if not hasattr(bb, "set_decode"):
             raise FeatcacheError(f"--decode {decode} is for image backbones that take it (clip); {backbone} decodes on the CPU")
