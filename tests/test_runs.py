@@ -194,6 +194,20 @@ def test_cli_errors_name_what_is_wrong(controlled, tmp_path, capsys):
         assert code == 2 and "training.device" in err and "--device" not in err
 
 
+def test_demo_bias_line_sets_each_race_auc_beside_its_planted_artifact_strength():
+    import pandas as pd
+
+    from featcache.demo import bias_line
+
+    names = ["male-asian", "male-white", "male-black", "male-other",
+             "female-asian", "female-white", "female-black", "female-other"]
+    auc = [0.81, 1.0, 0.528, 0.972, 1.0, 0.992, 0.667, 0.917]
+    line = bias_line(pd.DataFrame({"code": range(8), "subgroup": names, "auc": auc}), bias=0.6)
+    # strength 1 - 0.6 * hardness, hardness (0.70, 0.00, 0.90, 0.35, 0.80, 0.10, 1.00, 0.45) by code
+    assert line == ("AUC by race (artifact strength of its fakes): white 0.99-1.00 (0.94-1.00), "
+                    "other 0.92-0.97 (0.73-0.79), asian 0.81-1.00 (0.52-0.58), black 0.53-0.67 (0.40-0.46)")
+
+
 def test_demo_runs_end_to_end_at_tiny_sizes(tmp_path):
     """`featcache demo`'s library function: the filter first, its features cached by the timm backbone
     and used by Stage 1 and the Stage-2 ablation; steps numbered [i/8] in order; figures returned."""
