@@ -167,7 +167,7 @@ def step_breakdown(cache_path, stage1_run, cfgs, dev: torch.device, *, steps: in
     n, b, runs = len(stacked.data["train"]), int(cfgs[0]["training"]["batch_size"]), len(cfgs)
     state = StepState(10, 50)  # past the warm-up: every loss term is on
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    fused = {"fused": True} if dev.type == "cuda" else {}
+    fused = {"fused": True}  # as the loop steps it, on CUDA and on the CPU
 
     def batch_of(step):
         gens = [torch.Generator().manual_seed(1000 * step + r) for r in range(runs)]

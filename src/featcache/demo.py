@@ -246,11 +246,12 @@ def _stage1(cache, run: Path, epochs: int | None, progress: bool, echo) -> None:
     if _reuse(run):
         echo(f"      {run}: finished before, reused")
         return
-    probe = train_head("stage1", cache, run, sets=[*DEMO_SETS, *_epochs(epochs)], progress=progress).extra.get(
-        "probe", {})
-    for attr, row in probe.items():
+    extra = train_head("stage1", cache, run, sets=[*DEMO_SETS, *_epochs(epochs)], progress=progress).extra
+    for attr, row in extra.get("probe", {}).items():
         echo(f"      leakage probe {attr}: raw features {row['raw']:.3f}, debiased {row['debiased']:.3f} "
              f"(chance {row['chance']:.3f})")
+    for remark in extra.get("remarks", []):  # an adapter that raised the leakage it should remove
+        echo(f"      {remark}")
 
 
 def run_clip_check(out: Path, manifests: dict, filter_run: Path, *, sizes: DemoSizes, progress: bool = True,
