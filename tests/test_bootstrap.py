@@ -145,6 +145,13 @@ def test_paired_differences_over_seeds():
     assert one["n"] == 1 and math.isnan(one["lo"]) and not one["differs"]
     with pytest.raises(FeatcacheError, match="baseline preset 'ce'"):
         paired_differences(df, ["test_f_fpr"], baseline="ce")
+    # the same difference on both seeds (a coarse metric: the demo's EER moved by 1/76 on each): the t
+    # interval would have no width and call it beyond the noise; there is no interval and no verdict
+    same = pd.DataFrame({"preset": ["none", "none", "cvar", "cvar"], "seed": [0, 1, 0, 1],
+                         "test_eer": [0.158, 0.158, 0.158 - 1 / 76, 0.158 - 1 / 76]})
+    r = paired_differences(same, ["test_eer"]).iloc[0]
+    assert r["n"] == 2 and r["sd"] == pytest.approx(0, abs=1e-15) and math.isnan(r["lo"]) and not r["differs"]
+    assert r["mean"] == pytest.approx(-1 / 76)
 
 
 def test_paired_bootstrap_of_two_runs_on_the_same_rows():

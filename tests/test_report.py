@@ -84,6 +84,8 @@ def test_ablation_table_means_sd_differences_and_legend():
     dfull = next(line for line in lines if line.startswith("| full | 3 | ") and "[" in line)
     assert f"{r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}] *" in dfull
     assert "Δ f_fpr" in md and "paired difference to `none`" in md
+    same = pd.DataFrame({"preset": ["none"] * 2 + ["cvar"] * 2, "seed": [0, 1] * 2, "test_eer": [0.2, 0.2, 0.1, 0.1]})
+    assert "| cvar | 2 | -0.100 (every seed) |" in ablation_table(same, paired_differences(same, ["test_eer"]))
     # every column's meaning once: F_FPR as a sum in percentage points, ± as the sd over seeds, n
     assert md.count("F_FPR: sum over subgroups") == 1 and "percentage points" in md
     assert "±: sample standard deviation over seeds" in md and "n: number of rows evaluated, or of runs" in md

@@ -52,7 +52,10 @@ difference is taken per seed and summarised over seeds: mean, sample standard de
 ``k`` shared seeds.  This interval holds the training noise (seed to seed), which on the README's
 controlled cache is as large as the effect of the presets; the test-set noise is in each run's own
 bootstrap interval (``ci95`` in its metrics).  A preset "differs beyond the noise" when the
-interval excludes 0; with fewer than two shared seeds there is no interval and no verdict.
+interval excludes 0; with fewer than two shared seeds there is no interval and no verdict, and
+none either when every seed gives the same difference (sd 0: the t interval would have no width,
+which says the metric is coarse, e.g. an EER on 152 rows moving in steps of 1/76, not that the noise
+is nil).
 """
 
 from __future__ import annotations
@@ -361,7 +364,7 @@ def paired_differences(df: pd.DataFrame, columns, *, baseline: str = "none", by:
     ``df`` holds one row per run with columns ``by`` (preset), ``pair`` (seed) and the metric
     ``columns``.  Returns one row per (preset, metric): ``preset, baseline, metric, n`` (shared
     seeds with both values defined), ``mean, sd`` (of the differences), ``lo, hi`` (the t
-    interval), ``differs`` (the interval excludes 0).
+    interval; NaN with fewer than two seeds or no spread), ``differs`` (the interval excludes 0).
     """
     from scipy import stats
 
@@ -386,7 +389,7 @@ def paired_differences(df: pd.DataFrame, columns, *, baseline: str = "none", by:
             k = len(d)
             mean = float(d.mean()) if k else float("nan")
             sd = float(d.std(ddof=1)) if k >= 2 else float("nan")
-            if k >= 2:
+            if k >= 2 and sd > 1e-12 * max(1.0, abs(mean)):
                 half = float(stats.t.ppf((1 + level) / 2, k - 1) * sd / np.sqrt(k))
                 lo, hi = mean - half, mean + half
             else:

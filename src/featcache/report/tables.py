@@ -46,7 +46,8 @@ METRIC_MEANINGS = {
     "±": "±: sample standard deviation over seeds (n - 1 in the denominator)",
     "ci95": "[lo, hi]: 95 % bootstrap interval (identities resampled when known, stratified by label)",
     "Δ": "Δ: paired difference to the baseline over shared seeds, mean [95 % t interval]; "
-         "* = the interval excludes 0 (beyond the seed-to-seed noise)",
+         "* = the interval excludes 0 (beyond the seed-to-seed noise); (every seed) = the same "
+         "difference on every seed, a coarse metric: no interval, no verdict",
     "degenerate": "degenerate: every sample got one decision (all fake or all real); the fairness "
                   "metrics of such a run are 0 by construction and say nothing about fairness",
     "one_sided": "one-sided: nearly every sample got one decision (predicted fakes under a quarter of the "
@@ -206,8 +207,8 @@ def ablation_table(df: pd.DataFrame, diffs: pd.DataFrame | None = None, *, evals
                 d = decimals(c)
                 if math.isnan(r["mean"]):
                     cell = "n/a"
-                elif math.isnan(r["lo"]):
-                    cell = f"{r['mean']:+.{d}f}"
+                elif math.isnan(r["lo"]):  # one seed, or the same difference on every seed: no interval
+                    cell = f"{r['mean']:+.{d}f}" + (" (every seed)" if r["n"] >= 2 else "")
                 else:
                     cell = f"{r['mean']:+.{d}f} [{r['lo']:+.{d}f}, {r['hi']:+.{d}f}]" + (" *" if r["differs"] else "")
                 row[f"Δ {_label(c, split)}"] = cell
