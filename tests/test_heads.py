@@ -1,6 +1,7 @@
 """Configs, the trainer and run directory, Stage 1 and Stage 2, evaluate, end to end (ablate: tests/test_ablate.py)."""
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -306,3 +307,12 @@ def test_stage1_that_raises_leakage_gets_a_remark():
     remarks = leakage_remarks(probe)
     assert len(remarks) == 1 and remarks[0].startswith("remark: the race probe") and "0.875" in remarks[0]
     assert leakage_remarks({"race": {"raw": 0.5, "debiased": float("nan")}}) == []
+    # with the val rows known, a rise within two standard errors of the difference is noise: the demo's
+    # 0.625 -> 0.641 on 64 rows is one row; the same rise of 0.063 on 2,000 rows is not
+    for n, rise in ((64, 0.641), (64, 0.875), (2000, 0.688)):
+        se = math.sqrt(0.625 * 0.375 / n + rise * (1 - rise) / n)
+        got = leakage_remarks({"race": {"raw": 0.625, "debiased": rise, "n": n}})
+        assert bool(got) == (rise - 0.625 > 2 * se), (n, rise)
+        assert not got or f"beyond the noise of {n} val rows (±{2 * se:.3f})" in got[0]
+    assert not leakage_remarks({"race": {"raw": 0.625, "debiased": 0.641, "n": 64}})
+    assert leakage_remarks({"race": {"raw": 0.625, "debiased": 0.875, "n": 64}})
