@@ -373,3 +373,34 @@ def test_ldam_margin_rules_against_hand_computation():
     z = logits[0, 0].clone()
     z[2] -= 0.125
     assert float(loss.masked(logits, target)[0]) == pytest.approx(float(-torch.log_softmax(10 * z, 0)[2]), rel=1e-6)
+
+
+def _partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _partitions(rest):
+        yield [[first], *part]
+        for i in range(len(part)):
+            yield [*part[:i], [first, *part[i]], *part[i + 1:]]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_size_buckets_is_the_cheapest_split_a_brute_force_search_finds(seed):
+    """Sinkhorn problems padded per bucket: at most `most` buckets, every problem in one, and the
+    dense work sum(count x largest^2) as low as over every partition of the problems."""
+    from featcache.losses.sinkhorn import size_buckets
+
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(2, 40, int(rng.integers(1, 8))).tolist()
+    most = int(rng.integers(1, 5))
+    got = size_buckets(sizes, most)
+    assert sorted(p for b in got for p in b) == list(range(len(sizes))) and 1 <= len(got) <= most
+
+    def work(buckets):
+        return sum(len(b) * max(sizes[p] for p in b) ** 2 for b in buckets)
+
+    best = min(work(part) for part in _partitions(list(range(len(sizes)))) if len(part) <= most)
+    assert work(got) == best
+    assert size_buckets([], 4) == [] and size_buckets([5, 5, 5], 4) == [[0, 1, 2]]
