@@ -8,8 +8,8 @@
 [4/8] Stage 1 on the filter's features: the debiasing adapter; the leakage audit before and after
       it (FAISS kNN purity, weighted kNN, linear probes).
 [5/8] The Stage-2 ablation (presets none, cvar, full, and linear as the reference) on the filter's
-      features (the result with signal): mean ± sd over seeds, paired differences to ``none`` with their intervals, and the
-      per-subgroup rates that show the bias the synthetic faces plant.
+      features (the result with signal): mean ± sd over seeds, paired differences to ``none`` with
+      their intervals, and the per-subgroup rates that show the bias the synthetic faces plant.
 [6/8] The pipeline check: the offline CLIP ``small`` preset (random weights) through extraction,
       Stage 1 and one Stage-2 preset, and the cascade of the filter in front of that detector.
 [7/8] Audio: synthetic partial spoofs, XLS-R frames (offline ``tiny``), the XAI importance head,

@@ -25,8 +25,8 @@ from ..config import load_config, save_config
 from ..data.detection_images import DetectionImages
 from ..data.manifest import read_manifest
 from ..errors import FeatcacheError
-from ..progress import library_bars
 from ..extract.detr import load_detr
+from ..progress import library_bars
 from ..runtime import is_run_dir, prepare_run_dir, resolve_device, seed_everything, write_json
 from ..train.loop import RESUME_FILE, LoopSettings, OneModelJob, fit
 from ..train.trainer import config_differences

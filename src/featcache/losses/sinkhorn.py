@@ -24,6 +24,7 @@ geomloss itself synchronises to estimate the diameter; these losses are not sync
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 
 import torch
 from geomloss import SamplesLoss
@@ -162,8 +163,9 @@ def size_buckets(sizes: list[int], most: int = 4) -> list[list[int]]:
     distinct sizes).  Fewer buckets when fewer distinct sizes; one when ``most`` is 1."""
     if not sizes:
         return []
-    distinct = sorted(set(sizes))
-    counts = [sum(1 for x in sizes if x == v) for v in distinct]
+    tally = Counter(sizes)
+    distinct = sorted(tally)
+    counts = [tally[v] for v in distinct]
     m, parts = len(distinct), min(int(most), len(distinct))
     prefix = [0]
     for c in counts:

@@ -76,7 +76,7 @@ def remarks(metrics: dict, groups=None, threshold: float = 0.5) -> list[str]:
     if metrics.get("one_sided"):
         n = sum(int(metrics.get(k, 0)) for k in ("tp", "fp", "tn", "fn"))
         predicted, fake = metrics.get("tp", 0) + metrics.get("fp", 0), metrics.get("tp", 0) + metrics.get("fn", 0)
-        fair = [k for k in ("f_fpr", "f_eo", "f_meo", "f_dp", "f_oae") if k in metrics]
+        fair = [k for k in FAIRNESS_KEYS if k in metrics]
         out.append(f"one-sided detector: {predicted} of {n} samples are predicted fake at threshold {threshold:g} "
                    f"({fake} are fake); acc" + (f" and {', '.join(fair)}" if fair else "")
                    + " mostly measure where the threshold sits (compare auc, or calibrate the scores)")

@@ -106,12 +106,17 @@ def format_metric(name: str, value, *, ci=None, degenerate: bool = False, one_si
     return out
 
 
+def decision_marks(metrics: dict) -> dict[str, bool]:
+    """:func:`format_metric`'s ``degenerate`` and ``one_sided`` flags, from a metrics dict's own."""
+    return {"degenerate": bool(metrics.get("degenerate")), "one_sided": bool(metrics.get("one_sided"))}
+
+
 def metrics_line(metrics: dict, keys, *, ci: dict | None = None) -> str:
     """``auc 0.912 [0.897, 0.925], f_fpr 12.3 [8.1, 17.0]`` for the ``keys`` present in ``metrics``
     (intervals from ``ci`` or ``metrics["ci95"]``; the marks from ``metrics["degenerate"]`` and
     ``metrics["one_sided"]``)."""
     ci = ci if ci is not None else metrics.get("ci95") or {}
-    marks = {"degenerate": bool(metrics.get("degenerate")), "one_sided": bool(metrics.get("one_sided"))}
+    marks = decision_marks(metrics)
     return ", ".join(f"{k} {format_metric(k, metrics[k], ci=ci.get(k), **marks)}" for k in keys if k in metrics)
 
 

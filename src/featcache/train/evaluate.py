@@ -28,6 +28,7 @@ from ..metrics.bootstrap import with_intervals
 from ..report.plots import plot_roc, plot_subgroup_rates
 from ..report.tables import (
     METRIC_MEANINGS,
+    decision_marks,
     format_metric,
     markdown_table,
     metric_legend,
@@ -95,7 +96,7 @@ def write_evaluation(run_dir, split: str, metrics: dict, predictions: pd.DataFra
     keys = [k for k in summary_keys if k in metrics]
     if keys:
         ci = metrics.get("ci95") or {}
-        marks = {"degenerate": bool(metrics.get("degenerate")), "one_sided": bool(metrics.get("one_sided"))}
+        marks = decision_marks(metrics)
         cells = {k: format_metric(k, metrics[k], ci=ci.get(k), **marks) for k in keys}
         lines += [markdown_table(pd.DataFrame([cells])), "",
                   metric_legend([*(k for k in keys if k in METRIC_MEANINGS), *(["ci95"] if ci else []),
