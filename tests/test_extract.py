@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -87,12 +86,33 @@ def _parts_done(out) -> int:
     return sum(d.name.isdigit() for d in parts.iterdir()) if parts.is_dir() else 0
 
 
-def _start_and_wait(args, out, at_least: int) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "featcache", *map(str, args), "--out", str(out)],
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while _parts_done(out) < at_least and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.005)
+# The child runs the CLI with its writer thread held after a given number of whole parts: it
+# prints "paused <n>" and waits, its main thread still running, until the run is aborted. So the
+# signal lands mid-run, at a part count the test chose, however fast or slow the machine is.
+_PAUSED_CHILD = """
+import sys, time
+from featcache.extract import runner
+stop_after, handle = int(sys.argv[1]), runner._Writer._handle
+def held(self, *a):
+    handle(self, *a)
+    done = len(self.writer.done_parts())
+    if done >= stop_after:
+        print(f"paused {done}", flush=True)
+        while not self.abort:
+            time.sleep(0.01)
+runner._Writer._handle = held
+sys.argv = ["featcache", *sys.argv[2:]]
+from featcache.cli import main
+main()
+"""
+
+
+def _start_paused(args, out, after_parts: int) -> subprocess.Popen:
+    """The CLI in a child process, held after ``after_parts`` whole parts (see ``_PAUSED_CHILD``)."""
+    proc = subprocess.Popen([sys.executable, "-c", _PAUSED_CHILD, str(after_parts), *map(str, args),
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # blocks until the child holds; no clock involved
+    assert line.startswith("paused "), f"the child ended before pausing: {proc.communicate()}"
     return proc
 
 
@@ -100,34 +120,31 @@ def test_ctrl_c_and_kill_9_then_resume_give_identical_arrays(tmp_path):
     manifest = write_image_manifest(tmp_path / "data", 300, corrupt={17, 250})
     args = ["extract", "--backbone", "clip", "--model", "tiny", "--manifest", manifest, "--part-rows", 10,
             "--batch-size", 5, "--num-workers", 0, "-q"]
-    # The uninterrupted reference, in-process (this also imports open_clip now, so that the
-    # second writer below is quick).
+    # The uninterrupted reference, in-process.
     extract("clip", manifest, tmp_path / "straight", model="tiny", part_rows=10, batch_size=5,
             num_workers=0, progress=False)
     out = tmp_path / "interrupted"
 
-    # Ctrl-C mid-run; meanwhile a second writer is refused.
-    proc = _start_and_wait(args, out, 3)
+    # Ctrl-C mid-run (the child holds after 3 of 30 parts); meanwhile a second writer is refused.
+    proc = _start_paused(args, out, 3)
     with pytest.raises(CacheLockedError, match="another process"):
         extract("clip", manifest, out, model="tiny", part_rows=10, batch_size=5, num_workers=0, progress=False)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait() == 130
+    assert proc.wait(timeout=120) == 130
     assert "rerun the same command to resume" in proc.stderr.read()
-    after_ctrl_c = _parts_done(out)
-    assert 3 <= after_ctrl_c < 30, f"Ctrl-C landed at {after_ctrl_c} parts; the test needs it mid-run"
+    assert _parts_done(out) == 3
 
-    # Resume, then kill -9 mid-run: the kernel releases the dead writer's lock.
-    proc = _start_and_wait(args, out, after_ctrl_c + 3)
+    # Resume, then kill -9 after 6 parts: the kernel releases the dead writer's lock.
+    proc = _start_paused(args, out, 6)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = _parts_done(out)
-    assert after_ctrl_c + 3 <= done < 30, f"kill landed at {done} parts; the test needs it mid-run"
+    assert _parts_done(out) == 6
     assert not json.loads((out / "zarr.json").read_text())["attributes"]["complete"]
     report = verify_cache(out)
     assert not report.ok and "incomplete" in report.problems[0]
 
     resumed = run_cli(*args, "--out", out)
-    assert f"{done} already there" in resumed.stdout
+    assert "6 already there" in resumed.stdout
     assert array_hashes(out) == array_hashes(tmp_path / "straight")
     assert open_cache(out).errors() == open_cache(tmp_path / "straight").errors()
     assert verify_cache(out).ok
