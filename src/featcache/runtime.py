@@ -17,7 +17,6 @@ run that hits one of them is reproducible to float rounding only.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -121,10 +120,6 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def read_json(path: Path):
-    return json.loads(Path(path).read_text())
-
-
 # -- the run directory -----------------------------------------------------------------------------
 def is_run_dir(path: Path) -> bool:
     path = Path(path)
@@ -199,7 +194,3 @@ def write_eval(out: Path, metrics: dict, predictions: pd.DataFrame, report_md: s
     predictions.to_csv(out / "predictions.csv", index=False)
     write_json(out / "metrics.json", metrics)
     (out / "report.md").write_text(report_md)
-
-
-def finite_or_none(x):
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x

@@ -184,19 +184,6 @@ def plot_embedding_map(xy: np.ndarray, groups, path: Path, title: str = "", lege
     return _save(plt, fig, path)
 
 
-def plot_e2e_curves(log: pd.DataFrame, path: Path, best_epoch: int | None = None, title: str = ""):
-    """End-to-end training: train/val loss (left), train/val accuracy, val AUC and F1 (right)."""
-    plt = _plt()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for col, label in (("train_loss", "train"), ("val_loss", "val")):
-        ax1.plot(log["epoch"], log[col], marker="o", ms=3, label=label)
-    ax1.set(xlabel="epoch", ylabel="BCE loss")
-    for col, label in (("train_acc", "train acc"), ("val_acc", "val acc"), ("val_auc", "val AUC"), ("val_f1", "val F1")):
-        ax2.plot(log["epoch"], log[col], marker="o", ms=3, label=label)
-    ax2.set(xlabel="epoch", ylabel="rate", ylim=(0, 1.02))
-    return _save_epoch_plot(plt, fig, (ax1, ax2), best_epoch, path, title)
-
-
 def plot_reliability(panels: list[tuple[str, pd.DataFrame, dict]], path: Path, title: str = ""):
     """Reliability diagrams side by side: per panel (name, reliability bins, calibration metrics).
 
