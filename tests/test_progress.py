@@ -5,8 +5,11 @@ tests (``disable=False``), which overrides it.
 """
 
 import io
-import time
+import types
 
+import tqdm.std as tqdm_std
+
+from featcache import progress
 from featcache.progress import LogBar, bar
 
 
@@ -26,16 +29,20 @@ def test_fast_loop_off_a_terminal_writes_a_handful_of_lines():
     assert lines[-1].startswith("train: 100%") and "10000/10000" in lines[-1] and "loss=0.25" in lines[-1]
 
 
-def test_long_loop_writes_one_line_per_interval_and_a_summary():
+def test_long_loop_writes_one_line_per_interval_and_a_summary(monkeypatch):
+    # A clock the test moves (20 ms a step, 50 ms interval), for the bar and for tqdm inside it:
+    # the count of lines is then exact on any machine.
+    now = [1000.0]
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(time=lambda: now[0]))
+    monkeypatch.setattr(tqdm_std, "time", lambda: now[0])
     stream = io.StringIO()
-    t = time.time()
     with bar(total=40, desc="extract", file=stream, log_interval=0.05, disable=False) as b:
         for _ in range(40):
-            time.sleep(0.005)
+            now[0] += 0.02
             b.update(1)
-    elapsed = time.time() - t
     lines = stream.getvalue().splitlines()
-    assert 2 <= len(lines) <= elapsed / 0.05 + 1 < 40  # one per interval and the summary, not one per step
+    # a line when 50 ms have passed since the last one: after steps 3, 6, ..., 39 (13), then the summary
+    assert len(lines) == 14  # one per interval and the summary, not one per step
     assert "40/40" in lines[-1] and len(set(lines)) == len(lines)
 
 

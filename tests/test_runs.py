@@ -288,30 +288,41 @@ def test_training_curves_show_every_logged_series(controlled, tmp_path, monkeypa
     assert (pixels < 200).mean() > 0.02  # ink on the page, not a blank canvas
 
 
+# `featcache ARGS` in a child whose loop holds (prints "held", then waits to be killed) once it has
+# written epoch 2's resume point: the kill lands mid-run however fast the machine is.
+_HELD_AFTER_EPOCH_2 = """
+import sys, time
+from featcache.train import loop
+save = loop.save_state
+def held(state, path):
+    save(state, path)
+    if state["loop"]["epoch"] >= 2:
+        print("held", flush=True)
+        time.sleep(3600)
+loop.save_state = held
+sys.argv = ["featcache", *sys.argv[1:]]
+from featcache.cli import main
+main()
+"""
+
+
 def test_train_head_killed_with_sigkill_resumes_with_the_same_command(controlled, tmp_path):
     """A real kill -9 of `featcache train-head` mid-run; the same command resumes to the same weights."""
     import os
     import signal
     import subprocess
     import sys
-    import time
 
     from featcache.train import train_head
 
     sets = ["training.epochs=6", "training.device=cpu"]
-    args = [sys.executable, "-m", "featcache", "-q", "train-head", "stage1", "--preset", "grl_only", "--cache",
-            str(controlled), "--out", str(tmp_path / "cut")] + [a for s in sets for a in ("--set", s)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    log = tmp_path / "cut" / "log.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if log.is_file() and len(log.read_text().splitlines()) >= 2:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
+    args = [sys.executable, "-c", _HELD_AFTER_EPOCH_2, "-q", "train-head", "stage1", "--preset", "grl_only",
+            "--cache", str(controlled), "--out", str(tmp_path / "cut")] + [a for s in sets for a in ("--set", s)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # the child holds after epoch 2's resume point: no clock involved
+    assert line.startswith("held"), proc.communicate()
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    if proc.returncode == 0:
-        pytest.skip("the run finished before it could be killed (machine too fast for 6 epochs)")
     assert proc.returncode == -signal.SIGKILL and not (tmp_path / "cut" / "summary.json").exists()
     from conftest import run_cli
 
@@ -320,5 +331,6 @@ def test_train_head_killed_with_sigkill_resumes_with_the_same_command(controlled
     for f in ("best.safetensors", "last.safetensors"):
         a, b = load_file(tmp_path / "whole" / f), load_file(tmp_path / "cut" / f)
         assert all(torch.equal(a[k], b[k]) for k in a), f
+    log = tmp_path / "cut" / "log.jsonl"
     epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
     assert epochs == list(range(1, 7))
