@@ -9,6 +9,9 @@ top layer, so none of its imports can point up.
 import ast
 from pathlib import Path
 
+import pytest
+import torch
+
 import featcache
 
 SRC = Path(featcache.__file__).parent
@@ -124,3 +127,37 @@ def test_one_file_steps_an_optimizer():
                     and isinstance(node.func.value, ast.Name) and node.func.value.id in ("opt", "optimizer", "scaler")):
                 steppers.append(str(path.relative_to(SRC)))
     assert sorted(set(steppers)) == ["train/loop.py"], steppers
+
+
+def _probes(source: str, names: set[str]) -> list[int]:
+    """Lines of ``hasattr(x, ...)`` / ``getattr(x, ...)`` calls on the objects named ``names``."""
+    return [node.lineno for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr")
+            and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id in names]
+
+
+def test_the_runner_never_probes_a_backbone():
+    """The Backbone base class declares every hook with a no-op default; the runner calls them."""
+    assert _probes("x = 1\nif hasattr(bb, 'prepare'):\n    getattr(bb, 'finish', None)\ngetattr(cfg, 'x')\n",
+                   {"bb"}) == [2, 3]
+    assert _probes((SRC / "extract" / "runner.py").read_text(), {"bb", "backbone"}) == []
+
+
+def test_every_backbone_hook_has_a_declared_default():
+    from featcache.errors import BackboneError
+    from featcache.extract import get_backbone
+    from featcache.extract.registry import BACKBONES, Backbone
+
+    hooks = ("set_decode", "batch_sampler", "prepare", "forward_async", "finish")
+    assert all(callable(getattr(Backbone, h)) for h in hooks)
+    for name in BACKBONES.names():
+        assert issubclass(BACKBONES.get(name), Backbone), name
+    bb = get_backbone("timm", "test_vit", "none")
+    with pytest.raises(BackboneError, match="--decode gpu is for image backbones that take it .clip.; timm decodes"):
+        bb.set_decode("gpu")
+    x = torch.zeros(2, *bb.preprocess_spec()["input_size"])
+    assert bb.prepare(x, torch.device("cpu")) == (x, {})
+    out, ctx = bb.forward_async(x, torch.device("cpu"))
+    assert ctx is None and bb.finish(out, ctx) is out and out["features"].shape == (2, bb.dim)
+    assert bb.batch_sampler([0], 10, 10, 4, None) is None
+    assert get_backbone("clip", "tiny").decodes == ("cpu", "gpu")

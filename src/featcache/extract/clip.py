@@ -112,13 +112,8 @@ class ClipBackbone(Backbone):
     def pooling(self) -> str:
         return str(getattr(self.module, "pool_type", "tok")) + "+proj"
 
-    #: "cpu": PIL in the workers; "gpu": JPEGs decoded by torchvision on the device (set by the runner).
-    decode: str = "cpu"
-
-    def set_decode(self, mode: str) -> None:
-        if mode not in ("cpu", "gpu"):
-            raise BackboneError(f"--decode must be cpu or gpu, got {mode!r}")
-        self.decode = mode
+    #: "cpu": PIL in the workers; "gpu": JPEGs decoded by torchvision on the device (:meth:`prepare`).
+    decodes = ("cpu", "gpu")
 
     @functools.cached_property
     def geometry(self):
@@ -177,9 +172,6 @@ class ClipBackbone(Backbone):
         x = inputs if isinstance(inputs, torch.Tensor) else self.prepare(inputs, device)[0]
         f = self.module(self.normalise(x.to(device, non_blocking=True)))
         return {"features": f.float() if f.dtype == torch.bfloat16 else f}, None
-
-    def finish(self, arrays: dict[str, np.ndarray], context) -> dict[str, np.ndarray]:
-        return arrays
 
     @torch.inference_mode()
     def forward(self, inputs, device: torch.device) -> dict[str, np.ndarray]:

@@ -79,6 +79,41 @@ class Backbone(ABC):
         one array per sample (variable-length outputs such as frames).
         """
 
+    # -- optional hooks: each has a no-op default here, so the runner never probes a backbone ---
+    #: The ``--decode`` modes this backbone takes: ``cpu`` (decoded in the DataLoader workers)
+    #: always; an image backbone may add ``gpu`` (JPEGs decoded on the device in :meth:`prepare`).
+    decodes: tuple[str, ...] = ("cpu",)
+    decode: str = "cpu"
+
+    def set_decode(self, mode: str) -> None:
+        """Where the inputs are decoded (``--decode``); one of :attr:`decodes`."""
+        if mode not in self.decodes:
+            others = "" if self.decodes == ("cpu",) else f" ({self.name} takes {', '.join(self.decodes)})"
+            raise BackboneError(f"--decode {mode} is for image backbones that take it (clip); "
+                                f"{self.name} decodes on the CPU{others}")
+        self.decode = mode
+
+    def batch_sampler(self, parts: list[int], rows: int, part_rows: int, batch_size: int, dataset):
+        """The batches of rows for the parts ``parts`` (never across parts), or None: the runner's
+        consecutive rows. XLS-R groups utterances of similar length."""
+        return None
+
+    def prepare(self, inputs, device: torch.device) -> tuple[object, dict[int, str]]:
+        """The collated batch made ready on ``device`` in the main thread, and the errors found
+        there (by index in the batch). The default leaves the batch as collated."""
+        return inputs, {}
+
+    def forward_async(self, inputs, device: torch.device) -> tuple[dict, object]:
+        """``(outputs, context)``: outputs may stay on the device, not waited for (the runner copies
+        them to the host in order and :meth:`finish` runs in the writer thread). The default runs
+        :meth:`forward`: host arrays, already final."""
+        return self.forward(inputs, device), None
+
+    def finish(self, arrays: dict[str, np.ndarray], context) -> dict:
+        """The host copies of :meth:`forward_async`'s outputs turned into what :meth:`pack` takes
+        (XLS-R cuts the padded frames per utterance). The default keeps them."""
+        return arrays
+
     #: dtype in which each output array is stored (default float16).
     store_dtypes: dict[str, str] = {}
 

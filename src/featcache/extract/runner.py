@@ -132,7 +132,6 @@ class _Writer:
 
     def __init__(self, writer: CacheWriter, bb, part_rows: int, ids, paths, depth: int = 4):
         self.writer, self.bb, self.part_rows, self.ids, self.paths = writer, bb, part_rows, ids, paths
-        self.finish = getattr(bb, "finish", None)
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.abort = False
@@ -168,8 +167,7 @@ class _Writer:
         if event is not None:
             event.synchronize()  # the device-to-host copies of this batch are done
         arrays = {k: (v.numpy() if isinstance(v, torch.Tensor) else v) for k, v in outputs.items()}
-        if self.finish is not None and context is not _SYNC:
-            arrays = self.finish(arrays, context)
+        arrays = self.bb.finish(arrays, context)
         part = int(rows[0]) // self.part_rows
         buf = self.buffers.get(part)
         if buf is None:
@@ -192,9 +190,6 @@ class _Writer:
         else:
             self.abort = True
             self.thread.join()
-
-
-_SYNC = object()  # context of outputs from a backbone's plain forward(): already final
 
 
 def _to_host(outputs: dict, device: torch.device):
@@ -353,10 +348,7 @@ def _extract(ctx, backbone, manifest, out, *, model, pretrained, layer, batch_si
     man = read_manifest(manifest)
     with library_bars(progress):  # -q: transformers' own "Loading weights" bar too
         bb = get_backbone(backbone, model, pretrained, layer=layer, seed=seed, max_seconds=max_seconds).to(dev)
-    if decode != "cpu":
-        if not hasattr(bb, "set_decode"):
-            raise FeatcacheError(f"--decode {decode} is for image backbones that take it (clip); {backbone} decodes on the CPU")
-        bb.set_decode(decode)
+    bb.set_decode(decode)
     dtype = PRECISIONS[precision]
     info = bb.fingerprint()  # before torch.compile, which renames the parameters
     info["dtype"] = precision
@@ -440,9 +432,8 @@ def _run_parts(bb, dataset, writer: CacheWriter, todo: list[int], paths, ids, sp
     conversion and writes in one writer thread (module docstring)."""
     n_todo = sum(stop - start for start, stop in map(writer.part_bounds, todo))
     workers = default_num_workers() if num_workers is None else num_workers
-    sampler = getattr(bb, "batch_sampler", None)
-    batches = (sampler(todo, spec.rows, part_rows, batch_size, dataset) if sampler is not None
-               else _PartBatches(todo, spec.rows, part_rows, batch_size))
+    batches = (bb.batch_sampler(todo, spec.rows, part_rows, batch_size, dataset)
+               or _PartBatches(todo, spec.rows, part_rows, batch_size))
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,
@@ -454,18 +445,15 @@ def _run_parts(bb, dataset, writer: CacheWriter, todo: list[int], paths, ids, sp
     )
     autocast = (torch.autocast(dev.type, dtype=dtype) if dtype != torch.float32
                 else torch.autocast(dev.type, enabled=False))
-    prepare = getattr(bb, "prepare", None)
-    forward_async = getattr(bb, "forward_async", None)
     out = _Writer(writer, bb, part_rows, ids, paths)
     bar = tqdm(total=int(n_todo), desc=bar_desc, unit="img", disable=not progress, smoothing=0.1)
     done = False
     try:
         for rows, inputs, errors in loader:
             errors = list(errors)
-            if prepare is not None:  # to the device (and, with --decode gpu, decoded there)
-                inputs, late = prepare(inputs, dev)
-                for j, e in late.items():
-                    errors[j] = e
+            inputs, late = bb.prepare(inputs, dev)  # to the device (with --decode gpu, decoded there)
+            for j, e in late.items():
+                errors[j] = e
             ok = np.array([e == "" for e in errors])
             if on_error == "raise" and not ok.all():
                 done = True  # the parts before this batch are still written
@@ -473,11 +461,8 @@ def _run_parts(bb, dataset, writer: CacheWriter, todo: list[int], paths, ids, sp
                 raise SampleError(f"cannot read sample {ids[r]!r} ({paths[r]}): {e}; "
                                   "pass --on-error skip to skip and record such samples")
             with autocast:
-                if forward_async is not None:
-                    outputs, context = forward_async(inputs, dev)
-                    outputs, event = _to_host(outputs, dev)
-                else:  # a backbone with only the plain forward: host arrays, already final
-                    outputs, context, event = bb.forward(inputs, dev), _SYNC, None
+                outputs, context = bb.forward_async(inputs, dev)
+                outputs, event = _to_host(outputs, dev)
             out.put((rows, outputs, event, context, ok, errors))
             bar.update(len(rows))
         done = True
