@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import FeatcacheError
+from .errors import FeatcacheError, called_from
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -921,7 +921,8 @@ def main(argv=None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args
     try:
-        cli.main(args=args, prog_name="featcache", standalone_mode=False)
+        with called_from("cli"):  # errors name options as typed here (--overwrite, --set k=v)
+            cli.main(args=args, prog_name="featcache", standalone_mode=False)
     except FeatcacheError as exc:
         if debug:
             raise

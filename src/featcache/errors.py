@@ -7,6 +7,39 @@ says what is wrong and, where possible, how to fix it.
 
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
+
+#: Who is calling: ``"python"`` (the library's callers) or ``"cli"`` (set by ``featcache.cli.main``).
+#: Error messages name the option as that caller wrote it (:func:`option`).
+CALLER: ContextVar[str] = ContextVar("featcache_caller", default="python")
+
+
+@contextlib.contextmanager
+def called_from(caller: str):
+    """Within the block, error messages spell options for ``caller`` (``"cli"`` or ``"python"``)."""
+    token = CALLER.set(caller)
+    try:
+        yield
+    finally:
+        CALLER.reset(token)
+
+
+def option(name: str, value: str | bool = True, *, python: str | None = None) -> str:
+    """An option as the caller writes it: ``--overwrite`` / ``--stage1 RUN`` on the command line;
+    ``overwrite=True`` (or ``python``, e.g. ``options={'stage1': RUN}``) from Python. ``name`` is
+    the Python keyword (underscores); the flag is derived from it."""
+    if CALLER.get() == "cli":
+        flag = "--" + name.replace("_", "-")
+        return flag if value is True else f"{flag} {value}"
+    return python or f"{name}={value!r}"
+
+
+def set_option(item: str) -> str:
+    """One ``section.key=value`` override as the caller wrote it: ``--set training.epochs=0`` or
+    ``sets=['training.epochs=0']``."""
+    return f"--set {item}" if CALLER.get() == "cli" else f"sets=[{item!r}]"
+
 
 class FeatcacheError(Exception):
     """Base class of the errors a user can cause (bad input, stale cache, missing weights)."""

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import FeatcacheError
+from .errors import FeatcacheError, option
 
 #: Files that mark a folder as a run directory (any layout featcache ever wrote).
 RUN_MARKERS = ("config.yaml", "log.jsonl", "summary.json", "model.json")
@@ -133,9 +133,10 @@ def prepare_run_dir(out: Path, overwrite: bool) -> None:
         raise FeatcacheError(f"{out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not is_run_dir(out):
-            raise FeatcacheError(f"{out} is not empty and is not a run directory; choose a new --out")
+            raise FeatcacheError(f"{out} is not empty and is not a run directory; choose a new {option('out', python='out')}")
         if not overwrite:
-            raise FeatcacheError(f"{out} already holds a run; pass --overwrite to replace it, or choose a new --out")
+            raise FeatcacheError(f"{out} already holds a run; pass {option('overwrite')} to replace it, "
+                                 f"or choose a new {option('out', python='out')}")
         shutil.rmtree(out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
 
