@@ -31,7 +31,7 @@ from .config import load_config
 from .e2e import evaluate_run as evaluate
 from .errors import FeatcacheError
 from .extract import extract as extract_features
-from .runtime import is_run_dir
+from .runtime import RunDir, is_run_dir
 from .train import ablate, train_head
 
 __all__ = ["Run", "ablate", "evaluate", "extract_features", "load_run", "open_cache", "train_head", "verify_cache"]
@@ -47,12 +47,12 @@ class Run:
     @property
     def config(self) -> dict:
         """The resolved config.yaml: task, preset, seed, the cache or manifest, every setting."""
-        return load_config(self.path / "config.yaml")
+        return load_config(RunDir(self.path).config)
 
     @property
     def summary(self) -> dict:
         """summary.json: best epoch, epochs run, selection, why it stopped, val and test metrics."""
-        f = self.path / "summary.json"
+        f = RunDir(self.path).summary
         if not f.is_file():
             raise FeatcacheError(f"{self.path} has no summary.json: the run has not finished "
                                  "(rerun its train command to resume it)")
@@ -60,12 +60,11 @@ class Run:
 
     def evaluations(self) -> list[str]:
         """The evaluation folders under ``RUN/eval/`` (``test``, ``val``, ``celebdf_test``, ...)."""
-        root = self.path / "eval"
-        return sorted(d.name for d in root.iterdir() if (d / "metrics.json").is_file()) if root.is_dir() else []
+        return RunDir(self.path).evaluations()
 
     def _eval(self, split: str, name: str | None) -> Path:
-        folder = self.path / "eval" / (f"{name}_{split}" if name else split)
-        if not (folder / "metrics.json").is_file():
+        folder = RunDir(self.path).eval(split, name)
+        if not (folder / RunDir.METRICS).is_file():
             have = ", ".join(self.evaluations()) or "none"
             raise FeatcacheError(f"{self.path} has no evaluation {folder.name!r} (evaluations: {have}); "
                                  f"make it with featcache.evaluate({str(self.path)!r}, split={split!r}"
@@ -75,7 +74,7 @@ class Run:
     def metrics(self, split: str = "test", name: str | None = None) -> dict:
         """One evaluation's metrics.json: ``split`` of the run's own cache, or of the cache that
         ``featcache evaluate --name NAME`` evaluated."""
-        return json.loads((self._eval(split, name) / "metrics.json").read_text())
+        return json.loads((self._eval(split, name) / RunDir.METRICS).read_text())
 
     def metric(self, split: str, key: str, name: str | None = None):
         """One value of :meth:`metrics` (``run.metric("test", "auc")``)."""
@@ -87,7 +86,7 @@ class Run:
 
     def predictions(self, split: str = "test", name: str | None = None) -> pd.DataFrame:
         """The per-sample predictions.csv of one evaluation."""
-        return pd.read_csv(self._eval(split, name) / "predictions.csv")
+        return pd.read_csv(self._eval(split, name) / RunDir.PREDICTIONS)
 
 
 def load_run(path) -> Run:

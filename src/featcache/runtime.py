@@ -29,8 +29,70 @@ from safetensors.torch import load_file, save_file
 
 from .errors import FeatcacheError, option
 
+
+class RunDir:
+    """The one place that spells a run directory's file names (ARCHITECTURE.md, "Run directory").
+
+    ``RunDir(path).best`` is ``path/best.safetensors``, ``.eval("test")`` is ``path/eval/test/``,
+    ``.eval("test", "celebdf")`` is ``path/eval/celebdf_test/``; the class attributes are the names.
+    """
+
+    CONFIG = "config.yaml"
+    MODEL = "model.json"
+    LOG = "log.jsonl"
+    LOG_CSV = "training_log.csv"
+    BEST = "best.safetensors"
+    LAST = "last.safetensors"
+    RESUME = "resume.pt"
+    SUMMARY = "summary.json"
+    CHECKPOINTS = "checkpoints"
+    PLOTS = "plots"
+    CURVES = "training_curves.png"
+    EVAL = "eval"
+    METRICS = "metrics.json"
+    PREDICTIONS = "predictions.csv"
+    REPORT = "report.md"
+    SUBGROUPS = "subgroups.csv"
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __truediv__(self, other) -> Path:
+        return self.path / other
+
+    config = property(lambda self: self.path / self.CONFIG)
+    model = property(lambda self: self.path / self.MODEL)
+    log = property(lambda self: self.path / self.LOG)
+    log_csv = property(lambda self: self.path / self.LOG_CSV)
+    best = property(lambda self: self.path / self.BEST)
+    last = property(lambda self: self.path / self.LAST)
+    resume = property(lambda self: self.path / self.RESUME)
+    summary = property(lambda self: self.path / self.SUMMARY)
+    plots = property(lambda self: self.path / self.PLOTS)
+    curves = property(lambda self: self.path / self.PLOTS / self.CURVES)
+
+    def weights(self, which: str = "best") -> Path:
+        """``best`` or ``last`` weights (safetensors)."""
+        return self.path / f"{which}.safetensors"
+
+    def checkpoint(self, epoch: int) -> Path:
+        return self.path / self.CHECKPOINTS / f"epoch_{epoch:04d}.safetensors"
+
+    def eval(self, split: str, name: str | None = None) -> Path:
+        """``RUN/eval/<name>_<split>/`` (or ``RUN/eval/<split>/``); not created."""
+        return self.path / self.EVAL / (f"{name}_{split}" if name else split)
+
+    def evaluations(self) -> list[str]:
+        """The evaluation folders that hold a metrics.json, by name."""
+        root = self.path / self.EVAL
+        return sorted(d.name for d in root.iterdir() if (d / self.METRICS).is_file()) if root.is_dir() else []
+
+
 #: Files that mark a folder as a run directory (any layout featcache ever wrote).
-RUN_MARKERS = ("config.yaml", "log.jsonl", "summary.json", "model.json")
+RUN_MARKERS = (RunDir.CONFIG, RunDir.LOG, RunDir.SUMMARY, RunDir.MODEL)
 
 
 # -- devices, seeds, determinism ------------------------------------------------------------------
@@ -138,7 +200,7 @@ def prepare_run_dir(out: Path, overwrite: bool) -> None:
             raise FeatcacheError(f"{out} already holds a run; pass {option('overwrite')} to replace it, "
                                  f"or choose a new {option('out', python='out')}")
         shutil.rmtree(out)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
+    (out / RunDir.PLOTS).mkdir(parents=True, exist_ok=True)
 
 
 def save_module(module: torch.nn.Module | dict, path: Path) -> None:
@@ -185,13 +247,13 @@ def load_state(path: Path, device="cpu") -> dict:
 
 def eval_dir(run_dir: Path, split: str, name: str | None = None) -> Path:
     """``RUN/eval/<name>_<split>/`` (or ``RUN/eval/<split>/``), created with its ``plots/``."""
-    out = Path(run_dir) / "eval" / (f"{name}_{split}" if name else split)
-    (out / "plots").mkdir(parents=True, exist_ok=True)
+    out = RunDir(run_dir).eval(split, name)
+    (out / RunDir.PLOTS).mkdir(parents=True, exist_ok=True)
     return out
 
 
 def write_eval(out: Path, metrics: dict, predictions: pd.DataFrame, report_md: str) -> None:
     """One evaluation's files: predictions.csv, metrics.json, report.md (plots are the caller's)."""
-    predictions.to_csv(out / "predictions.csv", index=False)
-    write_json(out / "metrics.json", metrics)
-    (out / "report.md").write_text(report_md)
+    predictions.to_csv(out / RunDir.PREDICTIONS, index=False)
+    write_json(out / RunDir.METRICS, metrics)
+    (out / RunDir.REPORT).write_text(report_md)
