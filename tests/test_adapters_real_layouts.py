@@ -565,6 +565,8 @@ def test_df40_methods_domains_reals_and_the_release_split(tmp_path):
     assert train.loc[train["identity"] == "ff/000_003", "method"].nunique() == 2
     assert "skipped 1 video file(s) (videos are not read" in m.notes[0] and "heygen/fake/clip_01.mp4" in m.notes[0]
     assert "the release's test/ and train/ folders" in m.split_source
+    with pytest.raises(ManifestError, match="the df40 format reads no --annotations"):
+        build_manifest("df40", root, tmp_path / "m2.csv", annotations=tmp_path / "m.csv")
 
 
 # --------------------------------------------------------------------------- the Stage-1 union, from the CLI

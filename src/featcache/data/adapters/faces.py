@@ -842,6 +842,11 @@ def aiface_adapter(root: Path, *, annotations: Path | None = None, val_fraction:
 
 # --------------------------------------------------------------------------- CausalFace
 
+def _no_annotations(annotations: Path | None, fmt: str) -> None:
+    if annotations is not None:
+        raise ManifestError(f"the {fmt} format reads no --annotations ({annotations}); leave it out")
+
+
 #: A CausalFace image name: ``<race>_<gender>_<attribute abbreviation>_<value><suffix>.png``.
 _CAUSALFACE_NAME = re.compile(r"^(?P<race>asian|black|white)_(?P<gender>female|male)_(?P<variation>.+)$")
 _CAUSALFACE_SUBSET = "final_picked_"
@@ -874,6 +879,7 @@ def causalface_adapter(root: Path, *, annotations=None, val_fraction: float = 0.
     the same faces again and are counted in a note, not read.
     """
     dataset = "causalface"
+    _no_annotations(annotations, dataset)
     if root.name.startswith(_CAUSALFACE_SUBSET):
         subsets = [root]
         base = root.parent
@@ -950,8 +956,9 @@ def _dfdc_samples(folder: Path, root: Path, stems: dict[str, object], not_read: 
         video = next((folder / f"{stem}{ext}" for ext in VIDEO_EXTENSIONS if (folder / f"{stem}{ext}").is_file()),
                      None)
         if frames.is_dir():
-            if frame_dir.is_dir() and list_images(frame_dir):
-                out += [(p, stem) for p in list_images(frame_dir)]
+            images = list_images(frame_dir) if frame_dir.is_dir() else []
+            if images:
+                out += [(p, stem) for p in images]
                 if video is not None:
                     not_read.append(video.relative_to(root).as_posix())
                 continue
@@ -986,6 +993,7 @@ def dfdc_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, tes
     Listed videos found neither as a video nor as frames, and videos in no list, are counted in notes.
     """
     dataset = "dfdc"
+    _no_annotations(annotations, dataset)
     candidates = [root, *_subdirs(root), *(d for top in _subdirs(root) for d in _subdirs(top))]
     parts = [d for d in candidates if (d / DFDC_METADATA).is_file()]
     tests = [d for d in candidates if (d / DFDC_TEST_LABELS).is_file()]
@@ -1093,6 +1101,7 @@ def df40_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, tes
     issue tracker (see the README's table).
     """
     dataset = "df40"
+    _no_annotations(annotations, dataset)
     top = _subdirs(root)
     split_dirs = [p for p in top if p.name.lower() in _DF40_SPLITS]
     if split_dirs:
