@@ -33,6 +33,8 @@ def test_race_vocabularies_map_to_four_groups():
     for value, group in ff.items():
         assert map_race(value, "fairface") == group
     assert [map_race(str(i), "utkface") for i in range(5)] == ["white", "black", "asian", "other", "other"]
+    # CausalFace's file names carry its three groups ("asian" is its East Asian group)
+    assert [map_race(r, "causalface") for r in ("asian", "black", "white")] == ["asian", "black", "white"]
     with pytest.raises(ManifestError, match="unknown race value 'Martian'"):
         map_race("Martian", "fairface")
 

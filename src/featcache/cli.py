@@ -266,7 +266,12 @@ def manifest():
     """
 
 
-@manifest.command("build", hidden=True, cls=_RegistryHelpCommand, context_settings=CONTEXT)
+class _ManifestBuildCommand(_RegistryHelpCommand):
+    def format_usage(self, ctx, formatter):  # the form users type, not the hidden command's name
+        formatter.write_usage(ctx.parent.command_path, "FORMAT ROOT -o OUT [OPTIONS]")
+
+
+@manifest.command("build", hidden=True, cls=_ManifestBuildCommand, context_settings=CONTEXT)
 @click.argument("fmt", metavar="FORMAT")
 @click.argument("root", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Manifest CSV to write.")
