@@ -518,6 +518,24 @@ def test_dfdc_metadata_labels_originals_and_the_test_labels(tmp_path):
     assert any(n.startswith("skipped 6 video file(s) (their frames/ folder is read instead)") for n in m.notes)
 
 
+def test_dfdc_reads_a_dfdc_style_demographics(tmp_path):
+    # pterhoer/DeepFakeAnnotations README: annotations for Celeb-DF, DFD, FF++, DF-1.0 and DFDC (A-DFDC); "A positive
+    # attribute label refers to 1, a negative attribute label refers to -1, and a undefined attribute annotation is
+    # marked as 0."  The rows carry their authors' paths; they match frames by the last path components.
+    root = tmp_path / "DFDC"
+    make_dfdc(root)
+    frames = "/home/a/DFDC/train/dfdc_train_part_0/frames"
+    pd.DataFrame([(f"{frames}/aaqaifqrwn/0.png", 1, -1, -1, 1), (f"{frames}/aaqaifqrwn/1.png", 1, -1, -1, 1),
+                  (f"{frames}/vudstovrck/0.png", -1, 1, -1, -1), (f"{frames}/vudstovrck/1.png", 0, 0, 0, 0)],
+                 columns=["img_path", "Male", "Asian", "White", "Black"]).to_csv(tmp_path / "a_dfdc.csv", index=False)
+    m = build_manifest("dfdc", root, tmp_path / "m.csv", annotations=tmp_path / "a_dfdc.csv")
+    df = m.df.set_index(m.df["path"].str.split("/").str[-2:].str.join("/"))
+    assert SUBGROUP_NAMES[df.at["aaqaifqrwn/1.png", "subgroup"]] == "male-black"
+    assert SUBGROUP_NAMES[df.at["vudstovrck/0.png", "subgroup"]] == "female-asian"
+    assert df.at["vudstovrck/1.png", "subgroup"] == -1 and (df["subgroup"] >= 0).sum() == 3
+    assert any(n.startswith("skipped 1 annotation value(s) as unknown") for n in m.notes)
+
+
 def test_dfdc_videos_without_frames_and_a_bad_label(tmp_path):
     root = tmp_path / "DFDC"
     make_dfdc(root, frames=False)

@@ -278,7 +278,8 @@ class _ManifestBuildCommand(_RegistryHelpCommand):
 @click.option("--overwrite", is_flag=True, help="Replace an existing manifest (caches built from it become stale).")
 @click.option("--annotations", type=click.Path(), default=None,
               help="ffpp: demographic CSV(s) (Image Path/img_path + Intersection/intersec_label or one-hot); "
-              "fairface, aiface: the folder of its label CSVs; coco-gender: the gender CSV (image_id,gender or id,bb_gender).")
+              "dfdc: per-frame demographic CSV(s) (A-DFDC); fairface, aiface: the folder of its label CSVs; coco-gender: "
+              "the gender CSV (image_id,gender or id,bb_gender).")
 @click.option("--label-column", type=click.Choice(["Intersection", "intersec_label"]), default=None,
               help="ffpp: which 0..7 code column of the annotations [Intersection when present: the cleaner one].")
 @click.option("--subset", default=None, help="asvspoof21: keep only this subset of the keys (eval, progress, ...).")

@@ -986,14 +986,16 @@ def dfdc_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, tes
     ``labels.csv``.  label FAKE -> 1, REAL -> 0; another label is an error.  ``identity``: the
     video the fake was made from (``original``), a real video's own name, so a fake and its source
     share a split; the test set has no originals, so its identity is the video name.  DFDC publishes
-    no actor ids, manipulation method per video or demographics (``method``, ``gender``, ``race``
-    stay empty).  Splits: the train parts' videos are split into train/val by identity with
+    no actor ids, manipulation method per video or demographics (``method`` stays empty).
+    ``annotations``: per-frame demographic CSV(s) such as A-DFDC (DeepFakeAnnotations: a path
+    column and one-hot Male/Asian/White/Black, 1 / -1, 0 undefined), read as ``ffpp --annotations``
+    reads A-FF++ (rows matched by path suffix; unmatched frames stay unknown, counted in a note);
+    without them ``gender`` and ``race`` are empty.  Splits: the train parts' videos are split into train/val by identity with
     ``val_fraction``; the test set is ``test`` (a labels.csv folder named val/validation is
     ``val``).  Without a test set, identities are split with both fractions and a note says so.
     Listed videos found neither as a video nor as frames, and videos in no list, are counted in notes.
     """
     dataset = "dfdc"
-    _no_annotations(annotations, dataset)
     candidates = [root, *_subdirs(root), *(d for top in _subdirs(root) for d in _subdirs(top))]
     parts = [d for d in candidates if (d / DFDC_METADATA).is_file()]
     tests = [d for d in candidates if (d / DFDC_TEST_LABELS).is_file()]
@@ -1051,6 +1053,10 @@ def dfdc_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, tes
         raise ManifestError(f"{root}: the DFDC lists name {len(absent)} video(s) but none is under ROOT as a video "
                             f"or as frames/<video>/*.png (e.g. {absent[0] if absent else '-'})")
     df = _frame(rows)
+    if annotations is not None:
+        demo = _ffpp_annotations(annotations, root, [Path(p) for p in df["path"]], notes, None)
+        df["gender"] = [g for g, _ in demo]
+        df["race"] = [r for _, r in demo]
     train = df["split"] == "train"
     if tests:
         df.loc[train, "split"] = assign_splits(df.loc[train, "identity"], val_fraction=val_fraction,
