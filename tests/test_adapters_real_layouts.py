@@ -566,6 +566,7 @@ def test_df40_methods_domains_reals_and_the_release_split(tmp_path):
     root = tmp_path / "DF40"
     for rel in DF40_TREE:
         png(root / rel)
+    (root / "train/dataset.json").write_text("{}")
     (root / "test/heygen/fake").mkdir(parents=True)
     (root / "test/heygen/fake/clip_01.mp4").write_bytes(b"\0")
     m = build_manifest("df40", root, tmp_path / "m.csv", val_fraction=0.3)
@@ -581,8 +582,10 @@ def test_df40_methods_domains_reals_and_the_release_split(tmp_path):
     assert set(train["split"]) == {"train", "val"} and (train.groupby("identity")["split"].nunique() == 1).all()
     # the same FF++ pair across two methods is one identity, so one split
     assert train.loc[train["identity"] == "ff/000_003", "method"].nunique() == 2
-    assert "skipped 1 video file(s) (videos are not read" in m.notes[0] and "heygen/fake/clip_01.mp4" in m.notes[0]
+    assert "skipped 1 video file(s) (videos are not read" in m.notes[1] and "heygen/fake/clip_01.mp4" in m.notes[1]
     assert "the release's test/ and train/ folders" in m.split_source
+    assert "skipped 1 file(s) outside the method folders (only the images in <method>/ folders are read): " \
+           "train/dataset.json" in m.notes
     with pytest.raises(ManifestError, match="the df40 format reads no --annotations"):
         build_manifest("df40", root, tmp_path / "m2.csv", annotations=tmp_path / "m.csv")
 

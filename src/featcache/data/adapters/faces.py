@@ -842,6 +842,11 @@ def aiface_adapter(root: Path, *, annotations: Path | None = None, val_fraction:
 
 # --------------------------------------------------------------------------- CausalFace
 
+def _loose_files(folder: Path, root: Path) -> list[str]:
+    """Visible files directly in ``folder`` (not in its subfolders), relative to ``root``."""
+    return [p.relative_to(root).as_posix() for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+
+
 def _no_annotations(annotations: Path | None, fmt: str) -> None:
     if annotations is not None:
         raise ManifestError(f"the {fmt} format reads no --annotations ({annotations}); leave it out")
@@ -888,6 +893,7 @@ def causalface_adapter(root: Path, *, annotations=None, val_fraction: float = 0.
         base = root
         notes.skipped("folder(s)", [p.name + "/" for p in _subdirs(root) if p not in subsets],
                       f"only {_CAUSALFACE_SUBSET}<attribute>/ folders are read")
+        notes.skipped("file(s) at ROOT", _loose_files(root, root), "only the images in the seed folders are read")
     if not subsets:
         found = ", ".join(p.name for p in _subdirs(root)) or "no folders"
         raise ManifestError(
@@ -1116,6 +1122,8 @@ def df40_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, tes
         notes.skipped("folder(s)", other, "with train/ or test/ at ROOT only those are read")
     else:
         sources = [(m, "") for m in top]
+    loose = [f for d in [root, *split_dirs] for f in _loose_files(d, root)]
+    notes.skipped("file(s) outside the method folders", loose, "only the images in <method>/ folders are read")
     if not sources:
         raise ManifestError(f"{root}: no DF40 method folders; expected ROOT/train/<method>/<ff|cdf>/frames/<video>/*.png "
                             "and ROOT/test/<method>/... (or ROOT/<method>/... without split folders)")
