@@ -586,6 +586,11 @@ def test_df40_methods_domains_reals_and_the_release_split(tmp_path):
     assert "the release's test/ and train/ folders" in m.split_source
     assert "skipped 1 file(s) outside the method folders (only the images in <method>/ folders are read): " \
            "train/dataset.json" in m.notes
+    # another dataset's tree is not read as DF40 methods (FF++'s original_sequences/ is no method folder)
+    ffpp = tmp_path / "FaceForensics++"
+    make_deepfakebench_ffpp(ffpp)
+    with pytest.raises(ManifestError, match="no DF40 method folders"):
+        build_manifest("df40", ffpp, tmp_path / "m3.csv")
     with pytest.raises(ManifestError, match="the df40 format reads no --annotations"):
         build_manifest("df40", root, tmp_path / "m2.csv", annotations=tmp_path / "m.csv")
 

@@ -1124,9 +1124,16 @@ def df40_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, tes
         sources = [(m, "") for m in top]
     loose = [f for d in [root, *split_dirs] for f in _loose_files(d, root)]
     notes.skipped("file(s) outside the method folders", loose, "only the images in <method>/ folders are read")
+    # a DF40 method folder holds its source domain (ff/, cdf/) or fake/ and real/: anything else is another tree
+    known = {*DF40_DOMAINS, "fake", "real"}
+    odd = [(m, split) for m, split in sources if not any(p.name.lower() in known for p in _subdirs(m))]
+    notes.skipped("folder(s)", [m.relative_to(root).as_posix() + "/" for m, _ in odd],
+                  "not DF40 method folders: no ff/, cdf/, fake/ or real/ inside")
+    sources = [(m, split) for m, split in sources if (m, split) not in odd]
     if not sources:
-        raise ManifestError(f"{root}: no DF40 method folders; expected ROOT/train/<method>/<ff|cdf>/frames/<video>/*.png "
-                            "and ROOT/test/<method>/... (or ROOT/<method>/... without split folders)")
+        raise ManifestError(f"{root}: no DF40 method folders (<method>/ holding ff/, cdf/, fake/ or real/); expected "
+                            "ROOT/train/<method>/<ff|cdf>/frames/<video>/*.png and ROOT/test/<method>/... (or "
+                            "ROOT/<method>/... without split folders)")
     rows, videos, unread = [], [], []
     for method_dir, split in sources:
         unread += [p for p in unread_files(method_dir, IMAGE_EXTENSIONS, root)]
