@@ -419,3 +419,206 @@ def test_celebdf_selfblendedimages_videos_folders(tmp_path):
     assert df.at["00170.mp4", "split"] == "test" and df.at["id1_id0_0002.mp4", "split"] == "test"
     assert df.at["id0_id1_0000.mp4", "identity"] == "id0" and df.at["id0_id1_0000.mp4", "label"] == 1
     assert (df.loc[["id0_0000.mp4", "id1_0002.mp4", "id0_id1_0000.mp4"], "split"] != "test").all()
+
+
+# --------------------------------------------------------------------------- CausalFace
+# hliang2.github.io/BenchmarkingReco (the authors' page, ICCV 2023): "48,000 synthetic face image pairs (10,200
+# unique synthetic faces)", prototypes "varying systematically race and gender (M=Male, F=Female, W=White,
+# B=Black, A=East Asian)", each modified along pose, lighting, age, expression.  The archive's layout is not
+# written there; a public loader of the release (datasets/causalface.py, class CausalFaceDataset) reads
+# <basepath>/final_picked_<age|lighting|pose|smiling>/seed_<N>/<race>_<gender>_<abbr>_<value><suffix>.png with
+# abbr age -> "age", lighting -> "l", pose -> "y", smiling -> "smiling", suffix "_o2" (age), "_o2_corrected"
+# (smiling), and "_rm_bg" copies with the background removed.
+CAUSALFACE = {"age": ("age", "_o2", [0.8, 2.3]), "pose": ("y", "", [-1.5, 0.0]), "smiling": ("smiling", "_o2_corrected", [0])}
+CAUSALFACE_SEEDS = (47180, 57460, 1002, 1003, 1004)
+
+
+def make_causalface(root):
+    for attribute, (abbr, suffix, values) in CAUSALFACE.items():
+        for seed in CAUSALFACE_SEEDS:
+            for race in ("asian", "black", "white"):
+                for gender in ("female", "male"):
+                    for v in values:
+                        png(root / f"final_picked_{attribute}/seed_{seed}/{race}_{gender}_{abbr}_{v}{suffix}.png")
+    png(root / "final_picked_age/seed_47180/black_female_age_0.8_o2_rm_bg.png")
+    (root / "final_picked_age/seed_47180/notes.txt").write_text("x")
+
+
+def test_causalface_reads_race_gender_from_names_and_keeps_a_seed_in_one_split(tmp_path):
+    root = tmp_path / "causalface"
+    make_causalface(root)
+    m = build_manifest("causalface", root, tmp_path / "m.csv", val_fraction=0.2, test_fraction=0.2)
+    df = m.df
+    per_seed = sum(len(v) for _, _, v in CAUSALFACE.values()) * 6
+    assert len(df) == per_seed * len(CAUSALFACE_SEEDS)
+    # every (race, gender) pair is 1/6 of the rows; "asian" is CausalFace's East Asian group
+    counts = df.groupby(["race", "gender"]).size()
+    assert set(counts) == {per_seed * len(CAUSALFACE_SEEDS) // 6} and set(df["race"]) == {"asian", "black", "white"}
+    row = df[df["path"].str.endswith("seed_47180/black_female_y_-1.5.png")].iloc[0]
+    assert (row["identity"], row["variation"], row["label"]) == ("seed_47180/black_female", "pose=-1.5", -1)
+    assert SUBGROUP_NAMES[row["subgroup"]] == "female-black"
+    seed_of = df["path"].str.extract(r"(seed_\d+)")[0]
+    assert (df.groupby(seed_of)["split"].nunique() == 1).all() and set(df["split"]) == {"train", "val", "test"}
+    assert "skipped 1 background-removed copies (the same faces as the images beside them)" in m.notes[0]
+    assert any("final_picked_age/seed_47180/notes.txt" in n for n in m.notes)
+    with pytest.raises(ManifestError, match="no final_picked_<attribute> folder"):
+        build_manifest("causalface", root / "final_picked_age" / "seed_1002", tmp_path / "x.csv")
+
+
+# --------------------------------------------------------------------------- DFDC
+# Kaggle deepfake-detection-challenge data page: metadata.json columns "filename", "label" (REAL or FAKE),
+# "original" ("in the case that a train set video is FAKE, the original video is listed here"), "split"
+# ("always equal to train"); the full set comes as 50 parts dfdc_train_part_0..49.  SCLBD/DeepfakeBench
+# preprocessing/rearrange.py (DFDC): DFDC/train/dfdc_train_part_*/metadata.json with frames in
+# dfdc_train_part_*/frames/<video>/, and DFDC/test/labels.csv (columns filename, label; 0 real, 1 fake) with
+# test/frames/<video>/.
+DFDC_META = {"aaqaifqrwn.mp4": {"label": "FAKE", "split": "train", "original": "vudstovrck.mp4"},
+             "abarnvbtwb.mp4": {"label": "FAKE", "split": "train", "original": "vudstovrck.mp4"},
+             "vudstovrck.mp4": {"label": "REAL", "split": "train", "original": None},
+             "bqkdbnqhxa.mp4": {"label": "REAL", "split": "train"},
+             "gone_video.mp4": {"label": "FAKE", "split": "train", "original": "bqkdbnqhxa.mp4"}}
+
+
+def make_dfdc(root, frames=True):
+    part = root / "train/dfdc_train_part_0"
+    part.mkdir(parents=True)
+    (part / "metadata.json").write_text(json.dumps(DFDC_META))
+    for name in [n for n in DFDC_META if n != "gone_video.mp4"] + ["extra_video.mp4"]:
+        (part / name).write_bytes(b"\0")
+        if frames and name != "extra_video.mp4":
+            for f in ("0.png", "1.png"):
+                png(part / "frames" / name[:-4] / f)
+    test = root / "test"
+    test.mkdir()
+    (test / "labels.csv").write_text("filename,label\naalscayrfi.mp4,1\naapnvogymq.mp4,0\n")
+    for name in ("aalscayrfi", "aapnvogymq"):
+        (test / f"{name}.mp4").write_bytes(b"\0")
+        if frames:
+            png(test / "frames" / name / "0.png")
+
+
+def test_dfdc_metadata_labels_originals_and_the_test_labels(tmp_path):
+    root = tmp_path / "DFDC"
+    make_dfdc(root)
+    m = build_manifest("dfdc", root, tmp_path / "m.csv", val_fraction=0.5)
+    df = m.df.set_index(m.df["path"].str.split("/").str[-2])
+    assert len(df) == 4 * 2 + 2  # the frames of 4 train videos and 2 test videos
+    assert df.loc["aaqaifqrwn", "label"].tolist() == [1, 1] and df.loc["vudstovrck", "label"].tolist() == [0, 0]
+    # a fake takes its original's identity, so both fakes of vudstovrck share its split
+    assert set(df.loc[["aaqaifqrwn", "abarnvbtwb", "vudstovrck"], "identity"]) == {"vudstovrck"}
+    assert df.loc[["aaqaifqrwn", "abarnvbtwb", "vudstovrck"], "split"].nunique() == 1
+    assert df.loc["aalscayrfi", "label"] == 1 and df.loc["aapnvogymq", "label"] == 0
+    assert set(df.loc[["aalscayrfi", "aapnvogymq"], "split"]) == {"test"}
+    assert set(df.loc[df["split"] != "test", "split"]) == {"train", "val"}
+    assert "test: the official test/labels.csv" in m.split_source
+    assert "skipped 1 listed video(s) (neither the video nor its frames are under ROOT): " \
+           "train/dfdc_train_part_0/gone_video" in m.notes
+    assert "skipped 1 video file(s) (in no metadata.json or labels.csv): " \
+           "train/dfdc_train_part_0/extra_video.mp4" in m.notes
+    assert any(n.startswith("skipped 6 video file(s) (their frames/ folder is read instead)") for n in m.notes)
+
+
+def test_dfdc_reads_a_dfdc_style_demographics(tmp_path):
+    # pterhoer/DeepFakeAnnotations README: annotations for Celeb-DF, DFD, FF++, DF-1.0 and DFDC (A-DFDC); "A positive
+    # attribute label refers to 1, a negative attribute label refers to -1, and a undefined attribute annotation is
+    # marked as 0."  The rows carry their authors' paths; they match frames by the last path components.
+    root = tmp_path / "DFDC"
+    make_dfdc(root)
+    frames = "/home/a/DFDC/train/dfdc_train_part_0/frames"
+    pd.DataFrame([(f"{frames}/aaqaifqrwn/0.png", 1, -1, -1, 1), (f"{frames}/aaqaifqrwn/1.png", 1, -1, -1, 1),
+                  (f"{frames}/vudstovrck/0.png", -1, 1, -1, -1), (f"{frames}/vudstovrck/1.png", 0, 0, 0, 0)],
+                 columns=["img_path", "Male", "Asian", "White", "Black"]).to_csv(tmp_path / "a_dfdc.csv", index=False)
+    m = build_manifest("dfdc", root, tmp_path / "m.csv", annotations=tmp_path / "a_dfdc.csv")
+    df = m.df.set_index(m.df["path"].str.split("/").str[-2:].str.join("/"))
+    assert SUBGROUP_NAMES[df.at["aaqaifqrwn/1.png", "subgroup"]] == "male-black"
+    assert SUBGROUP_NAMES[df.at["vudstovrck/0.png", "subgroup"]] == "female-asian"
+    assert df.at["vudstovrck/1.png", "subgroup"] == -1 and (df["subgroup"] >= 0).sum() == 3
+    assert any(n.startswith("skipped 1 annotation value(s) as unknown") for n in m.notes)
+
+
+def test_dfdc_videos_without_frames_and_a_bad_label(tmp_path):
+    root = tmp_path / "DFDC"
+    make_dfdc(root, frames=False)
+    m = build_manifest("dfdc", root, tmp_path / "m.csv")
+    assert sorted(m.df["path"].str.split("/").str[-1]) == sorted(
+        [n for n in DFDC_META if n != "gone_video.mp4"] + ["aalscayrfi.mp4", "aapnvogymq.mp4"])
+    meta = dict(DFDC_META, **{"vudstovrck.mp4": {"label": "ORIGINAL"}})
+    (root / "train/dfdc_train_part_0/metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(ManifestError, match="label 'ORIGINAL' is neither REAL nor FAKE"):
+        build_manifest("dfdc", root, tmp_path / "m2.csv")
+
+
+# --------------------------------------------------------------------------- DF40
+# YZY-stack/DF40 README: 40 methods (10 face-swapping, 13 reenactment, 12 entire face synthesis, 5 editing) made
+# from FF++ and Celeb-DF; the processed training and testing data hold "fake images only"; "For 'unknown' 9
+# methods: The real data is already included within the folder".  DF40 issue #33: the download "came with two
+# directories named train and test".  DeepfakeBench_DF40/preprocessing/preprocess.py: DF40/<method>/<ff|cdf>/
+# (videos, then frames/<video>/ beside them); rearrange.py: <method>/cdfv2/frames/<video>/, e4e/ff/inversions/<img>.
+# Issue #29: heygen ships "only videos in the fake folder", CollabDiff has fake/ and real/ folders.
+DF40_TREE = ["train/simswap/ff/frames/000_003/000.png", "train/simswap/ff/frames/000_003/010.png",
+             "train/simswap/ff/frames/001_870/000.png", "train/simswap/ff/frames/002_006/000.png",
+             "train/fsgan/ff/frames/000_003/000.png", "train/fsgan/ff/frames/004_982/000.png",
+             "test/simswap/cdf/frames/id0_id1_0000/000.png", "test/e4e/ff/inversions/183.png",
+             "test/CollabDiff/fake/00001.png", "test/CollabDiff/real/00001.png"]
+
+
+def test_df40_methods_domains_reals_and_the_release_split(tmp_path):
+    root = tmp_path / "DF40"
+    for rel in DF40_TREE:
+        png(root / rel)
+    (root / "train/dataset.json").write_text("{}")
+    (root / "test/heygen/fake").mkdir(parents=True)
+    (root / "test/heygen/fake/clip_01.mp4").write_bytes(b"\0")
+    m = build_manifest("df40", root, tmp_path / "m.csv", val_fraction=0.3)
+    df = m.df.set_index(m.df["path"].str.split("DF40/").str[-1])
+    assert len(df) == len(DF40_TREE)
+    assert df.at["train/simswap/ff/frames/000_003/000.png", "method"] == "simswap"
+    assert df.at["train/simswap/ff/frames/000_003/000.png", "identity"] == "ff/000_003"
+    assert df.at["test/simswap/cdf/frames/id0_id1_0000/000.png", "domain"] == "cdf"
+    assert df.at["test/e4e/ff/inversions/183.png", "identity"] == "ff/183"
+    assert df.at["test/CollabDiff/real/00001.png", "label"] == 0 and df["label"].sum() == len(DF40_TREE) - 1
+    assert (df.loc[[r for r in DF40_TREE if r.startswith("test/")], "split"] == "test").all()
+    train = df[df.index.str.startswith("train/")]
+    assert set(train["split"]) == {"train", "val"} and (train.groupby("identity")["split"].nunique() == 1).all()
+    # the same FF++ pair across two methods is one identity, so one split
+    assert train.loc[train["identity"] == "ff/000_003", "method"].nunique() == 2
+    assert "skipped 1 video file(s) (videos are not read" in m.notes[1] and "heygen/fake/clip_01.mp4" in m.notes[1]
+    assert "the release's test/ and train/ folders" in m.split_source
+    assert "skipped 1 file(s) outside the method folders (only the images in <method>/ folders are read): " \
+           "train/dataset.json" in m.notes
+    # another dataset's tree is not read as DF40 methods (FF++'s original_sequences/ is no method folder)
+    ffpp = tmp_path / "FaceForensics++"
+    make_deepfakebench_ffpp(ffpp)
+    with pytest.raises(ManifestError, match="no DF40 method folders"):
+        build_manifest("df40", ffpp, tmp_path / "m3.csv")
+    with pytest.raises(ManifestError, match="the df40 format reads no --annotations"):
+        build_manifest("df40", root, tmp_path / "m2.csv", annotations=tmp_path / "m.csv")
+
+
+# --------------------------------------------------------------------------- the Stage-1 union, from the CLI
+def test_manifest_merge_cli_makes_the_stage1_union(tmp_path, capsys):
+    # FairFace (joojs/fairface README: fairface_label_{train,val}.csv with file,age,gender,race,service_test) and
+    # CausalFace (above), each from its own folder, merged as the design's Stage-1 union.
+    ff = tmp_path / "fairface"
+    rows = [("train/1.jpg", "Male", "East Asian"), ("train/2.jpg", "Female", "Black"), ("val/1.jpg", "Female", "White")]
+    for file, _, _ in rows:
+        png(ff / file)
+    pd.DataFrame([(f, "20-29", g, r, "True") for f, g, r in rows],
+                 columns=["file", "age", "gender", "race", "service_test"]).to_csv(ff / "fairface_label_train.csv",
+                                                                                   index=False)
+    make_causalface(tmp_path / "causalface")
+    assert run(capsys, "manifest", "fairface", ff, "-o", tmp_path / "m/fairface.csv")[0] == 0
+    assert run(capsys, "manifest", "causalface", tmp_path / "causalface", "-o", tmp_path / "m/causalface.csv")[0] == 0
+    out = tmp_path / "stage1/stage1.csv"
+    code, text, _ = run(capsys, "manifest", "merge", tmp_path / "m/fairface.csv", tmp_path / "m/causalface.csv",
+                        "-o", out)
+    assert code == 0
+    df = pd.read_csv(out, dtype=str, keep_default_na=False)
+    n_causal = len(pd.read_csv(tmp_path / "m/causalface.csv"))
+    assert df["source"].value_counts().to_dict() == {"causalface": n_causal, "fairface": 3}
+    line = next(ln for ln in text.splitlines() if ln.split()[:1] == ["causalface"])
+    assert int(line.split()[-1]) == n_causal  # the summary's per-source total
+    assert set(df.loc[df["source"] == "fairface", "identity"]) == {"fairface/train/1", "fairface/train/2",
+                                                                   "fairface/val/1"}
+    assert (df["path"].map(lambda p: (out.parent / p).resolve().is_file())).all()
+    assert set(df.columns) >= {"variation", "source"} and (df.loc[df["source"] == "fairface", "variation"] == "").all()

@@ -229,14 +229,57 @@ class _RegistryHelpCommand(click.Command):
                     p.help = text
 
 
-@cli.command(cls=_RegistryHelpCommand, context_settings=CONTEXT)
+class _ManifestGroup(click.Group):
+    """``featcache manifest FORMAT ROOT -o OUT`` (a dataset adapter) and ``featcache manifest merge
+    A.csv B.csv ... -o OUT``: a first word that is not a subcommand is a FORMAT, handed to the
+    hidden ``build`` command, so the adapters keep their one-line form."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["build", *args]
+        return super().parse_args(ctx, args)
+
+    def format_help(self, ctx, formatter):
+        saved = self.help
+        self.help = _fill_help(self.help)
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self.help = saved
+
+
+@cli.group("manifest", cls=_ManifestGroup, context_settings=CONTEXT, subcommand_metavar="FORMAT ROOT -o OUT | merge ...")
+def manifest():
+    """Write the canonical manifest CSV of a dataset (FORMAT ROOT -o OUT), or merge manifests.
+
+    FORMAT is one of: {formats}. The README lists the layouts each accepts; `featcache manifest
+    FORMAT --help` lists the options. The summary gives rows per split x label x subgroup (x attack
+    for audio), where the splits came from, and a note for everything skipped or any fallback.
+
+    \b
+    Examples:
+      featcache manifest folder data/my_faces -o my_faces.csv
+      featcache manifest ffpp /data/FaceForensics++ --annotations test_noise.csv -o ffpp.csv
+      featcache manifest asvspoof21 /data/ASVspoof2021_LA_eval --subset eval -o la21.csv
+      featcache manifest coco-gender /data/coco --annotations coco_gender.csv --gender-map Unsure=unknown -o coco.csv
+      featcache manifest merge fairface.csv utkface.csv causalface.csv -o stage1.csv
+    """
+
+
+class _ManifestBuildCommand(_RegistryHelpCommand):
+    def format_usage(self, ctx, formatter):  # the form users type, not the hidden command's name
+        formatter.write_usage(ctx.parent.command_path, "FORMAT ROOT -o OUT [OPTIONS]")
+
+
+@manifest.command("build", hidden=True, cls=_ManifestBuildCommand, context_settings=CONTEXT)
 @click.argument("fmt", metavar="FORMAT")
 @click.argument("root", type=click.Path())
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Manifest CSV to write.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing manifest (caches built from it become stale).")
 @click.option("--annotations", type=click.Path(), default=None,
               help="ffpp: demographic CSV(s) (Image Path/img_path + Intersection/intersec_label or one-hot); "
-              "fairface, aiface: the folder of its label CSVs; coco-gender: the gender CSV (image_id,gender or id,bb_gender).")
+              "dfdc: per-frame demographic CSV(s) (A-DFDC); fairface, aiface: the folder of its label CSVs; coco-gender: "
+              "the gender CSV (image_id,gender or id,bb_gender).")
 @click.option("--label-column", type=click.Choice(["Intersection", "intersec_label"]), default=None,
               help="ffpp: which 0..7 code column of the annotations [Intersection when present: the cleaner one].")
 @click.option("--subset", default=None, help="asvspoof21: keep only this subset of the keys (eval, progress, ...).")
@@ -247,8 +290,8 @@ class _RegistryHelpCommand(click.Command):
 @click.option("--seed", default=0, show_default=True, help="Seed of the identity-disjoint split.")
 @click.option("--no-check-files", is_flag=True, help="Do not check that every file exists.")
 @quiet_option
-def manifest(fmt, root, out, overwrite, annotations, label_column, subset, gender_map, val_fraction, test_fraction,
-             seed, no_check_files):
+def manifest_build(fmt, root, out, overwrite, annotations, label_column, subset, gender_map, val_fraction,
+                   test_fraction, seed, no_check_files):
     """Write the canonical manifest CSV of a dataset, then its summary.
 
     FORMAT is one of: {formats}. The README lists the layouts each accepts. The summary gives
@@ -268,6 +311,34 @@ def manifest(fmt, root, out, overwrite, annotations, label_column, subset, gende
                        test_fraction=test_fraction, seed=seed, check_files=not no_check_files, overwrite=overwrite,
                        label_column=label_column, subset=subset, gender_map=gender_map)
     click.echo(f"wrote {out}: {len(m.df)} rows")
+    click.echo(manifest_summary(m))
+
+
+@manifest.command("merge", context_settings=CONTEXT)
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False), metavar="A.csv B.csv ...")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="Merged manifest CSV to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing manifest (caches built from it become stale).")
+@click.option("--no-check-files", is_flag=True, help="Do not check that every file exists.")
+@quiet_option
+def manifest_merge(inputs, out, overwrite, no_check_files):
+    """Merge manifests into one: columns aligned, a `source` column, identities kept apart.
+
+    Each input's rows get `source` = its file name without .csv; columns an input lacks are left
+    empty (unknown); identities are prefixed with the source so two datasets never share a person;
+    sample_ids found in several inputs are prefixed with their source; relative paths are
+    resolved against each input's folder and written relative to OUT's folder (absolute outside
+    it). Splits are kept. Refused: inputs of different kinds (images, audio, detection) and a file
+    listed by two inputs.
+
+    \b
+    Example (the design's Stage-1 union):
+      featcache manifest merge fairface.csv utkface.csv causalface.csv -o stage1.csv
+    """
+    from .data.adapters import manifest_summary
+    from .data.manifest import merge_manifests
+
+    m = merge_manifests(inputs, out, overwrite=overwrite, check_files=not no_check_files)
+    click.echo(f"wrote {out}: {len(m.df)} rows from {len(inputs)} manifests")
     click.echo(manifest_summary(m))
 
 

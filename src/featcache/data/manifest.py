@@ -45,11 +45,14 @@ RACE_VOCABULARIES: dict[str, dict[str, str]] = {
         "Indian": "other", "Latino_Hispanic": "other", "Middle Eastern": "other",
     },
     "utkface": {"0": "white", "1": "black", "2": "asian", "3": "other", "4": "other"},
+    # CausalFace's file names: its three groups, "asian" being East Asian (the authors' page)
+    "causalface": {"asian": "asian", "black": "black", "white": "white"},
 }
 GENDER_VOCABULARIES: dict[str, dict[str, str]] = {
     "canonical": {"male": "male", "female": "female"},
     "fairface": {"Male": "male", "Female": "female"},
     "utkface": {"0": "male", "1": "female"},
+    "causalface": {"male": "male", "female": "female"},
 }
 
 _MAX_LISTED = 5
@@ -281,3 +284,121 @@ def refuse_non_empty(out: str | os.PathLike, *, overwrite: bool, what: str = "fo
     if any(out.iterdir()):
         raise ManifestError(f"{out} is not empty (it may hold another dataset and its manifest); pass --overwrite "
                             f"to write into it anyway, or choose another {what}")
+
+
+# --------------------------------------------------------------------------- merge
+
+#: Columns holding file paths, resolved against each input manifest's folder when merging.
+PATH_COLUMNS = ("path", "annotations")
+_AUDIO_SUFFIXES = (".wav", ".flac")
+
+
+def _manifest_kind(m: Manifest) -> str:
+    """``audio``, ``detection`` (COCO annotations) or ``images`` (images or videos): what one cache
+    can hold.  Manifests of different kinds cannot share a backbone, so they are not merged."""
+    df = m.df
+    if (df["annotations"] != "").any():
+        return "detection"
+    if df["path"].str.lower().str.endswith(_AUDIO_SUFFIXES).all():
+        return "audio"
+    return "images"
+
+
+def merge_manifests(inputs, out: str | os.PathLike, *, overwrite: bool = False,
+                    check_files: bool = True) -> Manifest:
+    """Merge manifest CSVs into one (the Stage-1 union FairFace ∪ UTKFace ∪ CausalFace, a DF40
+    fake set with the FF++ and Celeb-DF reals it was made from, ...) and write it to ``out``.
+
+    - ``source``: a column naming each row's input, the input's file name without ``.csv``
+      (``fairface.csv`` -> ``fairface``); two inputs with one name are refused.  An empty
+      ``dataset`` is filled with the source.
+    - Columns are aligned: the union of the inputs' columns; a column an input lacks is empty
+      (unknown) for its rows, ``label`` -1.
+    - ``identity`` is prefixed with the source (``fairface/train/1``): identities of different
+      datasets never merge into one person (splits, video-level scores and leak checks group by it).
+    - ``sample_id``: ids found in more than one input are made distinct by prefixing their source
+      (``utkface:<id>``); the others are kept, so caches of one input still match by id.
+    - Paths: each input's relative paths are resolved against its own folder, then written relative
+      to ``out``'s folder when under it (absolute otherwise), so every merged path still resolves.
+
+    Refused (one :class:`~featcache.errors.ManifestError`, nothing written): fewer than two inputs,
+    an input given twice or equal to ``out``, inputs of different kinds (images, audio, detection:
+    one cache holds one kind), one file listed by two inputs (it would count twice), and an
+    existing ``out`` without ``overwrite``.  Splits are kept as each input has them.
+
+    Returns the written :class:`Manifest` with ``notes``: the rows per input and what was renamed.
+    """
+    paths = [Path(p) for p in inputs]
+    out = Path(out)
+    if len(paths) < 2:
+        raise ManifestError(f"manifest merge needs at least two manifests, got {len(paths)}; "
+                            "e.g. featcache manifest merge fairface.csv utkface.csv -o stage1.csv")
+    resolved = [p.resolve() for p in paths]
+    for i, r in enumerate(resolved):
+        if r in resolved[:i]:
+            raise ManifestError(f"{paths[i]} is given twice; pass each manifest once")
+        if r == out.resolve():
+            raise ManifestError(f"-o {out} is one of the inputs; write the merged manifest to another file")
+    if not overwrite and out.exists():
+        raise ManifestError(f"{out} already exists (caches may have been built from it); pass --overwrite to "
+                            "replace it, or choose another -o")
+    sources = [p.name[:-4] if p.name.lower().endswith(".csv") else p.name for p in paths]
+    for i, s in enumerate(sources):
+        if s in sources[:i]:
+            first = paths[sources.index(s)]
+            raise ManifestError(f"{first} and {paths[i]} would both be source {s!r} (the file name without .csv "
+                                "names each input's rows); rename one of them")
+    manifests = [read_manifest(p, check_files=check_files) for p in paths]
+
+    kinds = [_manifest_kind(m) for m in manifests]
+    if len(set(kinds)) > 1:
+        listed = ", ".join(f"{p} ({k})" for p, k in zip(paths, kinds))
+        raise ManifestError(f"cannot merge manifests of different kinds: {listed}; one cache holds images, "
+                            "audio or detection images, so merge manifests of one kind")
+
+    frames, notes = [], []
+    for path, source, m in zip(paths, sources, manifests):
+        df = m.df.copy()
+        for col in PATH_COLUMNS:  # absolute, so the merged CSV resolves them wherever it is written
+            df[col] = [p if p == "" or os.path.isabs(p) else str(m.root / p) for p in df[col]]
+        df["source"] = source
+        df["dataset"] = df["dataset"].where(df["dataset"] != "", source)
+        df["identity"] = [f"{source}/{i}" if i else "" for i in df["identity"]]
+        frames.append(df)
+        notes.append(f"{path}: {len(df)} rows, source {source!r}")
+
+    owner: dict[str, str] = {}
+    clashes = []
+    for source, df in zip(sources, frames):
+        for p in df["path"]:
+            key = os.path.normpath(p)
+            if key in owner:
+                clashes.append(f"{p} ({owner[key]} and {source})")
+            else:
+                owner[key] = source
+    if clashes:
+        shown = "; ".join(clashes[:_MAX_LISTED]) + (f" (and {len(clashes) - _MAX_LISTED} more)"
+                                                    if len(clashes) > _MAX_LISTED else "")
+        raise ManifestError(f"{len(clashes)} file(s) are in more than one input, so they would count twice: {shown}; "
+                            "remove them from one of the manifests")
+
+    counts = pd.concat([df["sample_id"].drop_duplicates() for df in frames]).value_counts()
+    shared = set(counts.index[counts > 1])
+    if shared:
+        for source, df in zip(sources, frames):
+            clash = df["sample_id"].isin(shared)
+            df.loc[clash, "sample_id"] = source + ":" + df.loc[clash, "sample_id"]
+        notes.append(f"{len(shared)} sample_id(s) were in more than one input; each copy now starts with its source "
+                     f"(e.g. {sources[0]}:{sorted(shared)[0]})")
+    notes.append("identities are prefixed with their source (e.g. " +
+                 next((f"{i!r}" for df in frames for i in df["identity"] if i), "none set") + ")")
+
+    merged = pd.concat(frames, ignore_index=True, sort=False)
+    merged["label"] = merged["label"].map(lambda v: "" if pd.isna(v) or int(v) < 0 else str(int(v)))
+    merged = merged.drop(columns=["subgroup"]).fillna("")
+    columns = [c for c in COLUMNS if c in merged.columns] + ["source"]
+    columns += [c for c in merged.columns if c not in columns]
+    m = write_manifest(merged[columns], out, source=f"manifest merge -> {out}", check_files=check_files)
+    m.notes = notes
+    m.split_source = "each input's own splits (kept as they were)"
+    return m

@@ -2,7 +2,7 @@
 
 - :mod:`.common`: the registry, :func:`build_manifest`, :class:`Notes`, split assignment, file
   listing and :func:`manifest_summary` (rows per split x label x subgroup or attack).
-- :mod:`.faces`: folder, ffpp, celebdf, fairface, utkface, aiface.
+- :mod:`.faces`: folder, ffpp, celebdf, fairface, utkface, aiface, causalface, dfdc, df40.
 - :mod:`.audio`: asvspoof19, asvspoof21, partialspoof.
 - :mod:`.detection`: faap-coco, coco-gender.
 

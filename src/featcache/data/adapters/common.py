@@ -27,7 +27,7 @@ import pandas as pd
 
 from ...errors import ManifestError
 from ...registry import Registry
-from ..manifest import SUBGROUP_NAMES, Manifest, write_manifest
+from ..manifest import SPLITS, SUBGROUP_NAMES, Manifest, write_manifest
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
@@ -163,6 +163,10 @@ def manifest_summary(m: Manifest) -> str:
     grand.index = pd.MultiIndex.from_tuples([("all", "all")], names=counts.index.names)
     table = pd.concat([*blocks, grand])
     lines = [f"{len(df)} rows; rows per split x label x {name}:", table.to_string(sparsify=False)]
+    if "source" in df.columns and (df["source"] != "").any():  # a merged manifest: its inputs at a glance
+        by_source = pd.crosstab(df["source"], df["split"], margins=True, margins_name="all")
+        by_source = by_source[[c for c in (*SPLITS, "all") if c in by_source.columns]]
+        lines += [f"rows per source x split ({df['source'].nunique()} sources):", by_source.to_string()]
     lines.append(f"split source: {m.split_source or 'the rows themselves'}")
     notes = getattr(m, "notes", [])
     lines.append(f"notes ({len(notes)}):" if notes else "notes: none")

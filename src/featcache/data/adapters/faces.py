@@ -1,6 +1,6 @@
 """Manifest adapters of face datasets: a generic real/fake folder, FaceForensics++, Celeb-DF v2,
-FairFace, UTKFace and AI-Face, in their official layouts and those DeepfakeBench, SelfBlendedImages and
-the fairness benchmarks (PG-FDD, AI-Face-FairnessBench) produce.
+FairFace, UTKFace, AI-Face, CausalFace, DFDC and DF40, in their official layouts and those DeepfakeBench,
+SelfBlendedImages and the fairness benchmarks (PG-FDD, AI-Face-FairnessBench) produce.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from ..manifest import GENDERS, RACES, SPLITS, map_gender, map_race
 from .common import (
     AUDIO_EXTENSIONS,
     IMAGE_EXTENSIONS,
+    ROW_COLUMNS,
     VIDEO_EXTENSIONS,
     Notes,
     assign_splits,
@@ -836,4 +837,338 @@ def aiface_adapter(root: Path, *, annotations: Path | None = None, val_fraction:
                                            seed=seed)
     notes.split_source = ("test: the official test.csv; train/val: the official train.csv, "
                           + seeded_split_source("its images", val_fraction=val_fraction, test_fraction=None, seed=seed))
+    return df
+
+
+# --------------------------------------------------------------------------- CausalFace
+
+def _loose_files(folder: Path, root: Path) -> list[str]:
+    """Visible files directly in ``folder`` (not in its subfolders), relative to ``root``."""
+    return [p.relative_to(root).as_posix() for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+
+
+def _no_annotations(annotations: Path | None, fmt: str) -> None:
+    if annotations is not None:
+        raise ManifestError(f"the {fmt} format reads no --annotations ({annotations}); leave it out")
+
+
+#: A CausalFace image name: ``<race>_<gender>_<attribute abbreviation>_<value><suffix>.png``.
+_CAUSALFACE_NAME = re.compile(r"^(?P<race>asian|black|white)_(?P<gender>female|male)_(?P<variation>.+)$")
+_CAUSALFACE_SUBSET = "final_picked_"
+
+
+@register_adapter("causalface")
+def causalface_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                       seed: int = 0, notes: Notes, **_) -> pd.DataFrame:
+    """CausalFace (Liang, Perona, Balakrishnan, ICCV 2023): synthetic faces, each GAN seed rendered
+    as six demographic prototypes (East Asian, Black, White x female, male), each prototype varied
+    along one non-sensitive attribute (age, lighting, pose, smiling) with its identity kept::
+
+        ROOT/final_picked_<attribute>/seed_<N>/<race>_<gender>_<abbr>_<value><suffix>.png
+        e.g. final_picked_age/seed_47180/black_female_age_2.3_o2.png
+             final_picked_pose/seed_47180/white_male_y_-1.5.png
+
+    The authors publish the archive without a written layout; this is the layout a public
+    loader of the release reads (folder per attribute, folder per seed, demographics in the
+    file name).  ROOT may also be one ``final_picked_<attribute>`` folder.
+
+    race asian -> asian (East Asian), black, white; gender female, male: the groups the
+    generator was steered to, read from the file name.  The release's human annotations
+    (perceived attributes, pairwise identity ratings) are not read.  ``identity`` is
+    ``seed_<N>/<race>_<gender>`` (one prototype across its variations); splits keep a whole
+    seed together (its six prototypes share pose, lighting and background), seeded with
+    ``val_fraction``/``test_fraction`` (CausalFace has no split).  ``variation`` records
+    ``<attribute>=<value name>`` (``age=2.3_o2``).  label is -1 (none): the faces are
+    GAN-generated, so they are neither the real class nor a forgery of a detection task;
+    Stage 1 reads only race and gender.  The background-removed copies (``*_rm_bg.png``) are
+    the same faces again and are counted in a note, not read.
+    """
+    dataset = "causalface"
+    _no_annotations(annotations, dataset)
+    if root.name.startswith(_CAUSALFACE_SUBSET):
+        subsets = [root]
+        base = root.parent
+    else:
+        subsets = [p for p in _subdirs(root) if p.name.startswith(_CAUSALFACE_SUBSET)]
+        base = root
+        notes.skipped("folder(s)", [p.name + "/" for p in _subdirs(root) if p not in subsets],
+                      f"only {_CAUSALFACE_SUBSET}<attribute>/ folders are read")
+        notes.skipped("file(s) at ROOT", _loose_files(root, root), "only the images in the seed folders are read")
+    if not subsets:
+        found = ", ".join(p.name for p in _subdirs(root)) or "no folders"
+        raise ManifestError(
+            f"{root}: no {_CAUSALFACE_SUBSET}<attribute> folder ({found}); CausalFace's images sit in "
+            f"ROOT/{_CAUSALFACE_SUBSET}age/seed_<N>/<race>_<gender>_age_<value>.png (likewise lighting, pose, smiling)"
+        )
+    rows, seeds, odd, no_bg, outside = [], [], [], [], []
+    for subset in subsets:
+        attribute = subset.name[len(_CAUSALFACE_SUBSET):]
+        outside += unread_files(subset, IMAGE_EXTENSIONS, base)
+        for path in list_images(subset):
+            rel = path.relative_to(base).as_posix()
+            if path.parent.parent != subset or not path.parent.name.startswith("seed_"):
+                outside.append(rel)
+                continue
+            match = _CAUSALFACE_NAME.match(path.stem)
+            if match is None:
+                odd.append(rel)
+                continue
+            if path.stem.endswith("_rm_bg"):
+                no_bg.append(rel)
+                continue
+            race = map_race(match["race"], "causalface", source=rel)
+            gender = map_gender(match["gender"], "causalface", source=rel)
+            variation = match["variation"]
+            for abbr in (attribute, {"lighting": "l", "pose": "y"}.get(attribute, attribute)):
+                if variation.startswith(abbr + "_"):
+                    variation = variation[len(abbr) + 1:]
+                    break
+            row = _row(path, base, dataset, -1, identity=f"{path.parent.name}/{match['race']}_{match['gender']}",
+                       gender=gender, race=race)
+            row["variation"] = f"{attribute}={variation}"
+            rows.append(row)
+            seeds.append(path.parent.name)
+    notes.skipped("background-removed copies", no_bg, "the same faces as the images beside them")
+    notes.skipped("image(s)", odd, "names not <asian|black|white>_<female|male>_<attribute>_<value>.png")
+    notes.skipped("file(s)", outside, "not an image in a seed_<N>/ folder")
+    if not rows:
+        raise ManifestError(f"{root}: no CausalFace images (seed_<N>/<race>_<gender>_<attribute>_<value>.png) under "
+                            f"{', '.join(p.name for p in subsets)}")
+    order = np.argsort([r["path"] for r in rows], kind="stable")
+    df = _frame(rows, columns=[*ROW_COLUMNS, "variation"])
+    seed_of = [seeds[i] for i in order]
+    df["split"] = assign_splits(seed_of, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    notes.split_source = seeded_split_source("GAN seeds (CausalFace has no split; a seed's six prototypes stay "
+                                             "together)", val_fraction=val_fraction, test_fraction=test_fraction,
+                                             seed=seed)
+    return df
+
+
+# --------------------------------------------------------------------------- DFDC
+
+DFDC_METADATA = "metadata.json"
+DFDC_TEST_LABELS = "labels.csv"
+_DFDC_LABELS = {"REAL": 0, "FAKE": 1}
+
+
+def _dfdc_samples(folder: Path, root: Path, stems: dict[str, object], not_read: list[str],
+                  absent: list[str]) -> list[tuple[Path, str]]:
+    """(file, video stem) of the videos ``stems`` lists in ``folder``: the frames of
+    ``folder/frames/<stem>/`` where that folder exists (DeepfakeBench), else the video file."""
+    frames = folder / "frames"
+    out = []
+    for stem in sorted(stems):
+        frame_dir = frames / stem
+        video = next((folder / f"{stem}{ext}" for ext in VIDEO_EXTENSIONS if (folder / f"{stem}{ext}").is_file()),
+                     None)
+        if frames.is_dir():
+            images = list_images(frame_dir) if frame_dir.is_dir() else []
+            if images:
+                out += [(p, stem) for p in images]
+                if video is not None:
+                    not_read.append(video.relative_to(root).as_posix())
+                continue
+        elif video is not None:
+            out.append((video, stem))
+            continue
+        absent.append(f"{folder.relative_to(root).as_posix()}/{stem}")
+    return out
+
+
+@register_adapter("dfdc")
+def dfdc_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                 seed: int = 0, notes: Notes, **_) -> pd.DataFrame:
+    """The DeepFake Detection Challenge (DFDC) full release, or as DeepfakeBench's preprocessing leaves it::
+
+        ROOT/dfdc_train_part_0/metadata.json   {"aaqaifqrwn.mp4": {"label": "FAKE", "split": "train",
+                                                 "original": "vudstovrck.mp4"}, ...}  (REAL: no original)
+        ROOT/dfdc_train_part_0/aaqaifqrwn.mp4  the videos                     (path = the video file)
+        ROOT/dfdc_train_part_0/frames/aaqaifqrwn/*.png  frames, DeepfakeBench (read instead of the video)
+        ROOT/test/labels.csv                   filename,label  (0 real, 1 fake): the public test set
+        ROOT/test/<name>.mp4 or ROOT/test/frames/<name>/*.png
+
+    Train parts are found as any folder holding ``metadata.json`` at ROOT, one or two levels down
+    (``ROOT/train/dfdc_train_part_0/``, DeepfakeBench's); the test set as a folder holding
+    ``labels.csv``.  label FAKE -> 1, REAL -> 0; another label is an error.  ``identity``: the
+    video the fake was made from (``original``), a real video's own name, so a fake and its source
+    share a split; the test set has no originals, so its identity is the video name.  DFDC publishes
+    no actor ids, manipulation method per video or demographics (``method`` stays empty).
+    ``annotations``: per-frame demographic CSV(s) such as A-DFDC (DeepFakeAnnotations: a path
+    column and one-hot Male/Asian/White/Black, 1 / -1, 0 undefined), read as ``ffpp --annotations``
+    reads A-FF++ (rows matched by path suffix; unmatched frames stay unknown, counted in a note);
+    without them ``gender`` and ``race`` are empty.  Splits: the train parts' videos are split into train/val by identity with
+    ``val_fraction``; the test set is ``test`` (a labels.csv folder named val/validation is
+    ``val``).  Without a test set, identities are split with both fractions and a note says so.
+    Listed videos found neither as a video nor as frames, and videos in no list, are counted in notes.
+    """
+    dataset = "dfdc"
+    candidates = [root, *_subdirs(root), *(d for top in _subdirs(root) for d in _subdirs(top))]
+    parts = [d for d in candidates if (d / DFDC_METADATA).is_file()]
+    tests = [d for d in candidates if (d / DFDC_TEST_LABELS).is_file()]
+    if not parts and not tests:
+        raise ManifestError(
+            f"{root}: no DFDC {DFDC_METADATA} or test {DFDC_TEST_LABELS} (in ROOT or up to two levels below); "
+            "expected ROOT/dfdc_train_part_<k>/metadata.json with the videos beside it, and ROOT/test/labels.csv"
+        )
+    rows, not_read, absent, unlisted, no_original = [], [], [], [], []
+    for part in parts:
+        try:
+            meta = json.loads((part / DFDC_METADATA).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ManifestError(f"{part / DFDC_METADATA}: not valid JSON ({exc})") from None
+        if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in meta.values()):
+            raise ManifestError(f"{part / DFDC_METADATA}: expected {{\"<video>.mp4\": {{\"label\": \"REAL|FAKE\", ...}}}}")
+        info = {}
+        for name, entry in meta.items():
+            label = str(entry.get("label", "")).upper()
+            if label not in _DFDC_LABELS:
+                raise ManifestError(f"{part / DFDC_METADATA}: {name}: label {entry.get('label')!r} is neither REAL nor FAKE")
+            original = entry.get("original") or ""
+            if label == "FAKE" and not original:
+                no_original.append(f"{part.name}/{name}")
+            info[Path(name).stem] = (_DFDC_LABELS[label], Path(original).stem if label == "FAKE" and original
+                                     else Path(name).stem)
+        listed = set(info)
+        unlisted += [p.relative_to(root).as_posix() for p in sorted(part.iterdir())
+                     if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS and p.stem not in listed]
+        for path, stem in _dfdc_samples(part, root, info, not_read, absent):
+            label, identity = info[stem]
+            rows.append(_row(path, root, dataset, label, identity=identity, split="train"))
+    for test in tests:
+        table = _read_csv(test / DFDC_TEST_LABELS)
+        missing = [c for c in ("filename", "label") if c not in table.columns]
+        if missing:
+            raise ManifestError(f"{test / DFDC_TEST_LABELS}: missing column(s) {', '.join(missing)}; "
+                                f"found {', '.join(table.columns)} (DFDC's test labels are filename,label)")
+        bad = [f"line {n}: {v!r}" for n, v in enumerate(table["label"], start=2) if v.strip() not in ("0", "1")]
+        if bad:
+            raise ManifestError(f"{test / DFDC_TEST_LABELS}: label must be 0 (real) or 1 (fake): {_listing(bad)}")
+        info = {Path(f).stem: int(v) for f, v in zip(table["filename"], table["label"])}
+        split = "val" if test.name.lower() in ("val", "valid", "validation") else "test"
+        unlisted += [p.relative_to(root).as_posix() for p in sorted(test.iterdir())
+                     if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS and p.stem not in info]
+        for path, stem in _dfdc_samples(test, root, info, not_read, absent):
+            rows.append(_row(path, root, dataset, info[stem], identity=stem, split=split))
+    notes.skipped("video file(s)", not_read, "their frames/ folder is read instead")
+    notes.skipped("listed video(s)", absent, "neither the video nor its frames are under ROOT")
+    notes.skipped("video file(s)", unlisted, f"in no {DFDC_METADATA} or {DFDC_TEST_LABELS}")
+    if no_original:
+        notes.add(f"{len(no_original)} FAKE video(s) without an 'original' use their own name as identity: "
+                  + _listing(no_original))
+    if not rows:
+        raise ManifestError(f"{root}: the DFDC lists name {len(absent)} video(s) but none is under ROOT as a video "
+                            f"or as frames/<video>/*.png (e.g. {absent[0] if absent else '-'})")
+    df = _frame(rows)
+    if annotations is not None:
+        demo = _ffpp_annotations(annotations, root, [Path(p) for p in df["path"]], notes, None)
+        df["gender"] = [g for g, _ in demo]
+        df["race"] = [r for _, r in demo]
+    train = df["split"] == "train"
+    if tests:
+        df.loc[train, "split"] = assign_splits(df.loc[train, "identity"], val_fraction=val_fraction,
+                                               test_fraction=0.0, seed=seed)
+        notes.split_source = (f"{', '.join(sorted(set(df.loc[~train, 'split'])))}: the official "
+                              f"{', '.join(t.relative_to(root).as_posix() or '.' for t in tests)}/{DFDC_TEST_LABELS}; "
+                              "train/val: the train parts, " + seeded_split_source(
+                                  "source videos", val_fraction=val_fraction, test_fraction=None, seed=seed))
+    else:
+        df["split"] = assign_splits(df["identity"], val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+        notes.split_source = seeded_split_source("source videos", val_fraction=val_fraction,
+                                                 test_fraction=test_fraction, seed=seed)
+        notes.add(f"no test {DFDC_TEST_LABELS} under {root}: the official test set is not used; " + notes.split_source)
+    return df
+
+
+# --------------------------------------------------------------------------- DF40
+
+#: DF40's source domains: fakes made from FF++ or from Celeb-DF identities (folder name -> value).
+DF40_DOMAINS = {"ff": "ff", "ffpp": "ff", "ff++": "ff", "cdf": "cdf", "cdfv2": "cdf", "celeb-df": "cdf"}
+_DF40_SPLITS = {"train": "train", "test": "test"}
+
+
+@register_adapter("df40")
+def df40_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, test_fraction: float = 0.1,
+                 seed: int = 0, notes: Notes, **_) -> pd.DataFrame:
+    """DF40 (Yan et al., NeurIPS 2024 datasets track): 40 generation methods, as its authors release
+    the processed data (face crops) and as DeepfakeBench_DF40's preprocessing writes it::
+
+        ROOT/train/<method>/<ff|cdf>/frames/<video>/*.png    fakes made from FF++ or Celeb-DF
+        ROOT/test/<method>/<ff|cdf>/frames/<video>/*.png
+        ROOT/test/<method>/<ff|cdf>/inversions/*.png          (e4e: one image per name)
+        ROOT/test/<method>/fake/**  ROOT/test/<method>/real/**  the methods that ship their own reals
+        ROOT/<method>/<ff|cdf>/frames/<video>/*.png           no train/ and test/: seeded split, with a note
+
+    ``method`` is the folder under train/ or test/ (simswap, fsgan, heygen, MidJourney, ...).  label
+    1, or 0 for images under a ``real/`` folder.  ``domain`` records ff or cdf (cdfv2, ffpp
+    accepted) where the method folder has one.  ``identity`` is ``<domain>/<video>`` for a frame in
+    a per-video folder (the same source video across methods shares it), else the file stem.  DF40's
+    processed release holds the fakes only, except the methods with a ``real/`` folder: the reals
+    (FF++, Celeb-DF) are their own datasets -- make their manifests (``manifest ffpp``, ``manifest
+    celebdf``) and join them with ``featcache manifest merge``.  DF40 publishes no per-image
+    demographics (its A-FF++ / A-Celeb-DF annotations describe the source videos).  Video files
+    (heygen ships some methods as videos only) are counted in a note: extract their frames first
+    (``featcache frames``).  Splits: the train/ and test/ folders; val is carved from train by
+    identity with ``val_fraction`` (``test_fraction`` is ignored).  The release's folder tree is
+    not documented in text; this reading follows its README, its preprocessing code and its
+    issue tracker (see the README's table).
+    """
+    dataset = "df40"
+    _no_annotations(annotations, dataset)
+    top = _subdirs(root)
+    split_dirs = [p for p in top if p.name.lower() in _DF40_SPLITS]
+    if split_dirs:
+        sources = [(m, _DF40_SPLITS[s.name.lower()]) for s in split_dirs for m in _subdirs(s)]
+        other = [p.name + "/" for p in top if p not in split_dirs]
+        notes.skipped("folder(s)", other, "with train/ or test/ at ROOT only those are read")
+    else:
+        sources = [(m, "") for m in top]
+    loose = [f for d in [root, *split_dirs] for f in _loose_files(d, root)]
+    notes.skipped("file(s) outside the method folders", loose, "only the images in <method>/ folders are read")
+    # a DF40 method folder holds its source domain (ff/, cdf/) or fake/ and real/: anything else is another tree
+    known = {*DF40_DOMAINS, "fake", "real"}
+    odd = [(m, split) for m, split in sources if not any(p.name.lower() in known for p in _subdirs(m))]
+    notes.skipped("folder(s)", [m.relative_to(root).as_posix() + "/" for m, _ in odd],
+                  "not DF40 method folders: no ff/, cdf/, fake/ or real/ inside")
+    sources = [(m, split) for m, split in sources if (m, split) not in odd]
+    if not sources:
+        raise ManifestError(f"{root}: no DF40 method folders (<method>/ holding ff/, cdf/, fake/ or real/); expected "
+                            "ROOT/train/<method>/<ff|cdf>/frames/<video>/*.png and ROOT/test/<method>/... (or "
+                            "ROOT/<method>/... without split folders)")
+    rows, videos, unread = [], [], []
+    for method_dir, split in sources:
+        unread += [p for p in unread_files(method_dir, IMAGE_EXTENSIONS, root)]
+        for path in list_images(method_dir):
+            parts = path.relative_to(method_dir).parts
+            domain = DF40_DOMAINS.get(parts[0].lower(), "") if len(parts) > 1 else ""
+            label = 0 if any(p.lower() == "real" for p in parts[:-1]) else 1
+            in_video = len(parts) >= 3 and parts[-3].lower() == "frames"
+            identity = path.parent.name if in_video else path.stem
+            row = _row(path, root, dataset, label, identity=f"{domain}/{identity}" if domain else identity,
+                       split=split, method=method_dir.name)
+            row["domain"] = domain
+            rows.append(row)
+    videos = [u for u in unread if u.lower().endswith(VIDEO_EXTENSIONS)]
+    notes.skipped("video file(s)", videos, "videos are not read: extract frames with featcache frames, then rerun")
+    notes.skipped("file(s)", [u for u in unread if u not in videos], "not images, or hidden")
+    if not rows:
+        raise ManifestError(f"{root}: no images under the DF40 method folders "
+                            f"({', '.join(sorted({m.name for m, _ in sources})[:5])}); expected "
+                            "<method>/<ff|cdf>/frames/<video>/*.png")
+    df = _frame(rows, columns=[*ROW_COLUMNS, "domain"])
+    if split_dirs:
+        train = df["split"] == "train"
+        if train.any():
+            df.loc[train, "split"] = assign_splits(df.loc[train, "identity"], val_fraction=val_fraction,
+                                                   test_fraction=0.0, seed=seed)
+        notes.split_source = (f"the release's {' and '.join(sorted(p.name + '/' for p in split_dirs))} folders; val "
+                              + seeded_split_source("train identities", val_fraction=val_fraction, test_fraction=None,
+                                                    seed=seed))
+    else:
+        df["split"] = assign_splits(df["identity"], val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+        notes.split_source = seeded_split_source("identities", val_fraction=val_fraction, test_fraction=test_fraction,
+                                                 seed=seed)
+        notes.add("no train/ or test/ folder at ROOT: the release's split is not used; " + notes.split_source)
+    if (df["label"] == 0).sum() == 0:
+        notes.add("no real images (DF40's processed release holds fakes only): merge with the FF++ / Celeb-DF reals "
+                  "(featcache manifest merge df40.csv ffpp.csv ... -o OUT)")
     return df
