@@ -78,7 +78,42 @@ def folder_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, t
     whole); either fallback is a note.  ``dataset`` is ROOT's folder name; ``method`` is empty
     except for flat FF++ crop names.
     """
-    dataset = root.name
+    sources, other = _folder_sources(root)
+    rows, outside, unread = [], [], []
+    for folder, label, split, below in sources:
+        unread += unread_files(folder, IMAGE_EXTENSIONS + AUDIO_EXTENSIONS, root)
+        for path in list_files(folder, IMAGE_EXTENSIONS + AUDIO_EXTENSIONS):
+            rel = path.relative_to(folder).parts
+            base = folder
+            if below:
+                if len(rel) < 2 or rel[0].lower() not in _SPLIT_ALIASES:
+                    outside.append(str(path.relative_to(root)))
+                    continue
+                split, base = _SPLIT_ALIASES[rel[0].lower()], folder / rel[0]
+            identity = path.parent.name if path.parent != base else path.stem
+            method = ""
+            flat = FLAT_FFPP_NAME.match(path.stem) if path.parent == base else None
+            if flat:
+                identity = flat["target"]
+                method = "" if flat["method"] == "youtube" else flat["method"]
+            rows.append(_row(path, root, root.name, label, identity=identity, split=split, method=method))
+    if outside:
+        raise ManifestError(
+            f"{root}: {len(outside)} image(s) sit outside the split folders next to them: {_listing(outside)}; "
+            "move them into train/, val/ or test/, or remove the split folders to split by identity"
+        )
+    if not rows:
+        raise ManifestError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) or audio ({', '.join(AUDIO_EXTENSIONS)}) "
+                            "under the real/ and fake/ folders")
+    notes.skipped("folder(s)", other, "only real/ and fake/ (bonafide/, spoof/, crop_img/) folders are read")
+    notes.skipped("file(s)", unread, "not images or audio, or hidden")
+    return _folder_splits(_frame(rows), root, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                          notes=notes)
+
+
+def _folder_sources(root: Path) -> tuple[list[tuple[Path, int, str, bool]], list[str]]:
+    """The folder adapter's label folders: (folder, label, split or "", split folders below it?),
+    and the other folders (counted in a note)."""
     top = _subdirs(root)
     label_dirs = [p for p in top if p.name.lower() in _LABEL_DIRS]
     split_dirs = [p for p in top if p.name.lower() in _SPLIT_ALIASES]
@@ -106,36 +141,13 @@ def folder_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, t
     if not sources:
         found = ", ".join(p.name for p in top) or "no folders"
         raise ManifestError(f"{root}: no real/ or fake/ folder found ({found}); {expected}")
+    return sources, other
 
-    rows, outside, unread = [], [], []
-    for folder, label, split, below in sources:
-        unread += unread_files(folder, IMAGE_EXTENSIONS + AUDIO_EXTENSIONS, root)
-        for path in list_files(folder, IMAGE_EXTENSIONS + AUDIO_EXTENSIONS):
-            rel = path.relative_to(folder).parts
-            base = folder
-            if below:
-                if len(rel) < 2 or rel[0].lower() not in _SPLIT_ALIASES:
-                    outside.append(str(path.relative_to(root)))
-                    continue
-                split, base = _SPLIT_ALIASES[rel[0].lower()], folder / rel[0]
-            identity = path.parent.name if path.parent != base else path.stem
-            method = ""
-            flat = FLAT_FFPP_NAME.match(path.stem) if path.parent == base else None
-            if flat:
-                identity = flat["target"]
-                method = "" if flat["method"] == "youtube" else flat["method"]
-            rows.append(_row(path, root, dataset, label, identity=identity, split=split, method=method))
-    if outside:
-        raise ManifestError(
-            f"{root}: {len(outside)} image(s) sit outside the split folders next to them: {_listing(outside)}; "
-            "move them into train/, val/ or test/, or remove the split folders to split by identity"
-        )
-    if not rows:
-        raise ManifestError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) or audio ({', '.join(AUDIO_EXTENSIONS)}) "
-                            "under the real/ and fake/ folders")
-    notes.skipped("folder(s)", other, "only real/ and fake/ (bonafide/, spoof/, crop_img/) folders are read")
-    notes.skipped("file(s)", unread, "not images or audio, or hidden")
-    df = _frame(rows)
+
+def _folder_splits(df: pd.DataFrame, root: Path, *, val_fraction: float, test_fraction: float, seed: int,
+                   notes: Notes) -> pd.DataFrame:
+    """The folder adapter's splits: the split folders, or identities split with the fractions
+    (val carved from train when only val is missing); each fallback a note."""
     used = set(df["split"])
     notes.split_source = "the split folders"
     if used == {""}:
@@ -474,6 +486,20 @@ def ffpp_adapter(root: Path, *, annotations: Path | None = None, val_fraction: f
     video = full.pop("_video")
     df = full
 
+    df["split"] = _ffpp_splits(root, video, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                               notes=notes)
+    if annotations is not None:
+        demo = _ffpp_annotations(annotations, root, [Path(p) for p in df["path"]], notes, label_column)
+        df["gender"] = [g for g, _ in demo]
+        df["race"] = [r for _, r in demo]
+    elif label_column is not None:
+        raise ManifestError("--label-column applies to --annotations; pass the demographic CSV(s) too")
+    return df
+
+
+def _ffpp_splits(root: Path, video: pd.Series, *, val_fraction: float, test_fraction: float, seed: int,
+                 notes: Notes):
+    """Each frame's split from its video's name: the official JSONs, or linked ids split by identity."""
     split_dir = _ffpp_split_files(root)
     if split_dir is not None:
         id_split, pair_split = _ffpp_official_splits(split_dir)
@@ -495,24 +521,15 @@ def ffpp_adapter(root: Path, *, annotations: Path | None = None, val_fraction: f
                 f"{split_dir}: {len(missing)} video(s) are in none of the official splits: {_listing(missing)}; "
                 "fix the JSON files, or remove them to split by identity"
             )
-        df["split"] = video.map(split_of)
         notes.split_source = f"the official FF++ split files {split_dir / 'train.json'}, val.json, test.json"
-    else:
-        group = _ffpp_groups(sorted(set(video)))
-        df["split"] = assign_splits(video.map(lambda v: group[v.split("_")[0]]), val_fraction=val_fraction,
-                                    test_fraction=test_fraction, seed=seed)
-        notes.split_source = seeded_split_source("linked video ids", val_fraction=val_fraction,
-                                                 test_fraction=test_fraction, seed=seed)
-        notes.add(f"no official split files (train.json, val.json, test.json in {root} or {root / 'splits'}): "
-                  + notes.split_source)
-
-    if annotations is not None:
-        demo = _ffpp_annotations(annotations, root, [Path(p) for p in df["path"]], notes, label_column)
-        df["gender"] = [g for g, _ in demo]
-        df["race"] = [r for _, r in demo]
-    elif label_column is not None:
-        raise ManifestError("--label-column applies to --annotations; pass the demographic CSV(s) too")
-    return df
+        return video.map(split_of)
+    group = _ffpp_groups(sorted(set(video)))
+    notes.split_source = seeded_split_source("linked video ids", val_fraction=val_fraction,
+                                             test_fraction=test_fraction, seed=seed)
+    notes.add(f"no official split files (train.json, val.json, test.json in {root} or {root / 'splits'}): "
+              + notes.split_source)
+    return assign_splits(video.map(lambda v: group[v.split("_")[0]]), val_fraction=val_fraction,
+                         test_fraction=test_fraction, seed=seed)
 
 
 # --------------------------------------------------------------------------- Celeb-DF v2
@@ -528,6 +545,32 @@ def _celebdf_identity(folder: str, video: str) -> str:
     # id0_0000 (the target: scene, body, expression) with the face of id16 (the source)
     # swapped in; like FF++'s "000_003" -> "000", identity is the target, the first id.
     return video.split("_")[0]
+
+
+def _celebdf_test_videos(test_list: Path, present: set, root: Path, notes: Notes) -> set[tuple[str, str]]:
+    """The (folder, video) pairs of Celeb-DF's official test list; listed videos not under ROOT are a note."""
+    listed = set()
+    for n, line in enumerate(test_list.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        # Each line is "<flag> <folder>/<video>.mp4".  In this file the flag is 1 for REAL and
+        # 0 for fake (the opposite of the manifest's label); labels here come from the folder,
+        # so the flag is only checked for shape, never used.
+        if len(parts) != 2 or parts[0] not in ("0", "1") or "/" not in parts[1]:
+            raise ManifestError(
+                f"{test_list}: line {n} is {line.strip()!r}; expected '<0|1> <folder>/<video>.mp4', "
+                "e.g. '1 YouTube-real/00170.mp4'"
+            )
+        folder, name = parts[1].replace("\\", "/").split("/")[-2:]
+        folder = next((f for f in CELEBDF_FOLDERS if f.lower() == folder.lower()), folder)
+        listed.add((folder, Path(name).stem))
+    absent = sorted(f"{f}/{v}" for f, v in listed - present)
+    if len(absent) == len(listed):
+        raise ManifestError(f"{test_list}: none of its {len(listed)} test videos is under {root} "
+                            f"(e.g. {absent[0]}); is ROOT the Celeb-DF-v2 folder?")
+    notes.skipped("listed test video(s)", absent, f"in {CELEBDF_TEST_LIST} but not under ROOT")
+    return listed
 
 
 @register_adapter("celebdf")
@@ -601,27 +644,7 @@ def celebdf_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, 
 
     test_list = root / CELEBDF_TEST_LIST
     if test_list.is_file():
-        listed = set()
-        for n, line in enumerate(test_list.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            parts = line.split()
-            # Each line is "<flag> <folder>/<video>.mp4".  In this file the flag is 1 for REAL and
-            # 0 for fake (the opposite of the manifest's label); labels here come from the folder,
-            # so the flag is only checked for shape, never used.
-            if len(parts) != 2 or parts[0] not in ("0", "1") or "/" not in parts[1]:
-                raise ManifestError(
-                    f"{test_list}: line {n} is {line.strip()!r}; expected '<0|1> <folder>/<video>.mp4', "
-                    "e.g. '1 YouTube-real/00170.mp4'"
-                )
-            folder, name = parts[1].replace("\\", "/").split("/")[-2:]
-            folder = next((f for f in CELEBDF_FOLDERS if f.lower() == folder.lower()), folder)
-            listed.add((folder, Path(name).stem))
-        absent = sorted(f"{f}/{v}" for f, v in listed - present)
-        if len(absent) == len(listed):
-            raise ManifestError(f"{test_list}: none of its {len(listed)} test videos is under {root} "
-                                f"(e.g. {absent[0]}); is ROOT the Celeb-DF-v2 folder?")
-        notes.skipped("listed test video(s)", absent, f"in {CELEBDF_TEST_LIST} but not under ROOT")
+        listed = _celebdf_test_videos(test_list, present, root, notes)
         test = np.array([v in listed for v in videos], dtype=bool)
         df.loc[test, "split"] = "test"
         df.loc[~test, "split"] = assign_splits(df.loc[~test, "identity"], val_fraction=val_fraction,
