@@ -536,7 +536,14 @@ def _draw_face(outer: dict, inner: dict, frame: dict, canvas: int) -> Image.Imag
                        (cx + sx * 0.86 * w, cy + 0.05 * h), (cx + sx * 1.0 * w, cy + 0.6 * h),
                        (cx + sx * hw * 1.06, cy + 0.8 * h)], fill=hair)
 
-    # inner face: brows, eyes, nose, mouth (the donor's in a fake)
+    _draw_inner_face(d, outer, inner, frame, cx, cy, w, h, C)
+    return img
+
+
+def _draw_inner_face(d: ImageDraw.ImageDraw, outer: dict, inner: dict, frame: dict, cx: float, cy: float,
+                     w: float, h: float, C: int) -> None:
+    """Brows, eyes, nose and mouth (the donor's in a fake) on the face drawn by :func:`_draw_face`."""
+    skin = inner["skin"]
     line = max(1, round(C / 96))
     ey = cy + inner["eye_y"] * h
     ew, eh = inner["eye_w"] * w, inner["eye_w"] * w * inner["eye_h"] * frame["blink"]
@@ -573,7 +580,6 @@ def _draw_face(outer: dict, inner: dict, frame: dict, canvas: int) -> Image.Imag
     d.chord((cx - mw * 0.85, my - lt * 1.2 - smile, cx + mw * 0.85, my + lt * 1.3), 0, 180, fill=lips)
     d.line([(cx - mw, my - smile), (cx - 0.4 * mw, my), (cx + 0.4 * mw, my), (cx + mw, my - smile)],
            fill=_rgb(inner["lips"] * 0.45), width=line, joint="curve")
-    return img
 
 
 def _affine(frame: dict, canvas: int, extra_shift=(0.0, 0.0), extra_scale: float = 1.0) -> tuple:
