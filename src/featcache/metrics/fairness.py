@@ -95,36 +95,111 @@ def group_rates(y, p, groups, threshold: float = 0.5) -> pd.DataFrame:
     return df.astype({"n": "int64", "n_pos": "int64", "n_neg": "int64"})
 
 
-def _range(values: pd.Series) -> float:
-    v = values.dropna()
-    return float(v.max() - v.min()) if len(v) >= 2 else NAN
+def cell_counts(y, p, groups, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """The group codes present (``codes``, sorted, >= 0) and the ``(4 · len(codes),)`` counts of
+    the (group, label, decision) cells that every fairness metric is computed from: per group
+    ``[real kept, real flagged, fake missed, fake flagged]`` (rows with a negative code left out)."""
+    y, p, g = _check_groups(y, p, groups)
+    known = g >= 0
+    codes = np.unique(g[known])
+    cell = np.searchsorted(codes, g[known]) * 4 + y[known] * 2 + (p[known] >= threshold)
+    return codes, np.bincount(cell, minlength=4 * len(codes)).astype(np.float64)
 
 
-def _abs_dev_sum(values: pd.Series, overall: float) -> float:
-    v = values.dropna()
-    return float((v - overall).abs().sum()) if len(v) >= 2 and not np.isnan(overall) else NAN
+def fairness_from_counts(c: np.ndarray) -> dict[str, np.ndarray]:
+    """F_FPR, F_EO, F_MEO, F_DP, F_OAE (see the module docstring) of each row of ``c``, a
+    ``(B, 4 · G)`` matrix of (possibly weighted) cell counts laid out as :func:`cell_counts`'.
 
+    The one definition of the five formulas: :func:`fairness_metrics` calls it on one row of
+    counts, the bootstrap (:mod:`.bootstrap`) on every resample's and the permutation floor
+    (:mod:`.permutation`) on every permutation's.  A group with no row in a row of ``c`` has no
+    rates there; with no group at all every metric is nan.
+    """
+    c = np.asarray(c, dtype=np.float64)
+    c = c.reshape(len(c), -1, 4)  # (B, groups, [real kept, real flagged, fake missed, fake flagged])
+    tn_, fp, fn_, tp = c[..., 0], c[..., 1], c[..., 2], c[..., 3]
+    n_neg, n_pos = tn_ + fp, fn_ + tp
+    n = n_neg + n_pos
 
-def _max(*values: float) -> float:
-    v = [x for x in values if not np.isnan(x)]
-    return max(v) if v else NAN
+    def ratio(a, b):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(b > 0, a / np.where(b > 0, b, 1), np.nan)
+
+    rates = {"tpr": ratio(tp, n_pos), "fpr": ratio(fp, n_neg), "tnr": ratio(n_neg - fp, n_neg),
+             "fnr": ratio(n_pos - tp, n_pos), "pr": ratio(tp + fp, n), "nr": ratio(n - tp - fp, n),
+             "acc": ratio(tp + n_neg - fp, n)}
+    fpr_all = ratio(fp.sum(1), n_neg.sum(1))
+    tpr_all = ratio(tp.sum(1), n_pos.sum(1))
+
+    def dev(r, overall):
+        ok = ~np.isnan(r)
+        s = np.where(ok, np.abs(r - overall[:, None]), 0.0).sum(1)
+        return np.where((ok.sum(1) >= 2) & ~np.isnan(overall), s, np.nan)
+
+    def spread(r):
+        ok = ~np.isnan(r)
+        hi = np.where(ok, r, -np.inf).max(1, initial=-np.inf)
+        lo = np.where(ok, r, np.inf).min(1, initial=np.inf)
+        with np.errstate(invalid="ignore"):
+            return np.where(ok.sum(1) >= 2, hi - lo, np.nan)
+
+    def nanmax(*vs):
+        v = np.stack(vs)
+        any_ok = ~np.isnan(v).all(0)
+        return np.where(any_ok, np.where(np.isnan(v), -np.inf, v).max(0), np.nan)
+
+    d_fpr, d_tpr = dev(rates["fpr"], fpr_all), dev(rates["tpr"], tpr_all)
+    return {
+        "f_fpr": 100 * d_fpr,
+        "f_eo": 100 * (d_fpr + d_tpr),
+        "f_meo": 100 * nanmax(*(spread(rates[r]) for r in ("fpr", "fnr", "tnr", "tpr"))),
+        "f_dp": 100 * nanmax(spread(rates["pr"]), spread(rates["nr"])),
+        "f_oae": 100 * spread(rates["acc"]),
+    }
 
 
 def fairness_metrics(y, p, groups, threshold: float = 0.5) -> dict:
     """``f_fpr``, ``f_eo``, ``f_meo``, ``f_dp``, ``f_oae`` (times 100; see module docstring)."""
-    y, p, g = _check_groups(y, p, groups)
+    _, counts = cell_counts(y, p, groups, threshold)
+    return {k: float(v[0]) for k, v in fairness_from_counts(counts[None]).items()}
+
+
+def fairness_coverage(y, groups, names=SUBGROUP_NAMES) -> dict:
+    """Which rows and subgroups the fairness metrics cover (``fairness_coverage`` in metrics.json).
+
+    - ``rows`` of ``of_rows``: the rows with a known subgroup (code >= 0) of all rows;
+    - ``subgroups`` of ``of_subgroups``: the subgroups with at least one known row, of the
+      subgroups the codes name: ``names`` (featcache's 8, gender × race) when every code is below
+      ``len(names)``, else codes ``0 .. max code`` (a table with its own coding);
+    - ``with_both_labels``: the subgroups holding a real and a fake row (the only ones that enter
+      every rate: a one-class subgroup has no FPR or no TPR);
+    - ``unavailable``: ``None``, or why there is no fairness metric at all (no subgroup column,
+      no row with a known subgroup, or one subgroup only: a disparity needs two).
+
+    ``groups`` is None for a table without a subgroup column.
+    """
+    y = np.asarray(y)
+    n = len(y)
+    if groups is None:
+        return {"rows": 0, "of_rows": n, "subgroups": 0, "of_subgroups": len(names), "with_both_labels": 0,
+                "unavailable": "the predictions have no subgroup column (no demographics for this test set)"}
+    _, _, g = _check_groups(y, np.zeros(n), groups)
     known = g >= 0
-    rates = group_rates(y, p, g, threshold)
-    overall = _rates(y[known], p[known], threshold) if known.any() else {"fpr": NAN, "tpr": NAN}
-    dev_fpr = _abs_dev_sum(rates["fpr"], overall["fpr"])
-    dev_tpr = _abs_dev_sum(rates["tpr"], overall["tpr"])
-    return {
-        "f_fpr": 100 * dev_fpr,
-        "f_eo": 100 * (dev_fpr + dev_tpr),
-        "f_meo": 100 * _max(*(_range(rates[r]) for r in ("fpr", "fnr", "tnr", "tpr"))),
-        "f_dp": 100 * _max(_range(rates["pr"]), _range(rates["nr"])),
-        "f_oae": 100 * _range(rates["acc"]),
-    }
+    codes = np.unique(g[known])
+    both = sum(1 for c in codes if len(np.unique(y[g == c])) == 2)
+    universe = len(names) if not len(codes) or codes.max() < len(names) else int(codes.max()) + 1
+    if not known.any():
+        why = f"no row has a known subgroup (gender or race unknown for all {n} rows)"
+    elif len(codes) < 2:
+        why = f"only one subgroup ({_name(codes[0], names)}) has rows with known demographics; a disparity needs two"
+    else:
+        why = None
+    return {"rows": int(known.sum()), "of_rows": n, "subgroups": len(codes), "of_subgroups": universe,
+            "with_both_labels": both, "unavailable": why}
+
+
+def _name(code, names) -> str:
+    return names[code] if 0 <= code < len(names) else str(code)
 
 
 def subgroup_table(y, p, groups, threshold: float = 0.5, names=SUBGROUP_NAMES) -> pd.DataFrame:
@@ -134,7 +209,7 @@ def subgroup_table(y, p, groups, threshold: float = 0.5, names=SUBGROUP_NAMES) -
     codes = rates.index.to_numpy()
     return pd.DataFrame({
         "code": codes,
-        "subgroup": [names[c] if c < len(names) else str(c) for c in codes],
+        "subgroup": [_name(c, names) for c in codes],
         "n": rates["n"].to_numpy(),
         "auc": rates["auc"].to_numpy(),
         "fpr": rates["fpr"].to_numpy(),
