@@ -3,7 +3,11 @@
 - :mod:`.detection`: AUC, AP, EER, threshold metrics, video-level AUC.
 - :mod:`.fairness`: per-subgroup rates and F_FPR, F_EO, F_MEO, F_DP, F_OAE.
 - :mod:`.calibration`: ECE, MCE, Brier, NLL, reliability bins, temperature scaling.
-- :mod:`.bootstrap`: 95 % bootstrap intervals of the metrics; paired differences over seeds.
+- :mod:`.bootstrap`: 95 % bootstrap intervals of the metrics (BCa AUC), what metrics.json holds
+  beside them (:func:`~.bootstrap.with_intervals`); paired differences over seeds.
+- :mod:`.permutation`: each fairness gap's no-disparity floor and p-value.
+- :mod:`.table`: reading a predictions table (labels, probabilities, subgroups, clusters).
+- :mod:`.simulate`: seeded predictions with known truth, for checking the statistics.
 
 Every function takes array-likes, raises ``ValueError`` on malformed input and returns plain
 Python floats (``nan`` where undefined) so results serialize to JSON; :mod:`.bootstrap` takes a

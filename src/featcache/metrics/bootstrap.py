@@ -24,6 +24,12 @@ n_perm=1000)`` returns ``metrics`` plus:
   no-disparity floor and p-value (:func:`.permutation.fairness_floor`, ``n_perm`` permutations
   seeded with ``seed``); ``{}`` without demographics.  Read ``f_fpr 48.4 (floor 52.1, p 0.61)``:
   the gap is what the subgroups' sizes give by chance at this operating point.
+- ``fairness_range95``: ``{f_key: [lo, hi]}``, a simultaneous 95 % range of each gap's true
+  value: Wilson intervals of the subgroup rates, Bonferroni over the rates, projected onto the gap
+  (:func:`.fairness.gap_ranges`; with identity clusters, each rate's count is divided by its
+  bootstrap design effect).  It covers (0.99-1.00 in the review), holds the point and reaches 0,
+  at the price of width (at 160 rows, nearly the whole scale): that is the honest uncertainty of
+  a gap.  Absent without demographics.
 - ``fairness_coverage``: which rows and subgroups the gaps cover
   (:func:`.fairness.fairness_coverage`: ``rows`` of ``of_rows``, ``subgroups`` of
   ``of_subgroups``, ``with_both_labels``, ``unavailable``: None or why there is no fairness
@@ -112,7 +118,7 @@ from scipy.special import ndtr, ndtri
 
 from ..errors import FeatcacheError
 from .calibration import ece_floor
-from .fairness import FAIRNESS_KEYS, fairness_coverage, fairness_from_counts
+from .fairness import FAIRNESS_KEYS, cell_counts, fairness_coverage, fairness_from_counts, gap_ranges
 from .permutation import fairness_floor
 from .table import clusters, columns, label_sets, subgroups
 
@@ -130,6 +136,10 @@ FEW_CLUSTERS = 30
 #: What ``spread95`` is (its legend, also in ``ci95_info["spread95"]``).
 SPREAD95_MEANING = ("resampled spread of the gap (2.5 % and 97.5 % quantiles over the bootstrap); not a "
                     "confidence interval: the gap is biased upward under resampling")
+
+#: What ``fairness_range95`` is (its legend, also in ``ci95_info["fairness_range95"]``).
+RANGE95_MEANING = ("simultaneous 95 % range of the true gap: every subgroup rate's Wilson interval, Bonferroni over "
+                   "the rates, projected onto the gap; conservative and wide on small test sets")
 
 #: The AUC's interval method (EER and ACC: ``"percentile"``).
 BCA = "BCa (cluster jackknife)"
@@ -149,6 +159,7 @@ class Bootstrap:
     point: dict[str, float] = field(default_factory=dict)  # metric -> its value on the table itself
     accel: dict[str, float] = field(default_factory=dict)  # metric -> BCa acceleration (BCa intervals only)
     strata: str = "label set"
+    cells: np.ndarray | None = None  # (n_boot, 4 * subgroups) resampled (subgroup, label, decision) counts
 
     def ci(self, level: float = 0.95) -> dict[str, list[float]]:
         """``{metric: [lo, hi]}`` at ``level``: BCa for the metrics in ``accel`` (the AUC of
@@ -364,14 +375,17 @@ def _bootstrap(predictions: pd.DataFrame, draw, seed: int, threshold: float) -> 
         w = counts[start:start + CHUNK][:, sorted_codes].astype(np.float64)
         for name, v in engine(w).items():
             parts.setdefault(name, []).append(v)
+        if engine.fair is not None:
+            parts.setdefault("cells", []).append(w @ engine.fair)
     values = {name: np.concatenate(parts[name]) for name in METRICS if name in parts}
     for name, v in values.items():
         bad = int(np.isnan(v).sum())
         if bad:
             notes.append(f"{name}: undefined in {bad} of {len(v)} resamples, left out of its interval")
     point = {name: float(v[0]) for name, v in engine(np.ones((1, len(y)))).items()}
+    cells = np.concatenate(parts["cells"]) if "cells" in parts else None
     return Bootstrap(values, int(counts.shape[0]), int(seed), used, int(counts.shape[1]), float(threshold), notes,
-                     point)
+                     point, cells=cells)
 
 
 def bootstrap_ci(predictions: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
@@ -389,9 +403,9 @@ def bootstrap_ci(predictions: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0
 
 def with_intervals(metrics: dict, predictions: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0,
                    cluster: str | None = "identity", threshold: float = 0.5, n_perm: int = 1000) -> dict:
-    """``metrics`` plus ``ci95``, ``ci95_info``, ``spread95``, ``fairness_null``,
-    ``fairness_coverage`` and (when ``metrics`` has ``ece``) ``ece_floor``: what a metrics.json
-    holds (see the module docstring)."""
+    """``metrics`` plus ``ci95``, ``ci95_info``, ``fairness_null``, ``fairness_coverage``, with
+    demographics ``spread95`` and ``fairness_range95``, and (when ``metrics`` has ``ece``)
+    ``ece_floor``: what a metrics.json holds (see the module docstring)."""
     b = bootstrap(predictions, n_boot=n_boot, seed=seed, cluster=cluster, threshold=threshold)
     ci = b.ci(0.95)
     y, p = columns(predictions)
@@ -400,6 +414,9 @@ def with_intervals(metrics: dict, predictions: pd.DataFrame, *, n_boot: int = 10
     if coverage["unavailable"] is None:
         out["spread95"] = {k: ci[k] for k in FAIRNESS_KEYS if k in ci}
         out["ci95_info"]["spread95"] = SPREAD95_MEANING
+        _, cells = cell_counts(y, p, subgroups(predictions), threshold)
+        out["fairness_range95"] = gap_ranges(cells, b.cells if b.cluster else None)
+        out["ci95_info"]["fairness_range95"] = RANGE95_MEANING
     out["fairness_null"] = fairness_floor(predictions, threshold=threshold, n_perm=n_perm, seed=seed, cluster=cluster)
     out["fairness_coverage"] = coverage
     if "ece" in metrics:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from scipy.special import ndtri
 from sklearn.metrics import roc_auc_score
 
 from ..data.manifest import SUBGROUP_NAMES
@@ -156,6 +157,97 @@ def fairness_from_counts(c: np.ndarray) -> dict[str, np.ndarray]:
         "f_dp": 100 * nanmax(spread(rates["pr"]), spread(rates["nr"])),
         "f_oae": 100 * spread(rates["acc"]),
     }
+
+
+#: Above this many subgroups the upper bound of F_FPR/F_EO is not searched over the 2^G vertices
+#: of the box but bounded by each rate's farthest distance from the box's range (looser).
+MAX_VERTEX_GROUPS = 12
+
+
+def wilson(x: np.ndarray, n: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval ``[lo, hi]`` of ``x`` successes in ``n`` trials (``n`` may be an
+    effective size) at normal quantile ``z``; nan where ``n`` is 0."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = x / n
+        mid = (r + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * np.sqrt(r * (1 - r) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return np.clip(mid - half, 0, 1), np.clip(mid + half, 0, 1)
+
+
+def gap_ranges(cells: np.ndarray, resampled: np.ndarray | None = None, alpha: float = 0.05) -> dict[str, list]:
+    """``{f_key: [lo, hi]}``: a simultaneous range for each gap's true value, the Wilson–Bonferroni
+    projection (``statistics.md`` S3c), times 100.
+
+    Each rate a gap uses gets a Wilson interval per subgroup at level ``1 - alpha / J``, ``J`` the
+    number of rates in its family (F_FPR: the G FPRs; F_EO and F_MEO: the G FPRs and G TPRs; F_DP:
+    the G PRs; F_OAE: the G ACCs).  With probability at least ``1 - alpha`` every true rate lies in
+    its box, so the gap lies between the smallest and largest value it takes over the box:
+
+    - a range (F_MEO, F_DP, F_OAE): ``[max(0, max_g L_g - min_g U_g), max_g U_g - min_g L_g]``,
+      F_MEO the larger of its FPR and TPR ranges (TNR and FNR have the same);
+    - F_FPR (Σ_g |r_g - Σ_h w_h r_h|, ``w`` the subgroups' shares of reals): lower = the least
+      Σ_g dist(c, [L_g, U_g]) over c in {L_g, U_g}; upper = the largest value over the 2^G vertices
+      of the box (the function is convex) up to :data:`MAX_VERTEX_GROUPS` subgroups; F_EO the sum of
+      the FPR and TPR versions.
+
+    ``cells``: the ``(4 · G,)`` cell counts of :func:`cell_counts`.  ``resampled``: optional
+    ``(B, 4 · G)`` bootstrap cell counts (clustered resamples): each rate's count is divided by its
+    design effect, max(1, bootstrap variance / binomial variance), as clustered rows carry less
+    information.  Conservative by construction (coverage 0.99-1.00 in the review) and wide: at 160
+    rows nearly the whole scale.  A range needs two subgroups with the rate: nan otherwise.
+    """
+    c = np.asarray(cells, dtype=np.float64).reshape(-1, 4)
+    tn_, fp, fn_, tp = c.T
+    counts = {"fpr": (fp, tn_ + fp), "tpr": (tp, fn_ + tp), "pr": (tp + fp, c.sum(1)), "acc": (tn_ + tp, c.sum(1))}
+    deff = {k: np.ones(len(c)) for k in counts}
+    if resampled is not None and len(resampled) > 1:
+        b = np.asarray(resampled, dtype=np.float64).reshape(len(resampled), -1, 4)
+        bt = {"fpr": (b[..., 1], b[..., 0] + b[..., 1]), "tpr": (b[..., 3], b[..., 2] + b[..., 3]),
+              "pr": (b[..., 1] + b[..., 3], b.sum(2)), "acc": (b[..., 0] + b[..., 3], b.sum(2))}
+        for k, (x, n) in counts.items():
+            with np.errstate(invalid="ignore", divide="ignore"):
+                r = x / n
+                var = np.nanvar(np.where(bt[k][1] > 0, bt[k][0] / np.where(bt[k][1] > 0, bt[k][1], 1), np.nan), 0)
+                ratio = var / (r * (1 - r) / n)
+            deff[k] = np.where(np.isfinite(ratio), np.maximum(1.0, ratio), 1.0)
+
+    defined = {k: int((n > 0).sum()) for k, (_, n) in counts.items()}
+
+    def boxes(rate, family):  # Wilson boxes of one rate, Bonferroni over the J rates of the family
+        x, n = counts[rate]
+        ok = n > 0
+        if ok.sum() < 2:
+            return None
+        z = float(ndtri(1 - alpha / (2 * sum(defined[k] for k in family))))
+        lo, hi = wilson(x[ok], n[ok] / deff[rate][ok], z)
+        return lo, hi, n[ok] / n[ok].sum()
+
+    def spread(box):
+        if box is None:
+            return [np.nan, np.nan]
+        lo, hi, _ = box
+        return [max(0.0, lo.max() - hi.min()), hi.max() - lo.min()]
+
+    def deviation(box):
+        if box is None:
+            return [np.nan, np.nan]
+        lo, hi, w = box
+        edges = np.r_[lo, hi][:, None]  # the least total distance from one point to every box is at an edge
+        low = float((np.maximum(0, lo - edges) + np.maximum(0, edges - hi)).sum(1).min())
+        if len(lo) <= MAX_VERTEX_GROUPS:
+            corner = (np.arange(2 ** len(lo))[:, None] >> np.arange(len(lo))) & 1  # (2^G, G) of 0/1
+            v = lo + (hi - lo) * corner
+            high = float(np.abs(v - (v @ w)[:, None]).sum(1).max())
+        else:
+            high = float(np.maximum(hi - lo.min(), hi.max() - lo).sum())
+        return [low, high]
+
+    fpr2, tpr2 = boxes("fpr", ("fpr", "tpr")), boxes("tpr", ("fpr", "tpr"))
+    meo = [np.nan if np.isnan(a) and np.isnan(b) else np.nanmax([a, b]) for a, b in zip(spread(fpr2), spread(tpr2))]
+    out = {"f_fpr": deviation(boxes("fpr", ("fpr",))),
+           "f_eo": [a + b for a, b in zip(deviation(fpr2), deviation(tpr2))],
+           "f_meo": meo, "f_dp": spread(boxes("pr", ("pr",))), "f_oae": spread(boxes("acc", ("acc",)))}
+    return {k: [100 * float(v[0]), 100 * float(v[1])] for k, v in out.items()}
 
 
 def fairness_metrics(y, p, groups, threshold: float = 0.5) -> dict:
