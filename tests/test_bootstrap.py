@@ -163,14 +163,15 @@ def test_notes_and_metrics_json_fields():
 
 def test_no_known_subgroup_is_unavailable_not_an_error():
     """A test set without demographics (every subgroup -1, e.g. Celeb-DF): no exception, no floors,
-    and the reason; the gaps are nan in every resample."""
+    and the reason; the bootstrap resamples no gap and strata by label only."""
     df = _predictions(120).assign(subgroup=-1)
     m = with_intervals({"auc": 0.7}, df, n_boot=40, n_perm=20)
     assert m["fairness_null"] == {} and "spread95" not in m
     cov = m["fairness_coverage"]
     assert (cov["rows"], cov["of_rows"], cov["subgroups"]) == (0, 120, 0)
     assert cov["unavailable"] == "no row has a known subgroup (gender or race unknown for all 120 rows)"
-    assert np.isnan(bootstrap(df, n_boot=20).values["f_fpr"]).all()
+    b = bootstrap(df, n_boot=20)
+    assert "f_fpr" not in b.values and b.strata == "label set" and not any("subgroup" in n for n in b.notes)
     one = with_intervals({}, _predictions(60).assign(subgroup=2), n_boot=20, n_perm=20)["fairness_coverage"]
     assert one["subgroups"] == 1 and "a disparity needs two" in one["unavailable"]
     none = bootstrap(df.drop(columns=["identity"]), n_boot=20)

@@ -224,7 +224,7 @@ def _strata(y: np.ndarray, groups: np.ndarray | None, codes: np.ndarray, notes: 
     """Each cluster's stratum index (module docstring): its label set, crossed with its subgroup."""
     m = int(codes.max()) + 1
     sets = label_sets(codes, y, m)
-    if groups is None:
+    if groups is None or not (groups >= 0).any():  # no demographics: label sets only
         return sets
     lo = np.full(m, np.iinfo(np.int64).max)
     hi = np.full(m, np.iinfo(np.int64).min)
@@ -276,7 +276,7 @@ def bootstrap(predictions: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, c
     y, p = columns(predictions)
     groups = subgroups(predictions)
     codes = draw[1]
-    b.strata = "label set" if groups is None else "label set x subgroup"
+    b.strata = "label set" if groups is None or not (groups >= 0).any() else "label set x subgroup"
     accel = acceleration(loo_auc(y, p, codes), _strata(y, groups, codes))
     if accel is None:
         b.notes.append("auc: the leave-one-cluster-out AUCs do not vary; percentile interval instead of BCa")
@@ -368,7 +368,8 @@ def _bootstrap(predictions: pd.DataFrame, draw, seed: int, threshold: float) -> 
     y, p = columns(predictions)
     counts, codes, used, notes = draw
     notes = list(notes)
-    engine = _Weighted(y, p, subgroups(predictions), threshold)
+    groups = subgroups(predictions)
+    engine = _Weighted(y, p, groups if groups is not None and (groups >= 0).any() else None, threshold)
     sorted_codes = codes[engine.order]  # weights are built directly in the engine's row order
     parts: dict[str, list] = {}
     for start in range(0, counts.shape[0], CHUNK):
