@@ -1,6 +1,6 @@
 """The statistics of issue 23 measured by simulation with known truth, and their speed.
 
-    python benchmarks/bench_stats.py [--part all|coverage|permutation|speed] [--reps 400] [--boot 1000]
+    python benchmarks/bench_stats.py [--part all|coverage|permutation|ranges|speed] [--reps 400] [--boot 1000]
                                      [--perm 1000]
 
 - ``coverage``: the 95 % AUC interval's coverage on clustered binormal data (``statistics.md``
@@ -13,6 +13,9 @@
   must lie in [0.02, 0.08] for F_FPR and F_MEO and at most 0.08 for F_DP and F_OAE; detectors A
   and A - 1 logit (n = 1,000, 150 datasets): mean(F - floor) within [-2, 2] for both while the raw
   F_FPR differ; power on the moderate scenario (n = 1,000, 200 datasets), F_FPR at least 0.40.
+- ``ranges``: the Wilson–Bonferroni ranges (S3c) in the review's 18 cells (zero, moderate, large;
+  n = 160 and 1,000; F_FPR, F_MEO, F_DP, F_OAE), 300 test sets each: coverage at least 0.95, the
+  point inside every range, the lower bound 0 in at least 95 % of zero-gap test sets.
 - ``speed``: 1,000 permutations and 1,000 resamples of 10,000 predictions (issue 23's goal: at
   most 3 s together on the 2-core CPU); best of 3.
 
@@ -35,7 +38,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from featcache.metrics.bootstrap import bootstrap  # noqa: E402
-from featcache.metrics.fairness import fairness_metrics  # noqa: E402
+from featcache.metrics.fairness import cell_counts, fairness_metrics, gap_ranges  # noqa: E402
 from featcache.metrics.permutation import fairness_floor, permutation_values  # noqa: E402
 from featcache.metrics.simulate import MODERATE, ZERO, clustered_binormal, subgroup_scores, true_gaps  # noqa: E402
 
@@ -103,6 +106,30 @@ def permutation(reps: int, n_perm: int) -> None:
               f"{1.96 * np.std(np.subtract(net['A'], net['B']), ddof=1) / np.sqrt(k):.2f})")
 
 
+def ranges(reps: int) -> None:
+    keys = ("f_fpr", "f_meo", "f_dp", "f_oae")
+    large = tuple(tuple(-1 + 2 * (m + 1) if s == 0 else 1 + 2 * (m - 1) for m in row) for s, row in enumerate(MODERATE))
+    print(f"Wilson-Bonferroni ranges (fairness_range95), 8 subgroups, rows without clusters, {reps} test sets per cell")
+    for n in (160, 1000):
+        for name, mu in (("zero", ZERO), ("moderate", MODERATE), ("large", large)):
+            truth = true_gaps(n, mu)
+            cover, inside, width, zero_lo = (dict.fromkeys(keys, 0.0) for _ in range(4))
+            for r in range(reps):
+                df = subgroup_scores(n, np.random.default_rng(50_000 + r), mu)
+                _, cells = cell_counts(df["label"], df["prob"], df["subgroup"])
+                got = gap_ranges(cells)
+                point = fairness_metrics(df["label"], df["prob"], df["subgroup"])
+                for k in keys:
+                    lo, hi = got[k]
+                    cover[k] += (lo <= truth[k] <= hi) / reps
+                    inside[k] += (lo <= point[k] <= hi) / reps
+                    width[k] += (hi - lo) / reps
+                    zero_lo[k] += (lo == 0) / reps
+            print(f"  n {n}, {name}: " + "; ".join(
+                f"{k} truth {truth[k]:.1f} coverage {cover[k]:.3f} point inside {inside[k]:.2f} width {width[k]:.0f}"
+                + (f" lower 0 in {zero_lo[k]:.2f}" if name == "zero" else "") for k in keys))
+
+
 def speed(n_boot: int, n_perm: int, repeat: int = 3) -> None:
     rng = np.random.default_rng(0)
     rows = 10_000
@@ -127,7 +154,7 @@ def speed(n_boot: int, n_perm: int, repeat: int = 3) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", default="all", choices=("all", "coverage", "permutation", "speed"))
+    ap.add_argument("--part", default="all", choices=("all", "coverage", "permutation", "ranges", "speed"))
     ap.add_argument("--reps", type=int, default=400, help="datasets for coverage (permutation: 300 at n=160)")
     ap.add_argument("--boot", type=int, default=1000)
     ap.add_argument("--perm", type=int, default=1000)
@@ -138,6 +165,8 @@ def main() -> None:
         coverage(a.reps, a.boot)
     if a.part in ("all", "permutation"):
         permutation(a.reps if a.part == "permutation" else 300, a.perm)
+    if a.part in ("all", "ranges"):
+        ranges(a.reps if a.part == "ranges" else 300)
 
 
 if __name__ == "__main__":
