@@ -21,6 +21,7 @@ import numpy as np
 from .calibration import calibration_metrics, fit_temperature, reliability_bins
 from .detection import detection_metrics, eer, eer_asvspoof, is_degenerate, is_one_sided, sigmoid, video_auc
 from .fairness import FAIRNESS_KEYS, fairness_metrics, group_rates, subgroup_table
+from .permutation import fairness_floor
 
 __all__ = [
     "all_metrics",
@@ -28,6 +29,7 @@ __all__ = [
     "detection_metrics",
     "eer",
     "eer_asvspoof",
+    "fairness_floor",
     "is_degenerate",
     "is_one_sided",
     "fairness_metrics",
