@@ -16,7 +16,7 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from featcache.metrics import calibration_metrics, fairness_metrics
-from featcache.metrics.bootstrap import _Weighted, bootstrap, loo_auc
+from featcache.metrics.bootstrap import _Weighted, bootstrap, loo_auc, with_intervals
 from featcache.metrics.calibration import ece_draws, ece_floor
 from featcache.metrics.fairness import cell_counts, gap_ranges, wilson
 from featcache.metrics.permutation import fairness_floor, permutation_values
@@ -241,3 +241,20 @@ def test_wilson_bonferroni_f_fpr_bounds_are_the_extremes_over_the_box():
     bound = gap_ranges(cells)["f_fpr"]
     assert bound[0] - 1e-9 <= values.min() and values.max() <= bound[1] + 1e-9
     assert values.max() >= bound[1] - 1e-6  # 256 vertices: the random corners hit the largest
+
+
+def test_wilson_bonferroni_ranges_count_identities_not_frames():
+    """With identity clusters each rate's sample size is divided by its bootstrap design effect:
+    every person seen in 3 identical frames carries the information of one row, so the ranges of
+    the tripled table match those of the table itself (within the design effect's Monte-Carlo
+    noise), where counting frames would make them far narrower."""
+    df = subgroup_scores(400, np.random.default_rng(3), MODERATE).assign(identity=lambda d: np.arange(len(d)))
+    tripled = pd.concat([df] * 3, ignore_index=True)
+    one = with_intervals({}, df, n_boot=400, n_perm=10)["fairness_range95"]
+    three = with_intervals({}, tripled, n_boot=400, n_perm=10)["fairness_range95"]
+    _, cells = cell_counts(tripled["label"], tripled["prob"], tripled["subgroup"])
+    frames = gap_ranges(cells)  # as if the frames were independent
+    for k in ("f_fpr", "f_meo", "f_dp", "f_oae"):
+        width_one, width_three = one[k][1] - one[k][0], three[k][1] - three[k][0]
+        assert width_three == pytest.approx(width_one, rel=0.2), k
+        assert frames[k][1] - frames[k][0] < 0.9 * width_three, (k, frames[k], three[k])

@@ -212,11 +212,15 @@ def gap_ranges(cells: np.ndarray, resampled: np.ndarray | None = None, alpha: fl
         bt = {"fpr": (b[..., 1], b[..., 0] + b[..., 1]), "tpr": (b[..., 3], b[..., 2] + b[..., 3]),
               "pr": (b[..., 1] + b[..., 3], b.sum(2)), "acc": (b[..., 0] + b[..., 3], b.sum(2))}
         for k, (x, n) in counts.items():
+            ok = bt[k][1] > 0  # resamples where the subgroup has the rate's denominator
+            rb = np.where(ok, bt[k][0] / np.where(ok, bt[k][1], 1), 0.0)
+            m = ok.sum(0)
             with np.errstate(invalid="ignore", divide="ignore"):
+                mean = rb.sum(0) / m
+                var = np.where(ok, (rb - mean) ** 2, 0.0).sum(0) / m
                 r = x / n
-                var = np.nanvar(np.where(bt[k][1] > 0, bt[k][0] / np.where(bt[k][1] > 0, bt[k][1], 1), np.nan), 0)
                 ratio = var / (r * (1 - r) / n)
-            deff[k] = np.where(np.isfinite(ratio), np.maximum(1.0, ratio), 1.0)
+            deff[k] = np.where(np.isfinite(ratio) & (m > 1), np.maximum(1.0, ratio), 1.0)
 
     defined = {k: int((n > 0).sum()) for k, (_, n) in counts.items()}
 
@@ -226,7 +230,7 @@ def gap_ranges(cells: np.ndarray, resampled: np.ndarray | None = None, alpha: fl
         if ok.sum() < 2:
             return None
         z = float(ndtri(1 - alpha / (2 * sum(defined[k] for k in family))))
-        lo, hi = wilson(x[ok], n[ok] / deff[rate][ok], z)
+        lo, hi = wilson(x[ok] / deff[rate][ok], n[ok] / deff[rate][ok], z)  # the rate, on n_eff trials
         return lo, hi, n[ok] / n[ok].sum()
 
     def spread(box):
