@@ -11,6 +11,8 @@ from sklearn.metrics import roc_auc_score
 from featcache.errors import FeatcacheError
 from featcache.metrics import eer, fairness_metrics
 from featcache.metrics.bootstrap import (
+    SPREAD95_MEANING,
+    bca_levels,
     bootstrap,
     bootstrap_ci,
     bootstrap_weights,
@@ -51,10 +53,14 @@ def test_vectorised_bootstrap_equals_plain_loop(cluster, ties):
     assert set(b.values) == set(loop) == {"auc", "eer", "acc", "f_fpr", "f_eo", "f_meo", "f_dp", "f_oae"}
     for k, v in loop.items():
         np.testing.assert_allclose(b.values[k], v, rtol=0, atol=1e-10, err_msg=k)
-    # the interval is the percentile interval of those values
+    # the interval is the percentile interval of those values (the AUC's: BCa, whose levels are
+    # checked against scipy in test_statistics.py)
     ci = b.ci(0.9)
     for k, v in loop.items():
-        np.testing.assert_allclose(ci[k], np.quantile(v, [0.05, 0.95]), rtol=0, atol=1e-10, err_msg=k)
+        levels = bca_levels(v, b.point[k], b.accel[k], 0.9) if k == "auc" else [0.05, 0.95]
+        np.testing.assert_allclose(ci[k], np.quantile(v, levels), rtol=0, atol=1e-10, err_msg=k)
+    assert b.point["auc"] == pytest.approx(roc_auc_score(df["label"], df["prob"]), abs=1e-12)
+    assert b.methods()["auc"] == "BCa (cluster jackknife)" and b.methods()["eer"] == "percentile"
 
 
 def test_resamples_are_stratified_clustered_and_seeded():
@@ -71,9 +77,11 @@ def test_resamples_are_stratified_clustered_and_seeded():
     for s in set(kind):
         members = [first[k] for k in kind.index[kind == s]]
         assert (w[:, members].sum(1) == len(members)).all()
-    # rows without clusters: exactly as many reals and fakes in every resample
+    # rows without clusters: exactly as many reals and fakes in every resample, per subgroup (S1)
     wr = bootstrap_weights(df, n_boot=50, seed=1, cluster=None)
     assert (wr @ df["label"].to_numpy() == df["label"].sum()).all() and (wr.sum(1) == len(df)).all()
+    for (code, label), rows in df.groupby(["subgroup", "label"]).groups.items():
+        assert (wr[:, rows].sum(1) == len(rows)).all(), (code, label)
     np.testing.assert_array_equal(w, bootstrap_weights(df, n_boot=200, seed=1))
     assert not np.array_equal(w, bootstrap_weights(df, n_boot=200, seed=2))
 
@@ -97,6 +105,34 @@ def test_bootstrap_ci_covers_and_narrows():
     assert (wide[1] - wide[0]) > 2 * (narrow[1] - narrow[0])
 
 
+def test_strata_cross_label_set_and_subgroup():
+    """S1: strata are (label set) x (subgroup); (a) each holds exactly its clusters in every
+    resample, (b) with a cluster in every (subgroup, label) cell no gap is undefined in any
+    resample, mixed/unknown-subgroup clusters go to one 'mixed' stratum per label set (noted)."""
+    rng = np.random.default_rng(4)
+    rows = []
+    for person in range(90):
+        code, label = person % 3, (person // 3) % 2  # every (subgroup, label) cell holds 15 identities
+        for _ in range(rng.integers(1, 4)):
+            rows.append({"identity": f"p{person}", "subgroup": code, "label": label})
+    rows += [{"identity": "mixed", "subgroup": c, "label": 1} for c in (0, 1)]  # two codes: 'mixed'
+    rows += [{"identity": "unknown", "subgroup": -1, "label": 0}] * 2
+    df = pd.DataFrame(rows).assign(prob=lambda d: np.clip(0.3 + 0.4 * d["label"] + rng.normal(0, 0.2, len(d)), 0, 1))
+    w = bootstrap_weights(df, n_boot=300, seed=2)
+    first = df.drop_duplicates("identity")
+    sets = df.groupby("identity")["label"].agg(lambda s: 2 if s.nunique() == 2 else s.iloc[0])
+    subs = df.groupby("identity")["subgroup"].agg(lambda s: s.iloc[0] if s.nunique() == 1 and s.iloc[0] >= 0 else -1)
+    strata = pd.DataFrame({"set": sets, "sub": subs}).loc[first["identity"]]
+    for _, members in strata.groupby(["set", "sub"]).groups.items():
+        cols = first.index[first["identity"].isin(members)]
+        assert (w[:, cols].sum(1) == len(cols)).all()
+    b = bootstrap(df, n_boot=300, seed=2)
+    for k in ("f_fpr", "f_eo", "f_meo", "f_dp", "f_oae"):
+        assert not np.isnan(b.values[k]).any(), k
+    assert b.strata == "label set x subgroup"
+    assert any("2 cluster(s) with an unknown subgroup or several" in n for n in b.notes)
+
+
 def test_notes_and_metrics_json_fields():
     df = _predictions(100).drop(columns=["subgroup"])
     df.loc[:4, "identity"] = ""
@@ -104,7 +140,40 @@ def test_notes_and_metrics_json_fields():
     assert set(m["ci95"]) == {"auc", "eer", "acc"}  # no subgroup column: no fairness intervals
     info = m["ci95_info"]
     assert info["cluster"] == "identity" and info["n_boot"] == 50 and info["level"] == 0.95
+    assert info["method"] == {"auc": "BCa (cluster jackknife)", "eer": "percentile", "acc": "percentile"}
+    assert info["n_clusters"] == len(set(df["identity"][5:])) + 5 and info["warnings"] == []
     assert any("5 row(s) without 'identity'" in n for n in info["notes"])
+    assert m["fairness_null"] == {} and "spread95" not in m and "ece_floor" not in m
+    assert m["fairness_coverage"]["unavailable"].startswith("the predictions have no subgroup column")
+    # with demographics: the gaps leave ci95 for spread95 (with its legend), floors, coverage
+    full = _predictions(300)
+    m = with_intervals({"auc": 0.7, "ece": 0.1}, full, n_boot=50, n_perm=50, seed=3)
+    assert set(m["ci95"]) == {"auc", "eer", "acc"}
+    assert set(m["spread95"]) == set(m["fairness_null"]) == {"f_fpr", "f_eo", "f_meo", "f_dp", "f_oae"}
+    assert m["ci95_info"]["spread95"] == SPREAD95_MEANING and "not a confidence interval" in SPREAD95_MEANING
+    assert all(0 < v["p"] <= 1 and v["floor"] > 0 for v in m["fairness_null"].values())
+    known = int((full["subgroup"] >= 0).sum())
+    assert m["fairness_coverage"] == {"rows": known, "of_rows": 300, "subgroups": 5, "of_subgroups": 8,
+                                      "with_both_labels": 5, "unavailable": None}
+    assert 0 < m["ece_floor"] < 0.2
+    # few clusters: the intervals say how many they rest on, and warn
+    few = with_intervals({}, _predictions(200, identities=12), n_boot=30, n_perm=10)
+    assert few["ci95_info"]["n_clusters"] == 12 and "rest on 12 'identity' clusters" in few["ci95_info"]["warnings"][0]
+
+
+def test_no_known_subgroup_is_unavailable_not_an_error():
+    """A test set without demographics (every subgroup -1, e.g. Celeb-DF): no exception, no floors,
+    and the reason; the bootstrap resamples no gap and strata by label only."""
+    df = _predictions(120).assign(subgroup=-1)
+    m = with_intervals({"auc": 0.7}, df, n_boot=40, n_perm=20)
+    assert m["fairness_null"] == {} and "spread95" not in m
+    cov = m["fairness_coverage"]
+    assert (cov["rows"], cov["of_rows"], cov["subgroups"]) == (0, 120, 0)
+    assert cov["unavailable"] == "no row has a known subgroup (gender or race unknown for all 120 rows)"
+    b = bootstrap(df, n_boot=20)
+    assert "f_fpr" not in b.values and b.strata == "label set" and not any("subgroup" in n for n in b.notes)
+    one = with_intervals({}, _predictions(60).assign(subgroup=2), n_boot=20, n_perm=20)["fairness_coverage"]
+    assert one["subgroups"] == 1 and "a disparity needs two" in one["unavailable"]
     none = bootstrap(df.drop(columns=["identity"]), n_boot=20)
     assert none.cluster is None and any("no 'identity' column" in n for n in none.notes)
     # a metric undefined in some resamples is counted, not hidden; all undefined -> [nan, nan]
@@ -112,6 +181,8 @@ def test_notes_and_metrics_json_fields():
     b = bootstrap(g, n_boot=50, cluster=None)
     assert any(n.startswith("f_fpr: undefined in") for n in b.notes)
     assert all(math.isnan(v) for v in bootstrap_ci(g.assign(subgroup=0), n_boot=20)["f_oae"])
+    with pytest.raises(FeatcacheError, match="subgroup column must hold integer codes"):
+        bootstrap(g.assign(subgroup=0.5), n_boot=5)
 
 
 def test_bad_input_is_one_clear_error():

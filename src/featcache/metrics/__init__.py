@@ -3,7 +3,11 @@
 - :mod:`.detection`: AUC, AP, EER, threshold metrics, video-level AUC.
 - :mod:`.fairness`: per-subgroup rates and F_FPR, F_EO, F_MEO, F_DP, F_OAE.
 - :mod:`.calibration`: ECE, MCE, Brier, NLL, reliability bins, temperature scaling.
-- :mod:`.bootstrap`: 95 % bootstrap intervals of the metrics; paired differences over seeds.
+- :mod:`.bootstrap`: 95 % bootstrap intervals of the metrics (BCa AUC), what metrics.json holds
+  beside them (:func:`~.bootstrap.with_intervals`); paired differences over seeds.
+- :mod:`.permutation`: each fairness gap's no-disparity floor and p-value.
+- :mod:`.table`: reading a predictions table (labels, probabilities, subgroups, clusters).
+- :mod:`.simulate`: seeded predictions with known truth, for checking the statistics.
 
 Every function takes array-likes, raises ``ValueError`` on malformed input and returns plain
 Python floats (``nan`` where undefined) so results serialize to JSON; :mod:`.bootstrap` takes a
@@ -17,6 +21,7 @@ import numpy as np
 from .calibration import calibration_metrics, fit_temperature, reliability_bins
 from .detection import detection_metrics, eer, eer_asvspoof, is_degenerate, is_one_sided, sigmoid, video_auc
 from .fairness import FAIRNESS_KEYS, fairness_metrics, group_rates, subgroup_table
+from .permutation import fairness_floor
 
 __all__ = [
     "all_metrics",
@@ -24,6 +29,7 @@ __all__ = [
     "detection_metrics",
     "eer",
     "eer_asvspoof",
+    "fairness_floor",
     "is_degenerate",
     "is_one_sided",
     "fairness_metrics",
