@@ -7,7 +7,7 @@ from matplotlib.container import ErrorbarContainer
 from PIL import Image
 
 from featcache.metrics import all_metrics
-from featcache.metrics.bootstrap import paired_differences
+from featcache.metrics.compare import paired_differences
 from featcache.report.plots import plot_ablation, plot_training_curves
 from featcache.report.tables import (
     METRIC_MEANINGS,
@@ -19,13 +19,14 @@ from featcache.report.tables import (
 )
 
 
-def _ablation(degenerate_preset="none", one_sided_preset="full"):
+def _ablation(degenerate_preset="ldam", one_sided_preset="full"):
     rng = np.random.default_rng(0)
     rows = []
-    for preset, auc, f_fpr in (("none", 0.80, 30.0), ("ldam", 0.81, 29.0), ("full", 0.79, 12.0)):
+    for preset, auc, f_fpr, excess in (("none", 0.80, 30.0, 2.0), ("ldam", 0.81, 29.0, 1.5), ("full", 0.79, 12.0, -8.0)):
         for seed in range(3):
             rows.append({"preset": preset, "seed": seed, "test_auc": auc + 0.01 * rng.normal(),
-                         "test_f_fpr": f_fpr + rng.normal(), "test_acc": 0.7 + 0.01 * rng.normal(),
+                         "test_f_fpr": f_fpr + rng.normal(), "test_f_fpr_excess": excess + rng.normal(),
+                         "test_acc": 0.7 + 0.01 * rng.normal(),
                          "test_degenerate": preset == degenerate_preset and seed == 0,
                          "test_one_sided": preset == one_sided_preset and seed > 0})
     return pd.DataFrame(rows)
@@ -62,33 +63,60 @@ def test_training_curves_carry_the_title(tmp_path):
 
 def test_ablation_table_means_sd_differences_and_legend():
     df = _ablation()
-    diffs = paired_differences(df, ["test_auc", "test_f_fpr", "test_acc"], baseline="none")
+    diffs = paired_differences(df, ["test_auc", "test_f_fpr_excess", "test_f_fpr", "test_acc"], baseline="none")
     md = ablation_table(df, diffs, title="stage2")
     lines = md.splitlines()
     header = next(line for line in lines if line.startswith("| preset | n |"))
-    assert header == "| preset | n | auc | acc | f_fpr |"
+    assert header == "| preset | n | auc | acc | f_fpr | f_fpr−floor |"
     full = next(line for line in lines if line.startswith("| full | 3 |"))
     g = df[df.preset == "full"]
     assert f"{g['test_auc'].mean():.3f} ± {g['test_auc'].std(ddof=1):.3f}" in full
     assert f"{g['test_f_fpr'].mean():.1f} ± {g['test_f_fpr'].std(ddof=1):.1f}" in full
-    # the degenerate run of "none" marks its fairness cell, and the note says why
-    none = next(line for line in lines if line.startswith("| none | 3 |"))
-    assert "†1" in none.split("|")[5] and "†" not in none.split("|")[3]
-    assert any("0 by construction" in line for line in lines)
+    # the degenerate run of "ldam" is left out of its fairness means, counted and marked; the note says why
+    ldam = next(line for line in lines if line.startswith("| ldam | 3 |"))
+    used = df[(df.preset == "ldam") & (df.seed > 0)]
+    assert f"{used['test_f_fpr'].mean():.1f} ± {used['test_f_fpr'].std(ddof=1):.1f} (2/3) †1" in ldam.split("|")[5]
+    assert "†" not in ldam.split("|")[3]
+    assert any("0 by construction" in line and "left out" in line for line in lines)
     # two one-sided runs of "full": its fairness cell says so too (its F_FPR drop is partly a threshold)
-    assert "‡2" in full.split("|")[5] and "‡" not in full.split("|")[3] and "‡" not in none
+    assert "‡2" in full.split("|")[5] and "‡" not in full.split("|")[3] and "‡" not in ldam
     assert any(line.startswith("‡ k:") and "compare auc" in line for line in lines)
-    # paired differences: full's F_FPR drop (-18) is beyond the noise, marked; ldam's is not
+    # paired differences: full's drop of F_FPR − floor (-10) is beyond the noise, marked after Holm over the
+    # two presets; its raw F_FPR drop (-18) gets an interval but no `*` (the raw gap moves with the threshold)
     d = diffs.set_index(["preset", "metric"])
-    r = d.loc[("full", "test_f_fpr")]
+    header = next(line for line in lines if line.startswith("| preset | n | Δ"))
+    assert header == "| preset | n | Δ auc | Δ f_fpr−floor | Δ f_fpr | Δ acc |"
     dfull = next(line for line in lines if line.startswith("| full | 3 | ") and "[" in line)
-    assert f"{r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}] *" in dfull
+    r = d.loc[("full", "test_f_fpr_excess")]
+    assert f"{r['mean']:+.1f} [{r['lo']:+.1f}, {r['hi']:+.1f}] *" in dfull and r["m"] == 1
+    raw = d.loc[("full", "test_f_fpr")]
+    assert raw["hi"] < 0 and f"{raw['mean']:+.1f} [{raw['lo']:+.1f}, {raw['hi']:+.1f}] |" in dfull
+    # ldam: its degenerate seed leaves two: an interval, no verdict, and the line under the table says why
+    dldam = next(line for line in lines if line.startswith("| ldam | 3 | ") and "[" in line)
+    assert "(2/3)" in dldam.split("|")[4] and "*" not in dldam.split("|")[4]
+    assert "- 2 seeds: too few seeds for a verdict (the interval is shown, no `*`)" in lines
+    assert any(line.startswith("- `*`: Holm over m presets per metric: auc 2, f_fpr−floor 1") for line in lines)
+    assert any(line.startswith("- no `*` on f_fpr:") for line in lines)
+    assert any("interval over seeds only" in line for line in lines)  # no predictions given here
     assert "Δ f_fpr" in md and "paired difference to `none`" in md
     same = pd.DataFrame({"preset": ["none"] * 2 + ["cvar"] * 2, "seed": [0, 1] * 2, "test_eer": [0.2, 0.2, 0.1, 0.1]})
     assert "| cvar | 2 | -0.100 (every seed) |" in ablation_table(same, paired_differences(same, ["test_eer"]))
-    # every column's meaning once: F_FPR as a sum in percentage points, ± as the sd over seeds, n
+    # every column's meaning once: F_FPR as a sum in percentage points, ± as the sd over seeds, n, the floor,
+    # Holm and what the interval covers
     assert md.count("F_FPR: sum over subgroups") == 1 and "percentage points" in md
     assert "±: sample standard deviation over seeds" in md and "n: number of rows evaluated, or of runs" in md
+    assert "F_FPR − floor:" in md and "floor: the gap's mean when the subgroup codes are permuted" in md
+    assert "Holm's adjustment over the presets compared" in md and "at least 3 seeds" in md
+    assert "covers the true difference about 95 times in 100" in md
+
+
+def test_two_seeds_give_intervals_and_no_verdict():
+    df = _ablation()
+    df = df[(df.seed < 2)].assign(test_degenerate=False)
+    md = ablation_table(df, paired_differences(df, ["test_auc", "test_f_fpr_excess"]))
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert "too few seeds for a verdict" in md and not any(line.endswith(" * |") or " * |" in line for line in table)
+    assert not any(line.startswith("- `*`: Holm") for line in md.splitlines())
 
 
 def test_format_metric_precision_intervals_and_degenerate_mark():
