@@ -12,6 +12,7 @@ from featcache.report.plots import plot_ablation, plot_training_curves
 from featcache.report.tables import (
     METRIC_MEANINGS,
     ablation_table,
+    decision_marks,
     format_metric,
     metric_legend,
     metrics_line,
@@ -151,3 +152,29 @@ def test_csv_rounded_json_full(tmp_path):
     back = pd.read_csv(tmp_path / "t.csv")
     assert back["test_auc"].iloc[0] == 0.9123 and back["test_f_fpr"].iloc[0] == 212.46 and back["seed"].iloc[0] == 1
     assert df["test_auc"].iloc[0] == 0.912345678  # the caller's frame is untouched
+
+
+def test_fairness_gaps_print_their_floor_p_value_and_coverage():
+    m = {"auc": 0.912, "f_fpr": 48.4, "f_meo": 20.04, "ci95": {"auc": [0.897, 0.925]},
+         "fairness_null": {"f_fpr": {"floor": 52.1, "p": 0.61}, "f_meo": {"floor": 12.0, "p": 0.000999}},
+         "fairness_coverage": {"rows": 160, "of_rows": 192, "subgroups": 4, "of_subgroups": 8, "unavailable": False}}
+    assert metrics_line(m, ["auc", "f_fpr", "f_meo"]) == (
+        "auc 0.912 [0.897, 0.925], f_fpr 48.4 (floor 52.1, p 0.61), f_meo 20.0 (floor 12.0, p 0.001), "
+        "fairness over n 160 of 192, 4 of 8 subgroups")
+    whole = {**m, "fairness_coverage": {"rows": 192, "of_rows": 192, "subgroups": 8, "of_subgroups": 8}}
+    assert metrics_line(whole, ["f_fpr"]) == "f_fpr 48.4 (floor 52.1, p 0.61)"
+    assert metrics_line(m, ["auc"]) == "auc 0.912 [0.897, 0.925]"  # no gap printed: no coverage either
+    none = {"auc": 0.9, "fairness_coverage": {"unavailable": True}}
+    assert metrics_line(none, ["auc", "f_fpr"]) == "auc 0.900, f_fpr n/a (no demographics)"
+    null = m["fairness_null"]
+    assert format_metric("f_fpr", 0.0, degenerate=True, fairness_null=null) == "0.0 (degenerate)"
+    assert format_metric("test_f_fpr", 48.4, one_sided=True, fairness_null=null) == "48.4 (floor 52.1, p 0.61; one-sided)"
+    assert format_metric("auc", 0.9, fairness_null=null) == "0.900"
+    # the legends say what an interval, a floor and a p-value mean
+    assert "covers the detector's true value about 95 times in 100" in METRIC_MEANINGS["ci95"]
+    assert "only about 83 times in 100" in METRIC_MEANINGS["ci95"]
+    assert "permuted" in METRIC_MEANINGS["floor"] and "no proof of fairness" in METRIC_MEANINGS["p"]
+    # a report's legend (evaluate's: the names of the marks that are on) explains them
+    legend = metric_legend(["f_fpr", *(k for k, on in decision_marks(m).items() if on)])
+    assert "floor: the gap's mean" in legend and "p: the share of permutations" in legend
+    assert "fairness over n a of b" in legend

@@ -66,8 +66,8 @@ METRIC_MEANINGS = {
              "matter. The raw gap of a small test set is mostly this noise; compare the gap with its floor",
     "p": "p: the share of permutations whose gap is at least the observed one; below 0.05 = a disparity beyond "
          "chance. A large p is no proof of fairness: small subgroups leave the test little power",
-    "coverage": "n a of b, g of h subgroups: the fairness gaps cover only the rows and subgroups with known "
-                "demographics",
+    "fairness_coverage": "fairness over n a of b, g of h subgroups: the fairness gaps cover only the rows and "
+                         "subgroups with known demographics; n/a (no demographics): the data have none",
     "Δ": "Δ: paired difference to the baseline over shared seeds, mean [95 % interval]; the interval holds the "
          "seed-to-seed noise and the test-set noise (the same resamples of the test rows for every run) and "
          "covers the true difference about 95 times in 100. * = beyond that noise after Holm's adjustment over "
@@ -79,6 +79,9 @@ METRIC_MEANINGS = {
     "one_sided": "one-sided: nearly every sample got one decision (predicted fakes under a quarter of the "
                  "fakes' share, or the same for real); its acc and fairness metrics mostly measure the threshold",
 }
+
+# a gap's "(floor f, p q)", in the legend of a report whose metrics carry fairness_null
+METRIC_MEANINGS["fairness_null"] = f"(floor, p) after a fairness gap: {METRIC_MEANINGS['floor']}; {METRIC_MEANINGS['p']}"
 
 #: Counts, printed as integers.
 COUNTS = {"n", "tp", "fp", "tn", "fn", "runs", "seed", "best_epoch"}
