@@ -398,7 +398,8 @@ def tables(task: str, df: pd.DataFrame, out: Path, *, evals=(), baselines=(), ti
     files.append("ablation.md")
     diffs_df = pd.concat(all_diffs, ignore_index=True) if all_diffs else None
     if diffs_df is not None and len(diffs_df):
-        write_csv_rounded(diffs_df, out / "ablation_differences.csv")
+        small = diffs_df["v_test"].map(lambda v: f"{v:.4g}")  # a variance of AUC differences is ~1e-5: not rounded to 0
+        write_csv_rounded(diffs_df.assign(v_test=small), out / "ablation_differences.csv")
         files.append("ablation_differences.csv")
     x, y = PLOT_AXES.get(task, ("test_f_fpr", "test_auc"))
     if x in df and y in df and df[[x, y]].notna().any().all():
