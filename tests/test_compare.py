@@ -127,6 +127,9 @@ def test_combined_interval_matches_a_brute_force_loop_over_the_same_resamples():
     partial = {k: v for k, v in tables.items() if k != ("x", 2)}
     r = paired_differences(df, ["test_auc"], predictions={"test": partial}, n_boot=20).iloc[0]
     assert r["basis"] == "seeds only" and "x seed 2" in r["note"] and math.isnan(r["v_test"])
+    bad = {key: t.drop(columns="prob") for key, t in tables.items()}  # tables that cannot be resampled
+    r = paired_differences(df, ["test_auc"], predictions={"test": bad}, n_boot=20).iloc[0]
+    assert r["basis"] == "seeds only" and "prob" in r["note"] and r["lo"] < r["mean"] < r["hi"]
 
 
 def test_the_interval_rules_for_two_seeds_and_for_no_seed_spread():

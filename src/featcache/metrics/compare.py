@@ -181,7 +181,7 @@ def resample_metrics(predictions: pd.DataFrame, weights: np.ndarray, *, threshol
 
 def _aligned(table: pd.DataFrame, ids: pd.Index, labels: np.ndarray) -> pd.DataFrame | None:
     """``table``'s rows in the order of ``ids`` (its sample_id), or None when the rows differ."""
-    if "sample_id" not in table:
+    if "sample_id" not in table or "label" not in table:
         return None
     own = table["sample_id"].astype(str)
     if len(own) == len(ids) and np.array_equal(own.to_numpy(), ids.to_numpy()):  # the same order already
@@ -205,8 +205,8 @@ class _TestNoise:
         self.ids = first["sample_id"].astype(str).reset_index(drop=True)
         if self.ids.duplicated().any():
             raise FeatcacheError("the baseline's predictions repeat a sample_id; paired resamples match rows on it")
-        self.labels = first["label"].to_numpy()
         self.weights = bootstrap_weights(first, n_boot=n_boot, seed=seed, cluster=cluster)
+        self.labels = first["label"].to_numpy()
         self.tables, self.threshold, self.keys = tables, threshold, tuple(keys)
         self.cache: dict = {}
 
@@ -214,8 +214,11 @@ class _TestNoise:
         if key not in self.cache:
             table = self.tables.get(key)
             aligned = None if table is None else _aligned(table, pd.Index(self.ids), self.labels)
-            self.cache[key] = None if aligned is None else resample_metrics(aligned, self.weights,
-                                                                            threshold=self.threshold, keys=self.keys)
+            try:
+                self.cache[key] = None if aligned is None else resample_metrics(
+                    aligned, self.weights, threshold=self.threshold, keys=self.keys)
+            except FeatcacheError:  # a table without valid label/prob: as if missing
+                self.cache[key] = None
         return self.cache[key]
 
 
@@ -318,8 +321,11 @@ def paired_differences(df: pd.DataFrame, columns, *, baseline: str = "none", by:
         first = next((sd for sd in base_rows if (baseline, sd) in tables), None)
         keys = {resampled_metric(m) for c in values for p, m in [split_column(c)] if p == prefix} & set(RESAMPLED)
         if first is not None and keys:
-            noise[prefix] = _TestNoise(tables, (baseline, first), n_boot=n_boot, seed=seed, cluster=cluster,
-                                       threshold=threshold, keys=keys)
+            try:
+                noise[prefix] = _TestNoise(tables, (baseline, first), n_boot=n_boot, seed=seed, cluster=cluster,
+                                           threshold=threshold, keys=keys)
+            except FeatcacheError as exc:  # e.g. no label/prob columns: these columns fall back to the seeds
+                noise[prefix] = str(exc)
     rows = []
     for preset in pd.unique(presets):
         if preset == baseline:
@@ -357,10 +363,13 @@ def paired_differences(df: pd.DataFrame, columns, *, baseline: str = "none", by:
     return pd.DataFrame(rows, columns=COLUMNS).astype({"n": int, "n_runs": int, "m": int, "differs": bool})
 
 
-def _test_noise(noise: _TestNoise | None, metric: str, preset, baseline, seeds: list, given: bool):
-    """(resampled seed-averaged differences or None, basis, note) of one (preset, metric)."""
+def _test_noise(noise: _TestNoise | str | None, metric: str, preset, baseline, seeds: list, given: bool):
+    """(resampled seed-averaged differences or None, basis, note) of one (preset, metric); ``noise``
+    a string: why the baseline's predictions could not be resampled."""
     if metric not in RESAMPLED:
         return None, "seeds only", "seeds only: no test-set resamples for this column" if given else ""
+    if isinstance(noise, str):
+        return None, "seeds only", f"seeds only: {noise}"
     if noise is None:
         return None, "seeds only", "seeds only: no predictions for this column's runs" if given else ""
     diffs = []
