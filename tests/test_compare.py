@@ -352,3 +352,4 @@ def test_excess_and_column_names():
     assert excess({"f_fpr": 1.0}) == {}
     assert split_column("test_f_fpr_excess") == ("test", "f_fpr_excess")
     assert split_column("ffpp_auc") == ("ffpp", "auc") and split_column("test_f_eo") == ("test", "f_eo")
+    assert split_column("test_mce") == ("test", "mce") and split_column("probe_race_raw") == ("", "probe_race_raw")

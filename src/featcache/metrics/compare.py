@@ -107,7 +107,8 @@ def excess(metrics: dict) -> dict[str, float]:
 def split_column(column: str) -> tuple[str, str]:
     """``test_f_fpr_excess`` -> ``("test", "f_fpr_excess")``; ``ffpp_auc`` -> ``("ffpp", "auc")``;
     a column that ends in no known metric -> ``("", column)``."""
-    for metric in sorted([*RESAMPLED, *(f"{m}{EXCESS}" for m in (*FAIRNESS_KEYS, "ece"))], key=len, reverse=True):
+    known = {*RESAMPLED, *NO_VERDICT, *(f"{m}{EXCESS}" for m in (*FAIRNESS_KEYS, "ece"))}
+    for metric in sorted(known, key=len, reverse=True):
         if column.endswith(f"_{metric}"):
             return column[:-len(metric) - 1], metric
     return "", column
