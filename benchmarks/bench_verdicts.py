@@ -1,7 +1,7 @@
 """The ablation's verdicts with known truth (issue 23; ``statistics.md`` §2.4, §3 and S4): the heavy
 versions of ``tests/test_compare.py``'s simulations.
 
-    python benchmarks/bench_verdicts.py [--reps 300] [--ablations 200] [--holm 500] [--boot 300] [--only a,b,c]
+    python benchmarks/bench_verdicts.py [--reps 300] [--ablations 200] [--holm 2000] [--boot 300] [--only a,b,c]
 
 (a) **Coverage** of :func:`featcache.metrics.compare.paired_differences`' interval on the spec's §3
     model 2 (two presets, 400 balanced test rows, AUC about 0.9, a preset x sample interaction of
@@ -178,7 +178,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--ablations", type=int, default=200)
-    ap.add_argument("--holm", type=int, default=500)
+    ap.add_argument("--holm", type=int, default=2000)
     ap.add_argument("--boot", type=int, default=300)
     ap.add_argument("--only", default="a,b,c")
     args = ap.parse_args(argv)
