@@ -56,6 +56,8 @@ METRIC_MEANINGS = {
     "f_meo_excess": "F_MEO − floor: F_MEO minus its no-disparity floor",
     "f_dp_excess": "F_DP − floor: F_DP minus its no-disparity floor",
     "f_oae_excess": "F_OAE − floor: F_OAE minus its no-disparity floor",
+    "ece_floor": "ECE floor: the mean ECE of a perfectly calibrated detector with the same P(fake) (labels redrawn "
+                 "from P(fake)): the binned ECE's upward bias at this n",
     "ece_excess": "ECE − floor: ECE minus the ECE a perfectly calibrated detector with the same P(fake) "
                   "scores at this n (the binned ECE is biased upward on small test sets)",
     "ci95": "[lo, hi]: 95 % bootstrap interval (identities resampled when known, stratified): it covers the "
