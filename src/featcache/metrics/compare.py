@@ -66,8 +66,9 @@ import pandas as pd
 from scipy import special
 
 from ..errors import FeatcacheError
-from .bootstrap import CHUNK, _check_level, _columns, _Weighted, bootstrap_weights
+from .bootstrap import CHUNK, _check_level, _Weighted, bootstrap_weights
 from .calibration import EPS
+from .detection import check_binary
 from .fairness import FAIRNESS_KEYS
 
 #: The suffix of a gap measured against its floor: ``test_f_fpr_excess`` = F_FPR − floor.
@@ -145,7 +146,14 @@ def resample_metrics(predictions: pd.DataFrame, weights: np.ndarray, *, threshol
     :func:`~featcache.metrics.calibration.calibration_metrics`) as weighted means.  At weights of
     ones each equals the metric of the table."""
     keys = set(keys)
-    y, p = _columns(predictions)
+    missing = [c for c in ("label", "prob") if c not in predictions]
+    if missing:
+        raise FeatcacheError(f"the predictions table lacks column(s) {', '.join(missing)}; test-set resamples "
+                             "need label (0/1) and prob (P(fake)) per row")
+    try:
+        y, p = check_binary(predictions["label"].to_numpy(), predictions["prob"].to_numpy(), name="prob")
+    except ValueError as exc:
+        raise FeatcacheError(f"the predictions cannot be resampled: {exc}") from None
     groups = None
     if "subgroup" in predictions:
         g = predictions["subgroup"].to_numpy()
