@@ -3,7 +3,7 @@
     python benchmarks/bench_stats.py [--part all|coverage|permutation|ranges|speed] [--reps 400] [--boot 1000]
                                      [--perm 1000]
 
-- ``coverage``: the 95 % AUC interval's coverage on clustered binormal data (``statistics.md``
+- ``coverage``: the 95 % AUC interval's coverage on clustered binormal data (the statistics review
   S2(b), (c)): n = 200 rows in label-pure identities of 1-5 rows (about 65), ICC 0.3, AUC 0.9
   and 0.97, ``--reps`` datasets x ``--boot`` resamples.  Printed for the BCa interval
   (featcache's), the percentile interval of the same resamples, and the rows-only percentile

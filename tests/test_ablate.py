@@ -78,6 +78,11 @@ def test_batched_ablation_equals_sequential_train_head_runs_then_reuses_and_redo
     assert "| preset | n | auc |" in md and "paired difference to `none`" in md and "| full | 2 |" in md
     assert {"ablation.csv", "ablation.json", "ablation.md"} <= set(res.files)
     assert any(f.endswith(".png") for f in res.files)
+    # the differences hold the seeds and the test set (each run's eval/test/predictions.csv, resampled);
+    # two seeds: intervals, and no verdict
+    d = res.diffs.set_index(["preset", "metric"])
+    assert d.loc[("full", "test_auc"), "basis"] == "seeds + test set" and d.loc[("full", "test_auc"), "v_test"] > 0
+    assert not res.diffs["differs"].any() and "too few seeds for a verdict" in md
     # rerun: every run reused, nothing rewritten
     mtime = (tmp_path / "abl" / "full" / "seed1" / "summary.json").stat().st_mtime_ns
     lines.clear()
@@ -99,6 +104,8 @@ def test_batched_ablation_equals_sequential_train_head_runs_then_reuses_and_redo
                  evals={"again": bed / "c"}, **kw)
     assert not col.trained and not col.missing and "again_auc" in col.markdown
     np.testing.assert_allclose(col.table["again_auc"], col.table["test_auc"], rtol=1e-6)
+    again_d = col.diffs.set_index(["preset", "metric"]).loc[("full", "again_auc")]  # eval/again_test/predictions.csv
+    assert again_d["basis"] == "seeds + test set" and again_d["v_test"] > 0
 
 
 def test_runs_of_another_architecture_are_grouped_apart_and_say_why(bed, tmp_path):

@@ -1,11 +1,10 @@
-"""Bootstrap intervals against a plain-loop bootstrap over the same resamples; paired differences."""
+"""Bootstrap intervals against a plain-loop bootstrap over the same resamples; paired bootstrap of two runs."""
 
 import math
 
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from featcache.errors import FeatcacheError
@@ -16,7 +15,6 @@ from featcache.metrics.bootstrap import (
     bootstrap,
     bootstrap_ci,
     bootstrap_weights,
-    paired_differences,
     with_intervals,
 )
 
@@ -194,35 +192,6 @@ def test_bad_input_is_one_clear_error():
         bootstrap_ci(_predictions(20), level=95)
     with pytest.raises(FeatcacheError, match="prob"):
         bootstrap_ci(pd.DataFrame({"label": [0, 1], "prob": [0.2, 1.5]}))
-
-
-def test_paired_differences_over_seeds():
-    rows = []
-    rng = np.random.default_rng(0)
-    seed_effect = rng.normal(0, 1.0, 5)  # shared by every preset of a seed: cancels in the pairs
-    for preset, shift in (("none", 0.0), ("big", 2.0), ("zero", 0.0)):
-        for s in range(5):
-            rows.append({"preset": preset, "seed": s, "test_f_fpr": 10 + shift + seed_effect[s] + 0.1 * rng.normal()})
-    df = pd.DataFrame(rows)
-    d = paired_differences(df, ["test_f_fpr", "test_missing"], baseline="none").set_index("preset")
-    assert list(d.index) == ["big", "zero"]
-    diff = (df[df.preset == "big"]["test_f_fpr"].to_numpy() - df[df.preset == "none"]["test_f_fpr"].to_numpy())
-    lo, hi = stats.t.interval(0.95, 4, loc=diff.mean(), scale=diff.std(ddof=1) / np.sqrt(5))
-    assert d.loc["big", "mean"] == pytest.approx(diff.mean()) and d.loc["big", "sd"] == pytest.approx(diff.std(ddof=1))
-    assert (d.loc["big", "lo"], d.loc["big", "hi"]) == (pytest.approx(lo), pytest.approx(hi))
-    assert d.loc["big", "differs"] and not d.loc["zero", "differs"] and d.loc["big", "n"] == 5
-    # one shared seed: a difference but no interval and no verdict
-    one = paired_differences(df[df.seed.isin([0])], ["test_f_fpr"]).iloc[0]
-    assert one["n"] == 1 and math.isnan(one["lo"]) and not one["differs"]
-    with pytest.raises(FeatcacheError, match="baseline preset 'ce'"):
-        paired_differences(df, ["test_f_fpr"], baseline="ce")
-    # the same difference on both seeds (a coarse metric: the demo's EER moved by 1/76 on each): the t
-    # interval would have no width and call it beyond the noise; there is no interval and no verdict
-    same = pd.DataFrame({"preset": ["none", "none", "cvar", "cvar"], "seed": [0, 1, 0, 1],
-                         "test_eer": [0.158, 0.158, 0.158 - 1 / 76, 0.158 - 1 / 76]})
-    r = paired_differences(same, ["test_eer"]).iloc[0]
-    assert r["n"] == 2 and r["sd"] == pytest.approx(0, abs=1e-15) and math.isnan(r["lo"]) and not r["differs"]
-    assert r["mean"] == pytest.approx(-1 / 76)
 
 
 def test_paired_bootstrap_of_two_runs_on_the_same_rows():

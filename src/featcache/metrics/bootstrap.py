@@ -1,5 +1,5 @@
-"""Uncertainty of the metrics: a vectorised, stratified, clustered bootstrap, and paired differences
-over seeds for ablations.
+"""Uncertainty of the metrics: a vectorised, stratified, clustered bootstrap (the paired differences
+over seeds of an ablation are :mod:`.compare`'s).
 
 What an evaluation's metrics.json holds (:func:`with_intervals`)
 ---------------------------------------------------------------
@@ -19,7 +19,7 @@ n_perm=1000)`` returns ``metrics`` plus:
   the same resamples: how noisy the gap is, *not* a confidence interval.  A gap is a sum or range
   of absolute differences, biased upward, and biased again under resampling: percentile, BC and
   BCa intervals of it cover the true gap 0 % of the time at a true gap of 0 (the statistics
-  review, ``statistics.md`` §2), and can lie wholly above the point.
+  review; ARCHITECTURE.md, "Fairness gaps against their floor"), and can lie wholly above the point.
 - ``fairness_null``: ``{f_key: {"floor": float, "p": float}}``, each gap's permutation
   no-disparity floor and p-value (:func:`.permutation.fairness_floor`, ``n_perm`` permutations
   seeded with ``seed``); ``{}`` without demographics.  Read ``f_fpr 48.4 (floor 52.1, p 0.61)``:
@@ -93,21 +93,8 @@ Paired differences of two runs on the same rows (:func:`paired_bootstrap`)
 -------------------------------------------------------------------------
 The same resamples (drawn from the first table's clusters and labels) applied to both tables,
 rows matched on ``sample_id``: the interval of ``metric(a) - metric(b)`` over the test rows
-(percentile intervals: no acceleration for a difference).
-
-Paired differences over seeds (:func:`paired_differences`)
-----------------------------------------------------------
-An ablation trains every preset with the same seeds; run ``(preset, seed)`` and
-``(baseline, seed)`` share the seed (initialisation and batch order) and the test rows, so the
-difference is taken per seed and summarised over seeds: mean, sample standard deviation
-(``ddof = 1``) and the Student-t interval ``mean ± t_{(1+level)/2, k-1} · sd / sqrt(k)`` over the
-``k`` shared seeds.  This interval holds the training noise (seed to seed), which on the README's
-controlled cache is as large as the effect of the presets; the test-set noise is in each run's own
-bootstrap interval (``ci95`` in its metrics).  A preset "differs beyond the noise" when the
-interval excludes 0; with fewer than two shared seeds there is no interval and no verdict, and
-none either when every seed gives the same difference (sd 0: the t interval would have no width,
-which says the metric is coarse, e.g. an EER on 152 rows moving in steps of 1/76, not that the noise
-is nil).
+(percentile intervals: no acceleration for a difference). Paired differences over seeds, with the
+test-set noise combined, are :func:`featcache.metrics.compare.paired_differences`.
 """
 
 from __future__ import annotations
@@ -347,7 +334,7 @@ def paired_bootstrap(a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = 1000, se
                      cluster: str | None = "identity", threshold: float = 0.5) -> Bootstrap:
     """The resampled differences ``metric(a) - metric(b)`` of two prediction tables of the same
     test rows (matched on ``sample_id``), each resample drawing the same rows for both: the test-set
-    noise of a difference between two runs (the seed-to-seed noise is :func:`paired_differences`')."""
+    noise of a difference between two runs (over seeds: :func:`featcache.metrics.compare.paired_differences`)."""
     for name, t in (("first", a), ("second", b)):
         if "sample_id" not in t:
             raise FeatcacheError(f"the {name} predictions table lacks sample_id; paired intervals match rows on it")
@@ -495,46 +482,3 @@ class _Weighted:
             eer = np.where(d1 == 0, f1, f0 + d0 / (d0 - d1) * (f1 - f0))
         nan = np.full(len(w), np.nan)
         return {"auc": np.where(both, auc, nan), "eer": np.where(both, eer, nan)}
-
-
-def paired_differences(df: pd.DataFrame, columns, *, baseline: str = "none", by: str = "preset",
-                       pair: str = "seed", level: float = 0.95) -> pd.DataFrame:
-    """Per preset (≠ ``baseline``) and metric column: the paired difference to ``baseline`` over
-    the seeds both have (see the module docstring).
-
-    ``df`` holds one row per run with columns ``by`` (preset), ``pair`` (seed) and the metric
-    ``columns``.  Returns one row per (preset, metric): ``preset, baseline, metric, n`` (shared
-    seeds with both values defined), ``mean, sd`` (of the differences), ``lo, hi`` (the t
-    interval; NaN with fewer than two seeds or no spread), ``differs`` (the interval excludes 0).
-    """
-    from scipy import stats
-
-    _check_level(level)
-    for c in (by, pair):
-        if c not in df:
-            raise FeatcacheError(f"the ablation table lacks a {c!r} column")
-    if baseline not in set(df[by]):
-        raise FeatcacheError(f"baseline preset {baseline!r} is not in the ablation "
-                             f"(presets: {', '.join(map(str, pd.unique(df[by])))}); add it to --presets")
-    base = df[df[by] == baseline].set_index(pair)
-    rows = []
-    for preset, g in df.groupby(by, sort=False):
-        if preset == baseline:
-            continue
-        g = g.set_index(pair)
-        for col in columns:
-            if col not in df:
-                continue
-            shared = g.index.intersection(base.index)
-            d = (g.loc[shared, col].astype(float) - base.loc[shared, col].astype(float)).dropna()
-            k = len(d)
-            mean = float(d.mean()) if k else float("nan")
-            sd = float(d.std(ddof=1)) if k >= 2 else float("nan")
-            if k >= 2 and sd > 1e-12 * max(1.0, abs(mean)):
-                half = float(stats.t.ppf((1 + level) / 2, k - 1) * sd / np.sqrt(k))
-                lo, hi = mean - half, mean + half
-            else:
-                lo = hi = float("nan")
-            rows.append({"preset": preset, "baseline": baseline, "metric": col, "n": k, "mean": mean, "sd": sd,
-                         "lo": lo, "hi": hi, "differs": bool(k >= 2 and (lo > 0 or hi < 0))})
-    return pd.DataFrame(rows, columns=["preset", "baseline", "metric", "n", "mean", "sd", "lo", "hi", "differs"])

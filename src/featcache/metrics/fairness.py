@@ -183,7 +183,7 @@ def wilson(x: np.ndarray, n: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarr
 
 def gap_ranges(cells: np.ndarray, resampled: np.ndarray | None = None, alpha: float = 0.05) -> dict[str, list]:
     """``{f_key: [lo, hi]}``: a simultaneous range for each gap's true value, the Wilson–Bonferroni
-    projection (``statistics.md`` S3c), times 100.
+    projection (the statistics review's S3c), times 100.
 
     Each rate a gap uses gets a Wilson interval per subgroup at level ``1 - alpha / J``, ``J`` the
     number of rates in its family (F_FPR: the G FPRs; F_EO and F_MEO: the G FPRs and G TPRs; F_DP:

@@ -4,7 +4,7 @@ Why: F_FPR, F_EO, F_MEO, F_DP and F_OAE are sums or ranges of *absolute* differe
 subgroup rates, so sampling noise alone makes them positive, and how positive depends on the
 operating point (a subgroup's FPR noise is sqrt(FPR (1 - FPR) / n_g)).  Two detectors with no
 disparity at all, the second the first minus one logit, score F_FPR 30.5 and 12.8 on 1,000 rows
-(the statistics review, ``statistics.md`` §2.4).  The gap alone cannot say "fair"; the gap
+(the statistics review; ARCHITECTURE.md, "Fairness gaps against their floor").  The gap alone cannot say "fair"; the gap
 against what the same decisions give when subgroup does not matter can.
 
 Method (a permutation test, exact under its null):

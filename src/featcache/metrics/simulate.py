@@ -1,6 +1,6 @@
 """Seeded predictions tables with known truth, for checking the statistics by simulation.
 
-The generators of the statistics review (``statistics.md``, appendix), written once for the tests
+The generators of the statistics review (its appendix), written once for the tests
 (``tests/test_statistics.py``) and the benchmark (``benchmarks/bench_stats.py``):
 
 - :func:`clustered_binormal`: identities of 1-5 rows, score = δ·y + u_cluster + e with

@@ -36,7 +36,8 @@ from ..cache import open_cache
 from ..config import load_config, presets_of
 from ..errors import FeatcacheError
 from ..heads.task import backbone_identity, check_run_dir, check_same_backbone, get_task, list_tasks
-from ..metrics.bootstrap import paired_differences
+from ..metrics.compare import EXCESS, excess, paired_differences, without_degenerate
+from ..metrics.fairness import FAIRNESS_KEYS
 from ..report.plots import plot_ablation
 from ..report.tables import ABLATION_METRICS, ablation_table, metrics_line, write_csv_rounded
 from ..runtime import write_json
@@ -333,12 +334,15 @@ def _train_on_devices(task, cache_path, by_device: list[tuple[str, list]], *, pr
 
 # -- tables ----------------------------------------------------------------------------------
 def run_row(run: PlannedRun, summary: dict) -> dict:
-    """One table row from a run's summary.json: val/test metrics, Stage 1's probes, timing."""
+    """One table row from a run's summary.json: val/test metrics (and each fairness gap minus its
+    no-disparity floor, ``<split>_<gap>_excess``, when the metrics carry ``fairness_null``; ECE minus
+    ``ece_floor`` likewise), Stage 1's probes, timing."""
     row = {"preset": run.preset, "seed": run.seed, "best_epoch": summary.get("best_epoch"),
            "seconds": summary.get("seconds")}
     for split in ("val", "test"):
-        row.update({f"{split}_{k}": v for k, v in (summary.get(split) or {}).items()
-                    if isinstance(v, (int, float, bool)) or v is None})
+        metrics = summary.get(split) or {}
+        row.update({f"{split}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float, bool)) or v is None})
+        row.update({f"{split}_{k}": v for k, v in excess(metrics).items()})
     for attr, probe in (summary.get("probe") or {}).items():
         for k in ("raw", "debiased", "chance"):
             if k in probe:
@@ -346,27 +350,38 @@ def run_row(run: PlannedRun, summary: dict) -> dict:
     return row
 
 
-def _metric_sets(task: str, df: pd.DataFrame) -> list[tuple[str, tuple[str, ...]]]:
-    """(split, metric names) of each table: a detector's ablation metrics, else the task's own."""
+def _metric_sets(task: str, df: pd.DataFrame) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """(split, metric names, compared metric names) of each table: a detector's ablation metrics,
+    else the task's own.  A detector's presets are compared on each fairness gap minus its floor
+    (the raw gap when no floor was recorded: no verdict) and on ECE minus its floor (else Brier and
+    NLL when present, else the raw ECE: no verdict)."""
     cls = get_task(task)
-    sets = [("test", ABLATION_METRICS if cls.detects else tuple(cls.summary_keys))]
+    shown = ABLATION_METRICS if cls.detects else tuple(cls.summary_keys)
+    sets = [("test", shown, _compared("test", shown, df) if cls.detects else shown)]
     probes = tuple(dict.fromkeys(c[len("probe_"):] for c in df.columns
                                  if c.startswith("probe_") and not c.endswith("_chance")))
     if probes:
-        sets.append(("probe", probes))
+        sets.append(("probe", probes, probes))
     return sets
 
 
 def tables(task: str, df: pd.DataFrame, out: Path, *, evals=(), baselines=(), title: str = "") -> tuple[str, pd.DataFrame | None, list[str]]:
-    """ablation.md's markdown, the paired differences, and the files written (csv, json, md, plot)."""
+    """ablation.md's markdown, the paired differences, and the files written (csv, json, md, plot).
+
+    The differences combine the seeds with the test-set noise from each run's
+    ``<preset>/seed<k>/eval/<test or NAME_test>/predictions.csv`` under ``out``
+    (:func:`featcache.metrics.compare.paired_differences`); a column whose runs lack it gets the
+    interval over seeds alone, and the table says so."""
     out.mkdir(parents=True, exist_ok=True)
     files = [write_csv_rounded(df, out / "ablation.csv").name]
     write_json(out / "ablation.json", df.to_dict(orient="records"))
     files.append("ablation.json")
     parts, all_diffs = [], []
-    for split, metrics in _metric_sets(task, df):
-        cols = [f"{split}_{m}" for m in metrics if f"{split}_{m}" in df] + [f"{e}_auc" for e in evals if f"{e}_auc" in df]
-        diffs = [paired_differences(df, cols, baseline=b) for b in baselines if b in set(df["preset"])]
+    for split, metrics, compared in _metric_sets(task, df):
+        cols = [f"{split}_{m}" for m in compared if f"{split}_{m}" in df] + [f"{e}_auc" for e in evals if f"{e}_auc" in df]
+        predictions = _run_predictions(out, df, ["test", *evals]) if split == "test" else None
+        diffs = [paired_differences(df, cols, baseline=b, predictions=predictions)
+                 for b in baselines if b in set(df["preset"])]
         heading = title if split == "test" else "leakage probes (val accuracy, raw vs debiased features)"
         parts.append(ablation_table(df, diffs[0] if diffs else None, evals=evals if split == "test" else (),
                                     metrics=metrics, split=split, title=heading))
@@ -383,12 +398,13 @@ def tables(task: str, df: pd.DataFrame, out: Path, *, evals=(), baselines=(), ti
     files.append("ablation.md")
     diffs_df = pd.concat(all_diffs, ignore_index=True) if all_diffs else None
     if diffs_df is not None and len(diffs_df):
-        write_csv_rounded(diffs_df, out / "ablation_differences.csv")
+        small = diffs_df["v_test"].map(lambda v: f"{v:.4g}")  # a variance of AUC differences is ~1e-5: not rounded to 0
+        write_csv_rounded(diffs_df.assign(v_test=small), out / "ablation_differences.csv")
         files.append("ablation_differences.csv")
     x, y = PLOT_AXES.get(task, ("test_f_fpr", "test_auc"))
     if x in df and y in df and df[[x, y]].notna().any().all():
         name = f"ablation_{y.removeprefix('test_')}_vs_{x.removeprefix('test_')}.png"
-        plot_ablation(df, out / name, x=x, y=y, title=title)
+        plot_ablation(without_degenerate(df), out / name, x=x, y=y, title=title)  # degenerate gaps say nothing
         files.append(name)
     return markdown, diffs_df, files
 
@@ -471,3 +487,31 @@ def ablate(task: str, cache, out, *, presets="all", seeds=(0, 1, 2), evals: dict
         (out / "ablation.md").write_text(markdown)
     return AblationResult(task, out, df, markdown, lines, trained, reused, missing, diffs, files)
 
+
+def _compared(split: str, metrics, df: pd.DataFrame) -> tuple[str, ...]:
+    """The metrics a detector's presets are compared on (see :func:`_metric_sets`)."""
+    out = []
+    for m in metrics:
+        if (m in FAIRNESS_KEYS or m == "ece") and f"{split}_{m}{EXCESS}" in df:
+            out.append(f"{m}{EXCESS}")
+        elif m == "ece" and any(f"{split}_{k}" in df for k in ("brier", "nll")):
+            out += [k for k in ("brier", "nll") if f"{split}_{k}" in df]
+        else:
+            out.append(m)
+    return tuple(out)
+
+
+def _run_predictions(out: Path, df: pd.DataFrame, prefixes) -> dict[str, dict]:
+    """``{prefix: {(preset, seed): predictions}}`` from each run's ``eval/<split>/predictions.csv``
+    (prefix ``test``) or ``eval/<name>_test/predictions.csv`` (an eval cache's); runs without the file
+    are left out (their columns then get intervals over seeds alone)."""
+    wanted = {"sample_id", "label", "prob", "subgroup", "identity"}
+    found: dict[str, dict] = {}
+    for prefix in prefixes:
+        tag = "test" if prefix == "test" else f"{prefix}_test"
+        for preset, seed in df[["preset", "seed"]].itertuples(index=False):
+            path = out / str(preset) / f"seed{seed}" / "eval" / tag / "predictions.csv"
+            if path.is_file():
+                table = pd.read_csv(path, usecols=lambda c: c in wanted, dtype={"identity": str, "sample_id": str})
+                found.setdefault(prefix, {})[(preset, seed)] = table
+    return found
