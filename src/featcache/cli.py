@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import FeatcacheError
+from .errors import FeatcacheError, is_disk_full, write_error
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -351,7 +351,9 @@ def extract(state, backbone, manifest_path, out, model, pretrained, layer, batch
         return
     resumed = f", {r.parts_resumed} already there" if r.parts_resumed else ""
     if r.parts_repaired:
-        resumed += f", {r.parts_repaired} found damaged (missing chunks) and redone"
+        resumed += f", {r.parts_repaired} found damaged and redone"
+    if r.meta_repaired:
+        resumed += f", meta column{'s' * (len(r.meta_repaired) > 1)} {', '.join(r.meta_repaired)} written again"
     click.echo(f"{r.cache}: {r.rows} samples in {r.parts_total} parts ({r.parts_written} written{resumed}), "
                f"{r.failed} unreadable, {r.seconds:.1f} s"
                + (f", {r.samples_per_second:.1f} samples/s" if r.samples_per_second else ""))
@@ -822,10 +824,12 @@ def cache_info_cmd(path, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @quiet_option
 def cache_verify_cmd(path, as_json):
-    """Check a cache's parts, shapes and values; exit 1 if damaged.
+    """Check every array of every part and every meta column; exit 1 if damaged.
 
-    Every part present and readable, every chunk stored, shapes consistent, no NaN or Inf,
-    errors.jsonl agreeing with the ok flags.
+    Each array present, complete (its row count) and decodable (every chunk read), shapes
+    consistent across parts, no NaN or Inf, errors.jsonl agreeing with the ok flags. Each
+    problem is named, then the repair: rerunning the extraction (no --overwrite) recomputes
+    damaged parts and rewrites damaged meta columns.
 
     Example: featcache cache verify caches/faces-small
     """
@@ -840,22 +844,25 @@ def cache_verify_cmd(path, as_json):
         click.echo(f"FAILED: {report.path}")
         for p in report.problems:
             click.echo(f"  {p}")
+        if report.repair:
+            click.echo(f"repair: {report.repair}")
     sys.exit(0 if report.ok else 1)
 
 
 @cache.command("export", context_settings=CONTEXT)
 @click.argument("path", type=click.Path())
-@click.option("--h5", "h5_out", required=True, type=click.Path(dir_okay=False), help="HDF5 file to write.")
+@click.option("--h5", "h5_out", required=True, type=click.Path(), help="HDF5 file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing HDF5 file.")
 @quiet_option
 @click.pass_obj
-def cache_export_cmd(state, path, h5_out):
+def cache_export_cmd(state, path, h5_out, overwrite):
     """Export features, ok flags and meta columns to HDF5.
 
     Example: featcache cache export caches/faces-small --h5 faces-small.h5
     """
     from .cache import export_h5
 
-    out = export_h5(path, h5_out, progress=not state.quiet)
+    out = export_h5(path, h5_out, overwrite=overwrite, progress=not state.quiet)
     click.echo(f"wrote {out}")
 
 
@@ -942,10 +949,14 @@ def main(argv=None) -> None:
     except click.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except OSError as exc:  # disk full, permission denied, ...: the user's to fix
-        if debug:
+    except Exception as exc:  # a write no library call mapped: a full disk, permission denied, ...
+        if is_disk_full(exc):  # also safetensors' SafetensorError, which is not an OSError
+            err = write_error(exc, getattr(exc, "filename", None) or "a file", None)
+        else:
+            err = FeatcacheError(str(exc)) if isinstance(exc, OSError) else None
+        if debug or err is None:
             raise
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {err}", err=True)
         sys.exit(2)
     sys.exit(0)
 

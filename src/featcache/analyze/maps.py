@@ -17,8 +17,8 @@ import numpy as np
 
 from ..cache import open_cache
 from ..data.manifest import SUBGROUP_NAMES
-from ..errors import FeatcacheError
-from ..report.plots import plot_embedding_map
+from ..errors import FeatcacheError, check_out, writing
+from ..report.plots import image_format, plot_embedding_map
 from .index import as_unit_float32
 
 COLOR_BY = ("subgroup", "label", "dataset", "split")
@@ -59,6 +59,7 @@ def embedding_map(cache_path, out_png, *, color_by: str = "subgroup", split: str
     if int(max_points) < 3:
         raise FeatcacheError(f"max_points must be at least 3, got {max_points}")
     use = "umap" if method == "umap" or (method == "auto" and umap_available()) else "pca"
+    image_format(check_out(out_png, kind="file"))  # a wrong --out is one line, before any work
 
     cache = open_cache(Path(cache_path).resolve())
     if cache.kind != "pooled":
@@ -96,7 +97,8 @@ def embedding_map(cache_path, out_png, *, color_by: str = "subgroup", split: str
         explained = [float(v) for v in pca.explained_variance_ratio_]
 
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
+    with writing(out_png):
+        out_png.parent.mkdir(parents=True, exist_ok=True)
     where = f"split {split}" if split else "all splits"
     label = "PCA" if use == "pca" else "UMAP"
     if explained:

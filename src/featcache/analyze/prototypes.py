@@ -19,7 +19,7 @@ import pandas as pd
 
 from ..cache import open_cache
 from ..data.audio import FRAME_HOP, FRAME_WINDOW, SAMPLE_RATE
-from ..errors import FeatcacheError
+from ..errors import FeatcacheError, check_out, write_atomic, writing
 from ..heads.task import load_run
 from ..report.plots import plot_embedding_map
 from ..report.tables import markdown_table
@@ -54,6 +54,7 @@ def analyze_prototypes(run_dir, cache=None, out=None, *, split: str | None = Non
     import torch
 
     run_dir = Path(run_dir)
+    check_out(out if out else run_dir / "prototypes")  # a wrong --out is one line, before any work
     task = load_run(run_dir, "cpu")
     if task.name != "xai":
         raise FeatcacheError(f"{run_dir} is a {task.name} run; analyze prototypes reads an xai run")
@@ -93,8 +94,9 @@ def analyze_prototypes(run_dir, cache=None, out=None, *, split: str | None = Non
         "nearest": nearest,
     }
     out = Path(out) if out else run_dir / "prototypes"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "prototypes.json").write_text(json.dumps(report, indent=2))
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "prototypes.json", json.dumps(report, indent=2))
     table = pd.DataFrame([{"prototype": n, **{f"purity@{k}": purity[n][k] for k in KS},
                            "class fraction": report["class_fraction"][n]} for n in CLASSES])
     md = [f"# Prototypes of {run_dir}", "",
@@ -102,7 +104,7 @@ def analyze_prototypes(run_dir, cache=None, out=None, *, split: str | None = Non
           f"{cos:.3f}, distance {report['prototype_distance']:.3f}.", "", markdown_table(table), ""]
     for name in CLASSES:
         md += [f"## Frames nearest the {name} prototype", "", markdown_table(pd.DataFrame(nearest[name]), ".3f"), ""]
-    (out / "prototypes.md").write_text("\n".join(md))
+    write_atomic(out / "prototypes.md", "\n".join(md))
     # the map: PCA of unit frames (a seeded sample) with the prototypes projected alike
     from sklearn.decomposition import PCA
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..errors import write_atomic
+
 #: What each metric means; the keys are metric names without a split prefix (``test_``, ``val_``).
 METRIC_MEANINGS = {
     "auc": "AUC: area under the ROC curve (0.5 chance, 1 perfect)",
@@ -143,9 +145,7 @@ def round_for_csv(df: pd.DataFrame) -> pd.DataFrame:
 def write_csv_rounded(df: pd.DataFrame, path, **to_csv) -> Path:
     """Write ``df`` rounded for reading (rates 4 decimals, percentage points 2); returns the path.
     Full precision belongs in the JSON files."""
-    path = Path(path)
-    round_for_csv(df).to_csv(path, index=to_csv.pop("index", False), **to_csv)
-    return path
+    return write_atomic(path, round_for_csv(df).to_csv(index=to_csv.pop("index", False), **to_csv))
 
 
 def markdown_table(df: pd.DataFrame, spec: str | None = None) -> str:
