@@ -150,6 +150,10 @@ class FeatureCache:
     def meta(self, columns=None) -> pd.DataFrame:
         """The meta columns (all stored ones by default) as a table; strings as objects."""
         have = self.meta_columns()
+        if columns is None:  # all of them: a column the manifest had and the cache lost is damage, not absence
+            lost = [c for c in self.attrs.get("meta_columns", ()) if c not in have]
+            if lost:
+                raise damaged(self.path, f"meta/{lost[0]}", "the column is missing")
         names = list(columns) if columns is not None else have
         for name in names:
             if name not in have:

@@ -490,15 +490,19 @@ class CacheWriter:
         """Write again each meta column that is missing, damaged or differs from the manifest's
         (the manifest is the one the fingerprint names, so its columns are the truth)."""
         want = meta_arrays(self.meta)
-        bad = {col: why for col, values in want.items() if (why := meta_damage(self.path, col, values))}
+        if (self.path / "meta" / "zarr.json").is_file():
+            bad = [col for col, values in want.items() if meta_damage(self.path, col, values)]
+        else:  # the group itself is gone: write it and every column again
+            bad = list(want)
         stored = read_attrs(self.path)
         if not bad and stored.get("meta_columns") == list(want):
             return
         root = zarr.open_group(LocalStore(self.path), mode="r+")
-        root.attrs.update({"complete": False})
         if bad:
+            root.attrs.update({"complete": False})  # a run killed before the rewrite leaves a cache that says so
             if not (self.path / "meta" / "zarr.json").is_file():
-                root.create_group("meta", overwrite=True)
+                shutil.rmtree(self.path / "meta", ignore_errors=True)
+                root.create_group("meta")
             meta = root["meta"]
             for col in bad:
                 shutil.rmtree(self.path / "meta" / col, ignore_errors=True)

@@ -97,6 +97,9 @@ def verify_cache(path, *, max_problems: int = 20) -> VerifyReport:
         problems.append(f"incomplete: {len(cache.done_parts())} of {cache.n_parts} parts written")
 
     stored = cache.meta_columns()
+    if not (cache.path / "meta" / "zarr.json").is_file():
+        problems.append("meta: the group's zarr.json is missing")
+        report.damaged_meta.append("(group)")
     expected = list(cache.attrs.get("meta_columns") or _REQUIRED_META)
     for col in [*expected, *(c for c in stored if c not in expected)]:
         where = f"meta/{col}"
