@@ -14,13 +14,13 @@ from featcache.cache import export_h5, open_cache, verify_cache
 from featcache.errors import CacheError, DiskFullError, OutputError, human_bytes, write_atomic
 from featcache.extract import extract
 
-ROWS, PART = 24, 8  # three parts
-KW = dict(model="tiny", batch_size=8, part_rows=PART, num_workers=0, progress=False, device="cpu")
+ROWS, PART = 12, 4  # three parts
+KW = dict(model="tiny", batch_size=PART, part_rows=PART, num_workers=0, progress=False, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
-    """A clean `tiny` CLIP extraction of 24 images (its manifest, its cache)."""
+    """A clean `tiny` CLIP extraction of 12 images (its manifest, its cache)."""
     root = tmp_path_factory.mktemp("damage")
     manifest = write_image_manifest(root / "data", ROWS)
     extract("clip", manifest, root / "clean", **KW)
@@ -29,7 +29,7 @@ def clean(tmp_path_factory):
 
 def _extract_cli(manifest, out, *extra):
     return run_cli("extract", "--backbone", "clip", "--model", "tiny", "--manifest", manifest, "--out", out,
-                   "--part-rows", PART, "--batch-size", 8, "--num-workers", 0, "--device", "cpu", "-q", *extra,
+                   "--part-rows", PART, "--batch-size", PART, "--num-workers", 0, "--device", "cpu", "-q", *extra,
                    check=False)
 
 
@@ -99,8 +99,8 @@ def test_reading_or_training_on_a_damaged_cache_is_one_line(clean, tmp_path):
 
 @pytest.fixture
 def little_free(monkeypatch):
-    """The disk has 1000 bytes free, whatever it really has: messages are the same on any machine."""
-    monkeypatch.setattr(errors_module, "free_bytes", lambda path: 1000)
+    """The disk has 100 bytes free, whatever it really has: messages are the same on any machine."""
+    monkeypatch.setattr(errors_module, "free_bytes", lambda path: 100)
 
 
 def test_a_full_disk_while_writing_a_part_is_one_line_and_the_rerun_finishes(clean, tmp_path, monkeypatch,
@@ -120,7 +120,7 @@ def test_a_full_disk_while_writing_a_part_is_one_line_and_the_rerun_finishes(cle
     line = _one_error_line(_extract_cli(manifest, out))
     need = open_cache(cache).read_part(1)["features"].nbytes + PART  # the part's features and ok flags
     assert f"no space left on the disk of {out / 'parts' / '00001'}" in line
-    assert f"it needs about {human_bytes(need)}, 1000 B free: free at least {human_bytes(need - 1000)}" in line
+    assert f"it needs about {human_bytes(need)}, 100 B free: free at least {human_bytes(need - 100)}" in line
     assert not list((out / "parts").glob("*.tmp")) and not (out / "parts" / "00001").exists()
     with pytest.raises(CacheError, match="incomplete"):
         open_cache(out)
@@ -143,7 +143,7 @@ def test_a_full_disk_while_saving_weights_is_one_line(clean, tmp_path, monkeypat
     line = _one_error_line(run_cli("train-head", "stage1", "--cache", clean[1], "--out", run,
                                    "--set", "training.epochs=1", "--set", "training.device=cpu", "-q", check=False))
     assert "no space left on the disk of" in line and ".safetensors (it needs about" in line
-    assert "1000 B free" in line
+    assert "100 B free" in line
     assert not list(run.rglob("*.tmp")) and not list(run.rglob("*.safetensors"))
 
 
@@ -159,12 +159,12 @@ def test_a_full_disk_for_tables_plots_and_exports_leaves_nothing_half_written(cl
         raise OSError(errno.ENOSPC, "No space left on device", str(self))
 
     monkeypatch.setattr(Path, "write_bytes", full)
-    with pytest.raises(DiskFullError, match=r"ablation\.md \(it needs about 11 B, 1000 B free: free some space\)"):
+    with pytest.raises(DiskFullError, match=r"ablation\.md \(it needs about 11 B, 100 B free: free some space\)"):
         write_atomic(tmp_path / "ablation.md", "# a table\n\n")
     df = pd.DataFrame({"preset": ["none"], "test_auc": [0.91234567]})
     with pytest.raises(DiskFullError, match=r"ablation\.csv \(it needs about"):
         write_csv_rounded(df, tmp_path / "ablation.csv")
-    with pytest.raises(DiskFullError, match=r"roc\.png \(it needs about [0-9.]+ KiB, 1000 B free"):
+    with pytest.raises(DiskFullError, match=r"roc\.png \(it needs about [0-9.]+ KiB, 100 B free"):
         plot_roc(np.array([0, 1, 0, 1]), np.array([0.1, 0.8, 0.3, 0.6]), tmp_path / "roc.png")
     monkeypatch.setattr(Path, "write_bytes", real)
     assert not list(tmp_path.iterdir())  # no final file, no .tmp
