@@ -373,7 +373,7 @@ def _truncate_log(run_dir: Path, epoch: int) -> None:
     f = run_dir / "log.jsonl"
     if f.is_file():
         rows = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= epoch]
-        f.write_text("".join(r + "\n" for r in rows))
+        write_atomic(f, "".join(r + "\n" for r in rows))  # a full disk never leaves half the log
 
 
 class _null:
