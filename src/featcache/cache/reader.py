@@ -88,8 +88,6 @@ class FeatureCache:
                 f"{self.path} is incomplete ({done} of {self.n_parts} parts); rerun the same "
                 "`featcache extract` command to finish it"
             )
-        # An absolute root: with a relative one, zarr 3.1 counts no stored chunks (nchunks_initialized 0).
-        self._root = zarr.open_group(LocalStore(self.path.resolve(), read_only=True), mode="r")
         self._meta_cache: dict[str, np.ndarray] = {}
 
     # -- attributes ------------------------------------------------------------------------
@@ -174,8 +172,12 @@ class FeatureCache:
         return pd.DataFrame({name: self._meta_cache[name] for name in names})
 
     def part(self, index: int) -> zarr.Group:
+        """Part ``index`` as a Zarr group, for inspection (chunking, attributes); featcache itself
+        reads arrays through :meth:`part_array`, the one decoder."""
         self._check_part(index)
-        return self._root[f"parts/{part_name(index)}"]
+        # An absolute root: with a relative one, zarr 3.1 counts no stored chunks (nchunks_initialized 0).
+        root = zarr.open_group(LocalStore(self.path.resolve(), read_only=True), mode="r")
+        return root[f"parts/{part_name(index)}"]
 
     def _check_part(self, index: int) -> None:
         if not 0 <= index < self.n_parts:
