@@ -201,6 +201,15 @@ def test_export_needs_overwrite_and_out_mistakes_are_one_line(clean, tmp_path):
     with pytest.raises(OutputError, match="already exists"):
         export_h5(cache, h5)
 
+    png, dups = tmp_path / "m.png", tmp_path / "dups"
+    for args, target in ((("analyze", "map", "--cache", cache, "--method", "pca", "--out", png), png),
+                         (("analyze", "duplicates", "--cache", cache, "-k", 3, "--out", dups), dups / "duplicates.json")):
+        run_cli(*args)
+        before = target.stat().st_mtime_ns
+        line = _one_error_line(run_cli(*args, check=False))
+        assert "pass --overwrite to replace" in line and target.stat().st_mtime_ns == before
+        run_cli(*args, "--overwrite")
+
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
     wrong = [

@@ -693,9 +693,10 @@ def analyze():
               help="A Stage-1 run: audit the features before and after its debiasing adapter.")
 @click.option("--train-split", default="train", show_default=True, help="Split the index and probes are fitted on.")
 @click.option("--val-split", default="val", show_default=True, help="Split the kNN classifier and probes are scored on.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier audit in --out.")
 @quiet_option
 @click.pass_obj
-def analyze_subgroups(state, cache_path, out, adapter, train_split, val_split):
+def analyze_subgroups(state, cache_path, out, adapter, train_split, val_split, overwrite):
     """Audit how much race, gender, subgroup and label the features carry.
 
     kNN label purity (k = 10, 20, 50), a similarity-weighted kNN classifier and a linear probe,
@@ -709,7 +710,7 @@ def analyze_subgroups(state, cache_path, out, adapter, train_split, val_split):
     from .analyze.subgroups import audit_subgroups
 
     audit_subgroups(cache_path, out, adapter_run=adapter, split_train=train_split, split_val=val_split,
-                    progress=not state.quiet)
+                    progress=not state.quiet, overwrite=overwrite)
     click.echo((Path(out) / "subgroups.md").read_text())
     click.echo(f"wrote {out}/subgroups.json, subgroups.md, subgroups.png")
 
@@ -743,8 +744,9 @@ def analyze_neighbors(cache_path, query, image, k):
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--threshold", default=0.95, show_default=True, help="Cosine similarity of a near-duplicate pair.")
 @click.option("-k", "k", default=10, show_default=True, help="Neighbours examined per sample.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier report in --out.")
 @quiet_option
-def analyze_duplicates(cache_path, out, threshold, k):
+def analyze_duplicates(cache_path, out, threshold, k, overwrite):
     """Find near-duplicate pairs and leaky splits.
 
     Leaky: near-duplicates, or shared identities, across train/val/test.
@@ -753,7 +755,7 @@ def analyze_duplicates(cache_path, out, threshold, k):
     """
     from .analyze.duplicates import find_duplicates
 
-    find_duplicates(cache_path, out, threshold=threshold, k=k)
+    find_duplicates(cache_path, out, threshold=threshold, k=k, overwrite=overwrite)
     click.echo((Path(out) / "duplicates.md").read_text())
 
 
@@ -764,16 +766,17 @@ def analyze_duplicates(cache_path, out, threshold, k):
 @click.option("--method", type=click.Choice(["auto", "pca", "umap"]), default="auto", show_default=True,
               help="auto: UMAP when umap-learn is installed, else PCA.")
 @click.option("--split", default=None, help="Only this split.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--out", required=True, type=click.Path(), help="Image file to write (.png, .pdf, .svg, ...).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing image.")
 @quiet_option
-def analyze_map(cache_path, color_by, method, split, out):
+def analyze_map(cache_path, color_by, method, split, out, overwrite):
     """Draw a 2-D map of the cached embeddings (PCA, or UMAP).
 
     Example: featcache analyze map --cache caches/faces-small --color-by subgroup --out maps/faces-small.png
     """
     from .analyze.maps import embedding_map
 
-    info = embedding_map(cache_path, out, color_by=color_by, split=split, method=method)
+    info = embedding_map(cache_path, out, color_by=color_by, split=split, method=method, overwrite=overwrite)
     click.echo(f"wrote {out} ({info['method']}, {info['points']} points)")
 
 
@@ -783,15 +786,16 @@ def analyze_map(cache_path, color_by, method, split, out):
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder [RUN/prototypes].")
 @click.option("--split", default=None, help="Only this split [all].")
 @click.option("--top", default=10, show_default=True, help="Nearest frames listed per prototype.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier report in the output folder.")
 @quiet_option
-def analyze_prototypes_cmd(run, cache_path, out, split, top):
+def analyze_prototypes_cmd(run, cache_path, out, split, top, overwrite):
     """Nearest frames of an xai run's prototypes, label purity at k = 10, 50, 100, and a PCA map.
 
     Example: featcache analyze prototypes runs/xai --cache caches/audio-tiny
     """
     from .analyze.prototypes import analyze_prototypes
 
-    report = analyze_prototypes(run, cache_path, out, split=split, top=top)
+    report = analyze_prototypes(run, cache_path, out, split=split, top=top, overwrite=overwrite)
     folder = Path(out) if out else Path(run) / "prototypes"
     click.echo((folder / "prototypes.md").read_text())
     click.echo(f"wrote {folder}/prototypes.json, prototypes.md, prototypes_map.png "

@@ -164,15 +164,21 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     return path
 
 
-def check_out(path: str | os.PathLike, *, kind: str = "folder", overwrite: bool = True, option: str = "--out") -> Path:
+def check_out(path: str | os.PathLike, *, kind: str = "folder", overwrite: bool = True, option: str = "--out",
+              files=()) -> Path:
     """Refuse a wrong output path in one line, before any work: a file where a folder is
     expected (``kind="folder"``) or the reverse, an existing file without ``overwrite``
-    (``kind="file"``), or a parent that is a file or cannot be written. Returns the path."""
+    (``kind="file"``; for a folder, any of the ``files`` it would write), or a parent that is a
+    file or cannot be written. Returns the path."""
     path = Path(path)
     if kind not in ("folder", "file"):
         raise ValueError(f"kind must be folder or file, got {kind!r}")
     if kind == "folder" and path.exists() and not path.is_dir():
         raise OutputError(f"{option} {path} is a file; give a folder")
+    held = [f for f in files if (path / f).exists()] if kind == "folder" and not overwrite else []
+    if held:
+        raise OutputError(f"{path} already holds {', '.join(held)}; pass --overwrite to replace "
+                          f"{'them' if len(held) > 1 else 'it'}, or choose another {option}")
     if kind == "file":
         if path.is_dir():
             raise OutputError(f"{option} {path} is a folder; give a file name")

@@ -70,7 +70,12 @@ def _neighbor_pairs(index, n: int, k: int, threshold: float):
     return uniq // n, uniq % n, best
 
 
-def find_duplicates(cache_path, out_dir, *, threshold: float = 0.95, k: int = 10, max_examples: int = 20) -> dict:
+#: The files find_duplicates writes into its folder (replaced only with ``overwrite``).
+REPORT_FILES = ("duplicates.json", "duplicate_pairs.csv", "duplicates.md")
+
+
+def find_duplicates(cache_path, out_dir, *, threshold: float = 0.95, k: int = 10, max_examples: int = 20,
+                    overwrite: bool = False) -> dict:
     """Find near-duplicate pairs and leaky splits in a pooled cache; write the reports into ``out_dir``.
 
     Returns the dict written to ``duplicates.json``: ``n``, ``dim``, ``threshold``, ``k``,
@@ -80,8 +85,9 @@ def find_duplicates(cache_path, out_dir, *, threshold: float = 0.95, k: int = 10
     ``split_pairs``: per cross-split pair (``train/val``, ``train/test``, ``val/test``, ...)
     ``near_duplicates`` (pairs) and ``shared_identities`` (identities with samples in both
     splits), ``shared_identity_examples`` (a few identities per split pair) and ``files``.
+    An earlier report in ``out_dir`` (:data:`REPORT_FILES`) is replaced only with ``overwrite``.
     """
-    check_out(out_dir)  # a wrong --out is one line, before any work
+    check_out(out_dir, overwrite=overwrite, files=REPORT_FILES)  # a wrong --out is one line, before any work
     threshold = _check_threshold(threshold)
     k = check_k(k)
     if isinstance(max_examples, bool) or not isinstance(max_examples, (int, np.integer)) or max_examples < 0:

@@ -42,13 +42,14 @@ def group_names(values, color_by: str) -> np.ndarray:
 
 
 def embedding_map(cache_path, out_png, *, color_by: str = "subgroup", split: str | None = None,
-                  method: str = "auto", max_points: int = 20000, seed: int = 0) -> dict:
+                  method: str = "auto", max_points: int = 20000, seed: int = 0, overwrite: bool = False) -> dict:
     """Write a 2-D map of the cache's features to ``out_png``; return what was drawn.
 
     ``split``: one split or None for all rows.  ``method``: ``pca``, ``umap`` (needs umap-learn)
     or ``auto`` (UMAP when umap-learn is importable, else PCA).  Returns ``{"method", "points",
     "rows", "color_by", "groups", "explained_variance", "path"}``; ``explained_variance`` holds
-    the two components' explained-variance ratios for PCA and is None for UMAP.
+    the two components' explained-variance ratios for PCA and is None for UMAP. An existing
+    ``out_png`` is replaced only with ``overwrite``.
     """
     if color_by not in COLOR_BY:
         raise FeatcacheError(f"cannot colour the map by {color_by!r}; choose one of {', '.join(COLOR_BY)}")
@@ -59,7 +60,7 @@ def embedding_map(cache_path, out_png, *, color_by: str = "subgroup", split: str
     if int(max_points) < 3:
         raise FeatcacheError(f"max_points must be at least 3, got {max_points}")
     use = "umap" if method == "umap" or (method == "auto" and umap_available()) else "pca"
-    image_format(check_out(out_png, kind="file"))  # a wrong --out is one line, before any work
+    image_format(check_out(out_png, kind="file", overwrite=overwrite))  # a wrong --out is one line, before any work
 
     cache = open_cache(Path(cache_path).resolve())
     if cache.kind != "pooled":

@@ -49,12 +49,14 @@ def prototype_purity(frames: np.ndarray, frame_class: np.ndarray, prototypes: np
 
 
 def analyze_prototypes(run_dir, cache=None, out=None, *, split: str | None = None, top: int = 10,
-                       max_map_points: int = 5000, device: str = "auto", seed: int = 0) -> dict:
-    """Run the analysis of the module docstring; returns the JSON report (also written to ``out``)."""
+                       max_map_points: int = 5000, device: str = "auto", seed: int = 0, overwrite: bool = False) -> dict:
+    """Run the analysis of the module docstring; returns the JSON report (also written to ``out``,
+    ``RUN/prototypes`` by default; an earlier report there is replaced only with ``overwrite``)."""
     import torch
 
     run_dir = Path(run_dir)
-    check_out(out if out else run_dir / "prototypes")  # a wrong --out is one line, before any work
+    check_out(out if out else run_dir / "prototypes", overwrite=overwrite,  # a wrong --out: one line, before any work
+              files=("prototypes.json", "prototypes.md", "prototypes_map.png"))
     task = load_run(run_dir, "cpu")
     if task.name != "xai":
         raise FeatcacheError(f"{run_dir} is a {task.name} run; analyze prototypes reads an xai run")

@@ -262,16 +262,18 @@ def _check_split(cache, split: str, counts: pd.Series, role: str) -> None:
 
 
 def audit_subgroups(cache_path, out_dir, *, adapter_run=None, split_train: str = "train", split_val: str = "val",
-                    ks=(10, 20, 50), progress: bool = True, seed: int = 0, device=None) -> dict:
+                    ks=(10, 20, 50), progress: bool = True, seed: int = 0, device=None, overwrite: bool = False) -> dict:
     """The leakage audit of a cache, before and (with a Stage-1 ``adapter_run``) after debiasing.
 
     Writes ``out_dir/subgroups.json`` (the tables, each index's kind, rows and — for an approximate
     index — recall@k, the cache's fingerprint), ``subgroups.md`` (before / after / change tables)
     and ``subgroups.png`` (per attribute: purity@k, kNN and probe accuracy against their chance
-    levels; raw beside debiased).  Returns the dict written to the JSON.
+    levels; raw beside debiased).  Returns the dict written to the JSON.  An earlier audit in
+    ``out_dir`` is replaced only with ``overwrite``.
     """
     ks = _check_ks(ks)
-    check_out(out_dir)  # a wrong --out is one line, before the audit
+    # a wrong --out, or an earlier audit there without overwrite, is one line before the audit
+    check_out(out_dir, overwrite=overwrite, files=("subgroups.json", "subgroups.md", "subgroups.png"))
     cache = open_pooled(cache_path, "analyze subgroups")
     counts = _splits_of(cache)
     _check_split(cache, split_train, counts, "train")
