@@ -158,3 +158,17 @@ def test_a_relative_path_reads_like_an_absolute_one(tmp_path, monkeypatch):
     cache = open_cache("c")
     assert cache.load_rows("features").shape == (23, 6)
     assert verify_cache("c").ok
+
+
+def test_a_resumed_writer_writes_lost_meta_again(tmp_path):
+    meta, feats, ok = make_cache(tmp_path / "c")
+    want = open_cache(tmp_path / "c").meta()
+    (tmp_path / "c" / "meta" / "zarr.json").unlink()
+    shutil.rmtree(tmp_path / "c" / "meta" / "split")
+    report = verify_cache(tmp_path / "c")
+    assert report.damaged_meta == ["(group)", "split"] and report.repair
+    with pytest.raises(CacheError, match=r"meta/split is damaged \(the column is missing\)"):
+        open_cache(tmp_path / "c").meta()
+    make_cache(tmp_path / "c")  # the same writer again: every part is there, the meta is written again
+    assert verify_cache(tmp_path / "c").ok
+    pd.testing.assert_frame_equal(open_cache(tmp_path / "c").meta(), want)

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from conftest import array_hashes, write_image_manifest
 
+from featcache.cache import arrays as arrays_module
 from featcache.cache import open_cache, verify_cache
-from featcache.cache import reader as reader_module
 from featcache.cache import store as store_module
 from featcache.cli import main
 from featcache.errors import CacheError, FeatcacheError
@@ -100,7 +100,7 @@ def test_rerun_redoes_a_part_with_a_deleted_chunk(images, clip_cache, tmp_path, 
                                    "--out", str(out), "--part-rows", "16", "--batch-size", "8", "--num-workers", "0",
                                    "--device", "cpu", "-q"])
     assert code == 0, output
-    assert "(1 written, 2 already there, 1 found damaged (missing chunks) and redone)" in output
+    assert "(1 written, 2 already there, 1 found damaged and redone)" in output
     assert array_hashes(out) == want and verify_cache(out).ok
 
 
@@ -121,7 +121,7 @@ def test_open_cache_checks_the_kind(clip_cache):
 def test_selected_rows_are_read_across_chunks_and_blocks(tmp_path, monkeypatch):
     # Small chunks and conversion blocks, so that parts span several chunk files and blocks.
     monkeypatch.setattr(store_module, "CHUNK_BYTES", 7 * 12 * 2)
-    monkeypatch.setattr(reader_module, "_BLOCK_BYTES", 3 * 12 * 2)
+    monkeypatch.setattr(arrays_module, "BLOCK_BYTES", 3 * 12 * 2)
     from test_cache import make_cache
 
     meta, feats, ok = make_cache(tmp_path / "c", rows=53, dim=12, part_rows=17, failed=(3, 40))

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import FeatcacheError, called_from
+from .errors import FeatcacheError, called_from, is_disk_full, write_error
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -422,7 +422,9 @@ def extract(state, backbone, manifest_path, out, model, pretrained, layer, batch
         return
     resumed = f", {r.parts_resumed} already there" if r.parts_resumed else ""
     if r.parts_repaired:
-        resumed += f", {r.parts_repaired} found damaged (missing chunks) and redone"
+        resumed += f", {r.parts_repaired} found damaged and redone"
+    if r.meta_repaired:
+        resumed += f", meta column{'s' * (len(r.meta_repaired) > 1)} {', '.join(r.meta_repaired)} written again"
     click.echo(f"{r.cache}: {r.rows} samples in {r.parts_total} parts ({r.parts_written} written{resumed}), "
                f"{r.failed} unreadable, {r.seconds:.1f} s"
                + (f", {r.samples_per_second:.1f} samples/s" if r.samples_per_second else ""))
@@ -762,9 +764,10 @@ def analyze():
               help="A Stage-1 run: audit the features before and after its debiasing adapter.")
 @click.option("--train-split", default="train", show_default=True, help="Split the index and probes are fitted on.")
 @click.option("--val-split", default="val", show_default=True, help="Split the kNN classifier and probes are scored on.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier audit in --out.")
 @quiet_option
 @click.pass_obj
-def analyze_subgroups(state, cache_path, out, adapter, train_split, val_split):
+def analyze_subgroups(state, cache_path, out, adapter, train_split, val_split, overwrite):
     """Audit how much race, gender, subgroup and label the features carry.
 
     kNN label purity (k = 10, 20, 50), a similarity-weighted kNN classifier and a linear probe,
@@ -778,7 +781,7 @@ def analyze_subgroups(state, cache_path, out, adapter, train_split, val_split):
     from .analyze.subgroups import audit_subgroups
 
     audit_subgroups(cache_path, out, adapter_run=adapter, split_train=train_split, split_val=val_split,
-                    progress=not state.quiet)
+                    progress=not state.quiet, overwrite=overwrite)
     click.echo((Path(out) / "subgroups.md").read_text())
     click.echo(f"wrote {out}/subgroups.json, subgroups.md, subgroups.png")
 
@@ -812,8 +815,9 @@ def analyze_neighbors(cache_path, query, image, k):
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--threshold", default=0.95, show_default=True, help="Cosine similarity of a near-duplicate pair.")
 @click.option("-k", "k", default=10, show_default=True, help="Neighbours examined per sample.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier report in --out.")
 @quiet_option
-def analyze_duplicates(cache_path, out, threshold, k):
+def analyze_duplicates(cache_path, out, threshold, k, overwrite):
     """Find near-duplicate pairs and leaky splits.
 
     Leaky: near-duplicates, or shared identities, across train/val/test.
@@ -822,7 +826,7 @@ def analyze_duplicates(cache_path, out, threshold, k):
     """
     from .analyze.duplicates import find_duplicates
 
-    find_duplicates(cache_path, out, threshold=threshold, k=k)
+    find_duplicates(cache_path, out, threshold=threshold, k=k, overwrite=overwrite)
     click.echo((Path(out) / "duplicates.md").read_text())
 
 
@@ -833,16 +837,17 @@ def analyze_duplicates(cache_path, out, threshold, k):
 @click.option("--method", type=click.Choice(["auto", "pca", "umap"]), default="auto", show_default=True,
               help="auto: UMAP when umap-learn is installed, else PCA.")
 @click.option("--split", default=None, help="Only this split.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--out", required=True, type=click.Path(), help="Image file to write (.png, .pdf, .svg, ...).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing image.")
 @quiet_option
-def analyze_map(cache_path, color_by, method, split, out):
+def analyze_map(cache_path, color_by, method, split, out, overwrite):
     """Draw a 2-D map of the cached embeddings (PCA, or UMAP).
 
     Example: featcache analyze map --cache caches/faces-small --color-by subgroup --out maps/faces-small.png
     """
     from .analyze.maps import embedding_map
 
-    info = embedding_map(cache_path, out, color_by=color_by, split=split, method=method)
+    info = embedding_map(cache_path, out, color_by=color_by, split=split, method=method, overwrite=overwrite)
     click.echo(f"wrote {out} ({info['method']}, {info['points']} points)")
 
 
@@ -852,15 +857,16 @@ def analyze_map(cache_path, color_by, method, split, out):
 @click.option("--out", default=None, type=click.Path(file_okay=False), help="Output folder [RUN/prototypes].")
 @click.option("--split", default=None, help="Only this split [all].")
 @click.option("--top", default=10, show_default=True, help="Nearest frames listed per prototype.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier report in the output folder.")
 @quiet_option
-def analyze_prototypes_cmd(run, cache_path, out, split, top):
+def analyze_prototypes_cmd(run, cache_path, out, split, top, overwrite):
     """Nearest frames of an xai run's prototypes, label purity at k = 10, 50, 100, and a PCA map.
 
     Example: featcache analyze prototypes runs/xai --cache caches/audio-tiny
     """
     from .analyze.prototypes import analyze_prototypes
 
-    report = analyze_prototypes(run, cache_path, out, split=split, top=top)
+    report = analyze_prototypes(run, cache_path, out, split=split, top=top, overwrite=overwrite)
     folder = Path(out) if out else Path(run) / "prototypes"
     click.echo((folder / "prototypes.md").read_text())
     click.echo(f"wrote {folder}/prototypes.json, prototypes.md, prototypes_map.png "
@@ -893,10 +899,12 @@ def cache_info_cmd(path, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @quiet_option
 def cache_verify_cmd(path, as_json):
-    """Check a cache's parts, shapes and values; exit 1 if damaged.
+    """Check every array of every part and every meta column; exit 1 if damaged.
 
-    Every part present and readable, every chunk stored, shapes consistent, no NaN or Inf,
-    errors.jsonl agreeing with the ok flags.
+    Each array present, complete (its row count) and decodable (every chunk read), shapes
+    consistent across parts, no NaN or Inf, errors.jsonl agreeing with the ok flags. Each
+    problem is named, then the repair: rerunning the extraction (no --overwrite) recomputes
+    damaged parts and rewrites damaged meta columns.
 
     Example: featcache cache verify caches/faces-small
     """
@@ -911,22 +919,25 @@ def cache_verify_cmd(path, as_json):
         click.echo(f"FAILED: {report.path}")
         for p in report.problems:
             click.echo(f"  {p}")
+        if report.repair:
+            click.echo(f"repair: {report.repair}")
     sys.exit(0 if report.ok else 1)
 
 
 @cache.command("export", context_settings=CONTEXT)
 @click.argument("path", type=click.Path())
-@click.option("--h5", "h5_out", required=True, type=click.Path(dir_okay=False), help="HDF5 file to write.")
+@click.option("--h5", "h5_out", required=True, type=click.Path(), help="HDF5 file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing HDF5 file.")
 @quiet_option
 @click.pass_obj
-def cache_export_cmd(state, path, h5_out):
+def cache_export_cmd(state, path, h5_out, overwrite):
     """Export features, ok flags and meta columns to HDF5.
 
     Example: featcache cache export caches/faces-small --h5 faces-small.h5
     """
     from .cache import export_h5
 
-    out = export_h5(path, h5_out, progress=not state.quiet)
+    out = export_h5(path, h5_out, overwrite=overwrite, progress=not state.quiet)
     click.echo(f"wrote {out}")
 
 
@@ -1014,10 +1025,14 @@ def main(argv=None) -> None:
     except click.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except OSError as exc:  # disk full, permission denied, ...: the user's to fix
-        if debug:
+    except Exception as exc:  # a write no library call mapped: a full disk, permission denied, ...
+        if is_disk_full(exc):  # also safetensors' SafetensorError, which is not an OSError
+            err = write_error(exc, getattr(exc, "filename", None) or "a file", None)
+        else:
+            err = FeatcacheError(str(exc)) if isinstance(exc, OSError) else None
+        if debug or err is None:
             raise
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {err}", err=True)
         sys.exit(2)
     sys.exit(0)
 

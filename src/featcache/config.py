@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import CALLER, FeatcacheError, set_option
+from .errors import CALLER, FeatcacheError, set_option, write_atomic
 
 
 class ConfigError(FeatcacheError):
@@ -306,7 +306,7 @@ def presets_of(task: str) -> list[str]:
 
 
 def save_config(cfg: dict, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    write_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
 
 
 def load_config(path: str | Path) -> dict:

@@ -199,7 +199,7 @@ def run_filter_features_demo(out: Path, manifests: dict, filter_run: Path, *, si
     _stage1(caches["stage1"], stage1, sizes.stage1_epochs, progress, echo)
     audit = runs / "audit"
     echo(f"      leakage audit before and after the adapter (FAISS kNN, probes) -> {audit}")
-    echo(audit_subgroups(caches["stage1"], audit, adapter_run=stage1, progress=progress)["markdown"])
+    echo(audit_subgroups(caches["stage1"], audit, adapter_run=stage1, progress=progress, overwrite=True)["markdown"])
 
     abl = runs / "ablation"
     seeds = tuple(sizes.seeds)
@@ -325,7 +325,7 @@ def run_audio_demo(out: str | Path, *, n: int = 120, epochs: int | None = None, 
     echo(f"      localization AUROC {test['loc_auroc']:.3f}, AP {test['loc_ap']:.3f} "
          f"(spoofed-frame fraction {test['loc_spoof_fraction']:.3f}), pointing game {test['pointing_game']:.3f}, "
          f"relevance mass {test['relevance_mass']:.3f}; utterance {metrics_line(test, ('auc', 'eer', 'eer_asvspoof'))}")
-    protos = analyze_prototypes(run, cache_dir)
+    protos = analyze_prototypes(run, cache_dir, overwrite=True)  # the demo's own folder: a rerun redoes it
     echo("      prototype purity@10/50/100: " + "; ".join(
         f"{name} " + "/".join(f"{v:.2f}" for v in p.values()) for name, p in protos["purity"].items()))
     echo(f"      plots: {run / 'eval' / 'test' / 'plots' / 'importance.png'}, {run / 'prototypes' / 'prototypes_map.png'}")

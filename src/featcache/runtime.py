@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import FeatcacheError, option
+from .errors import FeatcacheError, option, write_atomic, writing
 
 
 class RunDir:
@@ -176,10 +176,7 @@ def to_json(obj, indent: int | None = 2) -> str:
 
 def write_json(path: Path, obj) -> None:
     """Write ``obj`` as JSON, atomically (a kill never leaves half a file)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(to_json(obj))
-    os.replace(tmp, path)
+    write_atomic(path, to_json(obj))
 
 
 # -- the run directory -----------------------------------------------------------------------------
@@ -208,8 +205,10 @@ def save_module(module: torch.nn.Module | dict, path: Path) -> None:
     sd = module.state_dict() if isinstance(module, torch.nn.Module) else module
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp))
-    os.replace(tmp, path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+    with writing(path, need=sum(t.nbytes for t in tensors.values()), partial=[tmp]):  # a full disk: one line
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
 
 
 def load_weights(path: Path, device="cpu") -> dict[str, torch.Tensor]:
@@ -236,8 +235,21 @@ def save_state(state: dict, path: Path) -> None:
     views part of a larger one is written as its own bytes only."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(_compact(state), tmp)
-    os.replace(tmp, path)
+    state = _compact(state)
+    with writing(path, need=_nbytes(state), partial=[tmp]):
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+
+def _nbytes(obj) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts, lists): what :func:`save_state` writes, about."""
+    if torch.is_tensor(obj):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 16
 
 
 def load_state(path: Path, device="cpu") -> dict:
@@ -254,6 +266,6 @@ def eval_dir(run_dir: Path, split: str, name: str | None = None) -> Path:
 
 def write_eval(out: Path, metrics: dict, predictions: pd.DataFrame, report_md: str) -> None:
     """One evaluation's files: predictions.csv, metrics.json, report.md (plots are the caller's)."""
-    predictions.to_csv(out / RunDir.PREDICTIONS, index=False)
+    write_atomic(out / RunDir.PREDICTIONS, predictions.to_csv(index=False))
     write_json(out / RunDir.METRICS, metrics)
-    (out / RunDir.REPORT).write_text(report_md)
+    write_atomic(out / RunDir.REPORT, report_md)

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.manifest import SPLITS
-from ..errors import FeatcacheError
+from ..errors import FeatcacheError, check_out, write_atomic, writing
 from ..report.tables import markdown_table
 from .index import build_index
 from .neighbors import check_k, meta_column, open_pooled
@@ -70,7 +70,12 @@ def _neighbor_pairs(index, n: int, k: int, threshold: float):
     return uniq // n, uniq % n, best
 
 
-def find_duplicates(cache_path, out_dir, *, threshold: float = 0.95, k: int = 10, max_examples: int = 20) -> dict:
+#: The files find_duplicates writes into its folder (replaced only with ``overwrite``).
+REPORT_FILES = ("duplicates.json", "duplicate_pairs.csv", "duplicates.md")
+
+
+def find_duplicates(cache_path, out_dir, *, threshold: float = 0.95, k: int = 10, max_examples: int = 20,
+                    overwrite: bool = False) -> dict:
     """Find near-duplicate pairs and leaky splits in a pooled cache; write the reports into ``out_dir``.
 
     Returns the dict written to ``duplicates.json``: ``n``, ``dim``, ``threshold``, ``k``,
@@ -80,7 +85,9 @@ def find_duplicates(cache_path, out_dir, *, threshold: float = 0.95, k: int = 10
     ``split_pairs``: per cross-split pair (``train/val``, ``train/test``, ``val/test``, ...)
     ``near_duplicates`` (pairs) and ``shared_identities`` (identities with samples in both
     splits), ``shared_identity_examples`` (a few identities per split pair) and ``files``.
+    An earlier report in ``out_dir`` (:data:`REPORT_FILES`) is replaced only with ``overwrite``.
     """
+    check_out(out_dir, overwrite=overwrite, files=REPORT_FILES)  # a wrong --out is one line, before any work
     threshold = _check_threshold(threshold)
     k = check_k(k)
     if isinstance(max_examples, bool) or not isinstance(max_examples, (int, np.integer)) or max_examples < 0:
@@ -119,7 +126,8 @@ def find_duplicates(cache_path, out_dir, *, threshold: float = 0.95, k: int = 10
                    for name in cross_names}
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     files = {"json": str(out / "duplicates.json"), "pairs": str(out / "duplicate_pairs.csv"),
              "markdown": str(out / "duplicates.md")}
     result = {
@@ -135,9 +143,9 @@ def find_duplicates(cache_path, out_dir, *, threshold: float = 0.95, k: int = 10
         "shared_identity_examples": examples,
         "files": files,
     }
-    pairs.to_csv(files["pairs"], index=False)
-    Path(files["json"]).write_text(json.dumps(result, indent=2) + "\n")
-    Path(files["markdown"]).write_text(_markdown(result, pairs, max_examples))
+    write_atomic(files["pairs"], pairs.to_csv(index=False))
+    write_atomic(files["json"], json.dumps(result, indent=2) + "\n")
+    write_atomic(files["markdown"], _markdown(result, pairs, max_examples))
     return result
 
 

@@ -17,8 +17,8 @@ import numpy as np
 
 from ..cache import open_cache
 from ..data.manifest import SUBGROUP_NAMES
-from ..errors import FeatcacheError
-from ..report.plots import plot_embedding_map
+from ..errors import FeatcacheError, check_out, writing
+from ..report.plots import image_format, plot_embedding_map
 from .index import as_unit_float32
 
 COLOR_BY = ("subgroup", "label", "dataset", "split")
@@ -42,13 +42,14 @@ def group_names(values, color_by: str) -> np.ndarray:
 
 
 def embedding_map(cache_path, out_png, *, color_by: str = "subgroup", split: str | None = None,
-                  method: str = "auto", max_points: int = 20000, seed: int = 0) -> dict:
+                  method: str = "auto", max_points: int = 20000, seed: int = 0, overwrite: bool = False) -> dict:
     """Write a 2-D map of the cache's features to ``out_png``; return what was drawn.
 
     ``split``: one split or None for all rows.  ``method``: ``pca``, ``umap`` (needs umap-learn)
     or ``auto`` (UMAP when umap-learn is importable, else PCA).  Returns ``{"method", "points",
     "rows", "color_by", "groups", "explained_variance", "path"}``; ``explained_variance`` holds
-    the two components' explained-variance ratios for PCA and is None for UMAP.
+    the two components' explained-variance ratios for PCA and is None for UMAP. An existing
+    ``out_png`` is replaced only with ``overwrite``.
     """
     if color_by not in COLOR_BY:
         raise FeatcacheError(f"cannot colour the map by {color_by!r}; choose one of {', '.join(COLOR_BY)}")
@@ -59,6 +60,7 @@ def embedding_map(cache_path, out_png, *, color_by: str = "subgroup", split: str
     if int(max_points) < 3:
         raise FeatcacheError(f"max_points must be at least 3, got {max_points}")
     use = "umap" if method == "umap" or (method == "auto" and umap_available()) else "pca"
+    image_format(check_out(out_png, kind="file", overwrite=overwrite))  # a wrong --out is one line, before any work
 
     cache = open_cache(Path(cache_path).resolve())
     if cache.kind != "pooled":
@@ -96,7 +98,8 @@ def embedding_map(cache_path, out_png, *, color_by: str = "subgroup", split: str
         explained = [float(v) for v in pca.explained_variance_ratio_]
 
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
+    with writing(out_png):
+        out_png.parent.mkdir(parents=True, exist_ok=True)
     where = f"split {split}" if split else "all splits"
     label = "PCA" if use == "pca" else "UMAP"
     if explained:

@@ -19,7 +19,7 @@ import pandas as pd
 
 from ..cache import open_cache
 from ..data.audio import FRAME_HOP, FRAME_WINDOW, SAMPLE_RATE
-from ..errors import FeatcacheError
+from ..errors import FeatcacheError, check_out, write_atomic, writing
 from ..heads.task import load_run
 from ..report.plots import plot_embedding_map
 from ..report.tables import markdown_table
@@ -49,11 +49,14 @@ def prototype_purity(frames: np.ndarray, frame_class: np.ndarray, prototypes: np
 
 
 def analyze_prototypes(run_dir, cache=None, out=None, *, split: str | None = None, top: int = 10,
-                       max_map_points: int = 5000, device: str = "auto", seed: int = 0) -> dict:
-    """Run the analysis of the module docstring; returns the JSON report (also written to ``out``)."""
+                       max_map_points: int = 5000, device: str = "auto", seed: int = 0, overwrite: bool = False) -> dict:
+    """Run the analysis of the module docstring; returns the JSON report (also written to ``out``,
+    ``RUN/prototypes`` by default; an earlier report there is replaced only with ``overwrite``)."""
     import torch
 
     run_dir = Path(run_dir)
+    check_out(out if out else run_dir / "prototypes", overwrite=overwrite,  # a wrong --out: one line, before any work
+              files=("prototypes.json", "prototypes.md", "prototypes_map.png"))
     task = load_run(run_dir, "cpu")
     if task.name != "xai":
         raise FeatcacheError(f"{run_dir} is a {task.name} run; analyze prototypes reads an xai run")
@@ -93,8 +96,9 @@ def analyze_prototypes(run_dir, cache=None, out=None, *, split: str | None = Non
         "nearest": nearest,
     }
     out = Path(out) if out else run_dir / "prototypes"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "prototypes.json").write_text(json.dumps(report, indent=2))
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "prototypes.json", json.dumps(report, indent=2))
     table = pd.DataFrame([{"prototype": n, **{f"purity@{k}": purity[n][k] for k in KS},
                            "class fraction": report["class_fraction"][n]} for n in CLASSES])
     md = [f"# Prototypes of {run_dir}", "",
@@ -102,7 +106,7 @@ def analyze_prototypes(run_dir, cache=None, out=None, *, split: str | None = Non
           f"{cos:.3f}, distance {report['prototype_distance']:.3f}.", "", markdown_table(table), ""]
     for name in CLASSES:
         md += [f"## Frames nearest the {name} prototype", "", markdown_table(pd.DataFrame(nearest[name]), ".3f"), ""]
-    (out / "prototypes.md").write_text("\n".join(md))
+    write_atomic(out / "prototypes.md", "\n".join(md))
     # the map: PCA of unit frames (a seeded sample) with the prototypes projected alike
     from sklearn.decomposition import PCA
 

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from ..data.manifest import GENDERS, RACES
-from ..errors import FeatcacheError
+from ..errors import FeatcacheError, check_out, write_atomic, writing
 from ..heads.stage1 import probe_accuracy
 from ..heads.task import load_run
 from ..progress import bar as tqdm
@@ -262,15 +262,18 @@ def _check_split(cache, split: str, counts: pd.Series, role: str) -> None:
 
 
 def audit_subgroups(cache_path, out_dir, *, adapter_run=None, split_train: str = "train", split_val: str = "val",
-                    ks=(10, 20, 50), progress: bool = True, seed: int = 0, device=None) -> dict:
+                    ks=(10, 20, 50), progress: bool = True, seed: int = 0, device=None, overwrite: bool = False) -> dict:
     """The leakage audit of a cache, before and (with a Stage-1 ``adapter_run``) after debiasing.
 
     Writes ``out_dir/subgroups.json`` (the tables, each index's kind, rows and — for an approximate
     index — recall@k, the cache's fingerprint), ``subgroups.md`` (before / after / change tables)
     and ``subgroups.png`` (per attribute: purity@k, kNN and probe accuracy against their chance
-    levels; raw beside debiased).  Returns the dict written to the JSON.
+    levels; raw beside debiased).  Returns the dict written to the JSON.  An earlier audit in
+    ``out_dir`` is replaced only with ``overwrite``.
     """
     ks = _check_ks(ks)
+    # a wrong --out, or an earlier audit there without overwrite, is one line before the audit
+    check_out(out_dir, overwrite=overwrite, files=("subgroups.json", "subgroups.md", "subgroups.png"))
     cache = open_pooled(cache_path, "analyze subgroups")
     counts = _splits_of(cache)
     _check_split(cache, split_train, counts, "train")
@@ -326,11 +329,12 @@ def audit_subgroups(cache_path, out_dir, *, adapter_run=None, split_train: str =
         result["after"] = result["change"] = None
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
     result["files"] = {n: str(out_dir / f"subgroups.{n}") for n in ("json", "md", "png")}
-    (out_dir / "subgroups.json").write_text(to_json(result))
+    write_atomic(out_dir / "subgroups.json", to_json(result))
     result["markdown"] = _markdown(result, tables, markdown_table)
-    (out_dir / "subgroups.md").write_text(result["markdown"])
+    write_atomic(out_dir / "subgroups.md", result["markdown"])
     plot_leakage_audit(tables["before"], tables.get("after"), out_dir / "subgroups.png", k=ks[0],
                        title=f"leakage audit: {Path(cache_path).name} ({split_train} -> {split_val})")
     return result

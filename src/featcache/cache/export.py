@@ -9,24 +9,37 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import CacheError
+from ..errors import check_out, writing
 from ..progress import bar as tqdm
 from .reader import FeatureCache
 from .store import KIND_ARRAYS, part_bounds
 
 
-def export_h5(cache_path, out, *, progress: bool = False) -> Path:
+def export_h5(cache_path, out, *, overwrite: bool = False, progress: bool = False) -> Path:
     """Write every array (concatenated over parts), ``ok`` and ``meta/<column>`` to ``out``.
 
     Frame and query caches keep their layout: flat arrays (``frames``, ``gt_boxes``) with global ``offsets`` (n + 1).
-    The cache's attributes are stored as JSON in the file attribute ``featcache``.
+    The cache's attributes are stored as JSON in the file attribute ``featcache``. An existing
+    ``out`` is replaced only with ``overwrite``; the file is written as ``out.tmp`` and renamed
+    when whole, so a full disk (one line: the path and the space needed) leaves ``out`` as it was.
     """
     cache = FeatureCache(cache_path)
-    out = Path(out)
-    if out.exists() and out.is_dir():
-        raise CacheError(f"{out} is a directory; give a file name such as features.h5")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_out(out, kind="file", overwrite=overwrite, option="--h5")
+    with writing(out, need=_dir_bytes(cache.path)):
+        out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
+    with writing(out, need=_dir_bytes(cache.path), partial=[tmp]):
+        _write(cache, tmp, progress)
+        os.replace(tmp, out)
+    return out
+
+
+def _dir_bytes(path: Path) -> int:
+    """Bytes under ``path``: about what the export of the cache there needs."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _write(cache: FeatureCache, tmp: Path, progress: bool) -> None:
     kinds = {**KIND_ARRAYS[cache.kind], "ok": "row"}
     first = cache.read_part(0)
     flat_total = 0
@@ -60,5 +73,3 @@ def export_h5(cache_path, out, *, progress: bool = False) -> Path:
                 grp.create_dataset(col, data=np.array(values, dtype=h5py.string_dtype("utf-8")))
             else:
                 grp.create_dataset(col, data=values)
-    os.replace(tmp, out)
-    return out

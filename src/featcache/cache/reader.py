@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,8 @@ import zarr
 from zarr.storage import LocalStore
 
 from ..data.manifest import COLUMNS
-from ..errors import CacheError
+from ..errors import CacheDamageError, CacheError
+from .arrays import ArrayFile, damaged, repair_hint
 from .splits import split_mask
 from .store import (
     ERRORS_FILE,
@@ -88,8 +88,6 @@ class FeatureCache:
                 f"{self.path} is incomplete ({done} of {self.n_parts} parts); rerun the same "
                 "`featcache extract` command to finish it"
             )
-        # An absolute root: with a relative one, zarr 3.1 counts no stored chunks (nchunks_initialized 0).
-        self._root = zarr.open_group(LocalStore(self.path.resolve(), read_only=True), mode="r")
         self._meta_cache: dict[str, np.ndarray] = {}
 
     # -- attributes ------------------------------------------------------------------------
@@ -130,28 +128,42 @@ class FeatureCache:
     @property
     def dim(self) -> int:
         """Feature dimension, read from the first part's main array."""
-        name = next(iter(KIND_ARRAYS[self.kind]))
-        return int(self.part(0)[name].shape[-1])
+        return int(self.part_array(0, next(iter(KIND_ARRAYS[self.kind]))).shape[-1])
 
     def done_parts(self) -> list[int]:
         parts = self.path / "parts"
         return sorted(int(d.name) for d in parts.iterdir() if d.is_dir() and d.name.isdigit())
 
     # -- reading ---------------------------------------------------------------------------
+    def array(self, where: str) -> ArrayFile:
+        """The array at ``where`` (``meta/label``, ``parts/00002/features``): the one decoder."""
+        return ArrayFile(self.path.resolve() / where, where, self.path)
+
+    def meta_columns(self) -> list[str]:
+        """The meta columns stored (folders under ``meta/``), in the manifest's order."""
+        meta = self.path / "meta"
+        names = [d.name for d in meta.iterdir() if d.is_dir()] if meta.is_dir() else []
+        return sorted(names, key=_meta_order)
+
     def meta(self, columns=None) -> pd.DataFrame:
-        group = self._root["meta"]
-        names = list(columns) if columns is not None else sorted(group.array_keys(), key=_meta_order)
+        """The meta columns (all stored ones by default) as a table; strings as objects."""
+        have = self.meta_columns()
+        if columns is None:  # all of them: a column the manifest had and the cache lost is damage, not absence
+            lost = [c for c in self.attrs.get("meta_columns", ()) if c not in have]
+            if lost:
+                raise damaged(self.path, f"meta/{lost[0]}", "the column is missing")
+        names = list(columns) if columns is not None else have
         for name in names:
-            if name not in group:
-                raise CacheError(f"{self.path} has no meta column {name!r}; it has {sorted(group.array_keys())}")
+            if name not in have:
+                expected = name in self.attrs.get("meta_columns", ())
+                raise (damaged(self.path, f"meta/{name}", "the column is missing") if expected else
+                       CacheError(f"{self.path} has no meta column {name!r}; it has {have}"))
 
         def read(name: str) -> None:
-            values = _read_1d(self.path.resolve() / "meta" / name, f"meta/{name}", self.path)
-            if values is None:  # a layout the direct decoder does not know: zarr reads it
-                arr = group[name]
-                _check_chunks(arr, f"meta/{name}", self.path)
-                values = arr[...]
-            self._meta_cache[name] = values.astype(object) if values.dtype.kind == "T" else values
+            arr = self.array(f"meta/{name}")
+            if arr.shape != (self.rows,):
+                raise damaged(self.path, f"meta/{name}", f"{arr.shape[0]} of {self.rows} rows")
+            self._meta_cache[name] = arr.read()
 
         todo = [n for n in names if n not in self._meta_cache]  # each column is read once per instance
         if todo:
@@ -160,33 +172,39 @@ class FeatureCache:
         return pd.DataFrame({name: self._meta_cache[name] for name in names})
 
     def part(self, index: int) -> zarr.Group:
+        """Part ``index`` as a Zarr group, for inspection (chunking, attributes); featcache itself
+        reads arrays through :meth:`part_array`, the one decoder."""
+        self._check_part(index)
+        # An absolute root: with a relative one, zarr 3.1 counts no stored chunks (nchunks_initialized 0).
+        root = zarr.open_group(LocalStore(self.path.resolve(), read_only=True), mode="r")
+        return root[f"parts/{part_name(index)}"]
+
+    def _check_part(self, index: int) -> None:
         if not 0 <= index < self.n_parts:
             raise CacheError(f"{self.path}: part {index} out of range 0..{self.n_parts - 1}")
-        name = f"parts/{part_name(index)}"
-        if not (self.path / name).is_dir():
-            raise CacheError(f"{self.path}: part {index} is missing; rerun the extraction to complete it")
-        return self._root[name]
+        if not (self.path / "parts" / part_name(index)).is_dir():
+            raise CacheDamageError(f"{self.path}: part {index} is missing (parts/{part_name(index)}); "
+                                   f"{repair_hint(self.path)}", f"parts/{part_name(index)}", f"part {index} is missing")
+
+    def part_array(self, index: int, name: str) -> ArrayFile:
+        """Array ``name`` of part ``index`` (its shape, dtype and chunks; :meth:`ArrayFile.read`)."""
+        self._check_part(index)
+        return self.array(f"parts/{part_name(index)}/{name}")
 
     def read_part(self, index: int, names=None) -> dict[str, np.ndarray]:
-        group = self.part(index)
-        out = {}
-        for name in names or [*KIND_ARRAYS[self.kind], "ok"]:
-            arr = group[name]
-            _check_chunks(arr, f"parts/{part_name(index)}/{name}", self.path)
-            out[name] = arr[...]
-        return out
+        return {name: self.part_array(index, name).read() for name in names or [*KIND_ARRAYS[self.kind], "ok"]}
 
     def load_rows(self, name: str, dtype=None, rows: np.ndarray | None = None) -> np.ndarray:
         """A per-row array (``features``, ``ok``, ``hidden``, ...) over all parts, or only ``rows``.
 
         ``rows`` (sorted cache row numbers) selects rows: only those are converted to ``dtype``,
-        straight into an output of their number (:func:`_read_selected`), part by part in a
+        straight into an output of their number (:meth:`ArrayFile.read_into`), part by part in a
         few threads.
         """
         kinds = {**KIND_ARRAYS[self.kind], "ok": "row"}
         if kinds.get(name) != "row":
             raise CacheError(f"{name!r} is not a per-row array of a {self.kind} cache")
-        first = _ArrayInfo.of(self.path.resolve() / "parts" / part_name(0) / name) or self.part(0)[name]
+        first = self.part_array(0, name)
         rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         out = np.empty((self.rows if rows is None else len(rows), *first.shape[1:]), dtype=dtype or first.dtype)
         starts = np.arange(self.n_parts, dtype=np.int64) * self.part_rows
@@ -200,17 +218,11 @@ class FeatureCache:
 
         def read(span) -> None:
             i, local, o0, o1 = span
-            where = f"parts/{part_name(i)}/{name}"
-            array_dir = self.path.resolve() / "parts" / part_name(i) / name
-            if not array_dir.parent.is_dir():
-                self.part(i)  # raises: the part is missing
-            info = _ArrayInfo.of(array_dir)  # plain-byte chunks: read without zarr's machinery
-            if info is None and len(first.shape) == 1:  # ok: compressed 1-D, decoded by numcodecs
-                data = _read_1d(array_dir, where, self.path)
-                if data is not None:
-                    out[o0:o1] = data if local is None else data[local]
-                    return
-            _read_selected(array_dir, info or self.part(i)[name], local, out[o0:o1], where, self.path)
+            arr = first if i == 0 else self.part_array(i, name)
+            start, stop = part_bounds(i, self.rows, self.part_rows)
+            if arr.shape != (stop - start, *first.shape[1:]):
+                raise damaged(self.path, arr.where, f"shape {arr.shape}, expected {(stop - start, *first.shape[1:])}")
+            arr.read_into(out[o0:o1], local)
 
         # File reads and large copies release the GIL: a few threads overlap them.
         if spans:
@@ -337,199 +349,5 @@ def _threads() -> int:
     return max(2, min(8, cores))
 
 
-#: Rows converted per step when the stored and the output dtype differ: bounds the temporaries.
-_BLOCK_BYTES = 4 * 2**20
-
-
-class _ArrayInfo:
-    """Shape, dtype and chunking of a Zarr v3 array whose chunks are plain little-endian bytes
-    split along rows only (how write_array stores float features), read from its zarr.json."""
-
-    def __init__(self, shape, dtype, chunk_rows):
-        self.shape, self.dtype, self.chunk_rows = tuple(shape), np.dtype(dtype), int(chunk_rows)
-        self.ndim = len(self.shape)
-
-    @classmethod
-    def of(cls, array_dir: Path) -> _ArrayInfo | None:
-        try:
-            meta = json.loads((array_dir / "zarr.json").read_text())
-        except (OSError, ValueError):
-            return None
-        try:
-            codecs = meta["codecs"]
-            grid = meta["chunk_grid"]
-            enc = meta["chunk_key_encoding"]
-            shape, chunks = meta["shape"], grid["configuration"]["chunk_shape"]
-            dtype = np.dtype(meta["data_type"])
-        except (KeyError, TypeError):
-            return None
-        plain = (len(codecs) == 1 and codecs[0].get("name") == "bytes" and sys.byteorder == "little"
-                 and (codecs[0].get("configuration") or {}).get("endian", "little") == "little"
-                 and grid.get("name") == "regular" and enc.get("name") == "default"
-                 and (enc.get("configuration") or {}).get("separator", "/") == "/"
-                 and len(shape) >= 1 and list(chunks[1:]) == list(shape[1:]) and dtype.kind in "fiub"
-                 and not meta.get("storage_transformers"))
-        return cls(shape, dtype, chunks[0]) if plain else None
-
-
-def _raw_layout(arr):
-    """(chunk rows, row bytes) when the array's chunks are plain little-endian bytes along rows
-    (how write_array stores floats); None for anything else (then zarr decodes)."""
-    if isinstance(arr, _ArrayInfo):
-        return arr.chunk_rows, int(arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64)))
-    meta = arr.metadata
-    try:
-        codecs = [c.to_dict() for c in meta.codecs]
-        grid = meta.chunk_grid.chunk_shape
-        enc = meta.chunk_key_encoding.to_dict()
-    except AttributeError:
-        return None
-    if (arr.ndim < 1 or len(codecs) != 1 or codecs[0].get("name") != "bytes" or sys.byteorder != "little"
-            or (codecs[0].get("configuration") or {}).get("endian", "little") != "little"
-            or enc.get("name") != "default" or (enc.get("configuration") or {}).get("separator", "/") != "/"
-            or tuple(grid[1:]) != tuple(arr.shape[1:]) or arr.dtype.kind not in "fiub"):
-        return None
-    return int(grid[0]), int(arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64)))
-
-
-def _convert(src: np.ndarray, dst: np.ndarray) -> None:
-    """``dst[...] = src`` with a dtype conversion: torch's vectorised casts (fp16 -> fp32 with
-    F16C) where both dtypes are torch's, several times numpy's scalar half-float loop."""
-    if src.dtype == dst.dtype:
-        dst[...] = src
-        return
-    try:
-        import torch
-
-        torch.from_numpy(dst).copy_(torch.from_numpy(src))
-    except (TypeError, ValueError):
-        dst[...] = src
-
-
-def _read_selected(array_dir: Path, arr, local, out: np.ndarray, where: str, root: Path) -> None:
-    """Rows ``local`` (sorted) of one part's array, all when None, into ``out``, chunk file by chunk file.
-
-    For plain-byte chunks (features) the file is read straight into ``out`` when nothing needs
-    converting, else in blocks of a few MiB of which only the selected rows are converted. A
-    chunk file that is missing or short is an error, never zeros. Other arrays go through zarr.
-    """
-    n = arr.shape[0]
-    if n == 0:
-        return
-    layout = _raw_layout(arr)
-    if layout is None and arr.ndim == 1:  # ok (compressed bool): numcodecs, without zarr's machinery
-        data = _read_1d(array_dir, where, root)
-        if data is not None:
-            out[...] = data if local is None else data[local]
-            return
-    if layout is None:
-        if isinstance(arr, _ArrayInfo):
-            raise AssertionError("a plain-byte array has a layout")
-        _check_chunks(arr, where, root)
-        data = arr[...]
-        out[...] = data if local is None else data[local]
-        return
-    chunk_rows, row_bytes = layout
-    n_chunks = -(-n // chunk_rows)
-    tail = "/0" * (arr.ndim - 1)
-    stored = arr.dtype
-    block_rows = max(1, _BLOCK_BYTES // max(1, row_bytes))
-    buf = None
-    o = 0
-    for k in range(n_chunks):
-        c0, c1 = k * chunk_rows, min((k + 1) * chunk_rows, n)
-        sel = None
-        if local is not None:
-            lo, hi = np.searchsorted(local, [c0, c1])
-            if lo == hi:
-                continue
-            sel = local[lo:hi] - c0
-        path = array_dir / "c" / f"{k}{tail}"
-        try:
-            fh = open(path, "rb", buffering=0)
-        except FileNotFoundError:
-            raise CacheError(f"{root}: {where} has 1 of {n_chunks} chunks missing (chunk {k}); the cache is damaged: "
-                             "run `featcache cache verify`, then rerun the extraction to redo the part") from None
-        with fh:
-            if os.fstat(fh.fileno()).st_size < (c1 - c0) * row_bytes:
-                raise CacheError(f"{root}: {where}: chunk {k} is shorter than its rows; the cache is damaged")
-            if sel is None and out.dtype == stored:  # the file's bytes are the rows: one read into place
-                view = memoryview(out[o:o + c1 - c0].reshape(-1).view(np.uint8))
-                if fh.readinto(view) != len(view):
-                    raise CacheError(f"{root}: {where}: chunk {k} could not be read whole")
-                o += c1 - c0
-                continue
-            if buf is None:
-                buf = np.empty((min(block_rows, chunk_rows), *arr.shape[1:]), dtype=stored)
-            for b0 in range(c0, c1, block_rows):
-                b1 = min(b0 + block_rows, c1)
-                bsel = None
-                if sel is not None:
-                    bsel = sel[(sel >= b0 - c0) & (sel < b1 - c0)] - (b0 - c0)
-                    if len(bsel) == 0:
-                        continue
-                fh.seek((b0 - c0) * row_bytes)
-                view = memoryview(buf[:b1 - b0].reshape(-1).view(np.uint8))
-                if fh.readinto(view) != len(view):
-                    raise CacheError(f"{root}: {where}: chunk {k} could not be read whole")
-                m = b1 - b0 if bsel is None else len(bsel)
-                src = buf[:b1 - b0] if bsel is None else np.take(buf[:b1 - b0], bsel, axis=0)
-                _convert(src, out[o:o + m])
-                o += m
-    if o != len(out):
-        raise CacheError(f"{root}: {where}: read {o} rows, expected {len(out)}")
-
-
 def _meta_order(name: str):
     return (COLUMNS.index(name), "") if name in COLUMNS else (len(COLUMNS), name)
-
-
-def _check_chunks(arr: zarr.Array, where: str, root: Path) -> None:
-    """A missing chunk reads as the fill value; refuse instead (DESIGN.md)."""
-    if arr.nchunks_initialized != arr.nchunks:
-        raise CacheError(
-            f"{root}: {where} has {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks missing; "
-            "the cache is damaged: run `featcache cache verify`, then re-extract with --overwrite"
-        )
-
-
-def _read_1d(array_dir: Path, where: str, root: Path) -> np.ndarray | None:
-    """A whole 1-D array (meta columns, ``ok``) decoded chunk by chunk with numcodecs, when its
-    codecs are the ones write_array uses (bytes or vlen-utf8, then optionally zstd); None for
-    anything else (then zarr reads it). Strings come back as an object array. A missing chunk
-    is an error, never the fill value."""
-    try:
-        meta = json.loads((array_dir / "zarr.json").read_text())
-        shape, chunks = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
-        names = [c.get("name") for c in meta["codecs"]]
-        enc = meta["chunk_key_encoding"]
-        dtype = meta["data_type"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if (len(shape) != 1 or enc.get("name") != "default" or meta.get("storage_transformers")
-            or names not in (["bytes"], ["bytes", "zstd"], ["vlen-utf8"], ["vlen-utf8", "zstd"])
-            or (names[0] == "bytes" and (sys.byteorder != "little" or (meta["codecs"][0].get("configuration") or {})
-                                         .get("endian", "little") != "little"))):
-        return None
-    from numcodecs import VLenUTF8, Zstd
-
-    strings = names[0] == "vlen-utf8"
-    if strings != (dtype == "string"):
-        return None
-    np_dtype = None if strings else np.dtype(dtype)
-    n, step = int(shape[0]), int(chunks[0])
-    n_chunks = -(-n // step) if n else 0
-    pieces = []
-    for k in range(n_chunks):
-        try:
-            data = (array_dir / "c" / str(k)).read_bytes()
-        except FileNotFoundError:
-            raise CacheError(f"{root}: {where} has 1 of {n_chunks} chunks missing (chunk {k}); the cache is damaged: "
-                             "run `featcache cache verify`, then re-extract with --overwrite") from None
-        if "zstd" in names:
-            data = Zstd().decode(data)
-        values = VLenUTF8().decode(data) if strings else np.frombuffer(data, dtype=np_dtype)
-        pieces.append(values[:min(step, n - k * step)])
-    if not pieces:
-        return np.empty(0, dtype=object if strings else np_dtype)
-    return np.concatenate(pieces)

@@ -34,7 +34,8 @@ import zarr
 from zarr.storage import LocalStore
 
 from .. import __version__
-from ..errors import CacheError, CacheLockedError, StaleCacheError
+from ..errors import CacheDamageError, CacheError, CacheLockedError, StaleCacheError, write_atomic, writing
+from .arrays import ArrayFile
 
 FORMAT_VERSION = 1
 DEFAULT_PART_ROWS = 4096
@@ -273,23 +274,53 @@ def write_array(group: zarr.Group, name: str, data: np.ndarray) -> None:
         arr[...] = data
 
 
-def part_damage(root: Path, index: int, kind: str) -> str:
-    """What is missing from part ``index`` ('' when whole): an array, or chunks of one.
+def part_damage(root: Path, index: int, kind: str, rows: int) -> str:
+    """What is wrong with part ``index`` of ``rows`` rows ('' when whole): an array missing, a
+    chunk missing, truncated or undecodable, or a row count that disagrees (:class:`.arrays.ArrayFile`).
 
-    Zarr reads a missing chunk as its fill value, so each array's stored chunks are counted.
+    Plain-byte chunks (features) are checked by their size, the others decoded (flags, offsets:
+    small), so the check of a resumed cache reads no features.
     """
-    where = Path(root).resolve() / "parts" / part_name(index)
+    root = Path(root).resolve()
+    prefix = f"parts/{part_name(index)}"
+    where = root / "parts" / part_name(index)
+    if not (where / "zarr.json").is_file():
+        return f"{prefix}: " + ("its zarr.json is missing" if where.is_dir() else "the part is missing")
     try:
-        group = zarr.open_group(LocalStore(where, read_only=True), mode="r")
-        for name in [*KIND_ARRAYS[kind], "ok"]:
-            if name not in group:
-                return f"array {name} is missing"
-            arr = group[name]
-            if arr.nchunks_initialized != arr.nchunks:
-                return f"{name} has {arr.nchunks - arr.nchunks_initialized} of {arr.nchunks} chunks missing"
-    except Exception as exc:  # an unreadable zarr.json is damage too
-        return f"unreadable ({type(exc).__name__}: {exc})"
+        flat = None
+        if "offsets" in KIND_ARRAYS[kind]:
+            off = ArrayFile(where / "offsets", f"{prefix}/offsets", root).read()
+            if off.shape != (rows + 1,) or off[0] != 0 or np.any(np.diff(off) < 0):
+                return f"{prefix}/offsets: not {rows + 1} non-decreasing values from 0"
+            flat = int(off[-1])
+        for name, rel in [*KIND_ARRAYS[kind].items(), ("ok", "row")]:
+            arr = ArrayFile(where / name, f"{prefix}/{name}", root)
+            want = {"row": rows, "offsets": rows + 1, "flat": flat}[rel]
+            if arr.shape[0] != want:
+                return f"{prefix}/{name}: {arr.shape[0]} rows, expected {want}"
+            arr.check(read=False)
+    except CacheDamageError as exc:
+        return f"{exc.where}: {exc.what}"
+    except CacheError as exc:
+        return str(exc)
     return ""
+
+
+def meta_damage(root: Path, name: str, want: np.ndarray) -> str:
+    """What is wrong with meta column ``name`` ('' when it holds ``want``): missing, truncated,
+    undecodable, or values that differ from the manifest's."""
+    root = Path(root).resolve()
+    try:
+        got = ArrayFile(root / "meta" / name, f"meta/{name}", root).read()
+    except CacheDamageError as exc:
+        return exc.what
+    except CacheError as exc:
+        return str(exc)
+    if got.shape != want.shape:
+        return f"{got.shape[0]} of {want.shape[0]} rows"
+    if got.dtype == object:
+        got = got.astype(str)
+    return "" if np.array_equal(got, want) else "values differ from the manifest's"
 
 
 def meta_arrays(df: pd.DataFrame) -> dict[str, np.ndarray]:
@@ -368,6 +399,7 @@ class CacheWriter:
         self.lock = CacheLock(self.path)
         self.resumed = False
         self.repaired: list[int] = []  # parts found damaged on resume, deleted to be computed again
+        self.repaired_meta: list[str] = []  # meta columns found damaged on resume, written again
         if len(meta) != spec.rows:
             raise ValueError("meta rows differ from spec rows")
 
@@ -388,7 +420,8 @@ class CacheWriter:
             raise CacheError(f"{p} exists and is not a directory")
         if p.is_dir() and not is_cache(p) and any(c.name != LOCK_FILE for c in p.iterdir()):
             raise CacheError(f"{p} exists, is not empty and is not a featcache cache; choose a new --out")
-        p.mkdir(parents=True, exist_ok=True)
+        with writing(p):  # a parent that is a file or cannot be written: one line
+            p.mkdir(parents=True, exist_ok=True)
         self.lock.acquire(self.run)
         try:
             self._prepare()
@@ -404,6 +437,7 @@ class CacheWriter:
                 self.resumed = True
                 for tmp in (self.path / "parts").glob("*.tmp"):
                     shutil.rmtree(tmp)
+                self._repair_meta()
                 self._remove_damaged_parts()
                 return
             if not self.overwrite:
@@ -416,14 +450,17 @@ class CacheWriter:
         self._clear()
         # mode "a" (create, never delete), not "w": "w" empties the whole directory, the lock
         # file included, which would let a second writer in; _clear() already emptied the rest.
-        root = zarr.open_group(LocalStore(self.path), mode="a", attributes={"format_version": FORMAT_VERSION})
-        meta = root.create_group("meta")
-        for col, values in meta_arrays(self.meta).items():
-            write_array(meta, col, values)
-        root.create_group("parts")
-        (self.path / ERRORS_FILE).write_text("")
+        arrays = meta_arrays(self.meta)
+        # A full disk here leaves no fingerprint: the next run starts afresh.
+        with writing(self.path / "meta", need=sum(v.nbytes for v in arrays.values())):
+            root = zarr.open_group(LocalStore(self.path), mode="a", attributes={"format_version": FORMAT_VERSION})
+            meta = root.create_group("meta")
+            for col, values in arrays.items():
+                write_array(meta, col, values)
+            root.create_group("parts")
+            (self.path / ERRORS_FILE).write_text("")
         attrs = dict(self.attrs)
-        attrs.update(n_parts=self.spec.n_parts, featcache_version=__version__,
+        attrs.update(n_parts=self.spec.n_parts, featcache_version=__version__, meta_columns=list(self.meta.columns),
                      created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                      complete=False)
         # The fingerprint is written last: a cache without one is an unfinished initialisation.
@@ -449,12 +486,38 @@ class CacheWriter:
     def close(self) -> None:
         self.lock.release()
 
+    def _repair_meta(self) -> None:
+        """Write again each meta column that is missing, damaged or differs from the manifest's
+        (the manifest is the one the fingerprint names, so its columns are the truth)."""
+        want = meta_arrays(self.meta)
+        if (self.path / "meta" / "zarr.json").is_file():
+            bad = [col for col, values in want.items() if meta_damage(self.path, col, values)]
+        else:  # the group itself is gone: write it and every column again
+            bad = list(want)
+        stored = read_attrs(self.path)
+        if not bad and stored.get("meta_columns") == list(want):
+            return
+        root = zarr.open_group(LocalStore(self.path), mode="r+")
+        if bad:
+            root.attrs.update({"complete": False})  # a run killed before the rewrite leaves a cache that says so
+            if not (self.path / "meta" / "zarr.json").is_file():
+                shutil.rmtree(self.path / "meta", ignore_errors=True)
+                root.create_group("meta")
+            meta = root["meta"]
+            for col in bad:
+                shutil.rmtree(self.path / "meta" / col, ignore_errors=True)
+                with writing(self.path / "meta" / col, need=want[col].nbytes, partial=[self.path / "meta" / col]):
+                    write_array(meta, col, want[col])
+        root.attrs.update({"meta_columns": list(want)})
+        self.repaired_meta = sorted(bad)
+
     def _remove_damaged_parts(self) -> None:
-        """Delete each existing part that misses a chunk or an array, so that it is computed again.
+        """Delete each existing part that is damaged (:func:`part_damage`), so that it is computed again.
 
         The cache is marked incomplete first: a run killed in between leaves a cache that says so.
         """
-        damaged = [i for i in sorted(self.done_parts()) if part_damage(self.path, i, self.spec.kind)]
+        damaged = [i for i in sorted(self.done_parts())
+                   if part_damage(self.path, i, self.spec.kind, self.part_bounds(i)[1] - self.part_bounds(i)[0])]
         if not damaged:
             return
         root = zarr.open_group(LocalStore(self.path), mode="r+")
@@ -490,14 +553,17 @@ class CacheWriter:
         final = self.path / "parts" / part_name(index)
         if tmp.exists():
             shutil.rmtree(tmp)
-        group = zarr.open_group(LocalStore(tmp), mode="w", attributes={"start": start, "stop": stop})
-        for name, data in arrays.items():
-            write_array(group, name, data)
-        write_array(group, "ok", np.asarray(ok, dtype=bool))
-        with open(tmp / PART_ERRORS_FILE, "w") as fh:
-            for rec in errors or []:
-                fh.write(json.dumps(rec) + "\n")
-        os.rename(tmp, final)
+        need = sum(np.asarray(a).nbytes for a in arrays.values()) + n
+        # A full disk: the half-written part is removed and never renamed into place.
+        with writing(final, need=need, partial=[tmp]):
+            group = zarr.open_group(LocalStore(tmp), mode="w", attributes={"start": start, "stop": stop})
+            for name, data in arrays.items():
+                write_array(group, name, data)
+            write_array(group, "ok", np.asarray(ok, dtype=bool))
+            with open(tmp / PART_ERRORS_FILE, "w") as fh:
+                for rec in errors or []:
+                    fh.write(json.dumps(rec) + "\n")
+            os.rename(tmp, final)
 
     def part_errors(self, index: int) -> list[dict]:
         f = self.path / "parts" / part_name(index) / PART_ERRORS_FILE
@@ -526,12 +592,9 @@ class CacheWriter:
             f = self.path / "parts" / part_name(i) / PART_ERRORS_FILE
             if f.is_file():
                 lines.append(f.read_text())
-        tmp = self.path / (ERRORS_FILE + ".tmp")
-        tmp.write_text("".join(lines))
-        os.replace(tmp, self.path / ERRORS_FILE)
+        write_atomic(self.path / ERRORS_FILE, "".join(lines))
         for name, data in (files or {}).items():
-            tmp = self.path / (name + ".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, self.path / name)
-        root = zarr.open_group(LocalStore(self.path), mode="r+")
-        root.attrs.update({"complete": True})
+            write_atomic(self.path / name, data)
+        with writing(self.path / "zarr.json", need=4096):
+            root = zarr.open_group(LocalStore(self.path), mode="r+")
+            root.attrs.update({"complete": True})

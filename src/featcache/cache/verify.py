@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CacheError
+from ..errors import CacheDamageError, CacheError
+from .arrays import repair_hint
 from .reader import FeatureCache
-from .store import KIND_ARRAYS, fingerprint, part_bounds, part_name
+from .store import KIND_ARRAYS, fingerprint, part_bounds, part_damage, part_name
 
 
 def _dir_size(path: Path) -> int:
@@ -48,26 +49,37 @@ def cache_info(path) -> dict:
 
 @dataclass
 class VerifyReport:
+    """What ``cache verify`` found: each problem (what is damaged, where), and how to repair them."""
+
     path: str
     problems: list[str] = field(default_factory=list)
     rows: int = 0
     ok_rows: int = 0
     parts_checked: int = 0
     n_parts: int = 0
+    repair: str = ""  # how to repair the problems a rerun of the extraction repairs ('' when none)
+    damaged_parts: list[int] = field(default_factory=list)
+    damaged_meta: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def as_dict(self) -> dict:
-        return {"path": self.path, "ok": self.ok, "problems": self.problems, "rows": self.rows,
+        return {"path": self.path, "ok": self.ok, "problems": self.problems, "repair": self.repair,
+                "damaged_parts": self.damaged_parts, "damaged_meta": self.damaged_meta, "rows": self.rows,
                 "ok_rows": self.ok_rows, "parts_checked": self.parts_checked, "n_parts": self.n_parts}
 
 
-def verify_cache(path, *, max_problems: int = 20) -> VerifyReport:
-    """Check every part is present and readable, shapes agree, values are finite, counts match.
+#: Meta columns every cache has, for caches written before the column list was recorded.
+_REQUIRED_META = ("sample_id", "path", "split")
 
-    Never raises for a damaged cache: each problem found goes into the report.
+
+def verify_cache(path, *, max_problems: int = 20) -> VerifyReport:
+    """Check every array of every part and every meta column: present, complete (its row count),
+    decodable (every chunk read), then shapes across parts, finite values, the ok flags against
+    errors.jsonl. Never raises for a damaged cache: each problem found goes into the report,
+    with the repair (:attr:`VerifyReport.repair`) when rerunning the extraction repairs it.
     """
     report = VerifyReport(path=str(path))
     try:
@@ -79,67 +91,91 @@ def verify_cache(path, *, max_problems: int = 20) -> VerifyReport:
     problems = report.problems
 
     if fingerprint(cache.attrs) != cache.fingerprint:
-        problems.append("the fingerprint does not match the attributes (zarr.json was edited)")
+        problems.append("the fingerprint does not match the attributes (zarr.json was edited); "
+                        "re-extract with --overwrite")
     if not cache.attrs.get("complete"):
-        problems.append(f"incomplete: {len(cache.done_parts())} of {cache.n_parts} parts written; rerun the extraction")
+        problems.append(f"incomplete: {len(cache.done_parts())} of {cache.n_parts} parts written")
 
-    try:
-        meta = cache.meta()
-        for col in meta.columns:
-            if len(meta[col]) != cache.rows:
-                problems.append(f"meta/{col} has {len(meta[col])} rows, expected {cache.rows}")
-    except (CacheError, KeyError, ValueError) as exc:
-        problems.append(f"meta: {exc}")
-        meta = None
+    stored = cache.meta_columns()
+    if not (cache.path / "meta" / "zarr.json").is_file():
+        problems.append("meta: the group's zarr.json is missing")
+        report.damaged_meta.append("(group)")
+    expected = list(cache.attrs.get("meta_columns") or _REQUIRED_META)
+    for col in [*expected, *(c for c in stored if c not in expected)]:
+        where = f"meta/{col}"
+        if col not in stored:
+            problems.append(f"{where}: the column is missing")
+            report.damaged_meta.append(col)
+            continue
+        try:
+            arr = cache.array(where)
+            if arr.shape != (cache.rows,):
+                problems.append(f"{where}: {arr.shape[0]} of {cache.rows} rows")
+                report.damaged_meta.append(col)
+                continue
+            arr.check()
+        except CacheDamageError as exc:
+            problems.append(f"{exc.where}: {exc.what}")
+            report.damaged_meta.append(col)
+        except CacheError as exc:
+            problems.append(f"{where}: {exc}")
+            report.damaged_meta.append(col)
+    ids = None
+    if "sample_id" in stored and "sample_id" not in report.damaged_meta:
+        ids = cache.meta(["sample_id"])["sample_id"]
 
     arrays = KIND_ARRAYS[cache.kind]
     dims: dict[str, tuple] = {}
     failed_ids: list[str] = []
+    done = set(cache.done_parts())
     for i in range(cache.n_parts):
         if len(problems) >= max_problems:
             problems.append("... (stopped after too many problems)")
             break
         start, stop = part_bounds(i, cache.rows, cache.part_rows)
-        n = stop - start
         where = f"part {part_name(i)}"
+        if i not in done:
+            if cache.attrs.get("complete"):
+                problems.append(f"part {i} is missing (parts/{part_name(i)})")
+                report.damaged_parts.append(i)
+            continue
+        # The same check a rerun of the extraction makes to decide what to recompute.
+        damage = part_damage(cache.path, i, cache.kind, stop - start)
+        if damage:
+            problems.append(damage)
+            report.damaged_parts.append(i)
+            continue
         try:
-            data = cache.read_part(i)
-        except (CacheError, KeyError, OSError, ValueError) as exc:
-            problems.append(f"{where}: {exc}")
+            data = cache.read_part(i)  # every chunk read again, the features too
+        except CacheDamageError as exc:
+            problems.append(f"{exc.where}: {exc.what}")
+            report.damaged_parts.append(i)
             continue
         report.parts_checked += 1
         ok = data["ok"]
-        if ok.shape != (n,) or ok.dtype != bool:
-            problems.append(f"{where}: ok has shape {ok.shape} {ok.dtype}, expected ({n},) bool")
-            continue
         report.ok_rows += int(ok.sum())
-        if meta is not None and "sample_id" in meta:
-            failed_ids.extend(meta["sample_id"].iloc[start:stop][~ok].tolist())
-        flat_rows = None
-        if "offsets" in data:
-            off = data["offsets"]
-            if off.shape != (n + 1,) or off[0] != 0 or np.any(np.diff(off) < 0):
-                problems.append(f"{where}: offsets are not {n + 1} non-decreasing values from 0")
-            else:
-                flat_rows = int(off[-1])
+        if ids is not None:
+            failed_ids.extend(ids.iloc[start:stop][~ok].tolist())
         for name, rel in arrays.items():
             arr = data[name]
-            want = {"row": n, "offsets": n + 1, "flat": flat_rows}[rel]
-            if want is not None and arr.shape[0] != want:
-                problems.append(f"{where}: {name} has {arr.shape[0]} rows, expected {want}")
             if dims.setdefault(name, arr.shape[1:]) != arr.shape[1:]:
-                problems.append(f"{where}: {name} has trailing shape {arr.shape[1:]}, other parts {dims[name]}")
+                problems.append(f"{where}: {name} has trailing shape {arr.shape[1:]}, other parts {dims[name]}; "
+                                f"delete {cache.path / 'parts' / part_name(i)} and rerun the extraction")
             if arr.dtype.kind == "f":
                 sel = arr[ok] if rel == "row" else arr
                 bad = int((~np.isfinite(sel)).sum())
                 if bad:
-                    problems.append(f"{where}: {name} has {bad} NaN or Inf values")
+                    problems.append(f"{where}: {name} has {bad} NaN or Inf values; if the backbone did not make them, "
+                                    f"delete {cache.path / 'parts' / part_name(i)} and rerun the extraction")
 
     recorded = {e.get("sample_id") for e in cache.errors()}
-    if report.parts_checked == cache.n_parts and recorded != set(failed_ids):
+    if report.parts_checked == cache.n_parts and ids is not None and recorded != set(failed_ids):
         problems.append(
             f"errors.jsonl records {len(recorded)} failed samples but {len(failed_ids)} rows have ok=False"
         )
+    if report.damaged_parts or report.damaged_meta or not cache.attrs.get("complete") or any(
+            p.startswith("errors.jsonl") for p in problems):
+        report.repair = repair_hint(cache.path)
     return report
 
 

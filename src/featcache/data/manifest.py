@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import ManifestError
+from ..errors import ManifestError, write_atomic, writing
 
 #: Canonical column order; columns a source adds beyond these are kept after them.
 COLUMNS = (
@@ -257,10 +257,9 @@ def write_manifest(rows: pd.DataFrame, out: str | os.PathLike, *, source: str | 
             rows[col] = [_relative_if_under(str(p), root) for p in rows[col]]
     df = normalize_manifest(rows, root, source=source or str(out), check_files=check_files)
     data = _canonical_csv_bytes(df)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
+    with writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, data)
     return Manifest(df=df, root=root, source=str(out), sha256=hashlib.sha256(data).hexdigest())
 
 

@@ -24,7 +24,7 @@ import pandas as pd
 
 from ..data.adapters import assign_splits
 from ..data.manifest import read_manifest
-from ..errors import FeatcacheError
+from ..errors import FeatcacheError, write_atomic
 from ..metrics import calibration_metrics, fit_temperature, reliability_bins
 from ..metrics.calibration import T_BOUNDS
 from ..metrics.detection import sigmoid
@@ -134,5 +134,5 @@ def calibrate_run(run_dir, manifest, *, split: str = "val", objective: str = "nl
     out = preds.copy()
     out["prob"] = p0
     out.insert(out.columns.get_loc("prob") + 1, "prob_calibrated", p1)
-    out.to_csv(run_dir / "calibrated_predictions.csv", index=False)
+    write_atomic(run_dir / "calibrated_predictions.csv", out.to_csv(index=False))
     return report

@@ -36,7 +36,7 @@ import torch
 
 from ..cache import open_cache
 from ..data.manifest import read_manifest
-from ..errors import FeatcacheError
+from ..errors import FeatcacheError, write_atomic
 from ..extract.registry import get_backbone
 from ..heads.task import load_run
 from ..metrics.cascade import cascade_rates, default_grid, recommend_threshold, stopped_mask
@@ -275,12 +275,13 @@ def run_cascade(filter_run, detector_run, cache, manifest, out, *, max_leakage: 
     report["manifest_match"] = match
     report["messages"] = messages
     write_json(out / "cascade_report.json", report)
-    pd.concat([t.assign(split=s) for s, t in tables.items()]).to_csv(out / "cascade_thresholds.csv", index=False)
+    write_atomic(out / "cascade_thresholds.csv",
+                 pd.concat([t.assign(split=s) for s, t in tables.items()]).to_csv(index=False))
     if rec is not None:
         t = rec["threshold"]
         stop = stopped_mask(test["p_filter"].to_numpy(), t)
-        test.assign(stopped=stop, p_cascade=np.where(stop, test["p_filter"], test["p_detector"])).to_csv(
-            out / "cascade_predictions_test.csv", index=False)
+        write_atomic(out / "cascade_predictions_test.csv", test.assign(
+            stopped=stop, p_cascade=np.where(stop, test["p_filter"], test["p_detector"])).to_csv(index=False))
     plot_cascade(tables["test"][["threshold", "filtration", "leakage", "auc", "compute_saved"]],
                  out / "cascade_tradeoff.png", recommended=None if rec is None else rec["threshold"],
                  max_leakage=max_leakage,

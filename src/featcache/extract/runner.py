@@ -12,8 +12,10 @@ writer thread (a bounded queue), which waits for the event, converts the outputs
 waits for the GPU, and each part still has exactly one writer. On the CPU the same thread
 does the conversion and the writes.
 
-A rerun checks every existing part's chunks before counting it done: a part with a missing
-chunk (or array) is deleted and computed again, and the result says how many were repaired.
+A rerun checks every existing part before counting it done (:func:`..cache.store.part_damage`,
+the check ``cache verify`` makes): a part with an array or a chunk missing, a truncated or
+undecodable chunk, or a wrong row count is deleted and computed again, and each meta column
+that is missing or damaged is written again from the manifest; the result says what was repaired.
 
 Under torchrun (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set, see :mod:`.distributed`), rank 0
 takes the cache's lock, checks the fingerprint and writes the meta arrays; the other ranks then
@@ -64,7 +66,8 @@ class ExtractResult:
     failures: list[dict] = field(default_factory=list)
     rank: int = 0
     world_size: int = 1
-    parts_repaired: int = 0  # existing parts found damaged (a missing chunk) and computed again
+    parts_repaired: int = 0  # existing parts found damaged (an array or chunk missing or damaged) and computed again
+    meta_repaired: list[str] = field(default_factory=list)  # meta columns found missing or damaged and written again
 
 
 def default_num_workers() -> int:
@@ -319,7 +322,7 @@ def _open_writer(ctx, out, spec: CacheSpec, df, overwrite: bool) -> tuple[CacheW
         except Exception as exc:
             ctx.broadcast((_error_text(exc), None))
             raise
-        todo = writer.missing_parts()  # damaged parts (a missing chunk) were removed by open()
+        todo = writer.missing_parts()  # damaged parts were removed by open()
         ctx.broadcast((None, todo))
     else:
         error, todo = ctx.broadcast(None)
@@ -422,7 +425,7 @@ def _extract(ctx, backbone, manifest, out, *, model, pretrained, layer, batch_si
         parts_resumed=resumed, failed=len(failures), seconds=seconds,
         samples_per_second=float(total) / seconds if seconds > 0 and total else 0.0,
         fingerprint=writer.attrs["fingerprint"], failures=failures, rank=ctx.rank, world_size=ctx.world_size,
-        parts_repaired=len(writer.repaired),
+        parts_repaired=len(writer.repaired), meta_repaired=list(writer.repaired_meta),
     )
 
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache.splits import split_mask
-from ..errors import FeatcacheError
+from ..errors import FeatcacheError, write_atomic
 from ..extract.detr import padded_ground_truth
 from ..losses.faap import (
     DetectionCriterion,
@@ -317,7 +317,7 @@ class FaapTask(Task):
         return out
 
     def finish(self, run_dir: Path, r: int = 0) -> dict:
-        (Path(run_dir) / "dataset_layout.json").write_text(json.dumps(self.layout(), indent=2))
+        write_atomic(Path(run_dir) / "dataset_layout.json", json.dumps(self.layout(), indent=2))
         (metrics, _), = self.evaluate("test")
         return {"faap_test": {k: metrics[k] for k in ("base_score_gap", "score_gap", "gap_closed", "base_ap",
                                                        "ap", "ap_change", "base_ap_gap", "ap_gap")}}

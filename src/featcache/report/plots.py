@@ -7,12 +7,14 @@ its folder), saves the figure to ``path`` and returns the closed :class:`matplot
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..data.audio import parse_segments
+from ..errors import OutputError, write_atomic
 
 
 def _plt():
@@ -51,10 +53,29 @@ def _save_epoch_plot(plt, fig, axes, best_epoch: int | None, path: Path, title: 
     return _save(plt, fig, path)
 
 
+def image_format(path) -> str:
+    """The image format of ``path`` from its suffix (``png`` without one); an
+    :class:`~featcache.errors.OutputError` for a format matplotlib cannot write."""
+    from matplotlib.figure import Figure
+
+    fmt = Path(path).suffix.lower().lstrip(".") or "png"
+    supported = Figure().canvas.get_supported_filetypes()
+    if fmt not in supported:
+        raise OutputError(f"cannot write {path}: matplotlib writes no {fmt!r} images; use one of "
+                          f"{', '.join(sorted(supported))} (.png is the default)")
+    return fmt
+
+
 def _save(plt, fig, path: Path):
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Render the figure in memory, then write it whole (:func:`featcache.errors.write_atomic`):
+    a full disk is one line naming the file and the space it needs, and leaves no half image."""
+    try:
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=110, format=image_format(path))
+    finally:
+        plt.close(fig)
+    write_atomic(path, buf.getvalue())
     return fig
 
 

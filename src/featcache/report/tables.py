@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..errors import write_atomic
 from ..metrics.compare import EXCESS, without_degenerate
 
 #: What each metric means; the keys are metric names without a split prefix (``test_``, ``val_``).
@@ -224,9 +225,7 @@ def round_for_csv(df: pd.DataFrame) -> pd.DataFrame:
 def write_csv_rounded(df: pd.DataFrame, path, **to_csv) -> Path:
     """Write ``df`` rounded for reading (rates 4 decimals, percentage points 2); returns the path.
     Full precision belongs in the JSON files."""
-    path = Path(path)
-    round_for_csv(df).to_csv(path, index=to_csv.pop("index", False), **to_csv)
-    return path
+    return write_atomic(path, round_for_csv(df).to_csv(index=to_csv.pop("index", False), **to_csv))
 
 
 def markdown_table(df: pd.DataFrame, spec: str | None = None) -> str:

@@ -34,7 +34,7 @@ import torch
 
 from ..cache import open_cache
 from ..config import load_config, presets_of
-from ..errors import FeatcacheError
+from ..errors import FeatcacheError, write_atomic
 from ..heads.task import backbone_identity, check_run_dir, check_same_backbone, get_task, list_tasks
 from ..metrics.compare import EXCESS, excess, paired_differences, without_degenerate
 from ..metrics.fairness import FAIRNESS_KEYS
@@ -394,7 +394,7 @@ def tables(task: str, df: pd.DataFrame, out: Path, *, evals=(), baselines=(), ti
     if task == "stage1":
         parts.append(STAGE1_MEANINGS)
     markdown = "\n".join(parts)
-    (out / "ablation.md").write_text(markdown)
+    write_atomic(out / "ablation.md", markdown)
     files.append("ablation.md")
     diffs_df = pd.concat(all_diffs, ignore_index=True) if all_diffs else None
     if diffs_df is not None and len(diffs_df):
@@ -484,7 +484,7 @@ def ablate(task: str, cache, out, *, presets="all", seeds=(0, 1, 2), evals: dict
     if missing:
         note = f"\nmissing runs (not finished, left out of the tables): {', '.join(missing)}\n"
         markdown += note
-        (out / "ablation.md").write_text(markdown)
+        write_atomic(out / "ablation.md", markdown)
     return AblationResult(task, out, df, markdown, lines, trained, reused, missing, diffs, files)
 
 

@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 
 from ..config import selection_score
-from ..errors import FeatcacheError
+from ..errors import FeatcacheError, write_atomic
 from ..heads.task import StepState
 from ..progress import bar as progress_bar
 from ..report.plots import plot_training_curves
@@ -358,7 +358,7 @@ def fit(job, run_dirs: list[Path], settings: LoopSettings, *, resume: bool = Fal
             s["best_epoch"] = s["epoch"]
             note = f"every selection score was NaN; the last epoch ({s['epoch']}) is kept"
         log = pd.DataFrame(s["log"])
-        log.to_csv(d / "training_log.csv", index=False)
+        write_atomic(d / "training_log.csv", log.to_csv(index=False))
         (d / "plots").mkdir(exist_ok=True)
         plot_training_curves(log, d / "plots" / "training_curves.png", best_epoch=s["best_epoch"],
                              title=f"{d.parent.name}/{d.name}, {desc}" if d.name.startswith("seed") else f"{d.name}, {desc}")
@@ -373,7 +373,7 @@ def _truncate_log(run_dir: Path, epoch: int) -> None:
     f = run_dir / "log.jsonl"
     if f.is_file():
         rows = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= epoch]
-        f.write_text("".join(r + "\n" for r in rows))
+        write_atomic(f, "".join(r + "\n" for r in rows))  # a full disk never leaves half the log
 
 
 class _null:
