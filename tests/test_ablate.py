@@ -2,8 +2,13 @@
 one job each, equal to sequential `train_head` runs; reuse and redo; validation before training;
 shards, collect, devices, out-of-memory splitting; each task's own table."""
 
+import hashlib
 import importlib
 import json
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,3 +214,68 @@ def test_stage1_ablation_tables_its_own_metrics_with_shards_and_collect(bed, tmp
     assert t.loc[("grl_only", 1), "probe_race_debiased"] == pytest.approx(s["probe"]["race"]["debiased"])
     mean = np.mean([t.loc[("default", k), "test_cos"] for k in (0, 1)])
     assert f"{mean:.3f} ±" in md
+
+
+# -- one writer at a time (issue 24 item 4) --------------------------------------------------
+HOLD = ("import sys, time; from featcache.cache import CacheLock; CacheLock(sys.argv[1]).acquire(); "
+        "print('locked', flush=True); time.sleep(60)")
+
+
+@contextmanager
+def lock_held_by_another_process(folder):
+    """A child process holds ``folder``'s writer lock until the block ends (then it is killed:
+    the kernel releases its flock)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def file_hashes(root) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_a_second_ablate_or_train_head_is_refused_while_the_first_holds_the_folder(bed, tmp_path):
+    from featcache.errors import RunLockedError
+    from tests.conftest import run_cli
+
+    kw = dict(presets=["default"], seeds=[0], sets=[*TINY, "training.epochs=1"], progress=False, echo=lambda *_: None)
+    out = tmp_path / "abl"
+    lone = ablate("stage1", bed / "c", out, **kw)
+    before = file_hashes(out)
+    with lock_held_by_another_process(out) as pid:
+        with pytest.raises(RunLockedError, match=f"being written by another process .*\"pid\": {pid}"):
+            ablate("stage1", bed / "c", out, overwrite=True, **kw)
+        with pytest.raises(RunLockedError, match="being written by another process"):
+            ablate("stage1", bed / "c", out, collect=True, **kw)
+        proc = run_cli("ablate", "stage1", "--cache", bed / "c", "--out", out, "--presets", "default", "--seeds", "0",
+                       "--overwrite", "--set", "training.epochs=1", *[a for s in TINY for a in ("--set", s)], check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+        assert f'"pid": {pid}' in proc.stderr and "command" in proc.stderr
+    assert file_hashes(out) == before  # the holder's results untouched: nothing deleted, nothing retrained
+    again = ablate("stage1", bed / "c", out, **kw)  # the killed holder's lock was released by the kernel
+    assert again.reused == ["default seed 0"] and not again.trained
+    assert again.table.equals(lone.table)
+
+    # train-head into a run folder another writer holds: refused, the run unchanged
+    run = out / "default" / "seed0"
+    with lock_held_by_another_process(run):
+        with pytest.raises(RunLockedError, match="being written by another process"):
+            train_head("stage1", bed / "c", run, sets=[*TINY, "training.epochs=1"], overwrite=True, progress=False)
+        proc = run_cli("train-head", "stage1", "--cache", bed / "c", "--out", run, "--overwrite",
+                       "--set", "training.epochs=1", check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "another process" in proc.stderr
+        # a shard (no ablation-wide lock) meets the run's own lock
+        with pytest.raises(RunLockedError, match="being written by another process"):
+            ablate("stage1", bed / "c", out, overwrite=True, shard=(0, 1), **kw)
+    assert file_hashes(out) == before
+    # a writer that fails before writing leaves no empty folder behind
+    with pytest.raises(FeatcacheError):
+        train_head("stage2", bed / "c", tmp_path / "new", sets=TINY, options={"stage1": tmp_path / "gone"},
+                   progress=False)
+    assert not (tmp_path / "new").exists()

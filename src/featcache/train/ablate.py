@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import queue as queue_mod
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from ..report.plots import plot_ablation
 from ..report.tables import ABLATION_METRICS, ablation_table, metrics_line, write_csv_rounded
 from ..runtime import write_json
 from .evaluate import evaluate_head
-from .trainer import _resolve, config_differences, train_runs
+from .trainer import _resolve, config_differences, train_runs, writer_lock
 
 #: The columns of ablation.md for a detector, when present (kept for callers of the old name).
 REPORTED = ABLATION_METRICS
@@ -410,6 +411,16 @@ def ablate(task: str, cache, out, *, presets="all", seeds=(0, 1, 2), evals: dict
     names = list(dict.fromkeys(r.preset for r in runs))
     if baseline is not None and baseline not in names:
         raise FeatcacheError(f"--baseline {baseline} is not among the presets ({', '.join(names)}); add it to --presets")
+    # one writer at a time: the whole ablation folder for a full run or --collect; a shard (one of
+    # several running at once by design) is protected run by run (train_runs locks each run folder)
+    with writer_lock([out]) if shard is None or collect else nullcontext():
+        return _ablate_locked(task, cache, out, runs, eval_caches, names, baseline, devices, shard, collect,
+                              overwrite, progress, echo)
+
+
+def _ablate_locked(task, cache, out, runs, eval_caches, names, baseline, devices, shard, collect, overwrite,
+                   progress, echo) -> AblationResult:
+    """:func:`ablate` once the plan is checked (and the ablation folder's writer lock held)."""
     mine = shard_runs(runs, shard)
     done = {id(r) for r in mine if not overwrite and finished(r)}
     if not collect and not overwrite:

@@ -11,12 +11,15 @@ another config is refused with the difference named (``--overwrite`` replaces th
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache import open_cache
+from ..cache import CacheLock, open_cache
+from ..cache.store import LOCK_FILE
 from ..config import load_config, resolve_config, save_config
-from ..errors import FeatcacheError
+from ..errors import FeatcacheError, RunLockedError
 from ..heads.task import Task, get_task, load_run
 from ..runtime import is_run_dir, load_weights, prepare_run_dir, resolve_device, seed_everything, write_json
 from .evaluate import Evaluation, run_title, write_evaluation
@@ -84,6 +87,34 @@ def resolve_inputs(task: Task, device) -> None:
         task.inputs[option] = run
 
 
+@contextmanager
+def writer_lock(folders) -> Iterator[None]:
+    """Hold each folder's writer lock (``FOLDER/.lock``, the cache's flock mechanism) for the block.
+
+    A second writer of any of them is refused with one line naming the first (pid, host, start,
+    command); a killed writer's lock is released by the kernel.  A folder this call created and
+    left empty (the block failed before writing) is removed again.
+    """
+    created = []
+    with ExitStack() as stack:
+        try:
+            for f in map(Path, folders):
+                if f.exists() and not f.is_dir():
+                    raise FeatcacheError(f"{f} exists and is not a directory; choose a new --out")
+                if not f.exists():
+                    f.mkdir(parents=True)
+                    created.append(f)
+                stack.enter_context(CacheLock(f, error=RunLockedError))
+            yield
+        finally:
+            stack.close()
+            for f in reversed(created):
+                try:
+                    f.rmdir()  # only when empty
+                except OSError:
+                    pass
+
+
 def _start_or_resume(out: Path, cfg: dict, overwrite: bool) -> bool:
     """True when ``out`` holds an interrupted run of this very config (it resumes)."""
     if overwrite or not is_run_dir(out):
@@ -114,6 +145,12 @@ def train_runs(task_name: str, cache_path, outs: list, *, cfgs: list[dict], over
     for c in cfgs:
         c["cache"]["fingerprint"] = cache.fingerprint
     settings = LoopSettings.from_config(cfgs)
+    with writer_lock(outs):
+        return _train_locked(task_name, cls, cache, device, outs, cfgs, settings, overwrite, progress, echo)
+
+
+def _train_locked(task_name, cls, cache, device, outs, cfgs, settings, overwrite, progress, echo) -> list[RunResult]:
+    """:func:`train_runs` once every run folder's writer lock is held."""
     resumes = [_start_or_resume(o, c, overwrite) for o, c in zip(outs, cfgs)]
     if any(resumes) and not all(resumes):
         raise FeatcacheError("some of these runs were interrupted and some not; train them one by one")
@@ -125,7 +162,8 @@ def train_runs(task_name: str, cache_path, outs: list, *, cfgs: list[dict], over
     task.module = task.build(task.spec).to(device)
     if not resumes[0]:
         for o, c in zip(outs, cfgs):
-            prepare_run_dir(o, overwrite=True if is_run_dir(o) and not (o / "summary.json").is_file() else overwrite)
+            prepare_run_dir(o, overwrite=True if is_run_dir(o) and not (o / "summary.json").is_file() else overwrite,
+                            keep=(LOCK_FILE,))
             save_config(c, o / "config.yaml")
             write_json(o / "model.json", {"task": task_name, "spec": task.spec})
     elif echo:
