@@ -463,7 +463,9 @@ def evaluate(state, run, cache_path, manifest_path, split, name, thresholds):
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--presets", default="all", show_default=True, help="Comma-separated presets, or all: {presets}.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
-@click.option("--eval", "evals", multiple=True, metavar="NAME=CACHE", help="Also evaluate each run on this cache.")
+@click.option("--eval", "evals", multiple=True, metavar="NAME=CACHE",
+              help="Also evaluate each run on this cache's test split (checked before training: finished, same "
+                   "backbone, labelled); writes the cross-dataset table cross_dataset.{csv,md,png}.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override for every run.")
 @click.option("--stage1", default=None, type=click.Path(file_okay=False), help="stage2: the Stage-1 run directory.")
 @click.option("--baseline", default=None, metavar="PRESET",

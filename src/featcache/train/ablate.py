@@ -35,10 +35,11 @@ import torch
 
 from ..cache import open_cache
 from ..config import load_config, presets_of
-from ..errors import FeatcacheError
+from ..errors import FeatcacheError, first_line
 from ..heads.task import backbone_identity, check_run_dir, check_same_backbone, get_task, list_tasks
 from ..metrics.bootstrap import paired_differences
 from ..report.plots import plot_ablation
+from ..report.protocol import CROSS_METRICS, long_rows, write_protocol
 from ..report.tables import ABLATION_METRICS, ablation_table, metrics_line, write_csv_rounded
 from ..runtime import write_json
 from .evaluate import evaluate_head
@@ -147,19 +148,54 @@ def _presets(task: str, presets) -> list[str]:
 
 
 def _check_evals(cache, evals: dict) -> dict[str, Path]:
-    """Every eval cache exists and was extracted with the training cache's backbone."""
+    """Every eval cache exists, is finished, is of the training cache's kind and backbone, and its
+    test split has rows, all labelled 0/1: checked before anything trains."""
     trained_on = backbone_identity(cache)
     out = {}
     for name, path in (evals or {}).items():
+        where = f"--eval {name}={path}"
+        if not name:
+            raise FeatcacheError(f"{where}: the name is empty; pass NAME=CACHE, e.g. celebdf=caches/celebdf")
         if not Path(path).exists():
-            raise FeatcacheError(f"--eval {name}={path}: the cache does not exist")
-        other = open_cache(path)
+            raise FeatcacheError(f"{where}: the cache does not exist")
+        try:
+            other = open_cache(path)
+            meta = other.meta(["label", "split"])
+        except FeatcacheError as exc:
+            raise FeatcacheError(f"{where}: {first_line(exc)}") from None
         if other.kind != cache.kind:
-            raise FeatcacheError(f"--eval {name}={path} is a {other.kind} cache; the training cache is {cache.kind}")
-        check_same_backbone(trained_on, backbone_identity(other), f"the training cache {cache.path}",
-                            f"--eval {name}={path}")
+            raise FeatcacheError(f"{where} is a {other.kind} cache; the training cache is {cache.kind}")
+        check_same_backbone(trained_on, backbone_identity(other), f"the training cache {cache.path}", where)
+        test = meta[meta["split"].astype(str) == "test"]
+        if test.empty:
+            have = ", ".join(sorted(set(meta["split"].astype(str)))) or "none"
+            raise FeatcacheError(f"{where} has no rows in split 'test' (its splits: {have}); the runs are "
+                                 "evaluated on an eval cache's test split")
+        unknown = int((~test["label"].isin([0, 1])).sum())
+        if unknown:
+            raise FeatcacheError(f"{where}: {unknown} of its {len(test)} test rows have no label (0 real / 1 fake); "
+                                 "an evaluation needs every test row labelled")
         out[name] = Path(path)
     return out
+
+
+def fairness_unavailable(evals: dict[str, Path]) -> dict[str, str]:
+    """Eval cache name -> why its fairness metrics are not available (no test row with a known
+    subgroup: gender or race unknown for every row, as in Celeb-DF or DFDC)."""
+    out = {}
+    for name, path in evals.items():
+        meta = open_cache(path).meta(["split", "subgroup"]) if _has_meta(path, "subgroup") else None
+        if meta is None:
+            out[name] = "the cache has no subgroup column (no demographics)"
+            continue
+        known = meta.loc[meta["split"].astype(str) == "test", "subgroup"].astype(int) >= 0
+        if not known.any():
+            out[name] = f"its test split has no demographics (gender or race unknown for all {len(known)} rows)"
+    return out
+
+
+def _has_meta(path, column: str) -> bool:
+    return (Path(path) / "meta" / column).is_dir()
 
 
 def _comparable(cfg: dict) -> dict:
@@ -333,6 +369,13 @@ def _train_on_devices(task, cache_path, by_device: list[tuple[str, list]], *, pr
 
 
 # -- tables ----------------------------------------------------------------------------------
+def in_domain_metrics(run_dir: Path, summary: dict) -> dict:
+    """A run's test metrics on its own cache with their bootstrap intervals (RUN/eval/test/metrics.json;
+    the summary's test metrics, without intervals, when that file is missing)."""
+    f = Path(run_dir) / "eval" / "test" / "metrics.json"
+    return json.loads(f.read_text()) if f.is_file() else dict(summary.get("test") or {})
+
+
 def run_row(run: PlannedRun, summary: dict) -> dict:
     """One table row from a run's summary.json: val/test metrics, Stage 1's probes, timing."""
     row = {"preset": run.preset, "seed": run.seed, "best_epoch": summary.get("best_epoch"),
@@ -458,15 +501,19 @@ def _ablate_locked(task, cache, out, runs, eval_caches, names, baseline, devices
                "--collect (instead of --shard) to write the tables")
         echo(msg)
         return AblationResult(task, out, pd.DataFrame(), msg, lines, trained, reused, [], None, [])
-    rows, missing = [], []
+    rows, missing, cross = [], [], []
     for r in runs:
         if not finished(r):
             missing.append(r.label)
             continue
-        row = run_row(r, json.loads((r.out / "summary.json").read_text()))
+        summary = json.loads((r.out / "summary.json").read_text())
+        row = run_row(r, summary)
+        if eval_caches:
+            cross += long_rows(r.preset, r.seed, "test", in_domain_metrics(r.out, summary), CROSS_METRICS)
         for name, other in eval_caches.items():
             metrics = evaluate_head(r.out, other, split="test", name=name).metrics
             row.update({f"{name}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float, bool))})
+            cross += long_rows(r.preset, r.seed, name, metrics, CROSS_METRICS)
         rows.append(row)
     if not rows:
         raise FeatcacheError(f"no finished run in {out} to table ({len(missing)} missing); train them first "
@@ -476,6 +523,15 @@ def _ablate_locked(task, cache, out, runs, eval_caches, names, baseline, devices
     if not baselines and len(names) > 1:
         baselines = [names[0]]
     markdown, diffs, files = tables(task, df, out, evals=list(eval_caches), baselines=baselines, title=title)
+    if cross:
+        datasets = {"test": f"{Path(cache).name} (in-domain)", **{n: n for n in eval_caches}}
+        text, _, written = write_protocol(
+            pd.DataFrame(cross), out, "cross_dataset", datasets, CROSS_METRICS, what="test set",
+            title=f"cross-dataset: trained on {Path(cache).name}, tested on {', '.join(datasets.values())}",
+            unavailable=fairness_unavailable(eval_caches))
+        markdown += "\n" + text
+        (out / "ablation.md").write_text(markdown)
+        files += written
     if missing:
         note = f"\nmissing runs (not finished, left out of the tables): {', '.join(missing)}\n"
         markdown += note
