@@ -116,3 +116,48 @@ def test_a_test_set_without_demographics_gets_detection_metrics_and_fairness_na(
     assert row.rstrip(" |").endswith("n/a")  # nodemo's fairness cells
     assert "nodemo: fairness metrics n/a: its test split has no demographics" in md
     assert res.files
+
+
+def test_lomo_trains_without_each_method_and_tests_on_its_fakes_and_the_reals(bed, tmp_path):
+    from featcache.cache import open_cache
+    from featcache.heads.task import load_run
+
+    cache = tmp_path / "m3"
+    synth_feature_cache(cache, rows=240, dim=16, seed=0, part_rows=256, methods=("a", "b", "c"))
+    meta = open_cache(cache).meta()
+    out = tmp_path / "lomo"
+    lines = []
+    res = ablate("stage2", cache, out, presets=["none"], seeds=[0], sets=S2, options={"stage1": bed / "s1"},
+                 protocol="lomo", progress=False, echo=lines.append)
+    assert res.trained == ["none without a seed 0", "none without b seed 0", "none without c seed 0"]
+    assert any("none without b" in ln and "apart from the first group because protocol.held_out_method" in ln
+               for ln in lines)
+    md = res.markdown
+    assert "| preset | n | without a auc | without a eer | without b auc |" in md
+    summary = pd.read_csv(out / "lomo.csv")
+    for held in ("a", "b", "c"):
+        run = out / "none" / f"without-{held}" / "seed0"
+        # the test rows: the test reals and the held-out method's test fakes, nothing else
+        want = meta[(meta.split == "test") & ((meta.label == 0) | (meta.method == held))]
+        preds = pd.read_csv(run / "eval" / "test" / "predictions.csv")
+        assert sorted(preds["sample_id"]) == sorted(want["sample_id"])
+        # trained and selected without the held-out method (reals shared by every fold)
+        task = load_run(run, "cpu")
+        task.load(open_cache(cache))
+        for split in ("train", "val"):
+            rows = task.data[split].meta
+            assert held not in set(rows["method"]) and len(rows) == int(
+                ((meta.split == split) & (meta.method != held)).sum())
+        # the table's cell is the run's test AUC with its bootstrap interval (one seed)
+        test = json.loads((run / "eval" / "test" / "metrics.json").read_text())
+        row = summary[(summary.dataset == held) & (summary.metric == "auc")]
+        assert row["mean"].item() == pytest.approx(test["auc"], abs=1e-4)
+        assert [row["lo"].item(), row["hi"].item()] == pytest.approx(test["ci95"]["auc"], abs=1e-4)
+        assert row["interval"].item() == "bootstrap"
+    # on another cache a LOMO run is evaluated on every test row
+    task = load_run(out / "none" / "without-a" / "seed0", "cpu")
+    task.load(open_cache(bed / "far"), splits=("test",))
+    assert len(task.data["test"]) == int((open_cache(bed / "far").meta()["split"] == "test").sum())
+    with pytest.raises(FeatcacheError, match="at least two manipulation methods"):
+        ablate("stage2", bed / "c", tmp_path / "x", presets=["none"], seeds=[0], sets=S2,
+               options={"stage1": bed / "s1"}, protocol="lomo", progress=False, echo=lines.append)

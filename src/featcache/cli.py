@@ -477,10 +477,13 @@ def evaluate(state, run, cache_path, manifest_path, split, name, thresholds):
                    "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; then run once with --collect.")
 @click.option("--collect", is_flag=True, help="Train nothing: write the tables from the finished runs.")
 @click.option("--overwrite", is_flag=True, help="Retrain finished runs too.")
+@click.option("--protocol", type=click.Choice(["standard", "lomo"]), default="standard", show_default=True,
+              help="lomo: leave one manipulation method out (the cache's method column): per method, train on the "
+                   "others (reals shared), test on its fakes and the test reals; writes lomo.{csv,md,png}.")
 @quiet_option
 @click.pass_obj
 def ablate(state, task, cache_path, out, presets, seeds, evals, sets, stage1, baseline, devices, shard, collect,
-           overwrite):
+           overwrite, protocol):
     """Train every preset x seed, runs that share an architecture stacked as one job; write
     ablation.csv, ablation.json, ablation.md and a plot. Reuses finished runs; redoes half-written ones.
 
@@ -491,6 +494,8 @@ def ablate(state, task, cache_path, out, presets, seeds, evals, sets, stage1, ba
       featcache ablate stage2 --cache caches/faces-small --stage1 runs/stage1 --presets all --seeds 0,1,2 \\
           --eval other=caches/other-small --out ablations/stage2
       featcache ablate stage1 --cache caches/stage1-small --seeds 0,1,2 --out ablations/stage1
+      featcache ablate stage2 --cache caches/faces-small --stage1 runs/stage1 --presets none,full \\
+          --protocol lomo --out ablations/stage2-lomo
       # SLURM: sbatch --array=0-3 ... featcache ablate ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
       #        then once: featcache ablate ... --collect
     """
@@ -506,7 +511,8 @@ def ablate(state, task, cache_path, out, presets, seeds, evals, sets, stage1, ba
     device_list = None if devices is None else [d.strip() for d in devices.split(",") if d.strip()]
     result = run_ablate(task, cache_path, out, presets=preset_list, seeds=seed_list, evals=_evals(evals), sets=sets,
                         options={"stage1": stage1}, baseline=baseline, devices=device_list, shard=shard,
-                        collect=collect, overwrite=overwrite, progress=not state.quiet, echo=click.echo)
+                        collect=collect, overwrite=overwrite, progress=not state.quiet, echo=click.echo,
+                        protocol=protocol)
     click.echo(result.markdown)
     if result.files:
         click.echo(f"wrote {out}/: {', '.join(result.files)}")

@@ -146,13 +146,43 @@ class Task(ABC):
         """Tensors and meta for ALL rows of ``data`` (what :meth:`read` returned); meta has ``split``."""
 
     def load(self, cache: FeatureCache, splits=("train", "val", "test")) -> None:
-        """Read the cache once, make tensors once, split them by mask into ``self.data`` on ``self.device``."""
+        """Read the cache once, make tensors once, split them by mask into ``self.data`` on ``self.device``
+        (each split's mask narrowed by :meth:`row_filter`, e.g. a leave-one-manipulation-out fold)."""
         self.check_cache(cache)
         self.backbone = backbone_identity(cache)
         everything = self.tensors(self.read(cache))
         for split in splits:
             mask = split_mask(everything.meta["split"], split, where=str(cache.path))
+            keep = self.row_filter(everything.meta, split, cache)
+            if keep is not None:
+                mask &= keep
+                if not mask.any():
+                    raise FeatcacheError(f"{cache.path}: no {split} row is left by {self.describe_fold()}")
             self.data[split] = everything.subset(mask).to(self.device)
+
+    def held_out_method(self) -> str | None:
+        """The manipulation method a leave-one-manipulation-out run never trains on
+        (``protocol.held_out_method``; ``featcache ablate --protocol lomo``), or None."""
+        held = (self.cfg.get("protocol") or {}).get("held_out_method")
+        return None if held in (None, "") else str(held)
+
+    def describe_fold(self) -> str:
+        return f"the leave-one-manipulation-out fold without {self.held_out_method()!r}"
+
+    def row_filter(self, meta: pd.DataFrame, split: str, cache: FeatureCache) -> np.ndarray | None:
+        """Rows of ``split`` this run uses, or None (all).  A leave-one-manipulation-out run trains
+        and selects (train, val) on every row whose ``method`` is not the held-out one (reals
+        included) and is tested on the test reals plus the held-out method's fakes.  On another
+        cache than its own (cross-dataset evaluation) every row is used."""
+        held = self.held_out_method()
+        if held is None or cache.fingerprint != (self.cfg.get("cache") or {}).get("fingerprint"):
+            return None
+        if "method" not in meta:
+            raise FeatcacheError(f"{self.name} reads no method column, so it cannot hold out a manipulation method")
+        method = meta["method"].astype(str).to_numpy()
+        if split == "test":
+            return (meta["label"].to_numpy() == 0) | (method == held)
+        return method != held
 
     # -- model -------------------------------------------------------------------------------
     @abstractmethod

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import queue as queue_mod
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from ..errors import FeatcacheError, first_line
 from ..heads.task import backbone_identity, check_run_dir, check_same_backbone, get_task, list_tasks
 from ..metrics.bootstrap import paired_differences
 from ..report.plots import plot_ablation
-from ..report.protocol import CROSS_METRICS, long_rows, write_protocol
+from ..report.protocol import CROSS_METRICS, LOMO_METRICS, long_rows, write_protocol
 from ..report.tables import ABLATION_METRICS, ablation_table, metrics_line, write_csv_rounded
 from ..runtime import write_json
 from .evaluate import evaluate_head
@@ -67,10 +68,12 @@ class PlannedRun:
     seed: int
     out: Path
     cfg: dict
+    held_out: str | None = None  # --protocol lomo: the manipulation method this run never trains on
 
     @property
     def label(self) -> str:
-        return f"{self.preset} seed {self.seed}"
+        fold = f" without {self.held_out}" if self.held_out is not None else ""
+        return f"{self.preset}{fold} seed {self.seed}"
 
 
 @dataclass
@@ -205,9 +208,45 @@ def _comparable(cfg: dict) -> dict:
     return c
 
 
+#: ``--protocol``: the standard one (train and test on the cache's splits) and leave-one-manipulation-out.
+PROTOCOLS = ("standard", "lomo")
+
+
+def lomo_methods(cache) -> list[str]:
+    """The manipulation methods of a cache's fakes (its ``method`` column), each a fold of
+    ``--protocol lomo``; at least two, each with fakes in every split."""
+    if not (Path(cache.path) / "meta" / "method").is_dir():
+        raise FeatcacheError(f"--protocol lomo: {cache.path} has no method column; its manifest must name each "
+                             "fake's manipulation method")
+    meta = cache.meta(["label", "split", "method"])
+    fakes = meta[meta["label"] == 1]
+    methods = sorted({str(m) for m in fakes["method"] if str(m)})
+    if len(methods) < 2:
+        raise FeatcacheError(f"--protocol lomo needs fakes of at least two manipulation methods; {cache.path} has "
+                             f"{', '.join(methods) or 'none'} in its method column")
+    for split in ("train", "val", "test"):
+        have = set(fakes.loc[fakes["split"].astype(str) == split, "method"].astype(str))
+        lacking = [m for m in methods if m not in have]
+        if split == "test" and lacking:
+            raise FeatcacheError(f"--protocol lomo: {cache.path} has no test fakes of {', '.join(lacking)}, "
+                                 "so those folds could not be tested")
+        if len(have) < 2 and split != "test":
+            raise FeatcacheError(f"--protocol lomo: the {split} split of {cache.path} has fakes of "
+                                 f"{', '.join(sorted(have)) or 'no method'} only; a fold holding it out has none")
+    return methods
+
+
+def fold_name(method: str) -> str:
+    """The folder of a held-out method's runs: ``without-<method>`` (characters unsafe in a path as _)."""
+    return "without-" + re.sub(r"[^A-Za-z0-9_.+-]", "_", method)
+
+
 def plan(task: str, cache_path, out, *, presets="all", seeds=(0, 1, 2), sets=(), options: dict | None = None,
-         evals: dict | None = None) -> tuple[list[PlannedRun], dict[str, Path]]:
-    """The runs of the ablation (preset-major, then seed) and the checked eval caches; raises on bad input."""
+         evals: dict | None = None, protocol: str = "standard") -> tuple[list[PlannedRun], dict[str, Path]]:
+    """The runs of the ablation (preset-major, then held-out method with ``protocol="lomo"``, then
+    seed) and the checked eval caches; raises on bad input."""
+    if protocol not in PROTOCOLS:
+        raise FeatcacheError(f"unknown protocol {protocol!r}; protocols: {', '.join(PROTOCOLS)}")
     if task not in list_tasks():
         raise FeatcacheError(f"unknown task {task!r}; tasks: {', '.join(list_tasks())}")
     cls = get_task(task)
@@ -224,14 +263,27 @@ def plan(task: str, cache_path, out, *, presets="all", seeds=(0, 1, 2), sets=(),
             raise FeatcacheError(f"{task} needs a finished {needed} run: pass --{option} RUN")
         check_run_dir(Path(path))
     checked = _check_evals(cache, evals or {})
+    folds: list[str | None] = [None]
+    if protocol == "lomo":
+        if not cls.detects:
+            raise FeatcacheError(f"--protocol lomo applies to detectors; {task} is not one")
+        if evals:
+            raise FeatcacheError("--protocol lomo tests each fold on its held-out method; run --eval caches "
+                                 "in a standard ablation")
+        folds = lomo_methods(cache)
     out = Path(out)
     runs = []
     for preset in names:
-        for seed in seeds:
-            cfg = _resolve(task, cache_path, preset, None, [*sets, f"training.seed={seed}"], options)
-            cfg["cache"]["fingerprint"] = cache.fingerprint
-            cls.check_config(cfg)
-            runs.append(PlannedRun(preset, seed, out / preset / f"seed{seed}", cfg))
+        for held in folds:
+            for seed in seeds:
+                cfg = _resolve(task, cache_path, preset, None, [*sets, f"training.seed={seed}"], options)
+                cfg["cache"]["fingerprint"] = cache.fingerprint
+                where = out / preset
+                if held is not None:
+                    cfg["protocol"] = {"name": "lomo", "held_out_method": held}
+                    where = where / fold_name(held)
+                cls.check_config(cfg)
+                runs.append(PlannedRun(preset, seed, where / f"seed{seed}", cfg, held))
     return runs, checked
 
 
@@ -268,6 +320,9 @@ def group_runs(task: str, runs: list[PlannedRun]) -> tuple[list[list[PlannedRun]
         for j, chunk in enumerate(chunks):
             presets = list(dict.fromkeys(r.preset for r in chunk))
             seeds = list(dict.fromkeys(r.seed for r in chunk))
+            held = list(dict.fromkeys(r.held_out for r in chunk if r.held_out is not None))
+            if held:
+                presets = [f"{p} without {', '.join(held)}" for p in presets]
             split = (f" (part {j + 1} of {len(chunks)}: {task} stacks at most {cls.max_runs} run(s) per job)"
                      if len(chunks) > 1 else "")
             lines.append(f"group {len(groups) + 1}: {', '.join(presets)} x seeds {', '.join(map(str, seeds))} "
@@ -439,8 +494,12 @@ def tables(task: str, df: pd.DataFrame, out: Path, *, evals=(), baselines=(), ti
 
 def ablate(task: str, cache, out, *, presets="all", seeds=(0, 1, 2), evals: dict | None = None, sets=(),
            options: dict | None = None, baseline: str | None = None, devices=None, shard=None,
-           collect: bool = False, overwrite: bool = False, progress: bool = True, echo=print) -> AblationResult:
+           collect: bool = False, overwrite: bool = False, progress: bool = True, echo=print,
+           protocol: str = "standard") -> AblationResult:
     """Train every preset x seed into ``out/<preset>/seed<k>`` as stacked jobs and table them.
+
+    ``protocol="lomo"``: leave one manipulation method out: every preset x held-out method x seed
+    into ``out/<preset>/without-<method>/seed<k>``, tabled in lomo.{csv,md,png}.
 
     See the module docstring.  ``devices``: torch devices to spread the groups over (None: every
     visible GPU, else the CPU; a config's explicit ``training.device`` when not ``auto``).
@@ -450,7 +509,8 @@ def ablate(task: str, cache, out, *, presets="all", seeds=(0, 1, 2), evals: dict
     """
     out = Path(out)
     shard = parse_shard(shard) if shard is not None else None
-    runs, eval_caches = plan(task, cache, out, presets=presets, seeds=seeds, sets=sets, options=options, evals=evals)
+    runs, eval_caches = plan(task, cache, out, presets=presets, seeds=seeds, sets=sets, options=options, evals=evals,
+                             protocol=protocol)
     names = list(dict.fromkeys(r.preset for r in runs))
     if baseline is not None and baseline not in names:
         raise FeatcacheError(f"--baseline {baseline} is not among the presets ({', '.join(names)}); add it to --presets")
@@ -501,13 +561,16 @@ def _ablate_locked(task, cache, out, runs, eval_caches, names, baseline, devices
                "--collect (instead of --shard) to write the tables")
         echo(msg)
         return AblationResult(task, out, pd.DataFrame(), msg, lines, trained, reused, [], None, [])
-    rows, missing, cross = [], [], []
+    rows, missing, cross, lomo = [], [], [], []
     for r in runs:
         if not finished(r):
             missing.append(r.label)
             continue
         summary = json.loads((r.out / "summary.json").read_text())
         row = run_row(r, summary)
+        if r.held_out is not None:
+            row = {"preset": row.pop("preset"), "held_out": r.held_out, **row}
+            lomo += long_rows(r.preset, r.seed, r.held_out, in_domain_metrics(r.out, summary), LOMO_METRICS)
         if eval_caches:
             cross += long_rows(r.preset, r.seed, "test", in_domain_metrics(r.out, summary), CROSS_METRICS)
         for name, other in eval_caches.items():
@@ -519,6 +582,8 @@ def _ablate_locked(task, cache, out, runs, eval_caches, names, baseline, devices
         raise FeatcacheError(f"no finished run in {out} to table ({len(missing)} missing); train them first "
                              "(without --collect)")
     df = pd.DataFrame(rows)
+    if lomo:
+        return _lomo_tables(task, cache, out, df, lomo, runs, lines, trained, reused, missing)
     baselines = list(dict.fromkeys([b for b in ("none" if "none" in names else None, baseline) if b]))
     if not baselines and len(names) > 1:
         baselines = [names[0]]
@@ -538,3 +603,23 @@ def _ablate_locked(task, cache, out, runs, eval_caches, names, baseline, devices
         (out / "ablation.md").write_text(markdown)
     return AblationResult(task, out, df, markdown, lines, trained, reused, missing, diffs, files)
 
+
+
+def _lomo_tables(task, cache, out, df, lomo, runs, lines, trained, reused, missing) -> AblationResult:
+    """A leave-one-manipulation-out ablation's files: ablation.csv/json (one row per run, with its
+    held-out method) and the LOMO table lomo.{csv,md,png} (rows presets, columns held-out methods)."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = [write_csv_rounded(df, out / "ablation.csv").name]
+    write_json(out / "ablation.json", df.to_dict(orient="records"))
+    files.append("ablation.json")
+    methods = list(dict.fromkeys(r.held_out for r in runs))
+    markdown, _, written = write_protocol(
+        pd.DataFrame(lomo), out, "lomo", {m: f"without {m}" for m in methods}, LOMO_METRICS,
+        what="held-out manipulation method (test: its fakes and the test reals; trained and selected on "
+             "the other methods)", title=f"{task} leave-one-manipulation-out: {Path(cache).name}")
+    files += written
+    if missing:
+        markdown += f"\nmissing runs (not finished, left out of the tables): {', '.join(missing)}\n"
+    (out / "ablation.md").write_text(markdown)
+    files.append("ablation.md")
+    return AblationResult(task, out, df, markdown, lines, trained, reused, missing, None, files)
