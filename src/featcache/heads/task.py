@@ -95,6 +95,9 @@ class Task(ABC):
     meta_columns: list[str] | None = None
     #: The metrics a one-line summary shows, in order (``featcache train-head`` / ``evaluate``).
     summary_keys: tuple[str, ...] = ("auc", "acc", "eer", "f_fpr", "f_meo")
+    #: True when the task's classification loss goes through :meth:`class_weighted_mean`, so that
+    #: ``training.class_balance: weight`` applies (a task without it refuses that setting).
+    class_weighted: bool = False
 
     def __init__(self, cfgs: dict | list[dict], device, run_dirs=None):
         self.cfgs = [cfgs] if isinstance(cfgs, dict) else list(cfgs)
@@ -124,6 +127,13 @@ class Task(ABC):
             raise FeatcacheError(f"selection.min_epoch={min_epoch} is after the last epoch (training.epochs={epochs}), "
                                  f"so no epoch could be selected; set training.epochs >= {min_epoch} or "
                                  f"--set selection.min_epoch={epochs}")
+        balance = str(cfg["training"].get("class_balance") or "none")
+        if balance != "none" and not cls.detects:
+            raise FeatcacheError(f"training.class_balance={balance} applies to detectors (real/fake labels); "
+                                 f"{cls.name} is not one")
+        if balance == "weight" and not cls.class_weighted:
+            raise FeatcacheError(f"{cls.name} does not weigh its loss by class yet; use training.class_balance=sampler "
+                                 "(balanced batches) or none")
 
     def seeds(self) -> list[int]:
         """Each run's seed (initialisation, batch order, dropout)."""
@@ -240,6 +250,27 @@ class Task(ABC):
     def _coef(self, values) -> torch.Tensor:
         """One float per run as an (R,) tensor on the device."""
         return torch.tensor([float(v) for v in values], dtype=torch.get_default_dtype(), device=self.device)
+
+    def class_weights(self) -> torch.Tensor:
+        """Per class c of the training labels, ``n / (C * n_c)`` (scikit-learn's ``balanced``
+        weights, :func:`sklearn.utils.class_weight.compute_class_weight`), on the device, made once."""
+        if getattr(self, "_class_weights", None) is None:
+            y = self.data["train"].tensors["label"].long()
+            counts = torch.bincount(y).to(torch.get_default_dtype())
+            present = counts > 0
+            w = torch.zeros_like(counts)
+            w[present] = len(y) / (int(present.sum()) * counts[present])
+            self._class_weights = w.to(self.device)
+        return self._class_weights
+
+    def class_weighted_mean(self, per_sample: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The batch mean of ``per_sample`` losses over the last axis; with ``training.class_balance:
+        weight`` each sample weighted by its class's :meth:`class_weights` and normalised by the
+        weights' sum, as ``F.cross_entropy(weight=...)`` does (the classes then count equally)."""
+        if str(self.cfg["training"].get("class_balance") or "none") != "weight":
+            return per_sample.mean(-1)
+        w = self.class_weights()[y]
+        return (per_sample * w).sum(-1) / w.sum(-1)
 
     @abstractmethod
     def batch_loss(self, batch: dict[str, torch.Tensor], state: StepState) -> tuple[torch.Tensor, dict]:

@@ -44,7 +44,7 @@ from ..report.protocol import CROSS_METRICS, LOMO_METRICS, long_rows, write_prot
 from ..report.tables import ABLATION_METRICS, ablation_table, metrics_line, write_csv_rounded
 from ..runtime import write_json
 from .evaluate import evaluate_head
-from .trainer import _resolve, config_differences, train_runs, writer_lock
+from .trainer import _resolve, config_differences, train_runs, with_added_keys, writer_lock
 
 #: The columns of ablation.md for a detector, when present (kept for callers of the old name).
 REPORTED = ABLATION_METRICS
@@ -203,7 +203,7 @@ def _has_meta(path, column: str) -> bool:
 
 def _comparable(cfg: dict) -> dict:
     """A config as saved and reloaded, without the device (a finished run is the same run on any device)."""
-    c = json.loads(json.dumps(cfg, default=str))
+    c = with_added_keys(cfg)
     c.get("training", {}).pop("device", None)
     return c
 

@@ -10,6 +10,7 @@ another config is refused with the difference named (``--overwrite`` replaces th
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -62,6 +63,20 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
         elif a != b:
             out.append(f"{prefix}{k}: {a!r} -> {b!r}")
     return out
+
+
+#: Config keys added after runs were written, with the value those runs trained with: a run saved
+#: without the key is the same run as one saved with this value (it is reused, resumed, extended).
+ADDED_KEYS = {("training", "class_balance"): "none"}
+
+
+def with_added_keys(cfg: dict) -> dict:
+    """A copy of ``cfg`` with every :data:`ADDED_KEYS` key it lacks set to its value."""
+    c = json.loads(json.dumps(cfg, default=str))
+    for (section, key), value in ADDED_KEYS.items():
+        if isinstance(c.get(section), dict):
+            c[section].setdefault(key, value)
+    return c
 
 
 def _resolve(task_name, cache_path, preset, config_file, sets, options) -> dict:
@@ -123,7 +138,7 @@ def _start_or_resume(out: Path, cfg: dict, overwrite: bool) -> bool:
         raise FeatcacheError(f"{out} already holds a finished run; pass --overwrite to replace it, or choose a new --out")
     if not (out / RESUME_FILE).is_file() or not (out / "config.yaml").is_file():
         return False  # nothing finished: started afresh below (prepare_run_dir replaces it)
-    diffs = config_differences(load_config(out / "config.yaml"), cfg)
+    diffs = config_differences(with_added_keys(load_config(out / "config.yaml")), with_added_keys(cfg))
     if diffs:
         raise FeatcacheError(f"{out} holds an interrupted run with another config ({'; '.join(diffs[:4])}); "
                              "rerun it with the same options to resume, or pass --overwrite to replace it")
