@@ -52,7 +52,7 @@ def _numbers(d: dict) -> dict:
 
 def test_batched_ablation_equals_sequential_train_head_runs_then_reuses_and_redoes(bed, tmp_path):
     kw = dict(presets=["none", "full", "cvar"], seeds=[0, 1], sets=S2, options={"stage1": bed / "s1"},
-              progress=False, devices=["cpu"])
+              progress=False, devices=["cpu"], keep_resume=True)
     lines = []
     res = ablate("stage2", bed / "c", tmp_path / "abl", echo=lines.append, **kw)
     # one group, one job: the three presets differ only in loss coefficients
@@ -279,3 +279,39 @@ def test_a_second_ablate_or_train_head_is_refused_while_the_first_holds_the_fold
         train_head("stage2", bed / "c", tmp_path / "new", sets=TINY, options={"stage1": tmp_path / "gone"},
                    progress=False)
     assert not (tmp_path / "new").exists()
+
+
+# -- disk (issue 24 item 7) ------------------------------------------------------------------
+def _safetensors_data_bytes(path) -> int:
+    """A safetensors file's tensor bytes: its size less the 8-byte header length and the header."""
+    raw = Path(path).read_bytes()
+    return len(raw) - 8 - int.from_bytes(raw[:8], "little")
+
+
+def test_finished_runs_prune_their_resume_point_and_the_printed_estimate_is_their_weights(bed, tmp_path):
+    kw = dict(presets=["default"], seeds=[0, 1], sets=[*TINY, "training.epochs=1"], progress=False)
+    lines = []
+    ablate("stage1", bed / "c", tmp_path / "pruned", echo=lines.append, **kw)
+    estimate = [ln for ln in lines if ln.startswith("disk estimate:")]
+    assert len(estimate) == 1 and lines.index(estimate[0]) < len(lines) - 1  # printed before the runs' lines
+    for seed in (0, 1):
+        run = tmp_path / "pruned" / "default" / f"seed{seed}"
+        assert not (run / "resume.pt").exists() and (run / "summary.json").is_file()
+        notes = json.loads((run / "summary.json").read_text())["notes"]
+        assert any("resume point pruned" in n and "--keep-resume" in n for n in notes)
+    # the estimate is exact for the weight files: 2 runs x (best + last)
+    from featcache.train.trainer import _resolve, estimate_run_bytes
+    cfg = _resolve("stage1", bed / "c", None, None, [*TINY, "training.epochs=1"], {})
+    size = estimate_run_bytes("stage1", bed / "c", cfg)
+    run = tmp_path / "pruned" / "default" / "seed0"
+    assert _safetensors_data_bytes(run / "best.safetensors") == size["weights"]
+    assert _safetensors_data_bytes(run / "last.safetensors") == size["weights"]
+    assert f"2 x {size['weights'] * 2 / 2**20:.1f} MB of weights" in estimate[0]
+    # --keep-resume keeps it; its tensors are the weights and AdamW's two moments, as estimated
+    lines = []
+    ablate("stage1", bed / "c", tmp_path / "kept", echo=lines.append, keep_resume=True, **kw)
+    assert "resume points kept" in [ln for ln in lines if ln.startswith("disk estimate:")][0]
+    saved = torch.load(tmp_path / "kept" / "default" / "seed1" / "resume.pt", weights_only=True)
+    tensors = [*saved["weights"].values(),
+               *(v for st in saved["optimizer"]["state"].values() for v in st.values() if torch.is_tensor(v) and v.dim())]
+    assert sum(t.numel() * t.element_size() for t in tensors) == size["resume"]

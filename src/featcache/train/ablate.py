@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import queue as queue_mod
 import re
+import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ from ..report.protocol import CROSS_METRICS, LOMO_METRICS, long_rows, write_prot
 from ..report.tables import ABLATION_METRICS, ablation_table, metrics_line, write_csv_rounded
 from ..runtime import write_json
 from .evaluate import evaluate_head
-from .trainer import _resolve, config_differences, train_runs, with_added_keys, writer_lock
+from .trainer import _resolve, config_differences, estimate_run_bytes, train_runs, with_added_keys, writer_lock
 
 #: The columns of ablation.md for a detector, when present (kept for callers of the old name).
 REPORTED = ABLATION_METRICS
@@ -351,7 +352,32 @@ def assign(groups: list[list], devices: list[str]) -> list[tuple[str, list[list]
 
 
 # -- training ------------------------------------------------------------------------------
-def train_group(task: str, cache_path, runs: list[PlannedRun], device: str, *, progress: bool, echo) -> None:
+def disk_estimate(task: str, cache_path, groups: list[list[PlannedRun]], out: Path, keep_resume: bool) -> str:
+    """One line: what the runs to train will take on disk (their weight files, from each group's
+    module built once on the CPU: :func:`featcache.train.trainer.estimate_run_bytes`) and the free
+    space where they go."""
+    total, parts, resume_bytes = 0, [], 0
+    for g in groups:
+        size = estimate_run_bytes(task, cache_path, g[0].cfg)
+        resume_bytes = max(resume_bytes, size["resume"])
+        per_run = 2 * size["weights"] + (size["resume"] if keep_resume else 0)
+        total += per_run * len(g)
+        parts.append(f"{len(g)} x {_mb(per_run)}")
+    where = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    resume = ("resume points kept (--keep-resume)" if keep_resume else
+              "each resume point is pruned when its run finishes; --keep-resume keeps it, "
+              f"up to {_mb(resume_bytes)} a run")
+    return (f"disk estimate: {' + '.join(parts)} of weights (best + last) = {_mb(total)} ({resume}; evaluation files "
+            f"and plots add little); {_mb(free)} free on {where}")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+
+
+def train_group(task: str, cache_path, runs: list[PlannedRun], device: str, *, progress: bool, echo,
+                keep_resume: bool = False) -> None:
     """Train one group as one job on ``device``; out of GPU memory, split it in two and retry each half."""
     cfgs = []
     for r in runs:
@@ -360,7 +386,7 @@ def train_group(task: str, cache_path, runs: list[PlannedRun], device: str, *, p
         cfgs.append(c)
     try:
         results = train_runs(task, cache_path, [r.out for r in runs], cfgs=cfgs, overwrite=True, progress=progress,
-                             echo=echo)
+                             echo=echo, keep_resume=keep_resume)
     except torch.cuda.OutOfMemoryError:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -370,8 +396,8 @@ def train_group(task: str, cache_path, runs: list[PlannedRun], device: str, *, p
         half = len(runs) // 2
         echo(f"out of GPU memory training {len(runs)} runs at once on {device}: split into {half} + "
              f"{len(runs) - half} and retried")
-        train_group(task, cache_path, runs[:half], device, progress=progress, echo=echo)
-        train_group(task, cache_path, runs[half:], device, progress=progress, echo=echo)
+        train_group(task, cache_path, runs[:half], device, progress=progress, echo=echo, keep_resume=keep_resume)
+        train_group(task, cache_path, runs[half:], device, progress=progress, echo=echo, keep_resume=keep_resume)
         return
     keys = get_task(task).summary_keys
     for r, res in zip(runs, results):
@@ -379,25 +405,28 @@ def train_group(task: str, cache_path, runs: list[PlannedRun], device: str, *, p
              f"best epoch {res.best_epoch})")
 
 
-def _device_worker(task, cache_path, groups, device, progress, messages) -> None:
+def _device_worker(task, cache_path, groups, device, progress, messages, keep_resume=False) -> None:
     """A spawned process: train its groups on one device; every line and the outcome go to ``messages``."""
     try:
         for g in groups:
-            train_group(task, cache_path, g, device, progress=progress, echo=lambda s: messages.put(("line", s)))
+            train_group(task, cache_path, g, device, progress=progress, echo=lambda s: messages.put(("line", s)),
+                        keep_resume=keep_resume)
         messages.put(("done", device))
     except Exception as exc:  # reported by the parent as one line
         messages.put(("error", f"{device}: {type(exc).__name__}: {exc}"))
 
 
-def _train_on_devices(task, cache_path, by_device: list[tuple[str, list]], *, progress: bool, echo) -> None:
+def _train_on_devices(task, cache_path, by_device: list[tuple[str, list]], *, progress: bool, echo,
+                      keep_resume: bool = False) -> None:
     if len(by_device) <= 1:
         for device, groups in by_device:
             for g in groups:
-                train_group(task, cache_path, g, device, progress=progress, echo=echo)
+                train_group(task, cache_path, g, device, progress=progress, echo=echo, keep_resume=keep_resume)
         return
     ctx = torch.multiprocessing.get_context("spawn")
     messages = ctx.Queue()
-    procs = [ctx.Process(target=_device_worker, args=(task, str(cache_path), groups, device, False, messages))
+    procs = [ctx.Process(target=_device_worker, args=(task, str(cache_path), groups, device, False, messages,
+                                                             keep_resume))
              for device, groups in by_device]
     for p in procs:
         p.start()
@@ -495,7 +524,7 @@ def tables(task: str, df: pd.DataFrame, out: Path, *, evals=(), baselines=(), ti
 def ablate(task: str, cache, out, *, presets="all", seeds=(0, 1, 2), evals: dict | None = None, sets=(),
            options: dict | None = None, baseline: str | None = None, devices=None, shard=None,
            collect: bool = False, overwrite: bool = False, progress: bool = True, echo=print,
-           protocol: str = "standard") -> AblationResult:
+           protocol: str = "standard", keep_resume: bool = False) -> AblationResult:
     """Train every preset x seed into ``out/<preset>/seed<k>`` as stacked jobs and table them.
 
     ``protocol="lomo"``: leave one manipulation method out: every preset x held-out method x seed
@@ -518,11 +547,11 @@ def ablate(task: str, cache, out, *, presets="all", seeds=(0, 1, 2), evals: dict
     # several running at once by design) is protected run by run (train_runs locks each run folder)
     with writer_lock([out]) if shard is None or collect else nullcontext():
         return _ablate_locked(task, cache, out, runs, eval_caches, names, baseline, devices, shard, collect,
-                              overwrite, progress, echo)
+                              overwrite, progress, echo, keep_resume)
 
 
 def _ablate_locked(task, cache, out, runs, eval_caches, names, baseline, devices, shard, collect, overwrite,
-                   progress, echo) -> AblationResult:
+                   progress, echo, keep_resume) -> AblationResult:
     """:func:`ablate` once the plan is checked (and the ablation folder's writer lock held)."""
     mine = shard_runs(runs, shard)
     done = {id(r) for r in mine if not overwrite and finished(r)}
@@ -553,7 +582,8 @@ def _ablate_locked(task, cache, out, runs, eval_caches, names, baseline, devices
              f"{', '.join(d for d, _ in by_device)}" + (" (one process each)" if len(by_device) > 1 else "") + ":")
         for line in lines:
             echo(f"  {line}")
-        _train_on_devices(task, cache, by_device, progress=progress, echo=echo)
+        echo(disk_estimate(task, cache, groups, out, keep_resume))
+        _train_on_devices(task, cache, by_device, progress=progress, echo=echo, keep_resume=keep_resume)
         trained = [r.label for r in todo]
     title = f"{task} ablation: {out}"
     if shard is not None and not collect:

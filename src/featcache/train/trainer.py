@@ -146,8 +146,12 @@ def _start_or_resume(out: Path, cfg: dict, overwrite: bool) -> bool:
 
 
 def train_runs(task_name: str, cache_path, outs: list, *, cfgs: list[dict], overwrite: bool = False,
-               progress: bool = True, echo=None) -> list[RunResult]:
-    """Train R runs of one task stacked in one job (R = 1: ``train-head``); one run directory each."""
+               progress: bool = True, echo=None, keep_resume: bool = False) -> list[RunResult]:
+    """Train R runs of one task stacked in one job (R = 1: ``train-head``); one run directory each.
+
+    ``keep_resume``: keep each finished run's resume point (``resume.pt``: the weights and AdamW's
+    two moments, about 1.5 times the run's two weight files); by default it is deleted when the
+    run finishes (the run is complete without it; extending it to more epochs would need it)."""
     outs = [Path(o) for o in outs]
     cls = get_task(task_name)
     keys = {cls.stack_key(c) for c in cfgs}
@@ -161,10 +165,12 @@ def train_runs(task_name: str, cache_path, outs: list, *, cfgs: list[dict], over
         c["cache"]["fingerprint"] = cache.fingerprint
     settings = LoopSettings.from_config(cfgs)
     with writer_lock(outs):
-        return _train_locked(task_name, cls, cache, device, outs, cfgs, settings, overwrite, progress, echo)
+        return _train_locked(task_name, cls, cache, device, outs, cfgs, settings, overwrite, progress, echo,
+                             keep_resume)
 
 
-def _train_locked(task_name, cls, cache, device, outs, cfgs, settings, overwrite, progress, echo) -> list[RunResult]:
+def _train_locked(task_name, cls, cache, device, outs, cfgs, settings, overwrite, progress, echo,
+                  keep_resume) -> list[RunResult]:
     """:func:`train_runs` once every run folder's writer lock is held."""
     resumes = [_start_or_resume(o, c, overwrite) for o, c in zip(outs, cfgs)]
     if any(resumes) and not all(resumes):
@@ -186,11 +192,33 @@ def _train_locked(task_name, cls, cache, device, outs, cfgs, settings, overwrite
     t0 = time.perf_counter()
     label = f"train {task_name}" + (f":{cfgs[0]['preset']}" if cfgs[0].get("preset") and len(cfgs) == 1 else "")
     fits = fit(task, outs, settings, resume=resumes[0], desc=label, progress=progress, echo=echo)
-    return conclude(task, fits, cfgs, time.perf_counter() - t0)
+    return conclude(task, fits, cfgs, time.perf_counter() - t0, keep_resume=keep_resume)
 
 
-def conclude(task: Task, fits: list[FitResult], cfgs: list[dict], seconds: float) -> list[RunResult]:
-    """Each run's selected weights evaluated on val and test into RUN/eval/, then summary.json."""
+def run_bytes(task: Task) -> dict[str, int]:
+    """Bytes of one run's weight files, from its module's tensors: ``weights`` (best.safetensors;
+    last.safetensors is as large) and ``resume`` (resume.pt: the weights and AdamW's two moments
+    of every trainable tensor)."""
+    weights = sum(v.numel() * v.element_size() for v in task.run_state_dict(0).values())
+    trainable = sum(p.numel() * p.element_size() for p in task.trainable_parameters()) // max(1, task.runs)
+    return {"weights": int(weights), "resume": int(weights + 2 * trainable)}
+
+
+def estimate_run_bytes(task_name: str, cache_path, cfg: dict) -> dict[str, int]:
+    """:func:`run_bytes` of a run of ``cfg``, its module built on the CPU from the cache (nothing trained)."""
+    cfg = json.loads(json.dumps(cfg))
+    task: Task = get_task(task_name)([cfg], "cpu")
+    resolve_inputs(task, "cpu")
+    task.load(open_cache(cache_path))
+    task.spec = task.make_spec()
+    task.module = task.build(task.spec)
+    return run_bytes(task)
+
+
+def conclude(task: Task, fits: list[FitResult], cfgs: list[dict], seconds: float, *,
+             keep_resume: bool = True) -> list[RunResult]:
+    """Each run's selected weights evaluated on val and test into RUN/eval/, then summary.json;
+    without ``keep_resume`` the finished run's resume point is deleted (after summary.json)."""
     for r, f in enumerate(fits):
         task.load_run_state_dict(r, load_weights(f.run_dir / "best.safetensors", task.device))
     task.module.eval()
@@ -207,6 +235,11 @@ def conclude(task: Task, fits: list[FitResult], cfgs: list[dict], seconds: float
         # the loop's note, the task's notes (e.g. a cache without demographics) and its remarks on
         # a suspicious result (e.g. Stage 1 raising the leakage it should lower)
         notes = [n for n in (f.note, *getattr(task, "notes", ())) if n] + list(extra.get("remarks", ()))
+        resume = f.run_dir / RESUME_FILE
+        prune = not keep_resume and resume.is_file()
+        if prune:
+            notes.append(f"resume point pruned ({resume.stat().st_size / 2**20:.1f} MB): the run is complete "
+                         "without it; pass --keep-resume to keep it (extending a run to more epochs needs it)")
         write_json(f.run_dir / "summary.json", {
             "task": task.name, "preset": cfg.get("preset"), "seed": int(cfg["training"]["seed"]),
             "best_epoch": f.best_epoch, "epochs_run": f.epochs_run, "selection": cfg["selection"]["score"],
@@ -214,17 +247,21 @@ def conclude(task: Task, fits: list[FitResult], cfgs: list[dict], seconds: float
             "val": evals["val"][r][0], "test": evals["test"][r][0], **extra, "notes": notes,
             "summary_keys": list(task.summary_keys), "seconds": seconds,
         })
+        if prune:
+            resume.unlink()  # after summary.json: a kill in between leaves a finished run and a spare file
         results.append(RunResult(f.run_dir, f.best_epoch, evals["val"][r][0], evals["test"][r][0], seconds, extra,
                                  task.summary_keys, written, notes))
     return results
 
 
 def train_head(task_name: str, cache_path, out, *, preset: str | None = None, config_file=None, sets=(),
-               overwrite: bool = False, progress: bool = True, options: dict | None = None, echo=None) -> RunResult:
+               overwrite: bool = False, progress: bool = True, options: dict | None = None, echo=None,
+               keep_resume: bool = False) -> RunResult:
     """Train a task's head from a cache into the run directory ``out`` (R = 1 of :func:`train_runs`).
 
     ``options`` are task inputs that are not hyper-parameters (Stage 2's ``stage1`` run). An
     interrupted run in ``out`` with the same config resumes.
     """
     cfg = _resolve(task_name, cache_path, preset, config_file, sets, options)
-    return train_runs(task_name, cache_path, [out], cfgs=[cfg], overwrite=overwrite, progress=progress, echo=echo)[0]
+    return train_runs(task_name, cache_path, [out], cfgs=[cfg], overwrite=overwrite, progress=progress, echo=echo,
+                      keep_resume=keep_resume)[0]
