@@ -315,3 +315,34 @@ def test_finished_runs_prune_their_resume_point_and_the_printed_estimate_is_thei
     tensors = [*saved["weights"].values(),
                *(v for st in saved["optimizer"]["state"].values() for v in st.values() if torch.is_tensor(v) and v.dim())]
     assert sum(t.numel() * t.element_size() for t in tensors) == size["resume"]
+
+
+# -- relocatable results (issue 24 item 5) ---------------------------------------------------
+def test_a_moved_ablation_collects_and_extends_without_retraining(bed, tmp_path):
+    import shutil
+
+    from featcache.config import load_config
+    from featcache.heads.task import recorded_cache
+
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copytree(bed / "c", old / "cache")
+    shutil.copytree(bed / "s1", old / "s1")
+    synth_feature_cache(old / "far", rows=64, dim=16, seed=0, bias=0.9, part_rows=64)  # same backbone, another set
+    kw = dict(presets=["none"], sets=S2, progress=False, echo=lambda *_: None)
+    first = ablate("stage2", old / "cache", old / "abl", seeds=[0], options={"stage1": old / "s1"},
+                   evals={"far": old / "far"}, **kw)
+    new = tmp_path / "elsewhere"
+    shutil.move(old, new)  # the ablation with its cache, Stage-1 run and eval cache: the old paths are gone
+    args = dict(options={"stage1": new / "s1"}, evals={"far": new / "far"}, **kw)
+    col = ablate("stage2", new / "cache", new / "abl", seeds=[0], collect=True, **args)
+    assert not col.trained and not col.missing
+    cols = ["test_auc", "test_eer", "far_auc", "far_eer"]
+    np.testing.assert_allclose(col.table[cols].to_numpy(float), first.table[cols].to_numpy(float), rtol=1e-6)
+    ext = ablate("stage2", new / "cache", new / "abl", seeds=[0, 1], **args)  # extended by a seed
+    assert ext.trained == ["none seed 1"] and ext.reused == ["none seed 0"]
+    run = new / "abl" / "none" / "seed0"
+    assert recorded_cache(run, load_config(run / "config.yaml")) == (new / "cache").resolve()  # by its relative path
+    # another dataset where the cache was is not the same ablation: refused by fingerprint
+    with pytest.raises(FeatcacheError, match="another config.*cache.fingerprint"):
+        ablate("stage2", new / "far", new / "abl", seeds=[0], collect=True, options={"stage1": new / "s1"}, **kw)

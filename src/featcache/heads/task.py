@@ -17,6 +17,8 @@ Options that are finished runs of another task (Stage 2's ``stage1``) are declar
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -354,6 +356,38 @@ def check_run_dir(run_dir: Path, weights: str = "best") -> None:
     for f in ("config.yaml", "model.json", f"{weights}.safetensors"):
         if not (run_dir / f).is_file():
             raise FeatcacheError(f"{run_dir} is not a finished run: {f} is missing")
+
+
+def run_fingerprint(run_dir) -> str:
+    """sha256 of a finished run's selected weights (``best.safetensors``): what a run trained on
+    it depends on, wherever it lies (a moved or copied run has the same fingerprint)."""
+    f = Path(run_dir) / "best.safetensors"
+    st = f.stat()
+    return _file_sha256(str(f.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def recorded_cache(run_dir, cfg: dict) -> Path:
+    """The cache a run was trained on: its recorded absolute path, else its path relative to the
+    run folder (``cache.relative``: a run moved together with its cache); one line when neither
+    is there."""
+    c = cfg.get("cache") or {}
+    if c.get("path") and Path(c["path"]).exists():
+        return Path(c["path"])
+    if c.get("relative") and (Path(run_dir) / c["relative"]).exists():
+        return (Path(run_dir) / c["relative"]).resolve()
+    if not c.get("path"):
+        raise FeatcacheError(f"{run_dir} does not record its cache; pass --cache")
+    raise FeatcacheError(f"{run_dir}'s cache {c['path']} is not there (moved?); pass --cache with its new place "
+                         "(it is matched by fingerprint)")
 
 
 def load_run(run_dir, device=None, *, weights: str = "best") -> Task:

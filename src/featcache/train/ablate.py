@@ -45,7 +45,14 @@ from ..report.protocol import CROSS_METRICS, LOMO_METRICS, long_rows, write_prot
 from ..report.tables import ABLATION_METRICS, ablation_table, metrics_line, write_csv_rounded
 from ..runtime import write_json
 from .evaluate import evaluate_head
-from .trainer import _resolve, config_differences, estimate_run_bytes, train_runs, with_added_keys, writer_lock
+from .trainer import (
+    _resolve,
+    config_differences,
+    estimate_run_bytes,
+    run_config_differences,
+    train_runs,
+    writer_lock,
+)
 
 #: The columns of ablation.md for a detector, when present (kept for callers of the old name).
 REPORTED = ABLATION_METRICS
@@ -204,7 +211,7 @@ def _has_meta(path, column: str) -> bool:
 
 def _comparable(cfg: dict) -> dict:
     """A config as saved and reloaded, without the device (a finished run is the same run on any device)."""
-    c = with_added_keys(cfg)
+    c = json.loads(json.dumps(cfg, default=str))
     c.get("training", {}).pop("device", None)
     return c
 
@@ -294,7 +301,7 @@ def finished(run: PlannedRun) -> bool:
     if not (run.out / "summary.json").is_file():
         return False
     saved = run.out / "config.yaml"
-    diffs = config_differences(_comparable(load_config(saved)), _comparable(run.cfg)) if saved.is_file() else ["config"]
+    diffs = run_config_differences(_comparable(load_config(saved)), _comparable(run.cfg)) if saved.is_file() else ["config"]
     if diffs:
         raise FeatcacheError(f"{run.out} holds a finished run with another config ({'; '.join(diffs[:3])}); "
                              "choose a new --out, or pass --overwrite to retrain it")

@@ -11,6 +11,7 @@ another config is refused with the difference named (``--overwrite`` replaces th
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -21,7 +22,7 @@ from ..cache import CacheLock, open_cache
 from ..cache.store import LOCK_FILE
 from ..config import load_config, resolve_config, save_config
 from ..errors import FeatcacheError, RunLockedError
-from ..heads.task import Task, get_task, load_run
+from ..heads.task import Task, get_task, load_run, run_fingerprint
 from ..runtime import is_run_dir, load_weights, prepare_run_dir, resolve_device, seed_everything, write_json
 from .evaluate import Evaluation, run_title, write_evaluation
 from .loop import RESUME_FILE, FitResult, LoopSettings, fit
@@ -80,12 +81,57 @@ def with_added_keys(cfg: dict) -> dict:
 
 
 def _resolve(task_name, cache_path, preset, config_file, sets, options) -> dict:
+    """The resolved config of a run: the task's YAML, preset, file and ``--set`` items, then where its
+    inputs are: ``cache.path`` and each required run (``options.<name>``) as absolute paths, each
+    required run's fingerprint in ``inputs.<name>.fingerprint`` (:func:`locate` adds the paths
+    relative to the run folder)."""
     cfg = resolve_config(task_name, preset, config_file, sets)
     cls = get_task(task_name)
     given = {k: str(v) for k, v in (options or {}).items() if v is not None}
     cfg["options"] = {k: str(Path(v).resolve()) if k in cls.requires_runs else v for k, v in given.items()}
     cfg["cache"] = {"path": str(Path(cache_path).resolve())}
+    inputs = {k: {"fingerprint": run_fingerprint(v)} for k, v in cfg["options"].items()
+              if k in cls.requires_runs and (Path(v) / "best.safetensors").is_file()}
+    if inputs:
+        cfg["inputs"] = inputs
     return cfg
+
+
+def locate(cfg: dict, run_dir: Path) -> dict:
+    """``cfg`` with its inputs' paths relative to ``run_dir`` added (``cache.relative``,
+    ``inputs.<name>.relative``): a run moved or copied together with them finds them again."""
+    run_dir = Path(run_dir).resolve()
+    cfg["cache"]["relative"] = os.path.relpath(cfg["cache"]["path"], run_dir)
+    for name, entry in (cfg.get("inputs") or {}).items():
+        entry["relative"] = os.path.relpath(cfg["options"][name], run_dir)
+    return cfg
+
+
+def where_independent(cfg: dict) -> dict:
+    """A copy of ``cfg`` without where its inputs lie: the cache is compared by its fingerprint, a
+    required run by ``inputs.<name>.fingerprint`` (a config written before runs were fingerprinted
+    keeps its path; :func:`run_config_differences` compares such configs by path)."""
+    c = with_added_keys(cfg)
+    cache = c.get("cache") or {}
+    cache.pop("relative", None)
+    if cache.get("fingerprint"):
+        cache.pop("path", None)
+    for name, entry in (c.get("inputs") or {}).items():
+        entry.pop("relative", None)
+        (c.get("options") or {}).pop(name, None)
+    return c
+
+
+def run_config_differences(saved: dict, new: dict) -> list[str]:
+    """:func:`config_differences` of two run configs, inputs matched by fingerprint wherever they
+    lie (a moved ablation, re-pointed with ``--cache`` / ``--stage1``, is the same ablation)."""
+    a, b = where_independent(saved), where_independent(new)
+    if ("inputs" in a) != ("inputs" in b):  # one written before runs were fingerprinted: compared by path
+        a, b = with_added_keys(saved), with_added_keys(new)
+        for c in (a, b):
+            c.pop("inputs", None)
+            (c.get("cache") or {}).pop("relative", None)
+    return config_differences(a, b)
 
 
 def resolve_inputs(task: Task, device) -> None:
@@ -138,7 +184,7 @@ def _start_or_resume(out: Path, cfg: dict, overwrite: bool) -> bool:
         raise FeatcacheError(f"{out} already holds a finished run; pass --overwrite to replace it, or choose a new --out")
     if not (out / RESUME_FILE).is_file() or not (out / "config.yaml").is_file():
         return False  # nothing finished: started afresh below (prepare_run_dir replaces it)
-    diffs = config_differences(with_added_keys(load_config(out / "config.yaml")), with_added_keys(cfg))
+    diffs = run_config_differences(load_config(out / "config.yaml"), cfg)
     if diffs:
         raise FeatcacheError(f"{out} holds an interrupted run with another config ({'; '.join(diffs[:4])}); "
                              "rerun it with the same options to resume, or pass --overwrite to replace it")
@@ -161,8 +207,9 @@ def train_runs(task_name: str, cache_path, outs: list, *, cfgs: list[dict], over
     dev_name = cfgs[0]["training"]["device"]
     device = resolve_device(None if dev_name == "auto" else dev_name, what="training.device")
     cache = open_cache(cache_path)
-    for c in cfgs:
+    for o, c in zip(outs, cfgs):
         c["cache"]["fingerprint"] = cache.fingerprint
+        locate(c, o)
     settings = LoopSettings.from_config(cfgs)
     with writer_lock(outs):
         return _train_locked(task_name, cls, cache, device, outs, cfgs, settings, overwrite, progress, echo,
