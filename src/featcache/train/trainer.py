@@ -101,9 +101,12 @@ def locate(cfg: dict, run_dir: Path) -> dict:
     """``cfg`` with its inputs' paths relative to ``run_dir`` added (``cache.relative``,
     ``inputs.<name>.relative``): a run moved or copied together with them finds them again."""
     run_dir = Path(run_dir).resolve()
-    cfg["cache"]["relative"] = os.path.relpath(cfg["cache"]["path"], run_dir)
+    cache = cfg.setdefault("cache", {})
+    if cache.get("path"):
+        cache["relative"] = os.path.relpath(Path(cache["path"]).resolve(), run_dir)
     for name, entry in (cfg.get("inputs") or {}).items():
-        entry["relative"] = os.path.relpath(cfg["options"][name], run_dir)
+        if (cfg.get("options") or {}).get(name):
+            entry["relative"] = os.path.relpath(Path(cfg["options"][name]).resolve(), run_dir)
     return cfg
 
 
