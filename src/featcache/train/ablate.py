@@ -222,8 +222,9 @@ PROTOCOLS = ("standard", "lomo")
 
 def lomo_methods(cache) -> list[str]:
     """The manipulation methods of a cache's fakes (its ``method`` column), each a fold of
-    ``--protocol lomo``; at least two, each with fakes in every split."""
-    if not (Path(cache.path) / "meta" / "method").is_dir():
+    ``--protocol lomo``: at least two, each with test fakes, and fakes of two or more methods in
+    train and in val (a fold holding one out keeps fakes to learn and select on)."""
+    if not _has_meta(cache.path, "method"):
         raise FeatcacheError(f"--protocol lomo: {cache.path} has no method column; its manifest must name each "
                              "fake's manipulation method")
     meta = cache.meta(["label", "split", "method"])
