@@ -123,12 +123,6 @@ class Task(ABC):
     @classmethod
     def check_config(cls, cfg: dict) -> None:
         """Refuse a config that cannot train as asked (one line that says how to fix it)."""
-        epochs = int(cfg["training"]["epochs"])
-        min_epoch = int(cfg.get("selection", {}).get("min_epoch", 1))
-        if min_epoch > epochs:
-            raise FeatcacheError(f"selection.min_epoch={min_epoch} is after the last epoch (training.epochs={epochs}), "
-                                 f"so no epoch could be selected; set training.epochs >= {min_epoch} or "
-                                 f"--set selection.min_epoch={epochs}")
         balance = str(cfg["training"].get("class_balance") or "none")
         if balance != "none" and not cls.detects:
             raise FeatcacheError(f"training.class_balance={balance} applies to detectors (real/fake labels); "
@@ -136,6 +130,13 @@ class Task(ABC):
         if balance == "weight" and not cls.class_weighted:
             raise FeatcacheError(f"{cls.name} does not weigh its loss by class yet; use training.class_balance=sampler "
                                  "(balanced batches) or none")
+
+        epochs = int(cfg["training"]["epochs"])
+        min_epoch = int(cfg.get("selection", {}).get("min_epoch", 1))
+        if min_epoch > epochs:
+            raise FeatcacheError(f"selection.min_epoch={min_epoch} is after the last epoch (training.epochs={epochs}), "
+                                 f"so no epoch could be selected; set training.epochs >= {min_epoch} or "
+                                 f"--set selection.min_epoch={epochs}")
 
     def seeds(self) -> list[int]:
         """Each run's seed (initialisation, batch order, dropout)."""

@@ -37,7 +37,7 @@ import torch
 
 from ..cache import open_cache
 from ..config import load_config, presets_of
-from ..errors import FeatcacheError, first_line
+from ..errors import FeatcacheError
 from ..heads.task import backbone_identity, check_run_dir, check_same_backbone, get_task, list_tasks
 from ..metrics.bootstrap import paired_differences
 from ..report.plots import plot_ablation
@@ -173,7 +173,7 @@ def _check_evals(cache, evals: dict) -> dict[str, Path]:
             other = open_cache(path)
             meta = other.meta(["label", "split"])
         except FeatcacheError as exc:
-            raise FeatcacheError(f"{where}: {first_line(exc)}") from None
+            raise FeatcacheError(f"{where}: {exc}") from None
         if other.kind != cache.kind:
             raise FeatcacheError(f"{where} is a {other.kind} cache; the training cache is {cache.kind}")
         check_same_backbone(trained_on, backbone_identity(other), f"the training cache {cache.path}", where)
@@ -468,6 +468,26 @@ def in_domain_metrics(run_dir: Path, summary: dict) -> dict:
     return json.loads(f.read_text()) if f.is_file() else dict(summary.get("test") or {})
 
 
+def _lomo_tables(task, cache, out, df, lomo, runs, lines, trained, reused, missing) -> AblationResult:
+    """A leave-one-manipulation-out ablation's files: ablation.csv/json (one row per run, with its
+    held-out method) and the LOMO table lomo.{csv,md,png} (rows presets, columns held-out methods)."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = [write_csv_rounded(df, out / "ablation.csv").name]
+    write_json(out / "ablation.json", df.to_dict(orient="records"))
+    files.append("ablation.json")
+    methods = list(dict.fromkeys(r.held_out for r in runs))
+    markdown, _, written = write_protocol(
+        pd.DataFrame(lomo), out, "lomo", {m: f"without {m}" for m in methods}, LOMO_METRICS,
+        what="held-out manipulation method (test: its fakes and the test reals; trained and selected on "
+             "the other methods)", title=f"{task} leave-one-manipulation-out: {Path(cache).name}")
+    files += written
+    if missing:
+        markdown += f"\nmissing runs (not finished, left out of the tables): {', '.join(missing)}\n"
+    (out / "ablation.md").write_text(markdown)
+    files.append("ablation.md")
+    return AblationResult(task, out, df, markdown, lines, trained, reused, missing, None, files)
+
+
 def run_row(run: PlannedRun, summary: dict) -> dict:
     """One table row from a run's summary.json: val/test metrics, Stage 1's probes, timing."""
     row = {"preset": run.preset, "seed": run.seed, "best_epoch": summary.get("best_epoch"),
@@ -640,24 +660,3 @@ def _ablate_locked(task, cache, out, runs, eval_caches, names, baseline, devices
         markdown += note
         (out / "ablation.md").write_text(markdown)
     return AblationResult(task, out, df, markdown, lines, trained, reused, missing, diffs, files)
-
-
-
-def _lomo_tables(task, cache, out, df, lomo, runs, lines, trained, reused, missing) -> AblationResult:
-    """A leave-one-manipulation-out ablation's files: ablation.csv/json (one row per run, with its
-    held-out method) and the LOMO table lomo.{csv,md,png} (rows presets, columns held-out methods)."""
-    out.mkdir(parents=True, exist_ok=True)
-    files = [write_csv_rounded(df, out / "ablation.csv").name]
-    write_json(out / "ablation.json", df.to_dict(orient="records"))
-    files.append("ablation.json")
-    methods = list(dict.fromkeys(r.held_out for r in runs))
-    markdown, _, written = write_protocol(
-        pd.DataFrame(lomo), out, "lomo", {m: f"without {m}" for m in methods}, LOMO_METRICS,
-        what="held-out manipulation method (test: its fakes and the test reals; trained and selected on "
-             "the other methods)", title=f"{task} leave-one-manipulation-out: {Path(cache).name}")
-    files += written
-    if missing:
-        markdown += f"\nmissing runs (not finished, left out of the tables): {', '.join(missing)}\n"
-    (out / "ablation.md").write_text(markdown)
-    files.append("ablation.md")
-    return AblationResult(task, out, df, markdown, lines, trained, reused, missing, None, files)
