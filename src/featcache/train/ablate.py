@@ -660,3 +660,4 @@ def _ablate_locked(task, cache, out, runs, eval_caches, names, baseline, devices
         markdown += note
         (out / "ablation.md").write_text(markdown)
     return AblationResult(task, out, df, markdown, lines, trained, reused, missing, diffs, files)
+
