@@ -2,8 +2,13 @@
 one job each, equal to sequential `train_head` runs; reuse and redo; validation before training;
 shards, collect, devices, out-of-memory splitting; each task's own table."""
 
+import hashlib
 import importlib
 import json
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,7 +52,7 @@ def _numbers(d: dict) -> dict:
 
 def test_batched_ablation_equals_sequential_train_head_runs_then_reuses_and_redoes(bed, tmp_path):
     kw = dict(presets=["none", "full", "cvar"], seeds=[0, 1], sets=S2, options={"stage1": bed / "s1"},
-              progress=False, devices=["cpu"])
+              progress=False, devices=["cpu"], keep_resume=True)
     lines = []
     res = ablate("stage2", bed / "c", tmp_path / "abl", echo=lines.append, **kw)
     # one group, one job: the three presets differ only in loss coefficients
@@ -216,3 +221,135 @@ def test_stage1_ablation_tables_its_own_metrics_with_shards_and_collect(bed, tmp
     assert t.loc[("grl_only", 1), "probe_race_debiased"] == pytest.approx(s["probe"]["race"]["debiased"])
     mean = np.mean([t.loc[("default", k), "test_cos"] for k in (0, 1)])
     assert f"{mean:.3f} ±" in md
+
+
+# -- one writer at a time (issue 24 item 4) --------------------------------------------------
+HOLD = ("import sys, time; from featcache.cache import CacheLock; CacheLock(sys.argv[1]).acquire(); "
+        "print('locked', flush=True); time.sleep(60)")
+
+
+@contextmanager
+def lock_held_by_another_process(folder):
+    """A child process holds ``folder``'s writer lock until the block ends (then it is killed:
+    the kernel releases its flock)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def file_hashes(root) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+def test_a_second_ablate_or_train_head_is_refused_while_the_first_holds_the_folder(bed, tmp_path):
+    from featcache.errors import RunLockedError
+    from tests.conftest import run_cli
+
+    kw = dict(presets=["default"], seeds=[0], sets=[*TINY, "training.epochs=1"], progress=False, echo=lambda *_: None)
+    out = tmp_path / "abl"
+    lone = ablate("stage1", bed / "c", out, **kw)
+    before = file_hashes(out)
+    with lock_held_by_another_process(out) as pid:
+        with pytest.raises(RunLockedError, match=f"being written by another process .*\"pid\": {pid}"):
+            ablate("stage1", bed / "c", out, overwrite=True, **kw)
+        with pytest.raises(RunLockedError, match="being written by another process"):
+            ablate("stage1", bed / "c", out, collect=True, **kw)
+        proc = run_cli("ablate", "stage1", "--cache", bed / "c", "--out", out, "--presets", "default", "--seeds", "0",
+                       "--overwrite", "--set", "training.epochs=1", *[a for s in TINY for a in ("--set", s)], check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+        assert f'"pid": {pid}' in proc.stderr and "command" in proc.stderr
+    assert file_hashes(out) == before  # the holder's results untouched: nothing deleted, nothing retrained
+    again = ablate("stage1", bed / "c", out, **kw)  # the killed holder's lock was released by the kernel
+    assert again.reused == ["default seed 0"] and not again.trained
+    assert again.table.equals(lone.table)
+
+    # train-head into a run folder another writer holds: refused, the run unchanged
+    run = out / "default" / "seed0"
+    with lock_held_by_another_process(run):
+        with pytest.raises(RunLockedError, match="being written by another process"):
+            train_head("stage1", bed / "c", run, sets=[*TINY, "training.epochs=1"], overwrite=True, progress=False)
+        proc = run_cli("train-head", "stage1", "--cache", bed / "c", "--out", run, "--overwrite",
+                       "--set", "training.epochs=1", check=False)
+        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "another process" in proc.stderr
+        # a shard (no ablation-wide lock) meets the run's own lock
+        with pytest.raises(RunLockedError, match="being written by another process"):
+            ablate("stage1", bed / "c", out, overwrite=True, shard=(0, 1), **kw)
+    assert file_hashes(out) == before
+    # a writer that fails before writing leaves no empty folder behind
+    with pytest.raises(FeatcacheError):
+        train_head("stage2", bed / "c", tmp_path / "new", sets=TINY, options={"stage1": tmp_path / "gone"},
+                   progress=False)
+    assert not (tmp_path / "new").exists()
+
+
+# -- disk (issue 24 item 7) ------------------------------------------------------------------
+def _safetensors_data_bytes(path) -> int:
+    """A safetensors file's tensor bytes: its size less the 8-byte header length and the header."""
+    raw = Path(path).read_bytes()
+    return len(raw) - 8 - int.from_bytes(raw[:8], "little")
+
+
+def test_finished_runs_prune_their_resume_point_and_the_printed_estimate_is_their_weights(bed, tmp_path):
+    kw = dict(presets=["default"], seeds=[0, 1], sets=[*TINY, "training.epochs=1"], progress=False)
+    lines = []
+    ablate("stage1", bed / "c", tmp_path / "pruned", echo=lines.append, **kw)
+    estimate = [ln for ln in lines if ln.startswith("disk estimate:")]
+    assert len(estimate) == 1 and lines.index(estimate[0]) < len(lines) - 1  # printed before the runs' lines
+    for seed in (0, 1):
+        run = tmp_path / "pruned" / "default" / f"seed{seed}"
+        assert not (run / "resume.pt").exists() and (run / "summary.json").is_file()
+        notes = json.loads((run / "summary.json").read_text())["notes"]
+        assert any("resume point pruned" in n and "--keep-resume" in n for n in notes)
+    # the estimate is exact for the weight files: 2 runs x (best + last)
+    from featcache.train.trainer import _resolve, estimate_run_bytes
+    cfg = _resolve("stage1", bed / "c", None, None, [*TINY, "training.epochs=1"], {})
+    size = estimate_run_bytes("stage1", bed / "c", cfg)
+    run = tmp_path / "pruned" / "default" / "seed0"
+    assert _safetensors_data_bytes(run / "best.safetensors") == size["weights"]
+    assert _safetensors_data_bytes(run / "last.safetensors") == size["weights"]
+    assert f"2 x {size['weights'] * 2 / 2**20:.1f} MB of weights" in estimate[0]
+    # --keep-resume keeps it; its tensors are the weights and AdamW's two moments, as estimated
+    lines = []
+    ablate("stage1", bed / "c", tmp_path / "kept", echo=lines.append, keep_resume=True, **{**kw, "seeds": [0]})
+    assert "resume points kept" in [ln for ln in lines if ln.startswith("disk estimate:")][0]
+    saved = torch.load(tmp_path / "kept" / "default" / "seed0" / "resume.pt", weights_only=True)
+    tensors = [*saved["weights"].values(),
+               *(v for st in saved["optimizer"]["state"].values() for v in st.values() if torch.is_tensor(v) and v.dim())]
+    assert sum(t.numel() * t.element_size() for t in tensors) == size["resume"]
+
+
+# -- relocatable results (issue 24 item 5) ---------------------------------------------------
+def test_a_moved_ablation_collects_and_extends_without_retraining(bed, tmp_path):
+    import shutil
+
+    from featcache.config import load_config
+    from featcache.heads.task import recorded_cache
+
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copytree(bed / "c", old / "cache")
+    shutil.copytree(bed / "s1", old / "s1")
+    synth_feature_cache(old / "far", rows=64, dim=16, seed=0, bias=0.9, part_rows=64)  # same backbone, another set
+    kw = dict(presets=["none"], sets=S2, progress=False, echo=lambda *_: None)
+    first = ablate("stage2", old / "cache", old / "abl", seeds=[0], options={"stage1": old / "s1"},
+                   evals={"far": old / "far"}, **kw)
+    new = tmp_path / "elsewhere"
+    shutil.move(old, new)  # the ablation with its cache, Stage-1 run and eval cache: the old paths are gone
+    args = dict(options={"stage1": new / "s1"}, evals={"far": new / "far"}, **kw)
+    col = ablate("stage2", new / "cache", new / "abl", seeds=[0], collect=True, **args)
+    assert not col.trained and not col.missing
+    cols = ["test_auc", "test_eer", "far_auc", "far_eer"]
+    np.testing.assert_allclose(col.table[cols].to_numpy(float), first.table[cols].to_numpy(float), rtol=1e-6)
+    ext = ablate("stage2", new / "cache", new / "abl", seeds=[0, 1], **args)  # extended by a seed
+    assert ext.trained == ["none seed 1"] and ext.reused == ["none seed 0"]
+    run = new / "abl" / "none" / "seed0"
+    assert recorded_cache(run, load_config(run / "config.yaml")) == (new / "cache").resolve()  # by its relative path
+    # another dataset where the cache was is not the same ablation: refused by fingerprint
+    with pytest.raises(FeatcacheError, match="another config.*cache.fingerprint"):
+        ablate("stage2", new / "far", new / "abl", seeds=[0], collect=True, options={"stage1": new / "s1"}, **kw)

@@ -64,7 +64,8 @@ def test_selection_formula():
 def test_stage1_run_directory_and_probes(stage1_run):
     files = {p.name for p in stage1_run.iterdir()}
     assert {"config.yaml", "log.jsonl", "training_log.csv", "best.safetensors", "last.safetensors", "model.json",
-            "resume.pt", "summary.json", "eval", "plots"} <= files
+            "summary.json", "eval", "plots"} <= files
+    assert "resume.pt" not in files  # pruned when the run finished (--keep-resume keeps it)
     for split in ("val", "test"):
         assert {"predictions.csv", "metrics.json", "report.md"} <= {p.name for p in (stage1_run / "eval" / split).iterdir()}
     log = [json.loads(line) for line in (stage1_run / "log.jsonl").read_text().splitlines()]

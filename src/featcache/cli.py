@@ -458,10 +458,12 @@ def _evals(items) -> dict:
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 @click.option("--tensorboard", is_flag=True, help="Also log the per-epoch scalars to RUN/tensorboard/ "
               "(logging.tensorboard; needs pip install 'featcache[tensorboard]').")
+@click.option("--keep-resume", is_flag=True, help="Keep the finished run's resume point (resume.pt, about 1.5x its "
+              "weight files); by default it is pruned when the run finishes (extending a run needs it).")
 @quiet_option
 @click.pass_obj
 def train_head_cmd(state, task, cache_path, out, preset, config_file, sets, stage1, prototype_mode, overwrite,
-                   tensorboard):
+                   tensorboard, keep_resume):
     """Train a head from a cache into a run directory.
 
     TASK is one of: {tasks}. Presets per task: {presets}. The README's walkthrough makes
@@ -485,7 +487,7 @@ def train_head_cmd(state, task, cache_path, out, preset, config_file, sets, stag
     if tensorboard:
         sets = (*sets, "logging.tensorboard=true")
     r = train_head(task, cache_path, out, preset=preset, config_file=config_file, sets=sets, overwrite=overwrite,
-                   progress=not state.quiet, options={"stage1": stage1}, echo=click.echo)
+                   progress=not state.quiet, options={"stage1": stage1}, echo=click.echo, keep_resume=keep_resume)
     for line in r.lines():
         click.echo(line)
     _print_remarks_and_legend(r.evaluations)
@@ -536,7 +538,9 @@ def evaluate(state, run, cache_path, manifest_path, split, name, thresholds):
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--presets", default="all", show_default=True, help="Comma-separated presets, or all: {presets}.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
-@click.option("--eval", "evals", multiple=True, metavar="NAME=CACHE", help="Also evaluate each run on this cache.")
+@click.option("--eval", "evals", multiple=True, metavar="NAME=CACHE",
+              help="Also evaluate each run on this cache's test split (checked before training: finished, same "
+                   "backbone, labelled); writes the cross-dataset table cross_dataset.{csv,md,png}.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override for every run.")
 @click.option("--stage1", default=None, type=click.Path(file_okay=False), help="stage2: the Stage-1 run directory.")
 @click.option("--baseline", default=None, metavar="PRESET",
@@ -548,10 +552,15 @@ def evaluate(state, run, cache_path, manifest_path, split, name, thresholds):
                    "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT; then run once with --collect.")
 @click.option("--collect", is_flag=True, help="Train nothing: write the tables from the finished runs.")
 @click.option("--overwrite", is_flag=True, help="Retrain finished runs too.")
+@click.option("--protocol", type=click.Choice(["standard", "lomo"]), default="standard", show_default=True,
+              help="lomo: leave one manipulation method out (the cache's method column): per method, train on the "
+                   "others (reals shared), test on its fakes and the test reals; writes lomo.{csv,md,png}.")
+@click.option("--keep-resume", is_flag=True, help="Keep each finished run's resume point (pruned by default; "
+              "the disk estimate printed before training says how much it takes).")
 @quiet_option
 @click.pass_obj
 def ablate(state, task, cache_path, out, presets, seeds, evals, sets, stage1, baseline, devices, shard, collect,
-           overwrite):
+           overwrite, protocol, keep_resume):
     """Train every preset x seed, runs that share an architecture stacked as one job; write
     ablation.csv, ablation.json, ablation.md and a plot. Reuses finished runs; redoes half-written ones.
 
@@ -562,6 +571,8 @@ def ablate(state, task, cache_path, out, presets, seeds, evals, sets, stage1, ba
       featcache ablate stage2 --cache caches/faces-small --stage1 runs/stage1 --presets all --seeds 0,1,2 \\
           --eval other=caches/other-small --out ablations/stage2
       featcache ablate stage1 --cache caches/stage1-small --seeds 0,1,2 --out ablations/stage1
+      featcache ablate stage2 --cache caches/faces-small --stage1 runs/stage1 --presets none,full \\
+          --protocol lomo --out ablations/stage2-lomo
       # SLURM: sbatch --array=0-3 ... featcache ablate ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
       #        then once: featcache ablate ... --collect
     """
@@ -577,7 +588,8 @@ def ablate(state, task, cache_path, out, presets, seeds, evals, sets, stage1, ba
     device_list = None if devices is None else [d.strip() for d in devices.split(",") if d.strip()]
     result = run_ablate(task, cache_path, out, presets=preset_list, seeds=seed_list, evals=_evals(evals), sets=sets,
                         options={"stage1": stage1}, baseline=baseline, devices=device_list, shard=shard,
-                        collect=collect, overwrite=overwrite, progress=not state.quiet, echo=click.echo)
+                        collect=collect, overwrite=overwrite, progress=not state.quiet, echo=click.echo,
+                        protocol=protocol, keep_resume=keep_resume)
     click.echo(result.markdown)
     if result.files:
         click.echo(f"wrote {out}/: {', '.join(result.files)}")

@@ -77,6 +77,10 @@ class CacheLockedError(CacheError):
     """Another writer holds the cache's lock."""
 
 
+class RunLockedError(FeatcacheError):
+    """Another writer holds a run folder's or an ablation folder's lock."""
+
+
 class BackboneError(FeatcacheError):
     """A backbone or its weights cannot be built or loaded."""
 

@@ -185,18 +185,23 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and any((path / m).exists() for m in RUN_MARKERS)
 
 
-def prepare_run_dir(out: Path, overwrite: bool) -> None:
-    """Make ``out`` an empty run directory (``plots/`` inside); replace a run only with ``overwrite``."""
+def prepare_run_dir(out: Path, overwrite: bool, keep: tuple[str, ...] = ()) -> None:
+    """Make ``out`` an empty run directory (``plots/`` inside); replace a run only with ``overwrite``.
+
+    ``keep``: names left in place when the run is replaced (the writer's lock file: removing it
+    would let a second writer in)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FeatcacheError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
+    children = [c for c in out.iterdir() if c.name not in keep] if out.is_dir() else []
+    if children:
         if not is_run_dir(out):
             raise FeatcacheError(f"{out} is not empty and is not a run directory; choose a new {option('out', python='out')}")
         if not overwrite:
             raise FeatcacheError(f"{out} already holds a run; pass {option('overwrite')} to replace it, "
                                  f"or choose a new {option('out', python='out')}")
-        shutil.rmtree(out)
+        for child in children:
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     (out / RunDir.PLOTS).mkdir(parents=True, exist_ok=True)
 
 

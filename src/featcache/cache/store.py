@@ -25,6 +25,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,14 +129,17 @@ def read_attrs(path: Path) -> dict:
 
 
 class CacheLock:
-    """An exclusive advisory lock on ``CACHE/.lock``.
+    """An exclusive advisory lock on ``CACHE/.lock`` (or any folder's ``.lock``: run and ablation
+    folders are locked the same way, with ``error`` their own error type).
 
     ``flock`` is released by the kernel when its holder dies, so a cache left by a killed
-    extraction can be resumed at once, while a live second writer is refused.
+    extraction can be resumed at once, while a live second writer is refused with one line that
+    names the holder (pid, host, start time and command, as recorded in the lock file).
     """
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *, error: type[Exception] = CacheLockedError):
         self.path = Path(root) / LOCK_FILE
+        self.error = error
         self.fd: int | None = None
         self.member_ino: int | None = None
         self.member_run: str | None = None
@@ -150,7 +154,7 @@ class CacheLock:
             except BlockingIOError:
                 holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown process"
                 os.close(fd)
-                raise CacheLockedError(
+                raise self.error(
                     f"{self.path.parent} is being written by another process ({holder}); "
                     "wait for it to finish or stop it (a lock left by a killed process is released by itself)"
                 ) from None
@@ -164,7 +168,8 @@ class CacheLock:
             os.close(fd)
         os.ftruncate(fd, 0)
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+                  "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else ""}
         if run is not None:
             holder["run"] = run
         os.write(fd, json.dumps(holder).encode())

@@ -17,6 +17,8 @@ Options that are finished runs of another task (Stage 2's ``stage1``) are declar
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -95,6 +97,9 @@ class Task(ABC):
     meta_columns: list[str] | None = None
     #: The metrics a one-line summary shows, in order (``featcache train-head`` / ``evaluate``).
     summary_keys: tuple[str, ...] = ("auc", "acc", "eer", "f_fpr", "f_meo")
+    #: True when the task's classification loss goes through :meth:`class_weighted_mean`, so that
+    #: ``training.class_balance: weight`` applies (a task without it refuses that setting).
+    class_weighted: bool = False
 
     def __init__(self, cfgs: dict | list[dict], device, run_dirs=None):
         self.cfgs = [cfgs] if isinstance(cfgs, dict) else list(cfgs)
@@ -118,6 +123,14 @@ class Task(ABC):
     @classmethod
     def check_config(cls, cfg: dict) -> None:
         """Refuse a config that cannot train as asked (one line that says how to fix it)."""
+        balance = str(cfg["training"].get("class_balance") or "none")
+        if balance != "none" and not cls.detects:
+            raise FeatcacheError(f"training.class_balance={balance} applies to detectors (real/fake labels); "
+                                 f"{cls.name} is not one")
+        if balance == "weight" and not cls.class_weighted:
+            raise FeatcacheError(f"{cls.name} does not weigh its loss by class yet; use training.class_balance=sampler "
+                                 "(balanced batches) or none")
+
         epochs = int(cfg["training"]["epochs"])
         min_epoch = int(cfg.get("selection", {}).get("min_epoch", 1))
         if min_epoch > epochs:
@@ -146,13 +159,43 @@ class Task(ABC):
         """Tensors and meta for ALL rows of ``data`` (what :meth:`read` returned); meta has ``split``."""
 
     def load(self, cache: FeatureCache, splits=("train", "val", "test")) -> None:
-        """Read the cache once, make tensors once, split them by mask into ``self.data`` on ``self.device``."""
+        """Read the cache once, make tensors once, split them by mask into ``self.data`` on ``self.device``
+        (each split's mask narrowed by :meth:`row_filter`, e.g. a leave-one-manipulation-out fold)."""
         self.check_cache(cache)
         self.backbone = backbone_identity(cache)
         everything = self.tensors(self.read(cache))
         for split in splits:
             mask = split_mask(everything.meta["split"], split, where=str(cache.path))
+            keep = self.row_filter(everything.meta, split, cache)
+            if keep is not None:
+                mask &= keep
+                if not mask.any():
+                    raise FeatcacheError(f"{cache.path}: no {split} row is left by {self.describe_fold()}")
             self.data[split] = everything.subset(mask).to(self.device)
+
+    def held_out_method(self) -> str | None:
+        """The manipulation method a leave-one-manipulation-out run never trains on
+        (``protocol.held_out_method``; ``featcache ablate --protocol lomo``), or None."""
+        held = (self.cfg.get("protocol") or {}).get("held_out_method")
+        return None if held in (None, "") else str(held)
+
+    def describe_fold(self) -> str:
+        return f"the leave-one-manipulation-out fold without {self.held_out_method()!r}"
+
+    def row_filter(self, meta: pd.DataFrame, split: str, cache: FeatureCache) -> np.ndarray | None:
+        """Rows of ``split`` this run uses, or None (all).  A leave-one-manipulation-out run trains
+        and selects (train, val) on every row whose ``method`` is not the held-out one (reals
+        included) and is tested on the test reals plus the held-out method's fakes.  On another
+        cache than its own (cross-dataset evaluation) every row is used."""
+        held = self.held_out_method()
+        if held is None or cache.fingerprint != (self.cfg.get("cache") or {}).get("fingerprint"):
+            return None
+        if "method" not in meta:
+            raise FeatcacheError(f"{self.name} reads no method column, so it cannot hold out a manipulation method")
+        method = meta["method"].astype(str).to_numpy()
+        if split == "test":
+            return (meta["label"].to_numpy() == 0) | (method == held)
+        return method != held
 
     # -- model -------------------------------------------------------------------------------
     @abstractmethod
@@ -210,6 +253,27 @@ class Task(ABC):
     def _coef(self, values) -> torch.Tensor:
         """One float per run as an (R,) tensor on the device."""
         return torch.tensor([float(v) for v in values], dtype=torch.get_default_dtype(), device=self.device)
+
+    def class_weights(self) -> torch.Tensor:
+        """Per class c of the training labels, ``n / (C * n_c)`` (scikit-learn's ``balanced``
+        weights, :func:`sklearn.utils.class_weight.compute_class_weight`), on the device, made once."""
+        if getattr(self, "_class_weights", None) is None:
+            y = self.data["train"].tensors["label"].long()
+            counts = torch.bincount(y).to(torch.get_default_dtype())
+            present = counts > 0
+            w = torch.zeros_like(counts)
+            w[present] = len(y) / (int(present.sum()) * counts[present])
+            self._class_weights = w.to(self.device)
+        return self._class_weights
+
+    def class_weighted_mean(self, per_sample: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The batch mean of ``per_sample`` losses over the last axis; with ``training.class_balance:
+        weight`` each sample weighted by its class's :meth:`class_weights` and normalised by the
+        weights' sum, as ``F.cross_entropy(weight=...)`` does (the classes then count equally)."""
+        if str(self.cfg["training"].get("class_balance") or "none") != "weight":
+            return per_sample.mean(-1)
+        w = self.class_weights()[y]
+        return (per_sample * w).sum(-1) / w.sum(-1)
 
     @abstractmethod
     def batch_loss(self, batch: dict[str, torch.Tensor], state: StepState) -> tuple[torch.Tensor, dict]:
@@ -293,6 +357,38 @@ def check_run_dir(run_dir: Path, weights: str = "best") -> None:
     for f in ("config.yaml", "model.json", f"{weights}.safetensors"):
         if not (run_dir / f).is_file():
             raise FeatcacheError(f"{run_dir} is not a finished run: {f} is missing")
+
+
+def run_fingerprint(run_dir) -> str:
+    """sha256 of a finished run's selected weights (``best.safetensors``): what a run trained on
+    it depends on, wherever it lies (a moved or copied run has the same fingerprint)."""
+    f = Path(run_dir) / "best.safetensors"
+    st = f.stat()
+    return _file_sha256(str(f.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=32)
+def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def recorded_cache(run_dir, cfg: dict) -> Path:
+    """The cache a run was trained on: its recorded absolute path, else its path relative to the
+    run folder (``cache.relative``: a run moved together with its cache); one line when neither
+    is there."""
+    c = cfg.get("cache") or {}
+    if c.get("path") and Path(c["path"]).exists():
+        return Path(c["path"])
+    if c.get("relative") and (Path(run_dir) / c["relative"]).exists():
+        return (Path(run_dir) / c["relative"]).resolve()
+    if not c.get("path"):
+        raise FeatcacheError(f"{run_dir} does not record its cache; pass --cache")
+    raise FeatcacheError(f"{run_dir}'s cache {c['path']} is not there (moved?); pass --cache with its new place "
+                         "(it is matched by fingerprint)")
 
 
 def load_run(run_dir, device=None, *, weights: str = "best") -> Task:

@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import json
 import queue as queue_mod
+import re
+import shutil
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,10 +42,18 @@ from ..heads.task import backbone_identity, check_run_dir, check_same_backbone, 
 from ..metrics.compare import EXCESS, excess, paired_differences, without_degenerate
 from ..metrics.fairness import FAIRNESS_KEYS
 from ..report.plots import plot_ablation
+from ..report.protocol import CROSS_METRICS, LOMO_METRICS, long_rows, write_protocol
 from ..report.tables import ABLATION_METRICS, ablation_table, metrics_line, write_csv_rounded
 from ..runtime import write_json
 from .evaluate import evaluate_head
-from .trainer import _resolve, config_differences, train_runs
+from .trainer import (
+    _resolve,
+    config_differences,
+    estimate_run_bytes,
+    run_config_differences,
+    train_runs,
+    writer_lock,
+)
 
 #: The columns of ablation.md for a detector, when present (kept for callers of the old name).
 REPORTED = ABLATION_METRICS
@@ -66,10 +77,12 @@ class PlannedRun:
     seed: int
     out: Path
     cfg: dict
+    held_out: str | None = None  # --protocol lomo: the manipulation method this run never trains on
 
     @property
     def label(self) -> str:
-        return f"{self.preset} seed {self.seed}"
+        fold = f" without {self.held_out}" if self.held_out is not None else ""
+        return f"{self.preset}{fold} seed {self.seed}"
 
 
 @dataclass
@@ -147,19 +160,54 @@ def _presets(task: str, presets) -> list[str]:
 
 
 def _check_evals(cache, evals: dict) -> dict[str, Path]:
-    """Every eval cache exists and was extracted with the training cache's backbone."""
+    """Every eval cache exists, is finished, is of the training cache's kind and backbone, and its
+    test split has rows, all labelled 0/1: checked before anything trains."""
     trained_on = backbone_identity(cache)
     out = {}
     for name, path in (evals or {}).items():
+        where = f"--eval {name}={path}"
+        if not name:
+            raise FeatcacheError(f"{where}: the name is empty; pass NAME=CACHE, e.g. celebdf=caches/celebdf")
         if not Path(path).exists():
-            raise FeatcacheError(f"--eval {name}={path}: the cache does not exist")
-        other = open_cache(path)
+            raise FeatcacheError(f"{where}: the cache does not exist")
+        try:
+            other = open_cache(path)
+            meta = other.meta(["label", "split"])
+        except FeatcacheError as exc:
+            raise FeatcacheError(f"{where}: {exc}") from None
         if other.kind != cache.kind:
-            raise FeatcacheError(f"--eval {name}={path} is a {other.kind} cache; the training cache is {cache.kind}")
-        check_same_backbone(trained_on, backbone_identity(other), f"the training cache {cache.path}",
-                            f"--eval {name}={path}")
+            raise FeatcacheError(f"{where} is a {other.kind} cache; the training cache is {cache.kind}")
+        check_same_backbone(trained_on, backbone_identity(other), f"the training cache {cache.path}", where)
+        test = meta[meta["split"].astype(str) == "test"]
+        if test.empty:
+            have = ", ".join(sorted(set(meta["split"].astype(str)))) or "none"
+            raise FeatcacheError(f"{where} has no rows in split 'test' (its splits: {have}); the runs are "
+                                 "evaluated on an eval cache's test split")
+        unknown = int((~test["label"].isin([0, 1])).sum())
+        if unknown:
+            raise FeatcacheError(f"{where}: {unknown} of its {len(test)} test rows have no label (0 real / 1 fake); "
+                                 "an evaluation needs every test row labelled")
         out[name] = Path(path)
     return out
+
+
+def fairness_unavailable(evals: dict[str, Path]) -> dict[str, str]:
+    """Eval cache name -> why its fairness metrics are not available (no test row with a known
+    subgroup: gender or race unknown for every row, as in Celeb-DF or DFDC)."""
+    out = {}
+    for name, path in evals.items():
+        meta = open_cache(path).meta(["split", "subgroup"]) if _has_meta(path, "subgroup") else None
+        if meta is None:
+            out[name] = "the cache has no subgroup column (no demographics)"
+            continue
+        known = meta.loc[meta["split"].astype(str) == "test", "subgroup"].astype(int) >= 0
+        if not known.any():
+            out[name] = f"its test split has no demographics (gender or race unknown for all {len(known)} rows)"
+    return out
+
+
+def _has_meta(path, column: str) -> bool:
+    return (Path(path) / "meta" / column).is_dir()
 
 
 def _comparable(cfg: dict) -> dict:
@@ -169,9 +217,46 @@ def _comparable(cfg: dict) -> dict:
     return c
 
 
+#: ``--protocol``: the standard one (train and test on the cache's splits) and leave-one-manipulation-out.
+PROTOCOLS = ("standard", "lomo")
+
+
+def lomo_methods(cache) -> list[str]:
+    """The manipulation methods of a cache's fakes (its ``method`` column), each a fold of
+    ``--protocol lomo``: at least two, each with test fakes, and fakes of two or more methods in
+    train and in val (a fold holding one out keeps fakes to learn and select on)."""
+    if not _has_meta(cache.path, "method"):
+        raise FeatcacheError(f"--protocol lomo: {cache.path} has no method column; its manifest must name each "
+                             "fake's manipulation method")
+    meta = cache.meta(["label", "split", "method"])
+    fakes = meta[meta["label"] == 1]
+    methods = sorted({str(m) for m in fakes["method"] if str(m)})
+    if len(methods) < 2:
+        raise FeatcacheError(f"--protocol lomo needs fakes of at least two manipulation methods; {cache.path} has "
+                             f"{', '.join(methods) or 'none'} in its method column")
+    for split in ("train", "val", "test"):
+        have = set(fakes.loc[fakes["split"].astype(str) == split, "method"].astype(str))
+        lacking = [m for m in methods if m not in have]
+        if split == "test" and lacking:
+            raise FeatcacheError(f"--protocol lomo: {cache.path} has no test fakes of {', '.join(lacking)}, "
+                                 "so those folds could not be tested")
+        if len(have) < 2 and split != "test":
+            raise FeatcacheError(f"--protocol lomo: the {split} split of {cache.path} has fakes of "
+                                 f"{', '.join(sorted(have)) or 'no method'} only; a fold holding it out has none")
+    return methods
+
+
+def fold_name(method: str) -> str:
+    """The folder of a held-out method's runs: ``without-<method>`` (characters unsafe in a path as _)."""
+    return "without-" + re.sub(r"[^A-Za-z0-9_.+-]", "_", method)
+
+
 def plan(task: str, cache_path, out, *, presets="all", seeds=(0, 1, 2), sets=(), options: dict | None = None,
-         evals: dict | None = None) -> tuple[list[PlannedRun], dict[str, Path]]:
-    """The runs of the ablation (preset-major, then seed) and the checked eval caches; raises on bad input."""
+         evals: dict | None = None, protocol: str = "standard") -> tuple[list[PlannedRun], dict[str, Path]]:
+    """The runs of the ablation (preset-major, then held-out method with ``protocol="lomo"``, then
+    seed) and the checked eval caches; raises on bad input."""
+    if protocol not in PROTOCOLS:
+        raise FeatcacheError(f"unknown protocol {protocol!r}; protocols: {', '.join(PROTOCOLS)}")
     if task not in list_tasks():
         raise FeatcacheError(f"unknown task {task!r}; tasks: {', '.join(list_tasks())}")
     cls = get_task(task)
@@ -188,14 +273,27 @@ def plan(task: str, cache_path, out, *, presets="all", seeds=(0, 1, 2), sets=(),
             raise FeatcacheError(f"{task} needs a finished {needed} run: pass --{option} RUN")
         check_run_dir(Path(path))
     checked = _check_evals(cache, evals or {})
+    folds: list[str | None] = [None]
+    if protocol == "lomo":
+        if not cls.detects:
+            raise FeatcacheError(f"--protocol lomo applies to detectors; {task} is not one")
+        if evals:
+            raise FeatcacheError("--protocol lomo tests each fold on its held-out method; run --eval caches "
+                                 "in a standard ablation")
+        folds = lomo_methods(cache)
     out = Path(out)
     runs = []
     for preset in names:
-        for seed in seeds:
-            cfg = _resolve(task, cache_path, preset, None, [*sets, f"training.seed={seed}"], options)
-            cfg["cache"]["fingerprint"] = cache.fingerprint
-            cls.check_config(cfg)
-            runs.append(PlannedRun(preset, seed, out / preset / f"seed{seed}", cfg))
+        for held in folds:
+            for seed in seeds:
+                cfg = _resolve(task, cache_path, preset, None, [*sets, f"training.seed={seed}"], options)
+                cfg["cache"]["fingerprint"] = cache.fingerprint
+                where = out / preset
+                if held is not None:
+                    cfg["protocol"] = {"name": "lomo", "held_out_method": held}
+                    where = where / fold_name(held)
+                cls.check_config(cfg)
+                runs.append(PlannedRun(preset, seed, where / f"seed{seed}", cfg, held))
     return runs, checked
 
 
@@ -205,7 +303,7 @@ def finished(run: PlannedRun) -> bool:
     if not (run.out / "summary.json").is_file():
         return False
     saved = run.out / "config.yaml"
-    diffs = config_differences(_comparable(load_config(saved)), _comparable(run.cfg)) if saved.is_file() else ["config"]
+    diffs = run_config_differences(_comparable(load_config(saved)), _comparable(run.cfg)) if saved.is_file() else ["config"]
     if diffs:
         raise FeatcacheError(f"{run.out} holds a finished run with another config ({'; '.join(diffs[:3])}); "
                              "choose a new --out, or pass --overwrite to retrain it")
@@ -232,6 +330,9 @@ def group_runs(task: str, runs: list[PlannedRun]) -> tuple[list[list[PlannedRun]
         for j, chunk in enumerate(chunks):
             presets = list(dict.fromkeys(r.preset for r in chunk))
             seeds = list(dict.fromkeys(r.seed for r in chunk))
+            held = list(dict.fromkeys(r.held_out for r in chunk if r.held_out is not None))
+            if held:
+                presets = [f"{p} without {', '.join(held)}" for p in presets]
             split = (f" (part {j + 1} of {len(chunks)}: {task} stacks at most {cls.max_runs} run(s) per job)"
                      if len(chunks) > 1 else "")
             lines.append(f"group {len(groups) + 1}: {', '.join(presets)} x seeds {', '.join(map(str, seeds))} "
@@ -260,7 +361,32 @@ def assign(groups: list[list], devices: list[str]) -> list[tuple[str, list[list]
 
 
 # -- training ------------------------------------------------------------------------------
-def train_group(task: str, cache_path, runs: list[PlannedRun], device: str, *, progress: bool, echo) -> None:
+def disk_estimate(task: str, cache_path, groups: list[list[PlannedRun]], out: Path, keep_resume: bool) -> str:
+    """One line: what the runs to train will take on disk (their weight files, from each group's
+    module built once on the CPU: :func:`featcache.train.trainer.estimate_run_bytes`) and the free
+    space where they go."""
+    total, parts, resume_bytes = 0, [], 0
+    for g in groups:
+        size = estimate_run_bytes(task, cache_path, g[0].cfg)
+        resume_bytes = max(resume_bytes, size["resume"])
+        per_run = 2 * size["weights"] + (size["resume"] if keep_resume else 0)
+        total += per_run * len(g)
+        parts.append(f"{len(g)} x {_mb(per_run)}")
+    where = next(p for p in (out, *out.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    resume = ("resume points kept (--keep-resume)" if keep_resume else
+              "each resume point is pruned when its run finishes; --keep-resume keeps it, "
+              f"up to {_mb(resume_bytes)} a run")
+    return (f"disk estimate: {' + '.join(parts)} of weights (best + last) = {_mb(total)} ({resume}; evaluation files "
+            f"and plots add little); {_mb(free)} free on {where}")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+
+
+def train_group(task: str, cache_path, runs: list[PlannedRun], device: str, *, progress: bool, echo,
+                keep_resume: bool = False) -> None:
     """Train one group as one job on ``device``; out of GPU memory, split it in two and retry each half."""
     cfgs = []
     for r in runs:
@@ -269,7 +395,7 @@ def train_group(task: str, cache_path, runs: list[PlannedRun], device: str, *, p
         cfgs.append(c)
     try:
         results = train_runs(task, cache_path, [r.out for r in runs], cfgs=cfgs, overwrite=True, progress=progress,
-                             echo=echo)
+                             echo=echo, keep_resume=keep_resume)
     except torch.cuda.OutOfMemoryError:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -279,8 +405,8 @@ def train_group(task: str, cache_path, runs: list[PlannedRun], device: str, *, p
         half = len(runs) // 2
         echo(f"out of GPU memory training {len(runs)} runs at once on {device}: split into {half} + "
              f"{len(runs) - half} and retried")
-        train_group(task, cache_path, runs[:half], device, progress=progress, echo=echo)
-        train_group(task, cache_path, runs[half:], device, progress=progress, echo=echo)
+        train_group(task, cache_path, runs[:half], device, progress=progress, echo=echo, keep_resume=keep_resume)
+        train_group(task, cache_path, runs[half:], device, progress=progress, echo=echo, keep_resume=keep_resume)
         return
     keys = get_task(task).summary_keys
     for r, res in zip(runs, results):
@@ -288,25 +414,28 @@ def train_group(task: str, cache_path, runs: list[PlannedRun], device: str, *, p
              f"best epoch {res.best_epoch})")
 
 
-def _device_worker(task, cache_path, groups, device, progress, messages) -> None:
+def _device_worker(task, cache_path, groups, device, progress, messages, keep_resume=False) -> None:
     """A spawned process: train its groups on one device; every line and the outcome go to ``messages``."""
     try:
         for g in groups:
-            train_group(task, cache_path, g, device, progress=progress, echo=lambda s: messages.put(("line", s)))
+            train_group(task, cache_path, g, device, progress=progress, echo=lambda s: messages.put(("line", s)),
+                        keep_resume=keep_resume)
         messages.put(("done", device))
     except Exception as exc:  # reported by the parent as one line
         messages.put(("error", f"{device}: {type(exc).__name__}: {exc}"))
 
 
-def _train_on_devices(task, cache_path, by_device: list[tuple[str, list]], *, progress: bool, echo) -> None:
+def _train_on_devices(task, cache_path, by_device: list[tuple[str, list]], *, progress: bool, echo,
+                      keep_resume: bool = False) -> None:
     if len(by_device) <= 1:
         for device, groups in by_device:
             for g in groups:
-                train_group(task, cache_path, g, device, progress=progress, echo=echo)
+                train_group(task, cache_path, g, device, progress=progress, echo=echo, keep_resume=keep_resume)
         return
     ctx = torch.multiprocessing.get_context("spawn")
     messages = ctx.Queue()
-    procs = [ctx.Process(target=_device_worker, args=(task, str(cache_path), groups, device, False, messages))
+    procs = [ctx.Process(target=_device_worker, args=(task, str(cache_path), groups, device, False, messages,
+                                                             keep_resume))
              for device, groups in by_device]
     for p in procs:
         p.start()
@@ -333,6 +462,33 @@ def _train_on_devices(task, cache_path, by_device: list[tuple[str, list]], *, pr
 
 
 # -- tables ----------------------------------------------------------------------------------
+def in_domain_metrics(run_dir: Path, summary: dict) -> dict:
+    """A run's test metrics on its own cache with their bootstrap intervals (RUN/eval/test/metrics.json;
+    the summary's test metrics, without intervals, when that file is missing)."""
+    f = Path(run_dir) / "eval" / "test" / "metrics.json"
+    return json.loads(f.read_text()) if f.is_file() else dict(summary.get("test") or {})
+
+
+def _lomo_tables(task, cache, out, df, lomo, runs, lines, trained, reused, missing) -> AblationResult:
+    """A leave-one-manipulation-out ablation's files: ablation.csv/json (one row per run, with its
+    held-out method) and the LOMO table lomo.{csv,md,png} (rows presets, columns held-out methods)."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = [write_csv_rounded(df, out / "ablation.csv").name]
+    write_json(out / "ablation.json", df.to_dict(orient="records"))
+    files.append("ablation.json")
+    methods = list(dict.fromkeys(r.held_out for r in runs))
+    markdown, _, written = write_protocol(
+        pd.DataFrame(lomo), out, "lomo", {m: f"without {m}" for m in methods}, LOMO_METRICS,
+        what="held-out manipulation method (test: its fakes and the test reals; trained and selected on "
+             "the other methods)", title=f"{task} leave-one-manipulation-out: {Path(cache).name}")
+    files += written
+    if missing:
+        markdown += f"\nmissing runs (not finished, left out of the tables): {', '.join(missing)}\n"
+    (out / "ablation.md").write_text(markdown)
+    files.append("ablation.md")
+    return AblationResult(task, out, df, markdown, lines, trained, reused, missing, None, files)
+
+
 def run_row(run: PlannedRun, summary: dict) -> dict:
     """One table row from a run's summary.json: val/test metrics (and each fairness gap minus its
     no-disparity floor, ``<split>_<gap>_excess``, when the metrics carry ``fairness_null``; ECE minus
@@ -411,8 +567,12 @@ def tables(task: str, df: pd.DataFrame, out: Path, *, evals=(), baselines=(), ti
 
 def ablate(task: str, cache, out, *, presets="all", seeds=(0, 1, 2), evals: dict | None = None, sets=(),
            options: dict | None = None, baseline: str | None = None, devices=None, shard=None,
-           collect: bool = False, overwrite: bool = False, progress: bool = True, echo=print) -> AblationResult:
+           collect: bool = False, overwrite: bool = False, progress: bool = True, echo=print,
+           protocol: str = "standard", keep_resume: bool = False) -> AblationResult:
     """Train every preset x seed into ``out/<preset>/seed<k>`` as stacked jobs and table them.
+
+    ``protocol="lomo"``: leave one manipulation method out: every preset x held-out method x seed
+    into ``out/<preset>/without-<method>/seed<k>``, tabled in lomo.{csv,md,png}.
 
     See the module docstring.  ``devices``: torch devices to spread the groups over (None: every
     visible GPU, else the CPU; a config's explicit ``training.device`` when not ``auto``).
@@ -422,10 +582,21 @@ def ablate(task: str, cache, out, *, presets="all", seeds=(0, 1, 2), evals: dict
     """
     out = Path(out)
     shard = parse_shard(shard) if shard is not None else None
-    runs, eval_caches = plan(task, cache, out, presets=presets, seeds=seeds, sets=sets, options=options, evals=evals)
+    runs, eval_caches = plan(task, cache, out, presets=presets, seeds=seeds, sets=sets, options=options, evals=evals,
+                             protocol=protocol)
     names = list(dict.fromkeys(r.preset for r in runs))
     if baseline is not None and baseline not in names:
         raise FeatcacheError(f"--baseline {baseline} is not among the presets ({', '.join(names)}); add it to --presets")
+    # one writer at a time: the whole ablation folder for a full run or --collect; a shard (one of
+    # several running at once by design) is protected run by run (train_runs locks each run folder)
+    with writer_lock([out]) if shard is None or collect else nullcontext():
+        return _ablate_locked(task, cache, out, runs, eval_caches, names, baseline, devices, shard, collect,
+                              overwrite, progress, echo, keep_resume)
+
+
+def _ablate_locked(task, cache, out, runs, eval_caches, names, baseline, devices, shard, collect, overwrite,
+                   progress, echo, keep_resume) -> AblationResult:
+    """:func:`ablate` once the plan is checked (and the ablation folder's writer lock held)."""
     mine = shard_runs(runs, shard)
     done = {id(r) for r in mine if not overwrite and finished(r)}
     if not collect and not overwrite:
@@ -455,7 +626,8 @@ def ablate(task: str, cache, out, *, presets="all", seeds=(0, 1, 2), evals: dict
              f"{', '.join(d for d, _ in by_device)}" + (" (one process each)" if len(by_device) > 1 else "") + ":")
         for line in lines:
             echo(f"  {line}")
-        _train_on_devices(task, cache, by_device, progress=progress, echo=echo)
+        echo(disk_estimate(task, cache, groups, out, keep_resume))
+        _train_on_devices(task, cache, by_device, progress=progress, echo=echo, keep_resume=keep_resume)
         trained = [r.label for r in todo]
     title = f"{task} ablation: {out}"
     if shard is not None and not collect:
@@ -463,24 +635,42 @@ def ablate(task: str, cache, out, *, presets="all", seeds=(0, 1, 2), evals: dict
                "--collect (instead of --shard) to write the tables")
         echo(msg)
         return AblationResult(task, out, pd.DataFrame(), msg, lines, trained, reused, [], None, [])
-    rows, missing = [], []
+    rows, missing, cross, lomo = [], [], [], []
     for r in runs:
         if not finished(r):
             missing.append(r.label)
             continue
-        row = run_row(r, json.loads((r.out / "summary.json").read_text()))
+        summary = json.loads((r.out / "summary.json").read_text())
+        row = run_row(r, summary)
+        if r.held_out is not None:
+            row = {"preset": row.pop("preset"), "held_out": r.held_out, **row}
+            lomo += long_rows(r.preset, r.seed, r.held_out, in_domain_metrics(r.out, summary), LOMO_METRICS)
+        if eval_caches:
+            cross += long_rows(r.preset, r.seed, "test", in_domain_metrics(r.out, summary), CROSS_METRICS)
         for name, other in eval_caches.items():
             metrics = evaluate_head(r.out, other, split="test", name=name).metrics
             row.update({f"{name}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float, bool))})
+            cross += long_rows(r.preset, r.seed, name, metrics, CROSS_METRICS)
         rows.append(row)
     if not rows:
         raise FeatcacheError(f"no finished run in {out} to table ({len(missing)} missing); train them first "
                              "(without --collect)")
     df = pd.DataFrame(rows)
+    if lomo:
+        return _lomo_tables(task, cache, out, df, lomo, runs, lines, trained, reused, missing)
     baselines = list(dict.fromkeys([b for b in ("none" if "none" in names else None, baseline) if b]))
     if not baselines and len(names) > 1:
         baselines = [names[0]]
     markdown, diffs, files = tables(task, df, out, evals=list(eval_caches), baselines=baselines, title=title)
+    if cross:
+        datasets = {"test": f"{Path(cache).name} (in-domain)", **{n: n for n in eval_caches}}
+        text, _, written = write_protocol(
+            pd.DataFrame(cross), out, "cross_dataset", datasets, CROSS_METRICS, what="test set",
+            title=f"cross-dataset: trained on {Path(cache).name}, tested on {', '.join(datasets.values())}",
+            unavailable=fairness_unavailable(eval_caches))
+        markdown += "\n" + text
+        (out / "ablation.md").write_text(markdown)
+        files += written
     if missing:
         note = f"\nmissing runs (not finished, left out of the tables): {', '.join(missing)}\n"
         markdown += note

@@ -2,6 +2,8 @@
 
 A *job* supplies batches, a loss and an evaluation; :func:`fit` does the rest, per run:
 epochs, the learning-rate schedule, AdamW (fused on CUDA), per-run gradient clipping,
+``training.class_balance`` (none | weight: the task's class-weighted loss, :meth:`Task.class_weighted_mean`
+| sampler: every epoch draws the classes equally often, :func:`balanced_order`),
 selection on val by the configured formula (``selection.score``, ``selection.min_epoch``,
 ``selection.rule: best|last``; test is never looked at), early stopping (``training.patience``),
 per-epoch checkpoints (``training.save_every``), ``log.jsonl``, ``training_log.csv``,
@@ -50,6 +52,8 @@ from ..report.plots import plot_training_curves
 from ..runtime import json_default, load_state, rng_state, save_module, save_state, set_rng_state
 
 RESUME_FILE = "resume.pt"
+#: ``training.class_balance``: none (the design's own), weight (class-weighted loss), sampler (balanced batches).
+CLASS_BALANCE = ("none", "weight", "sampler")
 
 
 
@@ -87,6 +91,7 @@ class LoopSettings:
     schedule: str = "constant"  # or "cosine": annealed to 0 over the epochs, stepped per epoch
     min_batch: int = 2
     tensorboard: bool = False  # per-epoch scalars to RUN/tensorboard/ (logging.tensorboard)
+    class_balance: str = "none"  # training.class_balance: none | weight | sampler (see balanced_order)
 
     def __post_init__(self):
         for key, value, low in (("training.epochs", self.epochs, 1), ("training.batch_size", self.batch_size, 1),
@@ -100,6 +105,8 @@ class LoopSettings:
             raise FeatcacheError(f"selection.rule must be best or last; got {self.rule!r}")
         if self.schedule not in ("constant", "cosine"):
             raise FeatcacheError(f"training.schedule must be constant or cosine; got {self.schedule!r}")
+        if self.class_balance not in CLASS_BALANCE:
+            raise FeatcacheError(f"training.class_balance must be {', '.join(CLASS_BALANCE)}; got {self.class_balance!r}")
 
     @classmethod
     def from_config(cls, cfgs: list[dict]) -> LoopSettings:
@@ -110,7 +117,7 @@ class LoopSettings:
                    weight_decay=float(t.get("weight_decay", 0.0)), grad_clip=float(t.get("grad_clip") or 0.0),
                    selection=s.get("score", "auc"), min_epoch=s.get("min_epoch", 1), rule=s.get("rule", "best"),
                    patience=t.get("patience", 0) or 0, save_every=t.get("save_every", 0) or 0,
-                   schedule=t.get("schedule", "constant"),
+                   schedule=t.get("schedule", "constant"), class_balance=str(t.get("class_balance") or "none"),
                    tensorboard=bool((cfg.get("logging") or {}).get("tensorboard", False)))
 
 
@@ -153,10 +160,33 @@ def _stack_opt_state(states: list[dict], stacked: bool) -> dict:
     return {"state": state, "param_groups": first["param_groups"]}
 
 
-def _default_batches(job, gens: list[torch.Generator], batch_size: int, min_batch: int):
+def balanced_order(labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """An epoch of ``len(labels)`` row indices drawing every class equally often (``class_balance:
+    sampler``): class c gets n // C draws (the first n % C classes one more), taken from successive
+    random permutations of its rows (a minority row is drawn ceil or floor of draws / rows times, a
+    majority row at most once), then shuffled together.  Seeded by ``generator`` alone."""
+    labels = labels.detach().cpu()
+    classes = torch.unique(labels)
+    n, k = len(labels), len(classes)
+    picks = []
+    for i, c in enumerate(classes):
+        rows = torch.nonzero(labels == c).flatten()
+        want = n // k + (1 if i < n % k else 0)
+        rounds = -(-want // len(rows))
+        picks.append(torch.cat([rows[torch.randperm(len(rows), generator=generator)] for _ in range(rounds)])[:want])
+    order = torch.cat(picks)
+    return order[torch.randperm(n, generator=generator)]
+
+
+def _default_batches(job, gens: list[torch.Generator], batch_size: int, min_batch: int, balance: str = "none"):
     train = job.data["train"]
     n = len(train)
-    orders = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(job.device)
+    if balance == "sampler":
+        if "label" not in train.tensors:
+            raise FeatcacheError("training.class_balance=sampler needs labelled training rows; this task has none")
+        orders = torch.stack([balanced_order(train.tensors["label"], g) for g in gens]).to(job.device)
+    else:
+        orders = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(job.device)
     for start in range(0, n, batch_size):
         idx = orders[:, start:start + batch_size]
         if idx.shape[1] < min_batch:  # a batch of one breaks batch statistics and group losses
@@ -207,6 +237,9 @@ def fit(job, run_dirs: list[Path], settings: LoopSettings, *, resume: bool = Fal
     run_dirs = [Path(p) for p in run_dirs]
     if len(run_dirs) != R or len(settings.seeds) != R:
         raise FeatcacheError(f"{R} run(s) need as many run directories and seeds")
+    if settings.class_balance == "sampler" and hasattr(job, "batches"):
+        raise FeatcacheError("training.class_balance=sampler applies to heads trained from a cache; this job "
+                             "draws its own batches")
     stacked = job.max_runs > 1
     params = job.trainable_parameters()
     # fused AdamW on the CPU too: on stacked runs' large tensors it is ~7x the default per-tensor
@@ -274,7 +307,7 @@ def fit(job, run_dirs: list[Path], settings: LoopSettings, *, resume: bool = Fal
         sums: dict[str, torch.Tensor] = {}
         seen = 0
         batches = (job.batches(epoch, gens, settings.batch_size) if hasattr(job, "batches")
-                   else _default_batches(job, gens, settings.batch_size, settings.min_batch))
+                   else _default_batches(job, gens, settings.batch_size, settings.min_batch, settings.class_balance))
         for batch, k in batches:
             with torch.autocast("cuda", dtype=amp) if amp is not None else _null():
                 loss, terms = job.batch_loss(batch, state)

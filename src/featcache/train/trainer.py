@@ -10,14 +10,19 @@ another config is refused with the difference named (``--overwrite`` replaces th
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache import open_cache
+from ..cache import CacheLock, open_cache
+from ..cache.store import LOCK_FILE
 from ..config import load_config, resolve_config, save_config
-from ..errors import FeatcacheError
-from ..heads.task import Task, get_task, load_run
+from ..errors import FeatcacheError, RunLockedError
+from ..heads.task import Task, get_task, load_run, run_fingerprint
 from ..runtime import is_run_dir, load_weights, prepare_run_dir, resolve_device, seed_everything, write_json
 from .evaluate import Evaluation, run_title, write_evaluation
 from .loop import RESUME_FILE, FitResult, LoopSettings, fit
@@ -61,13 +66,75 @@ def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
+#: Config keys added after runs were written, with the value those runs trained with: a run saved
+#: without the key is the same run as one saved with this value (it is reused, resumed, extended).
+ADDED_KEYS = {("training", "class_balance"): "none"}
+
+
+def with_added_keys(cfg: dict) -> dict:
+    """A copy of ``cfg`` with every :data:`ADDED_KEYS` key it lacks set to its value."""
+    c = json.loads(json.dumps(cfg, default=str))
+    for (section, key), value in ADDED_KEYS.items():
+        if isinstance(c.get(section), dict):
+            c[section].setdefault(key, value)
+    return c
+
+
 def _resolve(task_name, cache_path, preset, config_file, sets, options) -> dict:
+    """The resolved config of a run: the task's YAML, preset, file and ``--set`` items, then where its
+    inputs are: ``cache.path`` and each required run (``options.<name>``) as absolute paths, each
+    required run's fingerprint in ``inputs.<name>.fingerprint`` (:func:`locate` adds the paths
+    relative to the run folder)."""
     cfg = resolve_config(task_name, preset, config_file, sets)
     cls = get_task(task_name)
     given = {k: str(v) for k, v in (options or {}).items() if v is not None}
     cfg["options"] = {k: str(Path(v).resolve()) if k in cls.requires_runs else v for k, v in given.items()}
     cfg["cache"] = {"path": str(Path(cache_path).resolve())}
+    inputs = {k: {"fingerprint": run_fingerprint(v)} for k, v in cfg["options"].items()
+              if k in cls.requires_runs and (Path(v) / "best.safetensors").is_file()}
+    if inputs:
+        cfg["inputs"] = inputs
     return cfg
+
+
+def locate(cfg: dict, run_dir: Path) -> dict:
+    """``cfg`` with its inputs' paths relative to ``run_dir`` added (``cache.relative``,
+    ``inputs.<name>.relative``): a run moved or copied together with them finds them again."""
+    run_dir = Path(run_dir).resolve()
+    cache = cfg.setdefault("cache", {})
+    if cache.get("path"):
+        cache["relative"] = os.path.relpath(Path(cache["path"]).resolve(), run_dir)
+    for name, entry in (cfg.get("inputs") or {}).items():
+        if (cfg.get("options") or {}).get(name):
+            entry["relative"] = os.path.relpath(Path(cfg["options"][name]).resolve(), run_dir)
+    return cfg
+
+
+def where_independent(cfg: dict) -> dict:
+    """A copy of ``cfg`` without where its inputs lie: the cache is compared by its fingerprint, a
+    required run by ``inputs.<name>.fingerprint`` (a config written before runs were fingerprinted
+    keeps its path; :func:`run_config_differences` compares such configs by path)."""
+    c = with_added_keys(cfg)
+    cache = c.get("cache") or {}
+    cache.pop("relative", None)
+    if cache.get("fingerprint"):
+        cache.pop("path", None)
+    for name, entry in (c.get("inputs") or {}).items():
+        entry.pop("relative", None)
+        (c.get("options") or {}).pop(name, None)
+    return c
+
+
+def run_config_differences(saved: dict, new: dict) -> list[str]:
+    """:func:`config_differences` of two run configs, inputs matched by fingerprint wherever they
+    lie (a moved ablation, re-pointed with ``--cache`` / ``--stage1``, is the same ablation)."""
+    a, b = where_independent(saved), where_independent(new)
+    if ("inputs" in a) != ("inputs" in b):  # one written before runs were fingerprinted: compared by path
+        a, b = with_added_keys(saved), with_added_keys(new)
+        for c in (a, b):
+            c.pop("inputs", None)
+            (c.get("cache") or {}).pop("relative", None)
+    return config_differences(a, b)
 
 
 def resolve_inputs(task: Task, device) -> None:
@@ -84,6 +151,34 @@ def resolve_inputs(task: Task, device) -> None:
         task.inputs[option] = run
 
 
+@contextmanager
+def writer_lock(folders) -> Iterator[None]:
+    """Hold each folder's writer lock (``FOLDER/.lock``, the cache's flock mechanism) for the block.
+
+    A second writer of any of them is refused with one line naming the first (pid, host, start,
+    command); a killed writer's lock is released by the kernel.  A folder this call created and
+    left empty (the block failed before writing) is removed again.
+    """
+    created = []
+    with ExitStack() as stack:
+        try:
+            for f in map(Path, folders):
+                if f.exists() and not f.is_dir():
+                    raise FeatcacheError(f"{f} exists and is not a directory; choose a new --out")
+                if not f.exists():
+                    f.mkdir(parents=True)
+                    created.append(f)
+                stack.enter_context(CacheLock(f, error=RunLockedError))
+            yield
+        finally:
+            stack.close()
+            for f in reversed(created):
+                try:
+                    f.rmdir()  # only when empty
+                except OSError:
+                    pass
+
+
 def _start_or_resume(out: Path, cfg: dict, overwrite: bool) -> bool:
     """True when ``out`` holds an interrupted run of this very config (it resumes)."""
     if overwrite or not is_run_dir(out):
@@ -92,7 +187,7 @@ def _start_or_resume(out: Path, cfg: dict, overwrite: bool) -> bool:
         raise FeatcacheError(f"{out} already holds a finished run; pass --overwrite to replace it, or choose a new --out")
     if not (out / RESUME_FILE).is_file() or not (out / "config.yaml").is_file():
         return False  # nothing finished: started afresh below (prepare_run_dir replaces it)
-    diffs = config_differences(load_config(out / "config.yaml"), cfg)
+    diffs = run_config_differences(load_config(out / "config.yaml"), cfg)
     if diffs:
         raise FeatcacheError(f"{out} holds an interrupted run with another config ({'; '.join(diffs[:4])}); "
                              "rerun it with the same options to resume, or pass --overwrite to replace it")
@@ -100,8 +195,12 @@ def _start_or_resume(out: Path, cfg: dict, overwrite: bool) -> bool:
 
 
 def train_runs(task_name: str, cache_path, outs: list, *, cfgs: list[dict], overwrite: bool = False,
-               progress: bool = True, echo=None) -> list[RunResult]:
-    """Train R runs of one task stacked in one job (R = 1: ``train-head``); one run directory each."""
+               progress: bool = True, echo=None, keep_resume: bool = False) -> list[RunResult]:
+    """Train R runs of one task stacked in one job (R = 1: ``train-head``); one run directory each.
+
+    ``keep_resume``: keep each finished run's resume point (``resume.pt``: the weights and AdamW's
+    two moments, about 1.5 times the run's two weight files); by default it is deleted when the
+    run finishes (the run is complete without it; extending it to more epochs would need it)."""
     outs = [Path(o) for o in outs]
     cls = get_task(task_name)
     keys = {cls.stack_key(c) for c in cfgs}
@@ -111,9 +210,18 @@ def train_runs(task_name: str, cache_path, outs: list, *, cfgs: list[dict], over
     dev_name = cfgs[0]["training"]["device"]
     device = resolve_device(None if dev_name == "auto" else dev_name, what="training.device")
     cache = open_cache(cache_path)
-    for c in cfgs:
+    for o, c in zip(outs, cfgs):
         c["cache"]["fingerprint"] = cache.fingerprint
+        locate(c, o)
     settings = LoopSettings.from_config(cfgs)
+    with writer_lock(outs):
+        return _train_locked(task_name, cls, cache, device, outs, cfgs, settings, overwrite, progress, echo,
+                             keep_resume)
+
+
+def _train_locked(task_name, cls, cache, device, outs, cfgs, settings, overwrite, progress, echo,
+                  keep_resume) -> list[RunResult]:
+    """:func:`train_runs` once every run folder's writer lock is held."""
     resumes = [_start_or_resume(o, c, overwrite) for o, c in zip(outs, cfgs)]
     if any(resumes) and not all(resumes):
         raise FeatcacheError("some of these runs were interrupted and some not; train them one by one")
@@ -125,7 +233,8 @@ def train_runs(task_name: str, cache_path, outs: list, *, cfgs: list[dict], over
     task.module = task.build(task.spec).to(device)
     if not resumes[0]:
         for o, c in zip(outs, cfgs):
-            prepare_run_dir(o, overwrite=True if is_run_dir(o) and not (o / "summary.json").is_file() else overwrite)
+            prepare_run_dir(o, overwrite=True if is_run_dir(o) and not (o / "summary.json").is_file() else overwrite,
+                            keep=(LOCK_FILE,))
             save_config(c, o / "config.yaml")
             write_json(o / "model.json", {"task": task_name, "spec": task.spec})
     elif echo:
@@ -133,11 +242,33 @@ def train_runs(task_name: str, cache_path, outs: list, *, cfgs: list[dict], over
     t0 = time.perf_counter()
     label = f"train {task_name}" + (f":{cfgs[0]['preset']}" if cfgs[0].get("preset") and len(cfgs) == 1 else "")
     fits = fit(task, outs, settings, resume=resumes[0], desc=label, progress=progress, echo=echo)
-    return conclude(task, fits, cfgs, time.perf_counter() - t0)
+    return conclude(task, fits, cfgs, time.perf_counter() - t0, keep_resume=keep_resume)
 
 
-def conclude(task: Task, fits: list[FitResult], cfgs: list[dict], seconds: float) -> list[RunResult]:
-    """Each run's selected weights evaluated on val and test into RUN/eval/, then summary.json."""
+def run_bytes(task: Task) -> dict[str, int]:
+    """Bytes of one run's weight files, from its module's tensors: ``weights`` (best.safetensors;
+    last.safetensors is as large) and ``resume`` (resume.pt: the weights and AdamW's two moments
+    of every trainable tensor)."""
+    weights = sum(v.numel() * v.element_size() for v in task.run_state_dict(0).values())
+    trainable = sum(p.numel() * p.element_size() for p in task.trainable_parameters()) // max(1, task.runs)
+    return {"weights": int(weights), "resume": int(weights + 2 * trainable)}
+
+
+def estimate_run_bytes(task_name: str, cache_path, cfg: dict) -> dict[str, int]:
+    """:func:`run_bytes` of a run of ``cfg``, its module built on the CPU from the cache (nothing trained)."""
+    cfg = json.loads(json.dumps(cfg))
+    task: Task = get_task(task_name)([cfg], "cpu")
+    resolve_inputs(task, "cpu")
+    task.load(open_cache(cache_path))
+    task.spec = task.make_spec()
+    task.module = task.build(task.spec)
+    return run_bytes(task)
+
+
+def conclude(task: Task, fits: list[FitResult], cfgs: list[dict], seconds: float, *,
+             keep_resume: bool = True) -> list[RunResult]:
+    """Each run's selected weights evaluated on val and test into RUN/eval/, then summary.json;
+    without ``keep_resume`` the finished run's resume point is deleted (after summary.json)."""
     for r, f in enumerate(fits):
         task.load_run_state_dict(r, load_weights(f.run_dir / "best.safetensors", task.device))
     task.module.eval()
@@ -154,6 +285,11 @@ def conclude(task: Task, fits: list[FitResult], cfgs: list[dict], seconds: float
         # the loop's note, the task's notes (e.g. a cache without demographics) and its remarks on
         # a suspicious result (e.g. Stage 1 raising the leakage it should lower)
         notes = [n for n in (f.note, *getattr(task, "notes", ())) if n] + list(extra.get("remarks", ()))
+        resume = f.run_dir / RESUME_FILE
+        prune = not keep_resume and resume.is_file()
+        if prune:
+            notes.append(f"resume point pruned ({resume.stat().st_size / 2**20:.1f} MB): the run is complete "
+                         "without it; pass --keep-resume to keep it (extending a run to more epochs needs it)")
         write_json(f.run_dir / "summary.json", {
             "task": task.name, "preset": cfg.get("preset"), "seed": int(cfg["training"]["seed"]),
             "best_epoch": f.best_epoch, "epochs_run": f.epochs_run, "selection": cfg["selection"]["score"],
@@ -161,17 +297,21 @@ def conclude(task: Task, fits: list[FitResult], cfgs: list[dict], seconds: float
             "val": evals["val"][r][0], "test": evals["test"][r][0], **extra, "notes": notes,
             "summary_keys": list(task.summary_keys), "seconds": seconds,
         })
+        if prune:
+            resume.unlink()  # after summary.json: a kill in between leaves a finished run and a spare file
         results.append(RunResult(f.run_dir, f.best_epoch, evals["val"][r][0], evals["test"][r][0], seconds, extra,
                                  task.summary_keys, written, notes))
     return results
 
 
 def train_head(task_name: str, cache_path, out, *, preset: str | None = None, config_file=None, sets=(),
-               overwrite: bool = False, progress: bool = True, options: dict | None = None, echo=None) -> RunResult:
+               overwrite: bool = False, progress: bool = True, options: dict | None = None, echo=None,
+               keep_resume: bool = False) -> RunResult:
     """Train a task's head from a cache into the run directory ``out`` (R = 1 of :func:`train_runs`).
 
     ``options`` are task inputs that are not hyper-parameters (Stage 2's ``stage1`` run). An
     interrupted run in ``out`` with the same config resumes.
     """
     cfg = _resolve(task_name, cache_path, preset, config_file, sets, options)
-    return train_runs(task_name, cache_path, [out], cfgs=[cfg], overwrite=overwrite, progress=progress, echo=echo)[0]
+    return train_runs(task_name, cache_path, [out], cfgs=[cfg], overwrite=overwrite, progress=progress, echo=echo,
+                      keep_resume=keep_resume)[0]
