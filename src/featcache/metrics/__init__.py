@@ -69,6 +69,11 @@ def all_metrics(y, score, groups=None, identity=None, threshold: float = 0.5) ->
     return out
 
 
+#: What the degenerate and one-sided remarks suggest when the training classes are imbalanced.
+IMBALANCE_HINT = ("; if the training data are imbalanced, retrain with training.class_balance: sampler "
+                  "(README, 'Imbalance')")
+
+
 def remarks(metrics: dict, groups=None, threshold: float = 0.5) -> list[str]:
     """One sentence per suspicious or undefined result in ``metrics`` (from :func:`all_metrics`)."""
     out = []
@@ -78,14 +83,15 @@ def remarks(metrics: dict, groups=None, threshold: float = 0.5) -> list[str]:
         fair = [k for k in ("f_fpr", "f_eo", "f_meo", "f_dp") if k in metrics]
         out.append(f"degenerate detector: every sample is predicted {decision} at threshold {threshold:g} "
                    f"(FPR = TPR = {rate} in every subgroup)"
-                   + (f"; {', '.join(fair)} are 0 by construction and say nothing about fairness" if fair else ""))
+                   + (f"; {', '.join(fair)} are 0 by construction and say nothing about fairness" if fair else "")
+                   + IMBALANCE_HINT)
     if metrics.get("one_sided"):
         n = sum(int(metrics.get(k, 0)) for k in ("tp", "fp", "tn", "fn"))
         predicted, fake = metrics.get("tp", 0) + metrics.get("fp", 0), metrics.get("tp", 0) + metrics.get("fn", 0)
         fair = [k for k in FAIRNESS_KEYS if k in metrics]
         out.append(f"one-sided detector: {predicted} of {n} samples are predicted fake at threshold {threshold:g} "
                    f"({fake} are fake); acc" + (f" and {', '.join(fair)}" if fair else "")
-                   + " mostly measure where the threshold sits (compare auc, or calibrate the scores)")
+                   + " mostly measure where the threshold sits (compare auc, or calibrate the scores)" + IMBALANCE_HINT)
     auc = metrics.get("auc")
     if auc is not None and auc != auc:
         out.append("auc, ap and eer are nan: the labels hold one class only")

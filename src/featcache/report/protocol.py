@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..errors import write_atomic
 from .plots import _plt, _save
 from .tables import FAIRNESS, METRIC_MEANINGS, decimals, metric_legend, write_csv_rounded
 
@@ -154,7 +155,7 @@ def write_protocol(runs: pd.DataFrame, out: Path, stem: str, datasets: dict[str,
     write_csv_rounded(summary, out / f"{stem}.csv")
     write_csv_rounded(runs, out / f"{stem}_runs.csv")
     markdown = protocol_markdown(summary, datasets, metrics, title=title, what=what, unavailable=unavailable)
-    (out / f"{stem}.md").write_text(markdown)
+    write_atomic(out / f"{stem}.md", markdown)
     files = [f"{stem}.csv", f"{stem}_runs.csv", f"{stem}.md"]
     if len(summary) and summary["mean"].notna().any():
         plot_protocol(summary, out / f"{stem}.png", datasets, metrics, title=title)

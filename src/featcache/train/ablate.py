@@ -484,7 +484,7 @@ def _lomo_tables(task, cache, out, df, lomo, runs, lines, trained, reused, missi
     files += written
     if missing:
         markdown += f"\nmissing runs (not finished, left out of the tables): {', '.join(missing)}\n"
-    (out / "ablation.md").write_text(markdown)
+    write_atomic(out / "ablation.md", markdown)
     files.append("ablation.md")
     return AblationResult(task, out, df, markdown, lines, trained, reused, missing, None, files)
 
@@ -669,7 +669,7 @@ def _ablate_locked(task, cache, out, runs, eval_caches, names, baseline, devices
             title=f"cross-dataset: trained on {Path(cache).name}, tested on {', '.join(datasets.values())}",
             unavailable=fairness_unavailable(eval_caches))
         markdown += "\n" + text
-        (out / "ablation.md").write_text(markdown)
+        write_atomic(out / "ablation.md", markdown)
         files += written
     if missing:
         note = f"\nmissing runs (not finished, left out of the tables): {', '.join(missing)}\n"
