@@ -115,3 +115,17 @@ def test_selection_does_not_keep_the_untouched_adapter(tmp_path):
     probe = run.extra["probe"]
     for attr in ("race", "gender"):
         assert probe[attr]["debiased_bacc"] < probe[attr]["raw_bacc"] - 0.1, (attr, probe[attr])
+
+
+def test_grl_warm_epoch_is_where_lambda_reaches_half_its_rise():
+    from featcache.heads.stage1 import grl_warm_epoch
+
+    for epochs in (1, 3, 4, 10, 20, 40):
+        for initial in (0.0, 0.4):
+            cfg = resolve_config("stage1", sets=[f"training.epochs={epochs}", f"loss.initial_lambda_grl={initial}"])
+            half = initial + 0.5 * (1.0 - initial)
+            first = next((e for e in range(1, epochs + 1) if _design_lambda(e, epochs, initial) >= half), epochs)
+            assert grl_warm_epoch(cfg) == first
+    assert grl_warm_epoch(resolve_config("stage1")) == 4  # lambda 0.635 at epoch 4 of 20; 0.462 at epoch 3
+    assert grl_warm_epoch(resolve_config("stage1", "erasure")) == 1  # no reversal to wait for
+    assert grl_warm_epoch(resolve_config("stage1", sets=["loss.use_grl=false"])) == 1

@@ -34,6 +34,7 @@ from pathlib import Path
 from .analyze.prototypes import analyze_prototypes
 from .analyze.subgroups import audit_subgroups
 from .cache import cache_info, format_info, verify_cache
+from .config import resolve_config
 from .data.synth_audio import synth_audio
 from .data.synth_detection import synth_detection
 from .data.synth_faces import artifact_strength, synth_faces
@@ -42,6 +43,7 @@ from .e2e.detr_finetune import finetune_detr
 from .e2e.evaluate import evaluate_filter, evaluate_run
 from .errors import CacheError
 from .extract import extract
+from .heads.stage1 import grl_warm_epoch
 from .report.tables import markdown_table, metric_legend, metrics_line
 from .train import ablate, evaluate_head, train_head
 
@@ -250,7 +252,10 @@ def _stage1(cache, run: Path, epochs: int | None, progress: bool, echo) -> dict:
     if _reuse(run):
         echo(f"      {run}: finished before, reused")
         return {}
-    r = train_head("stage1", cache, run, sets=[*DEMO_SETS, *_epochs(epochs)], progress=progress)
+    sets = [*DEMO_SETS, *_epochs(epochs)]
+    # selection only once the GRL has reached half its strength (the adversaries have acted on the adapter)
+    sets.append(f"selection.min_epoch={grl_warm_epoch(resolve_config('stage1', sets=sets))}")
+    r = train_head("stage1", cache, run, sets=sets, progress=progress)
     figures = stage1_figures(r)
     echo(f"      selected epoch {r.best_epoch} of {len(_log_rows(run))} (val cos {r.val['cos']:.3f}); "
          "accuracy / balanced accuracy (chance: race 0.25, gender 0.50):")

@@ -93,6 +93,21 @@ def subgroup_variance(z: torch.Tensor, groups: torch.Tensor, classes: int = 8) -
     return between / total.clamp_min(1e-12)
 
 
+def grl_warm_epoch(cfg: dict, share: float = 0.5) -> int:
+    """The first epoch whose GRL lambda has risen ``share`` of the way from ``initial_lambda_grl`` to
+    ``grl_max_lambda`` under ``cfg``'s schedule and epochs: before it the adversaries have barely
+    acted on the adapter. With the design's schedule and 20 epochs: epoch 4 (lambda 0.635). 1 when
+    lambda does not rise (``use_grl: false``, or max equal to initial)."""
+    loss, epochs = cfg["loss"], int(cfg["training"]["epochs"])
+    lo, hi = float(loss.get("initial_lambda_grl", 0.0)), float(loss["grl_max_lambda"])
+    if not loss.get("use_grl", True) or hi <= lo:
+        return 1
+    for epoch in range(1, epochs + 1):
+        if dann_lambda(StepState(epoch, epochs).progress, hi, float(loss["grl_gamma"]), initial=lo) >= lo + share * (hi - lo):
+            return epoch
+    return epochs
+
+
 def check_demographics(task: str, meta, needed: bool) -> str | None:
     """Refuse (fairness needs them) or warn (a baseline may run) when no row has gender or race."""
     missing = [c for c in ("gender", "race") if c not in meta or not (meta[c].astype(str) != "").any()]
