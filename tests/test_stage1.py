@@ -11,6 +11,9 @@ import torch
 from featcache.config import resolve_config
 from featcache.heads.task import StepState
 
+#: README's erasure option: the subgroup-variance term, the adversaries as monitors (lambda 0)
+ERASURE = ["loss.lambda_subgroup_variance=30", "loss.grl_max_lambda=0"]
+
 
 def _design_lambda(epoch: int, epochs: int, initial: float = 0.0, max_lambda: float = 1.0) -> float:
     """The design's DANN schedule, written out: p = epoch / total with epochs counted from 0."""
@@ -107,8 +110,8 @@ def test_selection_does_not_keep_the_untouched_adapter(tmp_path):
 
     synth_feature_cache(tmp_path / "c", rows=800, dim=64, seed=0)
     fast = ["loss.lambda_fairness=0", "loss.lambda_pairwise=0"]  # the Sinkhorn terms cost seconds here
-    run = train_head("stage1", tmp_path / "c", tmp_path / "s1", preset="erasure",
-                     sets=["training.epochs=8", "training.device=cpu", *fast], progress=False)
+    run = train_head("stage1", tmp_path / "c", tmp_path / "s1",
+                     sets=[*ERASURE, "training.epochs=8", "training.device=cpu", *fast], progress=False)
     log = [json.loads(line) for line in (run.run_dir / "log.jsonl").read_text().splitlines()]
     assert run.best_epoch > 1 and run.val["cos"] < 0.999
     assert run.best_epoch == max(log, key=lambda r: r["score"])["epoch"]
@@ -127,5 +130,5 @@ def test_grl_warm_epoch_is_where_lambda_reaches_half_its_rise():
             first = next((e for e in range(1, epochs + 1) if _design_lambda(e, epochs, initial) >= half), epochs)
             assert grl_warm_epoch(cfg) == first
     assert grl_warm_epoch(resolve_config("stage1")) == 4  # lambda 0.635 at epoch 4 of 20; 0.462 at epoch 3
-    assert grl_warm_epoch(resolve_config("stage1", "erasure")) == 1  # no reversal to wait for
+    assert grl_warm_epoch(resolve_config("stage1", sets=ERASURE)) == 1  # no reversal to wait for
     assert grl_warm_epoch(resolve_config("stage1", sets=["loss.use_grl=false"])) == 1
