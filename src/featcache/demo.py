@@ -5,7 +5,9 @@
       temperature calibration and its evaluation (test AUC with its 95 % interval).
 [3/8] The filter as a frozen backbone: its pooled features (``--backbone timm --model <run>``)
       into two caches (detection, Stage 1), verified.
-[4/8] Stage 1 on the filter's features: the debiasing adapter; the leakage audit before and after
+[4/8] Stage 1 on the filter's features: the debiasing adapter, selected from the epoch where the GRL
+      is half way up (:func:`featcache.heads.stage1.grl_warm_epoch`), with race and gender before
+      and after from a fresh probe and from its adversaries; the leakage audit before and after
       it (FAISS kNN purity, weighted kNN, linear probes).
 [5/8] The Stage-2 ablation (presets none, cvar, full, and linear as the reference) on the filter's
       features (the result with signal): mean ± sd over seeds, paired differences to ``none`` with
