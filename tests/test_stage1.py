@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from featcache.config import resolve_config
+from featcache.errors import FeatcacheError
 from featcache.heads.task import StepState
 
 #: README's erasure option: the subgroup-variance term, the adversaries as monitors (lambda 0)
@@ -37,6 +38,8 @@ def test_grl_schedule_table_follows_the_design():
         [_design_lambda(e, 10, initial=0.3) for e in range(1, 11)], abs=1e-12)
     assert started.grl_lambda(StepState(1, 10)) == pytest.approx(0.3)
     off = Stage1Task(resolve_config("stage1", sets=["loss.use_grl=false"]), "cpu")
+    with pytest.raises(FeatcacheError, match="reads the per-epoch probe, which selection.probe_rows=0 turns off"):
+        Stage1Task(resolve_config("stage1", sets=["selection.probe_rows=0"]), "cpu")
     assert off.grl_lambda(StepState(5, 10)) is None and math.isnan(off.epoch_values(StepState(5, 10))["grl_lambda"])
 
 

@@ -132,6 +132,16 @@ class Stage1Task(Task):
     coefficient_keys = ("lambda_race", "lambda_gender", "lambda_similarity", "lambda_fairness", "lambda_pairwise",
                         "lambda_subgroup_variance")
 
+    @classmethod
+    def check_config(cls, cfg: dict) -> None:
+        super().check_config(cfg)
+        sel = cfg.get("selection", {})
+        if int(sel.get("probe_rows", 0)) <= 0 and "probe_" in str(sel.get("score", "")):
+            raise FeatcacheError(f"selection.score {sel['score']!r} reads the per-epoch probe, which "
+                                 f"selection.probe_rows={sel.get('probe_rows', 0)} turns off; set selection.probe_rows "
+                                 "to a positive number of rows, or score on the adversaries: --set "
+                                 "selection.score=\"cos - 0.3 * race_acc - 0.2 * gender_acc\"")
+
     def tensors(self, data) -> SplitData:
         meta = data.meta
         return SplitData({
