@@ -76,8 +76,9 @@ def test_stage1_run_directory_and_probes(stage1_run):
     # the GRL schedule, logged per epoch, follows the DANN formula with p = (epoch - 1) / epochs
     assert [r["grl_lambda"] for r in log] == pytest.approx([2 / (1 + np.exp(-10 * e / 3)) - 1 for e in (0, 1, 2)])
     summary = json.loads((stage1_run / "summary.json").read_text())
-    # model selection: the best epoch maximises the validation score, recomputed from the log
-    scores = [r["val_cos"] - 0.3 * r["val_race_acc"] - 0.2 * r["val_gender_acc"] for r in log]
+    # model selection: the best epoch maximises the validation score, recomputed from the log (the design's
+    # weights on a fresh probe's balanced accuracy, issue 26.9)
+    scores = [r["val_cos"] - 0.3 * r["val_probe_race_bacc"] - 0.2 * r["val_probe_gender_bacc"] for r in log]
     assert summary["best_epoch"] == 1 + int(np.argmax(scores))
     probe = summary["probe"]
     assert set(probe) == {"race", "gender"} and probe["race"]["chance"] == 0.25

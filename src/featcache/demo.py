@@ -5,7 +5,9 @@
       temperature calibration and its evaluation (test AUC with its 95 % interval).
 [3/8] The filter as a frozen backbone: its pooled features (``--backbone timm --model <run>``)
       into two caches (detection, Stage 1), verified.
-[4/8] Stage 1 on the filter's features: the debiasing adapter; the leakage audit before and after
+[4/8] Stage 1 on the filter's features: the debiasing adapter, selected from the epoch where the GRL
+      is half way up (:func:`featcache.heads.stage1.grl_warm_epoch`), with race and gender before
+      and after from a fresh probe and from its adversaries; the leakage audit before and after
       it (FAISS kNN purity, weighted kNN, linear probes).
 [5/8] The Stage-2 ablation (presets none, cvar, full, and linear as the reference) on the filter's
       features (the result with signal): mean ± sd over seeds, paired differences to ``none`` with
@@ -26,6 +28,7 @@ returns every figure it prints: nothing is read back from disk.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +36,7 @@ from pathlib import Path
 from .analyze.prototypes import analyze_prototypes
 from .analyze.subgroups import audit_subgroups
 from .cache import cache_info, format_info, verify_cache
+from .config import resolve_config
 from .data.synth_audio import synth_audio
 from .data.synth_detection import synth_detection
 from .data.synth_faces import artifact_strength, synth_faces
@@ -41,6 +45,7 @@ from .e2e.detr_finetune import finetune_detr
 from .e2e.evaluate import evaluate_filter, evaluate_run
 from .errors import CacheError
 from .extract import extract
+from .heads.stage1 import grl_warm_epoch
 from .report.tables import markdown_table, metric_legend, metrics_line
 from .train import ablate, evaluate_head, train_head
 
@@ -196,7 +201,7 @@ def run_filter_features_demo(out: Path, manifests: dict, filter_run: Path, *, si
 
     stage1 = runs / "stage1"
     echo(_step(4, f"Stage 1 debiasing adapter on the filter's features, and the leakage audit -> {stage1}"))
-    _stage1(caches["stage1"], stage1, sizes.stage1_epochs, progress, echo)
+    stage1_result = _stage1(caches["stage1"], stage1, sizes.stage1_epochs, progress, echo)
     audit = runs / "audit"
     echo(f"      leakage audit before and after the adapter (FAISS kNN, probes) -> {audit}")
     echo(audit_subgroups(caches["stage1"], audit, adapter_run=stage1, progress=progress, overwrite=True)["markdown"])
@@ -223,7 +228,8 @@ def run_filter_features_demo(out: Path, manifests: dict, filter_run: Path, *, si
         if ev.subgroups is not None:
             echo(f"      per subgroup ({preset}, P(fake) >= 0.5); {bias_line(ev.subgroups)}")
             echo(markdown_table(ev.subgroups))
-    return {"caches": {k: str(v) for k, v in caches.items()}, "ablation": table, "subgroups": subgroups}
+    return {"caches": {k: str(v) for k, v in caches.items()}, "stage1": stage1_result, "ablation": table,
+            "subgroups": subgroups}
 
 
 def bias_line(subgroups, bias: float = FACE_BIAS) -> str:
@@ -242,16 +248,57 @@ def bias_line(subgroups, bias: float = FACE_BIAS) -> str:
             + ", ".join(f"{r} {span([a for a, _ in races[r]])} ({span([s for _, s in races[r]])})" for r in order))
 
 
-def _stage1(cache, run: Path, epochs: int | None, progress: bool, echo) -> None:
+def _stage1(cache, run: Path, epochs: int | None, progress: bool, echo) -> dict:
+    """Stage 1 into ``run``; prints the selected epoch, the adversaries' and a fresh probe's race and
+    gender accuracy before and after the adapter, and returns them (:func:`stage1_figures`)."""
     if _reuse(run):
         echo(f"      {run}: finished before, reused")
-        return
-    extra = train_head("stage1", cache, run, sets=[*DEMO_SETS, *_epochs(epochs)], progress=progress).extra
-    for attr, row in extra.get("probe", {}).items():
-        echo(f"      leakage probe {attr}: raw features {row['raw']:.3f}, debiased {row['debiased']:.3f} "
-             f"(chance {row['chance']:.3f})")
-    for remark in extra.get("remarks", []):  # an adapter that raised the leakage it should remove
+        return {}
+    sets = [*DEMO_SETS, *_epochs(epochs)]
+    # selection only once the GRL has reached half its strength (the adversaries have acted on the adapter)
+    sets.append(f"selection.min_epoch={grl_warm_epoch(resolve_config('stage1', sets=sets))}")
+    r = train_head("stage1", cache, run, sets=sets, progress=progress)
+    figures = stage1_figures(r)
+    echo(f"      selected epoch {r.best_epoch} of {len(_log_rows(run))} (val cos {r.val['cos']:.3f}); "
+         "accuracy / balanced accuracy (chance: race 0.25, gender 0.50):")
+    for line in stage1_lines(figures):
+        echo(f"      {line}")
+    for remark in r.extra.get("remarks", []):  # an adapter that raised the leakage it should remove
         echo(f"      {remark}")
+    return figures
+
+
+def _log_rows(run: Path) -> list[str]:
+    return [ln for ln in (run / "log.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def stage1_figures(r) -> dict:
+    """Race and gender, before and after a Stage-1 run ``r`` (a :class:`RunResult`): the adversaries'
+    (the design's measure: before = after the first epoch, when they had trained with lambda 0; after =
+    the selected epoch) and the fresh probe's, both on val and test, accuracy and balanced accuracy."""
+    first = json.loads(_log_rows(r.run_dir)[0])
+    out = {"best_epoch": r.best_epoch, "cos": r.val["cos"], "test_cos": r.test["cos"]}
+    for attr in ("race", "gender"):
+        p = r.extra["probe"][attr]
+        out[attr] = {
+            "adversary_first_epoch": (first[f"val_{attr}_acc"], first[f"val_{attr}_bacc"]),
+            "adversary": (r.val[f"{attr}_acc"], r.val[f"{attr}_bacc"]),
+            "adversary_test": (r.test[f"{attr}_acc"], r.test[f"{attr}_bacc"]),
+            "probe_raw": (p["raw"], p["raw_bacc"]), "probe": (p["debiased"], p["debiased_bacc"]),
+            "probe_raw_test": (p.get("raw_test"), p.get("raw_test_bacc")),
+            "probe_test": (p.get("debiased_test"), p.get("debiased_test_bacc")),
+        }
+    return out
+
+
+def stage1_lines(f: dict) -> list[str]:
+    def pair(v) -> str:
+        return "n/a" if v[0] is None else f"{v[0]:.3f}/{v[1]:.3f}"
+
+    return [f"leakage probe {attr} (fresh, raw -> debiased): val {pair(f[attr]['probe_raw'])} -> {pair(f[attr]['probe'])}, "
+            f"test {pair(f[attr]['probe_raw_test'])} -> {pair(f[attr]['probe_test'])}; adversary val "
+            f"{pair(f[attr]['adversary_first_epoch'])} (epoch 1) -> {pair(f[attr]['adversary'])}, "
+            f"test {pair(f[attr]['adversary_test'])}" for attr in ("race", "gender")]
 
 
 def run_clip_check(out: Path, manifests: dict, filter_run: Path, *, sizes: DemoSizes, progress: bool = True,

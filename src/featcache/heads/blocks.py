@@ -38,13 +38,14 @@ def grad_reverse(x: Tensor, lambd: float | Tensor = 1.0) -> Tensor:
     return GradientReversal.apply(x, lambd)
 
 
-def dann_lambda(p: float, max_lambda: float = 1.0, gamma: float = 10.0) -> float:
-    """DANN schedule of the reversal strength: ``max_lambda * (2 / (1 + exp(-gamma p)) - 1)``.
+def dann_lambda(p: float, max_lambda: float = 1.0, gamma: float = 10.0, initial: float = 0.0) -> float:
+    """DANN schedule of the reversal strength: ``initial + (max_lambda - initial) * (2 / (1 + exp(-gamma p)) - 1)``.
 
-    ``p`` is the training progress in [0, 1] (e.g. step / total steps): 0 at the start, rising to
-    ``max_lambda`` (about 0.9999 of it at p = 1 with gamma = 10).
+    ``p`` is the training progress in [0, 1] (e.g. step / total steps): ``initial`` at the start
+    (the design's ``initial_lambda_grl``, 0 by default: DANN's own ``max_lambda * (2 / (1 +
+    exp(-gamma p)) - 1)``), rising to ``max_lambda`` (about 0.9999 of the way at p = 1 with gamma = 10).
     """
-    return max_lambda * (2.0 / (1.0 + math.exp(-gamma * p)) - 1.0)
+    return initial + (max_lambda - initial) * (2.0 / (1.0 + math.exp(-gamma * p)) - 1.0)
 
 
 # -- stacked blocks: R runs in one module ---------------------------------------------------------

@@ -40,9 +40,10 @@ class Stage1Model(nn.Module):
         self.race_head = StackedMLP(runs, dim, (adversary_hidden,), len(RACES), gens, dropout, self.rng)
         self.gender_head = StackedMLP(runs, dim, (adversary_hidden,), len(GENDERS), gens, dropout, self.rng)
 
-    def forward(self, x: torch.Tensor, grl_lambda: float = 1.0):
+    def forward(self, x: torch.Tensor, grl_lambda: float | None = 1.0):
+        """``grl_lambda`` None: no reversal layer (the design's ``use_grl: false``)."""
         z = self.adapter(x)
-        zr = grad_reverse(z, grl_lambda)
+        zr = z if grl_lambda is None else grad_reverse(z, grl_lambda)
         return z, self.race_head(zr), self.gender_head(zr)
 
 
@@ -60,6 +61,51 @@ def masked_accuracy(logits: torch.Tensor, target: torch.Tensor) -> float:
     if not bool(known.any()):
         return float("nan")
     return float((logits.argmax(-1)[known] == target[known]).float().mean())
+
+
+def balanced_accuracy(pred, target) -> float:
+    """Mean recall over the classes present among the rows with a known target (>= 0): chance is
+    1 / classes whatever the class balance (scikit-learn's ``balanced_accuracy_score``); NaN if none."""
+    pred, target = np.asarray(pred), np.asarray(target)
+    known = target >= 0
+    if not known.any():
+        return float("nan")
+    pred, target = pred[known], target[known]
+    return float(np.mean([(pred[target == k] == k).mean() for k in np.unique(target)]))
+
+
+def subgroup_variance(z: torch.Tensor, groups: torch.Tensor, classes: int = 8) -> torch.Tensor:
+    """The share of the features' variance that lies between the subgroups' means, per run:
+    ``sum_k n_k |mean_k - mean|^2 / sum_i |z_i - mean|^2`` over the rows with a known group (>= 0);
+    z (R, B, D), groups (R, B) -> (R,), in [0, 1], 0 when every subgroup has the same mean.
+
+    Zero is LEACE's condition for the subgroup indicators (Belrose et al. 2023: the features'
+    cross-covariance with them is ``p_k (mean_k - mean)``): no linear probe of subgroup, race or
+    gender then beats a constant. Sync-free (no boolean indexing)."""
+    known = (groups >= 0).to(z.dtype)
+    onehot = F.one_hot(groups.clamp(min=0), classes).to(z.dtype) * known[..., None]  # (R, B, K)
+    n = known.sum(-1).clamp(min=1)  # (R,)
+    mean = (z * known[..., None]).sum(1) / n[:, None]  # (R, D)
+    counts = onehot.sum(1)  # (R, K)
+    means = onehot.transpose(1, 2) @ z / counts.clamp(min=1)[..., None]  # (R, K, D)
+    between = (counts * (means - mean[:, None]).pow(2).sum(-1)).sum(-1)
+    total = ((z - mean[:, None]).pow(2).sum(-1) * known).sum(-1)
+    return between / total.clamp_min(1e-12)
+
+
+def grl_warm_epoch(cfg: dict, share: float = 0.5) -> int:
+    """The first epoch whose GRL lambda has risen ``share`` of the way from ``initial_lambda_grl`` to
+    ``grl_max_lambda`` under ``cfg``'s schedule and epochs: before it the adversaries have barely
+    acted on the adapter. With the design's schedule and 20 epochs: epoch 4 (lambda 0.635). 1 when
+    lambda does not rise (``use_grl: false``, or max equal to initial)."""
+    loss, epochs = cfg["loss"], int(cfg["training"]["epochs"])
+    lo, hi = float(loss.get("initial_lambda_grl", 0.0)), float(loss["grl_max_lambda"])
+    if not loss.get("use_grl", True) or hi <= lo:
+        return 1
+    for epoch in range(1, epochs + 1):
+        if dann_lambda(StepState(epoch, epochs).progress, hi, float(loss["grl_gamma"]), initial=lo) >= lo + share * (hi - lo):
+            return epoch
+    return epochs
 
 
 def check_demographics(task: str, meta, needed: bool) -> str | None:
@@ -83,7 +129,18 @@ class Stage1Task(Task):
     meta_columns = META
     summary_keys = ("cos", "race_acc", "gender_acc")
     # Stage 1's per-run coefficients: the loss weights of stage1.yaml
-    coefficient_keys = ("lambda_race", "lambda_gender", "lambda_similarity", "lambda_fairness", "lambda_pairwise")
+    coefficient_keys = ("lambda_race", "lambda_gender", "lambda_similarity", "lambda_fairness", "lambda_pairwise",
+                        "lambda_subgroup_variance")
+
+    @classmethod
+    def check_config(cls, cfg: dict) -> None:
+        super().check_config(cfg)
+        sel = cfg.get("selection", {})
+        if int(sel.get("probe_rows", 0)) <= 0 and "probe_" in str(sel.get("score", "")):
+            raise FeatcacheError(f"selection.score {sel['score']!r} reads the per-epoch probe, which "
+                                 f"selection.probe_rows={sel.get('probe_rows', 0)} turns off; set selection.probe_rows "
+                                 "to a positive number of rows, or score on the adversaries: --set "
+                                 "selection.score=\"cos - 0.3 * race_acc - 0.2 * gender_acc\"")
 
     def tensors(self, data) -> SplitData:
         meta = data.meta
@@ -119,14 +176,19 @@ class Stage1Task(Task):
         return Stage1Model(self.seeds(), spec["dim"], spec["adapter_hidden"], spec["adversary_hidden"],
                            spec["dropout"])
 
-    def grl_lambda(self, state: StepState) -> float:
-        """DANN's schedule at p = state.progress: 0 at the first epoch (the design's p = epoch / total
-        with epochs counted from 0)."""
+    def grl_lambda(self, state: StepState) -> float | None:
+        """DANN's schedule at p = state.progress, from ``loss.initial_lambda_grl`` (the design's 0) at
+        the first epoch (the design's p = epoch / total with epochs counted from 0) up to
+        ``loss.grl_max_lambda``; None with ``loss.use_grl: false`` (no reversal layer)."""
         loss = self.cfg["loss"]
-        return dann_lambda(state.progress, float(loss["grl_max_lambda"]), float(loss["grl_gamma"]))
+        if not loss.get("use_grl", True):
+            return None
+        return dann_lambda(state.progress, float(loss["grl_max_lambda"]), float(loss["grl_gamma"]),
+                           initial=float(loss.get("initial_lambda_grl", 0.0)))
 
     def epoch_values(self, state: StepState) -> dict:
-        return {"grl_lambda": self.grl_lambda(state)}
+        lam = self.grl_lambda(state)
+        return {"grl_lambda": float("nan") if lam is None else lam}
 
     def batch_loss(self, batch, state):
         c = self.coefficients()
@@ -142,8 +204,12 @@ class Stage1Task(Task):
         if want["fairness"] or want["pairwise"]:
             terms.update(self.sinkhorn.terms(z, batch["subgroup"], global_=want["fairness"],
                                              pairwise=want["pairwise"]))
+        if any(float(cfg["loss"].get("lambda_subgroup_variance", 0)) > 0 for cfg in self.cfgs):
+            terms["subgroup_variance"] = subgroup_variance(z, batch["subgroup"])
         loss = (c["lambda_race"] * terms["race_ce"] + c["lambda_gender"] * terms["gender_ce"]
                 + c["lambda_similarity"] * terms["similarity"])
+        if "subgroup_variance" in terms:
+            loss = loss + c["lambda_subgroup_variance"] * terms["subgroup_variance"]
         if "sinkhorn_global" in terms:
             loss = loss + c["lambda_fairness"] * terms["sinkhorn_global"]
         if "sinkhorn_pairwise" in terms:
@@ -168,6 +234,8 @@ class Stage1Task(Task):
         x = d.tensors["x"]
         zs = self.transform_runs(x)
         all_race, all_gender = self.module.race_head(zs), self.module.gender_head(zs)
+        probing = split != "train" and "train" in self.data and int(self.cfg["selection"].get("probe_rows", 0)) > 0
+        train_z = self.transform_runs(self.data["train"].tensors["x"]) if probing else None
         out = []
         for r in range(self.runs):
             race_logits, gender_logits = all_race[r], all_gender[r]
@@ -176,9 +244,13 @@ class Stage1Task(Task):
                 "cos": float(cos.mean()),
                 "race_acc": masked_accuracy(race_logits, d.tensors["race"]),
                 "gender_acc": masked_accuracy(gender_logits, d.tensors["gender"]),
+                "race_bacc": balanced_accuracy(race_logits.argmax(1).cpu(), d.tensors["race"].cpu()),
+                "gender_bacc": balanced_accuracy(gender_logits.argmax(1).cpu(), d.tensors["gender"].cpu()),
                 "race_ce": float(masked_ce(race_logits[None], d.tensors["race"][None])[0]),
                 "gender_ce": float(masked_ce(gender_logits[None], d.tensors["gender"][None])[0]),
             }
+            if train_z is not None:  # a fresh probe on this epoch's frozen debiased train features
+                metrics.update(self.epoch_probe(train_z[r], zs[r], d))
             preds = d.meta[["sample_id", "gender", "race", "subgroup"]].copy()
             preds["race_pred"] = [RACES[i] for i in race_logits.argmax(1).tolist()]
             preds["gender_pred"] = [GENDERS[i] for i in gender_logits.argmax(1).tolist()]
@@ -186,24 +258,41 @@ class Stage1Task(Task):
             out.append((metrics, preds))
         return out
 
+    def epoch_probe(self, train_z: torch.Tensor, z: torch.Tensor, d: SplitData) -> dict:
+        """``probe_<attr>_acc`` / ``_bacc``: a standardised logistic regression fitted on (at most
+        ``selection.probe_rows`` seeded rows of) the debiased train features, scored on ``d``."""
+        train, rows = self.data["train"], int(self.cfg["selection"]["probe_rows"])
+        seed = int(self.cfg["training"]["seed"])
+        out = {}
+        for attr in ("race", "gender"):
+            clf = fit_probe(train_z.cpu().numpy(), train.tensors[attr].cpu().numpy(), seed=seed, max_rows=rows)
+            acc, bacc = probe_scores(clf, z.cpu().numpy(), d.tensors[attr].cpu().numpy())
+            out[f"probe_{attr}_acc"], out[f"probe_{attr}_bacc"] = acc, bacc
+        return out
+
     def finish(self, run_dir: Path, r: int = 0) -> dict:
-        """Leakage probes: logistic regression trained on train, scored on val, raw vs debiased."""
-        train, val = self.data["train"], self.data["val"]
-        feats = {
-            "raw": (train.tensors["x"].cpu().numpy(), val.tensors["x"].cpu().numpy()),
-            "debiased": (self.transform(train.tensors["x"], r).cpu().numpy(),
-                         self.transform(val.tensors["x"], r).cpu().numpy()),
-        }
+        """Leakage probes: logistic regression trained on train, scored on val (``raw``, ``debiased``:
+        accuracy; ``*_bacc``: balanced accuracy) and on test (``*_test``, ``*_test_bacc``), raw vs debiased."""
+        train = self.data["train"]
+        seed = int(self.cfg["training"]["seed"])
+        splits = [s for s in ("val", "test") if s in self.data]
+        feats = {"raw": {s: self.data[s].tensors["x"].cpu().numpy() for s in ("train", *splits)}}
+        feats["debiased"] = {s: self.transform(self.data[s].tensors["x"], r).cpu().numpy() for s in ("train", *splits)}
         probe = {}
         for attr, classes in (("race", RACES), ("gender", GENDERS)):
-            ytr, yva = train.tensors[attr].cpu().numpy(), val.tensors[attr].cpu().numpy()
+            ytr = train.tensors[attr].cpu().numpy()
+            yva = self.data["val"].tensors[attr].cpu().numpy()
             row = {"chance": 1.0 / len(classes)}
-            ktr, kva = ytr >= 0, yva >= 0
+            kva = yva >= 0
             row["n"] = int(kva.sum())
             if kva.any():
                 row["majority"] = float(pd.Series(yva[kva]).value_counts(normalize=True).iloc[0])
-            for name, (xtr, xva) in feats.items():
-                row[name] = probe_accuracy(xtr[ktr], ytr[ktr], xva[kva], yva[kva])
+            for name, x in feats.items():
+                clf = fit_probe(x["train"], ytr, seed=seed)
+                for split in splits:
+                    acc, bacc = probe_scores(clf, x[split], self.data[split].tensors[attr].cpu().numpy())
+                    key = name if split == "val" else f"{name}_{split}"
+                    row[key], row[f"{key}_bacc"] = acc, bacc
             probe[attr] = row
         return {"probe": probe, "remarks": leakage_remarks(probe)}
 
@@ -231,14 +320,37 @@ def leakage_remarks(probe: dict) -> list[str]:
     return out
 
 
-def probe_accuracy(xtr, ytr, xva, yva, seed: int = 0) -> float:
-    """Accuracy on val of a standardised logistic regression fitted on train (NaN if impossible)."""
+def fit_probe(xtr, ytr, seed: int = 0, max_rows: int | None = None):
+    """The post-hoc probe: ``StandardScaler`` then ``LogisticRegression(max_iter=2000)`` fitted on the
+    rows with a known label (``ytr >= 0``), at most ``max_rows`` of them drawn with ``seed``; None
+    when fewer than two classes are known."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    if len(xva) == 0 or len(np.unique(ytr)) < 2:
-        return float("nan")
+    xtr, ytr = np.asarray(xtr), np.asarray(ytr)
+    known = np.flatnonzero(ytr >= 0)
+    if max_rows and len(known) > max_rows:
+        known = np.sort(np.random.default_rng(seed).choice(known, size=int(max_rows), replace=False))
+    if len(np.unique(ytr[known])) < 2:
+        return None
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
-    clf.fit(xtr, ytr)
-    return float(clf.score(xva, yva))
+    return clf.fit(xtr[known], ytr[known])
+
+
+def probe_scores(clf, x, y) -> tuple[float, float]:
+    """(accuracy, balanced accuracy) of a fitted probe on the rows with a known label (NaN, NaN if
+    there is no probe or no such row)."""
+    x, y = np.asarray(x), np.asarray(y)
+    known = y >= 0
+    if clf is None or not known.any():
+        return float("nan"), float("nan")
+    pred = clf.predict(x[known])
+    return float((pred == y[known]).mean()), balanced_accuracy(pred, y[known])
+
+
+def probe_accuracy(xtr, ytr, xva, yva, seed: int = 0) -> float:
+    """Accuracy on val of a standardised logistic regression fitted on train (NaN if impossible)."""
+    if len(xva) == 0:
+        return float("nan")
+    return probe_scores(fit_probe(xtr, ytr, seed=seed), xva, yva)[0]
