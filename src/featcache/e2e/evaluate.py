@@ -25,7 +25,7 @@ from ..metrics.cascade import default_grid, threshold_analysis
 from ..metrics.detection import sigmoid
 from ..report.plots import plot_cascade, plot_confusion, plot_reliability
 from ..report.tables import markdown_table
-from ..train.evaluate import Evaluation, evaluate_head, write_evaluation
+from ..train.evaluate import Evaluation, evaluate_head, run_provenance, write_evaluation
 from .mnv4 import TASK, FilterRun
 from .train import SUMMARY_KEYS
 
@@ -50,7 +50,7 @@ def is_e2e_run(run_dir) -> bool:
 
 def evaluate_filter(run_dir, manifest=None, *, split: str = "test", thresholds=DEFAULT_THRESHOLDS,
                     name: str | None = None, device=None, batch_size: int = 64, num_workers: int = 0,
-                    progress: bool = True) -> Evaluation:
+                    progress: bool = True, command: str | None = None) -> Evaluation:
     """Evaluate the filter on ``split`` of ``manifest`` (default: the one it was trained on)."""
     thresholds = [float(t) for t in thresholds]
     if not thresholds or any(not 0.0 <= t <= 1.0 for t in thresholds):
@@ -84,23 +84,25 @@ def evaluate_filter(run_dir, manifest=None, *, split: str = "test", thresholds=D
                      marks=thresholds, title=f"{title} as stage 1, {tag}")
         return ["confusion_matrix.png", "reliability_diagram.png", "cascade_analysis.png"]
 
+    provenance = {**run_provenance(run_dir, split, command), "manifest": {"path": str(Path(manifest).resolve())}}
     return write_evaluation(run_dir, split, metrics, preds.assign(prob=p), detects=True, summary_keys=SUMMARY_KEYS,
-                            title=title, name=name, task_md="\n".join(md), plots=plots)
+                            title=title, name=name, task_md="\n".join(md), plots=plots, provenance=provenance)
 
 
 def evaluate_run(run_dir, cache=None, *, split: str = "test", name: str | None = None, device=None,
-                 manifest=None, thresholds=DEFAULT_THRESHOLDS, progress: bool = False) -> Evaluation:
+                 manifest=None, thresholds=DEFAULT_THRESHOLDS, progress: bool = False, overwrite: bool = False,
+                 command: str | None = None) -> Evaluation:
     """Evaluate any run: a head on a cache (default: its own), the filter on a manifest."""
     run_dir = Path(run_dir)
     if is_e2e_run(run_dir):
         if cache is not None:
             raise FeatcacheError(f"{run_dir} is a train-e2e run: it reads images; pass --manifest, not --cache")
         return evaluate_filter(run_dir, manifest, split=split, name=name, device=device, progress=progress,
-                               thresholds=thresholds)
+                               thresholds=thresholds, command=command)
     check_run_dir(run_dir)
     if manifest is not None:
         raise FeatcacheError(f"{run_dir} is a head run: it reads a cache (--cache), not a --manifest")
-    return evaluate_head(run_dir, cache, split=split, name=name, device=device)
+    return evaluate_head(run_dir, cache, split=split, name=name, device=device, overwrite=overwrite, command=command)
 
 
 __all__ = ["DEFAULT_THRESHOLDS", "evaluate_filter", "evaluate_run", "is_e2e_run"]
