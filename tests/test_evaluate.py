@@ -105,6 +105,9 @@ def test_another_evaluation_is_never_written_over(stage2_run, other_caches, tmp_
     assert _metrics(e.out)["provenance"]["cache"]["path"].endswith("celeb df")
     assert e.metrics["fairness_coverage"]["unavailable"] == "no demographics in this test set"
     assert "fairness not available (no demographics in this test set)" in e.short()
+    # a name that would leave eval/ is refused
+    proc = run_cli("evaluate", stage2_run, "--cache", other_caches / "celeb df", "--name", "../up", check=False)
+    assert proc.returncode == 2 and "--name '../up'" in proc.stderr and not (stage2_run / "up_test").exists()
 
 
 def test_a_swapped_cache_folder_is_refused_in_one_line(stage2_run, other_caches, tmp_path):

@@ -241,9 +241,38 @@ def eval_path(run_dir, split: str, name: str | None = None) -> Path:
     return Path(run_dir) / "eval" / (f"{name}_{split}" if name else split)
 
 
+#: What identifies an evaluation's input in its provenance: a cache's fingerprint, a predictions
+#: CSV's or a manifest's sha256.
+IDENTITIES = (("cache", "fingerprint"), ("predictions", "sha256"), ("manifest", "sha256"))
+
+
+def resolve_target(run_dir, split: str, name: str | None, *, given, path, ident: str, recorded: dict,
+                   kind: str = "cache") -> tuple[Path, bool]:
+    """(the output folder, whether it is the run's in-domain ``eval/<split>/``) for an evaluation of
+    ``path`` (identified by ``ident``: a cache's fingerprint, a manifest's sha256); ``given`` is what the
+    user passed (None: the run's recorded input ``recorded`` = {path, fingerprint | sha256}).
+
+    The recorded input must still be what the run was trained on; another input is named ``name``
+    or after its folder (file) name."""
+    if name is not None and safe_name(name) != name:
+        raise FeatcacheError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only (e.g. {safe_name(name)})")
+    key = "fingerprint" if kind == "cache" else "sha256"
+    rec_path, rec_id = recorded.get("path"), recorded.get(key)
+    on_recorded = given is None or (rec_path is not None and _same_path(given, rec_path))
+    if on_recorded and name is None and rec_id and ident != rec_id:
+        option = "--cache" if kind == "cache" else "--manifest"
+        raise CacheError(f"{path} is not the {kind} {run_dir} was trained on: its {key} is {ident[:12]}, "
+                         f"config.yaml records {rec_id[:12]} (another dataset or extraction at that path); restore "
+                         f"the run's {kind}, or evaluate this one as another dataset with {option} {path} --name NAME")
+    own = ident == rec_id if rec_id else on_recorded
+    p = Path(path).resolve()
+    tag = name if name else (None if own else safe_name(p.stem if p.is_file() else p.name))
+    return eval_path(run_dir, split, tag), own and tag is None
+
+
 def _same_inputs(old: dict, new: dict) -> bool:
     """Two provenances of the same evaluation: the same cache fingerprint (or predictions sha256) and split."""
-    for key, ident in (("cache", "fingerprint"), ("predictions", "sha256")):
+    for key, ident in IDENTITIES:
         a, b = (old.get(key) or {}).get(ident), (new.get(key) or {}).get(ident)
         if a is not None or b is not None:
             return a == b and old.get("split") == new.get("split")
@@ -311,7 +340,7 @@ def run_provenance(run_dir, split: str, command: str | None = None, cache=None) 
         if isinstance(cfg.get("cache"), dict) and cfg["cache"].get("path"):
             prov["cache"] = {"path": cfg["cache"]["path"], "fingerprint": cfg["cache"].get("fingerprint")}
         elif isinstance(cfg.get("manifest"), dict) and cfg["manifest"].get("path"):
-            prov["manifest"] = {"path": cfg["manifest"]["path"]}
+            prov["manifest"] = {"path": cfg["manifest"]["path"], "sha256": cfg["manifest"].get("sha256")}
     prov.update(featcache=__version__, command=command)
     return prov
 
@@ -474,24 +503,18 @@ def evaluate_head(run_dir, cache=None, *, split: str = "test", name: str | None 
     run_dir = Path(run_dir)
     task = load_run(run_dir, device)
     recorded = task.cfg.get("cache") or {}
-    own_path, own_fp = recorded.get("path"), recorded.get("fingerprint")
-    cache_path = cache or own_path
+    own_fp = recorded.get("fingerprint")
+    cache_path = cache or recorded.get("path")
     if not cache_path:
         raise FeatcacheError(f"{run_dir} does not record its cache; pass --cache")
     c = open_cache(cache_path)
-    on_recorded = cache is None or (own_path is not None and _same_path(cache, own_path))
-    if on_recorded and name is None and own_fp and c.fingerprint != own_fp:
-        raise CacheError(f"{cache_path} is not the cache {run_dir} was trained on: its fingerprint is "
-                         f"{c.fingerprint[:12]}, config.yaml records {own_fp[:12]} (another dataset or extraction "
-                         f"in that folder); restore the run's cache, or evaluate this one as another dataset with "
-                         f"--cache {cache_path} --name NAME")
-    own = c.fingerprint == own_fp if own_fp else on_recorded
-    tag = name if name else (None if own else safe_name(Path(cache_path).resolve().name))
-    out = eval_path(run_dir, split, tag)
+    out, in_domain = resolve_target(run_dir, split, name, given=cache, path=cache_path, ident=c.fingerprint,
+                                    recorded=recorded)
+    own = in_domain or (own_fp is not None and c.fingerprint == own_fp)
     provenance = run_provenance(run_dir, split, command, cache=c)
-    check_target(out, provenance, overwrite=overwrite, in_domain=own and tag is None)
+    check_target(out, provenance, overwrite=overwrite, in_domain=in_domain)
     val_preds, why_not = None, None
-    if split != "val" or tag is not None:
+    if not (split == "val" and own):
         val_preds, why_not = _run_val_predictions(run_dir, {})
     load = (split,) if val_preds is not None or not own or split == "val" else (split, "val")
     task.load(c, splits=load)
@@ -518,5 +541,5 @@ def run_title(run_dir, task: str, preset: str | None = None) -> str:
     return f"{name} ({task}" + (f", preset {preset})" if preset else ")")
 
 
-__all__ = ["Evaluation", "add_intervals", "check_target", "eval_path", "evaluate_head", "run_provenance",
+__all__ = ["Evaluation", "add_intervals", "check_target", "eval_path", "evaluate_head", "resolve_target", "run_provenance",
            "run_title", "safe_name", "sha256_file", "val_threshold", "write_evaluation"]
