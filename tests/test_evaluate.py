@@ -47,6 +47,7 @@ def _metrics(folder):
 def test_a_test_set_without_demographics_gets_detection_metrics_and_fairness_not_available(stage2_run, other_caches):
     """The README's cross-dataset example ended in a `zero-size array` traceback and an empty folder."""
     in_domain = (stage2_run / "eval" / "test" / "metrics.json").read_bytes()
+    (stage2_run / "eval" / "celeb-df_test" / "plots").mkdir(parents=True)  # what the crash left behind
     proc = run_cli("evaluate", stage2_run, "--cache", other_caches / "celeb df", check=False)
     assert proc.returncode == 0, proc.stderr
     out = stage2_run / "eval" / "celeb-df_test"  # named after the cache's folder, made safe

@@ -287,8 +287,8 @@ def check_target(out: Path, provenance: dict, *, overwrite: bool, in_domain: boo
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FeatcacheError(f"{out} exists and is not a folder; choose another --name or --out")
-    if overwrite or not out.is_dir() or not any(out.iterdir()):
-        return
+    if overwrite or not out.is_dir() or not any(p.is_file() for p in out.rglob("*")):
+        return  # nothing there, or only empty folders (an older featcache's crashed evaluation left plots/)
     if not (out / "metrics.json").is_file():
         if (out / "predictions.csv").is_file() or (out / "report.md").is_file():
             raise FeatcacheError(f"{out} holds an evaluation without metrics.json; pass --overwrite to replace it")
@@ -301,7 +301,8 @@ def check_target(out: Path, provenance: dict, *, overwrite: bool, in_domain: boo
     if not old and in_domain:
         return
     if not _same_inputs(old, provenance):
-        what = (old.get("cache") or {}).get("path") or (old.get("predictions") or {}).get("path") or "other inputs"
+        what = next((old[k]["path"] for k, _ in IDENTITIES if isinstance(old.get(k), dict) and old[k].get("path")),
+                    "other inputs")
         raise FeatcacheError(f"{out} already holds an evaluation of {what}" +
                              (f" (split {old['split']})" if old.get("split") else "") +
                              "; pass --overwrite to replace it, or choose another --name")
