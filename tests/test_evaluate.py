@@ -15,7 +15,7 @@ from featcache import __version__
 from featcache.errors import FeatcacheError
 from featcache.metrics import fairness_metrics
 from featcache.metrics.threshold import choose_threshold, parse_rule
-from featcache.train.evaluate import at_threshold, evaluate_head, val_threshold
+from featcache.train.evaluate import at_threshold, evaluate_head, val_threshold, write_evaluation
 from featcache.train.score import read_predictions
 
 
@@ -243,3 +243,14 @@ def test_score_without_demographics_or_val(tmp_path):
         from featcache.train.score import score_predictions
 
         score_predictions(tmp_path / "q.csv", tmp_path / "o")
+
+
+def test_an_all_unknown_subgroup_column_never_reaches_the_bootstrap(tmp_path):
+    """The filter computes no fairness metrics without demographics, but its predictions keep their
+    all-unknown subgroup column: that still ended in the `zero-size array` traceback."""
+    d = _detector(np.random.default_rng(2), 120).assign(subgroup=-1)
+    metrics = {"auc": 0.5, "acc": 0.5, "eer": 0.5}
+    e = write_evaluation(None, "test", metrics, d, detects=True, summary_keys=("auc", "acc", "eer", "f_fpr"),
+                         title="filter", out=tmp_path / "e", provenance={}, val_predictions=None)
+    assert e.metrics["fairness_coverage"]["unavailable"] == "no demographics in this test set"
+    assert set(e.metrics["ci95"]) == {"auc", "eer", "acc"} and "fairness not available" in e.short()

@@ -174,7 +174,7 @@ def _without_demographics(metrics: dict, predictions: pd.DataFrame) -> tuple[dic
     available, the predictions the bootstrap sees (without their all-unknown subgroup column) and
     ``fairness_coverage``; otherwise the inputs unchanged and None."""
     known = _known_subgroups(predictions)
-    if known is None or len(known) or not any(k in metrics for k in FAIRNESS_KEYS):
+    if known is None or len(known):
         return metrics, predictions, None
     metrics = dict(metrics)
     coverage = {"rows": 0, "of_rows": int(len(predictions)), "subgroups": 0, "of_subgroups": len(SUBGROUP_NAMES),
