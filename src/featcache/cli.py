@@ -509,13 +509,20 @@ def _print_remarks_and_legend(evaluations) -> None:
 @click.option("--manifest", "manifest_path", default=None, type=click.Path(dir_okay=False),
               help="train-e2e runs: the images' manifest [the one trained on].")
 @click.option("--split", default="test", show_default=True)
-@click.option("--name", default=None, help="Tag of the output files, e.g. celebdf.")
+@click.option("--name", default=None,
+              help="Tag of the output folder RUN/eval/<name>_<split> [another cache: its folder name].")
+@click.option("--overwrite", is_flag=True, help="Replace an evaluation of other inputs under the same name.")
 @click.option("--thresholds", default="0.9,0.95,0.98,0.99", show_default=True,
               help="train-e2e runs: cascade thresholds (stop as real when 1 - P(fake) >= t).")
 @quiet_option
 @click.pass_obj
-def evaluate(state, run, cache_path, manifest_path, split, name, thresholds):
+def evaluate(state, run, cache_path, manifest_path, split, name, overwrite, thresholds):
     """Evaluate a trained head or filter on a split: predictions, metrics, subgroup table, plots.
+
+    The run's own cache goes to RUN/eval/<split>/; another cache to RUN/eval/<name>_<split>/
+    (--name, or the cache's folder name), with the detection metrics and their intervals, and
+    the fairness metrics where the test set has demographics. metrics.json records the run, the
+    cache (path and fingerprint), the split, the thresholds, the featcache version and this command.
 
     \b
     Examples:
@@ -526,10 +533,64 @@ def evaluate(state, run, cache_path, manifest_path, split, name, thresholds):
     from .e2e.evaluate import evaluate_run
 
     e = evaluate_run(run, cache_path, split=split, name=name, manifest=manifest_path,
-                     thresholds=_floats(thresholds, "--thresholds"), progress=not state.quiet)
-    click.echo(f"{run}: {e.split}: {e.short()}")
+                     thresholds=_floats(thresholds, "--thresholds"), progress=not state.quiet, overwrite=overwrite,
+                     command=_command_line(click.get_current_context()))
+    _print_evaluation(e, run)
+
+
+def _print_evaluation(e, what) -> None:
+    click.echo(f"{what}: {e.split}: {e.short()}")
+    for line in e.details():
+        click.echo(f"  {line}")
     _print_remarks_and_legend([e])
     click.echo(f"  wrote {e.out}/: {', '.join(e.files)}")
+
+
+def _command_line(ctx) -> str:
+    """The command as typed, rebuilt from its parsed parameters (for metrics.json's provenance)."""
+    import shlex
+
+    words = ctx.command_path.split()
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if isinstance(p, click.Argument):
+            words += [str(v) for v in (value if isinstance(value, (list, tuple)) else [value]) if v is not None]
+        elif p.expose_value and value not in (None, False, ()) and value != p.default:
+            flag = max(p.opts, key=len)
+            words += [flag] if p.is_flag else [flag, str(value)]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+@cli.command("score", context_settings=CONTEXT)
+@click.argument("predictions", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the evaluation into.")
+@click.option("--name", default=None, help="The detector's name in the report's title [the CSV's file name].")
+@click.option("--val", "val_path", default=None, type=click.Path(dir_okay=False),
+              help="The detector's validation predictions (same columns): the threshold chosen on val.")
+@click.option("--threshold", default=None, metavar="RULE",
+              help="Rule of the val-chosen threshold: val_eer (default), val_fpr=<x> or 0.5 (none).")
+@click.option("--overwrite", is_flag=True, help="Replace an evaluation of other predictions in --out.")
+@quiet_option
+@click.pass_obj
+def score_cmd(state, predictions, out, name, val_path, threshold, overwrite):
+    """Evaluate any detector's predictions CSV as `featcache evaluate` evaluates a run.
+
+    PREDICTIONS.csv has one row per test sample: label (0 real, 1 fake), prob (P(fake)), optional
+    identity (whole identities are resampled for the intervals) and optional demographics:
+    subgroup (codes 0..7; PG-FDD's intersec_label) or race and gender. OUT gets predictions.csv,
+    metrics.json, report.md, subgroups.csv and plots/.
+
+    \b
+    Examples:
+      featcache score pgfdd_test.csv --out scores/pgfdd --val pgfdd_val.csv
+      featcache score runs/s2-cvar/eval/test/predictions.csv --out scores/s2-cvar \\
+          --val runs/s2-cvar/eval/val/predictions.csv
+    """
+    from .train.score import score_predictions
+
+    e = score_predictions(predictions, out, name=name, val=val_path, threshold=threshold, overwrite=overwrite,
+                          command=_command_line(click.get_current_context()))
+    _print_evaluation(e, predictions)
 
 
 @cli.command(cls=_RegistryHelpCommand, context_settings=CONTEXT)

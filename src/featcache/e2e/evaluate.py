@@ -25,7 +25,15 @@ from ..metrics.cascade import default_grid, threshold_analysis
 from ..metrics.detection import sigmoid
 from ..report.plots import plot_cascade, plot_confusion, plot_reliability
 from ..report.tables import markdown_table
-from ..train.evaluate import Evaluation, evaluate_head, write_evaluation
+from ..train.evaluate import (
+    Evaluation,
+    check_target,
+    evaluate_head,
+    resolve_target,
+    run_provenance,
+    sha256_file,
+    write_evaluation,
+)
 from .mnv4 import TASK, FilterRun
 from .train import SUMMARY_KEYS
 
@@ -50,15 +58,25 @@ def is_e2e_run(run_dir) -> bool:
 
 def evaluate_filter(run_dir, manifest=None, *, split: str = "test", thresholds=DEFAULT_THRESHOLDS,
                     name: str | None = None, device=None, batch_size: int = 64, num_workers: int = 0,
-                    progress: bool = True) -> Evaluation:
-    """Evaluate the filter on ``split`` of ``manifest`` (default: the one it was trained on)."""
+                    progress: bool = True, command: str | None = None, overwrite: bool = False) -> Evaluation:
+    """Evaluate the filter on ``split`` of ``manifest`` (default: the one it was trained on): into
+    ``RUN/eval/<split>/`` for that manifest, ``RUN/eval/<name>_<split>/`` for another (``name``
+    defaulting to its file name), never over another evaluation unless ``overwrite``."""
     thresholds = [float(t) for t in thresholds]
     if not thresholds or any(not 0.0 <= t <= 1.0 for t in thresholds):
         raise FeatcacheError(f"--thresholds must be numbers in [0, 1]; got {thresholds}")
     run_dir = Path(run_dir)
     filt = FilterRun(run_dir, device)
-    if manifest is None:
-        manifest = load_config(run_dir / "config.yaml")["manifest"]["path"]
+    recorded = load_config(run_dir / "config.yaml").get("manifest") or {}
+    given, manifest = manifest, manifest if manifest is not None else recorded.get("path")
+    if not manifest or not Path(manifest).is_file():
+        raise FeatcacheError(f"manifest {manifest} does not exist; pass --manifest")
+    sha = sha256_file(manifest)
+    out, in_domain = resolve_target(run_dir, split, name, given=given, path=manifest, ident=sha, recorded=recorded,
+                                    kind="manifest")
+    provenance = {**run_provenance(run_dir, split, command),
+                  "manifest": {"path": str(Path(manifest).resolve()), "sha256": sha}}
+    check_target(out, provenance, overwrite=overwrite, in_domain=in_domain)
     preds = filt.predict(manifest, split, batch_size=batch_size, num_workers=num_workers, progress=progress)
     y, score = preds["label"].to_numpy(), preds["score"].to_numpy()
     temperature = filt.temperature or 1.0
@@ -85,22 +103,23 @@ def evaluate_filter(run_dir, manifest=None, *, split: str = "test", thresholds=D
         return ["confusion_matrix.png", "reliability_diagram.png", "cascade_analysis.png"]
 
     return write_evaluation(run_dir, split, metrics, preds.assign(prob=p), detects=True, summary_keys=SUMMARY_KEYS,
-                            title=title, name=name, task_md="\n".join(md), plots=plots)
+                            title=title, out=out, task_md="\n".join(md), plots=plots, provenance=provenance)
 
 
 def evaluate_run(run_dir, cache=None, *, split: str = "test", name: str | None = None, device=None,
-                 manifest=None, thresholds=DEFAULT_THRESHOLDS, progress: bool = False) -> Evaluation:
+                 manifest=None, thresholds=DEFAULT_THRESHOLDS, progress: bool = False, overwrite: bool = False,
+                 command: str | None = None) -> Evaluation:
     """Evaluate any run: a head on a cache (default: its own), the filter on a manifest."""
     run_dir = Path(run_dir)
     if is_e2e_run(run_dir):
         if cache is not None:
             raise FeatcacheError(f"{run_dir} is a train-e2e run: it reads images; pass --manifest, not --cache")
         return evaluate_filter(run_dir, manifest, split=split, name=name, device=device, progress=progress,
-                               thresholds=thresholds)
+                               thresholds=thresholds, command=command, overwrite=overwrite)
     check_run_dir(run_dir)
     if manifest is not None:
         raise FeatcacheError(f"{run_dir} is a head run: it reads a cache (--cache), not a --manifest")
-    return evaluate_head(run_dir, cache, split=split, name=name, device=device)
+    return evaluate_head(run_dir, cache, split=split, name=name, device=device, overwrite=overwrite, command=command)
 
 
 __all__ = ["DEFAULT_THRESHOLDS", "evaluate_filter", "evaluate_run", "is_e2e_run"]

@@ -32,6 +32,7 @@ from ..cache import CacheData, FeatureCache
 from ..cache.splits import split_mask
 from ..config import load_config
 from ..errors import FeatcacheError
+from ..metrics.threshold import parse_rule
 from ..registry import Registry
 from ..runtime import load_weights, resolve_device
 
@@ -137,6 +138,7 @@ class Task(ABC):
             raise FeatcacheError(f"selection.min_epoch={min_epoch} is after the last epoch (training.epochs={epochs}), "
                                  f"so no epoch could be selected; set training.epochs >= {min_epoch} or "
                                  f"--set selection.min_epoch={epochs}")
+        parse_rule((cfg.get("evaluation") or {}).get("threshold"))  # a wrong operating-point rule, before training
 
     def seeds(self) -> list[int]:
         """Each run's seed (initialisation, batch order, dropout)."""

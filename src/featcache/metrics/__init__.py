@@ -35,6 +35,7 @@ __all__ = [
     "fairness_metrics",
     "fit_temperature",
     "group_rates",
+    "prob_metrics",
     "reliability_bins",
     "remarks",
     "sigmoid",
@@ -57,7 +58,12 @@ def all_metrics(y, score, groups=None, identity=None, threshold: float = 0.5) ->
     score = np.asarray(score, dtype=np.float64)
     if not np.isfinite(score).all():
         raise ValueError("score must be finite (no nan or inf)")
-    p = sigmoid(score)
+    return prob_metrics(y, sigmoid(score), groups, identity, threshold)
+
+
+def prob_metrics(y, p, groups=None, identity=None, threshold: float = 0.5) -> dict:
+    """:func:`all_metrics` from the probabilities ``p`` = P(fake) themselves (``featcache score``
+    reads a detector's P(fake), not its logits)."""
     out = {**detection_metrics(y, p, threshold), **calibration_metrics(y, p)}
     if groups is not None:
         out.update(fairness_metrics(y, p, groups, threshold))
