@@ -53,7 +53,7 @@ from ..cache import open_cache
 from ..config import load_config
 from ..data.manifest import SUBGROUP_NAMES
 from ..errors import CacheError, FeatcacheError
-from ..heads.task import load_run
+from ..heads.task import load_run, recorded_cache
 from ..metrics import subgroup_table
 from ..metrics.bootstrap import with_intervals
 from ..metrics.fairness import FAIRNESS_KEYS
@@ -505,9 +505,7 @@ def evaluate_head(run_dir, cache=None, *, split: str = "test", name: str | None 
     task = load_run(run_dir, device)
     recorded = task.cfg.get("cache") or {}
     own_fp = recorded.get("fingerprint")
-    cache_path = cache or recorded.get("path")
-    if not cache_path:
-        raise FeatcacheError(f"{run_dir} does not record its cache; pass --cache")
+    cache_path = cache or recorded_cache(run_dir, task.cfg)  # a run moved with its cache: found relative
     c = open_cache(cache_path)
     out, in_domain = resolve_target(run_dir, split, name, given=cache, path=cache_path, ident=c.fingerprint,
                                     recorded=recorded)
