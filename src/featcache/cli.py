@@ -148,9 +148,14 @@ def synth_audio_cmd(state, out, n, seed, fmt, min_seconds, max_seconds, overwrit
 @click.option("--signal", default=2.0, show_default=True, help="Shift of a fake in noise standard deviations (d') "
               "in an easy subgroup.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--methods", default="shift", show_default=True,
+              help="Comma-separated manipulation methods of the fakes (the method column; each its own direction): "
+                   "three or more make a leave-one-manipulation-out protocol possible.")
+@click.option("--no-demographics", is_flag=True,
+              help="Gender and race unknown (subgroup -1), as in Celeb-DF or DFDC: a cross-dataset test set.")
 @click.option("--overwrite", is_flag=True, help="Write into OUT even when it is not empty.")
 @quiet_option
-def synth_features_cmd(out, rows, dim, bias, signal, seed, overwrite):
+def synth_features_cmd(out, rows, dim, bias, signal, seed, methods, no_demographics, overwrite):
     """A controlled feature cache: features whose forgery signal and subgroup bias are known.
 
     A fake is shifted by d' = signal * (1 - bias * hardness) noise standard deviations along one
@@ -161,7 +166,9 @@ def synth_features_cmd(out, rows, dim, bias, signal, seed, overwrite):
     from .data.manifest import refuse_non_empty
 
     refuse_non_empty(out, overwrite=overwrite)
-    summary = synth_feature_cache(out, rows=rows, dim=dim, bias=bias, signal=signal, seed=seed)
+    summary = synth_feature_cache(out, rows=rows, dim=dim, bias=bias, signal=signal, seed=seed,
+                                  methods=tuple(m.strip() for m in methods.split(",")),
+                                  demographics=not no_demographics)
     click.echo(json.dumps(summary, indent=2, default=str))
 
 

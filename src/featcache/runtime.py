@@ -179,6 +179,11 @@ def write_json(path: Path, obj) -> None:
     write_atomic(path, to_json(obj))
 
 
+
+def read_json(path: Path):
+    """A JSON file written by :func:`write_json`."""
+    return json.loads(Path(path).read_text())
+
 # -- the run directory -----------------------------------------------------------------------------
 def is_run_dir(path: Path) -> bool:
     path = Path(path)
@@ -260,13 +265,6 @@ def _nbytes(obj) -> int:
 def load_state(path: Path, device="cpu") -> dict:
     """Read :func:`save_state`'s file with ``torch.load(weights_only=True)``."""
     return torch.load(Path(path), map_location=device, weights_only=True)
-
-
-def eval_dir(run_dir: Path, split: str, name: str | None = None) -> Path:
-    """``RUN/eval/<name>_<split>/`` (or ``RUN/eval/<split>/``), created with its ``plots/``."""
-    out = RunDir(run_dir).eval(split, name)
-    (out / RunDir.PLOTS).mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def write_eval(out: Path, metrics: dict, predictions: pd.DataFrame, report_md: str) -> None:
