@@ -56,12 +56,15 @@ def expected_outputs(line: str) -> list[str]:
     cmd = args[0]
     positional = [w for w in args[1:] if not w.startswith("-")]
     if cmd == "synth":
-        out.append(f"{positional[1]}/manifest.csv")
+        out.append(f"{positional[1]}/{'zarr.json' if positional[0] == 'features' else 'manifest.csv'}")
     elif cmd == "extract" or cmd == "cache" and positional[:1] == ["verify"]:
         cache = out[0] if cmd == "extract" else positional[1]
         out = [f"{cache}/zarr.json"]
     elif cmd == "evaluate":
-        out.append(f"{positional[0]}/eval/test/metrics.json")
+        other = next((args[i + 1] for i, w in enumerate(args[:-1]) if w == "--cache"), None)
+        name = next((args[i + 1] for i, w in enumerate(args[:-1]) if w == "--name"), None)
+        name = name or (other.rstrip("/").rsplit("/", 1)[-1] if other else None)
+        out.append(f"{positional[0]}/eval/{name + '_' if name else ''}test/metrics.json")
     elif cmd == "calibrate":
         out.append(f"{positional[0]}/calibration_temp.json")
     elif cmd == "analyze" and positional[:1] == ["prototypes"]:
