@@ -245,12 +245,13 @@ def test_sinkhorn_batched_padded_equals_separate_calls():
     known = x[groups >= 0]
     glob = [ref_loss(clouds[k], known) for k in present]
     assert sk.global_(x, groups).item() == pytest.approx(torch.stack(glob).mean().item(), rel=1e-5, abs=1e-6)
-    within = []
+    class_means = []  # the design's (L_real + L_fake) / 2, each L_c the mean over its class's pairs
     for c in (0, 1):
         present_c = [k for k in range(5) if ((groups == k) & (labels == c)).sum() >= 2]
-        for a, b in itertools.combinations(present_c, 2):
-            within.append(ref_loss(x[(groups == a) & (labels == c)], x[(groups == b) & (labels == c)]))
-    assert sk.per_class(x, groups, labels).item() == pytest.approx(torch.stack(within).mean().item(), rel=1e-5,
+        within = [ref_loss(x[(groups == a) & (labels == c)], x[(groups == b) & (labels == c)])
+                  for a, b in itertools.combinations(present_c, 2)]
+        class_means.append(torch.stack(within).mean())
+    assert sk.per_class(x, groups, labels).item() == pytest.approx(torch.stack(class_means).mean().item(), rel=1e-5,
                                                                     abs=1e-6)
     # one by one too, through the public batched entry point
     idx = [torch.nonzero(groups == k).flatten() for k in present]
