@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--stage1-epochs", type=int, default=None, help="Stage 1's epochs [the config's]")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra KEY=VALUE for every Stage-2 run")
+    ap.add_argument("--variants", default=",".join(v for v, _, _ in VARIANTS),
+                    help="which of the variants to train (comma-separated); finished runs in --out are reused")
     ap.add_argument("--out", default=None, help="keep the runs here (default: a temporary folder)")
     args = ap.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="featcache-design-rules-"))
@@ -52,7 +54,8 @@ def main() -> None:
         train_head("stage1", out / "cache", out / "stage1", overwrite=True, progress=False,
                    sets=[] if args.stage1_epochs is None else [f"training.epochs={args.stage1_epochs}"])
     rows = []
-    for variant, presets, sets in VARIANTS:
+    chosen = args.variants.split(",")
+    for variant, presets, sets in [v for v in VARIANTS if v[0] in chosen]:
         res = ablate("stage2", out / "cache", out / variant.replace(" ", "-"), presets=presets.split(","), seeds=seeds,
                      sets=list(args.sets) + sets, options={"stage1": out / "stage1"}, progress=False,
                      echo=lambda s: None)
