@@ -110,7 +110,7 @@ PRESETS = ("full", "cvar", "ldam", "minimal", "none")
 
 
 def stage2_schedule(epochs: int | None) -> list[str]:
-    """``--set`` values for ``epochs`` (None: the configs' 50); under epoch 11 (where the config's warm-up 5 -> 10 reaches weight 1)
+    """``--set`` values for ``epochs`` (None: the configs' 50); below 11 epochs (where the config's warm-up 5 -> 10 reaches weight 1)
     the warm-up is scaled into the run, as the demo does (a shorter run with the config's warm-up is
     refused), and selection starts at the first epoch of weight 1."""
     if not epochs:
