@@ -110,16 +110,16 @@ PRESETS = ("full", "cvar", "ldam", "minimal", "none")
 
 
 def stage2_schedule(epochs: int | None) -> list[str]:
-    """``--set`` values for ``epochs`` (None: the configs' 50); under the config's warm-up end (10)
+    """``--set`` values for ``epochs`` (None: the configs' 50); below 11 epochs (where the config's warm-up 5 -> 10 reaches weight 1)
     the warm-up is scaled into the run, as the demo does (a shorter run with the config's warm-up is
-    refused), and selection starts where the warm-up ends."""
+    refused), and selection starts at the first epoch of weight 1."""
     if not epochs:
         return []
-    if epochs >= 10:
+    if epochs >= 11:  # the config's warm-up reaches weight 1 at epoch 11 (the design counts epochs from 0)
         return [f"training.epochs={epochs}"]
     start, end = max(1, epochs // 3), max(1, (2 * epochs) // 3)
     return [f"training.epochs={epochs}", f"fairness.warmup_start={start}", f"fairness.warmup_end={end}",
-            f"selection.min_epoch={end}"]
+            f"selection.min_epoch={end + 1}"]
 
 
 def matmul_rate(device: torch.device, n: int | None = None, seconds: float = 1.0) -> float:

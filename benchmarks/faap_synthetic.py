@@ -64,8 +64,8 @@ def main() -> None:
     m = m.metrics
     closed, moved = m["gap_closed"], abs(m["ap_change"])
     holds = m["base_ap"] > 0.05 and closed > 0 and moved < closed
-    print(json.dumps({"base_ap": m["base_ap"], "ap": m["ap"], "base_score_gap": m["base_score_gap"],
-                      "score_gap": m["score_gap"], "gap_closed": closed, "ap_moved": moved,
+    print(json.dumps({"base_ap": m["base_ap"], "ap": m["ap"], "base_gender_score_gap": m["base_gender_score_gap"],
+                      "gender_score_gap": m["gender_score_gap"], "gap_closed": closed, "ap_moved": moved,
                       "base_ap_gap": m["base_ap_gap"], "ap_gap": m["ap_gap"], "claim_holds": holds}, indent=1))
     if m["base_ap"] <= 0.05:
         print(f"the detector finds next to nothing (test AP {m['base_ap']:.3f}): no claim can be made from it; "

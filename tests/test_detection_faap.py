@@ -352,7 +352,7 @@ def test_faap_train_and_evaluate_cli(det_cache, tmp_path):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     for key in ("train_contrastive", "train_wasserstein", "train_detection", "train_n_pos", "train_n_anchor",
                 "train_pos_anchor_gap", "train_score_male", "train_score_female", "train_delta_linf",
-                "train_delta_l2", "epsilon", "beta", "val_ap_male", "val_score_gap"):
+                "train_delta_l2", "epsilon", "beta", "val_ap_male", "val_gender_score_gap", "val_pos_anchor_gap"):
         assert key in log[0], key
     assert log[0]["epsilon"] == 0.05 and log[1]["epsilon"] == pytest.approx(0.05 + 0.05 / 7)
     proc = run_cli("evaluate", run, "--cache", det_cache)
@@ -363,7 +363,22 @@ def test_faap_train_and_evaluate_cli(det_cache, tmp_path):
     table = faap_table(m).to_dict(orient="records")
     assert [r[""] for r in table] == ["baseline", "perturbed", "delta"]
     assert table[0]["Male AP"] == m["base_ap_male"] and table[1]["Female AR"] == m["ar_female"]
-    assert "Male AP" in (run / "eval" / "test" / "report.md").read_text() and "score_gap" in proc.stdout
+    assert "Male AP" in (run / "eval" / "test" / "report.md").read_text() and "gender_score_gap" in proc.stdout
+    # issue 26: gender_score_gap is men's mean image score minus women's; pos_anchor_gap the design's
+    # score gap, top 40 % minus bottom 40 % (at least 2 each) in batches of training.batch_size, by hand
+    preds = pd.read_csv(run / "eval" / "test" / "predictions.csv", keep_default_na=False)
+    for prefix, col in (("base_", "base_score"), ("", "score")):
+        sc = preds[col].to_numpy()
+        assert m[prefix + "gender_score_gap"] == pytest.approx(
+            sc[preds["gender"] == "male"].mean() - sc[preds["gender"] == "female"].mean(), rel=1e-5, abs=1e-7)
+        gaps = []
+        for i in range(0, len(sc), 8):
+            b = np.sort(sc[i:i + 8])[::-1]
+            k = min(max(2, int(0.4 * len(b))), len(b) // 2)
+            if k >= 2:
+                gaps.append(b[:k].mean() - b[len(b) - k:].mean())
+        assert m[prefix + "pos_anchor_gap"] == pytest.approx(np.mean(gaps), rel=1e-5, abs=1e-7)
+    assert m["gap_closed"] == pytest.approx(m["base_gender_score_gap"] - m["gender_score_gap"])
     # the unperturbed baseline is the cache's own outputs: its mean image score matches them
     from featcache.cache import open_cache
     from featcache.losses.faap import image_scores

@@ -32,8 +32,15 @@ def test_cli_train_e2e_defaults_read_the_one_place():
     assert opts["epochs"].help.startswith(f"[{mnv4.DEFAULTS['epochs']},")
     # --lr has no fixed default (with --resume it restarts from the last lr): its help shows DEFAULTS'
     assert float(opts["lr"].help[1:].split("]")[0]) == mnv4.DEFAULTS["lr"]
-    # mixed precision is on by default (it acts on CUDA only); --no-mixed-precision turns it off
-    assert opts["mixed_precision"].default is True and opts["mixed_precision"].secondary_opts == ["--no-mixed-precision"]
+    # issue 26.4: fp32 as the design trains; --mixed-precision opts in (it acts on CUDA only)
+    assert opts["mixed_precision"].default is False and opts["mixed_precision"].opts == ["--mixed-precision"]
+    assert opts["geometry"].default() == mnv4.DEFAULTS["geometry"] == "design"
+    import inspect
+
+    from featcache.e2e.train import train_e2e
+
+    params = inspect.signature(train_e2e).parameters
+    assert params["mixed_precision"].default is False and params["geometry"].default == "design"
 
 
 def test_training_augmentations_have_the_designs_parameters():
@@ -70,19 +77,45 @@ def test_eval_transform_is_timms_own():
         cfg = {**resolve_model_data_config(net), "input_size": (3, size, size)}
         ref = create_transform(**cfg, is_training=False)
         img = _pil(1)
-        ours = mnv4.make_transform(size, train=False, model=name)(img)
+        timm_cfg = mnv4.data_config(name, size, geometry="timm")  # the option: timm's own geometry
+        ours = mnv4.make_transform(size, train=False, config=timm_cfg)(img)
         assert torch.equal(ours, ref(img))
-        assert torch.equal(mnv4.make_transform(size, train=False, model=net)(img), ref(img))
+        assert torch.equal(mnv4.make_transform(size, train=False, config=mnv4.data_config(net, size, geometry="timm"))(img),
+                           ref(img))
         # the training pipeline's geometry and normalisation are timm's: with the augmentations
         # at their identity the output matches the evaluation transform
-        cfg_train = mnv4.make_transform(size, train=True, model=name)
+        cfg_train = mnv4.make_transform(size, train=True, config=timm_cfg)
         kept = [s for s in cfg_train.transforms if type(s).__name__ in ("ToImage", "Resize", "CenterCrop",
                                                                        "ToDtype", "Normalize")]
         from torchvision.transforms import v2
 
         assert torch.allclose(v2.Compose(kept)(img), ref(img), atol=0.05)
-    assert mnv4.data_config("mobilenetv4_conv_small", 32)["crop_pct"] == 0.875
-    assert mnv4.data_config("mobilenetv4_hybrid_medium", 256)["crop_pct"] == 0.95
+    assert mnv4.data_config("mobilenetv4_conv_small", 32, geometry="timm")["crop_pct"] == 0.875
+    assert mnv4.data_config("mobilenetv4_hybrid_medium", 256, geometry="timm")["crop_pct"] == 0.95
+    assert mnv4.data_config("mobilenetv4_hybrid_medium", 256)["crop_pct"] == 1.0  # the design: no crop
+
+
+def test_filter_input_is_the_256px_face_as_it_is_in_fp32(tmp_path):
+    """Issue 26.4: by default the filter sees the 256-px face as it is (no resize to 269 and centre
+    crop), as a float32 (n, 3, 256, 256) tensor normalised with the model's mean and std."""
+    face = np.random.default_rng(3).integers(0, 255, size=(256, 256, 3), dtype=np.uint8)
+    Image.fromarray(face).save(tmp_path / "face.png")
+    paths = [str(tmp_path / "face.png")]
+    cfg = mnv4.data_config(mnv4.DEFAULT_MODEL, mnv4.DEFAULTS["image_size"])  # the defaults: design geometry, 256
+    _, pixels, _ = next(iter(mnv4.pixel_loader(paths, 256, cfg, batch_size=1)))
+    assert pixels.dtype == torch.uint8 and pixels.shape == (1, 3, 256, 256)
+    assert torch.equal(pixels[0], torch.from_numpy(face).permute(2, 0, 1))  # every pixel as it is
+    x = mnv4.prepare_batch(pixels, torch.device("cpu"), cfg)
+    assert x.dtype == torch.float32 and x.shape == (1, 3, 256, 256)
+    mean, std = torch.tensor(cfg["mean"])[:, None, None], torch.tensor(cfg["std"])[:, None, None]
+    torch.testing.assert_close(x[0], (torch.from_numpy(face).permute(2, 0, 1) / 255.0 - mean) / std)
+    # the timm option resizes the face to floor(256 / 0.95) = 269 and crops 256 back out: other pixels
+    timm_cfg = mnv4.data_config(mnv4.DEFAULT_MODEL, 256, geometry="timm")
+    _, cropped, _ = next(iter(mnv4.pixel_loader(paths, 256, timm_cfg, batch_size=1)))
+    assert cropped.shape == (1, 3, 256, 256) and not torch.equal(cropped, pixels)
+    assert int(256 / timm_cfg["crop_pct"]) == 269
+    with pytest.raises(Exception, match="geometry must be design or timm"):
+        mnv4.data_config(mnv4.DEFAULT_MODEL, 256, geometry="crop")
 
 
 # -- the device-side pipeline (issue 17 item 3): uint8 from the workers, per-image augmentation ---------

@@ -119,8 +119,28 @@ def test_stage2_frozen_stage1_adapter_gets_no_gradient(faces, stage1_run, tmp_pa
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.module.detect.parameters())
     assert {"ce", "cvar", "ldam", "sinkhorn", "disentangle"} <= set(terms)
 
+    # issue 26.2: CE's weight is the design's 1 - w whenever a fairness term is on (w = 1 here), 1 with none on;
+    # loss.ce_weight_rule=cvar hands CE's weight to CVaR only
+    with torch.no_grad():
+        task.module.eval()  # no dropout: every preset sees the same outputs
+        for preset, sets, ce_weight in (("full", [], 0.0), ("minimal", [], 0.0), ("ldam", [], 0.0), ("none", [], 1.0),
+                                        ("ldam", ["loss.ce_weight_rule=cvar"], 1.0),
+                                        ("full", ["loss.ce_weight_rule=cvar"], 0.0)):
+            task.cfgs = [resolve_config("stage2", preset, sets=S2FAST + sets)]
+            task.cfg, task._coefficients = task.cfgs[0], None
+            loss, t = task.batch_loss(batch, StepState(3, 3))
+            lc = task.cfg["loss"]
+            expected = ce_weight * t["ce"] + lc["lambda_contrastive"] * t["disentangle"] if "disentangle" in t else \
+                ce_weight * t["ce"]
+            for key, coef in (("cvar", float(lc["use_cvar"])), ("ldam", lc["use_ldam"] * lc["lambda_ldam"]),
+                              ("sinkhorn", lc["use_sinkhorn"] * lc["lambda_sinkhorn"])):
+                if key in t:
+                    expected = expected + coef * t[key]
+            assert float(loss.detach()[0]) == pytest.approx(float(expected[0]), rel=1e-5), (preset, sets)
+
     log = [json.loads(line) for line in (run.run_dir / "log.jsonl").read_text().splitlines()]
-    assert [r["fairness_weight"] for r in log] == [0.0, 1.0, 1.0]
+    # warm-up 1 -> 2 in the design's epochs from 0: epochs 1, 2, 3 (from 1) weigh 0, 0, 1
+    assert [r["fairness_weight"] for r in log] == [0.0, 0.0, 1.0]
     for key in ("val_auc", "val_acc", "val_eer", "val_f_fpr", "val_f_meo", "val_f_dp", "val_f_oae", "val_f_eo",
                 "val_gate_mean", "val_gate_std", "val_gate_min", "val_gate_max", "val_attention_view0",
                 "val_attention_view3", "train_cvar", "train_ldam", "train_sinkhorn"):
@@ -212,8 +232,9 @@ def test_selection_only_from_min_epoch(faces, tmp_path):
     log = [json.loads(line) for line in (run.run_dir / "log.jsonl").read_text().splitlines()]
     eligible = [r for r in log if r["epoch"] >= 3]
     assert run.best_epoch == max(eligible, key=lambda r: r["score"])["epoch"]
-    # Stage 2 selects after the fairness warm-up (epoch 10); a shorter run is refused (test_stage2_config_checks)
-    assert resolve_config("stage2")["selection"]["min_epoch"] == resolve_config("stage2")["fairness"]["warmup_end"]
+    # Stage 2 selects once the fairness weight is 1 (epoch 11 counted from 1); a shorter run is refused
+    # (test_stage2_config_checks)
+    assert resolve_config("stage2")["selection"]["min_epoch"] == resolve_config("stage2")["fairness"]["warmup_end"] + 1
 
 
 # -- schedules, design defaults and config checks (issues 18, 19) -----------------------------------
@@ -232,8 +253,12 @@ def test_stage2_warmup_and_faap_schedules_keep_the_design_values():
     from featcache.heads.faap import FaapTask
     from featcache.heads.stage2 import Stage2Task
 
-    s2 = Stage2Task(resolve_config("stage2"), "cpu")  # design: 0 up to epoch 5, 1 from epoch 10
-    assert [s2.fairness_weight(StepState(e, 50)) for e in (1, 5, 6, 8, 10, 50)] == pytest.approx([0, 0, .2, .6, 1, 1])
+    s2 = Stage2Task(resolve_config("stage2"), "cpu")
+    # issue 26.3: the design's 0 up to epoch 5, 1 at epoch 10 counts epochs from 0; featcache counts from 1:
+    # 0 through epoch 6, then (e - 1 - 5) / 5, 1.0 from epoch 11
+    weights = [s2.fairness_weight(StepState(e, 50)) for e in range(1, 14)]
+    assert weights == pytest.approx([0, 0, 0, 0, 0, 0, .2, .4, .6, .8, 1, 1, 1])
+    assert s2.fairness_weight(StepState(50, 50)) == 1.0
     faap = FaapTask(resolve_config("faap"), "cpu")  # design: eps 0.05 -> 0.10 over 8 epochs, hold 6, -> 0.09 over 16
     sched = {e: faap.schedule(StepState(e, 30)) for e in (1, 4, 8, 14, 15, 22, 30)}
     assert [sched[e]["epsilon"] for e in (1, 4, 8, 14, 15, 22, 30)] == pytest.approx(
@@ -256,13 +281,19 @@ def test_stage2_config_checks():
 
     with pytest.raises(FeatcacheError, match=r"training.epochs=3 ends before the fairness warm-up.*warmup_end=10"):
         Stage2Task(resolve_config("stage2", "full", sets=["training.epochs=3"]), "cpu")
-    with pytest.raises(FeatcacheError, match=r"selection.min_epoch=10 is after the last epoch.*min_epoch=3"):
+    # the weight reaches 1 at epoch warmup_end + 1: 10 epochs are one too few
+    with pytest.raises(FeatcacheError, match=r"reaches 1 at epoch 11.*train at least 11 epochs"):
+        Stage2Task(resolve_config("stage2", "full", sets=["training.epochs=10", "selection.min_epoch=10"]), "cpu")
+    Stage2Task(resolve_config("stage2", "full", sets=["training.epochs=11"]), "cpu")
+    with pytest.raises(FeatcacheError, match=r"selection.min_epoch=11 is after the last epoch.*min_epoch=3"):
         Stage2Task(resolve_config("stage2", "none", sets=["training.epochs=3"]), "cpu")
     Stage2Task(resolve_config("stage2", "none", sets=["training.epochs=3", "selection.min_epoch=3"]), "cpu")
     Stage2Task(resolve_config("stage2", "full", sets=S2FAST), "cpu")
-    with pytest.raises(FeatcacheError, match="normalized or literal"):
+    with pytest.raises(FeatcacheError, match="literal or normalized"):
         Stage2Task(resolve_config("stage2", sets=["loss.ldam_margin_rule=paper"]), "cpu")
-    assert resolve_config("stage2")["loss"]["ldam_margin_rule"] == "normalized"
+    assert resolve_config("stage2")["loss"]["ldam_margin_rule"] == "literal"
+    with pytest.raises(FeatcacheError, match="ce_weight_rule must be design or cvar"):
+        Stage2Task(resolve_config("stage2", sets=["loss.ce_weight_rule=always"]), "cpu")
 
 
 def _split_without_demographics(n=12, dim=8):

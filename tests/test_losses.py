@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from geomloss import SamplesLoss
 from scipy.optimize import minimize_scalar
 
+from featcache.config import resolve_config
 from featcache.losses import (
     GroupSinkhorn,
     LDAMLoss,
@@ -166,12 +167,20 @@ def test_bilevel_cvar_no_host_sync():
 
 
 def test_ldam_margins_formula():
+    """Issue 26.1: by default the design's m_k = C / n_k^(1/4), C = ldam_max_margin = 0.5, on FF++'s counts."""
     counts = [2475, 25443, 1468, 4163, 8013, 31281, 1111, 2185]
-    m = ldam_margins(counts, max_margin=0.5)
+    # by hand: 0.5 / 2475^(1/4) = 0.5 / 7.0534 = 0.07089 ..., written out to 5 decimals
+    by_hand = [0.07089, 0.03959, 0.08078, 0.06225, 0.05285, 0.03760, 0.08660, 0.07313]
+    assert ldam_margins(counts).tolist() == pytest.approx(by_hand, abs=5e-6)
+    assert resolve_config("stage2")["loss"]["ldam_margin_rule"] == "literal"
+    assert resolve_config("stage2")["loss"]["ldam_max_margin"] == 0.5
+    # the option `normalized` (the LDAM paper's code): the rarest subgroup gets C itself, 5.8x the design's
+    m = ldam_margins(counts, max_margin=0.5, rule="normalized")
     raw = [n ** -0.25 for n in counts]
     assert m.tolist() == pytest.approx([0.5 * r / max(raw) for r in raw], rel=1e-6)
     assert m.max().item() == pytest.approx(0.5) and m.argmax().item() == 6  # the rarest class
-    assert ldam_margins([0, 1, 16]).tolist() == pytest.approx([0.5, 0.5, 0.25])  # 0 counted as 1
+    assert (m / ldam_margins(counts)).tolist() == pytest.approx([1111 ** 0.25] * 8, rel=1e-6)  # 5.773
+    assert ldam_margins([0, 1, 16], rule="normalized").tolist() == pytest.approx([0.5, 0.5, 0.25])  # 0 counted as 1
 
 
 def test_ldam_loss_matches_hand_computation():
@@ -180,7 +189,7 @@ def test_ldam_loss_matches_hand_computation():
     logits = torch.rand(6, 3, generator=g) * 2 - 1
     target = torch.tensor([0, 1, 2, 1, 0, 2])
     loss = LDAMLoss(counts, max_margin=0.4, s=30.0)
-    m = torch.tensor([0.4 * n ** -0.25 / 10 ** -0.25 for n in counts])
+    m = torch.tensor([0.4 * n ** -0.25 for n in counts])
     onehot = F.one_hot(target, 3).float()
     expected = F.cross_entropy(30.0 * (logits - m[target][:, None] * onehot), target)
     assert loss(logits, target).item() == pytest.approx(expected.item(), rel=1e-6)
@@ -236,12 +245,13 @@ def test_sinkhorn_batched_padded_equals_separate_calls():
     known = x[groups >= 0]
     glob = [ref_loss(clouds[k], known) for k in present]
     assert sk.global_(x, groups).item() == pytest.approx(torch.stack(glob).mean().item(), rel=1e-5, abs=1e-6)
-    within = []
+    class_means = []  # the design's (L_real + L_fake) / 2, each L_c the mean over its class's pairs
     for c in (0, 1):
         present_c = [k for k in range(5) if ((groups == k) & (labels == c)).sum() >= 2]
-        for a, b in itertools.combinations(present_c, 2):
-            within.append(ref_loss(x[(groups == a) & (labels == c)], x[(groups == b) & (labels == c)]))
-    assert sk.per_class(x, groups, labels).item() == pytest.approx(torch.stack(within).mean().item(), rel=1e-5,
+        within = [ref_loss(x[(groups == a) & (labels == c)], x[(groups == b) & (labels == c)])
+                  for a, b in itertools.combinations(present_c, 2)]
+        class_means.append(torch.stack(within).mean())
+    assert sk.per_class(x, groups, labels).item() == pytest.approx(torch.stack(class_means).mean().item(), rel=1e-5,
                                                                     abs=1e-6)
     # one by one too, through the public batched entry point
     idx = [torch.nonzero(groups == k).flatten() for k in present]
@@ -360,11 +370,11 @@ def test_ldam_margin_rules_against_hand_computation():
     literal = ldam_margins(counts, 0.5, rule="literal")
     torch.testing.assert_close(literal, 0.5 / n ** 0.25)  # the design's m_k = max_margin / n_k^(1/4)
     assert literal.tolist() == pytest.approx([0.25, 0.5 / 3, 0.125, 0.5])
-    normalized = ldam_margins(counts, 0.5)  # reference code: the rarest class gets max_margin
+    normalized = ldam_margins(counts, 0.5, rule="normalized")  # reference code: the rarest class gets max_margin
     assert normalized.tolist() == pytest.approx([0.25, 0.5 / 3, 0.125, 0.5])  # rarest count is 1 here
-    assert ldam_margins([16, 81, 256], 0.5).tolist() == pytest.approx([0.5, 0.5 * 2 / 3, 0.25])
-    assert ldam_margins([16, 81, 256], 0.5, rule="literal").tolist() == pytest.approx([0.25, 0.5 / 3, 0.125])
-    with pytest.raises(ValueError, match="normalized or literal"):
+    assert ldam_margins([16, 81, 256], 0.5, rule="normalized").tolist() == pytest.approx([0.5, 0.5 * 2 / 3, 0.25])
+    assert ldam_margins([16, 81, 256], 0.5).tolist() == pytest.approx([0.25, 0.5 / 3, 0.125])  # literal by default
+    with pytest.raises(ValueError, match="literal or normalized"):
         ldam_margins(counts, rule="paper")
     # the per-run masked loss: mean over known targets, by hand
     loss = LDAMLoss([16, 81, 256], max_margin=0.5, s=10.0, rule="literal")

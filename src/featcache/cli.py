@@ -705,14 +705,18 @@ def train_e2e_group():
 @click.option("--save-every", default=0, show_default=True, help="Keep a weights snapshot every N epochs (0: none).")
 @click.option("--patience", default=_e2e_default("patience"), type=int, show_default="15, the design's example",
               help="Early stopping on val AUC (0: off).")
-@click.option("--mixed-precision/--no-mixed-precision", default=True, show_default="on",
+@click.option("--mixed-precision/--no-mixed-precision", default=False, show_default="off: fp32, the design's",
               help="torch.autocast (+ GradScaler for fp16) on CUDA; the CPU always trains in fp32.")
 @click.option("--amp-dtype", type=click.Choice(["fp16", "bf16"]), default=_e2e_default("amp_dtype"),
               show_default="fp16")
 @click.option("--no-augment", is_flag=True, help="Train without flip, colour jitter, affine and blur.")
 @click.option("--image-size", default=_e2e_default("image_size"), type=int, show_default="256")
+@click.option("--geometry", type=click.Choice(["design", "timm"]), default=_e2e_default("geometry"),
+              show_default="design",
+              help="design: the image resized to --image-size square (a face of that size as it is); "
+                   "timm: timm's evaluation resize to size / crop_pct and centre crop.")
 @click.option("--num-workers", default=0, show_default=True,
-              help="Persistent DataLoader workers that decode, resize and crop to uint8 (0: in this process).")
+              help="Persistent DataLoader workers that decode and resize to uint8 (0: in this process).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when present].")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
@@ -722,7 +726,7 @@ def train_e2e_group():
 @quiet_option
 @click.pass_obj
 def train_e2e_mnv4(state, manifest_path, out, model, pretrained, epochs, batch_size, lr, weight_decay, save_every,
-                   patience, mixed_precision, amp_dtype, no_augment, image_size, num_workers, device, seed, resume,
+                   patience, mixed_precision, amp_dtype, no_augment, image_size, geometry, num_workers, device, seed, resume,
                    overwrite, tensorboard):
     """Fine-tune MobileNetV4 (one logit, BCE, AdamW, cosine) as the cascade's fast filter.
 
@@ -739,7 +743,7 @@ def train_e2e_mnv4(state, manifest_path, out, model, pretrained, epochs, batch_s
         r = train_e2e(manifest_path, out, model=model, pretrained=pretrained, epochs=epochs, batch_size=batch_size,
                       lr=lr, weight_decay=weight_decay, save_every=save_every, patience=patience,
                       mixed_precision=mixed_precision, amp_dtype=amp_dtype, augment=not no_augment,
-                      image_size=image_size,
+                      image_size=image_size, geometry=geometry,
                       num_workers=num_workers, device=device, seed=seed, resume=resume, overwrite=overwrite,
                       tensorboard=tensorboard, progress=not state.quiet, echo=click.echo)
     except KeyboardInterrupt:

@@ -6,15 +6,18 @@ where there is network), a local weights file (safetensors, or a tensors-only to
 read with ``weights_only=True``; its classifier is not used), or ``none`` (random
 initialisation with the seed: tests and the demo use ``mobilenetv4_conv_small``).
 
-Inputs (:func:`make_transform`): the model's own preprocessing from timm
-(``resolve_data_config``: mean, std, interpolation, crop_pct; ``create_transform`` for
-evaluation: resize the shorter side to ``image_size / crop_pct``, centre crop ``image_size``),
-at the configured ``image_size``.  Training puts the design's augmentations on top
+Inputs (:func:`make_transform`): the model's own normalisation from timm (``resolve_data_config``:
+mean, std, interpolation) at the configured ``image_size``, with the geometry of :data:`GEOMETRIES`:
+``design`` (the default) feeds the image as the design does, resized to ``image_size`` square (a
+256-px face at the default 256 passes unchanged: PIL's resize to the same size is a copy); ``timm``
+is timm's evaluation geometry (resize the shorter side to ``image_size / crop_pct``, 269 for the
+default model, centre crop ``image_size``), what runs written before issue 26 used and still use.
+Training puts the design's augmentations on top
 (:data:`AUGMENTATIONS`: flip, colour jitter, random affine, Gaussian blur) in a
 ``torchvision.transforms.v2`` pipeline that takes a PIL image or a uint8 tensor
 (:func:`make_transform`, the reference on the CPU).
 
-Training and prediction run the fast path: DataLoader workers decode, resize and centre crop
+Training and prediction run the fast path: DataLoader workers decode and apply the geometry
 to uint8 (:func:`geometry`, :func:`pixel_loader`); batches travel (pinned on CUDA) as uint8
 (n, 3, H, W); on the device :func:`prepare_batch` applies the augmentations per sample (each
 image its own random parameters from a seeded ``torch.Generator`` on the device:
@@ -59,9 +62,15 @@ DEFAULTS = {
     "lr": 1e-4,
     "weight_decay": 1e-5,
     "image_size": 256,
-    "amp_dtype": "fp16",
+    "geometry": "design",  # the 256-px face as it is (see GEOMETRIES)
+    "amp_dtype": "fp16",  # used only with mixed precision, which is off by default (the design trains in fp32)
     "eval_batch_size": 256,  # evaluation and prediction batches (no gradients: larger than training's)
 }
+
+#: The filter's input geometry: ``design`` resizes the image to image_size square (the design's input;
+#: an image_size face passes as it is); ``timm`` is timm's evaluation geometry (shorter side to
+#: image_size / crop_pct, then a centre crop of image_size).
+GEOMETRIES = ("design", "timm")
 
 #: The training augmentations, at the design's values (issue 18): flip p 0.5; ColorJitter
 #: brightness/contrast/saturation 0.2 and hue 0.1; RandomAffine rotation 10 degrees, translate
@@ -116,14 +125,19 @@ def _zero_head(net: torch.nn.Module) -> torch.nn.Module:
     return net
 
 
-def data_config(model=DEFAULT_MODEL, image_size: int | None = None, pretrained: str | None = None) -> dict:
-    """timm's preprocessing of ``model`` (a timm name, or a created timm module) at ``image_size``.
+def data_config(model=DEFAULT_MODEL, image_size: int | None = None, pretrained: str | None = None,
+                geometry: str = DEFAULTS["geometry"]) -> dict:
+    """The filter's preprocessing of ``model`` (a timm name, or a created timm module) at ``image_size``.
 
     ``{input_size, interpolation, mean, std, crop_pct, crop_mode}`` from
     ``timm.data.resolve_model_data_config`` (a module) or ``resolve_data_config`` on the
     pretrained config of the timm name ``model.pretrained`` (a tag that is ``none``, ``default`` or a
     file means the architecture's default tag).  ``input_size`` is set to ``image_size`` square.
+    ``geometry`` ``design`` sets ``crop_pct`` 1 and ``crop_mode`` ``squash`` (a resize to the square,
+    no crop); ``timm`` keeps timm's (see :data:`GEOMETRIES`).
     """
+    if geometry not in GEOMETRIES:
+        raise FeatcacheError(f"the filter's geometry must be {' or '.join(GEOMETRIES)}, got {geometry!r}")
     import timm
     from timm.data import resolve_data_config, resolve_model_data_config
 
@@ -137,6 +151,8 @@ def data_config(model=DEFAULT_MODEL, image_size: int | None = None, pretrained: 
     cfg = dict(cfg)
     if image_size is not None:
         cfg["input_size"] = (3, int(image_size), int(image_size))
+    if geometry == "design":
+        cfg.update(crop_pct=1.0, crop_mode="squash")
     return cfg
 
 
@@ -166,7 +182,7 @@ def make_transform(image_size: int, train: bool, *, model=DEFAULT_MODEL, pretrai
                              f"{cfg['crop_mode']!r}")
     a = AUGMENTATIONS
     return v2.Compose([
-        # timm's evaluation geometry: the shorter side (both sides when squashing) to size / crop_pct
+        # the config's geometry: the shorter side (both sides when squashing) to size / crop_pct
         v2.Resize(scale if cfg.get("crop_mode", "center") == "center" else [scale, scale], interpolation=interp,
                   antialias=True),
         v2.CenterCrop(image_size),
@@ -213,9 +229,11 @@ def image_loader(paths: list[str], image_size: int, *, train: bool, batch_size: 
 
 # -- the fast path: uint8 from the workers, augmentation and normalisation on the device -----------
 def geometry(image_size: int, config: dict):
-    """timm's evaluation geometry as PIL operations ending in a uint8 ``image_size`` square: the
-    shorter side (both sides with crop mode ``squash``) to ``floor(image_size / crop_pct)`` with the
-    config's interpolation, then a centre crop (the steps of timm's eval transform before ToTensor)."""
+    """The config's geometry as PIL operations ending in a uint8 ``image_size`` square: the shorter
+    side (both sides with crop mode ``squash``) to ``floor(image_size / crop_pct)`` with the config's
+    interpolation, then a centre crop (the steps of timm's eval transform before ToTensor).  In the
+    ``design`` geometry (crop_pct 1, ``squash``) that is a resize to the square and no crop: an
+    ``image_size`` square image passes unchanged."""
     from torchvision.transforms import v2
 
     mode = config.get("crop_mode", "center")
@@ -454,7 +472,7 @@ def predict_scores(model: torch.nn.Module, paths: list[str], image_size: int, de
                    ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Logits of every path (float64), a readable mask, and {row: error} for unreadable files.
 
-    Preprocessing: timm's evaluation geometry and normalisation of ``config``, or of ``model``
+    Preprocessing: the geometry and normalisation of ``config``, or of ``model``
     itself (``resolve_model_data_config``) when ``config`` is None: uint8 batches from
     :func:`pixel_loader` (or the given ``loader`` over ``paths``), normalised on ``device``;
     channels-last on CUDA."""
@@ -525,8 +543,10 @@ class FilterRun:
 
     @property
     def data_config(self) -> dict:
-        """timm's preprocessing of the run's model and weights at its image size."""
-        return data_config(self.spec["model"], self.image_size, self.spec.get("pretrained"))
+        """The preprocessing of the run's model and weights at its image size, in the run's geometry
+        (``timm`` for a run written before issue 26, whose spec has none)."""
+        return data_config(self.spec["model"], self.image_size, self.spec.get("pretrained"),
+                           self.spec.get("geometry", "timm"))
 
     def predict(self, manifest, split: str, *, batch_size: int = DEFAULTS["eval_batch_size"], num_workers: int = 0,
                 progress: bool = False) -> pd.DataFrame:

@@ -2,21 +2,23 @@
 
 BCEWithLogitsLoss on one logit, AdamW (fused on CUDA), cosine annealing over the epochs
 (stepped per epoch), training augmentations (``augment=False`` leaves them out), selection and
-early stopping on validation AUC (``patience`` epochs without a new best; 0 = never), mixed
-precision on by default on CUDA (``torch.autocast`` in fp16 with a GradScaler, or bf16;
-``mixed_precision=False`` turns it off); fp32 on the CPU. On CUDA the model and its batches are
+early stopping on validation AUC (``patience`` epochs without a new best; 0 = never), fp32 as
+the design trains (``mixed_precision=True``: ``torch.autocast`` on CUDA in fp16 with a GradScaler, or
+bf16; the CPU trains in fp32 either way). On CUDA the model and its batches are
 channels-last. :func:`featcache.train.loop.fit` does the epochs, checkpoints, logs and resume;
 this module supplies the batches, the loss and the evaluation.
 
 Input pipeline: DataLoader workers (persistent when ``num_workers`` > 0, one loader for every
-epoch) decode, resize and centre crop to uint8 (timm's evaluation geometry); batches travel
+epoch) decode and bring each image to the square (``geometry``: ``design``, the default, resizes
+to ``image_size`` square, so a 256-px face passes as it is; ``timm``, timm's evaluation resize and
+centre crop) as uint8; batches travel
 pinned as uint8; on the device each image gets its own augmentation parameters from a
 ``torch.Generator`` there, seeded per epoch, then float conversion and normalisation
 (:func:`featcache.e2e.mnv4.prepare_batch`). Evaluation runs in batches of
 ``mnv4.DEFAULTS["eval_batch_size"]``.
 
 The run directory is the one layout (ARCHITECTURE.md): config.yaml, model.json (spec:
-``model``, ``pretrained``, ``image_size``, ``num_classes``), log.jsonl, training_log.csv,
+``model``, ``pretrained``, ``image_size``, ``geometry``, ``num_classes``), log.jsonl, training_log.csv,
 best.safetensors, last.safetensors, resume.pt, summary.json, plots/, eval/{val,test}/.
 ``training_log.csv`` has per epoch: train loss and accuracy, val loss, accuracy, AUC and F1, the
 learning rate, and ``unreadable`` (images skipped). Epoch ``e`` draws its shuffling and
@@ -54,6 +56,7 @@ from ..train.loop import RESUME_FILE, LoopSettings, OneModelJob, fit
 from .mnv4 import (
     DEFAULT_MODEL,
     DEFAULTS,
+    GEOMETRIES,
     META,
     TASK,
     EpochSampler,
@@ -107,8 +110,9 @@ class FilterJob(OneModelJob):
         self.amp_dtype = AMP_DTYPES[tc["amp_dtype"]] if tc["mixed_precision"] and device.type == "cuda" else None
         self.cuda = device.type == "cuda"
         self.manifest = manifest
-        # timm's preprocessing of this model and weights: training crops as evaluation does
-        self.data_config = data_config(mc["name"], self.size, mc["pretrained"])
+        # the preprocessing of this model and weights in the run's geometry (a run configured before
+        # issue 26 has none: timm's), the same for training and evaluation
+        self.data_config = data_config(mc["name"], self.size, mc["pretrained"], mc.get("geometry", "timm"))
         self.train_rows, self.train_paths = load_split(manifest, "train")
         self.y_train = torch.from_numpy(self.train_rows["label"].to_numpy().astype(np.float32))
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -212,10 +216,11 @@ def train_e2e(
     weight_decay: float = DEFAULTS["weight_decay"],
     save_every: int = 0,
     patience: int = DEFAULTS["patience"],
-    mixed_precision: bool = True,
+    mixed_precision: bool = False,
     amp_dtype: str = DEFAULTS["amp_dtype"],
     augment: bool = True,
     image_size: int = DEFAULTS["image_size"],
+    geometry: str = DEFAULTS["geometry"],
     num_workers: int = 0,
     device: str | None = None,
     seed: int = 0,
@@ -232,8 +237,10 @@ def train_e2e(
     config; ``epochs`` larger than the run's extends it, the cosine schedule restarting from the
     last learning rate used or from ``lr`` when given (``echo`` says which). ``epochs`` defaults
     to 50 and ``lr`` to 1e-4 (``mnv4.DEFAULTS``, the design's values). ``on_epoch_end(epoch, row)`` is called after each epoch's resume point
-    is written (a notebook hook; raising in it interrupts the run). ``mixed_precision`` (on by
-    default) trains under autocast in ``amp_dtype`` on CUDA; the CPU trains in fp32 either way.
+    is written (a notebook hook; raising in it interrupts the run). ``mixed_precision`` (off by
+    default: the design trains in fp32) trains under autocast in ``amp_dtype`` on CUDA; the CPU trains
+    in fp32 either way. ``geometry``: ``design`` (the image resized to ``image_size`` square: a face of
+    that size as it is) or ``timm`` (timm's evaluation resize and centre crop), for training and evaluation.
     ``tensorboard``: the per-epoch scalars also go to ``out/tensorboard/`` (recorded in the config
     as ``logging.tensorboard``).
     """
@@ -252,13 +259,15 @@ def train_e2e(
             raise FeatcacheError("--lr must be > 0 and --weight-decay >= 0")
         if amp_dtype not in AMP_DTYPES:
             raise FeatcacheError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}; got {amp_dtype!r}")
+        if geometry not in GEOMETRIES:
+            raise FeatcacheError(f"--geometry must be one of {', '.join(GEOMETRIES)}; got {geometry!r}")
         if is_run_dir(out) and (out / RESUME_FILE).is_file() and not (out / "summary.json").is_file() and not overwrite:
             raise FeatcacheError(f"{out} holds an interrupted run; continue it with --resume, or pass --overwrite")
         cfg = {
             "task": TASK,
             "manifest": {"path": str(Path(manifest).resolve()), "sha256": m.sha256},
             "model": {"name": model, "pretrained": pretrained or default_pretrained(model),
-                      "image_size": int(image_size)},
+                      "image_size": int(image_size), "geometry": geometry},
             "training": _options(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
                                  weight_decay=float(weight_decay), save_every=int(save_every), patience=int(patience),
                                  mixed_precision=bool(mixed_precision), amp_dtype=amp_dtype, augment=bool(augment),
@@ -279,7 +288,8 @@ def train_e2e(
         prepare_run_dir(out, overwrite)
         save_config(cfg, out / "config.yaml")
         write_json(out / "model.json", {"task": TASK, "spec": {"model": mc["name"], "pretrained": mc["pretrained"],
-                                                               "image_size": mc["image_size"], "num_classes": 1}})
+                                                               "image_size": mc["image_size"],
+                                                               "geometry": mc["geometry"], "num_classes": 1}})
     settings = LoopSettings(epochs=int(tc["epochs"]), batch_size=int(tc["batch_size"]), lr=float(tc["lr"]),
                             seeds=[int(tc["seed"])], weight_decay=float(tc["weight_decay"]), selection="auc",
                             patience=int(tc["patience"]), save_every=int(tc["save_every"]), schedule="cosine",

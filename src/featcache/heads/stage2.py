@@ -6,11 +6,16 @@ d query V views projected from f, a gate fuses the two, and a classifier gives t
 (score = logit_fake - logit_real, so p = sigmoid(score)).  A cosine head over the 8
 subgroups carries the LDAM loss.
 
-L = (1 - w c_cvar) CE + w c_cvar CVaR + w c_ldam LDAM + w c_sinkhorn Sinkhorn_per_class
-    + c_contrastive cos(f, d)^2,   w: 0 until warmup_start, linearly to 1 at warmup_end.
+L = (1 - w a) CE + w c_cvar CVaR + w c_ldam LDAM + w c_sinkhorn Sinkhorn_per_class
+    + c_contrastive cos(f, d)^2,
+w: the fairness weight, with the design's epochs counted from 0 (e = epoch - 1): 0 up to e = warmup_start,
+linearly to 1 at e = warmup_end (defaults 5, 10: 0 through epoch 6 counted from 1, 1 from epoch 11).
+a, CE's hand-off (``loss.ce_weight_rule``): ``design`` (the default) a = 1 whenever a fairness term
+(CVaR, LDAM, Sinkhorn) is on, the design's (1 - w) CE; a = 0 when every one is off (preset ``none``:
+the design's formula would leave it no loss at all after the warm-up).  ``cvar`` (the project's earlier
+rule) a = c_cvar: CE hands its weight only to CVaR, the one term that replaces it as a detection loss.
 The presets differ only in the per-run coefficients c (``coefficients()``): ``none`` is the same graph
-with every fairness coefficient 0, so runs of every preset stack into one module.  A term a preset
-switches off leaves its weight to CE.
+with every fairness coefficient 0, so runs of every preset stack into one module.
 
 ``model.architecture: linear`` (the ``linear`` preset, the design's "CLIP + Linear + CE" baseline) is
 another, smaller architecture: the cached features, one linear layer, cross-entropy; it stacks only
@@ -51,6 +56,8 @@ N_SUBGROUPS = 8
 
 ARCHITECTURES = ("fair", "linear")
 FAIRNESS_KEYS = ("cvar", "ldam", "sinkhorn")
+#: How CE hands its weight to the fairness terms: ``design`` (1 - w) CE whenever one is on; ``cvar`` only to CVaR.
+CE_WEIGHT_RULES = ("design", "cvar")
 
 
 class Stage2Model(nn.Module):
@@ -109,7 +116,8 @@ class Stage2Task(Task):
     meta_columns = META
     requires_runs = {"stage1": "stage1"}
     # the per-run coefficients (cvar, ldam, sinkhorn, contrastive) come from these loss keys
-    coefficient_keys = ("use_cvar", "use_ldam", "use_sinkhorn", "lambda_ldam", "lambda_sinkhorn", "lambda_contrastive")
+    coefficient_keys = ("use_cvar", "use_ldam", "use_sinkhorn", "lambda_ldam", "lambda_sinkhorn", "lambda_contrastive",
+                        "ce_weight_rule")
 
     def __init__(self, cfgs, device, run_dirs=None):
         super().__init__(cfgs, device, run_dirs)
@@ -138,13 +146,19 @@ class Stage2Task(Task):
 
     @staticmethod
     def run_coefficients(cfg: dict) -> dict[str, float]:
-        """The four coefficients of one run's config (a switched-off term has coefficient 0)."""
+        """The coefficients of one run's config (a switched-off term has coefficient 0) and ``ce_handoff``,
+        a in CE's weight 1 - w a (see the module docstring)."""
         c = cfg["loss"]
         linear = str(cfg["model"].get("architecture", "fair")) == "linear"
         on = (lambda key: 0.0 if linear else float(bool(c[f"use_{key}"])))  # noqa: E731
-        return {"cvar": on("cvar"), "ldam": on("ldam") * float(c["lambda_ldam"]),
-                "sinkhorn": on("sinkhorn") * float(c["lambda_sinkhorn"]),
-                "contrastive": 0.0 if linear else float(c["lambda_contrastive"])}
+        coefs = {"cvar": on("cvar"), "ldam": on("ldam") * float(c["lambda_ldam"]),
+                 "sinkhorn": on("sinkhorn") * float(c["lambda_sinkhorn"]),
+                 "contrastive": 0.0 if linear else float(c["lambda_contrastive"])}
+        if str(c.get("ce_weight_rule", "design")) == "cvar":
+            coefs["ce_handoff"] = coefs["cvar"]
+        else:
+            coefs["ce_handoff"] = float(any(coefs[k] > 0 for k in FAIRNESS_KEYS))
+        return coefs
 
     def _make_coefficients(self) -> dict[str, torch.Tensor]:
         per = [self.run_coefficients(c) for c in self.cfgs]
@@ -209,18 +223,16 @@ class Stage2Task(Task):
             src = s1.module.adapter.state_dict()
             model.fair.load_state_dict({k: v[:1].expand_as(model.fair.state_dict()[k]).clone() for k, v in src.items()})
         self.ldam = LDAMLoss(spec["subgroup_counts"], max_margin=float(loss["ldam_max_margin"]),
-                             s=float(loss["ldam_scale"]), rule=str(loss.get("ldam_margin_rule", "normalized")))
+                             s=float(loss["ldam_scale"]), rule=str(loss.get("ldam_margin_rule", "literal")))
         self.ldam.to(self.device)
         diameter = spec.get("sinkhorn_diameter") or 10.0 * spec["sinkhorn_blur"]
         self.sinkhorn = StackedSinkhorn(spec["sinkhorn_blur"], float(loss["sinkhorn_scaling"]), diameter)
         return model
 
     def fairness_weight(self, state: StepState) -> float:
-        f = self.cfg["fairness"]
-        start, end = float(f["warmup_start"]), float(f["warmup_end"])
-        if end <= start:
-            return float(state.epoch >= start)
-        return float(min(1.0, max(0.0, (state.epoch - start) / (end - start))))
+        """w of an epoch, counted as the design counts epochs (from 0: e = epoch - 1):
+        ``clip((e - warmup_start) / (warmup_end - warmup_start), 0, 1)``."""
+        return warmup_weight(state.epoch, self.cfg["fairness"]["warmup_start"], self.cfg["fairness"]["warmup_end"])
 
     def epoch_values(self, state: StepState) -> dict:
         return {"fairness_weight": self.fairness_weight(state)}
@@ -240,7 +252,7 @@ class Stage2Task(Task):
         # the head's zero gradient (hence AdamW's weight decay), alone as in any stack.
         want = {k: k == "ldam" or any(self.run_coefficients(cfg)[k] > 0 for cfg in self.cfgs)
                 for k in ("cvar", "ldam", "sinkhorn", "contrastive")}
-        loss = (1.0 - w * c["cvar"]) * terms["ce"]
+        loss = (1.0 - w * c["ce_handoff"]) * terms["ce"]
         if want["cvar"]:
             cl = self.cfg["loss"]  # the worst fractions are equal across stacked runs (stack_key)
             terms["cvar"] = bilevel_cvar(per_sample, g, y, float(cl["inner_worst_fraction"]),
@@ -297,16 +309,31 @@ def check_stage2_config(cfg: dict) -> None:
     arch = str(model.get("architecture", "fair"))
     if arch not in ARCHITECTURES:
         raise FeatcacheError(f"model.architecture must be fair or linear, got {arch!r}")
-    rule = str(loss.get("ldam_margin_rule", "normalized"))
+    rule = str(loss.get("ldam_margin_rule", "literal"))
     if rule not in MARGIN_RULES:
-        raise FeatcacheError(f"loss.ldam_margin_rule must be normalized or literal, got {rule!r}")
+        raise FeatcacheError(f"loss.ldam_margin_rule must be literal or normalized, got {rule!r}")
+    ce_rule = str(loss.get("ce_weight_rule", "design"))
+    if ce_rule not in CE_WEIGHT_RULES:
+        raise FeatcacheError(f"loss.ce_weight_rule must be design or cvar, got {ce_rule!r}")
     coefs = Stage2Task.run_coefficients(cfg)
-    if any(coefs[k] > 0 for k in FAIRNESS_KEYS) and epochs < int(f["warmup_end"]):
+    full = int(f["warmup_end"]) + 1  # the first epoch (counted from 1) at the whole fairness weight
+    if any(coefs[k] > 0 for k in FAIRNESS_KEYS) and epochs < full:
+        end = max(1, (epochs - 1) // 2) if epochs > 1 else 0
         raise FeatcacheError(
             f"stage2: training.epochs={epochs} ends before the fairness warm-up does (fairness.warmup_end="
-            f"{f['warmup_end']}), so the fairness losses would never reach their weight; train at least "
-            f"{f['warmup_end']} epochs, or shorten the warm-up (e.g. --set fairness.warmup_start=1 "
-            f"--set fairness.warmup_end={max(1, epochs // 2)} --set selection.min_epoch={max(1, epochs // 2)})")
+            f"{f['warmup_end']}: the weight reaches 1 at epoch {full}, the design counting epochs from 0), so the "
+            f"fairness losses would never reach their weight; train at least {full} epochs, or shorten the "
+            f"warm-up (e.g. --set fairness.warmup_start={end // 2} --set fairness.warmup_end={end} "
+            f"--set selection.min_epoch={end + 1})")
+
+
+def warmup_weight(epoch: int, start: float, end: float) -> float:
+    """The fairness weight of ``epoch`` (counted from 1) for a warm-up from ``start`` to ``end`` in the
+    design's epochs, counted from 0: with e = epoch - 1, 0 up to e = start, linear to 1 at e = end."""
+    e, start, end = epoch - 1, float(start), float(end)
+    if end <= start:
+        return float(e >= start)
+    return float(min(1.0, max(0.0, (e - start) / (end - start))))
 
 
 def video_keys(meta) -> np.ndarray | None:

@@ -1,6 +1,6 @@
 """The XAI task: a frame-importance network and class prototypes over cached speech frames.
 
-The frozen encoder's frames h(t) (centred on the train frames' mean, unit-normalised) of an utterance go through an importance
+The frozen encoder's frames h(t) (centred on the train frames' mean unless ``model.center`` is false, then unit-normalised) of an utterance go through an importance
 network (LayerNorm, linear to ``hidden``, a 1-D convolution over ``kernel`` frames for temporal
 context, linear, sigmoid) giving w(t) in [0, 1].  Two prototypes, p_bonafide and p_spoof, live in
 the frame space: ``ema`` (initialised at the train class means, then moved by an importance-
@@ -35,6 +35,8 @@ from .blocks import RunRNG, StackedDropout, StackedLayerNorm, StackedLinear, run
 from .task import SplitData, StepState, Task, register_task
 
 CLASSES = ("bonafide", "spoof")
+#: ``loss.normalize``: N in sum_t w(t) l_t / N (see :func:`featcache.losses.prototype.frame_contrastive`)
+NORMALIZE = ("frames", "importance", "none")
 META = ["sample_id", "label", "split", "segments", "identity", "method"]
 
 
@@ -192,6 +194,8 @@ class XaiTask(Task):
         m = self.cfg["model"]
         if m["prototype_mode"] not in ("ema", "fixed", "learnable"):
             raise FeatcacheError(f"model.prototype_mode must be ema, fixed or learnable, got {m['prototype_mode']!r}")
+        if self.cfg["loss"]["normalize"] not in NORMALIZE:
+            raise FeatcacheError(f"loss.normalize must be {', '.join(NORMALIZE)}, got {self.cfg['loss']['normalize']!r}")
         labels = self.data["train"].tensors["label"]
         if not ((labels == 0).any() and (labels == 1).any()):
             raise FeatcacheError("the train split needs bonafide (label 0) and spoof (label 1) utterances")

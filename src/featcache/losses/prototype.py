@@ -5,8 +5,8 @@ w(t) in [0, 1]::
 
     l_t = -log softmax_c(h(t) . p_c / tau)[y]            L = sum_t w(t) l_t / N
 
-with N = sum_t w(t) (``importance``) or the number of frames T (``frames``), averaged over the
-utterances of a batch.
+with N = 1 (``none``: the design's objective, the plain sum sum_t w(t) l_t), N = sum_t w(t)
+(``importance``) or the number of frames T (``frames``), averaged over the utterances of a batch.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ def frame_contrastive(h: torch.Tensor, prototypes: torch.Tensor, y: torch.Tensor
 
     ``h`` (..., B, T, D) unit frames, ``prototypes`` (..., C, D) unit, ``y`` (..., B) class per
     utterance, ``w`` (..., B, T) importance, ``mask`` (..., B, T) true on real (not padded) frames;
-    leading dimensions (stacked runs) are kept: returns (...).  ``normalize``: ``importance`` divides
-    each utterance's sum by sum_t w(t) (invariant to the level of w), ``frames`` by its number of frames T.
+    leading dimensions (stacked runs) are kept: returns (...).  ``normalize``: ``none`` keeps each
+    utterance's sum (the design's sum_t w(t) l_t), ``importance`` divides it by sum_t w(t) (invariant to
+    the level of w), ``frames`` by its number of frames T.
     """
     logits = torch.einsum("...btd,...cd->...btc", h, prototypes) / tau
     target = y[..., None, None].expand(*y.shape, h.shape[-2], 1)
@@ -33,8 +34,10 @@ def frame_contrastive(h: torch.Tensor, prototypes: torch.Tensor, y: torch.Tensor
         den = wm.sum(-1).clamp_min(eps)
     elif normalize == "frames":
         den = mask.sum(-1).clamp_min(1)
+    elif normalize == "none":
+        den = 1.0
     else:
-        raise ValueError(f"normalize must be importance or frames, got {normalize!r}")
+        raise ValueError(f"normalize must be none, importance or frames, got {normalize!r}")
     return ((wm * nll).sum(-1) / den).mean(-1)
 
 

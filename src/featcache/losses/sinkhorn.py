@@ -139,18 +139,24 @@ class GroupSinkhorn(nn.Module):
         return self._mean(x, self.divergences(x, list(itertools.combinations(members, 2))))
 
     def per_class(self, x: Tensor, groups: Tensor, labels: Tensor) -> Tensor:
-        """Subgroup pairs within each class: the mean over all the pairs (g, h), g < h, of subgroups
-        present among the reals and all such pairs among the fakes, pooled (8 subgroups present in both
-        classes: 2 x 28 = 56 pairs), of ``S(x[g, c], x[h, c])``.
+        """The Stage-2 design's per-class term (L_real + L_fake) / 2: for each class c, L_c is the mean
+        over the pairs (g, h), g < h, of subgroups present within class c of ``S(x[g, c], x[h, c])``;
+        then the mean over the classes that have at least one pair (as :meth:`StackedSinkhorn.terms`).
 
         Args: x (B, D); groups (B,) codes, -1 unknown; labels (B,) in {0, 1}.
         """
         lab = labels.detach().to("cpu", torch.long)
-        pairs = []
+        pairs, owner = [], []
         for c in torch.unique(lab).tolist():
             members = list(_members(groups, self.min_group, lab == c).values())
-            pairs += list(itertools.combinations(members, 2))
-        return self._mean(x, self.divergences(x, pairs))
+            new = list(itertools.combinations(members, 2))
+            pairs += new
+            owner += [c] * len(new)
+        if not pairs:
+            return x.sum() * 0.0
+        values = self.divergences(x, pairs)
+        owner_t = torch.tensor(owner)
+        return torch.stack([values[(owner_t == c).to(values.device)].mean() for c in sorted(set(owner))]).mean()
 
 
 # -- stacked runs: every run's group comparisons in one call, no host-device synchronisation -------
