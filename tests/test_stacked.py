@@ -203,3 +203,21 @@ def test_stacked_batch_loss_has_no_host_device_sync():
             loss.sum().backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def test_stage2_class_balance_weight_is_class_weighted_cross_entropy(stage1_input):
+    data = faces_split()
+    keep = np.r_[np.flatnonzero(data.tensors["label"].numpy() == 1), np.flatnonzero(data.tensors["label"].numpy() == 0)[:8]]
+    data = SplitData({k: v[keep] for k, v in data.tensors.items()}, data.meta.iloc[keep].reset_index(drop=True))
+    cfg = resolve_config("stage2", "none", sets=SMALL2 + ["training.class_balance=weight"])
+    Stage2Task.check_config(cfg)  # accepted: Stage 2's CE goes through class_weighted_mean
+    task = make(Stage2Task, [cfg], data, {"stage1": stage1_input})
+    y = data.tensors["label"].numpy()
+    from sklearn.utils.class_weight import compute_class_weight
+    want = compute_class_weight("balanced", classes=np.array([0, 1]), y=y)
+    batch = batches(data, 1, b=len(y))
+    task.module.eval()
+    _, terms = task.batch_loss(batch, StepState(1, 3))
+    logits = task.module(batch["x"])["logits"][0]
+    ref = torch.nn.functional.cross_entropy(logits, batch["label"][0], weight=torch.tensor(want, dtype=torch.float32))
+    torch.testing.assert_close(terms["ce"][0], ref, atol=1e-5, rtol=1e-5)

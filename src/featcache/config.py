@@ -192,6 +192,7 @@ CONSTRAINTS = {
     "training.patience": "int >= 0",
     "training.grad_clip": "float >= 0 or null",
     "training.schedule": "one of constant, cosine",
+    "training.class_balance": "one of none, weight, sampler",
     "selection.min_epoch": "int >= 1",
     "selection.rule": "one of best, last",
 }

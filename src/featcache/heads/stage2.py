@@ -113,6 +113,7 @@ class LinearModel(nn.Module):
 @register_task("stage2")
 class Stage2Task(Task):
     max_runs = 64
+    class_weighted = True  # its CE goes through class_weighted_mean (training.class_balance: weight)
     meta_columns = META
     requires_runs = {"stage1": "stage1"}
     # the per-run coefficients (cvar, ldam, sinkhorn, contrastive) come from these loss keys
@@ -242,7 +243,7 @@ class Stage2Task(Task):
         out = self.module(batch["x"])
         logits = out["logits"]
         per_sample = F.cross_entropy(logits.reshape(-1, 2), y.reshape(-1), reduction="none").reshape(y.shape)
-        terms = {"ce": per_sample.mean(-1)}
+        terms = {"ce": self.class_weighted_mean(per_sample, y)}  # training.class_balance: weight
         if self.architecture == "linear":
             return terms["ce"], {k: v.detach() for k, v in terms.items()}
         c = self.coefficients()
