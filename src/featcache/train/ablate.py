@@ -55,9 +55,6 @@ from .trainer import (
     writer_lock,
 )
 
-#: The columns of ablation.md for a detector, when present (kept for callers of the old name).
-REPORTED = ABLATION_METRICS
-
 #: Per task: the metric pair of the ablation plot (x, y); a detector default is F_FPR vs AUC.
 PLOT_AXES = {"stage1": ("probe_race_debiased", "test_cos"), "xai": ("test_loc_auroc", "test_auc")}
 
