@@ -35,13 +35,27 @@ class ConfigError(FeatcacheError):
     """A config, preset or ``--set`` override is wrong."""
 
 
+#: Config files of tasks from other packages (entry point group ``featcache.tasks``), by task name;
+#: filled when such a task registers with its ``config_file``.
+PLUGIN_CONFIGS: dict[str, Path] = {}
+
+
+def register_config_file(task: str, path: str | Path) -> None:
+    """Record the YAML of a task that lives outside featcache (its ``config_file``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"task {task!r} names config file {path}, which does not exist")
+    PLUGIN_CONFIGS[task] = path
+
+
 def config_path(task: str) -> Path:
-    return Path(str(resources.files("featcache") / "configs" / f"{task}.yaml"))
+    own = Path(str(resources.files("featcache") / "configs" / f"{task}.yaml"))
+    return own if own.is_file() or task not in PLUGIN_CONFIGS else PLUGIN_CONFIGS[task]
 
 
 def list_task_configs() -> list[str]:
     folder = Path(str(resources.files("featcache") / "configs"))
-    return sorted(p.stem for p in folder.glob("*.yaml"))
+    return sorted({p.stem for p in folder.glob("*.yaml")} | set(PLUGIN_CONFIGS))
 
 
 def _read_yaml(path: Path, what: str) -> dict:
