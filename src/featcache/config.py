@@ -24,6 +24,7 @@ import operator
 import re
 from dataclasses import dataclass
 from importlib import resources
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import yaml
@@ -50,6 +51,9 @@ def register_config_file(task: str, path: str | Path) -> None:
 
 def config_path(task: str) -> Path:
     own = Path(str(resources.files("featcache") / "configs" / f"{task}.yaml"))
+    if not own.is_file() and task not in PLUGIN_CONFIGS:
+        for ep in entry_points(group="featcache.tasks", name=task):
+            ep.load()  # the plugin's module registers its task, which records its config_file
     return own if own.is_file() or task not in PLUGIN_CONFIGS else PLUGIN_CONFIGS[task]
 
 

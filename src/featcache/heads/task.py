@@ -34,16 +34,24 @@ import torch
 
 from ..cache import CacheData, FeatureCache
 from ..cache.splits import split_mask
-from ..config import load_config
+from ..config import load_config, register_config_file
 from ..errors import FeatcacheError
 from ..metrics.threshold import parse_rule
 from ..registry import Registry
 from ..runtime import RunDir, load_weights, resolve_device
 from .blocks import RunRNG, StackedDropout
 
-#: Importing a task's module registers it.
+
+def _record_config(name: str, obj) -> None:
+    """A task from another package brings its own YAML (``config_file``); featcache's are package data."""
+    if isinstance(obj, type) and issubclass(obj, Task) and obj.config_file is not None:
+        register_config_file(name, obj.config_file)
+
+
+#: Importing a task's module registers it; tasks of other installed packages come from the entry-point
+#: group ``featcache.tasks`` (README, "A method of your own").
 TASKS = Registry("task", ("featcache.heads.stage1", "featcache.heads.stage2", "featcache.heads.xai",
-                         "featcache.heads.faap"))
+                         "featcache.heads.faap"), entry_points="featcache.tasks", on_register=_record_config)
 register_task = TASKS.register
 get_task = TASKS.get
 list_tasks = TASKS.names
@@ -167,6 +175,12 @@ class Task(Job):
     #: True when the task's classification loss goes through :meth:`class_weighted_mean`, so that
     #: ``training.class_balance: weight`` applies (a task without it refuses that setting).
     class_weighted: bool = False
+    #: The task's YAML when it lives outside featcache (a plugin); featcache's own are ``configs/<name>.yaml``.
+    config_file: str | Path | None = None
+    #: The ablation plot's axes (x, y): columns of the ablation table.
+    ablation_axes: tuple[str, str] = ("test_f_fpr", "test_auc")
+    #: Markdown appended to an ablation's report (what the task's own columns mean).
+    ablation_notes: str = ""
 
     def __init__(self, cfgs: dict | list[dict], device, run_dirs=None):
         self.cfgs = [cfgs] if isinstance(cfgs, dict) else list(cfgs)

@@ -123,6 +123,7 @@ def gather_frames(frames: torch.Tensor, table: torch.Tensor, rows: torch.Tensor)
 
 @register_task("xai")
 class XaiTask(Task):
+    ablation_axes = ("test_loc_auroc", "test_auc")
     cache_kind = "frames"
     detects = False
     max_runs = 64
