@@ -296,12 +296,14 @@ def conclude(task: Task, fits: list[FitResult], cfgs: list[dict], seconds: float
             "task": task.name, "preset": cfg.get("preset"), "seed": int(cfg["training"]["seed"]),
             "best_epoch": f.best_epoch, "epochs_run": f.epochs_run, "selection": cfg["selection"]["score"],
             "rule": cfg["selection"].get("rule", "best"), "score": f.score, "stopped": f.stopped,
-            "val": evals["val"][r][0], "test": evals["test"][r][0], **extra, "notes": notes,
+            # each split's metrics as written to eval/<split>/metrics.json: with their intervals, the
+            # gaps' no-disparity floors and the ECE floor, which the ablation tables compare on
+            "val": written[0].metrics, "test": written[1].metrics, **extra, "notes": notes,
             "summary_keys": list(task.summary_keys), "seconds": seconds,
         })
         if prune:
             resume.unlink()  # after summary.json: a kill in between leaves a finished run and a spare file
-        results.append(RunResult(f.run_dir, f.best_epoch, evals["val"][r][0], evals["test"][r][0], seconds, extra,
+        results.append(RunResult(f.run_dir, f.best_epoch, written[0].metrics, written[1].metrics, seconds, extra,
                                  task.summary_keys, written, notes))
     return results
 
