@@ -176,5 +176,6 @@ def test_the_loop_never_probes_a_job():
     class call, with a no-op default: no ``hasattr``/``getattr`` of a job, a task or their parts."""
     assert _probes("getattr(self.module, 'rng', None)\nhasattr(job, 'batches')\ngetattr(x, 'y')\n",
                    {"self", "job"}) == [1, 2]
-    for rel in ("train/loop.py", "train/trainer.py", "heads/task.py"):
+    heads = [f"heads/{p.name}" for p in sorted((SRC / "heads").glob("*.py"))]
+    for rel in ("train/loop.py", "train/trainer.py", "train/ablate.py", "train/evaluate.py", *heads):
         assert _probes((SRC / rel).read_text(), {"job", "task", "self", "cls", "rng", "module"}) == [], rel

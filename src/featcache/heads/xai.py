@@ -136,6 +136,9 @@ class XaiTask(Task):
         super().__init__(cfgs, device, run_dirs)
         self.flat: dict = {}
         self._init_prototypes: torch.Tensor | None = None
+        self._init_center: torch.Tensor | None = None  # the train frames' mean (model.center)
+        self._stats_epoch: int | None = None  # the epoch whose train importance stats are cached
+        self._last_eval: tuple = (None, None, None)  # (split, per-run weights, flat frames) of the last evaluate
         self.stop_messages: list[str | None] = [None] * self.runs
 
     # -- data ----------------------------------------------------------------------------------
@@ -194,7 +197,7 @@ class XaiTask(Task):
 
     def build(self, spec: dict) -> nn.Module:
         return XaiHead(self.seeds(), spec["dim"], spec["hidden"], spec["kernel"], spec["dropout"],
-                       spec["prototype_mode"], self._init_prototypes, getattr(self, "_init_center", None))
+                       spec["prototype_mode"], self._init_prototypes, self._init_center)
 
     # -- training ------------------------------------------------------------------------------
     def batch_loss(self, batch, state: StepState):
@@ -266,7 +269,7 @@ class XaiTask(Task):
     def stop_reason(self, row: dict, r: int) -> str | None:
         """Stop run r when its train importances collapsed to all 0 or all 1 (checked once an epoch)."""
         epoch = int(row.get("epoch", 0))
-        if getattr(self, "_stats_epoch", None) != epoch:
+        if self._stats_epoch != epoch:
             self._train_stats, self._stats_epoch = self.importance_stats("train"), epoch
             tol = float(self.cfg["loss"]["collapse_tol"])
             self.stop_messages = [collapse_message(st, tol, epoch) for st in self._train_stats]
@@ -312,7 +315,7 @@ class XaiTask(Task):
 
     def write_plots(self, out: Path, split: str, title: str, count: int = 6, r: int = 0) -> list[str]:
         """Importance over time with the true spoofed intervals shaded, for a few spoofed utterances."""
-        if getattr(self, "_last_eval", (None,))[0] != split:
+        if self._last_eval[0] != split:
             self.evaluate(split)
         ws = self._last_eval[1][r]
         meta = self.data[split].meta
