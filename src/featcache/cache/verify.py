@@ -96,30 +96,7 @@ def verify_cache(path, *, max_problems: int = 20) -> VerifyReport:
     if not cache.attrs.get("complete"):
         problems.append(f"incomplete: {len(cache.done_parts())} of {cache.n_parts} parts written")
 
-    stored = cache.meta_columns()
-    if not (cache.path / "meta" / "zarr.json").is_file():
-        problems.append("meta: the group's zarr.json is missing")
-        report.damaged_meta.append("(group)")
-    expected = list(cache.attrs.get("meta_columns") or _REQUIRED_META)
-    for col in [*expected, *(c for c in stored if c not in expected)]:
-        where = f"meta/{col}"
-        if col not in stored:
-            problems.append(f"{where}: the column is missing")
-            report.damaged_meta.append(col)
-            continue
-        try:
-            arr = cache.array(where)
-            if arr.shape != (cache.rows,):
-                problems.append(f"{where}: {arr.shape[0]} of {cache.rows} rows")
-                report.damaged_meta.append(col)
-                continue
-            arr.check()
-        except CacheDamageError as exc:
-            problems.append(f"{exc.where}: {exc.what}")
-            report.damaged_meta.append(col)
-        except CacheError as exc:
-            problems.append(f"{where}: {exc}")
-            report.damaged_meta.append(col)
+    stored = _check_meta(cache, report)
     ids = None
     if "sample_id" in stored and "sample_id" not in report.damaged_meta:
         ids = cache.meta(["sample_id"])["sample_id"]
@@ -177,6 +154,37 @@ def verify_cache(path, *, max_problems: int = 20) -> VerifyReport:
             p.startswith("errors.jsonl") for p in problems):
         report.repair = repair_hint(cache.path)
     return report
+
+
+def _check_meta(cache: FeatureCache, report: VerifyReport) -> list[str]:
+    """Every meta column the cache should hold: present, complete, decodable; problems and damaged
+    columns go into ``report``. Returns the columns stored."""
+    problems = report.problems
+    stored = cache.meta_columns()
+    if not (cache.path / "meta" / "zarr.json").is_file():
+        problems.append("meta: the group's zarr.json is missing")
+        report.damaged_meta.append("(group)")
+    expected = list(cache.attrs.get("meta_columns") or _REQUIRED_META)
+    for col in [*expected, *(c for c in stored if c not in expected)]:
+        where = f"meta/{col}"
+        if col not in stored:
+            problems.append(f"{where}: the column is missing")
+            report.damaged_meta.append(col)
+            continue
+        try:
+            arr = cache.array(where)
+            if arr.shape != (cache.rows,):
+                problems.append(f"{where}: {arr.shape[0]} of {cache.rows} rows")
+                report.damaged_meta.append(col)
+                continue
+            arr.check()
+        except CacheDamageError as exc:
+            problems.append(f"{exc.where}: {exc.what}")
+            report.damaged_meta.append(col)
+        except CacheError as exc:
+            problems.append(f"{where}: {exc}")
+            report.damaged_meta.append(col)
+    return stored
 
 
 def format_info(info: dict) -> str:
