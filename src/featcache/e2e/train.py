@@ -247,16 +247,9 @@ def train_e2e(
     else:
         epochs = DEFAULTS["epochs"] if epochs is None else epochs
         lr = DEFAULTS["lr"] if lr is None else lr
-        for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 2), ("image_size", image_size, 32),
-                                 ("save_every", save_every, 0), ("patience", patience, 0), ("num_workers", num_workers, 0)):
-            if int(value) != value or value < low:
-                raise FeatcacheError(f"--{name.replace('_', '-')} must be an integer >= {low}; got {value!r}")
-        if not (lr > 0 and weight_decay >= 0):
-            raise FeatcacheError("--lr must be > 0 and --weight-decay >= 0")
-        if amp_dtype not in AMP_DTYPES:
-            raise FeatcacheError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}; got {amp_dtype!r}")
-        if geometry not in GEOMETRIES:
-            raise FeatcacheError(f"--geometry must be one of {', '.join(GEOMETRIES)}; got {geometry!r}")
+        _check_options(epochs=epochs, batch_size=batch_size, image_size=image_size, save_every=save_every,
+                       patience=patience, num_workers=num_workers, lr=lr, weight_decay=weight_decay,
+                       amp_dtype=amp_dtype, geometry=geometry)
         if is_run_dir(out) and (out / RESUME_FILE).is_file() and not (out / "summary.json").is_file() and not overwrite:
             raise FeatcacheError(f"{out} holds an interrupted run; continue it with --resume, or pass --overwrite")
         cfg = {
@@ -265,10 +258,10 @@ def train_e2e(
             "model": {"name": model, "pretrained": pretrained or default_pretrained(model),
                       "image_size": int(image_size), "geometry": geometry},
             "training": dict(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
-                                 weight_decay=float(weight_decay), save_every=int(save_every), patience=int(patience),
-                                 mixed_precision=bool(mixed_precision), amp_dtype=amp_dtype, augment=bool(augment),
-                                 num_workers=int(num_workers), device=device or "auto", seed=int(seed),
-                                 schedule="cosine"),
+                             weight_decay=float(weight_decay), save_every=int(save_every), patience=int(patience),
+                             mixed_precision=bool(mixed_precision), amp_dtype=amp_dtype, augment=bool(augment),
+                             num_workers=int(num_workers), device=device or "auto", seed=int(seed),
+                             schedule="cosine"),
             "selection": {"score": "auc", "min_epoch": 1, "rule": "best"},
             "logging": {"tensorboard": bool(tensorboard)},
         }
@@ -295,26 +288,7 @@ def train_e2e(
     f = fit(job, [out], settings, resume=resume, lr=lr if resume else None, desc=f"train-e2e {mc['name']}",
             progress=progress, echo=echo, on_epoch_end=hook)[0]
     net.load_state_dict(load_weights(out / "best.safetensors", dev))
-    evals, results = [], {}
-    for split in ("val", "test"):
-        preds = job.predictions(split)
-        metrics = all_metrics(preds["label"].to_numpy(), preds["score"].to_numpy(), groups=preds["subgroup"].to_numpy())
-        results[split] = metrics
-        evals.append(write_evaluation(out, split, metrics, preds, detects=True, summary_keys=SUMMARY_KEYS,
-                                      title=f"{out.name} (filter {mc['name']})"))
-    ips = float(np.nanmean([r.get("train_images_per_s", np.nan) for r in f.log])) if f.log else float("nan")
-    seconds = time.perf_counter() - t0
-    notes = [n for n in (f.note,) if n]
-    write_json(out / "summary.json", {
-        "task": TASK, "model": mc["name"], "pretrained": mc["pretrained"], "seed": int(tc["seed"]),
-        "best_epoch": f.best_epoch, "epochs_run": f.epochs_run, "stopped": f.stopped,
-        "selection": "auc", "rule": "best", "score": f.score, "device": str(dev),
-        "mixed_precision": tc["amp_dtype"] if job.amp_dtype is not None else "off",
-        "train_images_per_s": ips, "val": results["val"], "test": results["test"], "notes": notes,
-        "summary_keys": list(SUMMARY_KEYS), "seconds": seconds,
-    })
-    return E2EResult(out, f.best_epoch, f.epochs_run, f.stopped is not None, results["val"], results["test"], ips,
-                     seconds, evals, notes)
+    return _write_results(out, job, f, cfg, str(dev), t0)
 
 
 def _resume_config(out: Path, manifest_sha: str, epochs: int | None) -> dict:
@@ -335,3 +309,45 @@ def _resume_config(out: Path, manifest_sha: str, epochs: int | None) -> dict:
         cfg["training"]["epochs"] = int(epochs)
         save_config(cfg, out / "config.yaml")
     return cfg
+
+
+def _write_results(out: Path, job: FilterJob, f, cfg: dict, device: str, t0: float) -> E2EResult:
+    """The selected weights (loaded in ``job``) evaluated on val and test into ``out/eval/``, then
+    summary.json with each split's metrics as written (intervals and floors included)."""
+    mc, tc = cfg["model"], cfg["training"]
+    evals, results = [], {}
+    for split in ("val", "test"):
+        preds = job.predictions(split)
+        metrics = all_metrics(preds["label"].to_numpy(), preds["score"].to_numpy(), groups=preds["subgroup"].to_numpy())
+        ev = write_evaluation(out, split, metrics, preds, detects=True, summary_keys=SUMMARY_KEYS,
+                              title=f"{out.name} (filter {mc['name']})")
+        evals.append(ev)
+        results[split] = ev.metrics
+    ips = float(np.nanmean([r.get("train_images_per_s", np.nan) for r in f.log])) if f.log else float("nan")
+    seconds = time.perf_counter() - t0
+    notes = [n for n in (f.note,) if n]
+    write_json(out / "summary.json", {
+        "task": TASK, "model": mc["name"], "pretrained": mc["pretrained"], "seed": int(tc["seed"]),
+        "best_epoch": f.best_epoch, "epochs_run": f.epochs_run, "stopped": f.stopped,
+        "selection": "auc", "rule": "best", "score": f.score, "device": device,
+        "mixed_precision": tc["amp_dtype"] if job.amp_dtype is not None else "off",
+        "train_images_per_s": ips, "val": results["val"], "test": results["test"], "notes": notes,
+        "summary_keys": list(SUMMARY_KEYS), "seconds": seconds,
+    })
+    return E2EResult(out, f.best_epoch, f.epochs_run, f.stopped is not None, results["val"], results["test"], ips,
+                     seconds, evals, notes)
+
+
+def _check_options(*, epochs, batch_size, image_size, save_every, patience, num_workers, lr, weight_decay, amp_dtype,
+                   geometry) -> None:
+    """The filter's options, each refused with one line naming it."""
+    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 2), ("image_size", image_size, 32),
+                             ("save_every", save_every, 0), ("patience", patience, 0), ("num_workers", num_workers, 0)):
+        if int(value) != value or value < low:
+            raise FeatcacheError(f"--{name.replace('_', '-')} must be an integer >= {low}; got {value!r}")
+    if not (lr > 0 and weight_decay >= 0):
+        raise FeatcacheError("--lr must be > 0 and --weight-decay >= 0")
+    if amp_dtype not in AMP_DTYPES:
+        raise FeatcacheError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}; got {amp_dtype!r}")
+    if geometry not in GEOMETRIES:
+        raise FeatcacheError(f"--geometry must be one of {', '.join(GEOMETRIES)}; got {geometry!r}")

@@ -394,27 +394,7 @@ def _extract(ctx, backbone, manifest, out, *, model, pretrained, layer, batch_si
                     f"extraction failed on rank {', '.join(str(r) for r, _ in bad)} of {ctx.world_size} "
                     f"({bad[0][1]}); the parts written so far are kept: rerun to resume")
         counts = ctx.gather(n_todo)
-        final_error = None
-        if ctx.is_main:
-            try:
-                failed = writer.failed_rows()
-                if failed == spec.rows:
-                    first = writer.part_errors(0)[:1]
-                    raise FeatcacheError(
-                        f"every one of the {spec.rows} samples failed to read"
-                        + (f" (first: {first[0]['sample_id']}: {first[0]['error']})" if first else "")
-                        + f"; {out} is left incomplete and no head can train on it: fix the manifest or "
-                        "the files, then rerun with --overwrite")
-                writer.finalize(bb.cache_files())
-            except Exception as exc:
-                if not ctx.active:
-                    raise
-                final_error = exc
-        error = ctx.broadcast(_error_text(final_error) if final_error else None)
-        if final_error is not None:
-            raise final_error
-        if error:
-            raise DistributedError(f"rank 0 could not finalize the cache: {error}")
+        _finalize(ctx, writer, bb, spec, out)
     finally:
         writer.close()
     failures = open_cache(out).errors()
@@ -427,6 +407,30 @@ def _extract(ctx, backbone, manifest, out, *, model, pretrained, layer, batch_si
         fingerprint=writer.attrs["fingerprint"], failures=failures, rank=ctx.rank, world_size=ctx.world_size,
         parts_repaired=len(writer.repaired), meta_repaired=list(writer.repaired_meta),
     )
+
+
+def _finalize(ctx, writer: CacheWriter, bb, spec: CacheSpec, out) -> None:
+    """Rank 0 marks the cache complete (refused when every sample failed); every rank hears how it went."""
+    final_error = None
+    if ctx.is_main:
+        try:
+            if writer.failed_rows() == spec.rows:
+                first = writer.part_errors(0)[:1]
+                raise FeatcacheError(
+                    f"every one of the {spec.rows} samples failed to read"
+                    + (f" (first: {first[0]['sample_id']}: {first[0]['error']})" if first else "")
+                    + f"; {out} is left incomplete and no head can train on it: fix the manifest or "
+                    "the files, then rerun with --overwrite")
+            writer.finalize(bb.cache_files())
+        except Exception as exc:
+            if not ctx.active:
+                raise
+            final_error = exc
+    error = ctx.broadcast(_error_text(final_error) if final_error else None)
+    if final_error is not None:
+        raise final_error
+    if error:
+        raise DistributedError(f"rank 0 could not finalize the cache: {error}")
 
 
 def _run_parts(bb, dataset, writer: CacheWriter, todo: list[int], paths, ids, spec: CacheSpec, dev, dtype, batch_size,

@@ -623,23 +623,7 @@ def _ablate_locked(task, cache, out, runs, eval_caches, names, baseline, devices
                "--collect (instead of --shard) to write the tables")
         echo(msg)
         return AblationResult(task, out, pd.DataFrame(), msg, lines, trained, reused, [], None, [])
-    rows, missing, cross, lomo = [], [], [], []
-    for r in runs:
-        if not finished(r):
-            missing.append(r.label)
-            continue
-        summary = json.loads((r.out / "summary.json").read_text())
-        row = run_row(r, summary)
-        if r.held_out is not None:
-            row = {"preset": row.pop("preset"), "held_out": r.held_out, **row}
-            lomo += long_rows(r.preset, r.seed, r.held_out, in_domain_metrics(r.out, summary), LOMO_METRICS)
-        if eval_caches:
-            cross += long_rows(r.preset, r.seed, "test", in_domain_metrics(r.out, summary), CROSS_METRICS)
-        for name, other in eval_caches.items():
-            metrics = evaluate_head(r.out, other, split="test", name=name).metrics
-            row.update({f"{name}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float, bool))})
-            cross += long_rows(r.preset, r.seed, name, metrics, CROSS_METRICS)
-        rows.append(row)
+    rows, missing, cross, lomo = _collect_rows(runs, eval_caches)
     if not rows:
         raise FeatcacheError(f"no finished run in {out} to table ({len(missing)} missing); train them first "
                              "(without --collect)")
@@ -664,6 +648,29 @@ def _ablate_locked(task, cache, out, runs, eval_caches, names, baseline, devices
         markdown += note
         write_atomic(out / "ablation.md", markdown)
     return AblationResult(task, out, df, markdown, lines, trained, reused, missing, diffs, files)
+
+
+def _collect_rows(runs, eval_caches: dict) -> tuple[list[dict], list[str], list[dict], list[dict]]:
+    """The finished runs' table rows (each evaluated on every eval cache), the labels of the runs
+    not finished, and the long rows of the cross-dataset and LOMO tables."""
+    rows, missing, cross, lomo = [], [], [], []
+    for r in runs:
+        if not finished(r):
+            missing.append(r.label)
+            continue
+        summary = json.loads((r.out / "summary.json").read_text())
+        row = run_row(r, summary)
+        if r.held_out is not None:
+            row = {"preset": row.pop("preset"), "held_out": r.held_out, **row}
+            lomo += long_rows(r.preset, r.seed, r.held_out, in_domain_metrics(r.out, summary), LOMO_METRICS)
+        if eval_caches:
+            cross += long_rows(r.preset, r.seed, "test", in_domain_metrics(r.out, summary), CROSS_METRICS)
+        for name, other in eval_caches.items():
+            metrics = evaluate_head(r.out, other, split="test", name=name).metrics
+            row.update({f"{name}_{k}": v for k, v in metrics.items() if isinstance(v, (int, float, bool))})
+            cross += long_rows(r.preset, r.seed, name, metrics, CROSS_METRICS)
+        rows.append(row)
+    return rows, missing, cross, lomo
 
 
 def _compared(split: str, metrics, df: pd.DataFrame) -> tuple[str, ...]:
