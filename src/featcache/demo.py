@@ -29,6 +29,7 @@ returns every figure it prints: nothing is read back from disk.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,7 +44,7 @@ from .data.synth_faces import artifact_strength, synth_faces
 from .e2e import calibrate_run, run_cascade, train_e2e
 from .e2e.detr_finetune import finetune_detr
 from .e2e.evaluate import evaluate_filter, evaluate_run
-from .errors import CacheError
+from .errors import CacheError, FeatcacheError
 from .extract import extract
 from .heads.stage1 import grl_warm_epoch
 from .report.tables import markdown_table, metric_legend, metrics_line
@@ -56,6 +57,8 @@ DEMO_SETS = ("training.batch_size=64",)
 STEPS = 8
 #: The metrics the demo prints for a detector, each once with its meaning.
 DETECTOR_KEYS = ("auc", "eer", "acc", "f_fpr", "f_meo")
+#: What the printed lines carry beside the metrics: intervals, each gap's (floor, p), its coverage.
+LEGEND_KEYS = (*DETECTOR_KEYS, "ci95", "fairness_null", "fairness_coverage")
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class DemoSizes:
     filter_epochs: int = 30  # 20 left it at test AUC 0.79-0.92 by when it left chance; 30: 0.93-0.97 (seeds 0-2)
     stage1_epochs: int | None = None  # None: the config's
     stage2_epochs: int = 12  # 15 took 130-149 s for the six stacked 1280-d runs (fresh clone: 284 s in all)
-    seeds: tuple[int, ...] = (0, 1)  # the Stage-2 ablation's seeds (two: a paired interval per preset)
+    seeds: tuple[int, ...] = (0, 1, 2)  # the Stage-2 ablation's seeds (three: the fewest for a verdict)
     # the Stage-2 presets of step 5: the README's trio (no fairness term, CVaR, everything), stacked as
     # one job of six runs with two seeds, and `linear` (the features' own linear read-out, a reference
     # that trains in a second or two) ("all": every preset)
@@ -92,10 +95,15 @@ def _epochs(n: int | None) -> list[str]:
 
 def _stage2_schedule(epochs: int) -> list[str]:
     """Stage 2 in ``epochs``: the fairness warm-up scaled into the run (the config's 5 -> 10 of 50
-    would be refused), and selection only among epochs trained with the whole objective."""
-    start, end = max(1, epochs // 3), max(1, (2 * epochs) // 3)
+    would be refused), and selection only among epochs trained with the whole objective: the weight
+    is 1 from epoch ``warmup_end + 1`` (counted from 1; :func:`featcache.heads.stage2.warmup_weight`),
+    so ``warmup_end`` stops one epoch before the run does and ``selection.min_epoch`` is that epoch."""
+    if epochs < 1:
+        raise FeatcacheError(f"demo: Stage 2 needs at least 1 epoch, got {epochs}")
+    end = min((2 * epochs) // 3, epochs - 1)  # 12 epochs: warm-up 4 -> 8, whole weight from epoch 9
+    start = min(epochs // 3, end)
     return [f"training.epochs={epochs}", f"fairness.warmup_start={start}", f"fairness.warmup_end={end}",
-            f"selection.min_epoch={end}"]
+            f"selection.min_epoch={end + 1}"]
 
 
 def _reuse(run: Path) -> bool:
@@ -115,7 +123,23 @@ def _extract_verified(backbone: str, manifest, cache_dir, echo, name: str, **kw)
 
 def run_demo(out: str | Path = "featcache-demo", *, n: int | None = None, sizes: DemoSizes | None = None,
              progress: bool = True, echo=print) -> dict:
-    """Run the demo's branches into ``out``; returns its figures (see the module docstring)."""
+    """Run the demo's branches into ``out``; returns its figures (see the module docstring).
+
+    Torch runs one thread unless ``OMP_NUM_THREADS`` says otherwise (as the walkthrough does): two
+    threads spin on a shared pair of cores (the filter's epoch took 30-40 s with two under load 4-5
+    on this project's 2-core machine, 13 s with one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(1)
+    try:
+        return _run_demo(out, n=n, sizes=sizes, progress=progress, echo=echo)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out, *, n, sizes, progress, echo) -> dict:
     sizes = sizes or DemoSizes()
     if n is not None:
         sizes = replace(sizes, faces=int(n))
@@ -132,8 +156,9 @@ def run_demo(out: str | Path = "featcache-demo", *, n: int | None = None, sizes:
     manifests = {"detection": data / "manifest.csv", "stage1": data / "stage1_manifest.csv"}
     echo(_step(1, f"synthetic faces: {n} images in 8 subgroups -> {data}"))
     synth_faces(data, n=n, seed=0, bias=FACE_BIAS, size=64, progress=progress)
-    echo("      legend of the printed metrics (each [lo, hi] is its 95 % bootstrap interval):")
-    echo("\n".join("      " + line for line in metric_legend([*DETECTOR_KEYS, "ci95"]).splitlines()))
+    echo("      legend of the printed metrics (each [lo, hi] is its 95 % bootstrap interval, each gap's "
+         "(floor, p) its no-disparity floor and p-value):")
+    echo("\n".join("      " + line for line in metric_legend(LEGEND_KEYS).splitlines()))
 
     filt = run_demo_filter(manifests["detection"], runs / "mnv4", epochs=sizes.filter_epochs, progress=progress,
                            echo=echo)
@@ -216,7 +241,7 @@ def run_filter_features_demo(out: Path, manifests: dict, filter_run: Path, *, si
                     progress=progress, echo=lambda line: echo("      " + line))
     table = result.markdown
     # the table's own legend would repeat the meanings printed at the start: each is printed once
-    legend = {line.strip() for line in metric_legend([*DETECTOR_KEYS, "ci95"]).splitlines() if line.strip()}
+    legend = {line.strip() for line in metric_legend([*LEGEND_KEYS, "floor", "p"]).splitlines() if line.strip()}
     echo("\n".join(line for line in table.splitlines() if line.strip() not in legend))
     subgroups = {}
     for preset in [p for p in ("none", "full") if (abl / p / f"seed{seeds[0]}" / "summary.json").is_file()]:
