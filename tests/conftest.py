@@ -64,6 +64,19 @@ def array_hashes(cache_path) -> dict[str, str]:
     return out
 
 
+def ragged(cache_path, name: str) -> list[np.ndarray]:
+    """A flat array of a cache (``gt_boxes``, ``frames``, ...) cut per row by each part's
+    ``offsets``, read with zarr directly: the tests' reference, independent of featcache's reader."""
+    import zarr
+
+    out = []
+    for part in sorted(p for p in (Path(cache_path) / "parts").iterdir() if p.name.isdigit()):
+        off = zarr.open_array(str(part / "offsets"), mode="r")[...]
+        flat = zarr.open_array(str(part / name), mode="r")[...]
+        out.extend(flat[off[j]:off[j + 1]] for j in range(len(off) - 1))
+    return out
+
+
 def run_cli(*args, check=True, subprocess_=False, env=None, **kw) -> subprocess.CompletedProcess:
     """Run ``featcache ARGS`` through the CLI's own entry point (``featcache.cli.main``): its parsing,
     its ``error: ...`` line and its exit status. In this process by default (no second interpreter

@@ -88,6 +88,11 @@ def test_batched_ablation_equals_sequential_train_head_runs_then_reuses_and_redo
     d = res.diffs.set_index(["preset", "metric"])
     assert d.loc[("full", "test_auc"), "basis"] == "seeds + test set" and d.loc[("full", "test_auc"), "v_test"] > 0
     assert not res.diffs["differs"].any() and "too few seeds for a verdict" in md
+    # presets are compared on each gap minus its no-disparity floor, recorded by each run's evaluation
+    m = json.loads((tmp_path / "abl" / "full" / "seed0" / "eval" / "test" / "metrics.json").read_text())
+    assert t.loc[("full", 0), "test_f_fpr_excess"] == pytest.approx(
+        m["f_fpr"] - m["fairness_null"]["f_fpr"]["floor"], abs=1e-3)
+    assert ("full", "test_f_fpr_excess") in d.index and ("full", "test_f_fpr") not in d.index
     # rerun: every run reused, nothing rewritten
     mtime = (tmp_path / "abl" / "full" / "seed1" / "summary.json").stat().st_mtime_ns
     lines.clear()

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import run_cli
+from conftest import ragged, run_cli
 
 
 def _tree_hashes(root):
@@ -96,14 +96,14 @@ def test_coco_gender_adapter(tmp_path):
 # -- the DETR query cache ----------------------------------------------------------------------
 def test_detr_cache_rescoring_is_exact_and_ground_truth_matches(det_cache, det_data):
     from featcache.cache import open_cache, verify_cache
-    from featcache.extract.detr import load_heads, score_queries
+    from featcache.extract.detr import build_heads, read_heads, score_queries
 
     assert verify_cache(det_cache).ok
     c = open_cache(det_cache)
     assert c.kind == "queries" and c.dim == 64
     hidden = c.load_rows("hidden")
     assert hidden.dtype == np.float16 and hidden.shape == (24, 20, 64)
-    cls, box = load_heads(det_cache)
+    cls, box = build_heads(read_heads(det_cache))
     # all 24 images at once, while extraction scored batches of 5: the same bits
     logits, boxes = score_queries(hidden, cls, box)
     assert np.array_equal(logits, c.load_rows("logits")) and np.array_equal(boxes, c.load_rows("boxes"))
@@ -118,7 +118,7 @@ def test_detr_cache_rescoring_is_exact_and_ground_truth_matches(det_cache, det_d
     assert torch.equal(net.class_labels_classifier.weight, cls.weight)
     # ground truth: the COCO JSON's boxes, relative cx cy w h
     meta = c.meta()
-    gt_boxes, gt_classes = c.load_ragged("gt_boxes"), c.load_ragged("gt_classes")
+    gt_boxes, gt_classes = ragged(c.path, "gt_boxes"), ragged(c.path, "gt_classes")
     sizes = c.load_rows("image_size")
     for i in (0, 13, 23):
         data = json.loads((det_data / meta["annotations"][i]).read_text())
@@ -138,7 +138,7 @@ def test_ground_truth_equals_pycocotools_annotations(det_cache, det_data):
 
     c = open_cache(det_cache)
     meta, sizes = c.meta(), c.load_rows("image_size")
-    gt_boxes, gt_classes = c.load_ragged("gt_boxes"), c.load_ragged("gt_classes")
+    gt_boxes, gt_classes = ragged(c.path, "gt_boxes"), ragged(c.path, "gt_classes")
     cocos = {f: COCO(str(det_data / f)) for f in set(meta["annotations"])}
     for i in range(c.rows):
         coco = cocos[meta["annotations"][i]]
@@ -156,7 +156,7 @@ def test_padded_ground_truth_reads_the_ragged_arrays_in_one_pass(det_cache):
 
     c = open_cache(det_cache)
     boxes, classes = padded_ground_truth(c)
-    ragged_b, ragged_c = c.load_ragged("gt_boxes"), c.load_ragged("gt_classes")
+    ragged_b, ragged_c = ragged(c.path, "gt_boxes"), ragged(c.path, "gt_classes")
     assert boxes.shape == (c.rows, max(len(x) for x in ragged_c), 4) and c.n_parts > 1
     for i in range(c.rows):
         n = len(ragged_c[i])
@@ -431,7 +431,7 @@ def test_detr_cache_resumes_identically_records_bad_images_and_exports(det_data,
     c = open_cache(tmp_path / "bad")
     assert c.load_rows("ok").tolist() == [i != 3 for i in range(24)]
     assert [e["sample_id"] for e in c.errors()] == [man["sample_id"][3]]
-    assert len(c.load_ragged("gt_boxes")[3]) == 0 and len(c.load_ragged("gt_boxes")[4]) > 0
+    assert len(ragged(c.path, "gt_boxes")[3]) == 0 and len(ragged(c.path, "gt_boxes")[4]) > 0
     # export keeps the layout: flat ground truth with global offsets
     export_h5(det_cache, tmp_path / "c.h5", progress=False)
     src = open_cache(det_cache)
@@ -439,7 +439,7 @@ def test_detr_cache_resumes_identically_records_bad_images_and_exports(det_data,
         off = h5["offsets"][...]
         flat = h5["gt_boxes"][...]
         for i in (0, 9, 23):
-            np.testing.assert_array_equal(flat[off[i]:off[i + 1]], src.load_ragged("gt_boxes")[i])
+            np.testing.assert_array_equal(flat[off[i]:off[i + 1]], ragged(src.path, "gt_boxes")[i])
         assert h5["hidden"].shape == (24, 20, 64)
 
 

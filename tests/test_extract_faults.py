@@ -132,8 +132,7 @@ def test_selected_rows_are_read_across_chunks_and_blocks(tmp_path, monkeypatch):
         got = cache.load_rows("features", dtype=np.float32, rows=rows)
         np.testing.assert_array_equal(got, feats[rows].astype(np.float32))
         np.testing.assert_array_equal(cache.load_rows("features", rows=rows), feats[rows])
-    splits = cache.load_splits(["train", "test"])
-    for name, d in splits.items():
+    for name, d in ((sp, cache.load(split=sp)) for sp in ("train", "test")):
         want = np.flatnonzero((meta["split"] == name).to_numpy() & ok)
         np.testing.assert_array_equal(d.index, want)
         np.testing.assert_array_equal(d.features, feats[want].astype(np.float32))

@@ -129,11 +129,19 @@ def test_one_file_steps_an_optimizer():
     assert sorted(set(steppers)) == ["train/loop.py"], steppers
 
 
+def _root(node):
+    """The name an attribute chain starts from (``self`` of ``self.module.rng``), or None."""
+    while isinstance(node, ast.Attribute):
+        node = node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
 def _probes(source: str, names: set[str]) -> list[int]:
-    """Lines of ``hasattr(x, ...)`` / ``getattr(x, ...)`` calls on the objects named ``names``."""
+    """Lines of ``hasattr(x, ...)`` / ``getattr(x, ...)`` calls on the objects named ``names`` (or on
+    their attributes: ``getattr(self.module, ...)``)."""
     return [node.lineno for node in ast.walk(ast.parse(source))
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr")
-            and node.args and isinstance(node.args[0], ast.Name) and node.args[0].id in names]
+            and node.args and _root(node.args[0]) in names]
 
 
 def test_the_runner_never_probes_a_backbone():
@@ -161,3 +169,12 @@ def test_every_backbone_hook_has_a_declared_default():
     assert ctx is None and bb.finish(out, ctx) is out and out["features"].shape == (2, bb.dim)
     assert bb.batch_sampler([0], 10, 10, 4, None) is None
     assert get_backbone("clip", "tiny").decodes == ("cpu", "gpu")
+
+
+def test_the_loop_never_probes_a_job():
+    """The job contract (``heads.task.Job``) declares every hook the loop, the trainer and the task base
+    class call, with a no-op default: no ``hasattr``/``getattr`` of a job, a task or their parts."""
+    assert _probes("getattr(self.module, 'rng', None)\nhasattr(job, 'batches')\ngetattr(x, 'y')\n",
+                   {"self", "job"}) == [1, 2]
+    for rel in ("train/loop.py", "train/trainer.py", "heads/task.py"):
+        assert _probes((SRC / rel).read_text(), {"job", "task", "self", "cls", "rng", "module"}) == [], rel

@@ -12,11 +12,11 @@ from scipy.optimize import minimize_scalar
 
 from featcache.config import resolve_config
 from featcache.losses import (
-    GroupSinkhorn,
     LDAMLoss,
     StackedSinkhorn,
     bilevel_cvar,
     bilevel_cvar_parts,
+    bounding_diameter,
     cosine_disentanglement,
     cvar,
     feature_scale,
@@ -210,16 +210,25 @@ def test_feature_scale_known_cloud():
     assert feature_scale(y) == pytest.approx(2.5)
 
 
+def _one_run(x: torch.Tensor, groups: torch.Tensor, labels: torch.Tensor | None = None):
+    """A single run of :class:`StackedSinkhorn`: (B, D) -> (1, B, D), and its codes (1, B)."""
+    return x.unsqueeze(0), groups.unsqueeze(0), None if labels is None else labels.unsqueeze(0)
+
+
 def test_sinkhorn_identical_clouds_is_zero_and_grows_with_shift():
     g = torch.Generator().manual_seed(3)
-    base = torch.randn(10, 4, generator=g)
-    sk = GroupSinkhorn(blur=0.1)
+    base = torch.randn(10, 4, generator=g, dtype=torch.float64)
     groups = torch.tensor([0] * 10 + [1] * 10)
-    assert abs(sk.pairwise(torch.cat([base, base]), groups).item()) < 1e-4
-    values = [sk.pairwise(torch.cat([base, base + s]), groups).item() for s in (0.0, 0.25, 0.5, 1.0, 2.0)]
-    assert all(b > a for a, b in zip(values, values[1:]))
-    # a pure translation by t: S ~ |t|^2 / 2 for a small blur (half the squared W2 distance)
-    assert values[-1] == pytest.approx(0.5 * 4 * 2.0 ** 2, rel=0.05)
+    for mode in ("compact", "masked"):
+        values = []
+        for shift in (0.0, 0.25, 0.5, 1.0, 2.0):
+            x = torch.cat([base, base + shift])
+            sk = StackedSinkhorn(0.1, 0.9, bounding_diameter(x), mode=mode)
+            values.append(float(sk.terms(*_one_run(x, groups)[:2], pairwise=True)["sinkhorn_pairwise"][0]))
+        assert abs(values[0]) < 1e-4
+        assert all(b > a for a, b in zip(values, values[1:]))
+        # a pure translation by t: S ~ |t|^2 / 2 for a small blur (half the squared W2 distance)
+        assert values[-1] == pytest.approx(0.5 * 4 * 2.0 ** 2, rel=0.05)
 
 
 def _cloud_setup():
@@ -227,68 +236,53 @@ def _cloud_setup():
     sizes = {0: 5, 1: 9, 2: 3, 3: 1, 4: 7}  # subgroup 3 has one sample: skipped with min_group=2
     groups = torch.cat([torch.full((n,), k) for k, n in sizes.items()] + [torch.full((4,), -1)])
     groups = groups[torch.randperm(len(groups), generator=g)]
-    x = torch.randn(len(groups), 3, generator=g) + groups[:, None].clamp(min=0) * 0.3
+    x = torch.randn(len(groups), 3, generator=g, dtype=torch.float64) + groups[:, None].clamp(min=0) * 0.3
     labels = torch.randint(0, 2, (len(groups),), generator=g)
     return x, groups, labels
 
 
-def test_sinkhorn_batched_padded_equals_separate_calls():
+def test_sinkhorn_terms_equal_geomloss_pair_by_pair():
     x, groups, labels = _cloud_setup()
     diameter = 20.0
-    sk = GroupSinkhorn(blur=0.3, scaling=0.8, diameter=diameter)
     ref_loss = SamplesLoss("sinkhorn", p=2, blur=0.3, scaling=0.8, debias=True, backend="tensorized",
                            diameter=diameter)
     present = [0, 1, 2, 4]  # 3 has one sample
     clouds = {k: x[groups == k] for k in present}
     pairs = [ref_loss(clouds[a], clouds[b]) for a, b in itertools.combinations(present, 2)]
-    assert sk.pairwise(x, groups).item() == pytest.approx(torch.stack(pairs).mean().item(), rel=1e-5, abs=1e-6)
     known = x[groups >= 0]
     glob = [ref_loss(clouds[k], known) for k in present]
-    assert sk.global_(x, groups).item() == pytest.approx(torch.stack(glob).mean().item(), rel=1e-5, abs=1e-6)
-    class_means = []  # the design's (L_real + L_fake) / 2, each L_c the mean over its class's pairs
-    for c in (0, 1):
-        present_c = [k for k in range(5) if ((groups == k) & (labels == c)).sum() >= 2]
-        within = [ref_loss(x[(groups == a) & (labels == c)], x[(groups == b) & (labels == c)])
-                  for a, b in itertools.combinations(present_c, 2)]
-        class_means.append(torch.stack(within).mean())
-    assert sk.per_class(x, groups, labels).item() == pytest.approx(torch.stack(class_means).mean().item(), rel=1e-5,
-                                                                    abs=1e-6)
-    # one by one too, through the public batched entry point
-    idx = [torch.nonzero(groups == k).flatten() for k in present]
-    batched = sk.divergences(x, list(itertools.combinations(idx, 2)))
-    assert batched.tolist() == pytest.approx(torch.stack(pairs).tolist(), rel=1e-5, abs=1e-6)
+    for mode in ("compact", "masked"):
+        sk = StackedSinkhorn(0.3, 0.8, diameter, mode=mode)
+        t = sk.terms(*_one_run(x, groups)[:2], global_=True, pairwise=True)
+        assert float(t["sinkhorn_pairwise"][0]) == pytest.approx(torch.stack(pairs).mean().item(), rel=1e-6, abs=1e-9)
+        assert float(t["sinkhorn_global"][0]) == pytest.approx(torch.stack(glob).mean().item(), rel=1e-6, abs=1e-9)
 
 
 def test_sinkhorn_padding_is_exact_at_small_blur_and_far_clouds():
-    # float32 points far from the origin, small blur, geomloss's own diameter estimate: a 2-point cloud
-    # padded to 12 must give the unpadded value. (Padding with zeros fails this: it enlarges the
-    # estimated diameter and puts ~1e4 costs into the float32 cost matrices.)
+    # float64 points far from the origin, small blur: a 2-point cloud padded to 10 must give the
+    # unpadded value. (Padding with zeros fails this: it puts ~1e4 costs into the cost matrices.)
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(12, 2, generator=g) * 3 + 100.0
-    small, everyone = torch.arange(2), torch.arange(12)
-    sk = GroupSinkhorn(blur=0.05)
-    ref = SamplesLoss("sinkhorn", p=2, blur=0.05, scaling=0.9, debias=True, backend="tensorized")
-    got = sk.divergences(x, [(small, everyone), (everyone, everyone)])
-    assert got[0].item() == pytest.approx(ref(x[:2], x).item(), rel=1e-6)
-    assert abs(got[1].item()) < 1e-6
+    x = torch.randn(12, 2, generator=g, dtype=torch.float64) * 3 + 100.0
+    groups = torch.tensor([0] * 2 + [1] * 3 + [2] * 7)  # pairs (0,1), (0,2), (1,2): clouds of 2 and 3 padded
+    diameter = bounding_diameter(x)
+    ref = SamplesLoss("sinkhorn", p=2, blur=0.05, scaling=0.9, debias=True, backend="tensorized", diameter=diameter)
+    want = np.mean([ref(x[groups == a], x[groups == b]).item() for a, b in ((0, 1), (0, 2), (1, 2))])
+    for mode in ("compact", "masked"):
+        got = StackedSinkhorn(0.05, 0.9, diameter, mode=mode).terms(*_one_run(x, groups)[:2], pairwise=True)
+        assert float(got["sinkhorn_pairwise"][0]) == pytest.approx(want, rel=1e-6)
 
 
 def test_sinkhorn_skips_small_groups_and_backward():
     x, groups, labels = _cloud_setup()
-    x.requires_grad_(True)
-    sk = GroupSinkhorn(blur=0.3)
-    out = sk.pairwise(x, groups)
-    out.backward()
-    assert torch.isfinite(x.grad).all()
-    assert (x.grad[groups == 3] == 0).all() and (x.grad[groups == -1] == 0).all()
-    assert (x.grad[groups == 0].abs().sum() > 0)
-    # nothing to compare: a zero that still works in backward
-    lonely = torch.randn(3, 2, requires_grad=True)
-    for value in (sk.pairwise(lonely, torch.tensor([0, 1, 2])), sk.global_(lonely, torch.tensor([0, 1, -1])),
-                  sk.per_class(lonely, torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1])),
-                  sk.pairwise(lonely, torch.tensor([0, 0, 0]))):
-        assert value.item() == 0.0
-        value.backward()
+    for mode in ("compact", "masked"):
+        xx = x.clone().requires_grad_(True)
+        out = StackedSinkhorn(0.3, 0.9, 20.0, mode=mode).terms(*_one_run(xx, groups)[:2], pairwise=True)
+        out["sinkhorn_pairwise"].sum().backward()
+        assert torch.isfinite(xx.grad).all()
+        assert (xx.grad[groups == 3] == 0).all() and (xx.grad[groups == -1] == 0).all()
+        assert xx.grad[groups == 0].abs().sum() > 0
+    with pytest.raises(ValueError, match="blur must be positive"):
+        StackedSinkhorn(0.0, 0.9, 20.0)
 
 
 # -- disentanglement -----------------------------------------------------------------------------

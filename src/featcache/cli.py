@@ -487,9 +487,7 @@ def train_head_cmd(state, task, cache_path, out, preset, config_file, sets, stag
     """
     from .train import train_head
 
-    if prototype_mode is not None:
-        if task != "xai":
-            raise click.UsageError("--prototype-mode applies to the xai task only")
+    if prototype_mode is not None:  # the same as --set model.prototype_mode=...; a task without it says so
         sets = (*sets, f"model.prototype_mode={prototype_mode}")
     if tensorboard:
         sets = (*sets, "logging.tensorboard=true")

@@ -24,6 +24,7 @@ import operator
 import re
 from dataclasses import dataclass
 from importlib import resources
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import yaml
@@ -35,13 +36,30 @@ class ConfigError(FeatcacheError):
     """A config, preset or ``--set`` override is wrong."""
 
 
+#: Config files of tasks from other packages (entry point group ``featcache.tasks``), by task name;
+#: filled when such a task registers with its ``config_file``.
+PLUGIN_CONFIGS: dict[str, Path] = {}
+
+
+def register_config_file(task: str, path: str | Path) -> None:
+    """Record the YAML of a task that lives outside featcache (its ``config_file``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"task {task!r} names config file {path}, which does not exist")
+    PLUGIN_CONFIGS[task] = path
+
+
 def config_path(task: str) -> Path:
-    return Path(str(resources.files("featcache") / "configs" / f"{task}.yaml"))
+    own = Path(str(resources.files("featcache") / "configs" / f"{task}.yaml"))
+    if not own.is_file() and task not in PLUGIN_CONFIGS:
+        for ep in entry_points(group="featcache.tasks", name=task):
+            ep.load()  # the plugin's module registers its task, which records its config_file
+    return own if own.is_file() or task not in PLUGIN_CONFIGS else PLUGIN_CONFIGS[task]
 
 
 def list_task_configs() -> list[str]:
     folder = Path(str(resources.files("featcache") / "configs"))
-    return sorted(p.stem for p in folder.glob("*.yaml"))
+    return sorted({p.stem for p in folder.glob("*.yaml")} | set(PLUGIN_CONFIGS))
 
 
 def _read_yaml(path: Path, what: str) -> dict:

@@ -53,6 +53,7 @@ class RunDir:
     PREDICTIONS = "predictions.csv"
     REPORT = "report.md"
     SUBGROUPS = "subgroups.csv"
+    TENSORBOARD = "tensorboard"
 
     def __init__(self, path):
         self.path = Path(path)
@@ -73,6 +74,7 @@ class RunDir:
     summary = property(lambda self: self.path / self.SUMMARY)
     plots = property(lambda self: self.path / self.PLOTS)
     curves = property(lambda self: self.path / self.PLOTS / self.CURVES)
+    tensorboard = property(lambda self: self.path / self.TENSORBOARD)
 
     def weights(self, which: str = "best") -> Path:
         """``best`` or ``last`` weights (safetensors)."""

@@ -230,17 +230,6 @@ class FeatureCache:
                 list(pool.map(read, spans))
         return out
 
-    def load_ragged(self, name: str) -> list[np.ndarray]:
-        """A flat array (``frames``, ``gt_boxes``, ...) cut per row by its part's ``offsets``."""
-        if {**KIND_ARRAYS[self.kind]}.get(name) != "flat":
-            raise CacheError(f"{name!r} is not a flat (per-offset) array of a {self.kind} cache")
-        out: list[np.ndarray] = []
-        for i in range(self.n_parts):
-            data = self.read_part(i, ["offsets", name])
-            off = data["offsets"]
-            out.extend(data[name][off[j]:off[j + 1]] for j in range(len(off) - 1))
-        return out
-
     def _split_mask(self, meta: pd.DataFrame, split) -> np.ndarray:
         """Rows in the split(s) (all rows for None); an error when there are none."""
         if split is None:
@@ -266,24 +255,6 @@ class FeatureCache:
         if not whole:
             meta = meta.iloc[index].reset_index(drop=True)
         return CacheData(arrays={"features": features}, meta=meta, index=index)
-
-    def load_splits(self, splits, *, columns=None, ok_only: bool = True, dtype=np.float32) -> dict[str, CacheData]:
-        """Several splits in one pass: meta and ``ok`` read once, the features of each split
-        read straight into its own array. Returns ``{split: CacheData}``."""
-        if self.kind != "pooled":
-            raise CacheError(f"load_splits() reads pooled caches; {self.path} is a {self.kind} cache")
-        splits = [splits] if isinstance(splits, str) else list(splits)
-        meta = self.meta(columns)
-        all_splits = (meta if "split" in meta else self.meta(["split"]))["split"]
-        ok = self.load_rows("ok") if ok_only else np.ones(self.rows, bool)
-        out = {}
-        for sp in splits:
-            index = np.flatnonzero(all_splits.isin([sp]).to_numpy() & ok)
-            if not len(index):
-                raise CacheError(f"{self.path} has no rows in split {sp!r}")
-            out[sp] = CacheData(arrays={"features": self.load_rows("features", dtype=dtype, rows=index)},
-                                meta=meta.iloc[index].reset_index(drop=True), index=index)
-        return out
 
     def load_frames(self, split: str | list[str] | None = None, *, columns=None, ok_only: bool = True,
                     dtype=np.float32) -> CacheData:

@@ -27,8 +27,8 @@ from ..data.manifest import read_manifest
 from ..errors import FeatcacheError
 from ..extract.detr import load_detr
 from ..progress import library_bars
-from ..runtime import is_run_dir, prepare_run_dir, resolve_device, seed_everything, write_json
-from ..train.loop import RESUME_FILE, LoopSettings, OneModelJob, fit
+from ..runtime import RunDir, is_run_dir, prepare_run_dir, resolve_device, seed_everything, write_json
+from ..train.loop import LoopSettings, OneModelJob, fit
 from ..train.trainer import config_differences
 
 TASK = "detr-finetune"
@@ -58,14 +58,8 @@ class DetrJob(OneModelJob):
         terms = {k: v.detach().reshape(1) for k, v in res.loss_dict.items() if k[-1].isalpha()}
         return res.loss.reshape(1), terms
 
-    def epoch_values(self, state) -> dict:
-        return {}
-
     def evaluate(self, split: str):
         return [({}, pd.DataFrame())]  # no val split: selection.rule is last
-
-    def stop_reason(self, row: dict, r: int):
-        return None
 
 
 def finetune_detr(manifest, out, *, model: str = "tiny", epochs: int = 30, batch_size: int = 16, lr: float = 1e-3,
@@ -83,6 +77,7 @@ def finetune_detr(manifest, out, *, model: str = "tiny", epochs: int = 30, batch
     if not lr > 0:
         raise FeatcacheError(f"--lr must be > 0; got {lr!r}")
     out = Path(out)
+    rd = RunDir(out)
     dev = resolve_device(device)
     man = read_manifest(manifest)
     df = man.df[man.df["split"] == split].reset_index(drop=True)
@@ -94,8 +89,8 @@ def finetune_detr(manifest, out, *, model: str = "tiny", epochs: int = 30, batch
                         "grad_clip": 0.1, "seed": int(seed), "split": split},
            "selection": {"score": "0", "rule": "last"}}
     resume = False
-    if not overwrite and is_run_dir(out) and (out / RESUME_FILE).is_file() and not (out / "summary.json").is_file():
-        diffs = config_differences(load_config(out / "config.yaml"), cfg)
+    if not overwrite and is_run_dir(out) and rd.resume.is_file() and not rd.summary.is_file():
+        diffs = config_differences(load_config(rd.config), cfg)
         if diffs:
             raise FeatcacheError(f"{out} holds an interrupted fine-tune with other options ({'; '.join(diffs[:4])}); "
                                  "rerun it with the same options to resume, or pass --overwrite")
@@ -120,8 +115,8 @@ def finetune_detr(manifest, out, *, model: str = "tiny", epochs: int = 30, batch
     net.config.auxiliary_loss = True  # DETR's deep supervision: every decoder layer's outputs are matched
     if not resume:
         prepare_run_dir(out, overwrite)
-        save_config(cfg, out / "config.yaml")
-        write_json(out / "model.json", {"task": TASK, "spec": {"model": str(model)}})
+        save_config(cfg, rd.config)
+        write_json(rd.model, {"task": TASK, "spec": {"model": str(model)}})
     settings = LoopSettings(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr), seeds=[int(seed)],
                             weight_decay=1e-4, grad_clip=0.1, selection="0", rule="last", min_batch=1)
     t0 = time.perf_counter()
@@ -133,7 +128,7 @@ def finetune_detr(manifest, out, *, model: str = "tiny", epochs: int = 30, batch
     processor.save_pretrained(out)
     final = f.log[-1]["train_loss"]
     seconds = time.perf_counter() - t0
-    write_json(out / "summary.json", {"task": TASK, "model": str(model), "images": len(items), "epochs": f.epochs_run,
+    write_json(rd.summary, {"task": TASK, "model": str(model), "images": len(items), "epochs": f.epochs_run,
                                       "best_epoch": f.best_epoch, "rule": "last", "final_loss": final,
                                       "seconds": seconds})
     return {"out": str(out), "images": len(items), "epochs": f.epochs_run, "final_loss": final, "seconds": seconds}

@@ -200,10 +200,6 @@ class FilterJob(OneModelJob):
         return ""
 
 
-def _options(**kw) -> dict:
-    return kw
-
-
 def train_e2e(
     manifest,
     out,
@@ -268,7 +264,7 @@ def train_e2e(
             "manifest": {"path": str(Path(manifest).resolve()), "sha256": m.sha256},
             "model": {"name": model, "pretrained": pretrained or default_pretrained(model),
                       "image_size": int(image_size), "geometry": geometry},
-            "training": _options(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
+            "training": dict(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
                                  weight_decay=float(weight_decay), save_every=int(save_every), patience=int(patience),
                                  mixed_precision=bool(mixed_precision), amp_dtype=amp_dtype, augment=bool(augment),
                                  num_workers=int(num_workers), device=device or "auto", seed=int(seed),

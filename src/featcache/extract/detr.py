@@ -234,14 +234,15 @@ class DetrBackbone(Backbone):
         return {"d_model": int(cfg.d_model), "num_queries": int(cfg.num_queries), "num_labels": int(cfg.num_labels)}
 
 
-def load_heads(cache_path) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The frozen class and box heads saved with a ``queries`` cache."""
+def read_heads(cache_path) -> dict[str, torch.Tensor]:
+    """The weights of DETR's frozen class and box heads saved with a ``queries`` cache."""
     from safetensors.torch import load_file
 
     f = Path(cache_path) / "heads.safetensors"
     if not f.is_file():
-        raise FeatcacheError(f"{cache_path} has no heads.safetensors; re-extract it with --backbone detr")
-    return build_heads(load_file(str(f)))
+        raise FeatcacheError(f"{cache_path} has no heads.safetensors (DETR's frozen heads); "
+                             "re-extract it with --backbone detr")
+    return load_file(str(f))
 
 
 def padded_ground_truth(cache) -> tuple[np.ndarray, np.ndarray]:

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..cache.splits import split_mask
 from ..errors import FeatcacheError, write_atomic
-from ..extract.detr import padded_ground_truth
+from ..extract.detr import padded_ground_truth, read_heads
 from ..losses.faap import (
     DetectionCriterion,
     image_scores,
@@ -144,14 +144,8 @@ class FaapTask(Task):
         self._baseline: dict[str, dict] = {}
 
     def load(self, cache, splits=("train", "val", "test")) -> None:
-        from safetensors.torch import load_file
-
         super().load(cache, splits)
-        f = Path(cache.path) / "heads.safetensors"
-        if not f.is_file():
-            raise FeatcacheError(f"{cache.path} has no heads.safetensors (DETR's frozen heads); "
-                                 "re-extract it with --backbone detr")
-        self._heads = load_file(str(f))
+        self._heads = read_heads(cache.path)
 
     def read(self, cache):
         return load_queries(cache)

@@ -124,6 +124,12 @@ def check_demographics(task: str, meta, needed: bool) -> str | None:
 
 @register_task("stage1")
 class Stage1Task(Task):
+    ablation_axes = ("probe_race_debiased", "test_cos")
+    ablation_notes = (
+        "- cos: mean cosine similarity of the debiased to the raw test features (1 = unchanged)\n"
+        "- race_acc, gender_acc: the adversaries' accuracy on test (lower = less attribute information)\n"
+        "- probe <attr>_raw / <attr>_debiased: val accuracy of a logistic-regression probe trained on the "
+        "raw / debiased train features (debiased below raw = less leakage); chance is 1 / classes\n")
     detects = False
     max_runs = 64
     meta_columns = META

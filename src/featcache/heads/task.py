@@ -1,6 +1,9 @@
 """One registry of tasks. A task is a head module plus how it is fed and judged.
 
-The one training loop (:mod:`featcache.train.loop`) is shared by every task; a task provides:
+:class:`Job` is the declared contract of the one training loop (:func:`featcache.train.loop.fit`):
+every hook the loop calls, with a no-op default where one makes sense, so the loop never asks
+whether a job has a capability. :class:`Task` (every head) and the end-to-end models' jobs derive
+from it. The one training loop is shared by every task; a task provides:
 
 - ``read(cache)`` / ``tensors(data)``: the cache is read ONCE (all splits), turned into tensors
   once, and split by the one split-mask helper (:meth:`Task.load`);
@@ -21,6 +24,7 @@ import functools
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,15 +34,24 @@ import torch
 
 from ..cache import CacheData, FeatureCache
 from ..cache.splits import split_mask
-from ..config import load_config
+from ..config import load_config, register_config_file
 from ..errors import FeatcacheError
 from ..metrics.threshold import parse_rule
 from ..registry import Registry
-from ..runtime import load_weights, resolve_device
+from ..runtime import RunDir, load_weights, resolve_device
+from .blocks import RunRNG, StackedDropout
 
-#: Importing a task's module registers it.
+
+def _record_config(name: str, obj) -> None:
+    """A task from another package brings its own YAML (``config_file``); featcache's are package data."""
+    if isinstance(obj, type) and issubclass(obj, Task) and obj.config_file is not None:
+        register_config_file(name, obj.config_file)
+
+
+#: Importing a task's module registers it; tasks of other installed packages come from the entry-point
+#: group ``featcache.tasks`` (README, "A method of your own").
 TASKS = Registry("task", ("featcache.heads.stage1", "featcache.heads.stage2", "featcache.heads.xai",
-                         "featcache.heads.faap"))
+                         "featcache.heads.faap"), entry_points="featcache.tasks", on_register=_record_config)
 register_task = TASKS.register
 get_task = TASKS.get
 list_tasks = TASKS.names
@@ -80,8 +93,69 @@ class StepState:
         return (self.epoch - 1) / self.epochs
 
 
-class Task(ABC):
-    """Base class of the heads' tasks; see the module docstring and CONTRACT.md."""
+class Job(ABC):
+    """What :func:`featcache.train.loop.fit` trains: R >= 1 runs of one module, stacked.
+
+    Every hook the loop calls is declared here; those a job may leave out have a default that does
+    nothing (the loop never probes a job with ``hasattr``). A job sets ``module`` and ``device``;
+    a job fed from a cache sets ``data`` (a :class:`SplitData` per split) and keeps the default
+    :meth:`batches`.
+    """
+
+    #: Runs trained at once (their parameters stacked on a leading dimension when ``max_runs > 1``).
+    runs: int = 1
+    #: > 1: the job can stack runs.
+    max_runs: int = 1
+    #: Mixed precision on CUDA: ``torch.float16`` (with a GradScaler) or ``torch.bfloat16``; None: fp32.
+    amp_dtype: torch.dtype | None = None
+    #: Notes the trainer adds to every run's summary (e.g. a cache without demographics).
+    notes: Sequence[str] = ()
+    module: torch.nn.Module
+    device: torch.device
+    data: dict[str, SplitData]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def run_state_dict(self, r: int) -> dict[str, torch.Tensor]:
+        """Run r's weights (one run: the module's)."""
+        return self.module.state_dict()
+
+    def load_run_state_dict(self, r: int, sd: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(sd)
+
+    def run_rng_state(self, r: int) -> dict[str, torch.Tensor]:
+        """Run r's own random streams (a stacked head's dropout), saved in its resume point; none by default."""
+        return {}
+
+    def set_run_rng_state(self, r: int, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`run_rng_state`'s streams (nothing by default)."""
+        return None
+
+    def batches(self, epoch: int, generators: list[torch.Generator], batch_size: int) -> Iterable | None:
+        """The epoch's (batch, rows) pairs, drawn by the job itself (image loaders), or None (the default):
+        the loop draws each run's order of ``data["train"]`` from that run's generator."""
+        return None
+
+    @abstractmethod
+    def batch_loss(self, batch: dict[str, torch.Tensor], state: StepState) -> tuple[torch.Tensor, dict]:
+        """Batch tensors are (R, B, ...); return the loss (R,) and terms {name: (R,)}, without a host sync."""
+
+    def epoch_values(self, state: StepState) -> dict:
+        """Schedule values to log for this epoch (GRL lambda, fairness weight, ...); none by default."""
+        return {}
+
+    @abstractmethod
+    def evaluate(self, split: str) -> list[tuple[dict, pd.DataFrame]]:
+        """One (metrics, predictions) per run for ``split``."""
+
+    def stop_reason(self, row: dict, r: int) -> str | None:
+        """A message to stop run r after this epoch's log ``row`` (e.g. a collapse), or None."""
+        return None
+
+
+class Task(Job):
+    """Base class of the heads' tasks: a :class:`Job` fed from a feature cache; see the module docstring."""
 
     name: str = ""
     #: The cache kind this task reads.
@@ -101,6 +175,12 @@ class Task(ABC):
     #: True when the task's classification loss goes through :meth:`class_weighted_mean`, so that
     #: ``training.class_balance: weight`` applies (a task without it refuses that setting).
     class_weighted: bool = False
+    #: The task's YAML when it lives outside featcache (a plugin); featcache's own are ``configs/<name>.yaml``.
+    config_file: str | Path | None = None
+    #: The ablation plot's axes (x, y): columns of the ablation table.
+    ablation_axes: tuple[str, str] = ("test_f_fpr", "test_auc")
+    #: Markdown appended to an ablation's report (what the task's own columns mean).
+    ablation_notes: str = ""
 
     def __init__(self, cfgs: dict | list[dict], device, run_dirs=None):
         self.cfgs = [cfgs] if isinstance(cfgs, dict) else list(cfgs)
@@ -120,6 +200,8 @@ class Task(ABC):
         self.module: torch.nn.Module | None = None
         self.spec: dict = {}
         self.backbone: dict | None = None
+        self._coefficients: dict[str, torch.Tensor] | None = None  # made on first use (coefficients())
+        self._class_weights: torch.Tensor | None = None  # made on first use (class_weights())
 
     @classmethod
     def check_config(cls, cfg: dict) -> None:
@@ -208,9 +290,6 @@ class Task(ABC):
     def build(self, spec: dict) -> torch.nn.Module:
         """The module for ``self.runs`` runs, from ``spec`` (and ``self.inputs``) only."""
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.module.parameters() if p.requires_grad]
-
     def run_state_dict(self, r: int) -> dict[str, torch.Tensor]:
         """Run r's weights: with stacked runs every tensor sliced [r:r+1] (a run dir holds a 1-run module)."""
         sd = self.module.state_dict()
@@ -230,21 +309,27 @@ class Task(ABC):
             for k, v in own.items():
                 v[r:r + 1].copy_(sd[k].to(v.device))
 
+    def module_rng(self) -> RunRNG | None:
+        """The module's per-run dropout streams: the :class:`RunRNG` its :class:`StackedDropout` layers
+        share (a head builds one per module), or None."""
+        return next((m.rng for m in self.module.modules() if isinstance(m, StackedDropout) and m.rng is not None),
+                    None)
+
     def run_rng_state(self, r: int) -> dict[str, torch.Tensor]:
-        """Run r's own random streams (dropout), saved in its resume point; none by default."""
-        rng = getattr(self.module, "rng", None)
-        return rng.get_state(r) if hasattr(rng, "get_state") else {}
+        """Run r's dropout stream (:meth:`module_rng`), saved in its resume point; none without dropout layers."""
+        rng = self.module_rng()
+        return {} if rng is None else rng.get_state(r)
 
     def set_run_rng_state(self, r: int, state: dict[str, torch.Tensor]) -> None:
-        rng = getattr(self.module, "rng", None)
-        if state and hasattr(rng, "set_state"):
+        rng = self.module_rng()
+        if state and rng is not None:
             rng.set_state(r, state)
 
     # -- training and evaluation ---------------------------------------------------------------
     def coefficients(self) -> dict[str, torch.Tensor]:
         """Per-run loss weights, (R,) tensors on ``self.device``, made once (no host-to-device copy
         per step) by :meth:`_make_coefficients`."""
-        if getattr(self, "_coefficients", None) is None:
+        if self._coefficients is None:
             self._coefficients = self._make_coefficients()
         return self._coefficients
 
@@ -259,7 +344,7 @@ class Task(ABC):
     def class_weights(self) -> torch.Tensor:
         """Per class c of the training labels, ``n / (C * n_c)`` (scikit-learn's ``balanced``
         weights, :func:`sklearn.utils.class_weight.compute_class_weight`), on the device, made once."""
-        if getattr(self, "_class_weights", None) is None:
+        if self._class_weights is None:
             y = self.data["train"].tensors["label"].long()
             counts = torch.bincount(y).to(torch.get_default_dtype())
             present = counts > 0
@@ -277,22 +362,6 @@ class Task(ABC):
         w = self.class_weights()[y]
         return (per_sample * w).sum(-1) / w.sum(-1)
 
-    @abstractmethod
-    def batch_loss(self, batch: dict[str, torch.Tensor], state: StepState) -> tuple[torch.Tensor, dict]:
-        """Batch tensors are (R, B, ...); return the loss (R,) and terms {name: (R,)}, without a host sync."""
-
-    def epoch_values(self, state: StepState) -> dict:
-        """Schedule values to log for this epoch (GRL lambda, fairness weight, ...)."""
-        return {}
-
-    @abstractmethod
-    def evaluate(self, split: str) -> list[tuple[dict, pd.DataFrame]]:
-        """One (metrics, predictions) per run for ``split``."""
-
-    def stop_reason(self, row: dict, r: int) -> str | None:
-        """A message to stop run r after this epoch's log ``row`` (e.g. a collapse), or None."""
-        return None
-
     def finish(self, run_dir: Path, r: int) -> dict:
         """Analysis after training, added to run r's summary (none by default)."""
         return {}
@@ -308,7 +377,9 @@ class Task(ABC):
     @classmethod
     def stack_key(cls, cfg: dict) -> str:
         """Runs with equal keys may be stacked: the config without the seed, the preset's name and the
-        loss coefficients (``coefficient_keys``)."""
+        loss coefficients (``coefficient_keys``).  The training section stays in the key, so stacked
+        runs have one learning-rate schedule (``training.lr``, ``schedule``, ``epochs``): they share
+        one AdamW, whose learning rate is one number per parameter tensor, not per run."""
         c = json.loads(json.dumps(cfg, default=str))
         c.get("training", {}).pop("seed", None)
         c.pop("preset", None)
@@ -354,17 +425,18 @@ def check_run_dir(run_dir: Path, weights: str = "best") -> None:
         raise FeatcacheError(f"run {run_dir} does not exist")
     if not run_dir.is_dir():
         raise FeatcacheError(f"{run_dir} is not a run directory (it is a file)")
-    if any((run_dir / f).exists() for f in OLD_LAYOUT_FILES) and not (run_dir / f"{weights}.safetensors").is_file():
+    rd = RunDir(run_dir)
+    if any((run_dir / f).exists() for f in OLD_LAYOUT_FILES) and not rd.weights(weights).is_file():
         raise FeatcacheError(f"{run_dir} was written by an older featcache (another run layout); retrain it")
-    for f in ("config.yaml", "model.json", f"{weights}.safetensors"):
-        if not (run_dir / f).is_file():
-            raise FeatcacheError(f"{run_dir} is not a finished run: {f} is missing")
+    for f in (rd.config, rd.model, rd.weights(weights)):
+        if not f.is_file():
+            raise FeatcacheError(f"{run_dir} is not a finished run: {f.name} is missing")
 
 
 def run_fingerprint(run_dir) -> str:
     """sha256 of a finished run's selected weights (``best.safetensors``): what a run trained on
     it depends on, wherever it lies (a moved or copied run has the same fingerprint)."""
-    f = Path(run_dir) / "best.safetensors"
+    f = RunDir(run_dir).best
     st = f.stat()
     return _file_sha256(str(f.resolve()), st.st_mtime_ns, st.st_size)
 
@@ -401,8 +473,9 @@ def load_run(run_dir, device=None, *, weights: str = "best") -> Task:
     """
     run_dir = Path(run_dir)
     check_run_dir(run_dir, weights)
-    cfg = load_config(run_dir / "config.yaml")
-    spec = json.loads((run_dir / "model.json").read_text())
+    rd = RunDir(run_dir)
+    cfg = load_config(rd.config)
+    spec = json.loads(rd.model.read_text())
     if spec.get("task") not in list_tasks():
         raise FeatcacheError(f"{run_dir} is a {spec.get('task')!r} run, not a head run "
                              f"(heads: {', '.join(list_tasks())})")
@@ -410,6 +483,6 @@ def load_run(run_dir, device=None, *, weights: str = "best") -> Task:
     task = get_task(spec["task"])(cfg, dev, run_dirs=[run_dir])
     task.spec = spec["spec"]
     task.module = task.build(task.spec).to(dev)
-    task.load_run_state_dict(0, load_weights(run_dir / f"{weights}.safetensors", dev))
+    task.load_run_state_dict(0, load_weights(rd.weights(weights), dev))
     task.module.eval()
     return task

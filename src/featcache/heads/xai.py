@@ -121,22 +121,9 @@ def gather_frames(frames: torch.Tensor, table: torch.Tensor, rows: torch.Tensor)
     return frames[idx.clamp(min=0)] * mask[..., None], mask
 
 
-def pad_frames(frames: torch.Tensor, offsets: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """Utterances ``rows`` of flat ``frames`` as a zero-padded (B, T_max, D) batch and its mask
-    (T_max: the longest of these rows)."""
-    rows = [int(r) for r in rows]
-    lengths = [int(offsets[r + 1] - offsets[r]) for r in rows]
-    t_max = max(lengths) if lengths else 0
-    x = frames.new_zeros((len(rows), t_max, frames.shape[1]))
-    mask = torch.zeros((len(rows), t_max), dtype=frames.dtype, device=frames.device)
-    for i, (r, n) in enumerate(zip(rows, lengths)):
-        x[i, :n] = frames[int(offsets[r]):int(offsets[r]) + n]
-        mask[i, :n] = 1
-    return x, mask
-
-
 @register_task("xai")
 class XaiTask(Task):
+    ablation_axes = ("test_loc_auroc", "test_auc")
     cache_kind = "frames"
     detects = False
     max_runs = 64

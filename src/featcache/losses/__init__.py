@@ -12,11 +12,10 @@ from .cvar import BilevelCVaR, bilevel_cvar, bilevel_cvar_parts, cvar
 from .disentangle import cosine_disentanglement
 from .ldam import LDAMLoss, ldam_margins
 from .prototype import ema_update, frame_contrastive
-from .sinkhorn import GroupSinkhorn, StackedSinkhorn, bounding_diameter, feature_scale
+from .sinkhorn import StackedSinkhorn, bounding_diameter, feature_scale
 
 __all__ = [
     "BilevelCVaR",
-    "GroupSinkhorn",
     "LDAMLoss",
     "StackedSinkhorn",
     "bilevel_cvar",

@@ -43,120 +43,20 @@ def feature_scale(x: Tensor) -> float:
     return float((x - x.mean(0)).pow(2).sum(-1).mean().sqrt())
 
 
-def _members(groups: Tensor, min_group: int, mask: Tensor | None = None) -> dict[int, Tensor]:
-    """Known subgroup code -> (n_g,) CPU indices of its samples, for groups with at least ``min_group``."""
-    g = groups.detach().to("cpu", torch.long)
-    keep = g >= 0
-    if mask is not None:
-        keep &= mask.detach().to("cpu", torch.bool)
-    out = {}
-    for code in torch.unique(g[keep]).tolist():
-        idx = torch.nonzero(keep & (g == code)).flatten()
-        if idx.numel() >= min_group:
-            out[int(code)] = idx
-    return out
+def pad_clouds(x: Tensor, clouds: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Clouds of index lists -> points (P, N, D) and uniform weights (P, N), padded with weight 0.
 
-
-class GroupSinkhorn(nn.Module):
-    """Sinkhorn divergences between the feature clouds of subgroups, batched into one geomloss call.
-
-    Args:
-        blur: geomloss blur (the entropic temperature is ``blur**2``); a fraction of
-            :func:`feature_scale` of the features is a sensible default.
-        scaling: geomloss epsilon-scaling ratio in (0, 1); closer to 1 is more accurate and slower.
-        min_group: subgroups with fewer samples than this are skipped.
-        diameter: optional upper bound on the distances, the start of the annealing schedule;
-            None lets geomloss estimate it from the points of each call.
-
-    Subgroup codes are integers; codes < 0 (unknown) are ignored. Every method returns a ()
-    differentiable tensor; with nothing to compare, a zero that still works in backward.
+    A padded slot repeats the cloud's first point (see the module docstring).
     """
-
-    def __init__(self, blur: float, scaling: float = 0.9, min_group: int = 2, diameter: float | None = None) -> None:
-        super().__init__()
-        if not blur > 0:
-            raise ValueError(f"blur must be positive, got {blur}")
-        if not 0 < scaling < 1:
-            raise ValueError(f"scaling must be in (0, 1), got {scaling}")
-        self.blur = float(blur)
-        self.scaling = float(scaling)
-        self.min_group = max(1, int(min_group))
-        self.diameter = None if diameter is None else float(diameter)
-        self.loss = SamplesLoss("sinkhorn", p=2, blur=self.blur, scaling=self.scaling, debias=True,
-                                backend="tensorized", diameter=self.diameter)
-
-    def extra_repr(self) -> str:
-        return f"blur={self.blur}, scaling={self.scaling}, min_group={self.min_group}, diameter={self.diameter}"
-
-    # -- the batched computation -------------------------------------------------------------
-    @staticmethod
-    def _pad(x: Tensor, clouds: list[Tensor]) -> tuple[Tensor, Tensor]:
-        """Clouds of index lists -> points (P, N, D) and uniform weights (P, N), padded with weight 0.
-
-        A padded slot repeats the cloud's first point (see the module docstring).
-        """
-        n_max = max(len(c) for c in clouds)
-        idx = torch.empty(len(clouds), n_max, dtype=torch.long)
-        w = torch.zeros(len(clouds), n_max, dtype=torch.float64)
-        for p, c in enumerate(clouds):
-            idx[p, : len(c)] = c
-            idx[p, len(c):] = c[0]
-            w[p, : len(c)] = 1.0 / len(c)
-        idx = idx.to(x.device, non_blocking=True)
-        return x[idx], w.to(device=x.device, dtype=x.dtype)
-
-    def divergences(self, x: Tensor, pairs: list[tuple[Tensor, Tensor]]) -> Tensor:
-        """``S(x[i], x[j])`` for each pair of index tensors ``(i, j)``, in one batched call: (P,).
-
-        Each cloud is padded to the largest cloud of its side of the pairs, with weight-0 points.
-        """
-        if not pairs:
-            return x.sum().reshape(1)[:0]
-        xs, a = self._pad(x, [p[0] for p in pairs])
-        ys, b = self._pad(x, [p[1] for p in pairs])
-        return self.loss(a, xs, b, ys)
-
-    @staticmethod
-    def _mean(x: Tensor, values: Tensor) -> Tensor:
-        return values.mean() if values.numel() else x.sum() * 0.0
-
-    # -- the three comparisons ---------------------------------------------------------------
-    def global_(self, x: Tensor, groups: Tensor) -> Tensor:
-        """Mean over subgroups g (``n_g >= min_group``) of ``S(x[g], x[all samples of a known subgroup]``).
-
-        Args: x (B, D) features; groups (B,) codes, -1 unknown.
-        """
-        members = _members(groups, self.min_group)
-        if not members:
-            return x.sum() * 0.0
-        everyone = _members(groups, 1)
-        known = torch.cat(list(everyone.values())).sort().values
-        return self._mean(x, self.divergences(x, [(idx, known) for idx in members.values()]))
-
-    def pairwise(self, x: Tensor, groups: Tensor) -> Tensor:
-        """Mean over all unordered pairs (g, h), g < h, of present subgroups of ``S(x[g], x[h])``."""
-        members = list(_members(groups, self.min_group).values())
-        return self._mean(x, self.divergences(x, list(itertools.combinations(members, 2))))
-
-    def per_class(self, x: Tensor, groups: Tensor, labels: Tensor) -> Tensor:
-        """The Stage-2 design's per-class term (L_real + L_fake) / 2: for each class c, L_c is the mean
-        over the pairs (g, h), g < h, of subgroups present within class c of ``S(x[g, c], x[h, c])``;
-        then the mean over the classes that have at least one pair (as :meth:`StackedSinkhorn.terms`).
-
-        Args: x (B, D); groups (B,) codes, -1 unknown; labels (B,) in {0, 1}.
-        """
-        lab = labels.detach().to("cpu", torch.long)
-        pairs, owner = [], []
-        for c in torch.unique(lab).tolist():
-            members = list(_members(groups, self.min_group, lab == c).values())
-            new = list(itertools.combinations(members, 2))
-            pairs += new
-            owner += [c] * len(new)
-        if not pairs:
-            return x.sum() * 0.0
-        values = self.divergences(x, pairs)
-        owner_t = torch.tensor(owner)
-        return torch.stack([values[(owner_t == c).to(values.device)].mean() for c in sorted(set(owner))]).mean()
+    n_max = max(len(c) for c in clouds)
+    idx = torch.empty(len(clouds), n_max, dtype=torch.long)
+    w = torch.zeros(len(clouds), n_max, dtype=torch.float64)
+    for p, c in enumerate(clouds):
+        idx[p, : len(c)] = c
+        idx[p, len(c):] = c[0]
+        w[p, : len(c)] = 1.0 / len(c)
+    idx = idx.to(x.device, non_blocking=True)
+    return x[idx], w.to(device=x.device, dtype=x.dtype)
 
 
 # -- stacked runs: every run's group comparisons in one call, no host-device synchronisation -------
@@ -249,7 +149,7 @@ class StackedSinkhorn(nn.Module):
     ``mode``: ``masked`` is the above (sync-free, but every problem spans the whole batch: (B / n_g)^2
     times the work of a compact cloud); ``compact`` reads the group memberships on the host (one
     synchronisation per call) and gathers each cloud's members, padded with weight-0 copies of a
-    member to the largest cloud (see :meth:`GroupSinkhorn._pad`); ``auto`` (default): ``masked`` on
+    member to the largest cloud (see :func:`pad_clouds`); ``auto`` (default): ``masked`` on
     CUDA, where a synchronisation stalls the device and the work is cheap, ``compact`` on the CPU,
     where there is no device to stall and the work is what costs. Both give the same values.
 
@@ -323,8 +223,8 @@ class StackedSinkhorn(nn.Module):
         # clouds of similar size share a call, each call padded to its own largest (one call padded
         # to the largest of all did ~3.6x the dense work on the 15-run benchmark's subgroup clouds)
         for bucket in size_buckets([max(len(x), len(y)) for x, y in zip(xa, xb)]):
-            pa, wa = GroupSinkhorn._pad(flat, [xa[p] for p in bucket])
-            pb, wb = GroupSinkhorn._pad(flat, [xb[p] for p in bucket])
+            pa, wa = pad_clouds(flat, [xa[p] for p in bucket])
+            pb, wb = pad_clouds(flat, [xb[p] for p in bucket])
             backend = self._backend(len(bucket), max(pa.shape[1], pb.shape[1]))
             loss = SamplesLoss("sinkhorn", p=2, blur=self.blur, scaling=self.scaling, debias=True,
                                backend=backend, diameter=self.diameter)

@@ -55,19 +55,6 @@ from .trainer import (
     writer_lock,
 )
 
-#: The columns of ablation.md for a detector, when present (kept for callers of the old name).
-REPORTED = ABLATION_METRICS
-
-#: Per task: the metric pair of the ablation plot (x, y); a detector default is F_FPR vs AUC.
-PLOT_AXES = {"stage1": ("probe_race_debiased", "test_cos"), "xai": ("test_loc_auroc", "test_auc")}
-
-#: What the Stage-1 columns mean (they are not detection metrics).
-STAGE1_MEANINGS = (
-    "- cos: mean cosine similarity of the debiased to the raw test features (1 = unchanged)\n"
-    "- race_acc, gender_acc: the adversaries' accuracy on test (lower = less attribute information)\n"
-    "- probe <attr>_raw / <attr>_debiased: val accuracy of a logistic-regression probe trained on the "
-    "raw / debiased train features (debiased below raw = less leakage); chance is 1 / classes\n")
-
 
 @dataclass
 class PlannedRun:
@@ -547,8 +534,9 @@ def tables(task: str, df: pd.DataFrame, out: Path, *, evals=(), baselines=(), ti
             if start >= 0:
                 parts.append(text[start:])
         all_diffs += [d.assign(split=split) for d in diffs]
-    if task == "stage1":
-        parts.append(STAGE1_MEANINGS)
+    cls = get_task(task)
+    if cls.ablation_notes:
+        parts.append(cls.ablation_notes)
     markdown = "\n".join(parts)
     write_atomic(out / "ablation.md", markdown)
     files.append("ablation.md")
@@ -557,7 +545,7 @@ def tables(task: str, df: pd.DataFrame, out: Path, *, evals=(), baselines=(), ti
         small = diffs_df["v_test"].map(lambda v: f"{v:.4g}")  # a variance of AUC differences is ~1e-5: not rounded to 0
         write_csv_rounded(diffs_df.assign(v_test=small), out / "ablation_differences.csv")
         files.append("ablation_differences.csv")
-    x, y = PLOT_AXES.get(task, ("test_f_fpr", "test_auc"))
+    x, y = cls.ablation_axes
     if x in df and y in df and df[[x, y]].notna().any().all():
         name = f"ablation_{y.removeprefix('test_')}_vs_{x.removeprefix('test_')}.png"
         plot_ablation(without_degenerate(df), out / name, x=x, y=y, title=title)  # degenerate gaps say nothing

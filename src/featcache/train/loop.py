@@ -1,34 +1,30 @@
 """The one training loop: heads (R >= 1 stacked runs), the MobileNetV4 filter and the DETR fine-tune.
 
-A *job* supplies batches, a loss and an evaluation; :func:`fit` does the rest, per run:
-epochs, the learning-rate schedule, AdamW (fused on CUDA), per-run gradient clipping,
-``training.class_balance`` (none | weight: the task's class-weighted loss, :meth:`Task.class_weighted_mean`
-| sampler: every epoch draws the classes equally often, :func:`balanced_order`),
-selection on val by the configured formula (``selection.score``, ``selection.min_epoch``,
-``selection.rule: best|last``; test is never looked at), early stopping (``training.patience``),
-per-epoch checkpoints (``training.save_every``), ``log.jsonl``, ``training_log.csv``,
+A *job* (:class:`featcache.heads.task.Job`: every hook declared there, with no-op defaults;
+:class:`featcache.heads.task.Task` and :class:`OneModelJob` derive from it) supplies batches, a
+loss and an evaluation; :func:`fit` does the rest, per run: epochs, the learning-rate schedule
+(:class:`Schedule`), AdamW (fused on CUDA), per-run gradient clipping, ``training.class_balance``
+(none | weight: the task's class-weighted loss, :meth:`Task.class_weighted_mean` | sampler: every
+epoch draws the classes equally often, :func:`balanced_order`), selection on val by the configured
+formula (:class:`Selection`: ``selection.score``, ``selection.min_epoch``, ``selection.rule:
+best|last``; test is never looked at), early stopping (``training.patience``), per-epoch
+checkpoints (``training.save_every``), ``log.jsonl``, ``training_log.csv``,
 ``plots/training_curves.png``, ``best.safetensors``, ``last.safetensors`` and the resume point
-``resume.pt`` (weights, optimizer, batch-order generator, global RNG and the loop's state; read
-with ``torch.load(weights_only=True)``, replaced atomically after every epoch, so a run killed
-at any moment resumes from its last finished epoch and ends with the same weights as an
-uninterrupted one). With ``tensorboard`` on (``logging.tensorboard: true`` in a task config,
-``--tensorboard`` on ``train-head`` / ``train-e2e``) every run also writes its per-epoch scalars
-(train terms, val metrics, lr, score) to ``RUN/tensorboard/`` through
-``torch.utils.tensorboard.SummaryWriter``; the ``tensorboard`` package is the optional extra
-``featcache[tensorboard]``.
+``resume.pt`` (weights, optimizer, batch-order generator, global RNG and the run's
+:class:`RunState`; read with ``torch.load(weights_only=True)``, replaced atomically after every
+epoch, so a run killed at any moment resumes from its last finished epoch and ends with the same
+weights as an uninterrupted one). Every file name comes from :class:`featcache.runtime.RunDir`.
+With ``tensorboard`` on (``logging.tensorboard: true`` in a task config, ``--tensorboard`` on
+``train-head`` / ``train-e2e``) every run also writes its per-epoch scalars (train terms, val
+metrics, lr, score) to ``RUN/tensorboard/`` through ``torch.utils.tensorboard.SummaryWriter``;
+the ``tensorboard`` package is the optional extra ``featcache[tensorboard]``.
+
+Stacked runs share one optimizer, so they share one learning-rate schedule: each run's resume
+point keeps its own :class:`Schedule` (a run directory resumes on its own), and :func:`fit`
+refuses stacked runs whose schedules differ (the task's ``stack_key`` keeps the training section,
+so runs with another lr, schedule or epochs are never stacked).
 
 This is the only file in ``src/`` that steps an optimizer.
-
-The job protocol (a :class:`featcache.heads.task.Task` implements it; so do the end-to-end models):
-
-- ``runs``, ``max_runs``, ``module``, ``device``, ``trainable_parameters()``,
-  ``run_state_dict(r)``, ``load_run_state_dict(r, sd)``;
-- ``batch_loss(batch, state) -> (loss (R,), {term: (R,)})``; no host sync inside;
-- ``evaluate(split) -> [(metrics, predictions)] * R``;  ``epoch_values(state)``, ``stop_reason(row, r)``;
-- either ``data["train"]`` (a :class:`SplitData`: the loop draws each run's order from its own
-  generator seeded with the run's seed, gathers (R, B, ...) batches and skips batches of one row)
-  or ``batches(epoch, generators, batch_size)`` yielding (batch, rows) itself (image loaders);
-- optionally ``amp_dtype`` (``torch.float16``/``bfloat16``: autocast on CUDA, with a GradScaler for fp16).
 """
 
 from __future__ import annotations
@@ -38,7 +34,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -46,32 +42,23 @@ import torch
 
 from ..config import selection_score
 from ..errors import FeatcacheError, write_atomic
-from ..heads.task import StepState
+from ..heads.task import Job, StepState
 from ..progress import bar as progress_bar
 from ..report.plots import plot_training_curves
-from ..runtime import json_default, load_state, rng_state, save_module, save_state, set_rng_state
+from ..runtime import RunDir, json_default, load_state, rng_state, save_module, save_state, set_rng_state
 
-RESUME_FILE = "resume.pt"
+#: The resume point's file name (:attr:`RunDir.RESUME`), for the callers that check it.
+RESUME_FILE = RunDir.RESUME
 #: ``training.class_balance``: none (the design's own), weight (class-weighted loss), sampler (balanced batches).
 CLASS_BALANCE = ("none", "weight", "sampler")
 
 
-
-class OneModelJob:
-    """The parts of the job protocol that every one-model job (R = 1: the MobileNetV4 filter, the
-    DETR fine-tune) shares: its trainable parameters and its weights as run 0's."""
+class OneModelJob(Job):
+    """A one-model job (R = 1: the MobileNetV4 filter, the DETR fine-tune): its weights are run 0's
+    (the :class:`Job` defaults)."""
 
     runs = max_runs = 1
-    module: torch.nn.Module
 
-    def trainable_parameters(self):
-        return [p for p in self.module.parameters() if p.requires_grad]
-
-    def run_state_dict(self, r: int):
-        return self.module.state_dict()
-
-    def load_run_state_dict(self, r: int, sd) -> None:
-        self.module.load_state_dict(sd)
 
 @dataclass
 class LoopSettings:
@@ -135,12 +122,159 @@ class FitResult:
     note: str | None = None
 
 
-def lr_at(epoch: int, schedule: dict) -> float:
-    """The learning rate of ``epoch`` under ``schedule`` = {kind, lr, start, end}."""
-    if schedule["kind"] == "constant":
-        return schedule["lr"]
-    span = schedule["end"] - schedule["start"] + 1
-    return schedule["lr"] * 0.5 * (1.0 + math.cos(math.pi * (epoch - schedule["start"]) / span))
+@dataclass
+class Schedule:
+    """A run's learning-rate schedule over epochs ``start``..``end``: ``constant`` at ``lr``, or
+    ``cosine``, annealed from ``lr`` towards 0 and stepped per epoch."""
+
+    kind: str
+    lr: float
+    start: int
+    end: int
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate of ``epoch``."""
+        if self.kind == "constant":
+            return self.lr
+        span = self.end - self.start + 1
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - self.start) / span))
+
+
+@dataclass
+class Selection:
+    """One run's selection rule and its best so far: the score is ``formula`` on val
+    (:func:`featcache.config.selection_score`); from epoch ``min_epoch`` on, the ``best`` epoch
+    (the highest score, a NaN never) or the ``last`` one is selected; ``patience`` epochs in a row
+    without a better score stop the run (never at its last epoch, ``epochs``)."""
+
+    formula: str = "auc"
+    min_epoch: int = 1
+    rule: str = "best"
+    patience: int = 0
+    epochs: int = 1
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    bad: int = 0
+
+    @classmethod
+    def from_settings(cls, settings: LoopSettings) -> Selection:
+        epochs = int(settings.epochs)  # fewer epochs than min_epoch: all compete
+        return cls(settings.selection, min(int(settings.min_epoch), epochs), settings.rule, int(settings.patience),
+                   epochs)
+
+    def score(self, metrics: dict) -> float:
+        return selection_score(self.formula, metrics)
+
+    def update(self, epoch: int, score: float) -> tuple[bool, str | None]:
+        """Record ``epoch``'s ``score``: (is this epoch the selected one now, a reason to stop or None)."""
+        competes = epoch >= self.min_epoch
+        number = competes and not math.isnan(score)
+        improved = self.rule == "last" or (number and score > self.best_score)
+        if improved:
+            if number:
+                self.best_score = score
+            self.best_epoch, self.bad = epoch, 0
+        elif competes:
+            self.bad += 1
+        if self.patience and self.bad >= self.patience and epoch < self.epochs:
+            return improved, f"no better {self.formula!r} on val for {self.patience} epochs (early stopping)"
+        return improved, None
+
+
+@dataclass
+class RunState:
+    """Where one run is: the last finished ``epoch``, its :class:`Selection` (best score and epoch,
+    epochs without improvement), why it ``stopped`` (None: it goes on), its ``log`` rows, its
+    :class:`Schedule` and the ``note`` an extension left.  :meth:`state_dict` is the resume point's
+    ``loop`` entry."""
+
+    schedule: Schedule
+    selection: Selection
+    epoch: int = 0
+    stopped: str | None = None
+    log: list[dict] = field(default_factory=list)
+    note: str | None = None
+
+    @classmethod
+    def start(cls, settings: LoopSettings) -> RunState:
+        return cls(Schedule(settings.schedule, settings.lr, 1, int(settings.epochs)), Selection.from_settings(settings))
+
+    def state_dict(self) -> dict:
+        """Plain numbers, strings, lists and dicts (what ``torch.load(weights_only=True)`` reads back)."""
+        sel = self.selection
+        return {"epoch": self.epoch, "best_score": sel.best_score, "best_epoch": sel.best_epoch, "bad": sel.bad,
+                "stopped": self.stopped, "log": list(self.log), "schedule": asdict(self.schedule), "note": self.note}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Load :meth:`state_dict`'s dict, or the ``{"epoch", "json"}`` entry of a resume point written
+        before run states (the same fields as JSON, the best score None while there was none)."""
+        if "json" in sd:
+            sd = json.loads(sd["json"])
+            sd["best_score"] = -math.inf if sd["best_score"] is None else sd["best_score"]
+        self.epoch, self.stopped, self.note = int(sd["epoch"]), sd["stopped"], sd.get("note")
+        self.log = list(sd["log"])
+        self.schedule = Schedule(**sd["schedule"])
+        self.selection.best_score = float(sd["best_score"])
+        self.selection.best_epoch, self.selection.bad = int(sd["best_epoch"]), int(sd["bad"])
+
+
+def plain(row: dict) -> dict:
+    """``row`` as JSON's types (NumPy scalars and tensors as numbers): a log row is the same in memory,
+    in ``log.jsonl`` and in the resume point."""
+    return json.loads(json.dumps(row, default=json_default))
+
+
+class Stepper:
+    """One AdamW over every run's parameters (fused where every parameter is floating), autocast and
+    its GradScaler (fp16 on CUDA), per-run gradient clipping; each run's slice of its state."""
+
+    def __init__(self, job: Job, settings: LoopSettings):
+        self.params, self.runs, self.stacked = job.trainable_parameters(), job.runs, job.max_runs > 1
+        self.grad_clip = settings.grad_clip
+        dev = job.device
+        # fused AdamW on the CPU too: on stacked runs' large tensors it is ~7x the default per-tensor
+        # loop there (6 x 12 tensors of 1280 x 1280 on the 2-core CPU: 0.05 s vs 0.41 s a step)
+        fused = dev.type in ("cuda", "cpu") and all(p.is_floating_point() for p in self.params)
+        self.opt = torch.optim.AdamW(self.params, lr=settings.lr, weight_decay=settings.weight_decay,
+                                     **({"fused": True} if fused else {}))
+        self.amp = job.amp_dtype if dev.type == "cuda" else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=self.amp) if self.amp is not None else _null()
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backward of the runs' summed loss, clipping, one optimizer step."""
+        opt, scaler = self.opt, self.scaler
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss.float().sum()).backward()
+        if self.grad_clip > 0:
+            scaler.unscale_(opt)
+            if self.stacked:
+                _clip_per_run(self.params, self.grad_clip, self.runs)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+
+    def run_state(self, r: int) -> dict:
+        """Run r's part of the resume point: its slice of AdamW's state, and the scaler's."""
+        return {"optimizer": _slice_opt_state(self.opt.state_dict(), r, self.stacked),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {}}
+
+    def load_run_states(self, saved: list[dict], ref: int) -> None:
+        """The runs' :meth:`run_state` parts back, stacked; step counts and the scaler from run ``ref``."""
+        self.opt.load_state_dict(_stack_opt_state([s["optimizer"] for s in saved], self.stacked, ref))
+        if saved[ref].get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(saved[ref]["scaler"])
 
 
 def _slice_opt_state(opt_state: dict, r: int, stacked: bool) -> dict:
@@ -151,10 +285,11 @@ def _slice_opt_state(opt_state: dict, r: int, stacked: bool) -> dict:
     return {"state": state, "param_groups": opt_state["param_groups"]}
 
 
-def _stack_opt_state(states: list[dict], stacked: bool) -> dict:
+def _stack_opt_state(states: list[dict], stacked: bool, ref: int = 0) -> dict:
+    """The runs' optimizer slices as one state; what all runs share (step counts, param groups) from run ``ref``."""
     if not stacked:
-        return states[0]
-    first = states[0]
+        return states[ref]
+    first = states[ref]
     state = {i: {k: (torch.cat([st["state"][i][k] for st in states]) if torch.is_tensor(v) and v.dim() > 0 else v)
                  for k, v in s.items()} for i, s in first["state"].items()}
     return {"state": state, "param_groups": first["param_groups"]}
@@ -194,6 +329,17 @@ def _default_batches(job, gens: list[torch.Generator], batch_size: int, min_batc
         yield {k: v[idx] for k, v in train.tensors.items()}, idx.shape[1]
 
 
+def epoch_batches(job: Job, epoch: int, gens: list[torch.Generator], settings: LoopSettings):
+    """The epoch's (batch, rows): the job's own :meth:`Job.batches`, or each run's order of ``data["train"]``."""
+    own = job.batches(epoch, gens, settings.batch_size)
+    if own is None:
+        return _default_batches(job, gens, settings.batch_size, settings.min_batch, settings.class_balance)
+    if settings.class_balance == "sampler":
+        raise FeatcacheError("training.class_balance=sampler applies to heads trained from a cache; this job "
+                             "draws its own batches")
+    return own
+
+
 def tensorboard_writers(run_dirs: list[Path]) -> list:
     """One ``SummaryWriter`` per run, logging to ``RUN/tensorboard/``; one clear error without the package."""
     try:
@@ -201,7 +347,7 @@ def tensorboard_writers(run_dirs: list[Path]) -> list:
     except ImportError:
         raise FeatcacheError("TensorBoard logging needs the tensorboard package: pip install 'featcache[tensorboard]' "
                              "(or pip install tensorboard), or leave out --tensorboard / logging.tensorboard") from None
-    return [SummaryWriter(log_dir=str(Path(d) / "tensorboard")) for d in run_dirs]
+    return [SummaryWriter(log_dir=str(RunDir(d).tensorboard)) for d in run_dirs]
 
 
 def log_scalars(writer, row: dict, epoch: int) -> None:
@@ -224,7 +370,7 @@ def _clip_per_run(params, max_norm: float, runs: int) -> None:
         g.mul_(coef.to(g.dtype).view(runs, *([1] * (g.dim() - 1))))
 
 
-def fit(job, run_dirs: list[Path], settings: LoopSettings, *, resume: bool = False, lr: float | None = None,
+def fit(job: Job, run_dirs: list[Path], settings: LoopSettings, *, resume: bool = False, lr: float | None = None,
         desc: str = "train", progress: bool = True, echo: Callable[[str], None] | None = None,
         on_epoch_end: Callable[[int, list[dict]], None] | None = None) -> list[FitResult]:
     """Train ``job``'s R runs into ``run_dirs`` (already prepared: config.yaml, model.json).
@@ -233,180 +379,180 @@ def fit(job, run_dirs: list[Path], settings: LoopSettings, *, resume: bool = Fal
     ``settings.epochs`` is larger, the schedule restarts from the last learning rate used, or
     from ``lr`` when given, and ``echo`` says which.
     """
-    R, dev = job.runs, job.device
-    run_dirs = [Path(p) for p in run_dirs]
-    if len(run_dirs) != R or len(settings.seeds) != R:
+    R = job.runs
+    dirs = [RunDir(p) for p in run_dirs]
+    if len(dirs) != R or len(settings.seeds) != R:
         raise FeatcacheError(f"{R} run(s) need as many run directories and seeds")
-    if settings.class_balance == "sampler" and hasattr(job, "batches"):
-        raise FeatcacheError("training.class_balance=sampler applies to heads trained from a cache; this job "
-                             "draws its own batches")
-    stacked = job.max_runs > 1
-    params = job.trainable_parameters()
-    # fused AdamW on the CPU too: on stacked runs' large tensors it is ~7x the default per-tensor
-    # loop there (6 x 12 tensors of 1280 x 1280 on the 2-core CPU: 0.05 s vs 0.41 s a step)
-    fused = dev.type in ("cuda", "cpu") and all(p.is_floating_point() for p in params)
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay, **({"fused": True} if fused else {}))
-    amp = getattr(job, "amp_dtype", None) if dev.type == "cuda" else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    stepper = Stepper(job, settings)
     gens = [torch.Generator().manual_seed(int(s)) for s in settings.seeds]
-    epochs = int(settings.epochs)
-    min_epoch = min(int(settings.min_epoch), epochs)  # fewer epochs than min_epoch: all compete
-    st = [{"epoch": 0, "best_score": -math.inf, "best_epoch": 0, "bad": 0, "stopped": None, "log": [],
-           "schedule": {"kind": settings.schedule, "lr": settings.lr, "start": 1, "end": epochs}, "note": None}
-          for _ in range(R)]
-    if resume:
-        saved = [load_state(d / RESUME_FILE, dev) for d in run_dirs]
-        done = {int(s["loop"]["epoch"]) for s in saved}
-        if len(done) != 1:
-            raise FeatcacheError("stacked runs resumed from different epochs: resume them one by one")
-        for r, s in enumerate(saved):
-            job.load_run_state_dict(r, s["weights"])
-            gens[r].set_state(s["generator"])
-            if hasattr(job, "set_run_rng_state"):  # the run's own streams (a stacked task's dropout)
-                job.set_run_rng_state(r, s.get("run_rng", {}))
-            st[r] = json.loads(s["loop"]["json"])
-            st[r]["best_score"] = -math.inf if st[r]["best_score"] is None else st[r]["best_score"]
-        opt.load_state_dict(_stack_opt_state([s["optimizer"] for s in saved], stacked))
-        if "scaler" in saved[0] and scaler.is_enabled():
-            scaler.load_state_dict(saved[0]["scaler"])
-        set_rng_state(saved[0]["rng"])
-        start = done.pop() + 1
-        for r in range(R):
-            sch = st[r]["schedule"]
-            if epochs > sch["end"]:  # extending a finished (or stopped) run
-                last = st[r]["log"][-1]["lr"] if st[r]["log"] else sch["lr"]
-                new = float(lr) if lr is not None else float(last)
-                if not new > 0:
-                    raise FeatcacheError(f"{run_dirs[r]}: the last learning rate was {last}; pass --lr to extend it")
-                st[r]["schedule"] = {"kind": sch["kind"], "lr": new, "start": start, "end": epochs}
-                st[r]["stopped"] = None
-                st[r]["bad"] = 0
-                msg = (f"{run_dirs[r]}: extending to {epochs} epochs; the {sch['kind']} schedule restarts at "
-                       + (f"the given lr {new:g}" if lr is not None else f"the last lr used, {new:g}"))
-                st[r]["note"] = msg
-                if echo:
-                    echo(msg)
-            elif lr is not None:
-                raise FeatcacheError(f"{run_dirs[r]}: --lr applies when extending a run to more epochs; "
-                                     f"it has {sch['end']} epochs (pass --epochs N with N > {sch['end']})")
-            _truncate_log(run_dirs[r], st[r]["epoch"])
-    else:
-        start = 1
-    active = [st[r]["stopped"] is None for r in range(R)]
-    writers = tensorboard_writers(run_dirs) if settings.tensorboard else None
+    states = [RunState.start(settings) for _ in range(R)]
+    start = resume_runs(job, dirs, states, gens, stepper, settings, lr, echo) if resume else 1
+    if len({astuple(s.schedule) for s in states}) > 1:
+        raise FeatcacheError("stacked runs share one optimizer, so one learning-rate schedule; these runs' "
+                             "schedules differ: train them one by one")
+    writers = tensorboard_writers([d.path for d in dirs]) if settings.tensorboard else None
     t_start = time.perf_counter()
-    bar = progress_bar(range(start, epochs + 1), desc=desc, unit="epoch", disable=not progress)
+    bar = progress_bar(range(start, settings.epochs + 1), desc=desc, unit="epoch", disable=not progress)
     for epoch in bar:
-        if not any(active):
+        active = [r for r in range(R) if states[r].stopped is None]
+        if not active:
             break
-        t0 = time.perf_counter()
-        state = StepState(epoch, epochs)
-        for g, r in zip(opt.param_groups, [0] * len(opt.param_groups)):
-            g["lr"] = lr_at(epoch, st[r]["schedule"])
-        job.module.train()
-        sums: dict[str, torch.Tensor] = {}
-        seen = 0
-        batches = (job.batches(epoch, gens, settings.batch_size) if hasattr(job, "batches")
-                   else _default_batches(job, gens, settings.batch_size, settings.min_batch, settings.class_balance))
-        for batch, k in batches:
-            with torch.autocast("cuda", dtype=amp) if amp is not None else _null():
-                loss, terms = job.batch_loss(batch, state)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss.float().sum()).backward()
-            if settings.grad_clip > 0:
-                scaler.unscale_(opt)
-                if stacked:
-                    _clip_per_run(params, settings.grad_clip, R)
-                else:
-                    torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            seen += k
-            for name, value in {"loss": loss, **terms}.items():  # on the device; read once an epoch
-                v = torch.as_tensor(value, device=dev).detach().float().reshape(-1) * k
-                sums[name] = sums[name] + v if name in sums else v
-        means = {k: (v / max(seen, 1)).cpu().tolist() for k, v in sums.items()}
-        job.module.eval()
-        vals = job.evaluate("val")
-        values = job.epoch_values(state)
-        seconds = time.perf_counter() - t0
-        for r in range(R):
-            if not active[r]:
-                continue
-            metrics = vals[r][0]
-            score = selection_score(settings.selection, metrics)
-            row = {"epoch": epoch, "seconds": seconds, "lr": opt.param_groups[0]["lr"], **values,
-                   **{f"train_{k}": (v[r] if len(v) == R else v[0]) for k, v in means.items()},
-                   **{f"val_{k}": v for k, v in metrics.items() if not isinstance(v, (dict, list))}, "score": score}
-            s, d = st[r], run_dirs[r]
-            s["epoch"] = epoch
-            s["log"].append(row)
-            with open(d / "log.jsonl", "a") as fh:
-                fh.write(json.dumps(row, default=json_default) + "\n")
-            if writers is not None:
-                log_scalars(writers[r], row, epoch)
-                writers[r].flush()
-            weights = job.run_state_dict(r)
-            competes = epoch >= min_epoch
-            if settings.rule == "last" or (competes and not math.isnan(score) and score > s["best_score"]):
-                if competes and not math.isnan(score):
-                    s["best_score"] = score
-                s["best_epoch"], s["bad"] = epoch, 0
-                save_module(weights, d / "best.safetensors")
-            elif competes:
-                s["bad"] += 1
-            if settings.save_every and epoch % settings.save_every == 0:
-                (d / "checkpoints").mkdir(exist_ok=True)
-                save_module(weights, d / "checkpoints" / f"epoch_{epoch:04d}.safetensors")
-            reason = job.stop_reason(row, r)
-            if reason is None and settings.patience and s["bad"] >= settings.patience and epoch < epochs:
-                reason = f"no better {settings.selection!r} on val for {settings.patience} epochs (early stopping)"
-            s["stopped"] = reason
-            save_module(weights, d / "last.safetensors")
-            loop_json = json.dumps({**s, "best_score": s["best_score"] if s["best_score"] > -math.inf else None},
-                                   default=json_default)
-            save_state({"weights": weights, "optimizer": _slice_opt_state(opt.state_dict(), r, stacked),
-                        "generator": gens[r].get_state(), "rng": rng_state(),
-                        "run_rng": job.run_rng_state(r) if hasattr(job, "run_rng_state") else {},
-                        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                        "loop": {"epoch": epoch, "json": loop_json}}, d / RESUME_FILE)
-            if reason:
-                active[r] = False
-                if echo:
-                    echo(f"{d}: stopped at epoch {epoch}: {reason}")
+        rows = run_epoch(job, epoch, gens, stepper, settings, {r: states[r] for r in active})
+        for r, row in zip(active, rows):
+            record_epoch(job, r, dirs[r], states[r], row, stepper, gens[r], settings.save_every,
+                         None if writers is None else writers[r], echo)
         if R == 1:
-            last = st[0]["log"][-1]
+            last = states[0].log[-1]
             bar.set_postfix(loss=f"{last.get('train_loss', float('nan')):.3f}", score=f"{last['score']:.3f}")
         if on_epoch_end is not None:
-            on_epoch_end(epoch, [s["log"][-1] for s in st])
+            on_epoch_end(epoch, [s.log[-1] for s in states])
     seconds = time.perf_counter() - t_start
     for w in writers or ():
         w.close()
-    results = []
-    for r, d in enumerate(run_dirs):
-        s = st[r]
-        note = s.get("note")
-        if s["best_epoch"] == 0:  # no epoch ever competed with a number: keep the last, and say so
-            shutil.copy(d / "last.safetensors", d / "best.safetensors")
-            s["best_epoch"] = s["epoch"]
-            note = f"every selection score was NaN; the last epoch ({s['epoch']}) is kept"
-        log = pd.DataFrame(s["log"])
-        write_atomic(d / "training_log.csv", log.to_csv(index=False))
-        (d / "plots").mkdir(exist_ok=True)
-        plot_training_curves(log, d / "plots" / "training_curves.png", best_epoch=s["best_epoch"],
-                             title=f"{d.parent.name}/{d.name}, {desc}" if d.name.startswith("seed") else f"{d.name}, {desc}")
-        best = s["best_score"]
-        results.append(FitResult(d, s["best_epoch"], s["epoch"], best if best > -math.inf else None, s["stopped"],
-                                 s["log"], seconds, note))
-    return results
+    return [finish_run(d, s, seconds, desc) for d, s in zip(dirs, states)]
 
 
-def _truncate_log(run_dir: Path, epoch: int) -> None:
+def resume_runs(job: Job, dirs: list[RunDir], states: list[RunState], gens: list[torch.Generator], stepper: Stepper,
+                settings: LoopSettings, lr: float | None, echo) -> int:
+    """Load every run's resume point into the job, the optimizer, the generators and ``states``;
+    extend finished runs to ``settings.epochs`` (:func:`extend_run`). Returns the first epoch to train.
+
+    Runs stopped early (patience, a collapse) keep the epoch they stopped at; the runs still going
+    must share theirs, which the global generators, the scaler and AdamW's step counts come from."""
+    saved = [load_state(d.resume, job.device) for d in dirs]
+    for st, s in zip(states, saved):
+        st.load_state_dict(s["loop"])
+    going = {st.epoch for st in states if st.stopped is None} or {max(st.epoch for st in states)}
+    last = max(going)
+    if len(going) != 1 or any(st.epoch > last for st in states):
+        raise FeatcacheError("stacked runs resumed from different epochs: resume them one by one")
+    ref = next(r for r, st in enumerate(states) if st.epoch == last)
+    for r, s in enumerate(saved):
+        job.load_run_state_dict(r, s["weights"])
+        gens[r].set_state(s["generator"])
+        job.set_run_rng_state(r, s.get("run_rng", {}))  # the run's own streams (a stacked task's dropout)
+    stepper.load_run_states(saved, ref)
+    set_rng_state(saved[ref]["rng"])
+    epochs = int(settings.epochs)
+    if any(epochs > st.schedule.end for st in states) and len({st.epoch for st in states}) > 1:
+        raise FeatcacheError("stacked runs stopped at different epochs: extend them one by one")
+    for d, st in zip(dirs, states):
+        extend_run(d, st, epochs, last + 1, lr, echo)
+        _truncate_log(d, st.epoch)
+    return last + 1
+
+
+def extend_run(d: RunDir, st: RunState, epochs: int, start: int, lr: float | None, echo) -> None:
+    """A finished (or stopped) run asked for more ``epochs``: its schedule restarts at ``start`` from the
+    last learning rate used, or ``lr``; ``lr`` without more epochs is refused."""
+    sch = st.schedule
+    if epochs <= sch.end:
+        if lr is not None:
+            raise FeatcacheError(f"{d.path}: --lr applies when extending a run to more epochs; "
+                                 f"it has {sch.end} epochs (pass --epochs N with N > {sch.end})")
+        return
+    last = st.log[-1]["lr"] if st.log else sch.lr
+    new = float(lr) if lr is not None else float(last)
+    if not new > 0:
+        raise FeatcacheError(f"{d.path}: the last learning rate was {last}; pass --lr to extend it")
+    st.schedule = Schedule(sch.kind, new, start, epochs)
+    st.stopped, st.selection.bad = None, 0
+    st.note = (f"{d.path}: extending to {epochs} epochs; the {sch.kind} schedule restarts at "
+               + (f"the given lr {new:g}" if lr is not None else f"the last lr used, {new:g}"))
+    if echo:
+        echo(st.note)
+
+
+def run_epoch(job: Job, epoch: int, gens: list[torch.Generator], stepper: Stepper, settings: LoopSettings,
+              going: dict[int, RunState]) -> list[dict]:
+    """Train every run one epoch (a stopped one too: it is stacked with the rest, its weights no longer
+    saved), evaluate on val; the log row of each run r of ``going`` ({r: its state}), in order."""
+    t0 = time.perf_counter()
+    state = StepState(epoch, settings.epochs)
+    stepper.set_lr(next(iter(going.values())).schedule.lr_at(epoch))  # one schedule for all (checked by fit)
+    job.module.train()
+    means = train_epoch(job, epoch_batches(job, epoch, gens, settings), stepper, state)
+    job.module.eval()
+    vals = job.evaluate("val")
+    values = job.epoch_values(state)
+    seconds = time.perf_counter() - t0
+    rows = []
+    for r, st in going.items():
+        metrics = vals[r][0]
+        rows.append(plain({"epoch": epoch, "seconds": seconds, "lr": stepper.lr, **values,
+                           **{f"train_{k}": (v[r] if len(v) == job.runs else v[0]) for k, v in means.items()},
+                           **{f"val_{k}": v for k, v in metrics.items() if not isinstance(v, (dict, list))},
+                           "score": st.selection.score(metrics)}))
+    return rows
+
+
+def train_epoch(job: Job, batches, stepper: Stepper, state: StepState) -> dict[str, list[float]]:
+    """One optimizer step per batch; each loss term's mean over the epoch's rows, per run (read once)."""
+    sums: dict[str, torch.Tensor] = {}
+    seen = 0
+    for batch, k in batches:
+        with stepper.autocast():
+            loss, terms = job.batch_loss(batch, state)
+        stepper.step(loss)
+        seen += k
+        for name, value in {"loss": loss, **terms}.items():  # on the device; read once an epoch
+            v = torch.as_tensor(value, device=job.device).detach().float().reshape(-1) * k
+            sums[name] = sums[name] + v if name in sums else v
+    return {k: (v / max(seen, 1)).cpu().tolist() for k, v in sums.items()}
+
+
+def record_epoch(job: Job, r: int, d: RunDir, st: RunState, row: dict, stepper: Stepper, gen: torch.Generator,
+                 save_every: int, writer, echo) -> None:
+    """Run r's end of an epoch: its log row (log.jsonl, TensorBoard), the selection (best.safetensors),
+    the checkpoint, the stop decision, last.safetensors and, last, the resume point."""
+    epoch = row["epoch"]
+    st.epoch = epoch
+    st.log.append(row)
+    with open(d.log, "a") as fh:
+        fh.write(json.dumps(row) + "\n")
+    if writer is not None:
+        log_scalars(writer, row, epoch)
+        writer.flush()
+    weights = job.run_state_dict(r)
+    improved, patience_stop = st.selection.update(epoch, row["score"])
+    if improved:
+        save_module(weights, d.best)
+    if save_every and epoch % save_every == 0:
+        d.checkpoint(epoch).parent.mkdir(exist_ok=True)
+        save_module(weights, d.checkpoint(epoch))
+    reason = job.stop_reason(row, r)
+    st.stopped = patience_stop if reason is None else reason
+    save_module(weights, d.last)
+    save_state({"weights": weights, **stepper.run_state(r), "generator": gen.get_state(), "rng": rng_state(),
+                "run_rng": job.run_rng_state(r), "loop": st.state_dict()}, d.resume)
+    if st.stopped and echo:
+        echo(f"{d.path}: stopped at epoch {epoch}: {st.stopped}")
+
+
+def finish_run(d: RunDir, st: RunState, seconds: float, desc: str) -> FitResult:
+    """training_log.csv and the training curves of a run; its :class:`FitResult`.  When no epoch ever
+    competed with a number, the last one is kept as the selected one, with a note."""
+    note = st.note
+    if st.selection.best_epoch == 0:
+        shutil.copy(d.last, d.best)
+        st.selection.best_epoch = st.epoch
+        note = f"every selection score was NaN; the last epoch ({st.epoch}) is kept"
+    log = pd.DataFrame(st.log)
+    write_atomic(d.log_csv, log.to_csv(index=False))
+    d.plots.mkdir(exist_ok=True)
+    name = d.path.name
+    plot_training_curves(log, d.curves, best_epoch=st.selection.best_epoch,
+                         title=f"{d.path.parent.name}/{name}, {desc}" if name.startswith("seed") else f"{name}, {desc}")
+    best = st.selection.best_score
+    return FitResult(d.path, st.selection.best_epoch, st.epoch, best if best > -math.inf else None, st.stopped,
+                     st.log, seconds, note)
+
+
+def _truncate_log(d: RunDir, epoch: int) -> None:
     """Keep the log rows of finished epochs (a kill may have come between the log and the resume point)."""
-    f = run_dir / "log.jsonl"
-    if f.is_file():
-        rows = [ln for ln in f.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= epoch]
-        write_atomic(f, "".join(r + "\n" for r in rows))  # a full disk never leaves half the log
+    if d.log.is_file():
+        rows = [ln for ln in d.log.read_text().splitlines() if ln.strip() and json.loads(ln)["epoch"] <= epoch]
+        write_atomic(d.log, "".join(r + "\n" for r in rows))  # a full disk never leaves half the log
 
 
 class _null:

@@ -23,9 +23,9 @@ from ..cache.store import LOCK_FILE
 from ..config import load_config, resolve_config, save_config
 from ..errors import FeatcacheError, RunLockedError
 from ..heads.task import Task, get_task, load_run, run_fingerprint
-from ..runtime import is_run_dir, load_weights, prepare_run_dir, resolve_device, seed_everything, write_json
+from ..runtime import RunDir, is_run_dir, load_weights, prepare_run_dir, resolve_device, seed_everything, write_json
 from .evaluate import Evaluation, run_title, write_evaluation
-from .loop import RESUME_FILE, FitResult, LoopSettings, fit
+from .loop import FitResult, LoopSettings, fit
 
 
 @dataclass
@@ -91,7 +91,7 @@ def _resolve(task_name, cache_path, preset, config_file, sets, options) -> dict:
     cfg["options"] = {k: str(Path(v).resolve()) if k in cls.requires_runs else v for k, v in given.items()}
     cfg["cache"] = {"path": str(Path(cache_path).resolve())}
     inputs = {k: {"fingerprint": run_fingerprint(v)} for k, v in cfg["options"].items()
-              if k in cls.requires_runs and (Path(v) / "best.safetensors").is_file()}
+              if k in cls.requires_runs and RunDir(v).best.is_file()}
     if inputs:
         cfg["inputs"] = inputs
     return cfg
@@ -183,11 +183,12 @@ def _start_or_resume(out: Path, cfg: dict, overwrite: bool) -> bool:
     """True when ``out`` holds an interrupted run of this very config (it resumes)."""
     if overwrite or not is_run_dir(out):
         return False
-    if (out / "summary.json").is_file():
+    rd = RunDir(out)
+    if rd.summary.is_file():
         raise FeatcacheError(f"{out} already holds a finished run; pass --overwrite to replace it, or choose a new --out")
-    if not (out / RESUME_FILE).is_file() or not (out / "config.yaml").is_file():
+    if not rd.resume.is_file() or not rd.config.is_file():
         return False  # nothing finished: started afresh below (prepare_run_dir replaces it)
-    diffs = run_config_differences(load_config(out / "config.yaml"), cfg)
+    diffs = run_config_differences(load_config(rd.config), cfg)
     if diffs:
         raise FeatcacheError(f"{out} holds an interrupted run with another config ({'; '.join(diffs[:4])}); "
                              "rerun it with the same options to resume, or pass --overwrite to replace it")
@@ -233,10 +234,11 @@ def _train_locked(task_name, cls, cache, device, outs, cfgs, settings, overwrite
     task.module = task.build(task.spec).to(device)
     if not resumes[0]:
         for o, c in zip(outs, cfgs):
-            prepare_run_dir(o, overwrite=True if is_run_dir(o) and not (o / "summary.json").is_file() else overwrite,
+            rd = RunDir(o)
+            prepare_run_dir(o, overwrite=True if is_run_dir(o) and not rd.summary.is_file() else overwrite,
                             keep=(LOCK_FILE,))
-            save_config(c, o / "config.yaml")
-            write_json(o / "model.json", {"task": task_name, "spec": task.spec})
+            save_config(c, rd.config)
+            write_json(rd.model, {"task": task_name, "spec": task.spec})
     elif echo:
         echo(f"resuming {', '.join(map(str, outs))} from its last finished epoch")
     t0 = time.perf_counter()
@@ -270,7 +272,7 @@ def conclude(task: Task, fits: list[FitResult], cfgs: list[dict], seconds: float
     """Each run's selected weights evaluated on val and test into RUN/eval/, then summary.json;
     without ``keep_resume`` the finished run's resume point is deleted (after summary.json)."""
     for r, f in enumerate(fits):
-        task.load_run_state_dict(r, load_weights(f.run_dir / "best.safetensors", task.device))
+        task.load_run_state_dict(r, load_weights(RunDir(f.run_dir).best, task.device))
     task.module.eval()
     evals = {split: task.evaluate(split) for split in ("val", "test")}
     results = []
@@ -284,22 +286,24 @@ def conclude(task: Task, fits: list[FitResult], cfgs: list[dict], seconds: float
             extra.setdefault("stopped", f.stopped)
         # the loop's note, the task's notes (e.g. a cache without demographics) and its remarks on
         # a suspicious result (e.g. Stage 1 raising the leakage it should lower)
-        notes = [n for n in (f.note, *getattr(task, "notes", ())) if n] + list(extra.get("remarks", ()))
-        resume = f.run_dir / RESUME_FILE
+        notes = [n for n in (f.note, *task.notes) if n] + list(extra.get("remarks", ()))
+        resume = RunDir(f.run_dir).resume
         prune = not keep_resume and resume.is_file()
         if prune:
             notes.append(f"resume point pruned ({resume.stat().st_size / 2**20:.1f} MB): the run is complete "
                          "without it; pass --keep-resume to keep it (extending a run to more epochs needs it)")
-        write_json(f.run_dir / "summary.json", {
+        write_json(RunDir(f.run_dir).summary, {
             "task": task.name, "preset": cfg.get("preset"), "seed": int(cfg["training"]["seed"]),
             "best_epoch": f.best_epoch, "epochs_run": f.epochs_run, "selection": cfg["selection"]["score"],
             "rule": cfg["selection"].get("rule", "best"), "score": f.score, "stopped": f.stopped,
-            "val": evals["val"][r][0], "test": evals["test"][r][0], **extra, "notes": notes,
+            # each split's metrics as written to eval/<split>/metrics.json: with their intervals, the
+            # gaps' no-disparity floors and the ECE floor, which the ablation tables compare on
+            "val": written[0].metrics, "test": written[1].metrics, **extra, "notes": notes,
             "summary_keys": list(task.summary_keys), "seconds": seconds,
         })
         if prune:
             resume.unlink()  # after summary.json: a kill in between leaves a finished run and a spare file
-        results.append(RunResult(f.run_dir, f.best_epoch, evals["val"][r][0], evals["test"][r][0], seconds, extra,
+        results.append(RunResult(f.run_dir, f.best_epoch, written[0].metrics, written[1].metrics, seconds, extra,
                                  task.summary_keys, written, notes))
     return results
 
