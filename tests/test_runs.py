@@ -246,6 +246,9 @@ def test_demo_runs_end_to_end_at_tiny_sizes(tmp_path):
     assert any("leakage probe race" in line for line in lines)
     assert any(line.startswith("      full, seed 0, test: auc ") and " [" in line for line in lines)
     assert sum("AUC: area under the ROC curve" in line for line in lines) == 1  # each meaning printed once
+    # the test lines' "(floor f, p q)" and coverage are explained once, at the start
+    assert sum("(floor, p) after a fairness gap" in line for line in lines) == 1
+    assert sum("fairness over n a of b" in line for line in lines) == 1
 
 
 def test_detr_finetune_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch):
