@@ -209,6 +209,21 @@ def test_demo_bias_line_sets_each_race_auc_beside_its_planted_artifact_strength(
                     "other 0.92-0.97 (0.73-0.79), asian 0.81-1.00 (0.52-0.58), black 0.53-0.67 (0.40-0.46)")
 
 
+def test_demo_stage2_schedule_selects_only_epochs_at_the_whole_fairness_weight():
+    """The demo's Stage-2 schedule: the fairness weight (counted as Stage 2 counts it) is 1 at every
+    epoch from selection.min_epoch to the end and below 1 just before; the run is long enough."""
+    from featcache.demo import _stage2_schedule
+    from featcache.heads.stage2 import warmup_weight
+
+    for epochs in (1, 2, 3, 6, 12, 15):
+        sets = dict(s.split("=") for s in _stage2_schedule(epochs))
+        start, end, first = (int(sets[k]) for k in ("fairness.warmup_start", "fairness.warmup_end", "selection.min_epoch"))
+        assert int(sets["training.epochs"]) == epochs and first <= epochs
+        assert all(warmup_weight(e, start, end) == 1.0 for e in range(first, epochs + 1))
+        assert first == 1 or warmup_weight(first - 1, start, end) < 1.0
+    assert dict(s.split("=") for s in _stage2_schedule(12))["selection.min_epoch"] == "9"  # warm-up 4 -> 8
+
+
 def test_demo_runs_end_to_end_at_tiny_sizes(tmp_path):
     """`featcache demo`'s library function: the filter first, its features cached by the timm backbone
     and used by Stage 1 and the Stage-2 ablation; steps numbered [i/8] in order; figures returned."""
@@ -232,6 +247,9 @@ def test_demo_runs_end_to_end_at_tiny_sizes(tmp_path):
     assert any("leakage probe race" in line for line in lines)
     assert any(line.startswith("      full, seed 0, test: auc ") and " [" in line for line in lines)
     assert sum("AUC: area under the ROC curve" in line for line in lines) == 1  # each meaning printed once
+    # the test lines' "(floor f, p q)" and coverage are explained once, at the start
+    assert sum("(floor, p) after a fairness gap" in line for line in lines) == 1
+    assert sum("fairness over n a of b" in line for line in lines) == 1
 
 
 def test_detr_finetune_resumes_after_a_kill_to_the_same_weights(tmp_path, monkeypatch):

@@ -62,7 +62,7 @@ def cli(ctx, quiet, debug, deterministic):
 @cli.command(context_settings=CONTEXT)
 @click.option("--out", default="featcache-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the synthetic data and the cache.")
-@click.option("--n", default=800, show_default=True, help="Number of synthetic face images.")
+@click.option("--n", default=None, type=int, help="Number of synthetic face images [default: the demo's, DemoSizes.faces].")
 @quiet_option
 @click.pass_obj
 def demo(state, out, n):
