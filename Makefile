@@ -16,8 +16,9 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	HF_HUB_OFFLINE=1 $(BIN)/featcache demo --out featcache-demo
 
+# Two pytest workers (pytest-xdist) on the two cores, one torch thread each (tests/conftest.py).
 test: $(BIN)/.installed
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 # The README's walkthrough, pasted as written into a temporary folder (tests/walkthrough.py).
 # One torch thread per process: on a shared 2-core machine two threads spin against other jobs.

@@ -24,6 +24,12 @@ from featcache.runtime import set_deterministic
 set_deterministic(True)
 os.environ.setdefault("FEATCACHE_DETERMINISTIC", "1")  # for the CLI subprocesses the tests start
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on the two cores: one thread each
+    import torch
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses too
+    torch.set_num_threads(1)
+
 
 def write_image_manifest(root: Path, n: int, *, corrupt=(), truncated=(), seed: int = 0) -> Path:
     """n small PNGs with a manifest; rows in ``corrupt`` hold garbage, in ``truncated`` half a PNG."""
