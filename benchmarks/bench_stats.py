@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from featcache.metrics.bootstrap import bootstrap  # noqa: E402
 from featcache.metrics.fairness import cell_counts, fairness_metrics, gap_ranges  # noqa: E402
 from featcache.metrics.permutation import fairness_floor, permutation_values  # noqa: E402
-from featcache.metrics.simulate import MODERATE, ZERO, clustered_binormal, subgroup_scores, true_gaps  # noqa: E402
+from featcache.metrics.simulate import LARGE, MODERATE, ZERO, clustered_binormal, subgroup_scores, true_gaps  # noqa: E402
 
 
 def _half(c: float, reps: int) -> float:
@@ -112,10 +112,9 @@ def permutation(reps: int, n_perm: int) -> None:
 
 def ranges(reps: int) -> None:
     keys = ("f_fpr", "f_meo", "f_dp", "f_oae")
-    large = tuple(tuple(-1 + 2 * (m + 1) if s == 0 else 1 + 2 * (m - 1) for m in row) for s, row in enumerate(MODERATE))
     print(f"Wilson-Bonferroni ranges (fairness_range95), 8 subgroups, rows without clusters, {reps} test sets per cell")
     for n in (160, 1000):
-        for name, mu in (("zero", ZERO), ("moderate", MODERATE), ("large", large)):
+        for name, mu in (("zero", ZERO), ("moderate", MODERATE), ("large", LARGE)):
             truth = true_gaps(n, mu)
             cover, inside, width, zero_lo = (dict.fromkeys(keys, 0.0) for _ in range(4))
             for r in range(reps):

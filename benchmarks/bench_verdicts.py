@@ -30,49 +30,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from featcache.metrics.compare import paired_differences  # noqa: E402
-
-SHARES = (0.30, 0.20, 0.12, 0.10, 0.08, 0.08, 0.06, 0.06)
-
-
-def auc(y, p):
-    r = stats.rankdata(p)
-    n1 = y.sum()
-    return (r[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * (len(y) - n1))
-
-
-def model2(rng, k, n=400, mu=1.8, tau=0.08, var_gamma=0.15, rho=0.5):
-    y = np.repeat([0, 1], n // 2)
-    a = rng.normal(0, math.sqrt(0.5), n)
-    gamma = rng.normal(0, math.sqrt(var_gamma), n)
-    rows, tables = [], {}
-    for s in range(k):
-        c, c_rows = rng.normal(), rng.normal(size=n)
-        for preset in ("none", "x"):
-            z = math.sqrt(rho) * c + math.sqrt(1 - rho) * rng.normal()
-            b = math.sqrt(0.5) * (math.sqrt(rho) * c_rows + math.sqrt(1 - rho) * rng.normal(size=n))
-            p = 1 / (1 + np.exp(-((mu + tau * z) * y + a + b + (gamma if preset == "x" else 0.0))))
-            rows.append({"preset": preset, "seed": s, "test_auc": auc(y, p)})
-            tables[(preset, s)] = pd.DataFrame({"sample_id": np.arange(n), "label": y, "prob": p})
-    return pd.DataFrame(rows), tables
-
-
-def model2_truth(mu=1.8, tau=0.08, var_gamma=0.15):
-    x, w = np.polynomial.hermite_e.hermegauss(60)
-    w = w / w.sum()
-
-    def mean_auc(var):
-        return (w * stats.norm.cdf((mu + tau * x) / np.sqrt(2 * var))).sum()
-
-    return mean_auc(1.0 + var_gamma) - mean_auc(1.0)
+from featcache.metrics.simulate import seed_ablation, seed_ablation_truth, subgroup_design  # noqa: E402
 
 
 def coverage(reps: int, boot: int) -> list[dict]:
-    truth = model2_truth()
+    truth = seed_ablation_truth()
     out = []
     for k in (3, 5):
         rng = np.random.default_rng(100 + k)
@@ -80,7 +46,7 @@ def coverage(reps: int, boot: int) -> list[dict]:
         width = []
         t0 = time.perf_counter()
         for _ in range(reps):
-            df, tables = model2(rng, k)
+            df, tables = seed_ablation(rng, k)
             r = paired_differences(df, ["test_auc"], predictions={"test": tables}, n_boot=boot).iloc[0]
             t = paired_differences(df, ["test_auc"]).iloc[0]
             hit += r["lo"] <= truth <= r["hi"]
@@ -111,13 +77,6 @@ def holm_rate(ablations: int) -> list[dict]:
             {"measure": "the same without Holm (any interval excluding 0)", "value": f"{raw / fam:.3f}", "note": ""}]
 
 
-def design(n):
-    sizes = [max(4, round(n * s)) for s in SHARES]
-    g = np.concatenate([np.full(m, j) for j, m in enumerate(sizes)])
-    y = np.concatenate([np.r_[np.zeros(m // 2), np.ones(m - m // 2)] for m in sizes]).astype(int)
-    return g, y
-
-
 def f_fpr(decision, codes, y):
     """100 · Σ_g |FPR_g − FPR_all| for each row of a (P, n) matrix of subgroup codes."""
     reals = y == 0
@@ -137,7 +96,7 @@ def floor(decision, g, y, rng, perms=200):
 
 
 def operating_point(ablations: int, boot: int, k: int = 5) -> list[dict]:
-    g, y = design(1000)
+    g, y = subgroup_design(1000)
     n = len(y)
     rng = np.random.default_rng(9)
     star = raw_star = 0

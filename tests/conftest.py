@@ -124,6 +124,22 @@ def images(tmp_path_factory) -> Path:
 FAST = ["training.epochs=3", "training.batch_size=64"]
 # Stage 2 in 3 epochs: the warm-up and the first selectable epoch within them (a shorter run is refused)
 S2FAST = FAST + ["fairness.warmup_start=1", "fairness.warmup_end=2", "selection.min_epoch=2"]
+# The ablation and protocol tests' heads: tiny widths, Stage 2 in 3 epochs
+TINY = ["training.batch_size=64", "training.device=cpu", "model.adapter_hidden=16", "model.dropout=0.1"]
+S2TINY = TINY + ["training.epochs=3", "fairness.warmup_start=1", "fairness.warmup_end=2", "selection.min_epoch=2",
+                 "model.classifier_hidden=[16]", "model.num_ca_views=2", "model.ca_heads=2"]
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread for a module's tests (on the shared 2-core machine two
+    threads made each small matmul ~50x slower, from contention)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

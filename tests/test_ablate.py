@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import S2TINY, TINY
 
 from featcache.cache.synth import synth_feature_cache
 from featcache.errors import FeatcacheError
@@ -21,19 +22,7 @@ from featcache.train.ablate import PlannedRun, assign, group_runs, parse_shard, 
 
 AB = importlib.import_module("featcache.train.ablate")  # the module (featcache.train.ablate is the function)
 
-TINY = ["training.batch_size=64", "training.device=cpu", "model.adapter_hidden=16", "model.dropout=0.1"]
-S2 = TINY + ["training.epochs=3", "fairness.warmup_start=1", "fairness.warmup_end=2", "selection.min_epoch=2",
-             "model.classifier_hidden=[16]", "model.num_ca_views=2", "model.ca_heads=2"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread (on the shared 2-core machine two threads made each small
-    matmul ~50x slower, from contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +40,7 @@ def _numbers(d: dict) -> dict:
 
 
 def test_batched_ablation_equals_sequential_train_head_runs_then_reuses_and_redoes(bed, tmp_path):
-    kw = dict(presets=["none", "full", "cvar"], seeds=[0, 1], sets=S2, options={"stage1": bed / "s1"},
+    kw = dict(presets=["none", "full", "cvar"], seeds=[0, 1], sets=S2TINY, options={"stage1": bed / "s1"},
               progress=False, devices=["cpu"], keep_resume=True)
     lines = []
     res = ablate("stage2", bed / "c", tmp_path / "abl", echo=lines.append, **kw)
@@ -61,7 +50,7 @@ def test_batched_ablation_equals_sequential_train_head_runs_then_reuses_and_redo
     for preset in ("none", "full", "cvar"):
         for seed in (0, 1):
             single = train_head("stage2", bed / "c", tmp_path / "seq" / preset / str(seed), preset=preset,
-                                sets=[*S2, f"training.seed={seed}"], options={"stage1": bed / "s1"}, progress=False)
+                                sets=[*S2TINY, f"training.seed={seed}"], options={"stage1": bed / "s1"}, progress=False)
             got = json.loads((tmp_path / "abl" / preset / f"seed{seed}" / "summary.json").read_text())
             assert got["best_epoch"] == single.best_epoch
             for split in ("val", "test"):
@@ -119,7 +108,7 @@ def test_batched_ablation_equals_sequential_train_head_runs_then_reuses_and_redo
 
 
 def test_runs_of_another_architecture_are_grouped_apart_and_say_why(bed, tmp_path):
-    runs, _ = plan("stage2", bed / "c", tmp_path, presets=["full", "linear", "none"], seeds=[0, 1, 2], sets=S2,
+    runs, _ = plan("stage2", bed / "c", tmp_path, presets=["full", "linear", "none"], seeds=[0, 1, 2], sets=S2TINY,
                    options={"stage1": bed / "s1"})
     groups, lines = group_runs("stage2", runs)
     assert [[(r.preset, r.seed) for r in g] for g in groups] == [
@@ -129,7 +118,7 @@ def test_runs_of_another_architecture_are_grouped_apart_and_say_why(bed, tmp_pat
 
 
 def test_validation_refuses_before_any_training(bed, tmp_path):
-    base = dict(sets=S2, options={"stage1": bed / "s1"}, progress=False, echo=lambda *_: None)
+    base = dict(sets=S2TINY, options={"stage1": bed / "s1"}, progress=False, echo=lambda *_: None)
     out = tmp_path / "never"
     cases = [
         (dict(seeds=[0, 0]), "given twice"),
@@ -341,7 +330,7 @@ def test_a_moved_ablation_collects_and_extends_without_retraining(bed, tmp_path)
     shutil.copytree(bed / "c", old / "cache")
     shutil.copytree(bed / "s1", old / "s1")
     synth_feature_cache(old / "far", rows=64, dim=16, seed=0, bias=0.9, part_rows=64)  # same backbone, another set
-    kw = dict(presets=["none"], sets=S2, progress=False, echo=lambda *_: None)
+    kw = dict(presets=["none"], sets=S2TINY, progress=False, echo=lambda *_: None)
     first = ablate("stage2", old / "cache", old / "abl", seeds=[0], options={"stage1": old / "s1"},
                    evals={"far": old / "far"}, **kw)
     new = tmp_path / "elsewhere"

@@ -27,14 +27,8 @@ from featcache.metrics.compare import (
     split_column,
     without_degenerate,
 )
+from featcache.metrics.simulate import seed_ablation, seed_ablation_truth, subgroup_design
 from featcache.report.tables import ablation_table
-
-
-def _auc(y, p):
-    """Mann-Whitney AUC from ranks (no ties in these continuous scores)."""
-    r = stats.rankdata(p)
-    n1 = y.sum()
-    return (r[y == 1].sum() - n1 * (n1 + 1) / 2) / (n1 * (len(y) - n1))
 
 
 # -- the interval, against brute force ---------------------------------------------------------
@@ -178,35 +172,8 @@ def test_holm_against_the_step_down_procedure():
 
 
 # -- coverage with known truth ------------------------------------------------------------------
-def _model2(rng, k, n=200, mu=1.8, tau=0.04, var_gamma=1.0, rho=0.5):
-    """The spec's §3 model 2 (a preset x sample interaction shared by all its seeds), with a strong
-    interaction so that the test-set component dominates: per row a (shared difficulty), b (per-run
-    noise, half shared by the presets of a seed), gamma (the preset's own, fixed over seeds)."""
-    y = np.repeat([0, 1], n // 2)
-    a = rng.normal(0, math.sqrt(0.5), n)
-    gamma = rng.normal(0, math.sqrt(var_gamma), n)
-    rows, tables = [], {}
-    for s in range(k):
-        c, c_rows = rng.normal(), rng.normal(size=n)
-        for preset in ("none", "x"):
-            z = math.sqrt(rho) * c + math.sqrt(1 - rho) * rng.normal()
-            b = math.sqrt(0.5) * (math.sqrt(rho) * c_rows + math.sqrt(1 - rho) * rng.normal(size=n))
-            score = (mu + tau * z) * y + a + b + (gamma if preset == "x" else 0.0)
-            p = 1 / (1 + np.exp(-score))
-            rows.append({"preset": preset, "seed": s, "test_auc": _auc(y, p)})
-            tables[(preset, s)] = pd.DataFrame({"sample_id": np.arange(n), "label": y, "prob": p})
-    return pd.DataFrame(rows), tables
-
-
-def _model2_truth(mu=1.8, tau=0.04, var_gamma=1.0):
-    """E_z AUC(preset) − E_z AUC(baseline), Gauss–Hermite over the seed effect z ~ N(0, 1)."""
-    x, w = np.polynomial.hermite_e.hermegauss(60)
-    w = w / w.sum()
-
-    def auc(var):
-        return (w * stats.norm.cdf((mu + tau * x) / np.sqrt(2 * var))).sum()
-
-    return auc(1.0 + var_gamma) - auc(1.0)
+#: The seed model with a strong preset x sample interaction, so that the test-set component dominates.
+MODEL2 = dict(mu=1.8, tau=0.04, var_gamma=1.0)
 
 
 @pytest.mark.parametrize("k, floor_t", [(3, 0.9), (5, 0.8)])
@@ -214,12 +181,12 @@ def test_combined_interval_covers_the_true_difference_where_the_seed_t_interval_
     """40 datasets (B = 100): coverage 0.95 has a Monte-Carlo sd of 0.034, so the band is >= 0.85.
     Measured (these seeds): combined 0.975 at k = 3 and 0.95 at k = 5; the t interval over seeds
     0.875 and 0.50: the test-set component it leaves out does not shrink with more seeds."""
-    truth = _model2_truth()
+    truth = seed_ablation_truth(**MODEL2)
     rng = np.random.default_rng(k)
     hits = hits_t = 0
     reps = 40
     for _ in range(reps):
-        df, tables = _model2(rng, k)
+        df, tables = seed_ablation(rng, k, n=200, **MODEL2)
         r = paired_differences(df, ["test_auc"], predictions={"test": tables}, n_boot=100).iloc[0]
         hits += r["lo"] <= truth <= r["hi"]
         t = paired_differences(df, ["test_auc"]).iloc[0]  # no predictions: seeds only
@@ -278,17 +245,6 @@ def test_degenerate_runs_are_left_out_of_fairness_aggregates():
 
 
 # -- the gap against its floor (S3d) ------------------------------------------------------------
-SHARES = (0.30, 0.20, 0.12, 0.10, 0.08, 0.08, 0.06, 0.06)
-
-
-def _design(n):
-    """The spec's §2.1 8-subgroup design: per group max(4, round(n·share)) rows, half real."""
-    sizes = [max(4, round(n * s)) for s in SHARES]
-    g = np.concatenate([np.full(m, j) for j, m in enumerate(sizes)])
-    y = np.concatenate([np.r_[np.zeros(m // 2), np.ones(m - m // 2)] for m in sizes]).astype(int)
-    return g, y
-
-
 def _f_fpr(decision, g, y):
     """100 · Σ_g |FPR_g − FPR_all| for one decision vector, or for each row of a (P, n) matrix of
     permuted subgroup codes (an independent loop-free reference of fairness_metrics' F_FPR)."""
@@ -315,7 +271,7 @@ def test_presets_compared_on_the_gap_minus_its_floor_not_on_the_raw_gap():
     disparity (truth 0 for both), but B's F_FPR is ~18 points lower because its FPR is 0.02.  On the raw
     gap the interval of Δ excludes 0 in most ablations (the old `*`: 95 % at k = 5); on F̂ − floor the
     rate of `*` stays <= 0.10 (20 ablations here, measured 0.0; the benchmark runs 200)."""
-    g, y = _design(1000)
+    g, y = subgroup_design(1000)
     n = len(y)
     rng = np.random.default_rng(7)
     logit_a = np.where(y == 1, rng.normal(1, 1, n), rng.normal(-1, 1, n))

@@ -8,25 +8,15 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import zarr
+from conftest import S2TINY, TINY
 from scipy import stats
 
 from featcache.cache.synth import synth_feature_cache
 from featcache.errors import FeatcacheError
 from featcache.train import ablate, train_head
 
-TINY = ["training.batch_size=64", "training.device=cpu", "model.adapter_hidden=16", "model.dropout=0.1"]
-S2 = TINY + ["training.epochs=3", "fairness.warmup_start=1", "fairness.warmup_end=2", "selection.min_epoch=2",
-             "model.classifier_hidden=[16]", "model.num_ca_views=2", "model.ca_heads=2"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +37,7 @@ def _set_meta(cache, column, values):
 
 
 def test_eval_caches_are_checked_before_any_training(bed, tmp_path):
-    base = dict(sets=S2, options={"stage1": bed / "s1"}, progress=False, echo=lambda *_: None, presets=["none"],
+    base = dict(sets=S2TINY, options={"stage1": bed / "s1"}, progress=False, echo=lambda *_: None, presets=["none"],
                 seeds=[0])
     unlabelled = tmp_path / "unlabelled"
     synth_feature_cache(unlabelled, rows=80, dim=16, seed=0, bias=0.2, part_rows=128)
@@ -70,7 +60,7 @@ def test_eval_caches_are_checked_before_any_training(bed, tmp_path):
 
 def test_cross_dataset_table_is_the_mean_sd_and_t_interval_over_seeds(bed, tmp_path):
     out = tmp_path / "abl"
-    res = ablate("stage2", bed / "c", out, presets=["full"], seeds=[0, 1], sets=S2,
+    res = ablate("stage2", bed / "c", out, presets=["full"], seeds=[0, 1], sets=S2TINY,
                  options={"stage1": bed / "s1"}, evals={"far": bed / "far"}, progress=False, echo=lambda *_: None)
     assert {"cross_dataset.csv", "cross_dataset_runs.csv", "cross_dataset.md", "cross_dataset.png"} <= set(res.files)
     summary = pd.read_csv(out / "cross_dataset.csv")
@@ -106,7 +96,7 @@ def test_a_test_set_without_demographics_gets_detection_metrics_and_fairness_na(
     assert list(fairness_unavailable({"nodemo": bed / "nodemo", "far": bed / "far"})) == ["nodemo"]
     out = tmp_path / "abl"
     try:
-        res = ablate("stage2", bed / "c", out, presets=["none"], seeds=[0], sets=S2, options={"stage1": bed / "s1"},
+        res = ablate("stage2", bed / "c", out, presets=["none"], seeds=[0], sets=S2TINY, options={"stage1": bed / "s1"},
                      evals={"nodemo": bed / "nodemo"}, progress=False, echo=lambda *_: None)
     except ValueError as exc:  # evaluate_head on a test set without demographics (helper `evaluate` fixes it)
         pytest.xfail(f"evaluate_head crashes without demographics on this branch: {exc}")
@@ -127,7 +117,7 @@ def test_lomo_trains_without_each_method_and_tests_on_its_fakes_and_the_reals(be
     meta = open_cache(cache).meta()
     out = tmp_path / "lomo"
     lines = []
-    res = ablate("stage2", cache, out, presets=["none"], seeds=[0], sets=S2, options={"stage1": bed / "s1"},
+    res = ablate("stage2", cache, out, presets=["none"], seeds=[0], sets=S2TINY, options={"stage1": bed / "s1"},
                  protocol="lomo", progress=False, echo=lines.append)
     assert res.trained == ["none without a seed 0", "none without b seed 0", "none without c seed 0"]
     assert any("none without b" in ln and "apart from the first group because protocol.held_out_method" in ln
@@ -159,5 +149,5 @@ def test_lomo_trains_without_each_method_and_tests_on_its_fakes_and_the_reals(be
     task.load(open_cache(bed / "far"), splits=("test",))
     assert len(task.data["test"]) == int((open_cache(bed / "far").meta()["split"] == "test").sum())
     with pytest.raises(FeatcacheError, match="at least two manipulation methods"):
-        ablate("stage2", bed / "c", tmp_path / "x", presets=["none"], seeds=[0], sets=S2,
+        ablate("stage2", bed / "c", tmp_path / "x", presets=["none"], seeds=[0], sets=S2TINY,
                options={"stage1": bed / "s1"}, protocol="lomo", progress=False, echo=lines.append)

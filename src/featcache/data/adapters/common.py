@@ -221,6 +221,17 @@ def seeded_split_source(what: str, *, val_fraction: float, test_fraction: float 
     return f"seeded split of {what} ({fractions}, seed {seed})"
 
 
+def split_by_identity(df, notes, what: str, *, val_fraction: float, test_fraction: float, seed: int,
+                      fallback: str | None = None):
+    """Every row's split from its ``identity`` (:func:`assign_splits`), the split source recorded in
+    ``notes``; ``fallback`` (why the official split is not used) becomes a note too. Returns ``df``."""
+    df["split"] = assign_splits(df["identity"], val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    notes.split_source = seeded_split_source(what, val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    if fallback:
+        notes.add(f"{fallback}: {notes.split_source}")
+    return df
+
+
 def list_files(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
     """Files under ``folder`` (recursively, following links) whose names end in ``extensions``
     (case-insensitive), sorted.  Hidden files and folders (``.name``, e.g. macOS ``._x.jpg``)

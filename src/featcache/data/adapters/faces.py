@@ -27,6 +27,7 @@ from .common import (
     read_csv,
     register_adapter,
     seeded_split_source,
+    split_by_identity,
     unread_files,
 )
 from .common import make_row as _row
@@ -151,10 +152,8 @@ def _folder_splits(df: pd.DataFrame, root: Path, *, val_fraction: float, test_fr
     used = set(df["split"])
     notes.split_source = "the split folders"
     if used == {""}:
-        df["split"] = assign_splits(df["identity"], val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-        notes.split_source = seeded_split_source("identities", val_fraction=val_fraction,
-                                                 test_fraction=test_fraction, seed=seed)
-        notes.add("no split folders: " + notes.split_source)
+        split_by_identity(df, notes, "identities", val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                          fallback="no split folders")
     elif "" in used:
         loose = sorted({str(Path(p).relative_to(root).parts[0]) for p in df.loc[df["split"] == "", "path"]})
         raise ManifestError(
@@ -653,10 +652,8 @@ def celebdf_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, 
                               + seeded_split_source("identities", val_fraction=val_fraction, test_fraction=None,
                                                     seed=seed))
     else:
-        df["split"] = assign_splits(df["identity"], val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-        notes.split_source = seeded_split_source("identities", val_fraction=val_fraction,
-                                                 test_fraction=test_fraction, seed=seed)
-        notes.add(f"no {CELEBDF_TEST_LIST} in {root}: the official test split is not used; " + notes.split_source)
+        split_by_identity(df, notes, "identities", val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,
+                          fallback=f"no {CELEBDF_TEST_LIST} in {root}: the official test split is not used")
     return df
 
 
@@ -774,10 +771,8 @@ def utkface_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, 
             )
         notes.skipped("image(s)", bad, why)
     df = _frame(rows)
-    df["split"] = assign_splits(df["identity"], val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    notes.split_source = seeded_split_source("photos (UTKFace has no split)", val_fraction=val_fraction,
-                                             test_fraction=test_fraction, seed=seed)
-    return df
+    return split_by_identity(df, notes, "photos (UTKFace has no split)", val_fraction=val_fraction,
+                             test_fraction=test_fraction, seed=seed)
 
 
 # --------------------------------------------------------------------------- AI-Face
@@ -1095,10 +1090,8 @@ def dfdc_adapter(root: Path, *, annotations=None, val_fraction: float = 0.1, tes
                               "train/val: the train parts, " + seeded_split_source(
                                   "source videos", val_fraction=val_fraction, test_fraction=None, seed=seed))
     else:
-        df["split"] = assign_splits(df["identity"], val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-        notes.split_source = seeded_split_source("source videos", val_fraction=val_fraction,
-                                                 test_fraction=test_fraction, seed=seed)
-        notes.add(f"no test {DFDC_TEST_LABELS} under {root}: the official test set is not used; " + notes.split_source)
+        split_by_identity(df, notes, "source videos", val_fraction=val_fraction, test_fraction=test_fraction,
+                          seed=seed, fallback=f"no test {DFDC_TEST_LABELS} under {root}: the official test set is not used")
     return df
 
 
