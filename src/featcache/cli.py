@@ -89,17 +89,28 @@ def synth():
     """Make synthetic datasets in real file formats."""
 
 
-@synth.command("faces", context_settings=CONTEXT)
-@click.argument("out", type=click.Path(file_okay=False))
+def synth_dataset(name: str):
+    """A ``featcache synth NAME`` command: the OUT folder, ``--seed``, ``--overwrite`` and ``--quiet``,
+    the options every synthetic dataset has; the command's own options come between."""
+
+    def deco(f):
+        for d in reversed((synth.command(name, context_settings=CONTEXT),
+                           click.argument("out", type=click.Path(file_okay=False)),
+                           click.option("--seed", default=0, show_default=True, help="Random seed (same bytes for a seed)."),
+                           click.option("--overwrite", is_flag=True, help="Write into OUT even when it is not empty."),
+                           quiet_option, click.pass_obj)):
+            f = d(f)
+        return f
+
+    return deco
+
+
+@synth_dataset("faces")
 @click.option("--n", default=800, show_default=True, help="Number of face images (real and fake).")
-@click.option("--seed", default=0, show_default=True)
 @click.option("--bias", default=0.6, show_default=True,
               help="0 = equal artifact strength for all subgroups; 1 = forgeries of some subgroups much harder.")
 @click.option("--size", default=64, show_default=True, help="Image side in pixels.")
 @click.option("--workers", default=1, show_default=True, help="Processes drawing images (same bytes for any number).")
-@click.option("--overwrite", is_flag=True, help="Write into OUT even when it is not empty.")
-@quiet_option
-@click.pass_obj
 def synth_faces_cmd(state, out, n, seed, bias, size, workers, overwrite):
     """Procedural faces in 8 subgroups, imbalanced like FF++, with blended face-swap forgeries.
 
@@ -114,16 +125,11 @@ def synth_faces_cmd(state, out, n, seed, bias, size, workers, overwrite):
     click.echo(json.dumps(summary, indent=2, default=str))
 
 
-@synth.command("audio", context_settings=CONTEXT)
-@click.argument("out", type=click.Path(file_okay=False))
+@synth_dataset("audio")
 @click.option("--n", default=120, show_default=True, help="Number of utterances (bonafide, spoof, partial spoof).")
-@click.option("--seed", default=0, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["flac", "wav"]), default="flac", show_default=True)
 @click.option("--min-seconds", default=1.0, show_default=True)
 @click.option("--max-seconds", default=6.0, show_default=True)
-@click.option("--overwrite", is_flag=True, help="Write into OUT even when it is not empty.")
-@quiet_option
-@click.pass_obj
 def synth_audio_cmd(state, out, n, seed, fmt, min_seconds, max_seconds, overwrite):
     """Speech-like 16 kHz utterances, whole and partial vocoder-like spoofs, in real layouts.
 
@@ -139,23 +145,19 @@ def synth_audio_cmd(state, out, n, seed, fmt, min_seconds, max_seconds, overwrit
     click.echo(json.dumps(summary, indent=2, default=str))
 
 
-@synth.command("features", context_settings=CONTEXT)
-@click.argument("out", type=click.Path(file_okay=False))
+@synth_dataset("features")
 @click.option("--rows", default=10_000, show_default=True, help="Samples (real and fake; 4 per identity).")
 @click.option("--dim", default=768, show_default=True, help="Feature dimension.")
 @click.option("--bias", default=0.6, show_default=True,
               help="0 = fakes equally far from reals in every subgroup; 1 = the hard subgroups' fakes barely shifted.")
 @click.option("--signal", default=2.0, show_default=True, help="Shift of a fake in noise standard deviations (d') "
               "in an easy subgroup.")
-@click.option("--seed", default=0, show_default=True)
 @click.option("--methods", default="shift", show_default=True,
               help="Comma-separated manipulation methods of the fakes (the method column; each its own direction): "
                    "three or more make a leave-one-manipulation-out protocol possible.")
 @click.option("--no-demographics", is_flag=True,
               help="Gender and race unknown (subgroup -1), as in Celeb-DF or DFDC: a cross-dataset test set.")
-@click.option("--overwrite", is_flag=True, help="Write into OUT even when it is not empty.")
-@quiet_option
-def synth_features_cmd(out, rows, dim, bias, signal, seed, methods, no_demographics, overwrite):
+def synth_features_cmd(state, out, rows, dim, bias, signal, seed, methods, no_demographics, overwrite):
     """A controlled feature cache: features whose forgery signal and subgroup bias are known.
 
     A fake is shifted by d' = signal * (1 - bias * hardness) noise standard deviations along one
@@ -1024,16 +1026,11 @@ def cache_export_cmd(state, path, h5_out, overwrite):
 
 
 # -- detection fairness (DETR, FAAP) ---------------------------------------------------------
-@synth.command("detection", context_settings=CONTEXT)
-@click.argument("out", type=click.Path(file_okay=False))
+@synth_dataset("detection")
 @click.option("--n", default=600, show_default=True, help="Number of images (half women, half men).")
-@click.option("--seed", default=0, show_default=True)
 @click.option("--gap", default=0.5, show_default=True,
               help="0 = women's figures as easy to detect as men's; 1 = much fainter and smaller.")
 @click.option("--size", default=64, show_default=True, help="Image side in pixels.")
-@click.option("--overwrite", is_flag=True, help="Write into OUT even when it is not empty.")
-@quiet_option
-@click.pass_obj
 def synth_detection_cmd(state, out, n, seed, gap, size, overwrite):
     """Drawn people with a gender, and other objects: COCO JSON in the FAAP layout, and OUT/manifest.csv.
 

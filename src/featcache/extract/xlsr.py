@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -277,23 +278,9 @@ def collate_audio(batch):
 
 
 # -- fairseq checkpoints ----------------------------------------------------------------------
-_RULES = [
-    (r"feature_extractor\.conv_layers\.(\d+)\.0\.(weight|bias)", r"feature_extractor.conv_layers.\1.conv.\2"),
-    (r"feature_extractor\.conv_layers\.(\d+)\.2(?:\.1)?\.(weight|bias)", r"feature_extractor.conv_layers.\1.layer_norm.\2"),
-    (r"post_extract_proj\.(weight|bias)", r"feature_projection.projection.\1"),
-    (r"layer_norm\.(weight|bias)", r"feature_projection.layer_norm.\1"),
-    (r"mask_emb", r"masked_spec_embed"),
-    (r"encoder\.pos_conv\.0\.bias", r"encoder.pos_conv_embed.conv.bias"),
-    (r"encoder\.pos_conv\.0\.(?:weight_g|parametrizations\.weight\.original0)", "POS_G"),
-    (r"encoder\.pos_conv\.0\.(?:weight_v|parametrizations\.weight\.original1)", "POS_V"),
-    (r"encoder\.layer_norm\.(weight|bias)", r"encoder.layer_norm.\1"),
-    (r"encoder\.layers\.(\d+)\.self_attn\.(k|v|q|out)_proj\.(weight|bias)", r"encoder.layers.\1.attention.\2_proj.\3"),
-    (r"encoder\.layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)", r"encoder.layers.\1.layer_norm.\2"),
-    (r"encoder\.layers\.(\d+)\.fc1\.(weight|bias)", r"encoder.layers.\1.feed_forward.intermediate_dense.\2"),
-    (r"encoder\.layers\.(\d+)\.fc2\.(weight|bias)", r"encoder.layers.\1.feed_forward.output_dense.\2"),
-    (r"encoder\.layers\.(\d+)\.final_layer_norm\.(weight|bias)", r"encoder.layers.\1.final_layer_norm.\2"),
-]
-_RULES = [(re.compile(a + "$"), b) for a, b in _RULES]
+#: fairseq -> transformers parameter names: a table, kept as data (package data beside this module)
+_RULES = [(re.compile(a + "$"), b) for a, b in json.loads(
+    (resources.files("featcache") / "extract" / "fairseq_wav2vec2_names.json").read_text())["rules"]]
 
 
 def _ssl_state(obj, source: str) -> dict[str, torch.Tensor]:

@@ -84,12 +84,14 @@ def bilevel_cvar_parts(
     losses: Tensor,
     groups: Tensor,
     labels: Tensor,
+    *,
     inner_worst_fraction: float | Tensor = 0.1,
     outer_worst_fraction: float | Tensor = 0.5,
     n_groups: int = 8,
     n_classes: int = 2,
 ) -> BilevelCVaR:
-    """:func:`bilevel_cvar` with its intermediate values and presence masks; see there."""
+    """:func:`bilevel_cvar` with its intermediate values and presence masks; see there (the fractions
+    by keyword here: this form is for inspecting a loss, not for a training step)."""
     _check_fraction(inner_worst_fraction, "inner_worst_fraction")
     _check_fraction(outer_worst_fraction, "outer_worst_fraction")
     device = losses.device
@@ -111,14 +113,8 @@ def bilevel_cvar_parts(
     return BilevelCVaR(value, inner, group_present, outer, class_present)
 
 
-def bilevel_cvar(
-    losses: Tensor,
-    groups: Tensor,
-    labels: Tensor,
-    inner_worst_fraction: float | Tensor = 0.1,
-    outer_worst_fraction: float | Tensor = 0.5,
-    n_groups: int = 8,
-) -> Tensor:
+def bilevel_cvar(losses: Tensor, groups: Tensor, labels: Tensor, inner_worst_fraction: float | Tensor = 0.1,
+                 outer_worst_fraction: float | Tensor = 0.5, n_groups: int = 8) -> Tensor:
     """Bilevel CVaR of per-sample losses over (class, subgroup), as in DAW-FDD.
 
     For each class c in {0, 1} separately: the inner CVaR (worst fraction ``inner_worst_fraction``)
@@ -142,4 +138,5 @@ def bilevel_cvar(
         No host-device synchronisation. :func:`bilevel_cvar_parts` also returns which classes and
         subgroups were present.
     """
-    return bilevel_cvar_parts(losses, groups, labels, inner_worst_fraction, outer_worst_fraction, n_groups).value
+    return bilevel_cvar_parts(losses, groups, labels, inner_worst_fraction=inner_worst_fraction,
+                              outer_worst_fraction=outer_worst_fraction, n_groups=n_groups).value
