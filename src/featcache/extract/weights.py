@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BackboneError, first_line
+from ..runtime import RunDir
 
 #: File endings that make a ``--pretrained`` value a file even without a path separator.
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -42,7 +43,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 #: How many key names an error or report shows.
 SHOWN = 4
 #: Weights files of a run folder, newest layout first (RUN/best.safetensors, then train-e2e's older name).
-RUN_WEIGHTS = ("best.safetensors", "best_model.safetensors")
+RUN_WEIGHTS = (RunDir.BEST, "best_model.safetensors")
 
 
 # -- where the weights come from --------------------------------------------------------------------
@@ -101,7 +102,7 @@ def run_weights(run_dir: str | os.PathLike) -> tuple[dict, Path]:
     name ``best_model.safetensors``.
     """
     run = Path(run_dir)
-    spec_file = run / "model.json"
+    spec_file = RunDir(run).model
     if not spec_file.is_file():
         raise BackboneError(f"{run} is not a run folder: model.json is missing")
     try:
