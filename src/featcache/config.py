@@ -474,6 +474,9 @@ class Config:
         for name in names:
             value = cfg.get(name)
             default = defaults.get(name)
+            sectioned = name in COMMON_SECTIONS or name in RECORD_SECTIONS or name in OPEN_SECTIONS
+            if (sectioned or isinstance(default, dict)) and not isinstance(value, (dict, type(None))):
+                raise ConfigError(f"{where}: {name} is a section (a mapping of keys); got {value!r}")
             if name in COMMON_SECTIONS or name in RECORD_SECTIONS:
                 cls = COMMON_SECTIONS.get(name) or RECORD_SECTIONS[name]
                 items[name] = _declared(cls, name, value or {}, default or {}, where)
