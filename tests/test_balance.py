@@ -90,7 +90,7 @@ def test_sampler_draws_the_classes_one_to_one_with_exact_seeded_counts(tmp_path)
 
 
 def test_class_balance_is_checked():
-    with pytest.raises(FeatcacheError, match="training.class_balance must be none, weight, sampler"):
+    with pytest.raises(FeatcacheError, match="LoopSettings: training.class_balance must be one of none, weight, sampler; got .oversample."):
         LoopSettings(epochs=1, batch_size=2, lr=1.0, seeds=[0], class_balance="oversample")
     cfg = resolve_config("stage2", sets=["training.class_balance=sampler"])
     assert LoopSettings.from_config([cfg]).class_balance == "sampler"

@@ -1,16 +1,27 @@
 """Declared constraints: one validator, one message, naming what the caller wrote."""
 
+import copy
+import pickle
+import typing
+from dataclasses import MISSING, fields
+
 import pytest
 from conftest import run_cli
 
 from featcache.config import (
+    COMMON_SECTIONS,
     CONSTRAINTS,
+    OLDER_DEFAULTS,
+    Config,
     ConfigError,
+    ConfigKeyError,
     Constraint,
     check_value,
     constraints_of,
     list_task_configs,
+    load_config,
     resolve_config,
+    save_config,
 )
 from featcache.errors import called_from, option
 
@@ -84,3 +95,133 @@ def test_sets_of_the_wrong_shape_are_refused_not_iterated():
     check_value("x.y", 3, "int >= 1", "here")
     with pytest.raises(ConfigError, match="^here: x.y must be an integer >= 1; got 0$"):
         check_value("x.y", 0, "int >= 1", "here")
+
+
+# -- the typed settings (config.Config) ----------------------------------------------------------------------
+def _yaml_sections(task):
+    import yaml
+
+    from featcache.config import config_path
+
+    raw = yaml.safe_load(config_path(task).read_text())
+    return {k: v for k, v in raw.items() if isinstance(v, dict) and k not in ("presets", "constraints")}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_setting_reads_as_its_declared_type(task):
+    conf = Config.of(resolve_config(task))
+    hints = {name: typing.get_type_hints(cls) for name, cls in COMMON_SECTIONS.items()}
+    for name, cls in COMMON_SECTIONS.items():
+        section = getattr(conf, name)
+        assert isinstance(section, cls)
+        for f in fields(cls):
+            kind = hints[name][f.name]
+            assert isinstance(getattr(section, f.name), typing.get_args(kind) or kind), (task, name, f.name)
+    for name, values in _yaml_sections(task).items():
+        section = getattr(conf, name)
+        for key, default in values.items():
+            value = getattr(section, key)
+            if isinstance(default, list):
+                assert isinstance(value, tuple) and list(value) == default
+            elif default is not None and not (default == "auto" and not isinstance(value, str)):
+                assert type(value) is type(default), (task, name, key, value, default)
+    assert conf.task == task and conf.preset == resolve_config(task)["preset"]
+
+
+def test_settings_are_cast_once_from_what_the_caller_wrote():
+    conf = Config.of(resolve_config("stage2", sets=["training.lr=1", "loss.lambda_ldam=1", "model.dropout=0",
+                                                    "loss.sinkhorn_blur=2"]))
+    assert conf.training.lr == 1.0 and type(conf.training.lr) is float
+    assert type(conf.loss.lambda_ldam) is float and type(conf.model.dropout) is float
+    assert conf.loss.sinkhorn_blur == 2.0 and type(conf.loss.sinkhorn_blur) is float  # a number given for auto
+    assert Config.of(resolve_config("stage2")).loss.sinkhorn_blur == "auto"  # auto stays as it is
+    assert conf.training.grad_clip is None and Config.of(resolve_config("faap")).training.grad_clip == 0.1
+    assert conf.model.classifier_hidden == (384, 192) and conf.loss.use_cvar is True
+    assert conf.training.epochs == 50 and conf.selection.min_epoch == 11 and conf.fairness.warmup_end == 10
+    assert conf.evaluation.threshold == "val_eer" and conf.logging.tensorboard is False
+    assert Config.of(conf) is conf
+    # a config file with a value of the wrong type: one line in the one format, naming the key
+    bad = resolve_config("stage2")
+    bad["training"]["epochs"] = "ten"
+    with pytest.raises(ConfigError, match=r"^RUN/config.yaml: training.epochs must be an integer; got 'ten'$"):
+        Config.of(bad, where="RUN/config.yaml")
+    del bad["training"]["epochs"]
+    with pytest.raises(ConfigError, match=r"^config: training.epochs is missing \(it must be an integer >= 1\)$"):
+        Config.of(bad)
+
+
+def test_a_wrong_key_names_the_valid_ones_and_the_view_is_read_only():
+    conf = Config.of(resolve_config("stage2"))
+    with pytest.raises(ConfigKeyError, match=r"config has no loss.lamda_ldam; did you mean loss.lambda_ldam\? "
+                                             r"loss has: use_cvar, use_ldam, "):
+        _ = conf.loss.lamda_ldam
+    with pytest.raises(ConfigKeyError, match=r"no training.epoch; did you mean training.epochs\? training has: epochs"):
+        _ = conf.training.epoch
+    with pytest.raises(ConfigKeyError, match=r"no section 'trainig'; did you mean training\?"):
+        _ = conf.trainig
+    assert isinstance(ConfigKeyError("x"), AttributeError) and not hasattr(conf.loss, "lamda_ldam")
+    assert "stage1" not in conf.options and conf.options.keys() == []  # options: keyed by name, empty here
+    with pytest.raises(AttributeError):
+        conf.loss.tau = 1.0
+    with pytest.raises(AttributeError):
+        conf.training.epochs = 3
+    with pytest.raises(AttributeError):
+        conf.loss = None
+
+
+def test_as_dict_gives_the_plain_config_back(tmp_path):
+    cfg = resolve_config("stage2", "minimal", sets=["training.epochs=12"])
+    cfg.update(options={"stage1": "/runs/s1"}, inputs={"stage1": {"fingerprint": "ab", "relative": "../s1"}},
+               cache={"path": "/caches/c", "fingerprint": "cd"})
+    conf = Config.of(cfg)
+    assert conf.as_dict() == cfg and conf.as_dict() is not cfg
+    assert conf.loss.as_dict() == cfg["loss"] and conf.model.as_dict() == cfg["model"]  # tuples back to lists
+    assert conf.training.as_dict() == {**cfg["training"], "patience": 0, "grad_clip": None, "schedule": "constant"}
+    assert conf.options.stage1 == "/runs/s1" and conf.inputs.stage1.fingerprint == "ab" and conf.cache.path == "/caches/c"
+    cfg["training"]["epochs"] = 99  # the view was built once, from a copy
+    assert conf.training.epochs == 12
+    save_config(conf.as_dict(), tmp_path / "config.yaml")
+    assert Config.of(load_config(tmp_path / "config.yaml")) == conf
+    assert pickle.loads(pickle.dumps(conf)) == conf and copy.deepcopy(conf.loss) == conf.loss
+
+
+def test_a_config_written_before_a_key_existed_still_loads():
+    from featcache.train.trainer import ADDED_KEYS
+
+    old2 = resolve_config("stage2")
+    for section, key in ADDED_KEYS:
+        del old2[section][key]
+    del old2["loss"]["ce_weight_rule"]
+    conf = Config.of(old2)
+    for (section, key), value in ADDED_KEYS.items():
+        assert getattr(getattr(conf, section), key) == value  # what such a config meant
+    assert conf.loss.ce_weight_rule == "design"  # the task YAML's default
+    old1 = resolve_config("stage1")
+    del old1["selection"]["probe_rows"], old1["logging"]
+    conf1 = Config.of(old1)
+    assert conf1.selection.probe_rows == OLDER_DEFAULTS["selection.probe_rows"] == 0  # no per-epoch probe then
+    assert conf1.logging.tensorboard is False and "probe_rows" not in conf1.as_dict()["selection"]
+    # a config with a task that has no YAML (the filter's): typed from its own values
+    filt = Config.of({"task": "mnv4", "model": {"name": "m", "image_size": 224},
+                      "training": {"epochs": 2, "batch_size": 4, "lr": 1e-4, "seed": 0, "num_workers": 0}})
+    assert filt.training.num_workers == 0 and filt.model.image_size == 224 and filt.selection.rule == "best"
+
+
+def test_the_declared_constraints_are_the_fields_declarations():
+    declared = {f"{name}.{f.name}": f.metadata["constraint"] for name, cls in COMMON_SECTIONS.items()
+                for f in fields(cls) if f.metadata.get("constraint")}
+    assert CONSTRAINTS == declared and len(declared) >= 12
+    kinds = {"int": int, "float": float, "options": str}
+    for name, cls in COMMON_SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if not f.metadata.get("constraint"):
+                continue
+            c = Constraint.parse(f.metadata["constraint"])
+            assert kinds[c.kind] in (typing.get_args(hints[f.name]) or (hints[f.name],)), f.name
+            assert c.nullable == (type(None) in typing.get_args(hints[f.name])), f.name
+            if f.default is not MISSING:
+                assert c.accepts(f.default), f"{name}.{f.name}: the default {f.default!r} breaks {c.spec}"
+    # the generator of invalid values above covers each of them (every task has these sections)
+    for task in TASKS:
+        assert set(CONSTRAINTS) <= set(constraints_of(task))

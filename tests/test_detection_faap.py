@@ -327,6 +327,7 @@ def test_per_gender_ap_equals_pycocotools(tmp_path):
 
 # -- the FAAP head ---------------------------------------------------------------------------------
 def test_perturbation_never_exceeds_epsilon():
+    from featcache.config import Section
     from featcache.heads.faap import FaapModel, epsilon_at
 
     m = FaapModel(dim=16, num_logits=5, box_hidden=16, box_layers=3, generator_hidden=32)
@@ -339,7 +340,8 @@ def test_perturbation_never_exceeds_epsilon():
     delta = m.perturbation(h)
     assert (delta.abs() <= 0.07 * m.scale).all()
     assert (delta.abs() / (0.07 * m.scale)).max() > 0.99  # the bound is reached, not just respected
-    c = {"eps_start": 0.05, "eps_max": 0.10, "eps_end": 0.09, "eps_warmup": 8, "eps_hold": 6, "eps_cool": 16}
+    c = Section("loss", {"eps_start": 0.05, "eps_max": 0.10, "eps_end": 0.09, "eps_warmup": 8, "eps_hold": 6,
+                         "eps_cool": 16})
     eps = [epsilon_at(e, c) for e in range(1, 31)]
     assert eps[0] == 0.05 and eps[7] == pytest.approx(0.10) and eps[13] == 0.10 and eps[29] == pytest.approx(0.09)
     assert all(a <= b for a, b in zip(eps[:8], eps[1:8])) and all(a >= b for a, b in zip(eps[14:], eps[15:]))

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from featcache.cache import open_cache
-from featcache.config import ConfigError, resolve_config, selection_score
+from featcache.config import Config, ConfigError, resolve_config, selection_score
 from featcache.e2e.evaluate import evaluate_run
 from featcache.errors import FeatcacheError
 from featcache.heads.task import StepState, load_run
@@ -128,6 +128,8 @@ def test_stage2_frozen_stage1_adapter_gets_no_gradient(faces, stage1_run, tmp_pa
                                         ("full", ["loss.ce_weight_rule=cvar"], 0.0)):
             task.cfgs = [resolve_config("stage2", preset, sets=S2FAST + sets)]
             task.cfg, task._coefficients = task.cfgs[0], None
+            task.confs = [Config.of(task.cfg)]  # the typed settings are built once, in Task.__init__
+            task.conf = task.confs[0]
             loss, t = task.batch_loss(batch, StepState(3, 3))
             lc = task.cfg["loss"]
             expected = ce_weight * t["ce"] + lc["lambda_contrastive"] * t["disentangle"] if "disentangle" in t else \
@@ -289,11 +291,11 @@ def test_stage2_config_checks():
         Stage2Task(resolve_config("stage2", "none", sets=["training.epochs=3"]), "cpu")
     Stage2Task(resolve_config("stage2", "none", sets=["training.epochs=3", "selection.min_epoch=3"]), "cpu")
     Stage2Task(resolve_config("stage2", "full", sets=S2FAST), "cpu")
-    with pytest.raises(FeatcacheError, match="literal or normalized"):
-        Stage2Task(resolve_config("stage2", sets=["loss.ldam_margin_rule=paper"]), "cpu")
+    with pytest.raises(FeatcacheError, match=r"loss.ldam_margin_rule must be one of literal, normalized; got 'paper'"):
+        resolve_config("stage2", sets=["loss.ldam_margin_rule=paper"])  # a declared constraint of stage2.yaml
     assert resolve_config("stage2")["loss"]["ldam_margin_rule"] == "literal"
-    with pytest.raises(FeatcacheError, match="ce_weight_rule must be design or cvar"):
-        Stage2Task(resolve_config("stage2", sets=["loss.ce_weight_rule=always"]), "cpu")
+    with pytest.raises(FeatcacheError, match="ce_weight_rule must be one of design, cvar; got 'always'"):
+        resolve_config("stage2", sets=["loss.ce_weight_rule=always"])
 
 
 def _split_without_demographics(n=12, dim=8):

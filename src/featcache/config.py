@@ -19,10 +19,12 @@ from __future__ import annotations
 import ast
 import copy
 import difflib
+import functools
 import math
 import operator
 import re
-from dataclasses import dataclass
+import typing
+from dataclasses import MISSING, dataclass, field, fields
 from importlib import resources
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -199,21 +201,323 @@ class Constraint:
         return out
 
 
-#: The constraints of the sections every task has; a task's YAML adds its own (``constraints:``).
-CONSTRAINTS = {
-    "training.epochs": "int >= 1",
-    "training.batch_size": "int >= 1",
-    "training.lr": "float > 0",
-    "training.weight_decay": "float >= 0",
-    "training.seed": "int >= 0",
-    "training.save_every": "int >= 0",
-    "training.patience": "int >= 0",
-    "training.grad_clip": "float >= 0 or null",
-    "training.schedule": "one of constant, cosine",
-    "training.class_balance": "one of none, weight, sampler",
-    "selection.min_epoch": "int >= 1",
-    "selection.rule": "one of best, last",
-}
+# -- typed settings: the sections every task has, declared with their constraints ---------------
+def setting(constraint: str | None = None, default=MISSING):
+    """A field of a declared settings section, with its constraint beside it (``int >= 1``, ...)."""
+    return field(default=default, metadata={"constraint": constraint})
+
+
+class ConfigKeyError(ConfigError, AttributeError):
+    """A setting read naming no key of its section (an AttributeError too, so ``getattr`` behaves)."""
+
+
+def _no_key(section: str, key: str, valid) -> ConfigKeyError:
+    valid = [str(k) for k in valid]
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"did you mean {section}.{close[0]}? " if close else ""
+    return ConfigKeyError(f"config has no {section}.{key}; {hint}{section} has: {', '.join(valid) or '(no key)'}")
+
+
+class _Settings:
+    """What every config section offers besides one attribute per key: ``key in section``,
+    :meth:`keys`, :meth:`as_dict` and an error naming the valid keys for a wrong one."""
+
+    _section = ""
+
+    def keys(self) -> list[str]:
+        return list(self._values())
+
+    def __contains__(self, key) -> bool:
+        return key in self._values()
+
+    def as_dict(self) -> dict:
+        return {k: _plain(v) for k, v in self._values().items()}
+
+    def _values(self) -> dict:  # pragma: no cover - each kind of section says
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeclaredSection(_Settings):
+    """A section every task has, declared as a dataclass: its fields (type, constraint, the default
+    a config without the key meant); keys a task's YAML adds beside them (Stage 1's
+    ``selection.probe_rows``) are typed from the YAML's values and read as attributes too."""
+
+    def __getattr__(self, key: str):
+        extra = self.__dict__.get("_extra")
+        if extra is None or key.startswith("__"):
+            raise AttributeError(key)
+        if key in extra:
+            return extra[key]
+        raise _no_key(self._section, key, self._values())
+
+    def _values(self) -> dict:
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, **self.__dict__.get("_extra", {})}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Training(DeclaredSection):
+    _section = "training"
+    epochs: int = setting("int >= 1")
+    batch_size: int = setting("int >= 1")
+    lr: float = setting("float > 0")
+    seed: int = setting("int >= 0")
+    weight_decay: float = setting("float >= 0", 0.0)
+    save_every: int = setting("int >= 0", 0)  # keep a checkpoint every N epochs (0: best and last only)
+    patience: int = setting("int >= 0", 0)  # epochs without a better score before stopping (0: never)
+    grad_clip: float | None = setting("float >= 0 or null", None)
+    schedule: str = setting("one of constant, cosine", "constant")
+    class_balance: str = setting("one of none, weight, sampler", "none")
+    device: str | None = setting(None, "auto")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Selection(DeclaredSection):
+    _section = "selection"
+    score: str = setting(None, "auc")  # the formula over val metrics (:func:`selection_score`)
+    min_epoch: int = setting("int >= 1", 1)
+    rule: str = setting("one of best, last", "best")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Evaluation(DeclaredSection):
+    _section = "evaluation"
+    threshold: str | None = setting(None, None)  # 0.5 | val_eer | val_fpr=<x>; None: the default rule
+
+
+@dataclass(frozen=True, kw_only=True)
+class Logging(DeclaredSection):
+    _section = "logging"
+    tensorboard: bool = setting(None, False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheRecord(DeclaredSection):
+    """Where a head run's cache lies (written by the trainer)."""
+
+    _section = "cache"
+    path: str | None = setting(None, None)
+    relative: str | None = setting(None, None)
+    fingerprint: str | None = setting(None, None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Protocol(DeclaredSection):
+    """A leave-one-manipulation-out run's fold (written by ``ablate --protocol lomo``)."""
+
+    _section = "protocol"
+    name: str | None = setting(None, None)
+    held_out_method: str | None = setting(None, None)
+
+
+#: The sections every task has, declared; their fields' constraints are :data:`CONSTRAINTS`.
+COMMON_SECTIONS: dict[str, type[DeclaredSection]] = {
+    "training": Training, "selection": Selection, "evaluation": Evaluation, "logging": Logging}
+#: Sections the trainer records in a run's config.yaml, declared the same way.
+RECORD_SECTIONS: dict[str, type[DeclaredSection]] = {"cache": CacheRecord, "protocol": Protocol}
+#: Sections keyed by name (``options.stage1``: a required run; ``inputs.stage1.fingerprint``): always
+#: there, empty when a run has none.
+OPEN_SECTIONS = ("options", "inputs")
+
+#: The constraints of the sections every task has, from their fields' declarations (a task's YAML adds
+#: its own under ``constraints:``).
+CONSTRAINTS: dict[str, str] = {f"{name}.{f.name}": f.metadata["constraint"]
+                               for name, cls in COMMON_SECTIONS.items() for f in fields(cls)
+                               if f.metadata.get("constraint")}
+
+#: Keys of a task's own sections added after run configs were first written, whose YAML default is not
+#: what a config without them meant: such a config is read with these values.
+OLDER_DEFAULTS: dict[str, object] = {"selection.probe_rows": 0}  # no per-epoch probe before it existed
+
+
+class Section(_Settings):
+    """A task's own config section (``model``, ``loss``, ``fairness``, ...), read-only: one attribute
+    per key, each typed once when built from the task YAML's default (an int stays an int, a number
+    given for ``auto`` a float, a list a tuple); a key an older config lacks has the YAML's value."""
+
+    __slots__ = ("_section", "_items")
+
+    def __init__(self, section: str, items: dict):
+        object.__setattr__(self, "_section", section)
+        object.__setattr__(self, "_items", dict(items))
+
+    def __getattr__(self, key: str):
+        if key.startswith("__") or key in ("_section", "_items"):
+            raise AttributeError(key)
+        try:
+            return self._items[key]
+        except KeyError:
+            raise _no_key(self._section, key, self._items) from None
+
+    def __setattr__(self, key, value):
+        raise AttributeError(f"config section {self._section} is read-only")
+
+    def __reduce__(self):
+        return Section, (self._section, self._items)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Section) and (self._section, self._items) == (other._section, other._items)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"Section({self._section}: {', '.join(f'{k}={v!r}' for k, v in self._items.items())})"
+
+    def _values(self) -> dict:
+        return self._items
+
+
+def _plain(value):
+    """A typed value back as plain YAML data (sections to dicts, tuples to lists)."""
+    if isinstance(value, _Settings):
+        return value.as_dict()
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _frozen(name: str, value):
+    if isinstance(value, dict):
+        return Section(name, {k: _frozen(f"{name}.{k}", v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_frozen(name, v) for v in value)
+    return value
+
+
+_NOUN = {int: "an integer", float: "a number", bool: "true or false", str: "text"}
+
+
+def _cast(kind, value, key: str, where: str):
+    """``value`` of a declared field as its annotated type (an int given for a float becomes a float,
+    a number given for text its text), or one :class:`ConfigError` in the one format."""
+    args = typing.get_args(kind)
+    if args:  # X | None
+        if value is None:
+            return None
+        kind = next(a for a in args if a is not type(None))
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind in (int, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            kind is float or float(value).is_integer())
+    else:
+        ok = isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{where}: {key} must be {_NOUN[kind]}{', or null' if args else ''}; got {value!r}")
+    return kind(value)
+
+
+def _typed_items(section: str, values: dict, defaults: dict, where: str) -> dict:
+    """A task section's values typed by the YAML's defaults; keys the values lack from
+    :data:`OLDER_DEFAULTS`, else the YAML."""
+    out = {}
+    for key in [*values, *(k for k in defaults if k not in values)]:
+        name = f"{section}.{key}"
+        if key in values:
+            value = _check_type(defaults[key], values[key], name, where) if key in defaults else values[key]
+        else:
+            value = copy.deepcopy(OLDER_DEFAULTS.get(name, defaults[key]))
+        out[key] = _frozen(name, value)
+    return out
+
+
+def _declared(cls: type[DeclaredSection], section: str, values: dict, defaults: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in values:
+            kwargs[f.name] = _cast(hints[f.name], values[f.name], f"{section}.{f.name}", where)
+        elif f.default is MISSING:
+            raise ConfigError(f"{where}: {section}.{f.name} is missing (it must be "
+                              f"{Constraint.parse(f.metadata['constraint']).text()})")
+    obj = cls(**kwargs)
+    object.__setattr__(obj, "_extra", _typed_items(
+        section, {k: v for k, v in values.items() if k not in names},
+        {k: v for k, v in defaults.items() if k not in names}, where))
+    return obj
+
+
+@functools.lru_cache(maxsize=32)
+def _yaml_sections(path: str, mtime_ns: int) -> dict:
+    raw = _read_yaml(Path(path), "task config")
+    for key in ("presets", "default_preset", "constraints"):
+        raw.pop(key, None)
+    return raw
+
+
+def _task_defaults(task) -> dict:
+    """The sections of ``task``'s YAML (its defaults), or {} for a task without one (the filter)."""
+    if not isinstance(task, str):
+        return {}
+    path = config_path(task)
+    return copy.deepcopy(_yaml_sections(str(path), path.stat().st_mtime_ns)) if path.is_file() else {}
+
+
+class Config:
+    """A resolved run config as typed, read-only settings, built once: ``conf.training.epochs`` (int),
+    ``conf.loss.use_cvar`` (bool), ``conf.model.classifier_hidden`` (tuple), ``conf.options.stage1``,
+    ``conf.preset``. The sections every task has are :data:`COMMON_SECTIONS` (dataclasses whose
+    fields carry their constraints), a task's own sections are :class:`Section` objects typed from its
+    YAML; a key an older config lacks reads as the YAML's default (or the field's). A wrong key is one
+    error naming the valid ones. :meth:`as_dict` gives the plain dict back (for saving and comparing)."""
+
+    __slots__ = ("_dict", "_items")
+
+    def __init__(self, cfg: dict, where: str = "config"):
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"{where}: a config is a mapping of sections; got {type(cfg).__name__}")
+        object.__setattr__(self, "_dict", copy.deepcopy(cfg))
+        defaults = _task_defaults(cfg.get("task"))
+        names = [*cfg, *(k for k in (*COMMON_SECTIONS, *RECORD_SECTIONS, *OPEN_SECTIONS, *defaults) if k not in cfg)]
+        items: dict = {"task": None, "preset": None}
+        for name in names:
+            value = cfg.get(name)
+            default = defaults.get(name)
+            sectioned = name in COMMON_SECTIONS or name in RECORD_SECTIONS or name in OPEN_SECTIONS
+            if (sectioned or isinstance(default, dict)) and not isinstance(value, (dict, type(None))):
+                raise ConfigError(f"{where}: {name} is a section (a mapping of keys); got {value!r}")
+            if name in COMMON_SECTIONS or name in RECORD_SECTIONS:
+                cls = COMMON_SECTIONS.get(name) or RECORD_SECTIONS[name]
+                items[name] = _declared(cls, name, value or {}, default or {}, where)
+            elif isinstance(value, dict) or isinstance(default, dict) or name in OPEN_SECTIONS:
+                items[name] = Section(name, _typed_items(name, value or {}, default or {}, where))
+            else:
+                items[name] = copy.deepcopy(value if name in cfg else default)
+        object.__setattr__(self, "_items", items)
+
+    @classmethod
+    def of(cls, cfg: dict | Config, where: str = "config") -> Config:
+        """The typed view of ``cfg`` (``cfg`` itself when it is one already)."""
+        return cfg if isinstance(cfg, Config) else cls(cfg, where)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("_dict", "_items"):
+            raise AttributeError(name)
+        try:
+            return self._items[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, list(self._items), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigKeyError(f"config has no section {name!r}; {hint}it has: {', '.join(self._items)}") from None
+
+    def __setattr__(self, key, value):
+        raise AttributeError("a Config is read-only; resolve a new one (resolve_config, sets=...)")
+
+    def __reduce__(self):
+        return Config, (self._dict,)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Config) and self._dict == other._dict
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"Config(task={self._items['task']!r}, preset={self._items['preset']!r})"
+
+    def as_dict(self) -> dict:
+        """The config as it was given: a plain dict (a copy) for config.yaml, comparisons and JSON."""
+        return copy.deepcopy(self._dict)
 
 
 def check_value(key: str, value, constraint: str | Constraint, where: str) -> None:

@@ -60,7 +60,7 @@ def analyze_prototypes(run_dir, cache=None, out=None, *, split: str | None = Non
     task = load_run(run_dir, "cpu")
     if task.name != "xai":
         raise FeatcacheError(f"{run_dir} is a {task.name} run; analyze prototypes reads an xai run")
-    cache_path = cache or task.cfg.get("cache", {}).get("path")
+    cache_path = cache or task.conf.cache.path
     if not cache_path:
         raise FeatcacheError(f"{run_dir} does not record its cache; pass --cache")
     c = open_cache(cache_path)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache.splits import split_mask
+from ..config import Section
 from ..errors import FeatcacheError, write_atomic
 from ..extract.detr import padded_ground_truth, read_heads
 from ..losses.faap import (
@@ -98,10 +99,11 @@ class FaapModel(nn.Module):
         return F.normalize(self.projection(hp.mean(1)), dim=-1)
 
 
-def epsilon_at(epoch: int, c: dict) -> float:
-    """Warm-up from eps_start to eps_max over ``eps_warmup`` epochs, hold ``eps_hold``, cool to eps_end over ``eps_cool``."""
-    start, top, end = float(c["eps_start"]), float(c["eps_max"]), float(c["eps_end"])
-    warm, hold, cool = int(c["eps_warmup"]), int(c["eps_hold"]), int(c["eps_cool"])
+def epsilon_at(epoch: int, c: Section) -> float:
+    """Warm-up from eps_start to eps_max over ``eps_warmup`` epochs, hold ``eps_hold``, cool to eps_end over
+    ``eps_cool`` (``c``: the typed ``loss`` section)."""
+    start, top, end = c.eps_start, c.eps_max, c.eps_end
+    warm, hold, cool = c.eps_warmup, c.eps_hold, c.eps_cool
     if epoch <= warm:
         return start + (top - start) * (epoch - 1) / max(warm - 1, 1)
     if epoch <= warm + hold:
@@ -167,9 +169,8 @@ class FaapTask(Task):
             "num_logits": int(h["class_labels_classifier.weight"].shape[0]),
             "box_hidden": int(h["bbox_predictor.layers.0.weight"].shape[0]),
             "box_layers": len({k.split(".")[2] for k in h if k.startswith("bbox_predictor.layers.")}),
-            "generator_hidden": int(self.cfg["model"]["generator_hidden"]),
-            "proj_hidden": int(self.cfg["model"]["proj_hidden"]), "proj_out": int(self.cfg["model"]["proj_out"]),
-            "top_k": int(self.cfg["model"]["top_k"]),
+            "generator_hidden": self.conf.model.generator_hidden, "proj_hidden": self.conf.model.proj_hidden,
+            "proj_out": self.conf.model.proj_out, "top_k": self.conf.model.top_k,
             "backbone": self.backbone,
         }
 
@@ -184,19 +185,17 @@ class FaapTask(Task):
                                         if k.startswith("bbox_predictor.")})
             h = self.data["train"].tensors["hidden"]
             m.scale.copy_(h.reshape(-1, h.shape[-1]).std(0).clamp_min(1e-6).to(m.scale.device))
-            m.epsilon.fill_(epsilon_at(1, self.cfg["loss"]))
+            m.epsilon.fill_(epsilon_at(1, self.conf.loss))
         return m
 
     # -- training ------------------------------------------------------------------------------
     def schedule(self, state: StepState) -> dict:
         """epsilon (:func:`epsilon_at`), beta (beta_start at the first epoch, linearly to beta_end at the
         last) and the contrastive weight (ramped over ``contrastive_ramp_epochs``) of an epoch."""
-        c = self.cfg["loss"]
-        beta = float(c["beta_start"]) + (float(c["beta_end"]) - float(c["beta_start"])) * (
-            (state.epoch - 1) / max(state.epochs - 1, 1))
-        ramp = min(1.0, state.epoch / max(int(c["contrastive_ramp_epochs"]), 1))
-        return {"epsilon": epsilon_at(state.epoch, c), "beta": beta,
-                "contrastive_weight": float(c["contrastive_weight"]) * ramp}
+        c = self.conf.loss
+        beta = c.beta_start + (c.beta_end - c.beta_start) * ((state.epoch - 1) / max(state.epochs - 1, 1))
+        ramp = min(1.0, state.epoch / max(c.contrastive_ramp_epochs, 1))
+        return {"epsilon": epsilon_at(state.epoch, c), "beta": beta, "contrastive_weight": c.contrastive_weight * ramp}
 
     def epoch_values(self, state: StepState) -> dict:
         return self.schedule(state)
@@ -205,21 +204,21 @@ class FaapTask(Task):
         """One run: batch tensors (1, B, ...) -> loss (1,) and (1,) terms. The schedule values are
         Python floats and the gender means use masks; the DETR criterion's Hungarian matching (scipy,
         on the host) is the one synchronisation left in a step."""
-        c, m = self.cfg["loss"], self.module
+        c, m = self.conf.loss, self.module
         batch = {k: v[0] for k, v in batch.items()}
         sched = self.schedule(state)
         m.epsilon.fill_(sched["epsilon"])
         h = batch["hidden"]
         hp, delta, logits, boxes = m(h)
         scores = image_scores(logits, self.spec["top_k"])
-        pos, anc = ranking_split(scores, float(c["rank_fraction"]), int(c["rank_min"]))
+        pos, anc = ranking_split(scores, c.rank_fraction, c.rank_min)
         z = m.embed(hp)
-        con = score_contrastive(z, pos, anc, float(c["tau"]), float(c["bidirectional_weight"]))
+        con = score_contrastive(z, pos, anc, c.tau, c.bidirectional_weight)
         gender = batch["gender"]
         female, male = gender == 1, gender == 0
         wass = one_way_wasserstein(scores[female], scores[male])
         det, det_terms = self.criterion(logits, boxes, targets_of(batch["gt_boxes"], batch["gt_classes"]))
-        loss = sched["contrastive_weight"] * con + float(c["lambda_wasserstein"]) * wass + sched["beta"] * det
+        loss = sched["contrastive_weight"] * con + c.lambda_wasserstein * wass + sched["beta"] * det
         per_image = delta.flatten(1)
         nan = scores.new_tensor(float("nan"))
         terms = {"contrastive": con, "wasserstein": wass, "detection": det, **det_terms,
@@ -257,7 +256,7 @@ class FaapTask(Task):
         gt = coco_ground_truth(sizes, [b[c >= 0] for b, c in zip(bx, cls)], [c[c >= 0] for c in cls])
         dets = detr_detections(out["logits"], out["boxes"], sizes)
         gender = d.tensors["gender"].cpu().numpy()
-        cats = str(self.cfg["fairness"]["categories"]).strip()
+        cats = str(self.conf.fairness.categories).strip()
         cat_ids = None if cats == "all" else [int(c) for c in cats.split(",")]
         r = group_ap_ar(gt, dets, gender, {0: "male", 1: "female"}, cat_ids)
         s = out["scores"]
@@ -273,11 +272,11 @@ class FaapTask(Task):
         """The design's score gap, positive - anchor: in consecutive batches of ``training.batch_size``
         images (split order), the mean score of the top ``rank_fraction`` minus that of the bottom, as
         training ranks them; averaged over the batches that have both (NaN when none has)."""
-        c, bs = self.cfg["loss"], int(self.cfg["training"]["batch_size"])
+        c, bs = self.conf.loss, self.conf.training.batch_size
         gaps = []
         for i in range(0, len(scores), bs):
             b = torch.from_numpy(np.asarray(scores[i:i + bs], dtype=np.float64))
-            pos, anc = ranking_split(b, float(c["rank_fraction"]), int(c["rank_min"]))
+            pos, anc = ranking_split(b, c.rank_fraction, c.rank_min)
             if len(pos):
                 gaps.append(float(b[pos].mean() - b[anc].mean()))
         return float(np.mean(gaps)) if gaps else float("nan")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import Config
 from ..data.manifest import GENDERS, RACES
 from ..errors import FeatcacheError
 from ..losses.sinkhorn import StackedSinkhorn, bounding_diameter, feature_scale
@@ -93,17 +94,18 @@ def subgroup_variance(z: torch.Tensor, groups: torch.Tensor, classes: int = 8) -
     return between / total.clamp_min(1e-12)
 
 
-def grl_warm_epoch(cfg: dict, share: float = 0.5) -> int:
+def grl_warm_epoch(cfg: dict | Config, share: float = 0.5) -> int:
     """The first epoch whose GRL lambda has risen ``share`` of the way from ``initial_lambda_grl`` to
     ``grl_max_lambda`` under ``cfg``'s schedule and epochs: before it the adversaries have barely
     acted on the adapter. With the design's schedule and 20 epochs: epoch 4 (lambda 0.635). 1 when
     lambda does not rise (``use_grl: false``, or max equal to initial)."""
-    loss, epochs = cfg["loss"], int(cfg["training"]["epochs"])
-    lo, hi = float(loss.get("initial_lambda_grl", 0.0)), float(loss["grl_max_lambda"])
-    if not loss.get("use_grl", True) or hi <= lo:
+    conf = Config.of(cfg)
+    loss, epochs = conf.loss, conf.training.epochs
+    lo, hi = loss.initial_lambda_grl, loss.grl_max_lambda
+    if not loss.use_grl or hi <= lo:
         return 1
     for epoch in range(1, epochs + 1):
-        if dann_lambda(StepState(epoch, epochs).progress, hi, float(loss["grl_gamma"]), initial=lo) >= lo + share * (hi - lo):
+        if dann_lambda(StepState(epoch, epochs).progress, hi, loss.grl_gamma, initial=lo) >= lo + share * (hi - lo):
             return epoch
     return epochs
 
@@ -141,10 +143,10 @@ class Stage1Task(Task):
     @classmethod
     def check_config(cls, cfg: dict) -> None:
         super().check_config(cfg)
-        sel = cfg.get("selection", {})
-        if int(sel.get("probe_rows", 0)) <= 0 and "probe_" in str(sel.get("score", "")):
-            raise FeatcacheError(f"selection.score {sel['score']!r} reads the per-epoch probe, which "
-                                 f"selection.probe_rows={sel.get('probe_rows', 0)} turns off; set selection.probe_rows "
+        sel = Config.of(cfg).selection
+        if sel.probe_rows <= 0 and "probe_" in sel.score:
+            raise FeatcacheError(f"selection.score {sel.score!r} reads the per-epoch probe, which "
+                                 f"selection.probe_rows={sel.probe_rows} turns off; set selection.probe_rows "
                                  "to a positive number of rows, or score on the adversaries: --set "
                                  "selection.score=\"cos - 0.3 * race_acc - 0.2 * gender_acc\"")
 
@@ -158,27 +160,25 @@ class Stage1Task(Task):
         }, meta)
 
     def make_spec(self) -> dict:
-        m, loss = self.cfg["model"], self.cfg["loss"]
+        m, loss = self.conf.model, self.conf.loss
         train = self.data["train"]
         if len(train) == 0:
             raise FeatcacheError("stage1: the train split has no readable rows; check the cache with "
                                  "`featcache cache info` and re-extract")
         check_demographics("stage1", train.meta, needed=True)  # the adversaries learn race and gender
         x = train.tensors["x"]
-        blur = loss["sinkhorn_blur"]
+        blur = loss.sinkhorn_blur  # "auto" or a number
         return {
-            "dim": int(x.shape[1]), "adapter_hidden": int(m["adapter_hidden"]),
-            "adversary_hidden": int(m["adversary_hidden"]), "dropout": float(m["dropout"]),
-            "sinkhorn_blur": float(feature_scale(x)) if blur == "auto" else float(blur),
+            "dim": int(x.shape[1]), "adapter_hidden": m.adapter_hidden, "adversary_hidden": m.adversary_hidden,
+            "dropout": m.dropout, "sinkhorn_blur": float(feature_scale(x)) if blur == "auto" else blur,
             # the start of geomloss's epsilon schedule, fixed: twice the train features' bounding box
             "sinkhorn_diameter": 2.0 * bounding_diameter(x),
             "backbone": self.backbone,
         }
 
     def build(self, spec: dict) -> nn.Module:
-        loss = self.cfg["loss"]
         diameter = spec.get("sinkhorn_diameter") or 10.0 * spec["sinkhorn_blur"]
-        self.sinkhorn = StackedSinkhorn(spec["sinkhorn_blur"], float(loss["sinkhorn_scaling"]), diameter)
+        self.sinkhorn = StackedSinkhorn(spec["sinkhorn_blur"], self.conf.loss.sinkhorn_scaling, diameter)
         return Stage1Model(self.seeds(), spec["dim"], spec["adapter_hidden"], spec["adversary_hidden"],
                            spec["dropout"])
 
@@ -186,11 +186,10 @@ class Stage1Task(Task):
         """DANN's schedule at p = state.progress, from ``loss.initial_lambda_grl`` (the design's 0) at
         the first epoch (the design's p = epoch / total with epochs counted from 0) up to
         ``loss.grl_max_lambda``; None with ``loss.use_grl: false`` (no reversal layer)."""
-        loss = self.cfg["loss"]
-        if not loss.get("use_grl", True):
+        loss = self.conf.loss
+        if not loss.use_grl:
             return None
-        return dann_lambda(state.progress, float(loss["grl_max_lambda"]), float(loss["grl_gamma"]),
-                           initial=float(loss.get("initial_lambda_grl", 0.0)))
+        return dann_lambda(state.progress, loss.grl_max_lambda, loss.grl_gamma, initial=loss.initial_lambda_grl)
 
     def epoch_values(self, state: StepState) -> dict:
         lam = self.grl_lambda(state)
@@ -206,11 +205,12 @@ class Stage1Task(Task):
             "similarity": 1.0 - F.cosine_similarity(x, z, dim=-1).mean(-1),
         }
         # a Sinkhorn term is computed when some run weighs it (decided from the configs, not tensors)
-        want = {k: any(float(cfg["loss"][f"lambda_{k}"]) > 0 for cfg in self.cfgs) for k in ("fairness", "pairwise")}
+        want = {"fairness": any(conf.loss.lambda_fairness > 0 for conf in self.confs),
+                "pairwise": any(conf.loss.lambda_pairwise > 0 for conf in self.confs)}
         if want["fairness"] or want["pairwise"]:
             terms.update(self.sinkhorn.terms(z, batch["subgroup"], global_=want["fairness"],
                                              pairwise=want["pairwise"]))
-        if any(float(cfg["loss"].get("lambda_subgroup_variance", 0)) > 0 for cfg in self.cfgs):
+        if any(conf.loss.lambda_subgroup_variance > 0 for conf in self.confs):
             terms["subgroup_variance"] = subgroup_variance(z, batch["subgroup"])
         loss = (c["lambda_race"] * terms["race_ce"] + c["lambda_gender"] * terms["gender_ce"]
                 + c["lambda_similarity"] * terms["similarity"])
@@ -240,7 +240,7 @@ class Stage1Task(Task):
         x = d.tensors["x"]
         zs = self.transform_runs(x)
         all_race, all_gender = self.module.race_head(zs), self.module.gender_head(zs)
-        probing = split != "train" and "train" in self.data and int(self.cfg["selection"].get("probe_rows", 0)) > 0
+        probing = split != "train" and "train" in self.data and self.conf.selection.probe_rows > 0
         train_z = self.transform_runs(self.data["train"].tensors["x"]) if probing else None
         out = []
         for r in range(self.runs):
@@ -256,7 +256,7 @@ class Stage1Task(Task):
                 "gender_ce": float(masked_ce(gender_logits[None], d.tensors["gender"][None])[0]),
             }
             if train_z is not None:  # a fresh probe on this epoch's frozen debiased train features
-                metrics.update(self.epoch_probe(train_z[r], zs[r], d))
+                metrics.update(self.epoch_probe(train_z[r], zs[r], d, r))
             preds = d.meta[["sample_id", "gender", "race", "subgroup"]].copy()
             preds["race_pred"] = [RACES[i] for i in race_logits.argmax(1).tolist()]
             preds["gender_pred"] = [GENDERS[i] for i in gender_logits.argmax(1).tolist()]
@@ -264,11 +264,11 @@ class Stage1Task(Task):
             out.append((metrics, preds))
         return out
 
-    def epoch_probe(self, train_z: torch.Tensor, z: torch.Tensor, d: SplitData) -> dict:
+    def epoch_probe(self, train_z: torch.Tensor, z: torch.Tensor, d: SplitData, r: int = 0) -> dict:
         """``probe_<attr>_acc`` / ``_bacc``: a standardised logistic regression fitted on (at most
-        ``selection.probe_rows`` seeded rows of) the debiased train features, scored on ``d``."""
-        train, rows = self.data["train"], int(self.cfg["selection"]["probe_rows"])
-        seed = int(self.cfg["training"]["seed"])
+        ``selection.probe_rows`` rows, drawn with run r's seed, of) the debiased train features, scored on ``d``."""
+        train, rows = self.data["train"], self.conf.selection.probe_rows
+        seed = self.confs[r].training.seed
         out = {}
         for attr in ("race", "gender"):
             clf = fit_probe(train_z.cpu().numpy(), train.tensors[attr].cpu().numpy(), seed=seed, max_rows=rows)
@@ -280,7 +280,7 @@ class Stage1Task(Task):
         """Leakage probes: logistic regression trained on train, scored on val (``raw``, ``debiased``:
         accuracy; ``*_bacc``: balanced accuracy) and on test (``*_test``, ``*_test_bacc``), raw vs debiased."""
         train = self.data["train"]
-        seed = int(self.cfg["training"]["seed"])
+        seed = self.confs[r].training.seed
         splits = [s for s in ("val", "test") if s in self.data]
         feats = {"raw": {s: self.data[s].tensors["x"].cpu().numpy() for s in ("train", *splits)}}
         feats["debiased"] = {s: self.transform(self.data[s].tensors["x"], r).cpu().numpy() for s in ("train", *splits)}

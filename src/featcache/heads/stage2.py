@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import Config
 from ..errors import FeatcacheError
 from ..losses.cvar import bilevel_cvar
 from ..losses.disentangle import cosine_disentanglement
-from ..losses.ldam import MARGIN_RULES, LDAMLoss
+from ..losses.ldam import LDAMLoss
 from ..losses.sinkhorn import StackedSinkhorn, bounding_diameter, feature_scale
 from ..metrics import all_metrics
 from ..metrics.detection import sigmoid
@@ -53,11 +54,7 @@ from .task import SplitData, StepState, Task, register_task
 META = ["sample_id", "label", "split", "dataset", "gender", "race", "subgroup", "identity", "method"]
 N_SUBGROUPS = 8
 
-
-ARCHITECTURES = ("fair", "linear")
 FAIRNESS_KEYS = ("cvar", "ldam", "sinkhorn")
-#: How CE hands its weight to the fairness terms: ``design`` (1 - w) CE whenever one is on; ``cvar`` only to CVaR.
-CE_WEIGHT_RULES = ("design", "cvar")
 
 
 class Stage2Model(nn.Module):
@@ -131,7 +128,7 @@ class Stage2Task(Task):
 
     @property
     def architecture(self) -> str:
-        return str(self.cfg["model"].get("architecture", "fair"))
+        return self.conf.model.architecture
 
     def tensors(self, data) -> SplitData:
         meta = data.meta
@@ -146,23 +143,21 @@ class Stage2Task(Task):
         }, meta)
 
     @staticmethod
-    def run_coefficients(cfg: dict) -> dict[str, float]:
+    def run_coefficients(cfg: dict | Config) -> dict[str, float]:
         """The coefficients of one run's config (a switched-off term has coefficient 0) and ``ce_handoff``,
         a in CE's weight 1 - w a (see the module docstring)."""
-        c = cfg["loss"]
-        linear = str(cfg["model"].get("architecture", "fair")) == "linear"
-        on = (lambda key: 0.0 if linear else float(bool(c[f"use_{key}"])))  # noqa: E731
-        coefs = {"cvar": on("cvar"), "ldam": on("ldam") * float(c["lambda_ldam"]),
-                 "sinkhorn": on("sinkhorn") * float(c["lambda_sinkhorn"]),
-                 "contrastive": 0.0 if linear else float(c["lambda_contrastive"])}
-        if str(c.get("ce_weight_rule", "design")) == "cvar":
+        conf = Config.of(cfg)
+        c, keep = conf.loss, float(conf.model.architecture != "linear")  # the linear probe has no fairness term
+        coefs = {"cvar": keep * c.use_cvar, "ldam": keep * c.use_ldam * c.lambda_ldam,
+                 "sinkhorn": keep * c.use_sinkhorn * c.lambda_sinkhorn, "contrastive": keep * c.lambda_contrastive}
+        if c.ce_weight_rule == "cvar":
             coefs["ce_handoff"] = coefs["cvar"]
         else:
             coefs["ce_handoff"] = float(any(coefs[k] > 0 for k in FAIRNESS_KEYS))
         return coefs
 
     def _make_coefficients(self) -> dict[str, torch.Tensor]:
-        per = [self.run_coefficients(c) for c in self.cfgs]
+        per = [self.run_coefficients(conf) for conf in self.confs]
         return {k: self._coef(p[k] for p in per) for k in per[0]}
 
     def _stage1(self) -> Stage1Task:
@@ -174,12 +169,12 @@ class Stage2Task(Task):
         return s1
 
     def make_spec(self) -> dict:
-        m, loss = self.cfg["model"], self.cfg["loss"]
+        m, loss = self.conf.model, self.conf.loss
         train = self.data.get("train")
         if train is None or len(train) == 0:
             raise FeatcacheError("stage2: the cache has no readable rows in its train split (every row failed "
                                  "to extract, or there is no train split); see `featcache cache info` and re-extract")
-        fairness = any(self.run_coefficients(c)[k] > 0 for c in self.cfgs for k in FAIRNESS_KEYS)
+        fairness = any(self.run_coefficients(conf)[k] > 0 for conf in self.confs for k in FAIRNESS_KEYS)
         note = check_demographics("stage2", train.meta, needed=fairness)
         if note:
             self.notes.append(note)
@@ -196,15 +191,15 @@ class Stage2Task(Task):
                                  "extract both with the same backbone and weights")
         groups = train.tensors["subgroup"].cpu().numpy()
         counts = np.bincount(groups[groups >= 0], minlength=N_SUBGROUPS)  # LDAM margins
-        blur = loss["sinkhorn_blur"]
+        blur = loss.sinkhorn_blur  # "auto" or a number
         standard = (x - x.mean(1, keepdim=True)) / x.std(1, unbiased=False, keepdim=True).clamp_min(1e-12)
         spec.update({
             "stage1_hidden": int(s1.spec["adapter_hidden"]),
-            "stage1_run": str(self.cfg.get("options", {}).get("stage1", "")),
-            "adapter_hidden": int(m["adapter_hidden"]), "num_ca_views": int(m["num_ca_views"]),
-            "ca_heads": int(m["ca_heads"]), "classifier_hidden": [int(h) for h in m["classifier_hidden"]],
-            "dropout": float(m["dropout"]), "subgroup_counts": counts.tolist(),
-            "sinkhorn_blur": float(feature_scale(x)) if blur == "auto" else float(blur),
+            "stage1_run": self.conf.options.stage1 if "stage1" in self.conf.options else "",
+            "adapter_hidden": m.adapter_hidden, "num_ca_views": m.num_ca_views, "ca_heads": m.ca_heads,
+            "classifier_hidden": [int(h) for h in m.classifier_hidden], "dropout": m.dropout,
+            "subgroup_counts": counts.tolist(),
+            "sinkhorn_blur": float(feature_scale(x)) if blur == "auto" else blur,
             # the start of geomloss's epsilon schedule, fixed: the Sinkhorn term compares the fused
             # (AdaIN-normalised) features, so twice the bounding box of the per-sample standardised
             # train features
@@ -216,24 +211,24 @@ class Stage2Task(Task):
         seeds = self.seeds()
         if spec.get("architecture", "fair") == "linear":
             return LinearModel(seeds, spec["dim"])
-        loss = self.cfg["loss"]
+        loss = self.conf.loss
         model = Stage2Model(seeds, spec["dim"], spec["stage1_hidden"], spec["adapter_hidden"], spec["num_ca_views"],
                             spec["ca_heads"], spec["classifier_hidden"], spec["dropout"])
         s1 = self.inputs.get("stage1")
         if s1 is not None:  # training: every run's fair adapter is a copy of the Stage-1 run's (run 0 of it)
             src = s1.module.adapter.state_dict()
             model.fair.load_state_dict({k: v[:1].expand_as(model.fair.state_dict()[k]).clone() for k, v in src.items()})
-        self.ldam = LDAMLoss(spec["subgroup_counts"], max_margin=float(loss["ldam_max_margin"]),
-                             s=float(loss["ldam_scale"]), rule=str(loss.get("ldam_margin_rule", "literal")))
+        self.ldam = LDAMLoss(spec["subgroup_counts"], max_margin=loss.ldam_max_margin, s=loss.ldam_scale,
+                             rule=loss.ldam_margin_rule)
         self.ldam.to(self.device)
         diameter = spec.get("sinkhorn_diameter") or 10.0 * spec["sinkhorn_blur"]
-        self.sinkhorn = StackedSinkhorn(spec["sinkhorn_blur"], float(loss["sinkhorn_scaling"]), diameter)
+        self.sinkhorn = StackedSinkhorn(spec["sinkhorn_blur"], loss.sinkhorn_scaling, diameter)
         return model
 
     def fairness_weight(self, state: StepState) -> float:
         """w of an epoch, counted as the design counts epochs (from 0: e = epoch - 1):
         ``clip((e - warmup_start) / (warmup_end - warmup_start), 0, 1)``."""
-        return warmup_weight(state.epoch, self.cfg["fairness"]["warmup_start"], self.cfg["fairness"]["warmup_end"])
+        return warmup_weight(state.epoch, self.conf.fairness.warmup_start, self.conf.fairness.warmup_end)
 
     def epoch_values(self, state: StepState) -> dict:
         return {"fairness_weight": self.fairness_weight(state)}
@@ -251,13 +246,12 @@ class Stage2Task(Task):
         # A term is computed when some run of the stack weighs it (from the configs, not from tensors);
         # LDAM always, since it alone trains the subgroup head: a run that does not weigh it still gets
         # the head's zero gradient (hence AdamW's weight decay), alone as in any stack.
-        want = {k: k == "ldam" or any(self.run_coefficients(cfg)[k] > 0 for cfg in self.cfgs)
+        want = {k: k == "ldam" or any(self.run_coefficients(conf)[k] > 0 for conf in self.confs)
                 for k in ("cvar", "ldam", "sinkhorn", "contrastive")}
         loss = (1.0 - w * c["ce_handoff"]) * terms["ce"]
         if want["cvar"]:
-            cl = self.cfg["loss"]  # the worst fractions are equal across stacked runs (stack_key)
-            terms["cvar"] = bilevel_cvar(per_sample, g, y, float(cl["inner_worst_fraction"]),
-                                         float(cl["outer_worst_fraction"]))
+            cl = self.conf.loss  # the worst fractions are equal across stacked runs (stack_key)
+            terms["cvar"] = bilevel_cvar(per_sample, g, y, cl.inner_worst_fraction, cl.outer_worst_fraction)
             loss = loss + w * c["cvar"] * terms["cvar"]
         if want["ldam"]:
             terms["ldam"] = self.ldam.masked(out["subgroup_logits"], g)
@@ -303,26 +297,19 @@ class Stage2Task(Task):
         return results
 
 
-def check_stage2_config(cfg: dict) -> None:
-    """Refuse a config whose fairness terms could never reach their weight, or that could select no epoch."""
-    model, loss, f = cfg["model"], cfg["loss"], cfg["fairness"]
-    epochs = int(cfg["training"]["epochs"])
-    arch = str(model.get("architecture", "fair"))
-    if arch not in ARCHITECTURES:
-        raise FeatcacheError(f"model.architecture must be fair or linear, got {arch!r}")
-    rule = str(loss.get("ldam_margin_rule", "literal"))
-    if rule not in MARGIN_RULES:
-        raise FeatcacheError(f"loss.ldam_margin_rule must be literal or normalized, got {rule!r}")
-    ce_rule = str(loss.get("ce_weight_rule", "design"))
-    if ce_rule not in CE_WEIGHT_RULES:
-        raise FeatcacheError(f"loss.ce_weight_rule must be design or cvar, got {ce_rule!r}")
-    coefs = Stage2Task.run_coefficients(cfg)
-    full = int(f["warmup_end"]) + 1  # the first epoch (counted from 1) at the whole fairness weight
+def check_stage2_config(cfg: dict | Config) -> None:
+    """Refuse a config whose fairness terms could never reach their weight, or that could select no epoch
+    (``model.architecture``, ``loss.ldam_margin_rule`` and ``loss.ce_weight_rule`` are declared
+    constraints of stage2.yaml, checked when the config is resolved)."""
+    conf = Config.of(cfg)
+    f, epochs = conf.fairness, conf.training.epochs
+    coefs = Stage2Task.run_coefficients(conf)
+    full = f.warmup_end + 1  # the first epoch (counted from 1) at the whole fairness weight
     if any(coefs[k] > 0 for k in FAIRNESS_KEYS) and epochs < full:
         end = max(1, (epochs - 1) // 2) if epochs > 1 else 0
         raise FeatcacheError(
             f"stage2: training.epochs={epochs} ends before the fairness warm-up does (fairness.warmup_end="
-            f"{f['warmup_end']}: the weight reaches 1 at epoch {full}, the design counting epochs from 0), so the "
+            f"{f.warmup_end}: the weight reaches 1 at epoch {full}, the design counting epochs from 0), so the "
             f"fairness losses would never reach their weight; train at least {full} epochs, or shorten the "
             f"warm-up (e.g. --set fairness.warmup_start={end // 2} --set fairness.warmup_end={end} "
             f"--set selection.min_epoch={end + 1})")

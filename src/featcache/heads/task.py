@@ -34,7 +34,7 @@ import torch
 
 from ..cache import CacheData, FeatureCache
 from ..cache.splits import split_mask
-from ..config import load_config, register_config_file
+from ..config import Config, load_config, register_config_file
 from ..errors import FeatcacheError
 from ..metrics.threshold import parse_rule
 from ..registry import Registry
@@ -187,6 +187,8 @@ class Task(Job):
         if not self.cfgs:
             raise FeatcacheError(f"task {self.name}: no run to build")
         self.cfg = self.cfgs[0]  # model/training sections are equal across stacked runs
+        self.confs = [Config.of(c) for c in self.cfgs]  # the typed settings, one per run (config.Config)
+        self.conf = self.confs[0]
         self.runs = len(self.cfgs)
         if self.runs > self.max_runs:
             raise FeatcacheError(f"task {self.name} trains at most {self.max_runs} run(s) at once, got {self.runs}")

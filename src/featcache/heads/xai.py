@@ -35,8 +35,6 @@ from .blocks import RunRNG, StackedDropout, StackedLayerNorm, StackedLinear, run
 from .task import SplitData, StepState, Task, register_task
 
 CLASSES = ("bonafide", "spoof")
-#: ``loss.normalize``: N in sum_t w(t) l_t / N (see :func:`featcache.losses.prototype.frame_contrastive`)
-NORMALIZE = ("frames", "importance", "none")
 META = ["sample_id", "label", "split", "segments", "identity", "method"]
 
 
@@ -163,7 +161,7 @@ class XaiTask(Task):
 
     def _center(self, split: str) -> torch.Tensor:
         frames = self._split_frames(split)
-        if self.cfg["model"]["center"]:
+        if self.conf.model.center:
             return frames.mean(0)
         return torch.zeros(frames.shape[1], device=self.device)
 
@@ -181,19 +179,14 @@ class XaiTask(Task):
 
     # -- model ---------------------------------------------------------------------------------
     def make_spec(self) -> dict:
-        m = self.cfg["model"]
-        if m["prototype_mode"] not in ("ema", "fixed", "learnable"):
-            raise FeatcacheError(f"model.prototype_mode must be ema, fixed or learnable, got {m['prototype_mode']!r}")
-        if self.cfg["loss"]["normalize"] not in NORMALIZE:
-            raise FeatcacheError(f"loss.normalize must be {', '.join(NORMALIZE)}, got {self.cfg['loss']['normalize']!r}")
+        m = self.conf.model  # prototype_mode and loss.normalize: declared constraints of xai.yaml
         labels = self.data["train"].tensors["label"]
         if not ((labels == 0).any() and (labels == 1).any()):
             raise FeatcacheError("the train split needs bonafide (label 0) and spoof (label 1) utterances")
         self._init_prototypes = self.class_means("train").cpu()
         self._init_center = self._center("train").cpu()
-        return {"dim": int(self.flat["frames"].shape[1]), "hidden": int(m["hidden"]),
-                "kernel": int(m["kernel"]), "dropout": float(m["dropout"]),
-                "prototype_mode": m["prototype_mode"], "backbone": self.backbone}
+        return {"dim": int(self.flat["frames"].shape[1]), "hidden": m.hidden, "kernel": m.kernel,
+                "dropout": m.dropout, "prototype_mode": m.prototype_mode, "backbone": self.backbone}
 
     def build(self, spec: dict) -> nn.Module:
         return XaiHead(self.seeds(), spec["dim"], spec["hidden"], spec["kernel"], spec["dropout"],
@@ -201,14 +194,14 @@ class XaiTask(Task):
 
     # -- training ------------------------------------------------------------------------------
     def batch_loss(self, batch, state: StepState):
-        c, co = self.cfg["loss"], self.coefficients()
+        c, co = self.conf.loss, self.coefficients()
         x, mask = gather_frames(self.flat["frames"], self.flat["table"], batch["row"].to(self.device))
         y = batch["label"].to(self.device)
         w, h = self.module(x, mask)
         protos = self.module.unit_prototypes()
-        norm, tau = c["normalize"], float(c["tau"])
+        norm, tau = c.normalize, c.tau
         terms = {"contrastive": frame_contrastive(h, protos, y, w, mask, tau, norm)}
-        if any(float(cfg["loss"]["lambda_complement"]) > 0 for cfg in self.cfgs):
+        if any(conf.loss.lambda_complement > 0 for conf in self.confs):
             # the frames left unimportant should look bonafide
             terms["complement"] = frame_contrastive(h, protos, torch.zeros_like(y), 1 - w, mask, tau, norm)
         bona, spoof = mask * (y == 0)[..., None], mask * (y == 1)[..., None]
@@ -222,7 +215,7 @@ class XaiTask(Task):
             loss = loss + co["lambda_complement"] * terms["complement"]
         if self.module.prototype_mode == "ema":
             weights = torch.where((y == 1)[..., None], w.detach(), torch.ones_like(w))
-            ema_update(self.module.prototypes.data, h.detach(), y, weights, mask, float(self.cfg["model"]["momentum"]))
+            ema_update(self.module.prototypes.data, h.detach(), y, weights, mask, self.conf.model.momentum)
         return loss, {k: v.detach() for k, v in terms.items()}
 
     @torch.no_grad()
@@ -271,7 +264,7 @@ class XaiTask(Task):
         epoch = int(row.get("epoch", 0))
         if self._stats_epoch != epoch:
             self._train_stats, self._stats_epoch = self.importance_stats("train"), epoch
-            tol = float(self.cfg["loss"]["collapse_tol"])
+            tol = self.conf.loss.collapse_tol
             self.stop_messages = [collapse_message(st, tol, epoch) for st in self._train_stats]
         return self.stop_messages[r]
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..config import selection_score
+from ..config import CONSTRAINTS, Config, Constraint, check_value, selection_score
 from ..errors import FeatcacheError, write_atomic
 from ..heads.task import Job, StepState
 from ..progress import bar as progress_bar
@@ -49,8 +49,9 @@ from ..runtime import RunDir, json_default, load_state, rng_state, save_module, 
 
 #: The resume point's file name (:attr:`RunDir.RESUME`), for the callers that check it.
 RESUME_FILE = RunDir.RESUME
-#: ``training.class_balance``: none (the design's own), weight (class-weighted loss), sampler (balanced batches).
-CLASS_BALANCE = ("none", "weight", "sampler")
+#: ``training.class_balance``: none (the design's own), weight (class-weighted loss), sampler (balanced batches);
+#: the options of its declared constraint (:class:`featcache.config.Training`).
+CLASS_BALANCE = Constraint.parse(CONSTRAINTS["training.class_balance"]).options
 
 
 class OneModelJob(Job):
@@ -81,31 +82,24 @@ class LoopSettings:
     class_balance: str = "none"  # training.class_balance: none | weight | sampler (see balanced_order)
 
     def __post_init__(self):
-        for key, value, low in (("training.epochs", self.epochs, 1), ("training.batch_size", self.batch_size, 1),
-                                ("training.patience", self.patience, 0), ("training.save_every", self.save_every, 0),
-                                ("selection.min_epoch", self.min_epoch, 1)):
-            if isinstance(value, bool) or int(value) != value or value < low:
-                raise FeatcacheError(f"{key} must be an integer of at least {low}; got {value!r}")
-        if not self.lr > 0:
-            raise FeatcacheError(f"training.lr must be > 0; got {self.lr!r}")
-        if self.rule not in ("best", "last"):
-            raise FeatcacheError(f"selection.rule must be best or last; got {self.rule!r}")
-        if self.schedule not in ("constant", "cosine"):
-            raise FeatcacheError(f"training.schedule must be constant or cosine; got {self.schedule!r}")
-        if self.class_balance not in CLASS_BALANCE:
-            raise FeatcacheError(f"training.class_balance must be {', '.join(CLASS_BALANCE)}; got {self.class_balance!r}")
+        """The settings' declared constraints (:data:`featcache.config.CONSTRAINTS`), by the one validator."""
+        for key, value in (("training.epochs", self.epochs), ("training.batch_size", self.batch_size),
+                           ("training.lr", self.lr), ("training.weight_decay", self.weight_decay),
+                           ("training.patience", self.patience), ("training.save_every", self.save_every),
+                           ("training.grad_clip", self.grad_clip), ("training.schedule", self.schedule),
+                           ("training.class_balance", self.class_balance), ("selection.min_epoch", self.min_epoch),
+                           ("selection.rule", self.rule)):
+            check_value(key, value, CONSTRAINTS[key], "LoopSettings")
 
     @classmethod
-    def from_config(cls, cfgs: list[dict]) -> LoopSettings:
-        cfg = cfgs[0]
-        t, s = cfg["training"], cfg.get("selection", {})
-        return cls(epochs=t["epochs"], batch_size=t["batch_size"], lr=float(t["lr"]),
-                   seeds=[int(c["training"]["seed"]) for c in cfgs],
-                   weight_decay=float(t.get("weight_decay", 0.0)), grad_clip=float(t.get("grad_clip") or 0.0),
-                   selection=s.get("score", "auc"), min_epoch=s.get("min_epoch", 1), rule=s.get("rule", "best"),
-                   patience=t.get("patience", 0) or 0, save_every=t.get("save_every", 0) or 0,
-                   schedule=t.get("schedule", "constant"), class_balance=str(t.get("class_balance") or "none"),
-                   tensorboard=bool((cfg.get("logging") or {}).get("tensorboard", False)))
+    def from_config(cls, cfgs: list[dict | Config]) -> LoopSettings:
+        """The settings of stacked runs' configs (run r's seed from its own config)."""
+        confs = [Config.of(c) for c in cfgs]
+        t, s = confs[0].training, confs[0].selection
+        return cls(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seeds=[c.training.seed for c in confs],
+                   weight_decay=t.weight_decay, grad_clip=t.grad_clip or 0.0, selection=s.score,
+                   min_epoch=s.min_epoch, rule=s.rule, patience=t.patience, save_every=t.save_every,
+                   schedule=t.schedule, class_balance=t.class_balance, tensorboard=confs[0].logging.tensorboard)
 
 
 @dataclass
