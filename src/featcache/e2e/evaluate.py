@@ -20,6 +20,7 @@ from ..runtime import RunDir
 from ..train.evaluate import Evaluation, evaluate_head
 from .mnv4 import TASK
 
+
 def run_task(run_dir) -> str | None:
     """The task a run directory's model.json names (None when there is none)."""
     spec = RunDir(run_dir).model

@@ -295,6 +295,11 @@ class Task(Job):
         """The splits a finished run is evaluated on (into ``RUN/eval/<split>/``)."""
         return ("val", "test")
 
+    def evaluation_inputs(self) -> tuple[str, ...]:
+        """Splits of the run's own data an evaluation reads besides the evaluated one (Stage 1's probe is
+        fitted on train), so that ``featcache evaluate`` computes what training's end did; none by default."""
+        return ()
+
     def check_cache(self, cache: FeatureCache) -> None:
         if cache.kind != self.cache_kind:
             raise FeatcacheError(f"task {self.name} reads a {self.cache_kind} cache; {cache.path} is {cache.kind}")

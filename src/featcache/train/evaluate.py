@@ -541,7 +541,8 @@ def evaluate_head(run_dir, source=None, *, split: str = "test", name: str | None
     if task.detects and not (split == "val" and own):
         val_preds, why_not = _run_val_predictions(run_dir, {})
     need_val = task.detects and val_preds is None and own and split != "val"
-    task.load(src.data, splits=(split, "val") if need_val else (split,))
+    extra = [*(["val"] if need_val else []), *(task.evaluation_inputs() if own else ())]
+    task.load(src.data, splits=tuple(dict.fromkeys([split, *extra])))
     metrics, preds = task.evaluate(split)[0]
     if split == "val" and own:
         val_preds, why_not = preds, None
