@@ -57,6 +57,7 @@ class RunDir:
     TEMPERATURE = "calibration_temp.json"  # the filter's fitted temperature (featcache calibrate)
     CALIBRATION = "calibration_metrics.json"
     CALIBRATED = "calibrated_predictions.csv"
+    HF_CONFIG = "config.json"  # a DETR fine-tune's Hugging Face folder (save_pretrained), what extract reads
 
     def __init__(self, path):
         self.path = Path(path)
@@ -81,6 +82,7 @@ class RunDir:
     temperature = property(lambda self: self.path / self.TEMPERATURE)
     calibration = property(lambda self: self.path / self.CALIBRATION)
     calibrated = property(lambda self: self.path / self.CALIBRATED)
+    hf_config = property(lambda self: self.path / self.HF_CONFIG)
 
     def weights(self, which: str = "best") -> Path:
         """``best`` or ``last`` weights (safetensors)."""

@@ -39,6 +39,7 @@ from ..heads.task import ManifestTask, meta_codes, register_task
 from ..losses.faap import image_scores
 from ..metrics.coco import coco_ap_ar, coco_ground_truth, detr_detections, group_ap_ar
 from ..report.tables import markdown_table
+from ..runtime import RunDir
 from ..train.trainer import RunResult, train_head
 
 TASK = "detr"
@@ -120,7 +121,7 @@ class DetrTask(ManifestTask):
         """The starting DETR (``model.name``), or a finished run's own Hugging Face folder; every
         parameter trainable (transformers freezes the ResNet stem; from random weights it must learn
         too) and DETR's deep supervision on (every decoder layer's outputs matched)."""
-        own = self.run_dirs[0] if self.run_dirs and (self.run_dirs[0] / "config.json").is_file() else None
+        own = self.run_dirs[0] if self.run_dirs and RunDir(self.run_dirs[0]).hf_config.is_file() else None
         net, self.processor, _ = load_detr(str(own) if own is not None else spec["model"],
                                            seed=int(self.cfg["training"]["seed"]))
         for p in net.parameters():

@@ -410,26 +410,26 @@ def write_evaluation(run_dir, split: str, metrics: dict, predictions: pd.DataFra
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    (tmp / "plots").mkdir(parents=True)
+    (tmp / RunDir.PLOTS).mkdir(parents=True)
     try:
         table = None
         if detector:
             metrics.setdefault("n", int(len(predictions)))
             y, p = predictions["label"].to_numpy(), predictions["prob"].to_numpy()
-            plot_roc(y, p, tmp / "plots" / "roc.png", f"{title}, {tag}")
+            plot_roc(y, p, tmp / RunDir.PLOTS / "roc.png", f"{title}, {tag}")
             files.append("plots/roc.png")
             known = _known_subgroups(predictions)
             if known is not None and len(known):
                 table = subgroup_table(y, p, predictions["subgroup"].to_numpy())
                 if len(table):
                     write_csv_rounded(table, tmp / RunDir.SUBGROUPS)
-                    plot_subgroup_rates(table, tmp / "plots" / "subgroup_rates.png", f"{title}, {tag}")
+                    plot_subgroup_rates(table, tmp / RunDir.PLOTS / "subgroup_rates.png", f"{title}, {tag}")
                     lines += ["## Subgroups (P(fake) >= 0.5)", "", markdown_table(table), ""]
                     files += [RunDir.SUBGROUPS, "plots/subgroup_rates.png"]
         if task_md:
             lines += [task_md, ""]
         if plots is not None:
-            files += [f"plots/{f}" for f in plots(tmp / "plots", tag)]
+            files += [f"{RunDir.PLOTS}/{f}" for f in plots(tmp / RunDir.PLOTS, tag)]
         markdown = "\n".join(lines)
         write_eval(tmp, metrics, predictions, markdown)
         _replace_folder(tmp, out)
