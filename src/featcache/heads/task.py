@@ -2,8 +2,8 @@
 
 :class:`Job` is the declared contract of the one training loop (:func:`featcache.train.loop.fit`):
 every hook the loop calls, with a no-op default where one makes sense, so the loop never asks
-whether a job has a capability. :class:`Task` (every head) and the end-to-end models' jobs derive
-from it. The one training loop is shared by every task; a task provides:
+whether a job has a capability. :class:`Task` (every task: the heads, and through
+:class:`ManifestTask` the filter and the DETR fine-tune) derives from it. The one training loop is shared by every task; a task provides:
 
 - ``read(cache)`` / ``tensors(data)``: the cache is read ONCE (all splits), turned into tensors
   once, and split by the one split-mask helper (:meth:`Task.load`);

@@ -558,6 +558,9 @@ def ablate(task: str, cache, out, *, presets="all", seeds=(0, 1, 2), evals: dict
            protocol: str = "standard", keep_resume: bool = False) -> AblationResult:
     """Train every preset x seed into ``out/<preset>/seed<k>`` as stacked jobs and table them.
 
+    ``cache`` is the task's data: a feature cache, or a manifest for the tasks that read images
+    (``mnv4``, ``detr``; ``featcache ablate TASK --manifest M``).
+
     ``protocol="lomo"``: leave one manipulation method out: every preset x held-out method x seed
     into ``out/<preset>/without-<method>/seed<k>``, tabled in lomo.{csv,md,png}.
 
