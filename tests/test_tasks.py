@@ -15,6 +15,9 @@ from featcache.heads.task import get_task, list_tasks
 from featcache.train import train_head
 from featcache.train.trainer import SUMMARY_KEYS
 
+#: Tiny models: one torch thread (two spin against each other on the shared cores).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 #: featcache's own tasks (a plugin registered by another test is not one of them).
 OWN = ("stage1", "stage2", "xai", "faap", "mnv4", "detr")
 #: The filter at toy sizes: random weights, 32 px, no augmentation.
