@@ -154,3 +154,14 @@ def test_ablate_mnv4_tables_two_seeds(data, tmp_path):
     assert "design" in (out / "ablation.md").read_text()
     proc = run_cli("ablate", "mnv4", "--cache", source, "--out", tmp_path / "x", check=False)
     assert proc.returncode == 2 and "mnv4 trains from a manifest: pass --manifest MANIFEST, not --cache" in proc.stderr
+
+
+def test_a_task_given_other_data_says_what_it_reads(data, tmp_path):
+    faces = data["mnv4"][0]
+    for args, said in ((["train-head", "stage1", "--manifest", faces], "stage1 trains from a cache: pass --cache CACHE, "
+                                                                         "not --manifest"),
+                       (["train-head", "mnv4"], "mnv4 trains from a manifest: pass --manifest MANIFEST"),
+                       (["train-head", "detr", "--manifest", faces], "no row has both image_id and annotations")):
+        proc = run_cli(*args, "--out", tmp_path / "x", check=False)
+        assert proc.returncode == 2 and said in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not (tmp_path / "x").exists()

@@ -65,10 +65,11 @@ class DetrTask(ManifestTask):
     @classmethod
     def check_manifest(cls, manifest: Manifest) -> None:
         df = manifest.df
-        if "image_id" not in df or "annotations" not in df:
-            raise FeatcacheError(f"{manifest.source}: the DETR fine-tune needs a detection manifest with image_id and "
-                                 "annotations columns (featcache manifest faap-coco|coco-gender, or featcache synth "
-                                 "detection)")
+        has = [df[c].fillna("").astype(str).str.len().gt(0) for c in ("image_id", "annotations") if c in df]
+        if len(has) < 2 or not (has[0] & has[1]).any():
+            raise FeatcacheError(f"{manifest.source}: the DETR fine-tune needs a detection manifest: no row has both "
+                                 "image_id and annotations (featcache manifest faap-coco|coco-gender, or featcache "
+                                 "synth detection)")
 
     # -- data ----------------------------------------------------------------------------------------
     def train_split(self) -> str:
