@@ -52,7 +52,8 @@ def main() -> None:
         model = str(work / "detr")
         r = finetune_detr(work / "data" / "manifest.csv", model, epochs=args.detr_epochs, device=args.device,
                           progress=True)
-        print(f"fine-tuned tiny DETR: {r['epochs']} epochs, final loss {r['final_loss']:.3f}, {r['seconds']:.0f} s")
+        print(f"fine-tuned tiny DETR: {r.epochs_run} epochs, test AP {r.test.get('ap', float('nan')):.3f}, "
+              f"{r.seconds:.0f} s")
     extract("detr", work / "data" / "manifest.csv", work / "cache", model=model, device=args.device,
             num_workers=1, progress=False, overwrite=True)
     run = work / "faap"

@@ -398,7 +398,7 @@ def test_finetune_detr_learns_and_its_folder_extracts(det_data, tmp_path):
 
     r = finetune_detr(det_data / "manifest.csv", tmp_path / "m", epochs=4, batch_size=8, progress=False)
     log = [json.loads(line) for line in (tmp_path / "m" / "log.jsonl").read_text().splitlines()]
-    assert len(log) == 4 and log[-1]["train_loss"] < log[0]["train_loss"] and r["images"] == 14  # train split only
+    assert len(log) == 4 and log[-1]["train_loss"] < log[0]["train_loss"] and r.extra["images"] == 14  # train split only
     extract("detr", det_data / "manifest.csv", tmp_path / "c", model=str(tmp_path / "m"), num_workers=0,
             progress=False)
     c = open_cache(tmp_path / "c")

@@ -329,8 +329,9 @@ def test_cascade_combines_the_filter_and_a_stage2_detector(face_caches, stage2_r
 def test_filter_batches_skip_and_count_unreadable_images_and_repeat_per_epoch(faces, tmp_path):
     """Issue 17: a zero-byte, a truncated and a non-image file in train are skipped and counted in
     the epoch's ``unreadable``; the rest arrive augmented on the device, the same for the same epoch."""
+    from featcache.config import resolve_config
     from featcache.data.manifest import read_manifest
-    from featcache.e2e.train import FilterJob
+    from featcache.e2e.train import FilterTask
 
     df = pd.read_csv(faces / "manifest.csv", dtype=str, keep_default_na=False)
     train = df.index[df["split"] == "train"][:3]
@@ -339,10 +340,12 @@ def test_filter_batches_skip_and_count_unreadable_images_and_repeat_per_epoch(fa
         (tmp_path / f"bad{i}.png").write_bytes(data)
         df.at[i, "path"] = str(tmp_path / f"bad{i}.png")
     df.to_csv(tmp_path / "m.csv", index=False)
-    cfg = {"model": {"name": "mobilenetv4_conv_small", "pretrained": "none", "image_size": 32},
-           "training": {"num_workers": 0, "seed": 0, "augment": True, "batch_size": 12, "amp_dtype": "fp16",
-                        "mixed_precision": True}}
-    job = FilterJob(torch.nn.Identity(), torch.device("cpu"), read_manifest(tmp_path / "m.csv"), cfg)
+    cfg = resolve_config("mnv4", sets={"model.name": "mobilenetv4_conv_small", "model.pretrained": "none",
+                                       "model.image_size": 32, "training.batch_size": 12,
+                                       "training.mixed_precision": True, "training.device": "cpu"})
+    job = FilterTask(cfg, "cpu")  # the filter task fed the manifest, without training
+    job.load(read_manifest(tmp_path / "m.csv"), splits=("train",))
+    job.spec, job.module = job.make_spec(), torch.nn.Identity()
     n_train = int((df["split"] == "train").sum())
 
     def epoch(e):

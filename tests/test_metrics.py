@@ -373,7 +373,7 @@ def test_coco_group_without_detections_is_zero_like_pycocotools():
         ev.accumulate()
         ev.summarize()
     assert ev.stats[0] == 0.0 and ev.stats[8] == 0.0  # pycocotools: every box missed
-    assert ours == {"ap": 0.0, "ar": 0.0}
+    assert ours == {"ap": 0.0, "ap50": 0.0, "ar": 0.0}
     assert coco_ap_ar(gt, dets, image_ids=[1])["ap"] == pytest.approx(1.0)
     assert math.isnan(coco_ap_ar(gt, dets, image_ids=[2], cat_ids=[3])["ap"])  # no ground truth of category 3
     assert math.isnan(coco_ap_ar({**gt, "annotations": []}, dets)["ar"])

@@ -259,17 +259,17 @@ def test_detr_finetune_resumes_after_a_kill_to_the_same_weights(tmp_path, monkey
     synth_detection(tmp_path / "d", n=12, seed=0, progress=False)
     kw = dict(epochs=2, batch_size=4, device="cpu", progress=False)
     detr_finetune.finetune_detr(tmp_path / "d" / "manifest.csv", tmp_path / "whole", **kw)
-    real = detr_finetune.DetrJob.epoch_values
+    real = detr_finetune.DetrTask.epoch_values
 
     def dies_in_epoch_2(self, state):
         if state.epoch == 2:
             raise KeyboardInterrupt
         return real(self, state)
 
-    monkeypatch.setattr(detr_finetune.DetrJob, "epoch_values", dies_in_epoch_2)
+    monkeypatch.setattr(detr_finetune.DetrTask, "epoch_values", dies_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
         detr_finetune.finetune_detr(tmp_path / "d" / "manifest.csv", tmp_path / "cut", **kw)
-    monkeypatch.setattr(detr_finetune.DetrJob, "epoch_values", real)
+    monkeypatch.setattr(detr_finetune.DetrTask, "epoch_values", real)
     detr_finetune.finetune_detr(tmp_path / "d" / "manifest.csv", tmp_path / "cut", **kw)  # the same command resumes
     a, b = load_file(tmp_path / "whole" / "last.safetensors"), load_file(tmp_path / "cut" / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -6,7 +6,8 @@ Every CLI command is one of these library calls (the CLI only parses and prints)
 ``featcache.extract_features``    ``featcache extract``: a backbone over a manifest into a cache
                                   (``featcache.extract`` is the extraction package)
 ``featcache.open_cache``          read a cache (features, meta, splits); ``verify_cache`` checks it
-``featcache.train_head``          ``featcache train-head TASK``: one run (or resume it)
+``featcache.train_head``          ``featcache train-head TASK``: one run (or resume it), from a cache
+                                  (the heads) or a manifest (``mnv4``, ``detr``: they read images)
 ``featcache.ablate``              ``featcache ablate TASK``: presets x seeds, stacked, with tables
 ``featcache.evaluate``            ``featcache evaluate RUN``: any run on a split or another cache
 ``featcache.load_run``            a finished run's config, summary and evaluations, read-only

@@ -456,7 +456,9 @@ def _evals(items) -> dict:
 
 @cli.command("train-head", cls=_RegistryHelpCommand, context_settings=CONTEXT)
 @click.argument("task")
-@click.option("--cache", "cache_path", required=True, type=click.Path(), help="Cache to train from.")
+@click.option("--cache", "cache_path", default=None, type=click.Path(), help="Cache to train from (the heads).")
+@click.option("--manifest", "manifest_path", default=None, type=click.Path(dir_okay=False),
+              help="Manifest to train from (the tasks that read images: mnv4, detr).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
 @click.option("--preset", default=None, help="A preset of the task's config (the first listed is the default): {presets}.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="YAML overrides.")
@@ -471,12 +473,13 @@ def _evals(items) -> dict:
               "weight files); by default it is pruned when the run finishes (extending a run needs it).")
 @quiet_option
 @click.pass_obj
-def train_head_cmd(state, task, cache_path, out, preset, config_file, sets, stage1, prototype_mode, overwrite,
-                   tensorboard, keep_resume):
-    """Train a head from a cache into a run directory.
+def train_head_cmd(state, task, cache_path, manifest_path, out, preset, config_file, sets, stage1, prototype_mode,
+                   overwrite, tensorboard, keep_resume):
+    """Train a task from its data into a run directory; rerun the same command to resume it.
 
-    TASK is one of: {tasks}. Presets per task: {presets}. The README's walkthrough makes
-    every cache named below.
+    TASK is one of: {tasks}. The heads read a cache (--cache); mnv4 (the MobileNetV4 filter) and
+    detr (the DETR fine-tune) read images from a manifest (--manifest). Presets per task: {presets}.
+    The README's walkthrough makes every cache named below.
 
     \b
     Examples:
@@ -486,15 +489,24 @@ def train_head_cmd(state, task, cache_path, out, preset, config_file, sets, stag
           --out runs/s2-adain-only
       featcache train-head xai --cache caches/audio-tiny --prototype-mode ema --out runs/xai
       featcache train-head faap --cache caches/detr-fit --preset bidirectional --out runs/faap-bi
+      featcache train-head mnv4 --manifest data/faces/manifest.csv --out runs/mnv4-small \\
+          --set model.name=mobilenetv4_conv_small --set model.pretrained=none --set model.image_size=64
+      featcache train-head detr --manifest data/det/manifest.csv --out models/detr-tiny-det
     """
+    from .heads.task import choose_source
     from .train import train_head
 
     if prototype_mode is not None:  # the same as --set model.prototype_mode=...; a task without it says so
         sets = (*sets, f"model.prototype_mode={prototype_mode}")
     if tensorboard:
         sets = (*sets, "logging.tensorboard=true")
-    r = train_head(task, cache_path, out, preset=preset, config_file=config_file, sets=sets, overwrite=overwrite,
+    source = choose_source(task, cache_path, manifest_path)
+    r = train_head(task, source, out, preset=preset, config_file=config_file, sets=sets, overwrite=overwrite,
                    progress=not state.quiet, options={"stage1": stage1}, echo=click.echo, keep_resume=keep_resume)
+    _print_run(r)
+
+
+def _print_run(r) -> None:
     for line in r.lines():
         click.echo(line)
     _print_remarks_and_legend(r.evaluations)
@@ -514,21 +526,23 @@ def _print_remarks_and_legend(evaluations) -> None:
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--cache", "cache_path", default=None, type=click.Path(), help="Another cache [the run's own].")
 @click.option("--manifest", "manifest_path", default=None, type=click.Path(dir_okay=False),
-              help="train-e2e runs: the images' manifest [the one trained on].")
+              help="mnv4 and detr runs: another manifest of images [the one trained on].")
 @click.option("--split", default="test", show_default=True)
 @click.option("--name", default=None,
               help="Tag of the output folder RUN/eval/<name>_<split> [another cache: its folder name].")
 @click.option("--overwrite", is_flag=True, help="Replace an evaluation of other inputs under the same name.")
-@click.option("--thresholds", default="0.9,0.95,0.98,0.99", show_default=True,
-              help="train-e2e runs: cascade thresholds (stop as real when 1 - P(fake) >= t).")
+@click.option("--thresholds", default=None,
+              help="mnv4 runs: cascade thresholds (stop as real when 1 - P(fake) >= t) [the run's "
+                   "evaluation.thresholds: 0.9,0.95,0.98,0.99].")
 @quiet_option
 @click.pass_obj
 def evaluate(state, run, cache_path, manifest_path, split, name, overwrite, thresholds):
-    """Evaluate a trained head or filter on a split: predictions, metrics, subgroup table, plots.
+    """Evaluate a run of any task on a split: predictions, metrics, subgroup table, plots.
 
-    The run's own cache goes to RUN/eval/<split>/; another cache to RUN/eval/<name>_<split>/
-    (--name, or the cache's folder name), with the detection metrics and their intervals, and
-    the fairness metrics where the test set has demographics. metrics.json records the run, the
+    The run's own data (its cache, or its manifest for mnv4 and detr runs) goes to RUN/eval/<split>/;
+    other data to RUN/eval/<name>_<split>/ (--name, or the cache's folder / manifest's file name),
+    with the detection metrics and their intervals, and the fairness metrics where the test set
+    has demographics (a detr run: COCO AP, AP50, AR per gender). metrics.json records the run, the
     cache (path and fingerprint), the split, the thresholds, the featcache version and this command.
 
     \b
@@ -540,7 +554,8 @@ def evaluate(state, run, cache_path, manifest_path, split, name, overwrite, thre
     from .e2e.evaluate import evaluate_run
 
     e = evaluate_run(run, cache_path, split=split, name=name, manifest=manifest_path,
-                     thresholds=_floats(thresholds, "--thresholds"), progress=not state.quiet, overwrite=overwrite,
+                     thresholds=None if thresholds is None else _floats(thresholds, "--thresholds"),
+                     progress=not state.quiet, overwrite=overwrite,
                      command=_command_line(click.get_current_context()))
     _print_evaluation(e, run)
 
@@ -602,7 +617,9 @@ def score_cmd(state, predictions, out, name, val_path, threshold, overwrite):
 
 @cli.command(cls=_RegistryHelpCommand, context_settings=CONTEXT)
 @click.argument("task")
-@click.option("--cache", "cache_path", required=True, type=click.Path())
+@click.option("--cache", "cache_path", default=None, type=click.Path(), help="The heads' cache.")
+@click.option("--manifest", "manifest_path", default=None, type=click.Path(dir_okay=False),
+              help="The manifest of the tasks that read images (mnv4, detr).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--presets", default="all", show_default=True, help="Comma-separated presets, or all: {presets}.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
@@ -627,8 +644,8 @@ def score_cmd(state, predictions, out, name, val_path, threshold, overwrite):
               "the disk estimate printed before training says how much it takes).")
 @quiet_option
 @click.pass_obj
-def ablate(state, task, cache_path, out, presets, seeds, evals, sets, stage1, baseline, devices, shard, collect,
-           overwrite, protocol, keep_resume):
+def ablate(state, task, cache_path, manifest_path, out, presets, seeds, evals, sets, stage1, baseline, devices, shard,
+           collect, overwrite, protocol, keep_resume):
     """Train every preset x seed, runs that share an architecture stacked as one job; write
     ablation.csv, ablation.json, ablation.md and a plot. Reuses finished runs; redoes half-written ones.
 
@@ -639,13 +656,17 @@ def ablate(state, task, cache_path, out, presets, seeds, evals, sets, stage1, ba
       featcache ablate stage2 --cache caches/faces-small --stage1 runs/stage1 --presets all --seeds 0,1,2 \\
           --eval other=caches/other-small --out ablations/stage2
       featcache ablate stage1 --cache caches/stage1-small --seeds 0,1,2 --out ablations/stage1
+      featcache ablate mnv4 --manifest data/faces/manifest.csv --presets design,timm --seeds 0,1 \\
+          --set model.name=mobilenetv4_conv_small --set model.pretrained=none --out ablations/mnv4
       featcache ablate stage2 --cache caches/faces-small --stage1 runs/stage1 --presets none,full \\
           --protocol lomo --out ablations/stage2-lomo
       # SLURM: sbatch --array=0-3 ... featcache ablate ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
       #        then once: featcache ablate ... --collect
     """
+    from .heads.task import choose_source
     from .train import ablate as run_ablate
 
+    source = choose_source(task, cache_path, manifest_path)
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
@@ -654,7 +675,7 @@ def ablate(state, task, cache_path, out, presets, seeds, evals, sets, stage1, ba
         raise click.BadParameter(f"{seeds!r}: expected integers like 0,1,2", param_hint="--seeds")
     preset_list = "all" if presets == "all" else [p.strip() for p in presets.split(",") if p.strip()]
     device_list = None if devices is None else [d.strip() for d in devices.split(",") if d.strip()]
-    result = run_ablate(task, cache_path, out, presets=preset_list, seeds=seed_list, evals=_evals(evals), sets=sets,
+    result = run_ablate(task, source, out, presets=preset_list, seeds=seed_list, evals=_evals(evals), sets=sets,
                         options={"stage1": stage1}, baseline=baseline, devices=device_list, shard=shard,
                         collect=collect, overwrite=overwrite, progress=not state.quiet, echo=click.echo,
                         protocol=protocol, keep_resume=keep_resume)
@@ -672,7 +693,7 @@ def _floats(text: str, hint: str) -> list[float]:
 
 
 def _e2e_default(name: str):
-    """A ``train-e2e mnv4`` option's default, read from ``featcache.e2e.mnv4.DEFAULTS`` when the
+    """A ``train-e2e mnv4`` option's default, read from ``featcache.e2e.mnv4.DEFAULTS`` (configs/mnv4.yaml) when the
     command runs (importing it at start-up would load torch for every command); the values shown
     in ``--help`` are pinned to DEFAULTS by a test."""
 
@@ -686,7 +707,7 @@ def _e2e_default(name: str):
 
 @cli.group("train-e2e", context_settings=CONTEXT)
 def train_e2e_group():
-    """Train a model end to end on pixels (the cascade's fast filter)."""
+    """Train a model end to end on pixels (the cascade's fast filter): an alias of `train-head mnv4`."""
 
 
 @train_e2e_group.command("mnv4", context_settings=CONTEXT)
@@ -696,7 +717,7 @@ def train_e2e_group():
 @click.option("--pretrained", default=None,
               help="timm tag [ix_e550_r256_in1k for the default model], a weights file, or none (random).")
 @click.option("--epochs", default=None, type=int,
-              help="[50, the design's length]; with --resume: extend the run to this many.")
+              help="[50, the design's length]; with --resume: extend the finished run to this many.")
 @click.option("--batch-size", default=_e2e_default("batch_size"), type=int, show_default="32")
 @click.option("--lr", default=None, type=float,
               help="[1e-4]; with --resume and a larger --epochs: restart the schedule from this lr "
@@ -719,7 +740,8 @@ def train_e2e_group():
               help="Persistent DataLoader workers that decode and resize to uint8 (0: in this process).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when present].")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last finished epoch.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out with its own config (rerunning the same "
+              "command resumes too); with a larger --epochs, extend the finished run.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 @click.option("--tensorboard", is_flag=True, help="Also log the per-epoch scalars to OUT/tensorboard/ "
               "(needs pip install 'featcache[tensorboard]').")
@@ -730,12 +752,16 @@ def train_e2e_mnv4(state, manifest_path, out, model, pretrained, epochs, batch_s
                    overwrite, tensorboard):
     """Fine-tune MobileNetV4 (one logit, BCE, AdamW, cosine) as the cascade's fast filter.
 
+    An alias of `featcache train-head mnv4 --manifest M --out RUN`: each option sets one key of
+    configs/mnv4.yaml (--epochs: training.epochs, --image-size: model.image_size, ...). An
+    interrupted run resumes when the same command is run again.
+
     \b
     Examples:
       featcache train-e2e mnv4 --manifest ffpp.csv --out runs/mnv4 --num-workers 8
       featcache train-e2e mnv4 --manifest data/faces/manifest.csv --out runs/mnv4-small \\
           --model mobilenetv4_conv_small --pretrained none --image-size 64 --epochs 8 --lr 1e-3
-      featcache train-e2e mnv4 --manifest ffpp.csv --out runs/mnv4 --resume
+      featcache train-e2e mnv4 --manifest ffpp.csv --out runs/mnv4 --resume --epochs 60
     """
     from .e2e import train_e2e
 
@@ -747,12 +773,9 @@ def train_e2e_mnv4(state, manifest_path, out, model, pretrained, epochs, batch_s
                       num_workers=num_workers, device=device, seed=seed, resume=resume, overwrite=overwrite,
                       tensorboard=tensorboard, progress=not state.quiet, echo=click.echo)
     except KeyboardInterrupt:
-        click.echo(f"interrupted; continue with: featcache train-e2e mnv4 --manifest {manifest_path} --out {out} --resume",
-                   err=True)
+        click.echo("interrupted; run the same command again to continue from the last finished epoch", err=True)
         sys.exit(130)
-    for line in r.lines():
-        click.echo(line)
-    _print_remarks_and_legend(r.evaluations)
+    _print_run(r)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -1047,12 +1070,12 @@ def synth_detection_cmd(state, out, n, seed, gap, size, overwrite):
 @cli.command("finetune-detr", context_settings=CONTEXT)
 @click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the fine-tuned model.")
-@click.option("--model", default="tiny", show_default=True, help="Starting point: tiny (random, offline), a name or a folder.")
-@click.option("--epochs", default=30, show_default=True)
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--split", default="train", show_default=True, help="The only split it trains on.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--model", default=None, help="Starting point: tiny (random, offline), a name or a folder [tiny].")
+@click.option("--epochs", default=None, type=int, help="[30: configs/detr.yaml's training.epochs]")
+@click.option("--batch-size", default=None, type=int, help="[16]")
+@click.option("--lr", default=None, type=float, help="[1e-3]")
+@click.option("--split", default=None, help="The only split it trains on [train].")
+@click.option("--seed", default=None, type=int, help="[0]")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... [cuda when present].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing fine-tune in --out (an interrupted one "
               "with the same options resumes without it).")
@@ -1063,6 +1086,9 @@ def finetune_detr_cmd(state, manifest_path, out, model, epochs, batch_size, lr, 
 
     A randomly initialised DETR detects nothing; this gives the offline pipeline a detector to
     be fair or unfair. Extract from the result with `featcache extract --backbone detr --model OUT`.
+    An alias of `featcache train-head detr --manifest M --out OUT` (each option sets one key of
+    configs/detr.yaml); the run is evaluated (COCO AP, AP50, AR per gender) on the manifest's other
+    splits, and `featcache evaluate OUT` evaluates it again.
 
     \b
     Example:
@@ -1073,8 +1099,7 @@ def finetune_detr_cmd(state, manifest_path, out, model, epochs, batch_size, lr, 
 
     r = finetune_detr(manifest_path, out, model=model, epochs=epochs, batch_size=batch_size, lr=lr, split=split,
                       seed=seed, device=device, overwrite=overwrite, progress=not state.quiet, echo=click.echo)
-    click.echo(f"{r['out']}: {r['images']} images, {r['epochs']} epochs, final loss {r['final_loss']:.3f}, "
-               f"{r['seconds']:.0f} s")
+    _print_run(r)
 
 
 def main(argv=None) -> None:

@@ -54,6 +54,10 @@ class RunDir:
     REPORT = "report.md"
     SUBGROUPS = "subgroups.csv"
     TENSORBOARD = "tensorboard"
+    TEMPERATURE = "calibration_temp.json"  # the filter's fitted temperature (featcache calibrate)
+    CALIBRATION = "calibration_metrics.json"
+    CALIBRATED = "calibrated_predictions.csv"
+    HF_CONFIG = "config.json"  # a DETR fine-tune's Hugging Face folder (save_pretrained), what extract reads
 
     def __init__(self, path):
         self.path = Path(path)
@@ -75,6 +79,10 @@ class RunDir:
     plots = property(lambda self: self.path / self.PLOTS)
     curves = property(lambda self: self.path / self.PLOTS / self.CURVES)
     tensorboard = property(lambda self: self.path / self.TENSORBOARD)
+    temperature = property(lambda self: self.path / self.TEMPERATURE)
+    calibration = property(lambda self: self.path / self.CALIBRATION)
+    calibrated = property(lambda self: self.path / self.CALIBRATED)
+    hf_config = property(lambda self: self.path / self.HF_CONFIG)
 
     def weights(self, which: str = "best") -> Path:
         """``best`` or ``last`` weights (safetensors)."""

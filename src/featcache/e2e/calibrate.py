@@ -29,7 +29,7 @@ from ..metrics import calibration_metrics, fit_temperature, reliability_bins
 from ..metrics.calibration import T_BOUNDS
 from ..metrics.detection import sigmoid
 from ..report.plots import plot_reliability
-from ..runtime import write_json
+from ..runtime import RunDir, write_json
 from .mnv4 import FilterRun, load_split
 
 OBJECTIVES = ("nll", "ece")
@@ -124,15 +124,16 @@ def calibrate_run(run_dir, manifest, *, split: str = "val", objective: str = "nl
               "bounds": list(T_BOUNDS)}
     if held_out is not None:
         record["held_out"] = held_out
-    write_json(run_dir / "calibration_temp.json", record)
+    rd = RunDir(run_dir)
+    write_json(rd.temperature, record)
     report = {**record, "before": before, "after": after, "messages": messages}
-    write_json(run_dir / "calibration_metrics.json", report)
-    (run_dir / "plots").mkdir(exist_ok=True)
+    write_json(rd.calibration, report)
+    rd.plots.mkdir(exist_ok=True)
     plot_reliability([("before (T = 1)", reliability_bins(y, p0), before),
                       (f"after (T = {t:.3f})", reliability_bins(y, p1), after)],
-                     run_dir / "plots" / "reliability_diagram.png", title=f"calibration on {where} ({objective})")
+                     rd.plots / "reliability_diagram.png", title=f"calibration on {where} ({objective})")
     out = preds.copy()
     out["prob"] = p0
     out.insert(out.columns.get_loc("prob") + 1, "prob_calibrated", p1)
-    write_atomic(run_dir / "calibrated_predictions.csv", out.to_csv(index=False))
+    write_atomic(rd.calibrated, out.to_csv(index=False))
     return report

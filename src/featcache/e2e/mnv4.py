@@ -24,7 +24,7 @@ image its own random parameters from a seeded ``torch.Generator`` on the device:
 :func:`sample_augmentations`, :func:`flip`, :func:`color_jitter`, :func:`affine`,
 :func:`gaussian_blur`), then converts to float and normalises.
 Score = the logit of fake; p = sigmoid(score / T) with the run's temperature T (1 when the
-run is not calibrated).  Training defaults: :data:`DEFAULTS`.
+run is not calibrated).  Training defaults: configs/mnv4.yaml (:data:`DEFAULTS` is a flat view of it).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
+from ..config import resolve_config
 from ..data.images import ImageFiles, Uint8Images, collate_images, collate_uint8
 from ..data.manifest import read_manifest
 from ..errors import BackboneError, FeatcacheError, first_line
@@ -46,26 +47,29 @@ from ..extract.timm_backbone import classifier_names
 from ..extract.weights import load_checkpoint, parse_weights
 from ..metrics.detection import sigmoid
 from ..progress import bar as tqdm
-from ..runtime import resolve_device
+from ..runtime import RunDir, resolve_device
 
 TASK = "mnv4"
-DEFAULT_MODEL = "mobilenetv4_hybrid_medium"
 DEFAULT_TAG = "ix_e550_r256_in1k"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-#: ``train-e2e mnv4`` defaults, in one place (the CLI's options and the training loop read them).
-DEFAULTS = {
-    "epochs": 50,  # the design's training length (50 epochs); the cosine schedule's T_max = epochs
-    "patience": 15,  # early stopping on val AUC: the design's example uses patience 15
-    "batch_size": 32,
-    "lr": 1e-4,
-    "weight_decay": 1e-5,
-    "image_size": 256,
-    "geometry": "design",  # the 256-px face as it is (see GEOMETRIES)
-    "amp_dtype": "fp16",  # used only with mixed precision, which is off by default (the design trains in fp32)
-    "eval_batch_size": 256,  # evaluation and prediction batches (no gradients: larger than training's)
-}
+
+def _defaults() -> dict:
+    """The filter's defaults as one flat dict, read from its one source, configs/mnv4.yaml (the
+    ``train-e2e mnv4`` alias's options and the prediction helpers read them)."""
+    c = resolve_config(TASK)
+    m, t, e = c["model"], c["training"], c["evaluation"]
+    return {"model": m["name"], "epochs": t["epochs"], "patience": t["patience"], "batch_size": t["batch_size"],
+            "lr": t["lr"], "weight_decay": t["weight_decay"], "image_size": m["image_size"],
+            "geometry": m["geometry"], "amp_dtype": t["amp_dtype"], "eval_batch_size": e["batch_size"]}
+
+
+#: configs/mnv4.yaml's defaults, flat: epochs 50 (the design's length; the cosine T_max), patience 15,
+#: batch 32, lr 1e-4, weight decay 1e-5, 256 px in the design geometry, fp16 when mixed precision is
+#: on (off by default: fp32), evaluation batches of 256.
+DEFAULTS = _defaults()
+DEFAULT_MODEL = DEFAULTS["model"]
 
 #: The filter's input geometry: ``design`` resizes the image to image_size square (the design's input;
 #: an image_size face passes as it is); ``timm`` is timm's evaluation geometry (shorter side to
@@ -507,6 +511,12 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast("cuda", dtype=amp_dtype)
 
 
+def read_temperature(run_dir) -> float | None:
+    """The temperature ``featcache calibrate`` fitted for a filter run (``calibration_temp.json``), or None."""
+    f = RunDir(run_dir).temperature
+    return float(json.loads(f.read_text())["temperature"]) if f.is_file() else None
+
+
 class FilterRun:
     """A trained filter read back from its run directory (``model.json`` + weights + temperature)."""
 
@@ -534,8 +544,7 @@ class FilterRun:
         self.model.to(self.device).eval()
         if self.device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
-        temp_file = self.run_dir / "calibration_temp.json"
-        self.temperature = float(json.loads(temp_file.read_text())["temperature"]) if temp_file.is_file() else None
+        self.temperature = read_temperature(self.run_dir)
 
     @property
     def image_size(self) -> int:

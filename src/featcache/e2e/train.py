@@ -1,62 +1,64 @@
-"""``featcache train-e2e mnv4``: fine-tune the MobileNetV4 filter on pixels, on the one loop.
+"""The MobileNetV4 filter as a registered task (``mnv4``), and ``featcache train-e2e mnv4``, its alias.
 
-BCEWithLogitsLoss on one logit, AdamW (fused on CUDA), cosine annealing over the epochs
-(stepped per epoch), training augmentations (``augment=False`` leaves them out), selection and
-early stopping on validation AUC (``patience`` epochs without a new best; 0 = never), fp32 as
-the design trains (``mixed_precision=True``: ``torch.autocast`` on CUDA in fp16 with a GradScaler, or
-bf16; the CPU trains in fp32 either way). On CUDA the model and its batches are
-channels-last. :func:`featcache.train.loop.fit` does the epochs, checkpoints, logs and resume;
-this module supplies the batches, the loss and the evaluation.
+``featcache train-head mnv4 --manifest M --out RUN [--preset design|timm|mixed_precision] [--set ...]``
+trains it like any task (configs/mnv4.yaml; resume by rerunning the command; ``featcache evaluate RUN``;
+``featcache ablate mnv4 --manifest M``). BCEWithLogitsLoss on one logit, AdamW (fused on CUDA),
+cosine annealing over the epochs (stepped per epoch), training augmentations
+(``training.augment: false`` leaves them out), selection and early stopping on validation AUC
+(``training.patience`` epochs without a new best; 0 = never), fp32 as the design trains
+(``training.mixed_precision: true``: ``torch.autocast`` on CUDA in fp16 with a GradScaler, or bf16;
+the CPU trains in fp32 either way). On CUDA the model and its batches are channels-last.
+:func:`featcache.train.loop.fit` does the epochs, checkpoints, logs and resume; :class:`FilterTask`
+supplies the batches, the loss and the evaluation.
 
-Input pipeline: DataLoader workers (persistent when ``num_workers`` > 0, one loader for every
-epoch) decode and bring each image to the square (``geometry``: ``design``, the default, resizes
+Input pipeline: DataLoader workers (persistent when ``training.num_workers`` > 0, one loader for every
+epoch) decode and bring each image to the square (``model.geometry``: ``design``, the default, resizes
 to ``image_size`` square, so a 256-px face passes as it is; ``timm``, timm's evaluation resize and
-centre crop) as uint8; batches travel
-pinned as uint8; on the device each image gets its own augmentation parameters from a
-``torch.Generator`` there, seeded per epoch, then float conversion and normalisation
-(:func:`featcache.e2e.mnv4.prepare_batch`). Evaluation runs in batches of
-``mnv4.DEFAULTS["eval_batch_size"]``.
+centre crop) as uint8; batches travel pinned as uint8; on the device each image gets its own
+augmentation parameters from a ``torch.Generator`` there, seeded per epoch, then float conversion
+and normalisation (:func:`featcache.e2e.mnv4.prepare_batch`). Evaluation runs in batches of
+``evaluation.batch_size``. Unreadable training images are counted per epoch (``unreadable``) and
+left out; prediction refuses them by name.
 
-The run directory is the one layout (ARCHITECTURE.md): config.yaml, model.json (spec:
-``model``, ``pretrained``, ``image_size``, ``geometry``, ``num_classes``), log.jsonl, training_log.csv,
-best.safetensors, last.safetensors, resume.pt, summary.json, plots/, eval/{val,test}/.
-``training_log.csv`` has per epoch: train loss and accuracy, val loss, accuracy, AUC and F1, the
-learning rate, and ``unreadable`` (images skipped). Epoch ``e`` draws its shuffling and
-augmentations from seeds derived from (seed, e), so an interrupted run resumed with
-``resume=True`` ends with the same weights as an uninterrupted one (on the CPU; on CUDA with
-deterministic mode, see :mod:`featcache.runtime`).
+Evaluation (every epoch on val, at the end on val and test, and by ``featcache evaluate``: one code
+path): every detection, calibration and fairness metric (:func:`featcache.metrics.all_metrics`) of
+p = sigmoid(score / T) with the run's temperature T (``featcache calibrate``; 1 before), the
+uncalibrated calibration metrics when T is fitted, and the cascade's threshold analysis
+(``evaluation.thresholds``: filtration, leakage, precision of what stops, coverage); report.md adds
+its table, plots/ the confusion matrix, the reliability diagram and the cascade curve.
+
+The run directory is the one layout (ARCHITECTURE.md); model.json's spec (``model``,
+``pretrained``, ``image_size``, ``geometry``, ``num_classes``) is what ``featcache calibrate`` /
+``cascade`` (:class:`featcache.e2e.mnv4.FilterRun`) and ``extract --backbone timm --model RUN`` read.
+Epoch ``e`` draws its shuffling and augmentations from seeds derived from (seed, e), so an
+interrupted run resumed by rerunning its command ends with the same weights as an uninterrupted one
+(on the CPU; on CUDA with deterministic mode, see :mod:`featcache.runtime`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from ..config import load_config, save_config
-from ..data.manifest import read_manifest
+from ..config import load_config
+from ..data.manifest import Manifest, read_manifest
 from ..errors import FeatcacheError
-from ..metrics import all_metrics
-from ..metrics.detection import detection_metrics, sigmoid
-from ..runtime import (
-    is_run_dir,
-    load_weights,
-    prepare_run_dir,
-    resolve_device,
-    seed_everything,
-    write_json,
-)
-from ..train.evaluate import Evaluation, write_evaluation
-from ..train.loop import RESUME_FILE, LoopSettings, OneModelJob, fit
+from ..heads.task import ManifestTask, register_task
+from ..metrics import all_metrics, calibration_metrics, reliability_bins
+from ..metrics.cascade import default_grid, threshold_analysis
+from ..metrics.detection import sigmoid
+from ..report.plots import plot_cascade, plot_confusion, plot_reliability
+from ..report.tables import markdown_table
+from ..runtime import RunDir
+from ..train.trainer import RunResult, train_head
 from .mnv4 import (
     DEFAULT_MODEL,
     DEFAULTS,
-    GEOMETRIES,
     META,
     TASK,
     EpochSampler,
@@ -67,59 +69,75 @@ from .mnv4 import (
     pixel_loader,
     predict_scores,
     prepare_batch,
+    read_temperature,
 )
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 #: The metrics a filter run's one-line summary shows.
 SUMMARY_KEYS = ("auc", "acc", "eer", "f1", "ece", "f_fpr")
+#: The cascade thresholds of a run whose config has none (written before evaluation.thresholds).
+DEFAULT_THRESHOLDS = (0.9, 0.95, 0.98, 0.99)
 
 
-@dataclass
-class E2EResult:
-    run_dir: Path
-    best_epoch: int
-    epochs_run: int
-    stopped_early: bool
-    val: dict
-    test: dict
-    images_per_second: float
-    seconds: float
-    evaluations: list[Evaluation] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+@register_task(TASK)
+class FilterTask(ManifestTask):
+    """The filter: a timm model with one logit, trained on the manifest's images (R = 1)."""
 
-    def lines(self) -> list[str]:
-        early = ", stopped early" if self.stopped_early else ""
-        out = [f"{self.run_dir}: best epoch {self.best_epoch} of {self.epochs_run}{early}, {self.seconds:.1f} s, "
-               f"{self.images_per_second:.1f} train images/s"]
-        out += [f"  {e.split}: {e.short()}" for e in self.evaluations]
-        return out + [f"  note: {n}" for n in self.notes]
-
-
-class FilterJob(OneModelJob):
-    """The filter as a job of the one loop (R = 1)."""
-
-    name = TASK
     detects = True
     summary_keys = SUMMARY_KEYS
+    ablation_notes = ("The filter's runs train one at a time (max_runs = 1): each preset x seed is its own "
+                      "job; the columns are the detection metrics of its test split.")
 
-    def __init__(self, net, device, manifest, cfg: dict):
-        self.module, self.device, self.cfg = net, device, cfg
-        tc, mc = cfg["training"], cfg["model"]
+    def __init__(self, cfgs, device, run_dirs=None):
+        super().__init__(cfgs, device, run_dirs)
+        tc, mc = self.cfg["training"], self.cfg["model"]
         self.size, self.workers, self.seed = int(mc["image_size"]), int(tc["num_workers"]), int(tc["seed"])
         self.augment, self.bs = bool(tc.get("augment", True)), int(tc["batch_size"])
-        self.amp_dtype = AMP_DTYPES[tc["amp_dtype"]] if tc["mixed_precision"] and device.type == "cuda" else None
-        self.cuda = device.type == "cuda"
-        self.manifest = manifest
-        # the preprocessing of this model and weights in the run's geometry (a run configured before
-        # issue 26 has none: timm's), the same for training and evaluation
-        self.data_config = data_config(mc["name"], self.size, mc["pretrained"], mc.get("geometry", "timm"))
-        self.train_rows, self.train_paths = load_split(manifest, "train")
-        self.y_train = torch.from_numpy(self.train_rows["label"].to_numpy().astype(np.float32))
+        self.amp_dtype = (AMP_DTYPES[tc["amp_dtype"]] if tc["mixed_precision"] and self.device.type == "cuda"
+                          else None)
+        self.cuda = self.device.type == "cuda"
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
-        self.unreadable = 0
-        self.images_per_s = []
-        self._sampler = EpochSampler(len(self.train_paths), self.seed)
+        self.splits: dict[str, tuple[pd.DataFrame, list[str]]] = {}
+        self.unreadable, self.images_per_s = 0, []
         self._loaders: dict = {}  # built once: persistent workers serve every epoch
+        self._last: tuple = (None,)  # (split, y, p, metrics) of the last evaluate, for write_plots
+
+    @classmethod
+    def check_config(cls, cfg: dict) -> None:
+        super().check_config(cfg)
+        thresholds(cfg)
+
+    @classmethod
+    def check_manifest(cls, manifest: Manifest) -> None:
+        if "label" not in manifest.df or (manifest.df["label"] < 0).all():
+            raise FeatcacheError(f"{manifest.source}: the filter needs labels (0 real, 1 fake)")
+
+    # -- data and model ---------------------------------------------------------------------------
+    def load(self, manifest: Manifest, splits=("train", "val", "test")) -> None:
+        """Each split's labelled rows and file paths (a missing split is one line naming those present)."""
+        self.manifest = manifest
+        self.splits = {s: load_split(manifest, s) for s in splits}
+        self._loaders.clear()  # a loader serves the paths of the manifest it was made for
+
+    def make_spec(self) -> dict:
+        mc = self.cfg["model"]
+        name = str(mc["name"])
+        return {"model": name, "pretrained": mc.get("pretrained") or default_pretrained(name),
+                "image_size": int(mc["image_size"]), "geometry": mc.get("geometry", "timm"), "num_classes": 1}
+
+    def build(self, spec: dict) -> torch.nn.Module:
+        """The timm model; its pretrained weights when training (the train split loaded), else the bare
+        architecture (a finished run's weights are loaded over it)."""
+        weights = spec["pretrained"] if "train" in self.splits else "none"
+        net = create_model(spec["model"], weights, seed=self.seed)
+        return net.to(self.device, memory_format=torch.channels_last) if self.cuda else net
+
+    @property
+    def data_config(self) -> dict:
+        """The preprocessing of the run's model and weights at its image size, in its geometry (the
+        same for training and evaluation; ``timm`` for a run written before issue 26)."""
+        s = self.spec
+        return data_config(s["model"], int(s["image_size"]), s.get("pretrained"), s.get("geometry", "timm"))
 
     def _loader(self, key: str, paths: list[str], batch_size: int, sampler=None):
         if key not in self._loaders:
@@ -127,9 +145,14 @@ class FilterJob(OneModelJob):
                                               num_workers=self.workers, sampler=sampler, pin_memory=self.cuda)
         return self._loaders[key]
 
+    # -- training ----------------------------------------------------------------------------------
     def batches(self, epoch: int, generators, batch_size: int):
-        self._sampler.set_epoch(epoch)  # shuffling: seeded by (seed, epoch)
-        loader = self._loader(f"train{batch_size}", self.train_paths, batch_size, self._sampler)
+        rows_all, paths = self.splits["train"]
+        y_all = torch.from_numpy(rows_all["label"].to_numpy().astype(np.float32))
+        sampler = self._loaders.get("train-sampler") or self._loaders.setdefault(
+            "train-sampler", EpochSampler(len(paths), self.seed))
+        sampler.set_epoch(epoch)  # shuffling: seeded by (seed, epoch)
+        loader = self._loader(f"train{batch_size}", paths, batch_size, sampler)
         # augmentations: one generator on the device, seeded by (seed, epoch); each image draws its own
         gen = (torch.Generator(device=self.device).manual_seed(self.seed * 100_003 + epoch)
                if self.augment else None)
@@ -144,12 +167,11 @@ class FilterJob(OneModelJob):
             if k < 2:  # a batch of one breaks batch norm
                 continue
             seen += k
-            y = self.y_train[torch.from_numpy(rows)]
+            y = y_all[torch.from_numpy(rows)]
             if self.cuda:  # pinned, so that the copies do not wait for the device's queue
                 y, pixels = y.pin_memory(), pixels if pixels.is_pinned() else pixels.pin_memory()
             x = prepare_batch(pixels, self.device, self.data_config, generator=gen, channels_last=self.cuda)
-            y = y.to(self.device, non_blocking=True)
-            yield {"x": x[None], "y": y[None]}, k
+            yield {"x": x[None], "y": y.to(self.device, non_blocking=True)[None]}, k
         if self.cuda:
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - t0
@@ -166,17 +188,17 @@ class FilterJob(OneModelJob):
         return {"unreadable": self.unreadable,
                 "train_images_per_s": self.images_per_s[-1] if self.images_per_s else float("nan")}
 
-    def stop_reason(self, row: dict, r: int):
-        return None
+    # -- evaluation ----------------------------------------------------------------------------------
+    def temperature(self) -> float | None:
+        """The run's fitted temperature (``featcache calibrate``), or None."""
+        return read_temperature(self.run_dirs[0]) if self.run_dirs else None
 
-    def predictions(self, split: str, manifest=None) -> pd.DataFrame:
-        rows, paths = load_split(manifest if manifest is not None else self.manifest, split)
-        if manifest is None:  # the run's own splits: one loader each, kept with its workers
-            loader = self._loader(split, paths, max(self.bs, DEFAULTS["eval_batch_size"]))
-        else:
-            loader = None
-        scores, _, errors = predict_scores(self.module, paths, self.size, self.device,
-                                           batch_size=max(self.bs, DEFAULTS["eval_batch_size"]),
+    def predictions(self, split: str) -> pd.DataFrame:
+        """Meta columns, ``score`` (the logit) and ``prob`` = sigmoid(score / T) of a loaded split."""
+        rows, paths = self.splits[split]
+        bs = max(self.bs, int((self.cfg.get("evaluation") or {}).get("batch_size", DEFAULTS["eval_batch_size"])))
+        loader = self._loader(split, paths, bs)  # one loader per split, kept with its workers
+        scores, _, errors = predict_scores(self.module, paths, self.size, self.device, batch_size=bs,
                                            num_workers=self.workers, amp_dtype=self.amp_dtype,
                                            config=self.data_config, loader=loader)
         if errors:
@@ -184,20 +206,73 @@ class FilterJob(OneModelJob):
             raise FeatcacheError(f"{len(errors)} image(s) of split {split} cannot be read ({shown})")
         preds = rows[[c for c in META if c in rows.columns]].copy()
         preds.insert(2, "score", scores)
-        preds.insert(3, "prob", sigmoid(scores))
+        preds.insert(3, "prob", sigmoid(scores / (self.temperature() or 1.0)))
         return preds
 
     def evaluate(self, split: str):
         preds = self.predictions(split)
         y, score = preds["label"].to_numpy(), preds["score"].to_numpy()
-        if split == "val":  # every epoch: the quick metrics the selection and the curves use
-            m = detection_metrics(y, sigmoid(score))
-            loss = float(self.loss_fn(torch.tensor(score), torch.tensor(y, dtype=torch.float64)))
-            return [({"loss": loss, "acc": m["acc"], "auc": m["auc"], "f1": m["f1"]}, preds)]
-        return [(all_metrics(y, score, groups=preds["subgroup"].to_numpy()), preds)]
+        t = self.temperature()
+        p = preds["prob"].to_numpy()
+        metrics = all_metrics(y, score / (t or 1.0), groups=preds["subgroup"].to_numpy())
+        metrics["loss"] = float(self.loss_fn(torch.tensor(score), torch.tensor(y, dtype=torch.float64)))
+        if t is not None:
+            metrics["temperature"] = t
+            metrics["uncalibrated"] = calibration_metrics(y, sigmoid(score))
+        metrics["threshold_analysis"] = threshold_analysis(y, p, thresholds(self.cfg))
+        self._last = (split, y, p, metrics)
+        return [(metrics, preds)]
 
-    def report(self, metrics, predictions) -> str:
-        return ""
+    def report(self, metrics: dict, predictions: pd.DataFrame) -> str:
+        """The cascade threshold table (stop as real when 1 - P(fake) >= t)."""
+        rows = metrics.get("threshold_analysis") or []
+        return "## Cascade thresholds (stop as real when 1 - P(fake) >= t)\n\n" + markdown_table(pd.DataFrame(rows))
+
+    def write_plots(self, out: Path, split: str, title: str, r: int = 0) -> list[str]:
+        """The confusion matrix, the reliability diagram and the cascade curve of ``split``."""
+        if self._last[0] != split:
+            self.evaluate(split)
+        _, y, p, m = self._last
+        plot_confusion(m["tn"], m["fp"], m["fn"], m["tp"], out / "confusion_matrix.png", f"{title} (P(fake) >= 0.5)")
+        t = m.get("temperature")
+        cal = f"T = {t:.3f}" if t is not None else "uncalibrated"
+        plot_reliability([(f"{split}, {cal}", reliability_bins(y, p), m)], out / "reliability_diagram.png")
+        marks = thresholds(self.cfg)
+        curve = pd.DataFrame(threshold_analysis(y, p, default_grid(marks)))
+        plot_cascade(curve[["threshold", "filtration", "leakage", "precision"]], out / "cascade_analysis.png",
+                     marks=marks, title=f"{title}, as stage 1")
+        return ["confusion_matrix.png", "reliability_diagram.png", "cascade_analysis.png"]
+
+    def finish(self, run_dir: Path, r: int = 0) -> dict:
+        """What summary.json adds for the filter: the model, its weights, the precision, the throughput."""
+        ips = [v for v in self.images_per_s if np.isfinite(v)]
+        return {"model": self.spec["model"], "pretrained": self.spec["pretrained"],
+                "mixed_precision": self.cfg["training"]["amp_dtype"] if self.amp_dtype is not None else "off",
+                "train_images_per_s": float(np.mean(ips)) if ips else float("nan")}
+
+
+def thresholds(cfg: dict) -> list[float]:
+    """The run's cascade thresholds (``evaluation.thresholds``), each in [0, 1] (one line otherwise)."""
+    values = (cfg.get("evaluation") or {}).get("thresholds", DEFAULT_THRESHOLDS)
+    try:
+        values = [float(t) for t in values]
+    except (TypeError, ValueError):
+        values = []
+    if not values or any(not 0.0 <= t <= 1.0 for t in values):
+        raise FeatcacheError(f"evaluation.thresholds must be numbers in [0, 1]; got "
+                             f"{(cfg.get('evaluation') or {}).get('thresholds')!r}")
+    return values
+
+
+# -- the alias: featcache train-e2e mnv4 ---------------------------------------------------------------
+#: ``train_e2e``'s keyword -> the config key it sets.
+OPTION_KEYS = {"model": "model.name", "pretrained": "model.pretrained", "image_size": "model.image_size",
+               "geometry": "model.geometry", "epochs": "training.epochs", "batch_size": "training.batch_size",
+               "lr": "training.lr", "weight_decay": "training.weight_decay", "save_every": "training.save_every",
+               "patience": "training.patience", "mixed_precision": "training.mixed_precision",
+               "amp_dtype": "training.amp_dtype", "augment": "training.augment",
+               "num_workers": "training.num_workers", "device": "training.device", "seed": "training.seed",
+               "tensorboard": "logging.tensorboard"}
 
 
 def train_e2e(
@@ -226,128 +301,49 @@ def train_e2e(
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
-) -> E2EResult:
-    """Fine-tune the filter on the train split of ``manifest``; select on val AUC; write ``out``.
+) -> RunResult:
+    """``train_head("mnv4", manifest, out, sets=...)`` with the filter's options as keywords (the alias of
+    ``featcache train-e2e mnv4``); each keyword sets one config key (:data:`OPTION_KEYS`); ``None``
+    keeps the config's value (configs/mnv4.yaml: 50 epochs, lr 1e-4, the design's).
 
-    With ``resume=True`` the run in ``out`` continues from its last finished epoch with its own
-    config; ``epochs`` larger than the run's extends it, the cosine schedule restarting from the
-    last learning rate used or from ``lr`` when given (``echo`` says which). ``epochs`` defaults
-    to 50 and ``lr`` to 1e-4 (``mnv4.DEFAULTS``, the design's values). ``on_epoch_end(epoch, row)`` is called after each epoch's resume point
-    is written (a notebook hook; raising in it interrupts the run). ``mixed_precision`` (off by
-    default: the design trains in fp32) trains under autocast in ``amp_dtype`` on CUDA; the CPU trains
-    in fp32 either way. ``geometry``: ``design`` (the image resized to ``image_size`` square: a face of
-    that size as it is) or ``timm`` (timm's evaluation resize and centre crop), for training and evaluation.
-    ``tensorboard``: the per-epoch scalars also go to ``out/tensorboard/`` (recorded in the config
-    as ``logging.tensorboard``).
+    The finished run keeps its resume point. An interrupted run resumes when called again with the
+    same options; ``resume=True`` continues the run in ``out`` with its own config whatever the other
+    keywords, and a larger ``epochs`` extends it, the cosine schedule restarting from the last
+    learning rate used or from ``lr`` when given (``echo`` says which). ``on_epoch_end(epoch, row)``
+    is called after each epoch's resume point is written (a notebook hook; raising interrupts the run).
     """
-    out = Path(out)
-    m = read_manifest(manifest, require_label=False)
-    if resume:
-        cfg = _resume_config(out, m.sha256, epochs)
-    else:
-        epochs = DEFAULTS["epochs"] if epochs is None else epochs
-        lr = DEFAULTS["lr"] if lr is None else lr
-        _check_options(epochs=epochs, batch_size=batch_size, image_size=image_size, save_every=save_every,
-                       patience=patience, num_workers=num_workers, lr=lr, weight_decay=weight_decay,
-                       amp_dtype=amp_dtype, geometry=geometry)
-        if is_run_dir(out) and (out / RESUME_FILE).is_file() and not (out / "summary.json").is_file() and not overwrite:
-            raise FeatcacheError(f"{out} holds an interrupted run; continue it with --resume, or pass --overwrite")
-        cfg = {
-            "task": TASK,
-            "manifest": {"path": str(Path(manifest).resolve()), "sha256": m.sha256},
-            "model": {"name": model, "pretrained": pretrained or default_pretrained(model),
-                      "image_size": int(image_size), "geometry": geometry},
-            "training": dict(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr),
-                             weight_decay=float(weight_decay), save_every=int(save_every), patience=int(patience),
-                             mixed_precision=bool(mixed_precision), amp_dtype=amp_dtype, augment=bool(augment),
-                             num_workers=int(num_workers), device=device or "auto", seed=int(seed),
-                             schedule="cosine"),
-            "selection": {"score": "auc", "min_epoch": 1, "rule": "best"},
-            "logging": {"tensorboard": bool(tensorboard)},
-        }
-    tc, mc = cfg["training"], cfg["model"]
-    dev = resolve_device(None if tc["device"] == "auto" else tc["device"])
-    seed_everything(int(tc["seed"]))
-    net = create_model(mc["name"], mc["pretrained"], seed=int(tc["seed"])).to(dev)
-    if dev.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    job = FilterJob(net, dev, m, cfg)
-    load_split(m, "val")  # fail before training when val is missing
-    if not resume:
-        prepare_run_dir(out, overwrite)
-        save_config(cfg, out / "config.yaml")
-        write_json(out / "model.json", {"task": TASK, "spec": {"model": mc["name"], "pretrained": mc["pretrained"],
-                                                               "image_size": mc["image_size"],
-                                                               "geometry": mc["geometry"], "num_classes": 1}})
-    settings = LoopSettings(epochs=int(tc["epochs"]), batch_size=int(tc["batch_size"]), lr=float(tc["lr"]),
-                            seeds=[int(tc["seed"])], weight_decay=float(tc["weight_decay"]), selection="auc",
-                            patience=int(tc["patience"]), save_every=int(tc["save_every"]), schedule="cosine",
-                            tensorboard=bool(tensorboard or (cfg.get("logging") or {}).get("tensorboard")))
-    t0 = time.perf_counter()
     hook = None if on_epoch_end is None else (lambda e, rows: on_epoch_end(e, rows[0]))
-    f = fit(job, [out], settings, resume=resume, lr=lr if resume else None, desc=f"train-e2e {mc['name']}",
-            progress=progress, echo=echo, on_epoch_end=hook)[0]
-    net.load_state_dict(load_weights(out / "best.safetensors", dev))
-    return _write_results(out, job, f, cfg, str(dev), t0)
+    kw = dict(progress=progress, echo=echo, keep_resume=True, on_epoch_end=hook)
+    if resume:
+        preset, sets = _resume_sets(Path(out), manifest, epochs)
+        return train_head(TASK, manifest, out, preset=preset, sets=sets, extend=True, lr=lr, **kw)
+    given = dict(model=model, pretrained=pretrained, image_size=image_size, geometry=geometry, epochs=epochs,
+                 batch_size=batch_size, lr=lr, weight_decay=weight_decay, save_every=save_every, patience=patience,
+                 mixed_precision=mixed_precision, amp_dtype=amp_dtype, augment=augment, num_workers=num_workers,
+                 device=device or "auto", seed=seed, tensorboard=tensorboard)
+    sets = {OPTION_KEYS[k]: v for k, v in given.items() if v is not None}
+    return train_head(TASK, manifest, out, sets=sets, overwrite=overwrite, **kw)
 
 
-def _resume_config(out: Path, manifest_sha: str, epochs: int | None) -> dict:
+def _resume_sets(out: Path, manifest, epochs: int | None) -> tuple[str | None, dict]:
+    """The preset and settings of the run in ``out`` (to resume it with its own config), its epochs
+    raised to ``epochs``; one line when there is no run to resume or it read another manifest."""
     if not out.exists():
         raise FeatcacheError(f"cannot resume {out}: it does not exist")
-    for f in ("config.yaml", "model.json", RESUME_FILE):
-        if not (out / f).is_file():
-            raise FeatcacheError(f"cannot resume {out}: {f} is missing (no epoch was finished); start it again")
-    cfg = load_config(out / "config.yaml")
+    rd = RunDir(out)
+    for f in (rd.config, rd.model, rd.resume):
+        if not f.is_file():
+            raise FeatcacheError(f"cannot resume {out}: {f.name} is missing (no epoch was finished); start it again")
+    cfg = load_config(rd.config)
     if cfg.get("task") != TASK:
-        raise FeatcacheError(f"cannot resume {out}: it is not a train-e2e {TASK} run")
-    if cfg["manifest"]["sha256"] != manifest_sha:
+        raise FeatcacheError(f"cannot resume {out}: it is not a {TASK} run")
+    if (cfg.get("manifest") or {}).get("sha256") != read_manifest(manifest).sha256:
         raise FeatcacheError(f"cannot resume {out}: it was trained on another manifest ({cfg['manifest']['path']})")
-    if epochs is not None and int(epochs) != int(cfg["training"]["epochs"]):
-        if int(epochs) < int(cfg["training"]["epochs"]):
-            raise FeatcacheError(f"cannot resume {out} to {epochs} epochs: it was set up for "
-                                 f"{cfg['training']['epochs']}")
-        cfg["training"]["epochs"] = int(epochs)
-        save_config(cfg, out / "config.yaml")
-    return cfg
+    sets = {f"{section}.{k}": v for section in ("model", "training", "selection", "evaluation", "logging")
+            for k, v in (cfg.get(section) or {}).items()}
+    if epochs is not None:
+        sets["training.epochs"] = int(epochs)
+    return cfg.get("preset"), sets
 
 
-def _write_results(out: Path, job: FilterJob, f, cfg: dict, device: str, t0: float) -> E2EResult:
-    """The selected weights (loaded in ``job``) evaluated on val and test into ``out/eval/``, then
-    summary.json with each split's metrics as written (intervals and floors included)."""
-    mc, tc = cfg["model"], cfg["training"]
-    evals, results = [], {}
-    for split in ("val", "test"):
-        preds = job.predictions(split)
-        metrics = all_metrics(preds["label"].to_numpy(), preds["score"].to_numpy(), groups=preds["subgroup"].to_numpy())
-        ev = write_evaluation(out, split, metrics, preds, detects=True, summary_keys=SUMMARY_KEYS,
-                              title=f"{out.name} (filter {mc['name']})")
-        evals.append(ev)
-        results[split] = ev.metrics
-    ips = float(np.nanmean([r.get("train_images_per_s", np.nan) for r in f.log])) if f.log else float("nan")
-    seconds = time.perf_counter() - t0
-    notes = [n for n in (f.note,) if n]
-    write_json(out / "summary.json", {
-        "task": TASK, "model": mc["name"], "pretrained": mc["pretrained"], "seed": int(tc["seed"]),
-        "best_epoch": f.best_epoch, "epochs_run": f.epochs_run, "stopped": f.stopped,
-        "selection": "auc", "rule": "best", "score": f.score, "device": device,
-        "mixed_precision": tc["amp_dtype"] if job.amp_dtype is not None else "off",
-        "train_images_per_s": ips, "val": results["val"], "test": results["test"], "notes": notes,
-        "summary_keys": list(SUMMARY_KEYS), "seconds": seconds,
-    })
-    return E2EResult(out, f.best_epoch, f.epochs_run, f.stopped is not None, results["val"], results["test"], ips,
-                     seconds, evals, notes)
-
-
-def _check_options(*, epochs, batch_size, image_size, save_every, patience, num_workers, lr, weight_decay, amp_dtype,
-                   geometry) -> None:
-    """The filter's options, each refused with one line naming it."""
-    for name, value, low in (("epochs", epochs, 1), ("batch_size", batch_size, 2), ("image_size", image_size, 32),
-                             ("save_every", save_every, 0), ("patience", patience, 0), ("num_workers", num_workers, 0)):
-        if int(value) != value or value < low:
-            raise FeatcacheError(f"--{name.replace('_', '-')} must be an integer >= {low}; got {value!r}")
-    if not (lr > 0 and weight_decay >= 0):
-        raise FeatcacheError("--lr must be > 0 and --weight-decay >= 0")
-    if amp_dtype not in AMP_DTYPES:
-        raise FeatcacheError(f"--amp-dtype must be one of {', '.join(AMP_DTYPES)}; got {amp_dtype!r}")
-    if geometry not in GEOMETRIES:
-        raise FeatcacheError(f"--geometry must be one of {', '.join(GEOMETRIES)}; got {geometry!r}")
+__all__ = ["FilterTask", "OPTION_KEYS", "SUMMARY_KEYS", "train_e2e"]

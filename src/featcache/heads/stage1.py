@@ -234,6 +234,10 @@ class Stage1Task(Task):
         return torch.cat([self.module.adapter(x[i:i + batch].to(self.device).unsqueeze(0).expand(self.runs, -1, -1))
                           for i in range(0, len(x), batch)], dim=1)
 
+    def evaluation_inputs(self) -> tuple[str, ...]:
+        """The per-epoch probe is fitted on the train split: an evaluation of the run's own cache loads it."""
+        return ("train",) if int(self.cfg["selection"].get("probe_rows", 0)) > 0 else ()
+
     @torch.no_grad()
     def evaluate(self, split: str):
         d = self.data[split]

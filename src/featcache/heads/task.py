@@ -2,8 +2,8 @@
 
 :class:`Job` is the declared contract of the one training loop (:func:`featcache.train.loop.fit`):
 every hook the loop calls, with a no-op default where one makes sense, so the loop never asks
-whether a job has a capability. :class:`Task` (every head) and the end-to-end models' jobs derive
-from it. The one training loop is shared by every task; a task provides:
+whether a job has a capability. :class:`Task` (every task: the heads, and through
+:class:`ManifestTask` the filter and the DETR fine-tune) derives from it. The one training loop is shared by every task; a task provides:
 
 - ``read(cache)`` / ``tensors(data)``: the cache is read ONCE (all splits), turned into tensors
   once, and split by the one split-mask helper (:meth:`Task.load`);
@@ -16,6 +16,13 @@ from it. The one training loop is shared by every task; a task provides:
 Options that are finished runs of another task (Stage 2's ``stage1``) are declared in
 ``requires_runs``; the trainer loads them with :func:`load_run` and puts them into
 ``self.inputs`` before ``make_spec()``: a task never imports the trainer.
+
+A task declares its data source (``source``): a feature cache (the heads) or a manifest
+(:class:`ManifestTask`: the MobileNetV4 filter ``mnv4`` and the DETR fine-tune ``detr``, which
+read images). :meth:`Task.open_source` opens and checks it and returns a :class:`Source` (its
+path, its identity: a cache's fingerprint or a manifest's sha256, and the opened object); the
+trainer records it in the run's config under ``cache`` or ``manifest`` and hands the opened
+object to :meth:`Task.load`. The trainer never asks which kind it is.
 """
 
 from __future__ import annotations
@@ -32,9 +39,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..cache import CacheData, FeatureCache
+from ..cache import CacheData, FeatureCache, open_cache
 from ..cache.splits import split_mask
 from ..config import Config, load_config, register_config_file
+from ..data.manifest import Manifest, read_manifest
 from ..errors import FeatcacheError
 from ..metrics.threshold import parse_rule
 from ..registry import Registry
@@ -49,12 +57,54 @@ def _record_config(name: str, obj) -> None:
 
 
 #: Importing a task's module registers it; tasks of other installed packages come from the entry-point
-#: group ``featcache.tasks`` (README, "A method of your own").
+#: group ``featcache.tasks`` (README, "A method of your own"). The two tasks that read images (the
+#: filter, the DETR fine-tune) live with their models in ``e2e/`` and are named here as a plugin's
+#: entry point would be: by module name, loaded on first lookup (no import runs up the layers).
 TASKS = Registry("task", ("featcache.heads.stage1", "featcache.heads.stage2", "featcache.heads.xai",
-                         "featcache.heads.faap"), entry_points="featcache.tasks", on_register=_record_config)
+                         "featcache.heads.faap", "featcache.e2e.train", "featcache.e2e.detr_finetune"),
+                 entry_points="featcache.tasks", on_register=_record_config)
 register_task = TASKS.register
 get_task = TASKS.get
 list_tasks = TASKS.names
+
+
+#: A task's data source (its ``source``) -> the key of its identity in the run's config.
+SOURCE_IDENTITY = {"cache": "fingerprint", "manifest": "sha256"}
+#: What each source is called in messages and options (``--cache CACHE``, ``--manifest MANIFEST``).
+SOURCE_METAVAR = {"cache": "CACHE", "manifest": "MANIFEST"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """A task's opened and checked data: ``kind`` (cache | manifest), ``path``, ``ident`` (a cache's
+    fingerprint, a manifest's sha256) and ``data`` (the :class:`FeatureCache` or :class:`Manifest`)."""
+
+    kind: str
+    path: Path
+    ident: str
+    data: object
+
+    @property
+    def key(self) -> str:
+        """The identity's key in the config: ``fingerprint`` or ``sha256``."""
+        return SOURCE_IDENTITY[self.kind]
+
+    def record(self) -> dict:
+        """What a run's config records: ``{"path": absolute, <key>: ident}``."""
+        return {"path": str(Path(self.path).resolve()), self.key: self.ident}
+
+
+def choose_source(task_name: str, cache=None, manifest=None):
+    """The one of ``cache`` / ``manifest`` that task ``task_name`` reads (``--cache`` or ``--manifest``):
+    exactly that one must be given; one line otherwise, saying which the task needs."""
+    cls = get_task(task_name)
+    given = {k: v for k, v in (("cache", cache), ("manifest", manifest)) if v is not None}
+    other = [k for k in given if k != cls.source]
+    if cls.source not in given or other:
+        extra = f", not --{other[0]}" if other else ""
+        raise FeatcacheError(f"{task_name} trains from a {cls.source}: pass --{cls.source} "
+                             f"{SOURCE_METAVAR[cls.source]}{extra}")
+    return given[cls.source]
 
 
 @dataclass
@@ -155,9 +205,12 @@ class Job(ABC):
 
 
 class Task(Job):
-    """Base class of the heads' tasks: a :class:`Job` fed from a feature cache; see the module docstring."""
+    """Base class of every task: a :class:`Job` fed from its data source (a feature cache by default;
+    :class:`ManifestTask`: a manifest); see the module docstring."""
 
     name: str = ""
+    #: The data the task trains from: ``cache`` (a feature cache) or ``manifest`` (images it reads itself).
+    source: str = "cache"
     #: The cache kind this task reads.
     cache_kind: str = "pooled"
     #: True when the task detects (predictions carry label and prob; subgroup tables apply).
@@ -229,6 +282,26 @@ class Task(Job):
         return [int(c["training"]["seed"]) for c in self.cfgs]
 
     # -- data --------------------------------------------------------------------------------
+    @classmethod
+    def open_source(cls, path) -> Source:
+        """Open and check the task's data at ``path``: a cache of :attr:`cache_kind` (one line when it
+        is missing or of another kind)."""
+        if not Path(path).exists():
+            raise FeatcacheError(f"--cache {path} does not exist")
+        cache = open_cache(path)
+        if cache.kind != cls.cache_kind:
+            raise FeatcacheError(f"task {cls.name} reads a {cls.cache_kind} cache; {path} is {cache.kind}")
+        return Source("cache", Path(path), cache.fingerprint, cache)
+
+    def eval_splits(self) -> tuple[str, ...]:
+        """The splits a finished run is evaluated on (into ``RUN/eval/<split>/``)."""
+        return ("val", "test")
+
+    def evaluation_inputs(self) -> tuple[str, ...]:
+        """Splits of the run's own data an evaluation reads besides the evaluated one (Stage 1's probe is
+        fitted on train), so that ``featcache evaluate`` computes what training's end did; none by default."""
+        return ()
+
     def check_cache(self, cache: FeatureCache) -> None:
         if cache.kind != self.cache_kind:
             raise FeatcacheError(f"task {self.name} reads a {self.cache_kind} cache; {cache.path} is {cache.kind}")
@@ -372,8 +445,8 @@ class Task(Job):
         """Task-specific markdown for ``featcache evaluate``'s report.md (none by default)."""
         return ""
 
-    def write_plots(self, out: Path, split: str, title: str) -> list[str]:
-        """Task-specific plots of the last evaluated split into ``out``; the file names written."""
+    def write_plots(self, out: Path, split: str, title: str, r: int = 0) -> list[str]:
+        """Task-specific plots of run r on ``split`` into ``out``; the file names written (none by default)."""
         return []
 
     @classmethod
@@ -388,6 +461,34 @@ class Task(Job):
         for k in cls.coefficient_keys:
             c.get("loss", {}).pop(k, None)
         return json.dumps(c, sort_keys=True)
+
+
+class ManifestTask(Task):
+    """A task that reads its images from a manifest (``source = "manifest"``): the filter, the DETR
+    fine-tune. :meth:`open_source` reads and validates the manifest (:meth:`check_manifest` adds the
+    task's own checks); :meth:`load` gets the :class:`Manifest` and keeps what the task needs."""
+
+    source = "manifest"
+    cache_kind = ""
+    max_runs = 1
+
+    @classmethod
+    def open_source(cls, path) -> Source:
+        manifest = read_manifest(path)
+        cls.check_manifest(manifest)
+        return Source("manifest", Path(path), manifest.sha256, manifest)
+
+    @classmethod
+    def check_manifest(cls, manifest: Manifest) -> None:
+        """The task's own checks of a manifest (columns, splits), one line each; none by default."""
+        return None
+
+    def tensors(self, data) -> SplitData:
+        raise FeatcacheError(f"{self.name} reads images from a manifest, not tensors from a cache")
+
+    @abstractmethod
+    def load(self, manifest: Manifest, splits=("train", "val", "test")) -> None:
+        """Keep what the task needs of ``splits`` of ``manifest`` (refusing a missing split)."""
 
 
 BACKBONE_KEYS = ("name", "model", "pretrained", "weights_sha256", "layer", "pooling")
@@ -452,19 +553,19 @@ def _file_sha256(path: str, mtime_ns: int, size: int) -> str:
     return h.hexdigest()
 
 
-def recorded_cache(run_dir, cfg: dict) -> Path:
-    """The cache a run was trained on: its recorded absolute path, else its path relative to the
-    run folder (``cache.relative``: a run moved together with its cache); one line when neither
-    is there."""
-    c = cfg.get("cache") or {}
+def recorded_cache(run_dir, cfg: dict, kind: str = "cache") -> Path:
+    """The cache (or with ``kind="manifest"`` the manifest) a run was trained on: its recorded
+    absolute path, else its path relative to the run folder (``cache.relative``: a run moved
+    together with its data); one line when neither is there."""
+    c = cfg.get(kind) or {}
     if c.get("path") and Path(c["path"]).exists():
         return Path(c["path"])
     if c.get("relative") and (Path(run_dir) / c["relative"]).exists():
         return (Path(run_dir) / c["relative"]).resolve()
     if not c.get("path"):
-        raise FeatcacheError(f"{run_dir} does not record its cache; pass --cache")
-    raise FeatcacheError(f"{run_dir}'s cache {c['path']} is not there (moved?); pass --cache with its new place "
-                         "(it is matched by fingerprint)")
+        raise FeatcacheError(f"{run_dir} does not record its {kind}; pass --{kind}")
+    raise FeatcacheError(f"{run_dir}'s {kind} {c['path']} is not there (moved?); pass --{kind} with its new place "
+                         f"(it is matched by {SOURCE_IDENTITY[kind]})")
 
 
 def load_run(run_dir, device=None, *, weights: str = "best") -> Task:
@@ -479,8 +580,8 @@ def load_run(run_dir, device=None, *, weights: str = "best") -> Task:
     cfg = load_config(rd.config)
     spec = json.loads(rd.model.read_text())
     if spec.get("task") not in list_tasks():
-        raise FeatcacheError(f"{run_dir} is a {spec.get('task')!r} run, not a head run "
-                             f"(heads: {', '.join(list_tasks())})")
+        raise FeatcacheError(f"{run_dir} is a {spec.get('task')!r} run, not a run of a registered task "
+                             f"(tasks: {', '.join(list_tasks())})")
     dev = resolve_device(device)
     task = get_task(spec["task"])(cfg, dev, run_dirs=[run_dir])
     task.spec = spec["spec"]

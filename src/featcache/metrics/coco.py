@@ -1,4 +1,4 @@
-"""COCO AP@[.5:.95] and AR@100 with pycocotools, overall and per group (DESIGN.md, detection fairness).
+"""COCO AP@[.5:.95], AP@.5 and AR@100 with pycocotools, overall and per group (DESIGN.md, detection fairness).
 
 Boxes come as DETR gives them: relative (cx, cy, w, h) in [0, 1], turned into COCO's absolute
 (x, y, w, h) with each image's (height, width). A detection per query: its label is the most
@@ -52,7 +52,8 @@ def detr_detections(logits: np.ndarray, boxes: np.ndarray, sizes, image_ids=None
 
 
 def coco_ap_ar(gt: dict, detections: list[dict], image_ids=None, cat_ids=None) -> dict:
-    """AP@[.5:.95] and AR@100 (pycocotools COCOeval, bbox) over ``image_ids`` and ``cat_ids`` (default: all).
+    """AP@[.5:.95] (``ap``), AP@.5 (``ap50``) and AR@100 (``ar``) (pycocotools COCOeval, bbox) over
+    ``image_ids`` and ``cat_ids`` (default: all).
 
     NaN where no ground truth box of ``cat_ids`` is in the selected images (pycocotools' -1);
     0 where there is ground truth but no detection in those images (what pycocotools gives:
@@ -67,10 +68,10 @@ def coco_ap_ar(gt: dict, detections: list[dict], image_ids=None, cat_ids=None) -
     has_gt = any(a["image_id"] in wanted and (cats is None or int(a["category_id"]) in cats)
                  for a in gt["annotations"])
     if not has_gt:
-        return {"ap": float("nan"), "ar": float("nan")}
+        return {"ap": float("nan"), "ap50": float("nan"), "ar": float("nan")}
     dets = [dict(d) for d in detections if d["image_id"] in wanted]  # loadRes writes into the records
     if not dets:
-        return {"ap": 0.0, "ar": 0.0}
+        return {"ap": 0.0, "ap50": 0.0, "ar": 0.0}
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = gt
@@ -83,17 +84,18 @@ def coco_ap_ar(gt: dict, detections: list[dict], image_ids=None, cat_ids=None) -
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    ap, ar = float(ev.stats[0]), float(ev.stats[8])  # AP@[.5:.95] all areas, AR@100 all areas
-    return {"ap": ap if ap >= 0 else float("nan"), "ar": ar if ar >= 0 else float("nan")}
+    # AP@[.5:.95], AP@.5 and AR@100, all areas; pycocotools' -1 (nothing to score) as NaN
+    ap, ap50, ar = (float(ev.stats[i]) for i in (0, 1, 8))
+    return {k: v if v >= 0 else float("nan") for k, v in (("ap", ap), ("ap50", ap50), ("ar", ar))}
 
 
 def group_ap_ar(gt: dict, detections: list[dict], groups, names: dict, cat_ids=None) -> dict:
-    """``{"ap": ..., "ar": ..., "ap_<name>": ..., "ar_<name>": ...}`` overall and for each group code,
+    """``{"ap", "ap50", "ar", "ap_<name>", "ap50_<name>", "ar_<name>"}`` overall and for each group code,
     over the categories ``cat_ids`` (default: all in the ground truth)."""
     ids = np.array([im["id"] for im in gt["images"]])
     groups = np.asarray(groups)
     out = coco_ap_ar(gt, detections, cat_ids=cat_ids)
     for code, name in names.items():
         r = coco_ap_ar(gt, detections, ids[groups == code].tolist(), cat_ids)
-        out[f"ap_{name}"], out[f"ar_{name}"] = r["ap"], r["ar"]
+        out.update({f"{k}_{name}": v for k, v in r.items()})
     return out

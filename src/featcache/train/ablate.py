@@ -44,7 +44,7 @@ from ..metrics.fairness import FAIRNESS_KEYS
 from ..report.plots import plot_ablation
 from ..report.protocol import CROSS_METRICS, LOMO_METRICS, long_rows, write_protocol
 from ..report.tables import ABLATION_METRICS, ablation_table, metrics_line, write_csv_rounded
-from ..runtime import write_json
+from ..runtime import RunDir, write_json
 from .evaluate import evaluate_head
 from .trainer import (
     _resolve,
@@ -238,10 +238,11 @@ def fold_name(method: str) -> str:
     return "without-" + re.sub(r"[^A-Za-z0-9_.+-]", "_", method)
 
 
-def plan(task: str, cache_path, out, *, presets="all", seeds=(0, 1, 2), sets=(), options: dict | None = None,
+def plan(task: str, source_path, out, *, presets="all", seeds=(0, 1, 2), sets=(), options: dict | None = None,
          evals: dict | None = None, protocol: str = "standard") -> tuple[list[PlannedRun], dict[str, Path]]:
     """The runs of the ablation (preset-major, then held-out method with ``protocol="lomo"``, then
-    seed) and the checked eval caches; raises on bad input."""
+    seed) and the checked eval caches; raises on bad input. ``source_path``: the task's data (a
+    cache; a manifest for the tasks that read images, which take no ``--eval`` and no ``lomo``)."""
     if protocol not in PROTOCOLS:
         raise FeatcacheError(f"unknown protocol {protocol!r}; protocols: {', '.join(PROTOCOLS)}")
     if task not in list_tasks():
@@ -249,17 +250,15 @@ def plan(task: str, cache_path, out, *, presets="all", seeds=(0, 1, 2), sets=(),
     cls = get_task(task)
     names = _presets(task, presets)
     seeds = _check_seeds(seeds)
-    if not Path(cache_path).exists():
-        raise FeatcacheError(f"--cache {cache_path} does not exist")
-    cache = open_cache(cache_path)
-    if cache.kind != cls.cache_kind:
-        raise FeatcacheError(f"task {task} reads a {cls.cache_kind} cache; {cache_path} is {cache.kind}")
+    source = cls.open_source(source_path)
     for option, needed in cls.requires_runs.items():
         path = (options or {}).get(option)
         if not path:
             raise FeatcacheError(f"{task} needs a finished {needed} run: pass --{option} RUN")
         check_run_dir(Path(path))
-    checked = _check_evals(cache, evals or {})
+    if source.kind != "cache" and (evals or protocol != "standard"):
+        raise FeatcacheError(f"--eval and --protocol lomo evaluate on feature caches; {task} reads a {source.kind}")
+    checked = _check_evals(source.data, evals or {}) if source.kind == "cache" else {}
     folds: list[str | None] = [None]
     if protocol == "lomo":
         if not cls.detects:
@@ -267,14 +266,14 @@ def plan(task: str, cache_path, out, *, presets="all", seeds=(0, 1, 2), sets=(),
         if evals:
             raise FeatcacheError("--protocol lomo tests each fold on its held-out method; run --eval caches "
                                  "in a standard ablation")
-        folds = lomo_methods(cache)
+        folds = lomo_methods(source.data)
     out = Path(out)
     runs = []
     for preset in names:
         for held in folds:
             for seed in seeds:
-                cfg = _resolve(task, cache_path, preset, None, [*sets, f"training.seed={seed}"], options)
-                cfg["cache"]["fingerprint"] = cache.fingerprint
+                cfg = _resolve(task, source_path, preset, None, [*sets, f"training.seed={seed}"], options)
+                cfg[source.kind][source.key] = source.ident
                 where = out / preset
                 if held is not None:
                     cfg["protocol"] = {"name": "lomo", "held_out_method": held}
@@ -287,9 +286,9 @@ def plan(task: str, cache_path, out, *, presets="all", seeds=(0, 1, 2), sets=(),
 def finished(run: PlannedRun) -> bool:
     """True when the run directory holds a finished run of this config; a finished run of another
     config is refused (its numbers would be tabled as this ablation's)."""
-    if not (run.out / "summary.json").is_file():
+    if not RunDir(run.out).summary.is_file():
         return False
-    saved = run.out / "config.yaml"
+    saved = RunDir(run.out).config
     diffs = run_config_differences(_comparable(load_config(saved)), _comparable(run.cfg)) if saved.is_file() else ["config"]
     if diffs:
         raise FeatcacheError(f"{run.out} holds a finished run with another config ({'; '.join(diffs[:3])}); "
@@ -452,7 +451,7 @@ def _train_on_devices(task, cache_path, by_device: list[tuple[str, list]], *, pr
 def in_domain_metrics(run_dir: Path, summary: dict) -> dict:
     """A run's test metrics on its own cache with their bootstrap intervals (RUN/eval/test/metrics.json;
     the summary's test metrics, without intervals, when that file is missing)."""
-    f = Path(run_dir) / "eval" / "test" / "metrics.json"
+    f = RunDir(run_dir).eval("test") / RunDir.METRICS
     return json.loads(f.read_text()) if f.is_file() else dict(summary.get("test") or {})
 
 
@@ -559,6 +558,9 @@ def ablate(task: str, cache, out, *, presets="all", seeds=(0, 1, 2), evals: dict
            protocol: str = "standard", keep_resume: bool = False) -> AblationResult:
     """Train every preset x seed into ``out/<preset>/seed<k>`` as stacked jobs and table them.
 
+    ``cache`` is the task's data: a feature cache, or a manifest for the tasks that read images
+    (``mnv4``, ``detr``; ``featcache ablate TASK --manifest M``).
+
     ``protocol="lomo"``: leave one manipulation method out: every preset x held-out method x seed
     into ``out/<preset>/without-<method>/seed<k>``, tabled in lomo.{csv,md,png}.
 
@@ -658,7 +660,7 @@ def _collect_rows(runs, eval_caches: dict) -> tuple[list[dict], list[str], list[
         if not finished(r):
             missing.append(r.label)
             continue
-        summary = json.loads((r.out / "summary.json").read_text())
+        summary = json.loads(RunDir(r.out).summary.read_text())
         row = run_row(r, summary)
         if r.held_out is not None:
             row = {"preset": row.pop("preset"), "held_out": r.held_out, **row}
@@ -695,7 +697,7 @@ def _run_predictions(out: Path, df: pd.DataFrame, prefixes) -> dict[str, dict]:
     for prefix in prefixes:
         tag = "test" if prefix == "test" else f"{prefix}_test"
         for preset, seed in df[["preset", "seed"]].itertuples(index=False):
-            path = out / str(preset) / f"seed{seed}" / "eval" / tag / "predictions.csv"
+            path = RunDir(out / str(preset) / f"seed{seed}").eval(tag) / RunDir.PREDICTIONS
             if path.is_file():
                 table = pd.read_csv(path, usecols=lambda c: c in wanted, dtype={"identity": str, "sample_id": str})
                 found.setdefault(prefix, {})[(preset, seed)] = table

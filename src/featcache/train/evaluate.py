@@ -1,9 +1,10 @@
 """The one evaluation writer: ``RUN/eval/<name>_<split>/{predictions.csv, metrics.json, report.md, plots/}``.
 
-Heads (:func:`evaluate_head`), the MobileNetV4 filter (:func:`featcache.e2e.evaluate.evaluate_filter`)
-and any detector's predictions CSV (``featcache score``, :mod:`featcache.report.score` reads it)
-all end here: the same files, the same subgroup table and ROC for detectors, and the task's own
-markdown and plots. The returned :class:`Evaluation` carries its one-line summary (the task's
+Every task's run (:func:`evaluate_head`: the heads on a cache, the filter and the DETR fine-tune
+on a manifest; the end of training goes through the same :func:`write_task_evaluation`) and any
+detector's predictions CSV (``featcache score``, :mod:`featcache.train.score` reads it) all end
+here: the same files, the same subgroup table and ROC for detectors, and the task's own markdown
+(:meth:`Task.report`) and plots (:meth:`Task.write_plots`). The returned :class:`Evaluation` carries its one-line summary (the task's
 ``summary_keys``, each with its 95 % interval), its remarks and its markdown; nothing is read back
 from disk.
 
@@ -19,7 +20,8 @@ metric with its interval; the fairness metrics stay NaN and ``fairness_coverage`
 "not available". The bootstrap then resamples without the subgroup column.
 
 Provenance (every metrics.json): ``provenance`` = {``run`` (path), ``cache`` ({path,
-fingerprint}) or ``predictions`` ({path, sha256}) for ``featcache score``, ``split``,
+fingerprint}), ``manifest`` ({path, sha256}: the tasks that read images) or ``predictions``
+({path, sha256}) for ``featcache score``, ``split``,
 ``featcache`` (version), ``command`` (the command line, from the CLI)}.
 
 Operating points: ``acc`` and every F_* are at P(fake) >= 0.5; ``threshold`` = {rule, value, ...}
@@ -28,9 +30,9 @@ records the run's ``evaluation.threshold`` rule (:mod:`featcache.metrics.thresho
 predictions (``RUN/eval/val/predictions.csv``); ``at_val_threshold`` holds acc, fpr, tpr and the
 fairness metrics at that threshold.
 
-Where: :func:`evaluate_head` writes ``RUN/eval/<split>/`` for the run's own cache (same
-fingerprint as config.yaml records) and ``RUN/eval/<name>_<split>/`` for another cache, ``name``
-defaulting to the cache's folder name. An evaluation is replaced only by the same evaluation (same
+Where: :func:`evaluate_head` writes ``RUN/eval/<split>/`` for the run's own data (the same cache
+fingerprint, or manifest sha256, as config.yaml records) and ``RUN/eval/<name>_<split>/`` for
+other data, ``name`` defaulting to the cache's folder (the manifest's file) name. An evaluation is replaced only by the same evaluation (same
 cache fingerprint and split) unless ``overwrite``; files are written to a hidden folder beside it and
 moved into place at the end, so a failure leaves the previous evaluation (or nothing), never a
 half-written folder.
@@ -49,11 +51,10 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..cache import open_cache
-from ..config import load_config
+from ..config import load_config, resolve_config
 from ..data.manifest import SUBGROUP_NAMES
 from ..errors import CacheError, FeatcacheError
-from ..heads.task import load_run, recorded_cache
+from ..heads.task import SOURCE_IDENTITY, Source, Task, load_run, recorded_cache
 from ..metrics import subgroup_table
 from ..metrics.bootstrap import with_intervals
 from ..metrics.fairness import FAIRNESS_KEYS
@@ -68,7 +69,7 @@ from ..report.tables import (
     metrics_line,
     write_csv_rounded,
 )
-from ..runtime import read_json, write_eval
+from ..runtime import RunDir, read_json, write_eval
 
 #: ``fairness_coverage["unavailable"]`` of a test set whose every row lacks gender or race.
 NO_DEMOGRAPHICS = "no demographics in this test set"
@@ -188,23 +189,23 @@ def _without_demographics(metrics: dict, predictions: pd.DataFrame) -> tuple[dic
 # -- operating points ----------------------------------------------------------------------------
 def _run_rule(run_dir: Path | None):
     """The run's ``evaluation.threshold`` (None: the default rule)."""
-    if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
+    if run_dir is None or not RunDir(run_dir).config.is_file():
         return None
-    return (load_config(Path(run_dir) / "config.yaml").get("evaluation") or {}).get("threshold")
+    return (load_config(RunDir(run_dir).config).get("evaluation") or {}).get("threshold")
 
 
 def _run_val_predictions(run_dir: Path, metrics: dict) -> tuple[pd.DataFrame | None, str | None]:
     """``RUN/eval/val/predictions.csv`` (the run's selected weights on its own val split), or why not."""
-    folder = Path(run_dir) / "eval" / "val"
-    if not (folder / "predictions.csv").is_file():
-        return None, (f"{folder}/predictions.csv is missing; run featcache evaluate {run_dir} --split val, "
+    folder = RunDir(run_dir).eval("val")
+    if not (folder / RunDir.PREDICTIONS).is_file():
+        return None, (f"{folder}/{RunDir.PREDICTIONS} is missing; run featcache evaluate {run_dir} --split val, "
                       "then this evaluation again")
-    if (folder / "metrics.json").is_file():
-        val = read_json(folder / "metrics.json")
+    if (folder / RunDir.METRICS).is_file():
+        val = read_json(folder / RunDir.METRICS)
         if val.get("temperature") != metrics.get("temperature"):
             return None, (f"{folder} was written with another temperature (calibration); run featcache evaluate "
                           f"{run_dir} --split val, then this evaluation again")
-    return pd.read_csv(folder / "predictions.csv"), None
+    return pd.read_csv(folder / RunDir.PREDICTIONS), None
 
 
 def val_threshold(rule, val_predictions: pd.DataFrame | None, why_not: str | None = None) -> dict:
@@ -238,7 +239,7 @@ def safe_name(text: str) -> str:
 
 def eval_path(run_dir, split: str, name: str | None = None) -> Path:
     """``RUN/eval/<name>_<split>/`` (or ``RUN/eval/<split>/``)."""
-    return Path(run_dir) / "eval" / (f"{name}_{split}" if name else split)
+    return RunDir(run_dir).eval(split, name)
 
 
 #: What identifies an evaluation's input in its provenance: a cache's fingerprint, a predictions
@@ -289,13 +290,13 @@ def check_target(out: Path, provenance: dict, *, overwrite: bool, in_domain: boo
         raise FeatcacheError(f"{out} exists and is not a folder; choose another --name or --out")
     if overwrite or not out.is_dir() or not any(p.is_file() for p in out.rglob("*")):
         return  # nothing there, or only empty folders (an older featcache's crashed evaluation left plots/)
-    if not (out / "metrics.json").is_file():
-        if (out / "predictions.csv").is_file() or (out / "report.md").is_file():
+    if not (out / RunDir.METRICS).is_file():
+        if (out / RunDir.PREDICTIONS).is_file() or (out / RunDir.REPORT).is_file():
             raise FeatcacheError(f"{out} holds an evaluation without metrics.json; pass --overwrite to replace it")
         raise FeatcacheError(f"{out} is not empty and holds no evaluation; choose another --name or --out, "
                              "or pass --overwrite")
     try:
-        old = read_json(out / "metrics.json").get("provenance") or {}
+        old = read_json(out / RunDir.METRICS).get("provenance") or {}
     except ValueError:
         old = {}
     if not old and in_domain:
@@ -329,19 +330,19 @@ def sha256_file(path) -> str:
     return h.hexdigest()
 
 
-def run_provenance(run_dir, split: str, command: str | None = None, cache=None) -> dict:
-    """metrics.json's ``provenance`` of a run's evaluation: ``cache`` = {path, fingerprint} of the
-    cache evaluated (default: the one config.yaml records), or the manifest of a train-e2e run."""
+def run_provenance(run_dir, split: str, command: str | None = None, source: Source | None = None) -> dict:
+    """metrics.json's ``provenance`` of a run's evaluation: the data evaluated, ``cache`` = {path,
+    fingerprint} or ``manifest`` = {path, sha256} (default: what config.yaml records)."""
     run_dir = Path(run_dir)
     prov: dict = {"run": str(run_dir.resolve()), "split": split}
-    if cache is not None:
-        prov["cache"] = {"path": str(Path(cache.path).resolve()), "fingerprint": cache.fingerprint}
-    elif (run_dir / "config.yaml").is_file():
-        cfg = load_config(run_dir / "config.yaml")
-        if isinstance(cfg.get("cache"), dict) and cfg["cache"].get("path"):
-            prov["cache"] = {"path": cfg["cache"]["path"], "fingerprint": cfg["cache"].get("fingerprint")}
-        elif isinstance(cfg.get("manifest"), dict) and cfg["manifest"].get("path"):
-            prov["manifest"] = {"path": cfg["manifest"]["path"], "sha256": cfg["manifest"].get("sha256")}
+    if source is not None:
+        prov[source.kind] = source.record()
+    elif RunDir(run_dir).config.is_file():
+        cfg = load_config(RunDir(run_dir).config)
+        for kind, key in SOURCE_IDENTITY.items():
+            if isinstance(cfg.get(kind), dict) and cfg[kind].get("path"):
+                prov[kind] = {"path": cfg[kind]["path"], key: cfg[kind].get(key)}
+                break
     prov.update(featcache=__version__, command=command)
     return prov
 
@@ -404,31 +405,31 @@ def write_evaluation(run_dir, split: str, metrics: dict, predictions: pd.DataFra
         lines += [*(f"Remark: {r}" for r in metrics["remarks"]), ""]
     lines += _threshold_md(metrics)
     lines += _provenance_md(metrics["provenance"])
-    files = ["predictions.csv", "metrics.json", "report.md"]
+    files = [RunDir.PREDICTIONS, RunDir.METRICS, RunDir.REPORT]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    (tmp / "plots").mkdir(parents=True)
+    (tmp / RunDir.PLOTS).mkdir(parents=True)
     try:
         table = None
         if detector:
             metrics.setdefault("n", int(len(predictions)))
             y, p = predictions["label"].to_numpy(), predictions["prob"].to_numpy()
-            plot_roc(y, p, tmp / "plots" / "roc.png", f"{title}, {tag}")
+            plot_roc(y, p, tmp / RunDir.PLOTS / "roc.png", f"{title}, {tag}")
             files.append("plots/roc.png")
             known = _known_subgroups(predictions)
             if known is not None and len(known):
                 table = subgroup_table(y, p, predictions["subgroup"].to_numpy())
                 if len(table):
-                    write_csv_rounded(table, tmp / "subgroups.csv")
-                    plot_subgroup_rates(table, tmp / "plots" / "subgroup_rates.png", f"{title}, {tag}")
+                    write_csv_rounded(table, tmp / RunDir.SUBGROUPS)
+                    plot_subgroup_rates(table, tmp / RunDir.PLOTS / "subgroup_rates.png", f"{title}, {tag}")
                     lines += ["## Subgroups (P(fake) >= 0.5)", "", markdown_table(table), ""]
-                    files += ["subgroups.csv", "plots/subgroup_rates.png"]
+                    files += [RunDir.SUBGROUPS, "plots/subgroup_rates.png"]
         if task_md:
             lines += [task_md, ""]
         if plots is not None:
-            files += [f"plots/{f}" for f in plots(tmp / "plots", tag)]
+            files += [f"{RunDir.PLOTS}/{f}" for f in plots(tmp / RunDir.PLOTS, tag)]
         markdown = "\n".join(lines)
         write_eval(tmp, metrics, predictions, markdown)
         _replace_folder(tmp, out)
@@ -484,7 +485,7 @@ def _provenance_md(prov: dict) -> list[str]:
     return lines
 
 
-# -- a head on a cache --------------------------------------------------------------------------------
+# -- a run of any task on its data ---------------------------------------------------------------------
 def _same_path(a, b) -> bool:
     try:
         return Path(a).resolve() == Path(b).resolve()
@@ -492,44 +493,66 @@ def _same_path(a, b) -> bool:
         return False
 
 
-def evaluate_head(run_dir, cache=None, *, split: str = "test", name: str | None = None, device=None,
-                  overwrite: bool = False, command: str | None = None) -> Evaluation:
-    """Predict ``split`` of ``cache`` (default: the run's own) with a trained head.
+def write_task_evaluation(task: Task, run_dir, split: str, metrics: dict, predictions: pd.DataFrame, *,
+                          cfg: dict | None = None, r: int = 0, **kw) -> Evaluation:
+    """One evaluation of run r of ``task``, with the task's markdown (:meth:`Task.report`) and plots
+    (:meth:`Task.write_plots`): what training's end and ``featcache evaluate`` both write.  ``kw`` goes
+    to :func:`write_evaluation` (``out``, ``provenance``, ``val_predictions``, ...)."""
+    cfg = task.cfgs[r] if cfg is None else cfg
+    title = run_title(run_dir, task.name, cfg.get("preset"))
+    return write_evaluation(run_dir, split, metrics, predictions, detects=task.detects,
+                            summary_keys=task.summary_keys, title=title, task_md=task.report(metrics, predictions),
+                            plots=lambda d, t: task.write_plots(d, split, f"{title}, {t}", r=r), **kw)
 
-    The run's own cache (the fingerprint config.yaml records) goes to ``RUN/eval/<split>/``; another
-    cache to ``RUN/eval/<name>_<split>/``, ``name`` defaulting to the cache's folder name. The cache
-    at the run's recorded path must still hold the data it was trained on (its fingerprint);
-    another evaluation in the output folder is replaced only with ``overwrite``.
+
+def set_evaluation_options(task: Task, options: dict | None) -> None:
+    """Evaluation settings given for this evaluation only (``{"evaluation.thresholds": [...]}``):
+    each must be a setting of the task's config today (one line otherwise)."""
+    for key, value in (options or {}).items():
+        section, _, name = key.partition(".")
+        if name not in (resolve_config(task.name).get(section) or {}):
+            raise FeatcacheError(f"{key} is not a setting of {task.name} runs")
+        task.cfg.setdefault(section, {})[name] = value
+
+
+def evaluate_head(run_dir, source=None, *, split: str = "test", name: str | None = None, device=None,
+                  overwrite: bool = False, command: str | None = None, options: dict | None = None) -> Evaluation:
+    """Predict ``split`` of ``source`` (default: the run's own data: its cache, or its manifest for the
+    tasks that read images) with a trained run of any task.
+
+    The run's own data (the fingerprint or sha256 config.yaml records) goes to ``RUN/eval/<split>/``;
+    other data to ``RUN/eval/<name>_<split>/``, ``name`` defaulting to its folder (file) name. The
+    data at the run's recorded path must still be what it was trained on; another evaluation in the
+    output folder is replaced only with ``overwrite``. ``options``: :func:`set_evaluation_options`.
     """
     run_dir = Path(run_dir)
     task = load_run(run_dir, device)
-    recorded = task.cfg.get("cache") or {}
-    own_fp = recorded.get("fingerprint")
-    cache_path = cache or recorded_cache(run_dir, task.cfg)  # a run moved with its cache: found relative
-    c = open_cache(cache_path)
-    out, in_domain = resolve_target(run_dir, split, name, given=cache, path=cache_path, ident=c.fingerprint,
-                                    recorded=recorded)
-    own = in_domain or (own_fp is not None and c.fingerprint == own_fp)
-    provenance = run_provenance(run_dir, split, command, cache=c)
+    set_evaluation_options(task, options)
+    kind = task.source
+    recorded = task.cfg.get(kind) or {}
+    path = source or recorded_cache(run_dir, task.cfg, kind)  # a run moved with its data: found relative
+    src = task.open_source(path)
+    out, in_domain = resolve_target(run_dir, split, name, given=source, path=path, ident=src.ident,
+                                    recorded=recorded, kind=kind)
+    own = in_domain or (recorded.get(src.key) is not None and src.ident == recorded.get(src.key))
+    provenance = run_provenance(run_dir, split, command, source=src)
     check_target(out, provenance, overwrite=overwrite, in_domain=in_domain)
     val_preds, why_not = None, None
-    if not (split == "val" and own):
+    if task.detects and not (split == "val" and own):
         val_preds, why_not = _run_val_predictions(run_dir, {})
-    load = (split,) if val_preds is not None or not own or split == "val" else (split, "val")
-    task.load(c, splits=load)
+    need_val = task.detects and val_preds is None and own and split != "val"
+    extra = [*(["val"] if need_val else []), *(task.evaluation_inputs() if own else ())]
+    task.load(src.data, splits=tuple(dict.fromkeys([split, *extra])))
     metrics, preds = task.evaluate(split)[0]
     if split == "val" and own:
         val_preds, why_not = preds, None
-    elif val_preds is None and "val" in load and task.detects:
+    elif need_val:
         val_preds, why_not = task.evaluate("val")[0][1], None
     if not task.detects:
         val_preds = None
-    title = run_title(run_dir, task.name, task.cfg.get("preset"))
-    return write_evaluation(run_dir, split, metrics, preds, detects=task.detects, summary_keys=task.summary_keys,
-                            title=title, out=out, task_md=task.report(metrics, preds), provenance=provenance,
-                            val_predictions=val_preds, val_missing=why_not,
-                            threshold_rule=(task.cfg.get("evaluation") or {}).get("threshold"),
-                            plots=lambda d, t: task.write_plots(d, split, f"{title}, {t}"))
+    return write_task_evaluation(task, run_dir, split, metrics, preds, out=out, provenance=provenance,
+                                 val_predictions=val_preds, val_missing=why_not,
+                                 threshold_rule=(task.cfg.get("evaluation") or {}).get("threshold"))
 
 
 def run_title(run_dir, task: str, preset: str | None = None) -> str:
@@ -541,4 +564,5 @@ def run_title(run_dir, task: str, preset: str | None = None) -> str:
 
 
 __all__ = ["Evaluation", "add_intervals", "check_target", "eval_path", "evaluate_head", "resolve_target", "run_provenance",
-           "run_title", "safe_name", "sha256_file", "val_threshold", "write_evaluation"]
+           "run_title", "safe_name", "set_evaluation_options", "sha256_file", "val_threshold", "write_evaluation",
+           "write_task_evaluation"]

@@ -1,7 +1,13 @@
-"""Training a head: config, run directories, the one loop (:mod:`.loop`), final evaluation, summary.
+"""Training any task: config, run directories, the one loop (:mod:`.loop`), final evaluation, summary.
 
 RUN/ config.yaml  model.json  log.jsonl  training_log.csv  best.safetensors  last.safetensors
      resume.pt  summary.json  plots/training_curves.png  eval/{val,test}/...   (ARCHITECTURE.md)
+
+Every task goes through here, the heads (fed from a cache) and the tasks that read images from a
+manifest (the filter ``mnv4``, the DETR fine-tune ``detr``): the task opens and checks its data
+(:meth:`featcache.heads.task.Task.open_source`), the config records it (``cache`` or ``manifest``:
+path, fingerprint or sha256, path relative to the run), and :func:`conclude` writes every run's
+evaluations (the same writer as ``featcache evaluate``) and its summary.json, one schema for all.
 
 Model selection uses the validation split only; test metrics are reported, never used to choose.
 An interrupted run (Ctrl-C, kill -9) resumes when the same command is run again; a rerun with
@@ -18,19 +24,21 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cache import CacheLock, open_cache
+from ..cache import CacheLock
 from ..cache.store import LOCK_FILE
 from ..config import load_config, resolve_config, save_config
 from ..errors import FeatcacheError, RunLockedError
-from ..heads.task import Task, get_task, load_run, run_fingerprint
+from ..heads.task import SOURCE_IDENTITY, Task, get_task, load_run, run_fingerprint
+from ..progress import library_bars
 from ..runtime import RunDir, is_run_dir, load_weights, prepare_run_dir, resolve_device, seed_everything, write_json
-from .evaluate import Evaluation, run_title, write_evaluation
+from .evaluate import Evaluation, write_task_evaluation
 from .loop import FitResult, LoopSettings, fit
 
 
 @dataclass
 class RunResult:
-    """A trained run: its selection, val/test metrics and what the task added; it prints itself."""
+    """A trained run of any task: its selection, val/test metrics (``{}`` for a split the task does
+    not evaluate) and what the task added (``extra``: what its ``finish`` returned); it prints itself."""
 
     run_dir: Path
     best_epoch: int
@@ -41,9 +49,15 @@ class RunResult:
     summary_keys: tuple[str, ...] = ()
     evaluations: list[Evaluation] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    epochs_run: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        """Training throughput of a task that reads images (the filter's ``train_images_per_s``), else NaN."""
+        return float(self.extra.get("train_images_per_s", float("nan")))
 
     def lines(self) -> list[str]:
-        out = [f"{self.run_dir}: best epoch {self.best_epoch}, {self.seconds:.1f} s"]
+        out = [f"{self.run_dir}: best epoch {self.best_epoch} of {self.epochs_run}, {self.seconds:.1f} s"]
         out += [f"  {e.split}: {e.short()}" for e in self.evaluations]
         for attr, row in (self.extra.get("probe") or {}).items():
             out.append(f"  probe {attr}: raw {row['raw']:.3f} -> debiased {row['debiased']:.3f} "
@@ -80,16 +94,16 @@ def with_added_keys(cfg: dict) -> dict:
     return c
 
 
-def _resolve(task_name, cache_path, preset, config_file, sets, options) -> dict:
+def _resolve(task_name, source_path, preset, config_file, sets, options) -> dict:
     """The resolved config of a run: the task's YAML, preset, file and ``--set`` items, then where its
-    inputs are: ``cache.path`` and each required run (``options.<name>``) as absolute paths, each
-    required run's fingerprint in ``inputs.<name>.fingerprint`` (:func:`locate` adds the paths
-    relative to the run folder)."""
+    inputs are: its data (``cache.path`` or ``manifest.path``, as the task's ``source`` says) and each
+    required run (``options.<name>``) as absolute paths, each required run's fingerprint in
+    ``inputs.<name>.fingerprint`` (:func:`locate` adds the paths relative to the run folder)."""
     cfg = resolve_config(task_name, preset, config_file, sets)
     cls = get_task(task_name)
     given = {k: str(v) for k, v in (options or {}).items() if v is not None}
     cfg["options"] = {k: str(Path(v).resolve()) if k in cls.requires_runs else v for k, v in given.items()}
-    cfg["cache"] = {"path": str(Path(cache_path).resolve())}
+    cfg[cls.source] = {"path": str(Path(source_path).resolve())}
     inputs = {k: {"fingerprint": run_fingerprint(v)} for k, v in cfg["options"].items()
               if k in cls.requires_runs and RunDir(v).best.is_file()}
     if inputs:
@@ -98,12 +112,14 @@ def _resolve(task_name, cache_path, preset, config_file, sets, options) -> dict:
 
 
 def locate(cfg: dict, run_dir: Path) -> dict:
-    """``cfg`` with its inputs' paths relative to ``run_dir`` added (``cache.relative``,
-    ``inputs.<name>.relative``): a run moved or copied together with them finds them again."""
+    """``cfg`` with its inputs' paths relative to ``run_dir`` added (``cache.relative`` or
+    ``manifest.relative``, ``inputs.<name>.relative``): a run moved or copied together with them
+    finds them again."""
     run_dir = Path(run_dir).resolve()
-    cache = cfg.setdefault("cache", {})
-    if cache.get("path"):
-        cache["relative"] = os.path.relpath(Path(cache["path"]).resolve(), run_dir)
+    for kind in SOURCE_IDENTITY:
+        source = cfg.get(kind)
+        if isinstance(source, dict) and source.get("path"):
+            source["relative"] = os.path.relpath(Path(source["path"]).resolve(), run_dir)
     for name, entry in (cfg.get("inputs") or {}).items():
         if (cfg.get("options") or {}).get(name):
             entry["relative"] = os.path.relpath(Path(cfg["options"][name]).resolve(), run_dir)
@@ -111,14 +127,17 @@ def locate(cfg: dict, run_dir: Path) -> dict:
 
 
 def where_independent(cfg: dict) -> dict:
-    """A copy of ``cfg`` without where its inputs lie: the cache is compared by its fingerprint, a
-    required run by ``inputs.<name>.fingerprint`` (a config written before runs were fingerprinted
-    keeps its path; :func:`run_config_differences` compares such configs by path)."""
+    """A copy of ``cfg`` without where its inputs lie: the cache is compared by its fingerprint (a
+    manifest by its sha256), a required run by ``inputs.<name>.fingerprint`` (a config written
+    before runs were fingerprinted keeps its path; :func:`run_config_differences` compares such
+    configs by path)."""
     c = with_added_keys(cfg)
-    cache = c.get("cache") or {}
-    cache.pop("relative", None)
-    if cache.get("fingerprint"):
-        cache.pop("path", None)
+    for kind, key in SOURCE_IDENTITY.items():
+        source = c.get(kind)
+        if isinstance(source, dict):
+            source.pop("relative", None)
+            if source.get(key):
+                source.pop("path", None)
     for name, entry in (c.get("inputs") or {}).items():
         entry.pop("relative", None)
         (c.get("options") or {}).pop(name, None)
@@ -133,7 +152,8 @@ def run_config_differences(saved: dict, new: dict) -> list[str]:
         a, b = with_added_keys(saved), with_added_keys(new)
         for c in (a, b):
             c.pop("inputs", None)
-            (c.get("cache") or {}).pop("relative", None)
+            for kind in SOURCE_IDENTITY:
+                (c.get(kind) or {}).pop("relative", None)
     return config_differences(a, b)
 
 
@@ -179,29 +199,61 @@ def writer_lock(folders) -> Iterator[None]:
                     pass
 
 
-def _start_or_resume(out: Path, cfg: dict, overwrite: bool) -> bool:
-    """True when ``out`` holds an interrupted run of this very config (it resumes)."""
+def _start_or_resume(out: Path, cfg: dict, overwrite: bool, extend: bool = False) -> bool:
+    """True when ``out`` holds an interrupted run of this very config (it resumes); with ``extend``
+    also a finished run (with its resume point) whose config differs only by more ``training.epochs``
+    (it is extended)."""
     if overwrite or not is_run_dir(out):
         return False
     rd = RunDir(out)
-    if rd.summary.is_file():
+    finished = rd.summary.is_file()
+    if finished and not extend:
         raise FeatcacheError(f"{out} already holds a finished run; pass --overwrite to replace it, or choose a new --out")
     if not rd.resume.is_file() or not rd.config.is_file():
+        if finished:
+            raise FeatcacheError(f"{out} holds a finished run without its resume point (resume.pt), so it cannot be "
+                                 "extended; train it with --keep-resume to extend it later, or pass --overwrite")
         return False  # nothing finished: started afresh below (prepare_run_dir replaces it)
-    diffs = run_config_differences(load_config(rd.config), cfg)
+    saved = load_config(rd.config)
+    if extend:
+        saved = json.loads(json.dumps(saved))
+        old = int(saved["training"]["epochs"])
+        if int(cfg["training"]["epochs"]) < old:
+            raise FeatcacheError(f"cannot resume {out} to {cfg['training']['epochs']} epochs: it was set up for {old}")
+        saved["training"]["epochs"] = int(cfg["training"]["epochs"])
+    diffs = run_config_differences(saved, cfg)
     if diffs:
         raise FeatcacheError(f"{out} holds an interrupted run with another config ({'; '.join(diffs[:4])}); "
                              "rerun it with the same options to resume, or pass --overwrite to replace it")
     return True
 
 
-def train_runs(task_name: str, cache_path, outs: list, *, cfgs: list[dict], overwrite: bool = False,
-               progress: bool = True, echo=None, keep_resume: bool = False) -> list[RunResult]:
+@dataclass
+class _Job:
+    """What :func:`train_runs` hands to the locked part: the options besides the runs."""
+
+    overwrite: bool = False
+    progress: bool = True
+    echo: object = None
+    keep_resume: bool = False
+    extend: bool = False
+    lr: float | None = None
+    on_epoch_end: object = None
+
+
+def train_runs(task_name: str, source_path, outs: list, *, cfgs: list[dict], overwrite: bool = False,
+               progress: bool = True, echo=None, keep_resume: bool = False, extend: bool = False,
+               lr: float | None = None, on_epoch_end=None) -> list[RunResult]:
     """Train R runs of one task stacked in one job (R = 1: ``train-head``); one run directory each.
 
+    ``source_path`` is the task's data (a cache, or a manifest for the tasks that read images).
     ``keep_resume``: keep each finished run's resume point (``resume.pt``: the weights and AdamW's
     two moments, about 1.5 times the run's two weight files); by default it is deleted when the
-    run finishes (the run is complete without it; extending it to more epochs would need it)."""
+    run finishes (the run is complete without it; extending it to more epochs needs it).
+    ``extend``: a finished run (kept with its resume point) whose config asks for more
+    ``training.epochs`` trains on to them, its schedule restarting from the last learning rate used
+    or from ``lr``. ``on_epoch_end(epoch, rows)`` is called after each epoch's resume points are
+    written (a notebook hook; raising in it interrupts the runs)."""
     outs = [Path(o) for o in outs]
     cls = get_task(task_name)
     keys = {cls.stack_key(c) for c in cfgs}
@@ -210,28 +262,31 @@ def train_runs(task_name: str, cache_path, outs: list, *, cfgs: list[dict], over
                              "train them as separate jobs")
     dev_name = cfgs[0]["training"]["device"]
     device = resolve_device(None if dev_name == "auto" else dev_name, what="training.device")
-    cache = open_cache(cache_path)
+    source = cls.open_source(source_path)
     for o, c in zip(outs, cfgs):
-        c["cache"]["fingerprint"] = cache.fingerprint
+        c.setdefault(source.kind, {}).update(source.record())
         locate(c, o)
     settings = LoopSettings.from_config(cfgs)
-    with writer_lock(outs):
-        return _train_locked(task_name, cls, cache, device, outs, cfgs, settings, overwrite, progress, echo,
-                             keep_resume)
+    job = _Job(overwrite, progress, echo, keep_resume, extend, lr, on_epoch_end)
+    with writer_lock(outs), library_bars(progress):  # -q: a library's own bars (transformers' loading) too
+        return _train_locked(task_name, cls, source, device, outs, cfgs, settings, job)
 
 
-def _train_locked(task_name, cls, cache, device, outs, cfgs, settings, overwrite, progress, echo,
-                  keep_resume) -> list[RunResult]:
+def _train_locked(task_name, cls, source, device, outs, cfgs, settings, job: _Job) -> list[RunResult]:
     """:func:`train_runs` once every run folder's writer lock is held."""
-    resumes = [_start_or_resume(o, c, overwrite) for o, c in zip(outs, cfgs)]
+    overwrite, echo = job.overwrite, job.echo
+    resumes = [_start_or_resume(o, c, overwrite, job.extend) for o, c in zip(outs, cfgs)]
     if any(resumes) and not all(resumes):
         raise FeatcacheError("some of these runs were interrupted and some not; train them one by one")
     seed_everything(settings.seeds[0])
     task: Task = cls(cfgs, device, run_dirs=outs)
     resolve_inputs(task, device)
-    task.load(cache)
+    task.load(source.data)
     task.spec = task.make_spec()
     task.module = task.build(task.spec).to(device)
+    if resumes[0] and job.extend:  # an extended run's config records its new length
+        for o, c in zip(outs, cfgs):
+            save_config(c, RunDir(o).config)
     if not resumes[0]:
         for o, c in zip(outs, cfgs):
             rd = RunDir(o)
@@ -243,8 +298,9 @@ def _train_locked(task_name, cls, cache, device, outs, cfgs, settings, overwrite
         echo(f"resuming {', '.join(map(str, outs))} from its last finished epoch")
     t0 = time.perf_counter()
     label = f"train {task_name}" + (f":{cfgs[0]['preset']}" if cfgs[0].get("preset") and len(cfgs) == 1 else "")
-    fits = fit(task, outs, settings, resume=resumes[0], desc=label, progress=progress, echo=echo)
-    return conclude(task, fits, cfgs, time.perf_counter() - t0, keep_resume=keep_resume)
+    fits = fit(task, outs, settings, resume=resumes[0], lr=job.lr if resumes[0] else None, desc=label,
+               progress=job.progress, echo=echo, on_epoch_end=job.on_epoch_end)
+    return conclude(task, fits, cfgs, time.perf_counter() - t0, keep_resume=job.keep_resume)
 
 
 def run_bytes(task: Task) -> dict[str, int]:
@@ -256,12 +312,13 @@ def run_bytes(task: Task) -> dict[str, int]:
     return {"weights": int(weights), "resume": int(weights + 2 * trainable)}
 
 
-def estimate_run_bytes(task_name: str, cache_path, cfg: dict) -> dict[str, int]:
-    """:func:`run_bytes` of a run of ``cfg``, its module built on the CPU from the cache (nothing trained)."""
+def estimate_run_bytes(task_name: str, source_path, cfg: dict) -> dict[str, int]:
+    """:func:`run_bytes` of a run of ``cfg``, its module built on the CPU from its data (nothing trained)."""
     cfg = json.loads(json.dumps(cfg))
-    task: Task = get_task(task_name)([cfg], "cpu")
+    cls = get_task(task_name)
+    task: Task = cls([cfg], "cpu")
     resolve_inputs(task, "cpu")
-    task.load(open_cache(cache_path))
+    task.load(cls.open_source(source_path).data)
     task.spec = task.make_spec()
     task.module = task.build(task.spec)
     return run_bytes(task)
@@ -269,18 +326,21 @@ def estimate_run_bytes(task_name: str, cache_path, cfg: dict) -> dict[str, int]:
 
 def conclude(task: Task, fits: list[FitResult], cfgs: list[dict], seconds: float, *,
              keep_resume: bool = True) -> list[RunResult]:
-    """Each run's selected weights evaluated on val and test into RUN/eval/, then summary.json;
-    without ``keep_resume`` the finished run's resume point is deleted (after summary.json)."""
+    """Each run's selected weights evaluated on the task's splits (:meth:`Task.eval_splits`) into
+    RUN/eval/ by :func:`featcache.train.evaluate.write_task_evaluation` (what ``featcache evaluate``
+    writes, the task's report and plots included), the task's ``finish``, then summary.json (one
+    schema for every task: :func:`summary_record`); without ``keep_resume`` the finished run's
+    resume point is deleted (after summary.json)."""
     for r, f in enumerate(fits):
         task.load_run_state_dict(r, load_weights(RunDir(f.run_dir).best, task.device))
     task.module.eval()
-    evals = {split: task.evaluate(split) for split in ("val", "test")}
-    results = []
+    written: list[dict[str, Evaluation]] = [{} for _ in fits]
+    for split in task.eval_splits():  # per split: evaluated, then written (a task's plots use its last evaluation)
+        results = task.evaluate(split)
+        for r, f in enumerate(fits):
+            written[r][split] = write_task_evaluation(task, f.run_dir, split, *results[r], cfg=cfgs[r], r=r)
+    out = []
     for r, (f, cfg) in enumerate(zip(fits, cfgs)):
-        written = [write_evaluation(f.run_dir, split, *evals[split][r], detects=task.detects,
-                                    summary_keys=task.summary_keys, title=run_title(f.run_dir, task.name, cfg.get("preset")),
-                                    task_md=task.report(*evals[split][r]))
-                   for split in ("val", "test")]
         extra = task.finish(f.run_dir, r) or {}
         if f.stopped:
             extra.setdefault("stopped", f.stopped)
@@ -292,30 +352,48 @@ def conclude(task: Task, fits: list[FitResult], cfgs: list[dict], seconds: float
         if prune:
             notes.append(f"resume point pruned ({resume.stat().st_size / 2**20:.1f} MB): the run is complete "
                          "without it; pass --keep-resume to keep it (extending a run to more epochs needs it)")
-        write_json(RunDir(f.run_dir).summary, {
-            "task": task.name, "preset": cfg.get("preset"), "seed": int(cfg["training"]["seed"]),
-            "best_epoch": f.best_epoch, "epochs_run": f.epochs_run, "selection": cfg["selection"]["score"],
-            "rule": cfg["selection"].get("rule", "best"), "score": f.score, "stopped": f.stopped,
-            # each split's metrics as written to eval/<split>/metrics.json: with their intervals, the
-            # gaps' no-disparity floors and the ECE floor, which the ablation tables compare on
-            "val": written[0].metrics, "test": written[1].metrics, **extra, "notes": notes,
-            "summary_keys": list(task.summary_keys), "seconds": seconds,
-        })
+        evals = written[r]
+        write_json(RunDir(f.run_dir).summary, summary_record(task, f, cfg, evals, extra, notes, seconds))
         if prune:
             resume.unlink()  # after summary.json: a kill in between leaves a finished run and a spare file
-        results.append(RunResult(f.run_dir, f.best_epoch, written[0].metrics, written[1].metrics, seconds, extra,
-                                 task.summary_keys, written, notes))
-    return results
+        val, test = (evals[s].metrics if s in evals else {} for s in ("val", "test"))
+        out.append(RunResult(f.run_dir, f.best_epoch, val, test, seconds, extra, task.summary_keys,
+                             list(evals.values()), notes, f.epochs_run))
+    return out
 
 
-def train_head(task_name: str, cache_path, out, *, preset: str | None = None, config_file=None, sets=(),
+#: The top-level keys of every run's summary.json, in order (a task's ``finish`` adds its own after them).
+SUMMARY_KEYS = ("task", "preset", "seed", "device", "best_epoch", "epochs_run", "selection", "rule", "score",
+                "stopped", "val", "test", "evaluated", "notes", "summary_keys", "seconds")
+
+
+def summary_record(task: Task, f: FitResult, cfg: dict, evals: dict[str, Evaluation], extra: dict, notes: list,
+                   seconds: float) -> dict:
+    """summary.json of one run: :data:`SUMMARY_KEYS` (``val`` / ``test``: each split's metrics as written
+    to eval/<split>/metrics.json, with their intervals and floors, which the ablation tables compare on;
+    ``{}`` for a split the task does not evaluate; ``evaluated``: the splits it did), then the task's extras."""
+    record = {
+        "task": task.name, "preset": cfg.get("preset"), "seed": int(cfg["training"]["seed"]),
+        "device": str(task.device), "best_epoch": f.best_epoch, "epochs_run": f.epochs_run,
+        "selection": cfg["selection"]["score"], "rule": cfg["selection"].get("rule", "best"), "score": f.score,
+        "stopped": f.stopped, "val": evals["val"].metrics if "val" in evals else {},
+        "test": evals["test"].metrics if "test" in evals else {}, "evaluated": list(evals),
+        "notes": notes, "summary_keys": list(task.summary_keys), "seconds": seconds,
+    }
+    return {**record, **{k: v for k, v in extra.items() if k not in record}}
+
+
+def train_head(task_name: str, source, out, *, preset: str | None = None, config_file=None, sets=(),
                overwrite: bool = False, progress: bool = True, options: dict | None = None, echo=None,
-               keep_resume: bool = False) -> RunResult:
-    """Train a task's head from a cache into the run directory ``out`` (R = 1 of :func:`train_runs`).
+               keep_resume: bool = False, extend: bool = False, lr: float | None = None,
+               on_epoch_end=None) -> RunResult:
+    """Train a task from its data ``source`` (a cache; a manifest for ``mnv4`` and ``detr``) into the
+    run directory ``out`` (R = 1 of :func:`train_runs`, whose docstring has ``keep_resume``,
+    ``extend``, ``lr`` and ``on_epoch_end``).
 
     ``options`` are task inputs that are not hyper-parameters (Stage 2's ``stage1`` run). An
     interrupted run in ``out`` with the same config resumes.
     """
-    cfg = _resolve(task_name, cache_path, preset, config_file, sets, options)
-    return train_runs(task_name, cache_path, [out], cfgs=[cfg], overwrite=overwrite, progress=progress, echo=echo,
-                      keep_resume=keep_resume)[0]
+    cfg = _resolve(task_name, source, preset, config_file, sets, options)
+    return train_runs(task_name, source, [out], cfgs=[cfg], overwrite=overwrite, progress=progress, echo=echo,
+                      keep_resume=keep_resume, extend=extend, lr=lr, on_epoch_end=on_epoch_end)[0]
