@@ -1,7 +1,7 @@
 """FAAP's claim on the synthetic detection set, end to end, offline and seeded.
 
-    python benchmarks/faap_synthetic.py [--n 400] [--gap 0.7] [--others 0] [--model tiny-det]
-                                        [--detr-epochs 15] [--faap-epochs 30] [--device cpu] [--work DIR]
+    python benchmarks/faap_synthetic.py [--n 400] [--gap 1.0] [--others 0] [--model tiny-det]
+                                        [--detr-epochs 35] [--faap-epochs 30] [--device cpu] [--work DIR]
 
 1. ``synth detection``: drawn people, women's figures fainter and smaller (``--gap``), one person
    per image and ``--others`` other objects at most.
@@ -40,10 +40,10 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=400)
-    ap.add_argument("--gap", type=float, default=0.7)
+    ap.add_argument("--gap", type=float, default=1.0)
     ap.add_argument("--others", type=int, default=0)
     ap.add_argument("--model", default="tiny-det", help="the offline DETR preset to fit: tiny-det or tiny")
-    ap.add_argument("--detr-epochs", type=int, default=15)
+    ap.add_argument("--detr-epochs", type=int, default=35)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--detr-model", default=None, help="a fitted DETR folder (skips the fine-tune)")
