@@ -580,3 +580,21 @@ def test_demo_faap_lines_say_what_faap_did_to_the_gap():
     assert "widened" in faap_lines({**m, "ci95": {**m["ci95"], "ap_gap_change": [0.01, 0.02]}})[2]
     assert "did not measurably change" in faap_lines({**m, "ci95": {**m["ci95"], "ap_gap_change": [-0.1, 0.02]}})[2]
     assert "finds next to nothing" in faap_lines({**m, "base_ap": 0.01})[2]
+
+
+def test_detection_demo_branch_end_to_end_at_tiny_sizes(tmp_path):
+    """The demo's [8/8]: one-person images, the tiny-det DETR fitted (1 epoch), its cache, FAAP, the lines."""
+    from featcache.cache import open_cache
+    from featcache.demo import DemoSizes, run_detection_demo
+
+    lines = []
+    r = run_detection_demo(tmp_path, sizes=DemoSizes(detection=20, detr_epochs=1, faap_epochs=1), progress=False,
+                           echo=lines.append)
+    c = open_cache(r["cache"])
+    assert c.load_rows("hidden").shape == (20, 2, 64) and c.backbone["pretrained"] == "local"
+    assert json.loads((tmp_path / "detr-tiny-det" / "summary.json").read_text())["epochs"] == 1
+    m = r["test"]
+    assert lines[0].startswith("[8/8] detection") and any(line.startswith("      detector  : test person AP ")
+                                                          for line in lines)
+    assert any(line.startswith("      change of the AP gap ") for line in lines)
+    assert m["ci95_info"]["images"] == {"male": 2, "female": 2}
