@@ -325,6 +325,77 @@ def test_per_gender_ap_equals_pycocotools(tmp_path):
     assert person["ap_female"] == pytest.approx(ev.stats[0], abs=1e-12) and person["ap_female"] != ours["ap_female"]
 
 
+def _random_detections(seed, n=12, q=3):
+    """A small COCO problem: 0-2 boxes per image (person or car), DETR-like outputs near them."""
+    from featcache.metrics.coco import coco_ground_truth, detr_detections
+
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(50, 120, (n, 2))
+    gtb = [np.clip(rng.uniform(0.2, 0.8, (k, 4)) * [1, 1, 0.4, 0.4], 0.05, 0.9) for k in rng.integers(0, 3, n)]
+    gtc = [np.where(rng.random(len(b)) < 0.7, 1, 3) for b in gtb]
+    logits = rng.normal(0, 1, (n, q, 92))
+    logits[:, :, 1] += rng.uniform(0, 3, (n, q))
+    boxes = np.clip(rng.normal(0.45, 0.15, (n, q, 4)), 0.05, 0.9)
+    for i, b in enumerate(gtb):
+        k = min(len(b), q)
+        boxes[i, :k] = b[:k] + rng.normal(0, 0.01, b[:k].shape)
+        logits[i, np.arange(k), gtc[i][:k]] += rng.uniform(0, 6, k)
+    return coco_ground_truth(sizes, gtb, gtc), detr_detections(logits, boxes, sizes), rng
+
+
+def _repeated(gt, dets, counts):
+    """The data set with image i repeated counts[i] times (new ids): what a bootstrap resample is."""
+    images, anns, out = [], [], []
+    for i, im in enumerate(gt["images"]):
+        for _ in range(int(counts[i])):
+            new = len(images) + 1
+            images.append({**im, "id": new})
+            anns += [{**a, "image_id": new, "id": len(anns) + j + 1}
+                     for j, a in enumerate(a for a in gt["annotations"] if a["image_id"] == im["id"])]
+            out += [{**d, "image_id": new} for d in dets if d["image_id"] == im["id"]]
+    return {"images": images, "annotations": anns, "categories": gt["categories"]}, out
+
+
+@pytest.mark.parametrize("cats", [None, [1]])
+def test_weighted_ap_equals_pycocotools_on_the_resampled_images(cats):
+    """A bootstrap resample's AP/AR from one matching equals pycocotools run on the images repeated as drawn."""
+    from featcache.metrics.coco import coco_ap_ar, image_matches, weighted_ap_ar
+
+    gt, dets, rng = _random_detections(0)
+    m = image_matches(gt, dets, cats)
+    ap, ar = weighted_ap_ar(m, np.ones(12))
+    ref = coco_ap_ar(gt, dets, cat_ids=cats)
+    assert ap[0] == pytest.approx(ref["ap"], abs=1e-12) and ar[0] == pytest.approx(ref["ar"], abs=1e-12)
+    assert 0.1 < ref["ap"] < 0.9  # a case with hits and misses, not a trivial 0 or 1
+    draws = rng.multinomial(12, np.full(12, 1 / 12), size=4)
+    draws[3] = 0
+    draws[3, :5] = 1  # a subset: the groups' AP is this with 0/1 weights
+    ap, ar = weighted_ap_ar(m, draws)
+    for b in range(4):
+        ref = coco_ap_ar(*_repeated(gt, dets, draws[b]), cat_ids=cats)
+        assert ap[b] == pytest.approx(ref["ap"], abs=1e-12) and ar[b] == pytest.approx(ref["ar"], abs=1e-12)
+    sub = coco_ap_ar(gt, dets, image_ids=[1, 2, 3, 4, 5], cat_ids=cats)
+    assert ap[3] == pytest.approx(sub["ap"], abs=1e-12)
+
+
+def test_bootstrap_group_ap_without_detections_and_paired_resamples():
+    from featcache.metrics.coco import bootstrap_group_ap_ar, image_matches, weighted_ap_ar
+
+    gt, dets, _ = _random_detections(1)
+    ap, ar = weighted_ap_ar(image_matches(gt, [], [1]), np.ones((2, 12)))
+    assert ap.tolist() == [0.0, 0.0] and ar.tolist() == [0.0, 0.0]  # every box missed, as coco_ap_ar says
+    groups = np.arange(12) % 2
+    m = image_matches(gt, dets, [1])
+    a = bootstrap_group_ap_ar(m, groups, {0: "male", 1: "female"}, n_boot=50, seed=3)
+    b = bootstrap_group_ap_ar(m, groups, {0: "male", 1: "female"}, n_boot=50, seed=3)
+    assert all(np.array_equal(a[k], b[k], equal_nan=True) for k in a) and a["ap_male"].shape == (50,)
+    # each group's resample draws only its own images, as many as it has: the same draws by hand
+    rng = np.random.default_rng(3)
+    w = np.zeros((50, 12))
+    w[:, groups == 0] = rng.multinomial(6, np.full(6, 1 / 6), size=50)
+    np.testing.assert_array_equal(weighted_ap_ar(m, w)[0], a["ap_male"])
+
+
 # -- the FAAP head ---------------------------------------------------------------------------------
 def test_perturbation_never_exceeds_epsilon():
     from featcache.config import Section
@@ -381,6 +452,16 @@ def test_faap_train_and_evaluate_cli(det_cache, tmp_path):
                 gaps.append(b[:k].mean() - b[len(b) - k:].mean())
         assert m[prefix + "pos_anchor_gap"] == pytest.approx(np.mean(gaps), rel=1e-5, abs=1e-7)
     assert m["gap_closed"] == pytest.approx(m["base_gender_score_gap"] - m["gender_score_gap"])
+    # the test split's per-gender AP/AR with 95 % bootstrap intervals, before (base_) and after, and the paired
+    # change of the AP gap; val (evaluated every epoch) has none
+    from featcache.heads.faap import CI_KEYS
+
+    assert set(m["ci95"]) == {*CI_KEYS, *(f"base_{k}" for k in CI_KEYS), "ap_gap_change"}
+    assert all(lo <= hi for lo, hi in m["ci95"].values() if np.isfinite(lo))
+    assert m["ap_gap_change"] == pytest.approx(m["ap_gap"] - m["base_ap_gap"])
+    assert m["ci95_info"]["n_boot"] == 200 and sum(m["ci95_info"]["images"].values()) == len(preds)
+    assert "ci95" not in json.loads((run / "eval" / "val" / "metrics.json").read_text())
+    assert "Change of the AP gap" in (run / "eval" / "test" / "report.md").read_text()
     # the unperturbed baseline is the cache's own outputs: its mean image score matches them
     from featcache.cache import open_cache
     from featcache.losses.faap import image_scores
@@ -462,3 +543,60 @@ def test_detr_refuses_a_manifest_without_ground_truth_and_writes_nothing(tmp_pat
     with pytest.raises(FeatcacheError, match="no row of the manifest has both image_id and annotations"):
         extract("detr", manifest, tmp_path / "c", model="tiny", num_workers=0, progress=False)
     assert not (tmp_path / "c").exists()  # refused before the cache was created
+
+
+def test_tiny_det_preset_and_one_person_images(tmp_path):
+    """The demo's detector: `synth detection --others 0` draws exactly one person per image, and the offline
+    tiny-det preset caches 2 queries per image from 64 px inputs."""
+    from featcache.cache import open_cache
+    from featcache.data.synth_detection import synth_detection
+    from featcache.extract import extract
+    from featcache.extract.detr import load_detr
+
+    r = synth_detection(tmp_path / "d", n=12, seed=0, others=0, progress=False)
+    anns = [a for p in (tmp_path / "d").glob("*_split/gender_*.json") for a in json.loads(p.read_text())["annotations"]]
+    assert r["annotations"] == len(anns) == 12 and {a["category_id"] for a in anns} == {1}
+    net, processor, tag = load_detr("tiny-det", seed=0)
+    assert net.config.num_queries == 2 and processor.size == {"height": 64, "width": 64} and tag == "none"
+    extract("detr", tmp_path / "d" / "manifest.csv", tmp_path / "c", model="tiny-det", num_workers=0, progress=False)
+    c = open_cache(tmp_path / "c")
+    assert c.load_rows("hidden").shape == (12, 2, 64) and c.backbone["model"] == "tiny-det"
+    from featcache.errors import FeatcacheError
+
+    with pytest.raises(FeatcacheError, match="--others"):
+        synth_detection(tmp_path / "e", n=12, others=5, progress=False)
+
+
+def test_demo_faap_lines_say_what_faap_did_to_the_gap():
+    from featcache.demo import faap_lines
+
+    m = {"base_ap": 0.40, "base_ap_male": 0.47, "base_ap_female": 0.32, "base_ap_gap": 0.15, "base_ar_gap": 0.1,
+         "ap": 0.41, "ap_male": 0.46, "ap_female": 0.36, "ap_gap": 0.10, "ar_gap": 0.08, "ap_gap_change": -0.05,
+         "ci95": {"base_ap_gap": [0.05, 0.25], "ap_gap": [0.0, 0.2], "base_ar_gap": [0.0, 0.2], "ar_gap": [0.0, 0.2],
+                  "ap_gap_change": [-0.08, -0.02]},
+         "ci95_info": {"images": {"male": 40, "female": 40}}}
+    lines = faap_lines(m)
+    assert "men 0.470, women 0.320; AP gap (men - women) +0.150 [+0.050, +0.250]" in lines[0]
+    assert "AP gap (men - women) +0.100 [+0.000, +0.200]" in lines[1]
+    assert "-0.050 [-0.080, -0.020] (paired): FAAP narrowed" in lines[2] and "80 test images" in lines[2]
+    assert "widened" in faap_lines({**m, "ci95": {**m["ci95"], "ap_gap_change": [0.01, 0.02]}})[2]
+    assert "did not measurably change" in faap_lines({**m, "ci95": {**m["ci95"], "ap_gap_change": [-0.1, 0.02]}})[2]
+    assert "finds next to nothing" in faap_lines({**m, "base_ap": 0.01})[2]
+
+
+def test_detection_demo_branch_end_to_end_at_tiny_sizes(tmp_path):
+    """The demo's [8/8]: one-person images, the tiny-det DETR fitted (1 epoch), its cache, FAAP, the lines."""
+    from featcache.cache import open_cache
+    from featcache.demo import DemoSizes, run_detection_demo
+
+    lines = []
+    r = run_detection_demo(tmp_path, sizes=DemoSizes(detection=20, detr_epochs=1, faap_epochs=1), progress=False,
+                           echo=lines.append)
+    c = open_cache(r["cache"])
+    assert c.load_rows("hidden").shape == (20, 2, 64) and c.backbone["pretrained"] == "local"
+    assert json.loads((tmp_path / "detr-tiny-det" / "summary.json").read_text())["epochs"] == 1
+    m = r["test"]
+    assert lines[0].startswith("[8/8] detection") and any(line.startswith("      detector  : test person AP ")
+                                                          for line in lines)
+    assert any(line.startswith("      change of the AP gap ") for line in lines)
+    assert m["ci95_info"]["images"] == {"male": 2, "female": 2}

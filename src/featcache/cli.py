@@ -1054,16 +1054,19 @@ def cache_export_cmd(state, path, h5_out, overwrite):
 @click.option("--gap", default=0.5, show_default=True,
               help="0 = women's figures as easy to detect as men's; 1 = much fainter and smaller.")
 @click.option("--size", default=64, show_default=True, help="Image side in pixels.")
-def synth_detection_cmd(state, out, n, seed, gap, size, overwrite):
+@click.option("--others", default=2, show_default=True,
+              help="Other objects (cars, balls) per image at most, 0-4; 0: one person per image (the demo's).")
+def synth_detection_cmd(state, out, n, seed, gap, size, others, overwrite):
     """Drawn people with a gender, and other objects: COCO JSON in the FAAP layout, and OUT/manifest.csv.
 
-    Example: featcache synth detection data/det --n 600 --gap 0.5
+    Example: featcache synth detection data/det --n 400 --gap 0.7 --others 0
     """
     from .data.manifest import refuse_non_empty
     from .data.synth_detection import synth_detection
 
     refuse_non_empty(out, overwrite=overwrite)
-    click.echo(json.dumps(synth_detection(out, n=n, seed=seed, gap=gap, size=size, progress=not state.quiet),
+    click.echo(json.dumps(synth_detection(out, n=n, seed=seed, gap=gap, size=size, others=others,
+                                                  progress=not state.quiet),
                           indent=2))
 
 

@@ -46,7 +46,7 @@ def _split_of(k: int, m: int) -> str:
     return "test"
 
 
-def synth_detection(out, *, n: int = 600, seed: int = 0, gap: float = 0.5, size: int = 64,
+def synth_detection(out, *, n: int = 600, seed: int = 0, gap: float = 0.5, size: int = 64, others: int = 2,
                     progress: bool = True) -> dict:
     """Write ``n`` images (half per gender) with COCO annotations and the manifest; return a summary."""
     if int(n) < 10:
@@ -55,6 +55,8 @@ def synth_detection(out, *, n: int = 600, seed: int = 0, gap: float = 0.5, size:
         raise FeatcacheError(f"--gap must be in [0, 1], got {gap}")
     if int(size) < 32:
         raise FeatcacheError(f"--size must be at least 32 pixels, got {size}")
+    if not 0 <= int(others) <= 4:
+        raise FeatcacheError(f"--others must be in 0..4 (other objects per image at most), got {others}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     per_group = {"women": n // 2, "men": n - n // 2}
@@ -67,7 +69,7 @@ def synth_detection(out, *, n: int = 600, seed: int = 0, gap: float = 0.5, size:
             image_id += 1
             split = _split_of(k, per_group[g])
             rng = np.random.default_rng([int(seed), image_id])
-            img, objects = draw_image(rng, size, women=g == "women", gap=float(gap))
+            img, objects = draw_image(rng, size, women=g == "women", gap=float(gap), others=int(others))
             name = f"{image_id:06d}.png"
             folder = out / f"{g}_split" / split
             folder.mkdir(parents=True, exist_ok=True)
@@ -86,12 +88,13 @@ def synth_detection(out, *, n: int = 600, seed: int = 0, gap: float = 0.5, size:
     m = build_manifest("faap-coco", out, out / "manifest.csv")
     counts = m.df.groupby(["split", "gender"]).size()
     return {"out": str(out), "images": int(n), "annotations": ann_id, "gap": float(gap), "seed": int(seed),
+            "others": int(others),
             "manifest": str(out / "manifest.csv"),
             "counts": {f"{s}/{g}": int(v) for (s, g), v in counts.items()}}
 
 
-def draw_image(rng: np.random.Generator, size: int, *, women: bool, gap: float):
-    """One image: a textured background, a person, up to two other objects; (PIL image, [(cat, xywh)])."""
+def draw_image(rng: np.random.Generator, size: int, *, women: bool, gap: float, others: int = 2):
+    """One image: a textured background, a person, up to ``others`` other objects; (PIL image, [(cat, xywh)])."""
     base = rng.uniform(60, 190, 3)
     yy, xx = np.mgrid[0:size, 0:size] / size
     tilt = rng.uniform(-30, 30, 3)
@@ -100,7 +103,7 @@ def draw_image(rng: np.random.Generator, size: int, *, women: bool, gap: float):
     draw = ImageDraw.Draw(img)
     objects = []
     # other objects first, so the person is drawn on top
-    for _ in range(int(rng.integers(0, 3))):
+    for _ in range(int(rng.integers(0, others + 1))):
         cat = int(rng.choice([3, 37]))
         w = float(rng.uniform(0.15, 0.3) * size)
         h = w * (0.6 if cat == 3 else 1.0)

@@ -49,12 +49,16 @@ from ..losses.faap import (
     score_contrastive,
     wasserstein_1d,
 )
-from ..metrics.coco import coco_ground_truth, detr_detections, group_ap_ar
+from ..metrics.coco import bootstrap_group_ap_ar, coco_ground_truth, detr_detections, group_ap_ar, image_matches
 from ..report.tables import markdown_table
 from .task import SplitData, StepState, Task, meta_codes, register_task
 
 META = ["sample_id", "split", "gender", "image_id"]
 GENDER_CODES = ("male", "female")  # 0 male, 1 female
+#: Bootstrap resamples of the test images behind the AP/AR intervals (``ci95``), seeded with 0.
+N_BOOT = 200
+#: The metrics with a ``ci95`` (each also as ``base_<key>``), and ``ap_gap_change`` (paired).
+CI_KEYS = ("ap_male", "ap_female", "ap_gap", "ar_male", "ar_female", "ar_gap")
 
 
 class FaapModel(nn.Module):
@@ -144,6 +148,7 @@ class FaapTask(Task):
         super().__init__(cfgs, device, run_dirs)
         self._heads: dict | None = None
         self._baseline: dict[str, dict] = {}
+        self._boot: dict[str, dict] = {}
 
     def load(self, cache, splits=("train", "val", "test")) -> None:
         super().load(cache, splits)
@@ -248,16 +253,28 @@ class FaapTask(Task):
             res["delta"].append(delta)
         return {k: torch.cat(v).cpu().numpy() for k, v in res.items()}
 
-    def _detection_metrics(self, split: str, out: dict) -> dict:
+    def _coco_inputs(self, split: str, out: dict):
+        """(COCO ground truth, DETR's detections, gender codes, category ids) of a split's outputs."""
         d = self.data[split]
         sizes = d.tensors["image_size"].cpu().numpy()
         cls = d.tensors["gt_classes"].cpu().numpy()
         bx = d.tensors["gt_boxes"].cpu().numpy()
         gt = coco_ground_truth(sizes, [b[c >= 0] for b, c in zip(bx, cls)], [c[c >= 0] for c in cls])
         dets = detr_detections(out["logits"], out["boxes"], sizes)
-        gender = d.tensors["gender"].cpu().numpy()
         cats = str(self.conf.fairness.categories).strip()
         cat_ids = None if cats == "all" else [int(c) for c in cats.split(",")]
+        return gt, dets, d.tensors["gender"].cpu().numpy(), cat_ids
+
+    def _resamples(self, split: str, out: dict) -> dict:
+        """Per-gender AP/AR and their gaps over :data:`N_BOOT` resamples of the split's images, each
+        gender's images drawn with replacement from its own (seed 0: the same resamples for the
+        unperturbed and the perturbed outputs, so their difference is paired)."""
+        gt, dets, gender, cat_ids = self._coco_inputs(split, out)
+        r = bootstrap_group_ap_ar(image_matches(gt, dets, cat_ids), gender, {0: "male", 1: "female"}, n_boot=N_BOOT)
+        return {**r, "ap_gap": r["ap_male"] - r["ap_female"], "ar_gap": r["ar_male"] - r["ar_female"]}
+
+    def _detection_metrics(self, split: str, out: dict) -> dict:
+        gt, dets, gender, cat_ids = self._coco_inputs(split, out)
         r = group_ap_ar(gt, dets, gender, {0: "male", 1: "female"}, cat_ids)
         s = out["scores"]
         male, female = s[gender == 0], s[gender == 1]
@@ -297,6 +314,9 @@ class FaapTask(Task):
                    "delta_linf_over_bound": float((np.abs(delta) / bound).max()),
                    "gap_closed": base["gender_score_gap"] - pert["gender_score_gap"],
                    "ap_change": pert["ap"] - base["ap"], "ap_shift": abs(pert["ap"] - base["ap"])}
+        metrics["ap_gap_change"] = pert["ap_gap"] - base["ap_gap"]
+        if split == "test":  # the reported split; val is evaluated every epoch for selection, without intervals
+            metrics.update(self._intervals(split, out))
         metrics["gender_score_gap_relative_change"] = _rel(pert["gender_score_gap"], base["gender_score_gap"])
         metrics["ap_gap_relative_change"] = _rel(pert["ap_gap"], base["ap_gap"])
         metrics["ar_gap_relative_change"] = _rel(pert["ar_gap"], base["ar_gap"])
@@ -305,6 +325,24 @@ class FaapTask(Task):
         preds["score"] = out["scores"]
         preds["delta_l2"] = np.linalg.norm(delta.reshape(len(delta), -1), axis=1)
         return [(metrics, preds)]
+
+    def _intervals(self, split: str, out: dict) -> dict:
+        """``ci95`` (95 % percentile bootstrap intervals over the split's images, :meth:`_resamples`) of
+        :data:`CI_KEYS`, unperturbed (``base_``) and perturbed, and of ``ap_gap_change`` (perturbed
+        gap minus unperturbed, on the same resamples), with ``ci95_info``."""
+        if "base" not in self._boot.setdefault(split, {}):
+            self._boot[split]["base"] = self._resamples(split, self.outputs(split, perturbed=False))
+        base, pert = self._boot[split]["base"], self._resamples(split, out)
+        ci = {}
+        for k in CI_KEYS:
+            ci[f"base_{k}"], ci[k] = _percentile(base[k]), _percentile(pert[k])
+        ci["ap_gap_change"] = _percentile(pert["ap_gap"] - base["ap_gap"])
+        info = {"method": "percentile bootstrap over images, each gender's images resampled from its own; "
+                          "AP/AR recomputed from pycocotools' matching for each resample (metrics.coco.weighted_ap_ar)",
+                "level": 0.95, "n_boot": N_BOOT, "seed": 0,
+                "images": {"male": int((self.data[split].tensors["gender"] == 0).sum()),
+                           "female": int((self.data[split].tensors["gender"] == 1).sum())}}
+        return {"ci95": ci, "ci95_info": info}
 
     def report(self, metrics: dict, predictions: pd.DataFrame) -> str:
         """The FAAP table (Male AP, Female AP, Male AR, Female AR; baseline, perturbed, delta)."""
@@ -332,7 +370,7 @@ class FaapTask(Task):
         (metrics, _), = self.evaluate("test")
         return {"faap_test": {k: metrics[k] for k in ("base_gender_score_gap", "gender_score_gap", "gap_closed",
                                                        "base_pos_anchor_gap", "pos_anchor_gap", "base_ap",
-                                                       "ap", "ap_change", "base_ap_gap", "ap_gap")}}
+                                                       "ap", "ap_change", "base_ap_gap", "ap_gap", "ap_gap_change")}}
 
 
 def faap_table(m: dict) -> pd.DataFrame:
@@ -347,11 +385,29 @@ def faap_table(m: dict) -> pd.DataFrame:
 
 
 def faap_summary(m: dict) -> str:
-    return (f"epsilon {m['epsilon']:.3f} (x per-dimension std); perturbation L-inf {m['delta_linf']:.4f} "
+    ci = m.get("ci95") or {}
+
+    def iv(key: str) -> str:
+        return f" [{ci[key][0]:.4f}, {ci[key][1]:.4f}]" if key in ci else ""
+
+    text = (f"epsilon {m['epsilon']:.3f} (x per-dimension std); perturbation L-inf {m['delta_linf']:.4f} "
             f"({m['delta_linf_over_bound']:.3f} of the bound), mean per-image L2 {m['delta_l2']:.4f}; "
             f"gender score gap (male - female) {m['base_gender_score_gap']:.4f} -> {m['gender_score_gap']:.4f} "
-            f"({100 * m['gender_score_gap_relative_change']:+.1f} %); AP gap {m['base_ap_gap']:.4f} -> {m['ap_gap']:.4f} "
-            f"({100 * m['ap_gap_relative_change']:+.1f} %); AP {m['base_ap']:.4f} -> {m['ap']:.4f}")
+            f"({100 * m['gender_score_gap_relative_change']:+.1f} %); AP gap {m['base_ap_gap']:.4f}{iv('base_ap_gap')} -> "
+            f"{m['ap_gap']:.4f}{iv('ap_gap')} ({100 * m['ap_gap_relative_change']:+.1f} %); AP {m['base_ap']:.4f} -> {m['ap']:.4f}")
+    if "ap_gap_change" in ci:
+        text += (f"\n\nChange of the AP gap (perturbed - unperturbed, paired over the same resamples): "
+                 f"{m['ap_gap_change']:+.4f}{iv('ap_gap_change')}; [lo, hi]: 95 % percentile bootstrap over the "
+                 f"test images ({(m.get('ci95_info') or {}).get('n_boot', '?')} resamples, each gender's images "
+                 "resampled from its own)")
+    return text
+
+
+def _percentile(x: np.ndarray) -> list[float]:
+    """[2.5 %, 97.5 %] quantiles of the finite resampled values ([nan, nan] when none is)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    return [float(v) for v in np.quantile(x, [0.025, 0.975])] if len(x) else [float("nan"), float("nan")]
 
 
 def _rel(new: float, old: float) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 
 import numpy as np
 
@@ -98,4 +99,110 @@ def group_ap_ar(gt: dict, detections: list[dict], groups, names: dict, cat_ids=N
     for code, name in names.items():
         r = coco_ap_ar(gt, detections, ids[groups == code].tolist(), cat_ids)
         out.update({f"{k}_{name}": v for k, v in r.items()})
+    return out
+
+
+# -- bootstrap over images -------------------------------------------------------------------------
+def image_matches(gt: dict, detections: list[dict], cat_ids=None) -> dict:
+    """pycocotools' per-image matching (``COCOeval.evaluate``: bbox, all areas, 100 detections per
+    image) of every image of ``gt``, kept so that AP can be recomputed for any image weights
+    (:func:`weighted_ap_ar`) without matching again.
+
+    Per category with ground truth, in pycocotools' accumulation order (images in id order, each
+    image's detections by score, then all sorted by score with a stable sort): ``image`` (index
+    into ``gt["images"]`` of each detection), ``tp`` and ``fp`` (T x D, per IoU threshold),
+    ``npig`` (non-ignored ground-truth boxes per image); ``n_images`` and ``rec_thrs``.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    index = {int(im["id"]): i for i, im in enumerate(gt["images"])}
+    cats = sorted({int(a["category_id"]) for a in gt["annotations"]} if cat_ids is None else {int(c) for c in cat_ids})
+    out = {"n_images": len(index), "categories": [], "rec_thrs": np.linspace(0.0, 1.0, 101)}
+    if not detections:  # loadRes cannot take an empty list: every box of the ground truth is missed
+        for cat in cats:
+            npig = np.zeros(len(index))
+            for a in gt["annotations"]:
+                if int(a["category_id"]) == cat and not a.get("iscrowd", 0) and int(a["image_id"]) in index:
+                    npig[index[int(a["image_id"])]] += 1
+            if npig.sum():
+                none = np.zeros((10, 0), bool)
+                out["categories"].append({"image": np.zeros(0, np.int64), "tp": none, "fp": none, "npig": npig})
+        return out
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        ev = COCOeval(coco_gt, coco_gt.loadRes([dict(d) for d in detections]), "bbox")
+        ev.params.imgIds, ev.params.catIds = sorted(index), cats
+        ev.evaluate()
+    p = ev.params
+    n_img, n_area, max_det = len(p.imgIds), len(p.areaRng), p.maxDets[-1]
+    out["rec_thrs"] = np.asarray(p.recThrs)
+    for k in range(len(p.catIds)):
+        entries = [e for e in ev.evalImgs[k * n_area * n_img:k * n_area * n_img + n_img] if e is not None]  # area "all"
+        npig = np.zeros(n_img)
+        for e in entries:
+            npig[index[e["image_id"]]] = np.count_nonzero(np.asarray(e["gtIgnore"]) == 0)
+        if not npig.sum():
+            continue
+        scores = np.concatenate([np.asarray(e["dtScores"][:max_det], dtype=np.float64) for e in entries])
+        order = np.argsort(-scores, kind="mergesort")
+        image = np.concatenate([np.full(len(e["dtScores"][:max_det]), index[e["image_id"]]) for e in entries])[order]
+        dtm = np.concatenate([e["dtMatches"][:, :max_det] for e in entries], axis=1)[:, order] != 0
+        dtig = np.concatenate([e["dtIgnore"][:, :max_det] for e in entries], axis=1)[:, order].astype(bool)
+        out["categories"].append({"image": image.astype(np.int64), "tp": dtm & ~dtig, "fp": ~dtm & ~dtig,
+                                  "npig": npig})
+    return out
+
+
+def weighted_ap_ar(matches: dict, weights) -> tuple[np.ndarray, np.ndarray]:
+    """AP@[.5:.95] and AR@100 (B,) for image weights (B, n_images) of :func:`image_matches`.
+
+    Weight ``w`` on an image is that image counted ``w`` times (a bootstrap resample's counts): the
+    result is pycocotools' on the data set with every image repeated ``w`` times (tested against
+    it), computed from one matching: precision and recall are weighted cumulative sums in the
+    fixed score order, made monotone, read at the 101 recall thresholds. NaN where the weighted
+    images hold no ground truth; 0 where there is ground truth but no detection.
+    """
+    w = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    thr = matches["rec_thrs"]
+    ap_parts, ar_parts = [], []
+    for c in matches["categories"]:
+        npig = w @ c["npig"]  # (B,)
+        wd = w[:, c["image"]][:, None, :]  # (B, 1, D)
+        tp = np.cumsum(wd * c["tp"][None], axis=-1)
+        fp = np.cumsum(wd * c["fp"][None], axis=-1)
+        valid = npig > 0
+        rc = tp / np.where(valid, npig, 1.0)[:, None, None]
+        pr = tp / (tp + fp + np.spacing(1))
+        env = np.maximum.accumulate(pr[..., ::-1], axis=-1)[..., ::-1]  # pycocotools' monotone precision
+        env = np.concatenate([env, np.zeros(env.shape[:-1] + (1,))], axis=-1)  # beyond the last recall: 0
+        q = np.empty(rc.shape[:2] + (len(thr),))
+        for t in range(rc.shape[1]):
+            idx = np.stack([np.searchsorted(r, thr, side="left") for r in rc[:, t]])
+            q[:, t] = np.take_along_axis(env[:, t], idx, axis=-1)
+        last = rc[..., -1] if rc.shape[-1] else np.zeros(rc.shape[:2])
+        ap_parts.append(np.where(valid, q.mean(axis=(1, 2)), np.nan))
+        ar_parts.append(np.where(valid, last.mean(axis=1), np.nan))
+    if not ap_parts:
+        return np.full(len(w), np.nan), np.full(len(w), np.nan)
+    with warnings.catch_warnings():  # a resample without ground truth of any category: NaN, said above
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(np.stack(ap_parts), axis=0), np.nanmean(np.stack(ar_parts), axis=0)
+
+
+def bootstrap_group_ap_ar(matches: dict, groups, names: dict, *, n_boot: int = 200, seed: int = 0) -> dict:
+    """``{"ap_<name>": (n_boot,), "ar_<name>": (n_boot,)}``: each group's AP and AR over ``n_boot``
+    resamples of its own images (drawn with replacement, as many as it has; seeded, so two sets
+    of detections of the same images get the same resamples: paired)."""
+    groups = np.asarray(groups)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for code, name in names.items():
+        members = np.flatnonzero(groups == code)
+        w = np.zeros((n_boot, len(groups)))
+        if len(members):
+            w[:, members] = rng.multinomial(len(members), np.full(len(members), 1 / len(members)), size=n_boot)
+        out[f"ap_{name}"], out[f"ar_{name}"] = weighted_ap_ar(matches, w)
     return out
