@@ -97,7 +97,7 @@ def main() -> None:
 def print_paired(tables: dict) -> None:
     """Each earlier rule against the design's, same preset and seed: the per-seed difference
     (earlier minus design), mean ± sd over seeds and its 95 % interval over seeds."""
-    if "design" not in tables:
+    if "design" not in tables or len(tables) < 2:
         return
     cols = ["test_auc", "test_acc", "test_f_fpr", "test_f_meo"]
     print("\npaired over seeds, earlier rule minus design (mean ± sd [95 % interval]):\n")
