@@ -195,7 +195,7 @@ def test_a_config_written_before_a_key_existed_still_loads():
     conf = Config.of(old2)
     for (section, key), value in ADDED_KEYS.items():
         assert getattr(getattr(conf, section), key) == value  # what such a config meant
-    assert conf.loss.ce_weight_rule == "design"  # the task YAML's default
+    assert conf.loss.ce_weight_rule == "cvar"  # the task YAML's default
     old1 = resolve_config("stage1")
     del old1["selection"]["probe_rows"], old1["logging"]
     conf1 = Config.of(old1)

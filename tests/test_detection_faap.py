@@ -594,7 +594,7 @@ def test_detection_demo_branch_end_to_end_at_tiny_sizes(tmp_path):
                            echo=lines.append)
     c = open_cache(r["cache"])
     assert c.load_rows("hidden").shape == (20, 2, 64) and c.backbone["pretrained"] == "local"
-    assert json.loads((tmp_path / "detr-tiny-det" / "summary.json").read_text())["epochs"] == 1
+    assert json.loads((tmp_path / "detr-tiny-det" / "summary.json").read_text())["epochs_run"] == 1
     m = r["test"]
     assert lines[0].startswith("[8/8] detection") and any(line.startswith("      detector  : test person AP ")
                                                           for line in lines)

@@ -119,13 +119,14 @@ def test_stage2_frozen_stage1_adapter_gets_no_gradient(faces, stage1_run, tmp_pa
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.module.detect.parameters())
     assert {"ce", "cvar", "ldam", "sinkhorn", "disentangle"} <= set(terms)
 
-    # issue 26.2: CE's weight is the design's 1 - w whenever a fairness term is on (w = 1 here), 1 with none on;
-    # loss.ce_weight_rule=cvar hands CE's weight to CVaR only
+    # CE's weight is 1 - w with CVaR on (w = 1 here), 1 without (the default rule, cvar: nothing else trains the
+    # real/fake logits); loss.ce_weight_rule=design is the design's 1 - w whenever any fairness term is on
     with torch.no_grad():
         task.module.eval()  # no dropout: every preset sees the same outputs
-        for preset, sets, ce_weight in (("full", [], 0.0), ("minimal", [], 0.0), ("ldam", [], 0.0), ("none", [], 1.0),
-                                        ("ldam", ["loss.ce_weight_rule=cvar"], 1.0),
-                                        ("full", ["loss.ce_weight_rule=cvar"], 0.0)):
+        design = ["loss.ce_weight_rule=design"]
+        for preset, sets, ce_weight in (("full", [], 0.0), ("minimal", [], 1.0), ("ldam", [], 1.0), ("none", [], 1.0),
+                                        ("ldam", design, 0.0), ("minimal", design, 0.0), ("none", design, 1.0),
+                                        ("full", design, 0.0)):
             task.cfgs = [resolve_config("stage2", preset, sets=S2FAST + sets)]
             task.cfg, task._coefficients = task.cfgs[0], None
             task.confs = [Config.of(task.cfg)]  # the typed settings are built once, in Task.__init__

@@ -10,10 +10,11 @@ L = (1 - w a) CE + w c_cvar CVaR + w c_ldam LDAM + w c_sinkhorn Sinkhorn_per_cla
     + c_contrastive cos(f, d)^2,
 w: the fairness weight, with the design's epochs counted from 0 (e = epoch - 1): 0 up to e = warmup_start,
 linearly to 1 at e = warmup_end (defaults 5, 10: 0 through epoch 6 counted from 1, 1 from epoch 11).
-a, CE's hand-off (``loss.ce_weight_rule``): ``design`` (the default) a = 1 whenever a fairness term
-(CVaR, LDAM, Sinkhorn) is on, the design's (1 - w) CE; a = 0 when every one is off (preset ``none``:
-the design's formula would leave it no loss at all after the warm-up).  ``cvar`` (the project's earlier
-rule) a = c_cvar: CE hands its weight only to CVaR, the one term that replaces it as a detection loss.
+a, CE's hand-off (``loss.ce_weight_rule``): ``cvar`` (the default) a = c_cvar: CE hands its weight only
+to CVaR, the one term that replaces it as a detection loss (without CVaR, in ``ldam``, ``minimal`` and
+``none``, nothing else trains the real/fake logits after the warm-up; measured in the README).
+``design`` a = 1 whenever a fairness term (CVaR, LDAM, Sinkhorn) is on, the design's literal (1 - w) CE;
+a = 0 when every one is off (preset ``none``).
 The presets differ only in the per-run coefficients c (``coefficients()``): ``none`` is the same graph
 with every fairness coefficient 0, so runs of every preset stack into one module.
 
