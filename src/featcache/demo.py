@@ -52,6 +52,7 @@ from .errors import CacheError, FeatcacheError
 from .extract import extract
 from .heads.stage1 import grl_warm_epoch
 from .report.tables import markdown_table, metric_legend, metrics_line
+from .runtime import RunDir
 from .train import ablate, evaluate_head, train_head
 
 #: The synthetic faces' bias: the hardest subgroup's artifacts at 1 - 0.6 = 0.4 of the easiest's.
@@ -122,7 +123,7 @@ def _stage2_schedule(epochs: int) -> list[str]:
 
 def _reuse(run: Path) -> bool:
     """A finished run is reused; an interrupted one resumes (train_head does it); else it starts."""
-    return (run / "summary.json").is_file()
+    return RunDir(run).summary.is_file()
 
 
 def _extract_verified(backbone: str, manifest, cache_dir, echo, name: str, **kw):
@@ -213,7 +214,7 @@ def run_demo_filter(manifest, run, *, epochs: int | None = None, progress: bool 
         echo(f"      {run}: finished before, reused")
         before = evaluate_filter(run, manifest, split="test", progress=progress).metrics["ece"]
     else:
-        resume = (run / "resume.pt").is_file()  # interrupted after an epoch: continue it
+        resume = RunDir(run).resume.is_file()  # interrupted after an epoch: continue it
         r = train_e2e(manifest, run, resume=resume, overwrite=not resume, progress=progress, echo=echo,
                       **({} if resume else settings))
         echo(f"      best epoch {r.best_epoch}, {r.images_per_second:.0f} train images/s")
@@ -261,7 +262,7 @@ def run_filter_features_demo(out: Path, manifests: dict, filter_run: Path, *, si
     legend = {line.strip() for line in metric_legend([*LEGEND_KEYS, "floor", "p"]).splitlines() if line.strip()}
     echo("\n".join(line for line in table.splitlines() if line.strip() not in legend))
     subgroups = {}
-    for preset in [p for p in ("none", "full") if (abl / p / f"seed{seeds[0]}" / "summary.json").is_file()]:
+    for preset in [p for p in ("none", "full") if RunDir(abl / p / f"seed{seeds[0]}").summary.is_file()]:
         ev = evaluate_head(abl / preset / f"seed{seeds[0]}", split="test")
         subgroups[preset] = ev.subgroups
         echo(f"      {preset}, seed {seeds[0]}, test: {metrics_line(ev.metrics, DETECTOR_KEYS)}")
@@ -311,7 +312,7 @@ def _stage1(cache, run: Path, epochs: int | None, progress: bool, echo) -> dict:
 
 
 def _log_rows(run: Path) -> list[str]:
-    return [ln for ln in (run / "log.jsonl").read_text().splitlines() if ln.strip()]
+    return [ln for ln in RunDir(run).log.read_text().splitlines() if ln.strip()]
 
 
 def stage1_figures(r) -> dict:
@@ -439,7 +440,7 @@ def run_detection_demo(out: str | Path, *, sizes: DemoSizes | None = None, progr
     model = DETR_RECIPE["model"]
     if sizes.detr_epochs > 0:
         model = str(out / "detr-tiny-det")
-        if not (Path(model) / "summary.json").is_file():
+        if not RunDir(model).summary.is_file():
             echo(f"            fitting the {DETR_RECIPE['model']} DETR (2 queries, 64 px) to the train split, "
                  f"{sizes.detr_epochs} epochs -> {model}")
             finetune_detr(out / "data" / "manifest.csv", model, epochs=sizes.detr_epochs, progress=progress,
