@@ -188,12 +188,8 @@ CONFIG_NAMES = {"cfg", "cfgs"}
 CONFIG_ATTRS = {"cfg", "cfgs"}
 CONFIG_CALLS = {"load_config", "resolve_config", "_resolve"}
 #: Calls that return a copy of the config they are given (``json.loads(json.dumps(cfg))``, ``locate(cfg, run)``).
-COPY_CALLS = {"loads", "dumps", "deepcopy", "dict", "with_added_keys", "locate", "_comparable"}
-#: Files that still read run configs by string key: converted after the tasks refactor merges
-#: (empty this list as they are; a file that no longer reads any must leave it).
-CONFIG_READS_ALLOWED = {
-    "heads/task.py", "train/trainer.py", "train/ablate.py", "train/evaluate.py", "e2e/train.py", "e2e/evaluate.py",
-}
+COPY_CALLS = {"loads", "dumps", "deepcopy", "dict", "with_older_defaults", "without_keys", "with_setting", "locate",
+              "_comparable"}
 
 
 def _holds_config(node, held: set[str], other: frozenset = frozenset()) -> bool:
@@ -281,10 +277,7 @@ def test_no_string_key_config_read_outside_the_config_module():
             lines = config_reads(ast.parse(path.read_text()))
             if lines:
                 reads[rel] = lines
-    unexpected = {f: lines for f, lines in reads.items() if f not in CONFIG_READS_ALLOWED}
-    assert not unexpected, f"read settings as typed attributes (config.Config.of(cfg).section.key): {unexpected}"
-    stale = CONFIG_READS_ALLOWED - set(reads)
-    assert not stale, f"{sorted(stale)} read no config by string key any more: remove them from CONFIG_READS_ALLOWED"
+    assert not reads, f"read settings as typed attributes (config.Config.of(cfg).section.key): {reads}"
 
 
 def test_the_counter_sees_string_key_config_reads():

@@ -41,7 +41,7 @@ import torch
 
 from ..cache import CacheData, FeatureCache, open_cache
 from ..cache.splits import split_mask
-from ..config import Config, load_config, register_config_file
+from ..config import SOURCE_IDENTITY, Config, load_config, register_config_file, without_keys
 from ..data.manifest import Manifest, read_manifest
 from ..errors import FeatcacheError
 from ..metrics.threshold import parse_rule
@@ -68,8 +68,6 @@ get_task = TASKS.get
 list_tasks = TASKS.names
 
 
-#: A task's data source (its ``source``) -> the key of its identity in the run's config.
-SOURCE_IDENTITY = {"cache": "fingerprint", "manifest": "sha256"}
 #: What each source is called in messages and options (``--cache CACHE``, ``--manifest MANIFEST``).
 SOURCE_METAVAR = {"cache": "CACHE", "manifest": "MANIFEST"}
 
@@ -261,7 +259,8 @@ class Task(Job):
     @classmethod
     def check_config(cls, cfg: dict) -> None:
         """Refuse a config that cannot train as asked (one line that says how to fix it)."""
-        balance = str(cfg["training"].get("class_balance") or "none")
+        conf = Config.of(cfg)
+        balance = conf.training.class_balance
         if balance != "none" and not cls.detects:
             raise FeatcacheError(f"training.class_balance={balance} applies to detectors (real/fake labels); "
                                  f"{cls.name} is not one")
@@ -269,17 +268,16 @@ class Task(Job):
             raise FeatcacheError(f"{cls.name} does not weigh its loss by class yet; use training.class_balance=sampler "
                                  "(balanced batches) or none")
 
-        epochs = int(cfg["training"]["epochs"])
-        min_epoch = int(cfg.get("selection", {}).get("min_epoch", 1))
+        epochs, min_epoch = conf.training.epochs, conf.selection.min_epoch
         if min_epoch > epochs:
             raise FeatcacheError(f"selection.min_epoch={min_epoch} is after the last epoch (training.epochs={epochs}), "
                                  f"so no epoch could be selected; set training.epochs >= {min_epoch} or "
                                  f"--set selection.min_epoch={epochs}")
-        parse_rule((cfg.get("evaluation") or {}).get("threshold"))  # a wrong operating-point rule, before training
+        parse_rule(conf.evaluation.threshold)  # a wrong operating-point rule, before training
 
     def seeds(self) -> list[int]:
         """Each run's seed (initialisation, batch order, dropout)."""
-        return [int(c["training"]["seed"]) for c in self.cfgs]
+        return [c.training.seed for c in self.confs]
 
     # -- data --------------------------------------------------------------------------------
     @classmethod
@@ -335,7 +333,7 @@ class Task(Job):
     def held_out_method(self) -> str | None:
         """The manipulation method a leave-one-manipulation-out run never trains on
         (``protocol.held_out_method``; ``featcache ablate --protocol lomo``), or None."""
-        held = (self.cfg.get("protocol") or {}).get("held_out_method")
+        held = self.conf.protocol.held_out_method
         return None if held in (None, "") else str(held)
 
     def describe_fold(self) -> str:
@@ -347,7 +345,7 @@ class Task(Job):
         included) and is tested on the test reals plus the held-out method's fakes.  On another
         cache than its own (cross-dataset evaluation) every row is used."""
         held = self.held_out_method()
-        if held is None or cache.fingerprint != (self.cfg.get("cache") or {}).get("fingerprint"):
+        if held is None or cache.fingerprint != self.conf.cache.fingerprint:
             return None
         if "method" not in meta:
             raise FeatcacheError(f"{self.name} reads no method column, so it cannot hold out a manipulation method")
@@ -410,7 +408,7 @@ class Task(Job):
 
     def _make_coefficients(self) -> dict[str, torch.Tensor]:
         """One (R,) tensor per ``coefficient_keys`` entry, from each run's ``loss`` section."""
-        return {k: self._coef(c["loss"][k] for c in self.cfgs) for k in self.coefficient_keys}
+        return {k: self._coef(getattr(c.loss, k) for c in self.confs) for k in self.coefficient_keys}
 
     def _coef(self, values) -> torch.Tensor:
         """One float per run as an (R,) tensor on the device."""
@@ -432,7 +430,7 @@ class Task(Job):
         """The batch mean of ``per_sample`` losses over the last axis; with ``training.class_balance:
         weight`` each sample weighted by its class's :meth:`class_weights` and normalised by the
         weights' sum, as ``F.cross_entropy(weight=...)`` does (the classes then count equally)."""
-        if str(self.cfg["training"].get("class_balance") or "none") != "weight":
+        if self.conf.training.class_balance != "weight":
             return per_sample.mean(-1)
         w = self.class_weights()[y]
         return (per_sample * w).sum(-1) / w.sum(-1)
@@ -455,11 +453,7 @@ class Task(Job):
         loss coefficients (``coefficient_keys``).  The training section stays in the key, so stacked
         runs have one learning-rate schedule (``training.lr``, ``schedule``, ``epochs``): they share
         one AdamW, whose learning rate is one number per parameter tensor, not per run."""
-        c = json.loads(json.dumps(cfg, default=str))
-        c.get("training", {}).pop("seed", None)
-        c.pop("preset", None)
-        for k in cls.coefficient_keys:
-            c.get("loss", {}).pop(k, None)
+        c = without_keys(cfg, ["training.seed", "preset", *(f"loss.{k}" for k in cls.coefficient_keys)])
         return json.dumps(c, sort_keys=True)
 
 
@@ -557,14 +551,14 @@ def recorded_cache(run_dir, cfg: dict, kind: str = "cache") -> Path:
     """The cache (or with ``kind="manifest"`` the manifest) a run was trained on: its recorded
     absolute path, else its path relative to the run folder (``cache.relative``: a run moved
     together with its data); one line when neither is there."""
-    c = cfg.get(kind) or {}
-    if c.get("path") and Path(c["path"]).exists():
-        return Path(c["path"])
-    if c.get("relative") and (Path(run_dir) / c["relative"]).exists():
-        return (Path(run_dir) / c["relative"]).resolve()
-    if not c.get("path"):
+    rec = getattr(Config.of(cfg), kind)  # config.RECORD_SECTIONS: cache, manifest
+    if rec.path and Path(rec.path).exists():
+        return Path(rec.path)
+    if rec.relative and (Path(run_dir) / rec.relative).exists():
+        return (Path(run_dir) / rec.relative).resolve()
+    if not rec.path:
         raise FeatcacheError(f"{run_dir} does not record its {kind}; pass --{kind}")
-    raise FeatcacheError(f"{run_dir}'s {kind} {c['path']} is not there (moved?); pass --{kind} with its new place "
+    raise FeatcacheError(f"{run_dir}'s {kind} {rec.path} is not there (moved?); pass --{kind} with its new place "
                          f"(it is matched by {SOURCE_IDENTITY[kind]})")
 
 
