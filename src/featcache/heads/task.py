@@ -41,7 +41,7 @@ import torch
 
 from ..cache import CacheData, FeatureCache, open_cache
 from ..cache.splits import split_mask
-from ..config import SOURCE_IDENTITY, Config, load_config, register_config_file, without_keys
+from ..config import SOURCE_IDENTITY, Config, constraints_of, load_config, register_config_file, without_keys
 from ..data.manifest import Manifest, read_manifest
 from ..errors import FeatcacheError
 from ..metrics.threshold import parse_rule
@@ -90,6 +90,64 @@ class Source:
     def record(self) -> dict:
         """What a run's config records: ``{"path": absolute, <key>: ident}``."""
         return {"path": str(Path(self.path).resolve()), self.key: self.ident}
+
+
+@dataclass(frozen=True)
+class TaskOption:
+    """A command-line option of ``train-head`` and ``ablate`` that registered tasks declare: a finished
+    run a task requires (``requires_runs``: Stage 2's ``--stage1``; ``key`` None) or a shortcut for one
+    of its settings (``cli_options``: ``--prototype-mode`` sets ``model.prototype_mode``)."""
+
+    name: str  # the Python name (``prototype_mode``); the option is ``--prototype-mode``
+    key: str | None  # the config key it sets; None: a run input (recorded in ``options.<name>``)
+    help: str
+    choices: tuple[str, ...]  # the key's declared ``one of`` constraint, or ()
+    tasks: tuple[str, ...]  # the tasks that declare it
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def task_options() -> list[TaskOption]:
+    """Every registered task's own command-line options (:class:`TaskOption`), in task order; one option
+    two tasks declare is one, naming both (one line when they declare it differently)."""
+    out: dict[str, TaskOption] = {}
+    for name in list_tasks():
+        cls = get_task(name)
+        declared = [(opt, None, f"a finished {needed} run (RUN folder)", ()) for opt, needed in cls.requires_runs.items()]
+        for opt, (key, text) in cls.cli_options.items():
+            c = constraints_of(name).get(key)
+            declared.append((opt, key, f"{text} (sets {key})", c.options if c is not None and c.kind == "options" else ()))
+        for opt, key, text, choices in declared:
+            seen = out.get(opt)
+            if seen is not None and (seen.key, seen.choices) != (key, choices):
+                raise FeatcacheError(f"tasks {', '.join(seen.tasks)} and {name} declare --{opt} differently; "
+                                     "a task's option needs a name of its own")
+            tasks = (*seen.tasks, name) if seen else (name,)
+            out[opt] = TaskOption(opt, key, seen.help if seen else text, choices, tasks)
+    return list(out.values())
+
+
+def task_option_values(task_name: str, given: dict) -> tuple[dict[str, str], list[str]]:
+    """The task options given on the command line (name -> value; None: not given) as ``task_name``'s
+    required runs (``options`` of :func:`featcache.train.train_head`) and ``section.key=value`` items
+    (``sets``); an option ``task_name`` does not declare is one line naming the tasks that do."""
+    cls = get_task(task_name)
+    runs, sets = {}, []
+    for opt, value in given.items():
+        if value is None:
+            continue
+        if opt in cls.requires_runs:
+            runs[opt] = str(value)
+        elif opt in cls.cli_options:
+            sets.append(f"{cls.cli_options[opt][0]}={value}")
+        else:
+            users = next((o.tasks for o in task_options() if o.name == opt), ())
+            own = [o.flag for o in task_options() if task_name in o.tasks]
+            raise FeatcacheError(f"--{opt.replace('_', '-')} is an option of {', '.join(users) or 'no task'}, not of "
+                                 f"{task_name}; {task_name} takes {', '.join(own) or 'no task option'}")
+    return runs, sets
 
 
 def choose_source(task_name: str, cache=None, manifest=None):
@@ -217,6 +275,9 @@ class Task(Job):
     max_runs: int = 1
     #: Option name -> task name of a finished run this task needs (loaded by the trainer into self.inputs).
     requires_runs: dict[str, str] = {}
+    #: Command-line shortcuts for settings: option name -> (config key, help); ``featcache train-head`` and
+    #: ``ablate`` offer ``--<option>`` (its choices: the key's declared ``one of`` constraint), as ``--set``.
+    cli_options: dict[str, tuple[str, str]] = {}
     #: Loss-section keys that are per-run coefficients (presets differ by them; excluded from stack_key).
     coefficient_keys: tuple[str, ...] = ()
     #: Meta columns read from the cache (None: all).
