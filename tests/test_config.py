@@ -129,6 +129,19 @@ def test_every_setting_reads_as_its_declared_type(task):
     assert conf.task == task and conf.preset == resolve_config(task)["preset"]
 
 
+def test_the_image_tasks_settings_are_typed_too():
+    """The filter and the DETR fine-tune (their YAMLs: configs/mnv4.yaml, configs/detr.yaml) are typed as
+    every own task is (the test above runs for each); the values their code reads, as it reads them."""
+    assert {"mnv4", "detr"} <= set(TASKS)
+    m = Config.of(resolve_config("mnv4", sets=["training.num_workers=2", "evaluation.batch_size=64.0"]))
+    assert (m.model.image_size, m.model.geometry, m.training.num_workers, m.evaluation.batch_size) == (256, "design", 2, 64)
+    assert type(m.evaluation.batch_size) is int and m.training.mixed_precision is False and m.training.augment is True
+    assert m.evaluation.thresholds == (0.9, 0.95, 0.98, 0.99) and m.training.amp_dtype == "fp16"
+    d = Config.of(resolve_config("detr", sets=["evaluation.categories=1"]))
+    assert d.training.split == "train" and d.selection.score == "0" and d.selection.rule == "last"
+    assert d.evaluation.categories == "1" and d.training.grad_clip == 0.1 and d.model.name == "tiny"
+
+
 def test_settings_are_cast_once_from_what_the_caller_wrote():
     conf = Config.of(resolve_config("stage2", sets=["training.lr=1", "loss.lambda_ldam=1", "model.dropout=0",
                                                     "loss.sinkhorn_blur=2"]))

@@ -352,7 +352,8 @@ OLDER_DEFAULTS: dict[str, object] = {
 class Section(_Settings):
     """A task's own config section (``model``, ``loss``, ``fairness``, ...), read-only: one attribute
     per key, each typed once when built from the task YAML's default (an int stays an int, a number
-    given for ``auto`` a float, a list a tuple); a key an older config lacks has the YAML's value."""
+    given for ``auto`` a float, a number given for text its text, a list a tuple); a key an older config
+    lacks has the YAML's value."""
 
     __slots__ = ("_section", "_items")
 
@@ -426,6 +427,10 @@ def _cast(kind, value, key: str, where: str):
     return kind(value)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _typed_items(section: str, values: dict, defaults: dict, where: str) -> dict:
     """A task section's values typed by the YAML's defaults; keys the values lack from
     :data:`OLDER_DEFAULTS`, else the YAML."""
@@ -434,6 +439,8 @@ def _typed_items(section: str, values: dict, defaults: dict, where: str) -> dict
         name = f"{section}.{key}"
         if key in values:
             value = _check_type(defaults[key], values[key], name, where) if key in defaults else values[key]
+            if isinstance(defaults.get(key), str) and defaults[key] != "auto" and _is_number(value):
+                value = str(value)  # a number given for text is its text (``evaluation.categories=1``)
         else:
             value = copy.deepcopy(OLDER_DEFAULTS.get(name, defaults[key]))
         out[key] = _frozen(name, value)

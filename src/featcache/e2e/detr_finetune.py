@@ -171,7 +171,7 @@ class DetrTask(ManifestTask):
         sizes = np.stack([it[1] for it in items])
         gt = coco_ground_truth(sizes, [it[2] for it in items], [it[3] for it in items])
         dets = detr_detections(logits, boxes, sizes)
-        cats = str(self.conf.evaluation.categories).strip()  # "all", a COCO id (YAML reads 1 as a number) or "1,3"
+        cats = self.conf.evaluation.categories.strip()  # all, or COCO ids: 1 or 1,3
         cat_ids = None if cats == "all" else [int(c) for c in cats.split(",")]
         gender = meta_codes(rows, "gender", GENDERS) if "gender" in rows else np.full(len(rows), -1)
         if (gender >= 0).any():
