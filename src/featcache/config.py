@@ -697,6 +697,19 @@ def given_settings(cfg: dict, sections) -> dict:
     return {f"{name}.{k}": v for name in sections for k, v in (cfg.get(name) or {}).items()}
 
 
+def with_settings(cfg: dict, settings: dict | None, task: str) -> dict:
+    """A copy of ``cfg`` with ``settings`` (``{"evaluation.thresholds": [0.9, 0.98]}``) set: each must be
+    a setting of ``task``'s config today (one line otherwise)."""
+    defaults = _task_defaults(task)
+    c = _plain_copy(cfg)
+    for key, value in (settings or {}).items():
+        section, _, name = key.partition(".")
+        if name not in (defaults.get(section) or {}):
+            raise ConfigError(f"{key} is not a setting of {task} runs")
+        c = with_setting(c, key, value)
+    return c
+
+
 def with_older_defaults(cfg: dict) -> dict:
     """A copy of ``cfg`` with each key of its task's YAML that it lacks (in a section it has) set to what
     such a config meant, as :class:`Config` reads it: :data:`OLDER_DEFAULTS`' value, else the YAML's (and

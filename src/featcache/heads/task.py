@@ -41,7 +41,15 @@ import torch
 
 from ..cache import CacheData, FeatureCache, open_cache
 from ..cache.splits import split_mask
-from ..config import SOURCE_IDENTITY, Config, constraints_of, load_config, register_config_file, without_keys
+from ..config import (
+    SOURCE_IDENTITY,
+    Config,
+    constraints_of,
+    load_config,
+    register_config_file,
+    with_settings,
+    without_keys,
+)
 from ..data.manifest import Manifest, read_manifest
 from ..errors import FeatcacheError
 from ..metrics.threshold import parse_rule
@@ -623,11 +631,13 @@ def recorded_cache(run_dir, cfg: dict, kind: str = "cache") -> Path:
                          f"(it is matched by {SOURCE_IDENTITY[kind]})")
 
 
-def load_run(run_dir, device=None, *, weights: str = "best") -> Task:
+def load_run(run_dir, device=None, *, weights: str = "best", settings: dict | None = None) -> Task:
     """Rebuild a trained task (R = 1) from its run directory (config.yaml, model.json, weights).
 
     The module and every tensor the task later loads sit on ``device`` (default: CUDA when
-    present); no data is loaded.
+    present); no data is loaded. ``settings`` (``{"evaluation.thresholds": [...]}``) replace the run's
+    own for this task only (each a setting of the task's config today; :func:`config.with_settings`):
+    the task's typed settings are built once, with them.
     """
     run_dir = Path(run_dir)
     check_run_dir(run_dir, weights)
@@ -638,7 +648,7 @@ def load_run(run_dir, device=None, *, weights: str = "best") -> Task:
         raise FeatcacheError(f"{run_dir} is a {spec.get('task')!r} run, not a run of a registered task "
                              f"(tasks: {', '.join(list_tasks())})")
     dev = resolve_device(device)
-    task = get_task(spec["task"])(cfg, dev, run_dirs=[run_dir])
+    task = get_task(spec["task"])(with_settings(cfg, settings, spec["task"]), dev, run_dirs=[run_dir])
     task.spec = spec["spec"]
     task.module = task.build(task.spec).to(dev)
     task.load_run_state_dict(0, load_weights(rd.weights(weights), dev))

@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..config import SOURCE_IDENTITY, Config, load_config, resolve_config
+from ..config import SOURCE_IDENTITY, Config, load_config
 from ..data.manifest import SUBGROUP_NAMES
 from ..errors import CacheError, FeatcacheError
 from ..heads.task import Source, Task, load_run, recorded_cache
@@ -505,16 +505,6 @@ def write_task_evaluation(task: Task, run_dir, split: str, metrics: dict, predic
                             plots=lambda d, t: task.write_plots(d, split, f"{title}, {t}", r=r), **kw)
 
 
-def set_evaluation_options(task: Task, options: dict | None) -> None:
-    """Evaluation settings given for this evaluation only (``{"evaluation.thresholds": [...]}``):
-    each must be a setting of the task's config today (one line otherwise)."""
-    for key, value in (options or {}).items():
-        section, _, name = key.partition(".")
-        if name not in (resolve_config(task.name).get(section) or {}):
-            raise FeatcacheError(f"{key} is not a setting of {task.name} runs")
-        task.cfg.setdefault(section, {})[name] = value
-
-
 def evaluate_head(run_dir, source=None, *, split: str = "test", name: str | None = None, device=None,
                   overwrite: bool = False, command: str | None = None, options: dict | None = None) -> Evaluation:
     """Predict ``split`` of ``source`` (default: the run's own data: its cache, or its manifest for the
@@ -523,11 +513,12 @@ def evaluate_head(run_dir, source=None, *, split: str = "test", name: str | None
     The run's own data (the fingerprint or sha256 config.yaml records) goes to ``RUN/eval/<split>/``;
     other data to ``RUN/eval/<name>_<split>/``, ``name`` defaulting to its folder (file) name. The
     data at the run's recorded path must still be what it was trained on; another evaluation in the
-    output folder is replaced only with ``overwrite``. ``options``: :func:`set_evaluation_options`.
+    output folder is replaced only with ``overwrite``. ``options``: settings for this evaluation only
+    (``{"evaluation.thresholds": [...]}``; each a setting of the task's config today), given to
+    :func:`~featcache.heads.task.load_run`.
     """
     run_dir = Path(run_dir)
-    task = load_run(run_dir, device)
-    set_evaluation_options(task, options)
+    task = load_run(run_dir, device, settings=options)
     kind = task.source
     recorded = task.cfg.get(kind) or {}
     path = source or recorded_cache(run_dir, task.cfg, kind)  # a run moved with its data: found relative
@@ -564,5 +555,5 @@ def run_title(run_dir, task: str, preset: str | None = None) -> str:
 
 
 __all__ = ["Evaluation", "add_intervals", "check_target", "eval_path", "evaluate_head", "resolve_target", "run_provenance",
-           "run_title", "safe_name", "set_evaluation_options", "sha256_file", "val_threshold", "write_evaluation",
+           "run_title", "safe_name", "sha256_file", "val_threshold", "write_evaluation",
            "write_task_evaluation"]
