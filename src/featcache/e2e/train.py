@@ -255,7 +255,8 @@ def thresholds(cfg: dict | Config) -> list[float]:
     except (TypeError, ValueError):
         values = []
     if not values or any(not 0.0 <= t <= 1.0 for t in values):
-        raise FeatcacheError(f"evaluation.thresholds must be numbers in [0, 1]; got {list(given) if isinstance(given, tuple) else given!r}")
+        shown = list(given) if isinstance(given, tuple) else given
+        raise FeatcacheError(f"evaluation.thresholds must be numbers in [0, 1]; got {shown!r}")
     return values
 
 
