@@ -22,6 +22,7 @@ from featcache.config import (
     load_config,
     resolve_config,
     save_config,
+    without_keys,
 )
 from featcache.errors import called_from, option
 
@@ -128,6 +129,19 @@ def test_every_setting_reads_as_its_declared_type(task):
     assert conf.task == task and conf.preset == resolve_config(task)["preset"]
 
 
+def test_the_image_tasks_settings_are_typed_too():
+    """The filter and the DETR fine-tune (their YAMLs: configs/mnv4.yaml, configs/detr.yaml) are typed as
+    every own task is (the test above runs for each); the values their code reads, as it reads them."""
+    assert {"mnv4", "detr"} <= set(TASKS)
+    m = Config.of(resolve_config("mnv4", sets=["training.num_workers=2", "evaluation.batch_size=64.0"]))
+    assert (m.model.image_size, m.model.geometry, m.training.num_workers, m.evaluation.batch_size) == (256, "design", 2, 64)
+    assert type(m.evaluation.batch_size) is int and m.training.mixed_precision is False and m.training.augment is True
+    assert m.evaluation.thresholds == (0.9, 0.95, 0.98, 0.99) and m.training.amp_dtype == "fp16"
+    d = Config.of(resolve_config("detr", sets=["evaluation.categories=1"]))
+    assert d.training.split == "train" and d.selection.score == "0" and d.selection.rule == "last"
+    assert d.evaluation.categories == "1" and d.training.grad_clip == 0.1 and d.model.name == "tiny"
+
+
 def test_settings_are_cast_once_from_what_the_caller_wrote():
     conf = Config.of(resolve_config("stage2", sets=["training.lr=1", "loss.lambda_ldam=1", "model.dropout=0",
                                                     "loss.sinkhorn_blur=2"]))
@@ -186,25 +200,29 @@ def test_as_dict_gives_the_plain_config_back(tmp_path):
 
 
 def test_a_config_written_before_a_key_existed_still_loads():
-    from featcache.train.trainer import ADDED_KEYS
+    from featcache.config import run_config_differences, with_older_defaults
 
-    old2 = resolve_config("stage2")
-    for section, key in ADDED_KEYS:
-        del old2[section][key]
-    del old2["loss"]["ce_weight_rule"]
+    new2 = resolve_config("stage2", sets=["training.class_balance=weight"])
+    old2 = without_keys(new2, ["training.class_balance", "loss.ce_weight_rule"])
     conf = Config.of(old2)
-    for (section, key), value in ADDED_KEYS.items():
-        assert getattr(getattr(conf, section), key) == value  # what such a config meant
+    assert conf.training.class_balance == OLDER_DEFAULTS["training.class_balance"] == "none"  # what it meant
     assert conf.loss.ce_weight_rule == "cvar"  # the task YAML's default
+    # compared as what it meant: the same run as one saved with class_balance none, another than weight's
+    assert run_config_differences(old2, resolve_config("stage2")) == []
+    assert run_config_differences(old2, new2) == ["training.class_balance: 'none' -> 'weight'"]
+    assert "probe_rows" not in with_older_defaults(old2)["selection"]  # stage2 has no such key
     old1 = resolve_config("stage1")
     del old1["selection"]["probe_rows"], old1["logging"]
     conf1 = Config.of(old1)
     assert conf1.selection.probe_rows == OLDER_DEFAULTS["selection.probe_rows"] == 0  # no per-epoch probe then
     assert conf1.logging.tensorboard is False and "probe_rows" not in conf1.as_dict()["selection"]
-    # a config with a task that has no YAML (the filter's): typed from its own values
+    # a filter run written before model.geometry (and evaluation.thresholds) existed: timm's geometry, the
+    # YAML's thresholds, and its own values typed by the YAML
     filt = Config.of({"task": "mnv4", "model": {"name": "m", "image_size": 224},
                       "training": {"epochs": 2, "batch_size": 4, "lr": 1e-4, "seed": 0, "num_workers": 0}})
     assert filt.training.num_workers == 0 and filt.model.image_size == 224 and filt.selection.rule == "best"
+    assert filt.model.geometry == "timm" and resolve_config("mnv4")["model"]["geometry"] == "design"
+    assert filt.evaluation.thresholds == (0.9, 0.95, 0.98, 0.99) and filt.training.augment is True
 
 
 def test_the_declared_constraints_are_the_fields_declarations():

@@ -188,12 +188,8 @@ CONFIG_NAMES = {"cfg", "cfgs"}
 CONFIG_ATTRS = {"cfg", "cfgs"}
 CONFIG_CALLS = {"load_config", "resolve_config", "_resolve"}
 #: Calls that return a copy of the config they are given (``json.loads(json.dumps(cfg))``, ``locate(cfg, run)``).
-COPY_CALLS = {"loads", "dumps", "deepcopy", "dict", "with_added_keys", "locate", "_comparable"}
-#: Files that still read run configs by string key: converted after the tasks refactor merges
-#: (empty this list as they are; a file that no longer reads any must leave it).
-CONFIG_READS_ALLOWED = {
-    "heads/task.py", "train/trainer.py", "train/ablate.py", "train/evaluate.py", "e2e/train.py", "e2e/evaluate.py",
-}
+COPY_CALLS = {"loads", "dumps", "deepcopy", "dict", "with_older_defaults", "without_keys", "with_setting", "locate",
+              "_comparable"}
 
 
 def _holds_config(node, held: set[str], other: frozenset = frozenset()) -> bool:
@@ -281,10 +277,7 @@ def test_no_string_key_config_read_outside_the_config_module():
             lines = config_reads(ast.parse(path.read_text()))
             if lines:
                 reads[rel] = lines
-    unexpected = {f: lines for f, lines in reads.items() if f not in CONFIG_READS_ALLOWED}
-    assert not unexpected, f"read settings as typed attributes (config.Config.of(cfg).section.key): {unexpected}"
-    stale = CONFIG_READS_ALLOWED - set(reads)
-    assert not stale, f"{sorted(stale)} read no config by string key any more: remove them from CONFIG_READS_ALLOWED"
+    assert not reads, f"read settings as typed attributes (config.Config.of(cfg).section.key): {reads}"
 
 
 def test_the_counter_sees_string_key_config_reads():
@@ -303,3 +296,29 @@ def test_the_counter_sees_string_key_config_reads():
             "    cfg = dict(timm_config(model))\n"             # cfg is no run config here
             "    return cfg['mean'], load_config(p).get('manifest')\n")  # 14: load_config's only
     assert config_reads(ast.parse(code)) == [2, 4, 5, 6, 7, 8, 14]
+
+
+def _run_file_names() -> set[str]:
+    from featcache.runtime import RunDir
+
+    return {v for k, v in vars(RunDir).items() if k.isupper() and isinstance(v, str) and "." in v}
+
+
+def test_run_file_names_are_spelled_only_by_run_dir():
+    """Issue 25: every run-file name (config.yaml, summary.json, best.safetensors, ...) is spelled in
+    runtime.RunDir and read from it everywhere else (string constants, docstrings aside)."""
+    names = _run_file_names()
+    assert {"config.yaml", "summary.json", "best.safetensors", "resume.pt", "metrics.json"} <= names
+    spelled = []
+    for path in sorted(SRC.rglob("*.py")):
+        rel = path.relative_to(SRC).as_posix()
+        if rel == "runtime.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        spelled += [f"{rel}:{n.lineno} {n.value!r}" for n in ast.walk(tree)
+                    if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docstrings
+                    and n.value in names]
+    assert not spelled, f"read these names from featcache.runtime.RunDir: {spelled}"

@@ -35,6 +35,7 @@ class SmoothProbe(Task):
     config_file = Path(__file__).with_name("smooth_probe.yaml")
     max_runs = 8
     coefficient_keys = ("smoothing",)  # presets differ by it: their runs stack
+    cli_options = {"smoothing": ("loss.smoothing", "label smoothing")}  # train-head/ablate --smoothing X
 
     def tensors(self, data):
         meta = data.meta
@@ -117,7 +118,9 @@ def test_a_task_from_another_package_trains_evaluates_and_ablates_through_the_cl
     def cli(*args, check=True):
         return run_cli(*args, check=check)
 
-    assert "smooth_probe" in cli("train-head", "--help").stdout  # the help lists it beside featcache's own
+    helped = " ".join(cli("train-head", "--help").stdout.split())
+    assert "smooth_probe" in helped  # the help lists it beside featcache's own, with its own option
+    assert "--smoothing VALUE smooth_probe: label smoothing (sets loss.smoothing)." in helped
     run = tmp_path / "run"
     cli("-q", "train-head", "smooth_probe", "--cache", cache, "--out", run, "--preset", "smooth")
     summary = json.loads((run / "summary.json").read_text())
@@ -130,6 +133,9 @@ def test_a_task_from_another_package_trains_evaluates_and_ablates_through_the_cl
               "--set", "loss.smoothing=1", check=False)
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: --set loss.smoothing=1: loss.smoothing must be a number >= 0 and < 1; got 1.0"
+    bad = cli("-q", "ablate", "smooth_probe", "--cache", cache, "--out", tmp_path / "bad", "--smoothing", "1", check=False)
+    assert (bad.returncode, bad.stderr.strip()) == (
+        2, "error: --set loss.smoothing=1: loss.smoothing must be a number >= 0 and < 1; got 1.0")  # its shortcut
     # an ablation over its presets and two seeds, stacked as one job
     out = tmp_path / "ablation"
     cli("-q", "ablate", "smooth_probe", "--cache", cache, "--presets", "all", "--seeds", "0,1", "--out", out)

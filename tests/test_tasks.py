@@ -3,14 +3,19 @@ fine-tune train through ``train_head``, write one run layout and one summary.jso
 their data (a cache by fingerprint, a manifest by sha256), and ``featcache evaluate RUN`` writes
 what training's end wrote (one code path). Tiny data, one or two epochs each."""
 
+import ast
 import hashlib
 import json
 import math
+import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from conftest import TINY, run_cli
 
+import featcache.cli
+from featcache.errors import FeatcacheError
 from featcache.heads.task import get_task, list_tasks
 from featcache.train import train_head
 from featcache.train.trainer import SUMMARY_KEYS
@@ -165,3 +170,49 @@ def test_a_task_given_other_data_says_what_it_reads(data, tmp_path):
         proc = run_cli(*args, "--out", tmp_path / "x", check=False)
         assert proc.returncode == 2 and said in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+# -- a task carries its own command-line options (issue 25) ------------------------------------------------
+def test_a_tasks_own_options_come_from_its_declarations():
+    """``train-head`` and ``ablate`` offer each registered task's required runs (``requires_runs``) and
+    setting shortcuts (``cli_options``), made from those declarations; the values given split into the
+    task's runs and ``--set`` items, and an option the task does not declare is one line."""
+    from featcache.heads.task import task_option_values, task_options
+
+    opts = {o.name: o for o in task_options()}
+    declared = {}
+    for name in list_tasks():
+        cls = get_task(name)
+        declared.update({opt: None for opt in cls.requires_runs})
+        declared.update({opt: key for opt, (key, _) in cls.cli_options.items()})
+        for opt in (*cls.requires_runs, *cls.cli_options):
+            assert name in opts[opt].tasks
+    assert {n: o.key for n, o in opts.items()} == declared
+    assert opts["stage1"].tasks == ("stage2",) and opts["stage1"].key is None
+    assert opts["prototype_mode"].tasks == ("xai",) and opts["prototype_mode"].choices == ("ema", "fixed", "learnable")
+    assert task_option_values("xai", {"stage1": None, "prototype_mode": "fixed"}) == ({}, ["model.prototype_mode=fixed"])
+    assert task_option_values("stage2", {"stage1": "runs/s1", "prototype_mode": None}) == ({"stage1": "runs/s1"}, [])
+    with pytest.raises(FeatcacheError, match="^--prototype-mode is an option of xai, not of stage2; stage2 takes --stage1$"):
+        task_option_values("stage2", {"prototype_mode": "ema"})
+
+
+def test_train_head_and_ablate_offer_the_tasks_options_and_name_no_task(tmp_path):
+    for command in ("train-head", "ablate"):
+        text = " ".join(run_cli(command, "--help").stdout.split())
+        assert "--stage1 RUN stage2: a finished stage1 run (RUN folder)." in text
+        assert "--prototype-mode [ema|fixed|learnable] xai: prototypes:" in text and "(sets model.prototype_mode)" in text
+        assert "images: detr, mnv4" in text or "images (detr, mnv4)" in text  # the manifest tasks, from the registry
+    wrong = run_cli("train-head", "stage1", "--stage1", tmp_path, "--cache", tmp_path, "--out", tmp_path / "r", check=False)
+    assert (wrong.returncode, wrong.stderr.strip()) == (
+        2, "error: --stage1 is an option of stage2, not of stage1; stage1 takes no task option")
+    wrong = run_cli("ablate", "stage2", "--prototype-mode", "ema", "--cache", tmp_path, "--out", tmp_path / "a", check=False)
+    assert (wrong.returncode, wrong.stderr.strip()) == (
+        2, "error: --prototype-mode is an option of xai, not of stage2; stage2 takes --stage1")
+    # the two commands' code (not their docstrings' examples) names no task: the options come from the tasks
+    tree = ast.parse((Path(featcache.cli.__file__)).read_text())
+    names = re.compile(r"\b(" + "|".join(map(re.escape, list_tasks())) + r")\b")
+    for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in ("train_head_cmd", "ablate")):
+        doc = fn.body[0].value if isinstance(fn.body[0], ast.Expr) else None
+        named = [n.value for n in ast.walk(fn) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+                 and n is not doc and names.search(n.value)]
+        assert named == [], fn.name

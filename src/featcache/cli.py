@@ -204,9 +204,16 @@ def _task_list() -> str:
     return ", ".join(list_tasks())
 
 
+def _manifest_tasks() -> str:
+    from .heads.task import get_task, list_tasks
+
+    return ", ".join(t for t in list_tasks() if get_task(t).source == "manifest")
+
+
 #: Placeholders in help texts, filled from the registries when a help is shown (so every
 #: registered name is listed, and other commands do not import the adapters, heads or backbones).
 HELP_LISTS = {"{formats}": _adapter_list, "{tasks}": _task_list, "{presets}": _task_presets,
+              "{manifest_tasks}": _manifest_tasks,
               "{backbones}": _backbone_list}
 
 
@@ -236,6 +243,42 @@ class _RegistryHelpCommand(click.Command):
             for p, text in saved[1]:
                 if text:
                     p.help = text
+
+
+class _TaskCommand(_RegistryHelpCommand):
+    """A command taking TASK whose options include the registered tasks' own (``requires_runs``: a finished
+    run, such as Stage 2's ``--stage1 RUN``; ``cli_options``: a setting's shortcut): made from the tasks'
+    declarations (``featcache.heads.task.task_options``) when the command is first parsed or shown, and
+    handed to the callback in ``task_options`` (name -> value, None when not given); made again when
+    the registered tasks change (a plugin's task registered since)."""
+
+    _task_params: tuple = ((), [])
+
+    def _own(self) -> list:
+        from .heads.task import list_tasks, task_options
+
+        names = tuple(list_tasks())
+        if self._task_params[0] != names:
+            opts, taken = task_options(), {p.name for p in self.params} | {"task_options"}
+            clash = next((o for o in opts if o.name in taken), None)
+            if clash is not None:
+                raise FeatcacheError(f"task option {clash.flag} ({', '.join(clash.tasks)}) is an option of featcache "
+                                     f"{self.name} itself; a task's option needs a name of its own")
+            self._task_params = names, [click.Option(
+                [o.flag, o.name], default=None, expose_value=False, callback=_collect_task_option,
+                metavar=None if o.choices else ("RUN" if o.key is None else "VALUE"),
+                type=click.Choice(list(o.choices)) if o.choices else click.Path(file_okay=False) if o.key is None
+                else str, help=f"{', '.join(o.tasks)}: {o.help}.") for o in opts]
+        return self._task_params[1]
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        return [*self.params, *self._own(), *params[len(self.params):]]
+
+
+def _collect_task_option(ctx, param, value):
+    ctx.params.setdefault("task_options", {})[param.name] = value
+    return value
 
 
 class _ManifestGroup(click.Group):
@@ -454,18 +497,15 @@ def _evals(items) -> dict:
     return out
 
 
-@cli.command("train-head", cls=_RegistryHelpCommand, context_settings=CONTEXT)
+@cli.command("train-head", cls=_TaskCommand, context_settings=CONTEXT)
 @click.argument("task")
 @click.option("--cache", "cache_path", default=None, type=click.Path(), help="Cache to train from (the heads).")
 @click.option("--manifest", "manifest_path", default=None, type=click.Path(dir_okay=False),
-              help="Manifest to train from (the tasks that read images: mnv4, detr).")
+              help="Manifest to train from (the tasks that read images: {manifest_tasks}).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to write.")
 @click.option("--preset", default=None, help="A preset of the task's config (the first listed is the default): {presets}.")
 @click.option("--config", "config_file", default=None, type=click.Path(dir_okay=False), help="YAML overrides.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one key, e.g. training.epochs=5.")
-@click.option("--stage1", default=None, type=click.Path(file_okay=False), help="stage2: the Stage-1 run directory.")
-@click.option("--prototype-mode", type=click.Choice(["ema", "fixed", "learnable"]), default=None,
-              help="xai: prototypes (model.prototype_mode) [ema].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory.")
 @click.option("--tensorboard", is_flag=True, help="Also log the per-epoch scalars to RUN/tensorboard/ "
               "(logging.tensorboard; needs pip install 'featcache[tensorboard]').")
@@ -473,13 +513,14 @@ def _evals(items) -> dict:
               "weight files); by default it is pruned when the run finishes (extending a run needs it).")
 @quiet_option
 @click.pass_obj
-def train_head_cmd(state, task, cache_path, manifest_path, out, preset, config_file, sets, stage1, prototype_mode,
-                   overwrite, tensorboard, keep_resume):
+def train_head_cmd(state, task, cache_path, manifest_path, out, preset, config_file, sets, overwrite, tensorboard,
+                   keep_resume, task_options=None):
     """Train a task from its data into a run directory; rerun the same command to resume it.
 
     TASK is one of: {tasks}. The heads read a cache (--cache); mnv4 (the MobileNetV4 filter) and
     detr (the DETR fine-tune) read images from a manifest (--manifest). Presets per task: {presets}.
-    The README's walkthrough makes every cache named below.
+    A task's own options (a run it needs, a setting's shortcut) are listed with the tasks that take
+    them. The README's walkthrough makes every cache named below.
 
     \b
     Examples:
@@ -493,16 +534,16 @@ def train_head_cmd(state, task, cache_path, manifest_path, out, preset, config_f
           --set model.name=mobilenetv4_conv_small --set model.pretrained=none --set model.image_size=64
       featcache train-head detr --manifest data/det/manifest.csv --out models/detr-tiny-det
     """
-    from .heads.task import choose_source
+    from .heads.task import choose_source, task_option_values
     from .train import train_head
 
-    if prototype_mode is not None:  # the same as --set model.prototype_mode=...; a task without it says so
-        sets = (*sets, f"model.prototype_mode={prototype_mode}")
+    runs, task_sets = task_option_values(task, task_options or {})  # a shortcut is a --set item
+    sets = (*sets, *task_sets)
     if tensorboard:
         sets = (*sets, "logging.tensorboard=true")
     source = choose_source(task, cache_path, manifest_path)
     r = train_head(task, source, out, preset=preset, config_file=config_file, sets=sets, overwrite=overwrite,
-                   progress=not state.quiet, options={"stage1": stage1}, echo=click.echo, keep_resume=keep_resume)
+                   progress=not state.quiet, options=runs, echo=click.echo, keep_resume=keep_resume)
     _print_run(r)
 
 
@@ -615,11 +656,11 @@ def score_cmd(state, predictions, out, name, val_path, threshold, overwrite):
     _print_evaluation(e, predictions)
 
 
-@cli.command(cls=_RegistryHelpCommand, context_settings=CONTEXT)
+@cli.command(cls=_TaskCommand, context_settings=CONTEXT)
 @click.argument("task")
 @click.option("--cache", "cache_path", default=None, type=click.Path(), help="The heads' cache.")
 @click.option("--manifest", "manifest_path", default=None, type=click.Path(dir_okay=False),
-              help="The manifest of the tasks that read images (mnv4, detr).")
+              help="The manifest of the tasks that read images ({manifest_tasks}).")
 @click.option("--out", required=True, type=click.Path(file_okay=False))
 @click.option("--presets", default="all", show_default=True, help="Comma-separated presets, or all: {presets}.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
@@ -627,7 +668,6 @@ def score_cmd(state, predictions, out, name, val_path, threshold, overwrite):
               help="Also evaluate each run on this cache's test split (checked before training: finished, same "
                    "backbone, labelled); writes the cross-dataset table cross_dataset.{csv,md,png}.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override for every run.")
-@click.option("--stage1", default=None, type=click.Path(file_okay=False), help="stage2: the Stage-1 run directory.")
 @click.option("--baseline", default=None, metavar="PRESET",
               help="Also table each preset's paired difference to this preset (always to none when present).")
 @click.option("--devices", default=None, metavar="DEV,DEV",
@@ -644,12 +684,13 @@ def score_cmd(state, predictions, out, name, val_path, threshold, overwrite):
               "the disk estimate printed before training says how much it takes).")
 @quiet_option
 @click.pass_obj
-def ablate(state, task, cache_path, manifest_path, out, presets, seeds, evals, sets, stage1, baseline, devices, shard,
-           collect, overwrite, protocol, keep_resume):
+def ablate(state, task, cache_path, manifest_path, out, presets, seeds, evals, sets, baseline, devices, shard,
+           collect, overwrite, protocol, keep_resume, task_options=None):
     """Train every preset x seed, runs that share an architecture stacked as one job; write
     ablation.csv, ablation.json, ablation.md and a plot. Reuses finished runs; redoes half-written ones.
 
-    TASK is one of: {tasks}.
+    TASK is one of: {tasks}. A task's own options (a run it needs, a setting's shortcut) are listed
+    with the tasks that take them.
 
     \b
     Examples:
@@ -663,9 +704,10 @@ def ablate(state, task, cache_path, manifest_path, out, presets, seeds, evals, s
       # SLURM: sbatch --array=0-3 ... featcache ablate ... --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT
       #        then once: featcache ablate ... --collect
     """
-    from .heads.task import choose_source
+    from .heads.task import choose_source, task_option_values
     from .train import ablate as run_ablate
 
+    runs, task_sets = task_option_values(task, task_options or {})
     source = choose_source(task, cache_path, manifest_path)
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
@@ -675,8 +717,8 @@ def ablate(state, task, cache_path, manifest_path, out, presets, seeds, evals, s
         raise click.BadParameter(f"{seeds!r}: expected integers like 0,1,2", param_hint="--seeds")
     preset_list = "all" if presets == "all" else [p.strip() for p in presets.split(",") if p.strip()]
     device_list = None if devices is None else [d.strip() for d in devices.split(",") if d.strip()]
-    result = run_ablate(task, source, out, presets=preset_list, seeds=seed_list, evals=_evals(evals), sets=sets,
-                        options={"stage1": stage1}, baseline=baseline, devices=device_list, shard=shard,
+    result = run_ablate(task, source, out, presets=preset_list, seeds=seed_list, evals=_evals(evals), sets=(*sets, *task_sets),
+                        options=runs, baseline=baseline, devices=device_list, shard=shard,
                         collect=collect, overwrite=overwrite, progress=not state.quiet, echo=click.echo,
                         protocol=protocol, keep_resume=keep_resume)
     click.echo(result.markdown)

@@ -20,8 +20,10 @@ import ast
 import copy
 import difflib
 import functools
+import json
 import math
 import operator
+import os
 import re
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -302,6 +304,16 @@ class CacheRecord(DeclaredSection):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ManifestRecord(DeclaredSection):
+    """Where the manifest of a run that reads images lies (written by the trainer)."""
+
+    _section = "manifest"
+    path: str | None = setting(None, None)
+    relative: str | None = setting(None, None)
+    sha256: str | None = setting(None, None)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Protocol(DeclaredSection):
     """A leave-one-manipulation-out run's fold (written by ``ablate --protocol lomo``)."""
 
@@ -314,7 +326,10 @@ class Protocol(DeclaredSection):
 COMMON_SECTIONS: dict[str, type[DeclaredSection]] = {
     "training": Training, "selection": Selection, "evaluation": Evaluation, "logging": Logging}
 #: Sections the trainer records in a run's config.yaml, declared the same way.
-RECORD_SECTIONS: dict[str, type[DeclaredSection]] = {"cache": CacheRecord, "protocol": Protocol}
+RECORD_SECTIONS: dict[str, type[DeclaredSection]] = {"cache": CacheRecord, "manifest": ManifestRecord,
+                                                      "protocol": Protocol}
+#: A task's data source (its ``source``) -> the key of its identity in the run's config.
+SOURCE_IDENTITY = {"cache": "fingerprint", "manifest": "sha256"}
 #: Sections keyed by name (``options.stage1``: a required run; ``inputs.stage1.fingerprint``): always
 #: there, empty when a run has none.
 OPEN_SECTIONS = ("options", "inputs")
@@ -325,15 +340,20 @@ CONSTRAINTS: dict[str, str] = {f"{name}.{f.name}": f.metadata["constraint"]
                                for name, cls in COMMON_SECTIONS.items() for f in fields(cls)
                                if f.metadata.get("constraint")}
 
-#: Keys of a task's own sections added after run configs were first written, whose YAML default is not
-#: what a config without them meant: such a config is read with these values.
-OLDER_DEFAULTS: dict[str, object] = {"selection.probe_rows": 0}  # no per-epoch probe before it existed
+#: Keys added after run configs were first written whose default (the YAML's, or a declared field's)
+#: is not what a config without them meant: such a config is read, and compared, with these values.
+OLDER_DEFAULTS: dict[str, object] = {
+    "selection.probe_rows": 0,  # Stage 1: no per-epoch probe before it existed
+    "training.class_balance": "none",  # no class balancing before it existed
+    "model.geometry": "timm",  # the filter: timm's evaluation geometry before the design's became the default
+}
 
 
 class Section(_Settings):
     """A task's own config section (``model``, ``loss``, ``fairness``, ...), read-only: one attribute
     per key, each typed once when built from the task YAML's default (an int stays an int, a number
-    given for ``auto`` a float, a list a tuple); a key an older config lacks has the YAML's value."""
+    given for ``auto`` a float, a number given for text its text, a list a tuple); a key an older config
+    lacks has the YAML's value."""
 
     __slots__ = ("_section", "_items")
 
@@ -407,6 +427,10 @@ def _cast(kind, value, key: str, where: str):
     return kind(value)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _typed_items(section: str, values: dict, defaults: dict, where: str) -> dict:
     """A task section's values typed by the YAML's defaults; keys the values lack from
     :data:`OLDER_DEFAULTS`, else the YAML."""
@@ -415,6 +439,8 @@ def _typed_items(section: str, values: dict, defaults: dict, where: str) -> dict
         name = f"{section}.{key}"
         if key in values:
             value = _check_type(defaults[key], values[key], name, where) if key in defaults else values[key]
+            if isinstance(defaults.get(key), str) and defaults[key] != "auto" and _is_number(value):
+                value = str(value)  # a number given for text is its text (``evaluation.categories=1``)
         else:
             value = copy.deepcopy(OLDER_DEFAULTS.get(name, defaults[key]))
         out[key] = _frozen(name, value)
@@ -634,6 +660,130 @@ def save_config(cfg: dict, path: str | Path) -> None:
 
 def load_config(path: str | Path) -> dict:
     return _read_yaml(Path(path), "run config")
+
+
+# -- run configs as dicts: what the trainer writes into one, and how two are compared ------------------
+def _plain_copy(cfg: dict) -> dict:
+    return json.loads(json.dumps(cfg, default=str))
+
+
+def without_keys(cfg: dict, keys) -> dict:
+    """A copy of ``cfg`` (as JSON data) without each dotted key of ``keys`` (``training.seed``, ``preset``)."""
+    c = _plain_copy(cfg)
+    for dotted in keys:
+        *path, last = dotted.split(".")
+        node = c
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return c
+
+
+def with_setting(cfg: dict, key: str, value) -> dict:
+    """A copy of ``cfg`` (as JSON data) with the dotted ``key`` set to ``value`` (its sections made as needed)."""
+    c = _plain_copy(cfg)
+    *path, last = key.split(".")
+    node = c
+    for part in path:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return c
+
+
+def given_settings(cfg: dict, sections) -> dict:
+    """``{"section.key": value}`` for every key ``cfg`` holds in ``sections`` (what to pass as ``sets`` to
+    resolve a config again as it was)."""
+    return {f"{name}.{k}": v for name in sections for k, v in (cfg.get(name) or {}).items()}
+
+
+def with_settings(cfg: dict, settings: dict | None, task: str) -> dict:
+    """A copy of ``cfg`` with ``settings`` (``{"evaluation.thresholds": [0.9, 0.98]}``) set: each must be
+    a setting of ``task``'s config today (one line otherwise)."""
+    defaults = _task_defaults(task)
+    c = _plain_copy(cfg)
+    for key, value in (settings or {}).items():
+        section, _, name = key.partition(".")
+        if name not in (defaults.get(section) or {}):
+            raise ConfigError(f"{key} is not a setting of {task} runs")
+        c = with_setting(c, key, value)
+    return c
+
+
+def with_older_defaults(cfg: dict) -> dict:
+    """A copy of ``cfg`` with each key of its task's YAML that it lacks (in a section it has) set to what
+    such a config meant, as :class:`Config` reads it: :data:`OLDER_DEFAULTS`' value, else the YAML's (and
+    a declared field's key of :data:`OLDER_DEFAULTS`): a run saved without a key is the same run as one
+    saved with that value (it is reused, resumed, extended)."""
+    c = _plain_copy(cfg)
+    defaults = _task_defaults(c.get("task"))
+    for dotted, value in OLDER_DEFAULTS.items():
+        section, key = dotted.split(".", 1)
+        if section in COMMON_SECTIONS and key in {f.name for f in fields(COMMON_SECTIONS[section])}:
+            defaults.setdefault(section, {}).setdefault(key, value)
+    for section, keys in defaults.items():
+        if isinstance(keys, dict) and isinstance(c.get(section), dict):
+            for key, value in keys.items():
+                c[section].setdefault(key, _plain_copy(OLDER_DEFAULTS.get(f"{section}.{key}", value)))
+    return c
+
+
+def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf that differs between two configs."""
+    out = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
+    return out
+
+
+def locate(cfg: dict, run_dir) -> dict:
+    """``cfg`` (in place) with its inputs' paths relative to ``run_dir`` added (``cache.relative`` or
+    ``manifest.relative``, ``inputs.<name>.relative``): a run moved or copied together with them
+    finds them again."""
+    run_dir = Path(run_dir).resolve()
+    for kind in SOURCE_IDENTITY:
+        source = cfg.get(kind)
+        if isinstance(source, dict) and source.get("path"):
+            source["relative"] = os.path.relpath(Path(source["path"]).resolve(), run_dir)
+    for name, entry in (cfg.get("inputs") or {}).items():
+        if (cfg.get("options") or {}).get(name):
+            entry["relative"] = os.path.relpath(Path(cfg["options"][name]).resolve(), run_dir)
+    return cfg
+
+
+def where_independent(cfg: dict) -> dict:
+    """A copy of ``cfg`` without where its inputs lie: the cache is compared by its fingerprint (a
+    manifest by its sha256), a required run by ``inputs.<name>.fingerprint`` (a config written
+    before runs were fingerprinted keeps its path; :func:`run_config_differences` compares such
+    configs by path)."""
+    c = with_older_defaults(cfg)
+    for kind, key in SOURCE_IDENTITY.items():
+        source = c.get(kind)
+        if isinstance(source, dict):
+            source.pop("relative", None)
+            if source.get(key):
+                source.pop("path", None)
+    for name, entry in (c.get("inputs") or {}).items():
+        entry.pop("relative", None)
+        (c.get("options") or {}).pop(name, None)
+    return c
+
+
+def run_config_differences(saved: dict, new: dict) -> list[str]:
+    """:func:`config_differences` of two run configs, inputs matched by fingerprint wherever they
+    lie (a moved ablation, re-pointed with ``--cache`` / ``--stage1``, is the same ablation)."""
+    a, b = where_independent(saved), where_independent(new)
+    if ("inputs" in a) != ("inputs" in b):  # one written before runs were fingerprinted: compared by path
+        a, b = with_older_defaults(saved), with_older_defaults(new)
+        for c in (a, b):
+            c.pop("inputs", None)
+            for kind in SOURCE_IDENTITY:
+                (c.get(kind) or {}).pop("relative", None)
+    return config_differences(a, b)
 
 
 # -- the selection formula ------------------------------------------------------------------

@@ -73,7 +73,7 @@ class DetrTask(ManifestTask):
 
     # -- data ----------------------------------------------------------------------------------------
     def train_split(self) -> str:
-        return str(self.cfg["training"].get("split", "train"))
+        return self.conf.training.split
 
     def load(self, manifest: Manifest, splits=None) -> None:
         """Decode the images and ground truth of ``splits``; by default (training) the training split
@@ -116,7 +116,7 @@ class DetrTask(ManifestTask):
 
     # -- model ---------------------------------------------------------------------------------------
     def make_spec(self) -> dict:
-        return {"model": str(self.cfg["model"]["name"])}
+        return {"model": self.conf.model.name}
 
     def build(self, spec: dict) -> torch.nn.Module:
         """The starting DETR (``model.name``), or a finished run's own Hugging Face folder; every
@@ -124,7 +124,7 @@ class DetrTask(ManifestTask):
         too) and DETR's deep supervision on (every decoder layer's outputs matched)."""
         own = self.run_dirs[0] if self.run_dirs and RunDir(self.run_dirs[0]).hf_config.is_file() else None
         net, self.processor, _ = load_detr(str(own) if own is not None else spec["model"],
-                                           seed=int(self.cfg["training"]["seed"]))
+                                           seed=self.conf.training.seed)
         for p in net.parameters():
             p.requires_grad_(True)
         self._aux = net.config.auxiliary_loss
@@ -152,7 +152,7 @@ class DetrTask(ManifestTask):
     def outputs(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Class logits (n, Q, C+1) and relative boxes (n, Q, 4) of a split's images."""
         pixels, mask, _ = self.encoded(split)
-        bs = int((self.cfg.get("evaluation") or {}).get("batch_size", 16))
+        bs = self.conf.evaluation.batch_size
         self.module.eval()
         logits, boxes = [], []
         for s in range(0, len(pixels), bs):
@@ -171,7 +171,7 @@ class DetrTask(ManifestTask):
         sizes = np.stack([it[1] for it in items])
         gt = coco_ground_truth(sizes, [it[2] for it in items], [it[3] for it in items])
         dets = detr_detections(logits, boxes, sizes)
-        cats = str((self.cfg.get("evaluation") or {}).get("categories", "all")).strip()
+        cats = self.conf.evaluation.categories.strip()  # all, or COCO ids: 1 or 1,3
         cat_ids = None if cats == "all" else [int(c) for c in cats.split(",")]
         gender = meta_codes(rows, "gender", GENDERS) if "gender" in rows else np.full(len(rows), -1)
         if (gender >= 0).any():

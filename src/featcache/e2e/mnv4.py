@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file
 
-from ..config import resolve_config
+from ..config import Config, resolve_config
 from ..data.images import ImageFiles, Uint8Images, collate_images, collate_uint8
 from ..data.manifest import read_manifest
 from ..errors import BackboneError, FeatcacheError, first_line
@@ -58,11 +58,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def _defaults() -> dict:
     """The filter's defaults as one flat dict, read from its one source, configs/mnv4.yaml (the
     ``train-e2e mnv4`` alias's options and the prediction helpers read them)."""
-    c = resolve_config(TASK)
-    m, t, e = c["model"], c["training"], c["evaluation"]
-    return {"model": m["name"], "epochs": t["epochs"], "patience": t["patience"], "batch_size": t["batch_size"],
-            "lr": t["lr"], "weight_decay": t["weight_decay"], "image_size": m["image_size"],
-            "geometry": m["geometry"], "amp_dtype": t["amp_dtype"], "eval_batch_size": e["batch_size"]}
+    conf = Config.of(resolve_config(TASK))
+    m, t, e = conf.model, conf.training, conf.evaluation
+    return {"model": m.name, "epochs": t.epochs, "patience": t.patience, "batch_size": t.batch_size,
+            "lr": t.lr, "weight_decay": t.weight_decay, "image_size": m.image_size,
+            "geometry": m.geometry, "amp_dtype": t.amp_dtype, "eval_batch_size": e.batch_size}
 
 
 #: configs/mnv4.yaml's defaults, flat: epochs 50 (the design's length; the cosine T_max), patience 15,
@@ -522,7 +522,7 @@ class FilterRun:
 
     def __init__(self, run_dir, device=None, weights: str | None = None):
         self.run_dir = Path(run_dir)
-        spec_file = self.run_dir / "model.json"
+        spec_file = RunDir(self.run_dir).model
         if not self.run_dir.exists():
             raise FeatcacheError(f"run {self.run_dir} does not exist")
         if not spec_file.is_file():

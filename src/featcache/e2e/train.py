@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..config import load_config
+from ..config import Config, given_settings, load_config
 from ..data.manifest import Manifest, read_manifest
 from ..errors import FeatcacheError
 from ..heads.task import ManifestTask, register_task
@@ -75,8 +75,6 @@ from .mnv4 import (
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 #: The metrics a filter run's one-line summary shows.
 SUMMARY_KEYS = ("auc", "acc", "eer", "f1", "ece", "f_fpr")
-#: The cascade thresholds of a run whose config has none (written before evaluation.thresholds).
-DEFAULT_THRESHOLDS = (0.9, 0.95, 0.98, 0.99)
 
 
 @register_task(TASK)
@@ -90,11 +88,10 @@ class FilterTask(ManifestTask):
 
     def __init__(self, cfgs, device, run_dirs=None):
         super().__init__(cfgs, device, run_dirs)
-        tc, mc = self.cfg["training"], self.cfg["model"]
-        self.size, self.workers, self.seed = int(mc["image_size"]), int(tc["num_workers"]), int(tc["seed"])
-        self.augment, self.bs = bool(tc.get("augment", True)), int(tc["batch_size"])
-        self.amp_dtype = (AMP_DTYPES[tc["amp_dtype"]] if tc["mixed_precision"] and self.device.type == "cuda"
-                          else None)
+        tc, mc = self.conf.training, self.conf.model
+        self.size, self.workers, self.seed = mc.image_size, tc.num_workers, tc.seed
+        self.augment, self.bs = tc.augment, tc.batch_size
+        self.amp_dtype = AMP_DTYPES[tc.amp_dtype] if tc.mixed_precision and self.device.type == "cuda" else None
         self.cuda = self.device.type == "cuda"
         self.loss_fn = torch.nn.BCEWithLogitsLoss()
         self.splits: dict[str, tuple[pd.DataFrame, list[str]]] = {}
@@ -120,10 +117,9 @@ class FilterTask(ManifestTask):
         self._loaders.clear()  # a loader serves the paths of the manifest it was made for
 
     def make_spec(self) -> dict:
-        mc = self.cfg["model"]
-        name = str(mc["name"])
-        return {"model": name, "pretrained": mc.get("pretrained") or default_pretrained(name),
-                "image_size": int(mc["image_size"]), "geometry": mc.get("geometry", "timm"), "num_classes": 1}
+        mc = self.conf.model  # a run written before model.geometry existed reads timm (config.OLDER_DEFAULTS)
+        return {"model": mc.name, "pretrained": mc.pretrained or default_pretrained(mc.name),
+                "image_size": mc.image_size, "geometry": mc.geometry, "num_classes": 1}
 
     def build(self, spec: dict) -> torch.nn.Module:
         """The timm model; its pretrained weights when training (the train split loaded), else the bare
@@ -196,7 +192,7 @@ class FilterTask(ManifestTask):
     def predictions(self, split: str) -> pd.DataFrame:
         """Meta columns, ``score`` (the logit) and ``prob`` = sigmoid(score / T) of a loaded split."""
         rows, paths = self.splits[split]
-        bs = max(self.bs, int((self.cfg.get("evaluation") or {}).get("batch_size", DEFAULTS["eval_batch_size"])))
+        bs = max(self.bs, self.conf.evaluation.batch_size)
         loader = self._loader(split, paths, bs)  # one loader per split, kept with its workers
         scores, _, errors = predict_scores(self.module, paths, self.size, self.device, batch_size=bs,
                                            num_workers=self.workers, amp_dtype=self.amp_dtype,
@@ -219,7 +215,7 @@ class FilterTask(ManifestTask):
         if t is not None:
             metrics["temperature"] = t
             metrics["uncalibrated"] = calibration_metrics(y, sigmoid(score))
-        metrics["threshold_analysis"] = threshold_analysis(y, p, thresholds(self.cfg))
+        metrics["threshold_analysis"] = threshold_analysis(y, p, thresholds(self.conf))
         self._last = (split, y, p, metrics)
         return [(metrics, preds)]
 
@@ -237,7 +233,7 @@ class FilterTask(ManifestTask):
         t = m.get("temperature")
         cal = f"T = {t:.3f}" if t is not None else "uncalibrated"
         plot_reliability([(f"{split}, {cal}", reliability_bins(y, p), m)], out / "reliability_diagram.png")
-        marks = thresholds(self.cfg)
+        marks = thresholds(self.conf)
         curve = pd.DataFrame(threshold_analysis(y, p, default_grid(marks)))
         plot_cascade(curve[["threshold", "filtration", "leakage", "precision"]], out / "cascade_analysis.png",
                      marks=marks, title=f"{title}, as stage 1")
@@ -247,20 +243,20 @@ class FilterTask(ManifestTask):
         """What summary.json adds for the filter: the model, its weights, the precision, the throughput."""
         ips = [v for v in self.images_per_s if np.isfinite(v)]
         return {"model": self.spec["model"], "pretrained": self.spec["pretrained"],
-                "mixed_precision": self.cfg["training"]["amp_dtype"] if self.amp_dtype is not None else "off",
+                "mixed_precision": self.conf.training.amp_dtype if self.amp_dtype is not None else "off",
                 "train_images_per_s": float(np.mean(ips)) if ips else float("nan")}
 
 
-def thresholds(cfg: dict) -> list[float]:
+def thresholds(cfg: dict | Config) -> list[float]:
     """The run's cascade thresholds (``evaluation.thresholds``), each in [0, 1] (one line otherwise)."""
-    values = (cfg.get("evaluation") or {}).get("thresholds", DEFAULT_THRESHOLDS)
+    given = Config.of(cfg).evaluation.thresholds
     try:
-        values = [float(t) for t in values]
+        values = [float(t) for t in given]
     except (TypeError, ValueError):
         values = []
     if not values or any(not 0.0 <= t <= 1.0 for t in values):
-        raise FeatcacheError(f"evaluation.thresholds must be numbers in [0, 1]; got "
-                             f"{(cfg.get('evaluation') or {}).get('thresholds')!r}")
+        shown = list(given) if isinstance(given, tuple) else given
+        raise FeatcacheError(f"evaluation.thresholds must be numbers in [0, 1]; got {shown!r}")
     return values
 
 
@@ -334,16 +330,15 @@ def _resume_sets(out: Path, manifest, epochs: int | None) -> tuple[str | None, d
     for f in (rd.config, rd.model, rd.resume):
         if not f.is_file():
             raise FeatcacheError(f"cannot resume {out}: {f.name} is missing (no epoch was finished); start it again")
-    cfg = load_config(rd.config)
-    if cfg.get("task") != TASK:
+    conf = Config.of(load_config(rd.config))
+    if conf.task != TASK:
         raise FeatcacheError(f"cannot resume {out}: it is not a {TASK} run")
-    if (cfg.get("manifest") or {}).get("sha256") != read_manifest(manifest).sha256:
-        raise FeatcacheError(f"cannot resume {out}: it was trained on another manifest ({cfg['manifest']['path']})")
-    sets = {f"{section}.{k}": v for section in ("model", "training", "selection", "evaluation", "logging")
-            for k, v in (cfg.get(section) or {}).items()}
+    if conf.manifest.sha256 != read_manifest(manifest).sha256:
+        raise FeatcacheError(f"cannot resume {out}: it was trained on another manifest ({conf.manifest.path})")
+    sets = given_settings(conf.as_dict(), ("model", "training", "selection", "evaluation", "logging"))
     if epochs is not None:
         sets["training.epochs"] = int(epochs)
-    return cfg.get("preset"), sets
+    return conf.preset, sets
 
 
 __all__ = ["FilterTask", "OPTION_KEYS", "SUMMARY_KEYS", "train_e2e"]

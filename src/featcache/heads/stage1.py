@@ -236,7 +236,7 @@ class Stage1Task(Task):
 
     def evaluation_inputs(self) -> tuple[str, ...]:
         """The per-epoch probe is fitted on the train split: an evaluation of the run's own cache loads it."""
-        return ("train",) if int(self.cfg["selection"].get("probe_rows", 0)) > 0 else ()
+        return ("train",) if self.conf.selection.probe_rows > 0 else ()
 
     @torch.no_grad()
     def evaluate(self, split: str):

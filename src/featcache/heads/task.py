@@ -41,7 +41,15 @@ import torch
 
 from ..cache import CacheData, FeatureCache, open_cache
 from ..cache.splits import split_mask
-from ..config import Config, load_config, register_config_file
+from ..config import (
+    SOURCE_IDENTITY,
+    Config,
+    constraints_of,
+    load_config,
+    register_config_file,
+    with_settings,
+    without_keys,
+)
 from ..data.manifest import Manifest, read_manifest
 from ..errors import FeatcacheError
 from ..metrics.threshold import parse_rule
@@ -68,8 +76,6 @@ get_task = TASKS.get
 list_tasks = TASKS.names
 
 
-#: A task's data source (its ``source``) -> the key of its identity in the run's config.
-SOURCE_IDENTITY = {"cache": "fingerprint", "manifest": "sha256"}
 #: What each source is called in messages and options (``--cache CACHE``, ``--manifest MANIFEST``).
 SOURCE_METAVAR = {"cache": "CACHE", "manifest": "MANIFEST"}
 
@@ -92,6 +98,64 @@ class Source:
     def record(self) -> dict:
         """What a run's config records: ``{"path": absolute, <key>: ident}``."""
         return {"path": str(Path(self.path).resolve()), self.key: self.ident}
+
+
+@dataclass(frozen=True)
+class TaskOption:
+    """A command-line option of ``train-head`` and ``ablate`` that registered tasks declare: a finished
+    run a task requires (``requires_runs``: Stage 2's ``--stage1``; ``key`` None) or a shortcut for one
+    of its settings (``cli_options``: ``--prototype-mode`` sets ``model.prototype_mode``)."""
+
+    name: str  # the Python name (``prototype_mode``); the option is ``--prototype-mode``
+    key: str | None  # the config key it sets; None: a run input (recorded in ``options.<name>``)
+    help: str
+    choices: tuple[str, ...]  # the key's declared ``one of`` constraint, or ()
+    tasks: tuple[str, ...]  # the tasks that declare it
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def task_options() -> list[TaskOption]:
+    """Every registered task's own command-line options (:class:`TaskOption`), in task order; one option
+    two tasks declare is one, naming both (one line when they declare it differently)."""
+    out: dict[str, TaskOption] = {}
+    for name in list_tasks():
+        cls = get_task(name)
+        declared = [(opt, None, f"a finished {needed} run (RUN folder)", ()) for opt, needed in cls.requires_runs.items()]
+        for opt, (key, text) in cls.cli_options.items():
+            c = constraints_of(name).get(key)
+            declared.append((opt, key, f"{text} (sets {key})", c.options if c is not None and c.kind == "options" else ()))
+        for opt, key, text, choices in declared:
+            seen = out.get(opt)
+            if seen is not None and (seen.key, seen.choices) != (key, choices):
+                raise FeatcacheError(f"tasks {', '.join(seen.tasks)} and {name} declare --{opt} differently; "
+                                     "a task's option needs a name of its own")
+            tasks = (*seen.tasks, name) if seen else (name,)
+            out[opt] = TaskOption(opt, key, seen.help if seen else text, choices, tasks)
+    return list(out.values())
+
+
+def task_option_values(task_name: str, given: dict) -> tuple[dict[str, str], list[str]]:
+    """The task options given on the command line (name -> value; None: not given) as ``task_name``'s
+    required runs (``options`` of :func:`featcache.train.train_head`) and ``section.key=value`` items
+    (``sets``); an option ``task_name`` does not declare is one line naming the tasks that do."""
+    cls = get_task(task_name)
+    runs, sets = {}, []
+    for opt, value in given.items():
+        if value is None:
+            continue
+        if opt in cls.requires_runs:
+            runs[opt] = str(value)
+        elif opt in cls.cli_options:
+            sets.append(f"{cls.cli_options[opt][0]}={value}")
+        else:
+            users = next((o.tasks for o in task_options() if o.name == opt), ())
+            own = [o.flag for o in task_options() if task_name in o.tasks]
+            raise FeatcacheError(f"--{opt.replace('_', '-')} is an option of {', '.join(users) or 'no task'}, not of "
+                                 f"{task_name}; {task_name} takes {', '.join(own) or 'no task option'}")
+    return runs, sets
 
 
 def choose_source(task_name: str, cache=None, manifest=None):
@@ -219,6 +283,9 @@ class Task(Job):
     max_runs: int = 1
     #: Option name -> task name of a finished run this task needs (loaded by the trainer into self.inputs).
     requires_runs: dict[str, str] = {}
+    #: Command-line shortcuts for settings: option name -> (config key, help); ``featcache train-head`` and
+    #: ``ablate`` offer ``--<option>`` (its choices: the key's declared ``one of`` constraint), as ``--set``.
+    cli_options: dict[str, tuple[str, str]] = {}
     #: Loss-section keys that are per-run coefficients (presets differ by them; excluded from stack_key).
     coefficient_keys: tuple[str, ...] = ()
     #: Meta columns read from the cache (None: all).
@@ -261,7 +328,8 @@ class Task(Job):
     @classmethod
     def check_config(cls, cfg: dict) -> None:
         """Refuse a config that cannot train as asked (one line that says how to fix it)."""
-        balance = str(cfg["training"].get("class_balance") or "none")
+        conf = Config.of(cfg)
+        balance = conf.training.class_balance
         if balance != "none" and not cls.detects:
             raise FeatcacheError(f"training.class_balance={balance} applies to detectors (real/fake labels); "
                                  f"{cls.name} is not one")
@@ -269,17 +337,16 @@ class Task(Job):
             raise FeatcacheError(f"{cls.name} does not weigh its loss by class yet; use training.class_balance=sampler "
                                  "(balanced batches) or none")
 
-        epochs = int(cfg["training"]["epochs"])
-        min_epoch = int(cfg.get("selection", {}).get("min_epoch", 1))
+        epochs, min_epoch = conf.training.epochs, conf.selection.min_epoch
         if min_epoch > epochs:
             raise FeatcacheError(f"selection.min_epoch={min_epoch} is after the last epoch (training.epochs={epochs}), "
                                  f"so no epoch could be selected; set training.epochs >= {min_epoch} or "
                                  f"--set selection.min_epoch={epochs}")
-        parse_rule((cfg.get("evaluation") or {}).get("threshold"))  # a wrong operating-point rule, before training
+        parse_rule(conf.evaluation.threshold)  # a wrong operating-point rule, before training
 
     def seeds(self) -> list[int]:
         """Each run's seed (initialisation, batch order, dropout)."""
-        return [int(c["training"]["seed"]) for c in self.cfgs]
+        return [c.training.seed for c in self.confs]
 
     # -- data --------------------------------------------------------------------------------
     @classmethod
@@ -335,7 +402,7 @@ class Task(Job):
     def held_out_method(self) -> str | None:
         """The manipulation method a leave-one-manipulation-out run never trains on
         (``protocol.held_out_method``; ``featcache ablate --protocol lomo``), or None."""
-        held = (self.cfg.get("protocol") or {}).get("held_out_method")
+        held = self.conf.protocol.held_out_method
         return None if held in (None, "") else str(held)
 
     def describe_fold(self) -> str:
@@ -347,7 +414,7 @@ class Task(Job):
         included) and is tested on the test reals plus the held-out method's fakes.  On another
         cache than its own (cross-dataset evaluation) every row is used."""
         held = self.held_out_method()
-        if held is None or cache.fingerprint != (self.cfg.get("cache") or {}).get("fingerprint"):
+        if held is None or cache.fingerprint != self.conf.cache.fingerprint:
             return None
         if "method" not in meta:
             raise FeatcacheError(f"{self.name} reads no method column, so it cannot hold out a manipulation method")
@@ -410,7 +477,7 @@ class Task(Job):
 
     def _make_coefficients(self) -> dict[str, torch.Tensor]:
         """One (R,) tensor per ``coefficient_keys`` entry, from each run's ``loss`` section."""
-        return {k: self._coef(c["loss"][k] for c in self.cfgs) for k in self.coefficient_keys}
+        return {k: self._coef(getattr(c.loss, k) for c in self.confs) for k in self.coefficient_keys}
 
     def _coef(self, values) -> torch.Tensor:
         """One float per run as an (R,) tensor on the device."""
@@ -432,7 +499,7 @@ class Task(Job):
         """The batch mean of ``per_sample`` losses over the last axis; with ``training.class_balance:
         weight`` each sample weighted by its class's :meth:`class_weights` and normalised by the
         weights' sum, as ``F.cross_entropy(weight=...)`` does (the classes then count equally)."""
-        if str(self.cfg["training"].get("class_balance") or "none") != "weight":
+        if self.conf.training.class_balance != "weight":
             return per_sample.mean(-1)
         w = self.class_weights()[y]
         return (per_sample * w).sum(-1) / w.sum(-1)
@@ -455,11 +522,7 @@ class Task(Job):
         loss coefficients (``coefficient_keys``).  The training section stays in the key, so stacked
         runs have one learning-rate schedule (``training.lr``, ``schedule``, ``epochs``): they share
         one AdamW, whose learning rate is one number per parameter tensor, not per run."""
-        c = json.loads(json.dumps(cfg, default=str))
-        c.get("training", {}).pop("seed", None)
-        c.pop("preset", None)
-        for k in cls.coefficient_keys:
-            c.get("loss", {}).pop(k, None)
+        c = without_keys(cfg, ["training.seed", "preset", *(f"loss.{k}" for k in cls.coefficient_keys)])
         return json.dumps(c, sort_keys=True)
 
 
@@ -557,22 +620,24 @@ def recorded_cache(run_dir, cfg: dict, kind: str = "cache") -> Path:
     """The cache (or with ``kind="manifest"`` the manifest) a run was trained on: its recorded
     absolute path, else its path relative to the run folder (``cache.relative``: a run moved
     together with its data); one line when neither is there."""
-    c = cfg.get(kind) or {}
-    if c.get("path") and Path(c["path"]).exists():
-        return Path(c["path"])
-    if c.get("relative") and (Path(run_dir) / c["relative"]).exists():
-        return (Path(run_dir) / c["relative"]).resolve()
-    if not c.get("path"):
+    rec = getattr(Config.of(cfg), kind)  # config.RECORD_SECTIONS: cache, manifest
+    if rec.path and Path(rec.path).exists():
+        return Path(rec.path)
+    if rec.relative and (Path(run_dir) / rec.relative).exists():
+        return (Path(run_dir) / rec.relative).resolve()
+    if not rec.path:
         raise FeatcacheError(f"{run_dir} does not record its {kind}; pass --{kind}")
-    raise FeatcacheError(f"{run_dir}'s {kind} {c['path']} is not there (moved?); pass --{kind} with its new place "
+    raise FeatcacheError(f"{run_dir}'s {kind} {rec.path} is not there (moved?); pass --{kind} with its new place "
                          f"(it is matched by {SOURCE_IDENTITY[kind]})")
 
 
-def load_run(run_dir, device=None, *, weights: str = "best") -> Task:
+def load_run(run_dir, device=None, *, weights: str = "best", settings: dict | None = None) -> Task:
     """Rebuild a trained task (R = 1) from its run directory (config.yaml, model.json, weights).
 
     The module and every tensor the task later loads sit on ``device`` (default: CUDA when
-    present); no data is loaded.
+    present); no data is loaded. ``settings`` (``{"evaluation.thresholds": [...]}``) replace the run's
+    own for this task only (each a setting of the task's config today; :func:`config.with_settings`):
+    the task's typed settings are built once, with them.
     """
     run_dir = Path(run_dir)
     check_run_dir(run_dir, weights)
@@ -583,7 +648,7 @@ def load_run(run_dir, device=None, *, weights: str = "best") -> Task:
         raise FeatcacheError(f"{run_dir} is a {spec.get('task')!r} run, not a run of a registered task "
                              f"(tasks: {', '.join(list_tasks())})")
     dev = resolve_device(device)
-    task = get_task(spec["task"])(cfg, dev, run_dirs=[run_dir])
+    task = get_task(spec["task"])(with_settings(cfg, settings, spec["task"]), dev, run_dirs=[run_dir])
     task.spec = spec["spec"]
     task.module = task.build(task.spec).to(dev)
     task.load_run_state_dict(0, load_weights(rd.weights(weights), dev))

@@ -126,6 +126,8 @@ class XaiTask(Task):
     detects = False
     max_runs = 64
     meta_columns = META
+    cli_options = {"prototype_mode": ("model.prototype_mode", "prototypes: ema (momentum, no gradient), fixed "
+                                      "(train class means) or learnable [ema]")}
     # XAI's per-run coefficients: the regularisers' weights of xai.yaml
     coefficient_keys = ("lambda_bonafide", "lambda_smooth", "lambda_sparsity", "lambda_complement")
     summary_keys = ("auc", "eer", "loc_auroc", "loc_ap", "pointing_game", "relevance_mass")

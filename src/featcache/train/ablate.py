@@ -36,7 +36,15 @@ import pandas as pd
 import torch
 
 from ..cache import open_cache
-from ..config import load_config, presets_of
+from ..config import (
+    Config,
+    config_differences,
+    load_config,
+    presets_of,
+    run_config_differences,
+    with_setting,
+    without_keys,
+)
 from ..errors import FeatcacheError, write_atomic
 from ..heads.task import backbone_identity, check_run_dir, check_same_backbone, get_task, list_tasks
 from ..metrics.compare import EXCESS, excess, paired_differences, without_degenerate
@@ -46,14 +54,7 @@ from ..report.protocol import CROSS_METRICS, LOMO_METRICS, long_rows, write_prot
 from ..report.tables import ABLATION_METRICS, ablation_table, metrics_line, write_csv_rounded
 from ..runtime import RunDir, write_json
 from .evaluate import evaluate_head
-from .trainer import (
-    _resolve,
-    config_differences,
-    estimate_run_bytes,
-    run_config_differences,
-    train_runs,
-    writer_lock,
-)
+from .trainer import _resolve, estimate_run_bytes, train_runs, writer_lock
 
 
 @dataclass
@@ -199,9 +200,7 @@ def _has_meta(path, column: str) -> bool:
 
 def _comparable(cfg: dict) -> dict:
     """A config as saved and reloaded, without the device (a finished run is the same run on any device)."""
-    c = json.loads(json.dumps(cfg, default=str))
-    c.get("training", {}).pop("device", None)
-    return c
+    return without_keys(cfg, ["training.device"])
 
 
 #: ``--protocol``: the standard one (train and test on the cache's splits) and leave-one-manipulation-out.
@@ -374,11 +373,7 @@ def _mb(n: float) -> str:
 def train_group(task: str, cache_path, runs: list[PlannedRun], device: str, *, progress: bool, echo,
                 keep_resume: bool = False) -> None:
     """Train one group as one job on ``device``; out of GPU memory, split it in two and retry each half."""
-    cfgs = []
-    for r in runs:
-        c = json.loads(json.dumps(r.cfg))
-        c["training"]["device"] = device
-        cfgs.append(c)
+    cfgs = [with_setting(r.cfg, "training.device", device) for r in runs]
     try:
         results = train_runs(task, cache_path, [r.out for r in runs], cfgs=cfgs, overwrite=True, progress=progress,
                              echo=echo, keep_resume=keep_resume)
@@ -606,7 +601,7 @@ def _ablate_locked(task, cache, out, runs, eval_caches, names, baseline, devices
             echo(f"{len(half)} half-written run(s) redone from scratch: {', '.join(half)}")
         groups, lines = group_runs(task, todo)
         if devices is None:
-            dev = str(todo[0].cfg["training"].get("device", "auto"))
+            dev = str(Config.of(todo[0].cfg).training.device or "auto")
             devices = [dev] if dev not in ("auto", "") else default_devices()
         devices = [devices] if isinstance(devices, str) else list(devices)
         if not devices:

@@ -51,10 +51,10 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__
-from ..config import load_config, resolve_config
+from ..config import SOURCE_IDENTITY, Config, load_config
 from ..data.manifest import SUBGROUP_NAMES
 from ..errors import CacheError, FeatcacheError
-from ..heads.task import SOURCE_IDENTITY, Source, Task, load_run, recorded_cache
+from ..heads.task import Source, Task, load_run, recorded_cache
 from ..metrics import subgroup_table
 from ..metrics.bootstrap import with_intervals
 from ..metrics.fairness import FAIRNESS_KEYS
@@ -191,7 +191,7 @@ def _run_rule(run_dir: Path | None):
     """The run's ``evaluation.threshold`` (None: the default rule)."""
     if run_dir is None or not RunDir(run_dir).config.is_file():
         return None
-    return (load_config(RunDir(run_dir).config).get("evaluation") or {}).get("threshold")
+    return Config.of(load_config(RunDir(run_dir).config)).evaluation.threshold
 
 
 def _run_val_predictions(run_dir: Path, metrics: dict) -> tuple[pd.DataFrame | None, str | None]:
@@ -338,10 +338,11 @@ def run_provenance(run_dir, split: str, command: str | None = None, source: Sour
     if source is not None:
         prov[source.kind] = source.record()
     elif RunDir(run_dir).config.is_file():
-        cfg = load_config(RunDir(run_dir).config)
+        conf = Config.of(load_config(RunDir(run_dir).config))
         for kind, key in SOURCE_IDENTITY.items():
-            if isinstance(cfg.get(kind), dict) and cfg[kind].get("path"):
-                prov[kind] = {"path": cfg[kind]["path"], key: cfg[kind].get(key)}
+            rec = getattr(conf, kind)  # config.RECORD_SECTIONS: cache, manifest
+            if rec.path:
+                prov[kind] = {"path": rec.path, key: getattr(rec, key)}
                 break
     prov.update(featcache=__version__, command=command)
     return prov
@@ -498,21 +499,10 @@ def write_task_evaluation(task: Task, run_dir, split: str, metrics: dict, predic
     """One evaluation of run r of ``task``, with the task's markdown (:meth:`Task.report`) and plots
     (:meth:`Task.write_plots`): what training's end and ``featcache evaluate`` both write.  ``kw`` goes
     to :func:`write_evaluation` (``out``, ``provenance``, ``val_predictions``, ...)."""
-    cfg = task.cfgs[r] if cfg is None else cfg
-    title = run_title(run_dir, task.name, cfg.get("preset"))
+    title = run_title(run_dir, task.name, (task.confs[r] if cfg is None else Config.of(cfg)).preset)
     return write_evaluation(run_dir, split, metrics, predictions, detects=task.detects,
                             summary_keys=task.summary_keys, title=title, task_md=task.report(metrics, predictions),
                             plots=lambda d, t: task.write_plots(d, split, f"{title}, {t}", r=r), **kw)
-
-
-def set_evaluation_options(task: Task, options: dict | None) -> None:
-    """Evaluation settings given for this evaluation only (``{"evaluation.thresholds": [...]}``):
-    each must be a setting of the task's config today (one line otherwise)."""
-    for key, value in (options or {}).items():
-        section, _, name = key.partition(".")
-        if name not in (resolve_config(task.name).get(section) or {}):
-            raise FeatcacheError(f"{key} is not a setting of {task.name} runs")
-        task.cfg.setdefault(section, {})[name] = value
 
 
 def evaluate_head(run_dir, source=None, *, split: str = "test", name: str | None = None, device=None,
@@ -523,11 +513,12 @@ def evaluate_head(run_dir, source=None, *, split: str = "test", name: str | None
     The run's own data (the fingerprint or sha256 config.yaml records) goes to ``RUN/eval/<split>/``;
     other data to ``RUN/eval/<name>_<split>/``, ``name`` defaulting to its folder (file) name. The
     data at the run's recorded path must still be what it was trained on; another evaluation in the
-    output folder is replaced only with ``overwrite``. ``options``: :func:`set_evaluation_options`.
+    output folder is replaced only with ``overwrite``. ``options``: settings for this evaluation only
+    (``{"evaluation.thresholds": [...]}``; each a setting of the task's config today), given to
+    :func:`~featcache.heads.task.load_run`.
     """
     run_dir = Path(run_dir)
-    task = load_run(run_dir, device)
-    set_evaluation_options(task, options)
+    task = load_run(run_dir, device, settings=options)
     kind = task.source
     recorded = task.cfg.get(kind) or {}
     path = source or recorded_cache(run_dir, task.cfg, kind)  # a run moved with its data: found relative
@@ -552,7 +543,7 @@ def evaluate_head(run_dir, source=None, *, split: str = "test", name: str | None
         val_preds = None
     return write_task_evaluation(task, run_dir, split, metrics, preds, out=out, provenance=provenance,
                                  val_predictions=val_preds, val_missing=why_not,
-                                 threshold_rule=(task.cfg.get("evaluation") or {}).get("threshold"))
+                                 threshold_rule=task.conf.evaluation.threshold)
 
 
 def run_title(run_dir, task: str, preset: str | None = None) -> str:
@@ -564,5 +555,5 @@ def run_title(run_dir, task: str, preset: str | None = None) -> str:
 
 
 __all__ = ["Evaluation", "add_intervals", "check_target", "eval_path", "evaluate_head", "resolve_target", "run_provenance",
-           "run_title", "safe_name", "set_evaluation_options", "sha256_file", "val_threshold", "write_evaluation",
+           "run_title", "safe_name", "sha256_file", "val_threshold", "write_evaluation",
            "write_task_evaluation"]

@@ -17,7 +17,6 @@ another config is refused with the difference named (``--overwrite`` replaces th
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -26,9 +25,9 @@ from pathlib import Path
 
 from ..cache import CacheLock
 from ..cache.store import LOCK_FILE
-from ..config import load_config, resolve_config, save_config
+from ..config import Config, load_config, locate, resolve_config, run_config_differences, save_config, with_setting
 from ..errors import FeatcacheError, RunLockedError
-from ..heads.task import SOURCE_IDENTITY, Task, get_task, load_run, run_fingerprint
+from ..heads.task import Task, get_task, load_run, run_fingerprint
 from ..progress import library_bars
 from ..runtime import RunDir, is_run_dir, load_weights, prepare_run_dir, resolve_device, seed_everything, write_json
 from .evaluate import Evaluation, write_task_evaluation
@@ -68,32 +67,6 @@ class RunResult:
         return out
 
 
-def config_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """``key: old -> new`` for every leaf that differs between two configs."""
-    out = []
-    for k in sorted(set(old) | set(new), key=str):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{prefix}{k}.")
-        elif a != b:
-            out.append(f"{prefix}{k}: {a!r} -> {b!r}")
-    return out
-
-
-#: Config keys added after runs were written, with the value those runs trained with: a run saved
-#: without the key is the same run as one saved with this value (it is reused, resumed, extended).
-ADDED_KEYS = {("training", "class_balance"): "none"}
-
-
-def with_added_keys(cfg: dict) -> dict:
-    """A copy of ``cfg`` with every :data:`ADDED_KEYS` key it lacks set to its value."""
-    c = json.loads(json.dumps(cfg, default=str))
-    for (section, key), value in ADDED_KEYS.items():
-        if isinstance(c.get(section), dict):
-            c[section].setdefault(key, value)
-    return c
-
-
 def _resolve(task_name, source_path, preset, config_file, sets, options) -> dict:
     """The resolved config of a run: the task's YAML, preset, file and ``--set`` items, then where its
     inputs are: its data (``cache.path`` or ``manifest.path``, as the task's ``source`` says) and each
@@ -102,65 +75,20 @@ def _resolve(task_name, source_path, preset, config_file, sets, options) -> dict
     cfg = resolve_config(task_name, preset, config_file, sets)
     cls = get_task(task_name)
     given = {k: str(v) for k, v in (options or {}).items() if v is not None}
-    cfg["options"] = {k: str(Path(v).resolve()) if k in cls.requires_runs else v for k, v in given.items()}
+    options = {k: str(Path(v).resolve()) if k in cls.requires_runs else v for k, v in given.items()}
+    cfg["options"] = options
     cfg[cls.source] = {"path": str(Path(source_path).resolve())}
-    inputs = {k: {"fingerprint": run_fingerprint(v)} for k, v in cfg["options"].items()
+    inputs = {k: {"fingerprint": run_fingerprint(v)} for k, v in options.items()
               if k in cls.requires_runs and RunDir(v).best.is_file()}
     if inputs:
         cfg["inputs"] = inputs
     return cfg
 
 
-def locate(cfg: dict, run_dir: Path) -> dict:
-    """``cfg`` with its inputs' paths relative to ``run_dir`` added (``cache.relative`` or
-    ``manifest.relative``, ``inputs.<name>.relative``): a run moved or copied together with them
-    finds them again."""
-    run_dir = Path(run_dir).resolve()
-    for kind in SOURCE_IDENTITY:
-        source = cfg.get(kind)
-        if isinstance(source, dict) and source.get("path"):
-            source["relative"] = os.path.relpath(Path(source["path"]).resolve(), run_dir)
-    for name, entry in (cfg.get("inputs") or {}).items():
-        if (cfg.get("options") or {}).get(name):
-            entry["relative"] = os.path.relpath(Path(cfg["options"][name]).resolve(), run_dir)
-    return cfg
-
-
-def where_independent(cfg: dict) -> dict:
-    """A copy of ``cfg`` without where its inputs lie: the cache is compared by its fingerprint (a
-    manifest by its sha256), a required run by ``inputs.<name>.fingerprint`` (a config written
-    before runs were fingerprinted keeps its path; :func:`run_config_differences` compares such
-    configs by path)."""
-    c = with_added_keys(cfg)
-    for kind, key in SOURCE_IDENTITY.items():
-        source = c.get(kind)
-        if isinstance(source, dict):
-            source.pop("relative", None)
-            if source.get(key):
-                source.pop("path", None)
-    for name, entry in (c.get("inputs") or {}).items():
-        entry.pop("relative", None)
-        (c.get("options") or {}).pop(name, None)
-    return c
-
-
-def run_config_differences(saved: dict, new: dict) -> list[str]:
-    """:func:`config_differences` of two run configs, inputs matched by fingerprint wherever they
-    lie (a moved ablation, re-pointed with ``--cache`` / ``--stage1``, is the same ablation)."""
-    a, b = where_independent(saved), where_independent(new)
-    if ("inputs" in a) != ("inputs" in b):  # one written before runs were fingerprinted: compared by path
-        a, b = with_added_keys(saved), with_added_keys(new)
-        for c in (a, b):
-            c.pop("inputs", None)
-            for kind in SOURCE_IDENTITY:
-                (c.get(kind) or {}).pop("relative", None)
-    return config_differences(a, b)
-
-
 def resolve_inputs(task: Task, device) -> None:
     """Load the finished runs a task requires (``requires_runs``) into ``task.inputs``."""
     for option, needed in task.requires_runs.items():
-        path = task.cfg.get("options", {}).get(option)
+        path = task.conf.options.as_dict().get(option)
         if not path:
             raise FeatcacheError(f"{task.name} needs a finished {needed} run: pass --{option} RUN")
         if not Path(path).exists():
@@ -216,11 +144,10 @@ def _start_or_resume(out: Path, cfg: dict, overwrite: bool, extend: bool = False
         return False  # nothing finished: started afresh below (prepare_run_dir replaces it)
     saved = load_config(rd.config)
     if extend:
-        saved = json.loads(json.dumps(saved))
-        old = int(saved["training"]["epochs"])
-        if int(cfg["training"]["epochs"]) < old:
-            raise FeatcacheError(f"cannot resume {out} to {cfg['training']['epochs']} epochs: it was set up for {old}")
-        saved["training"]["epochs"] = int(cfg["training"]["epochs"])
+        old, epochs = Config.of(saved).training.epochs, Config.of(cfg).training.epochs
+        if epochs < old:
+            raise FeatcacheError(f"cannot resume {out} to {epochs} epochs: it was set up for {old}")
+        saved = with_setting(saved, "training.epochs", epochs)
     diffs = run_config_differences(saved, cfg)
     if diffs:
         raise FeatcacheError(f"{out} holds an interrupted run with another config ({'; '.join(diffs[:4])}); "
@@ -260,7 +187,7 @@ def train_runs(task_name: str, source_path, outs: list, *, cfgs: list[dict], ove
     if len(keys) > 1:
         raise FeatcacheError(f"{len(cfgs)} runs of {task_name} differ in more than seed and loss weights; "
                              "train them as separate jobs")
-    dev_name = cfgs[0]["training"]["device"]
+    dev_name = Config.of(cfgs[0]).training.device
     device = resolve_device(None if dev_name == "auto" else dev_name, what="training.device")
     source = cls.open_source(source_path)
     for o, c in zip(outs, cfgs):
@@ -297,7 +224,8 @@ def _train_locked(task_name, cls, source, device, outs, cfgs, settings, job: _Jo
     elif echo:
         echo(f"resuming {', '.join(map(str, outs))} from its last finished epoch")
     t0 = time.perf_counter()
-    label = f"train {task_name}" + (f":{cfgs[0]['preset']}" if cfgs[0].get("preset") and len(cfgs) == 1 else "")
+    preset = task.conf.preset
+    label = f"train {task_name}" + (f":{preset}" if preset and len(cfgs) == 1 else "")
     fits = fit(task, outs, settings, resume=resumes[0], lr=job.lr if resumes[0] else None, desc=label,
                progress=job.progress, echo=echo, on_epoch_end=job.on_epoch_end)
     return conclude(task, fits, cfgs, time.perf_counter() - t0, keep_resume=job.keep_resume)
@@ -372,10 +300,11 @@ def summary_record(task: Task, f: FitResult, cfg: dict, evals: dict[str, Evaluat
     """summary.json of one run: :data:`SUMMARY_KEYS` (``val`` / ``test``: each split's metrics as written
     to eval/<split>/metrics.json, with their intervals and floors, which the ablation tables compare on;
     ``{}`` for a split the task does not evaluate; ``evaluated``: the splits it did), then the task's extras."""
+    conf = Config.of(cfg)
     record = {
-        "task": task.name, "preset": cfg.get("preset"), "seed": int(cfg["training"]["seed"]),
+        "task": task.name, "preset": conf.preset, "seed": conf.training.seed,
         "device": str(task.device), "best_epoch": f.best_epoch, "epochs_run": f.epochs_run,
-        "selection": cfg["selection"]["score"], "rule": cfg["selection"].get("rule", "best"), "score": f.score,
+        "selection": conf.selection.score, "rule": conf.selection.rule, "score": f.score,
         "stopped": f.stopped, "val": evals["val"].metrics if "val" in evals else {},
         "test": evals["test"].metrics if "test" in evals else {}, "evaluated": list(evals),
         "notes": notes, "summary_keys": list(task.summary_keys), "seconds": seconds,
