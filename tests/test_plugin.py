@@ -111,6 +111,7 @@ def test_a_task_from_another_package_trains_evaluates_and_ablates_through_the_cl
     # (restored afterwards, so that no other test sees the plugin)
     monkeypatch.syspath_prepend(str(site))
     importlib.invalidate_caches()
+    TASKS.names()  # featcache's own tasks registered first: a copy taken before they import would lose them
     monkeypatch.setattr(TASKS, "_items", dict(TASKS._items))
     monkeypatch.setattr(TASKS, "_plugins_loaded", False)
     monkeypatch.setattr(config, "PLUGIN_CONFIGS", dict(config.PLUGIN_CONFIGS))
