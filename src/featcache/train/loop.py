@@ -1,7 +1,7 @@
 """The one training loop: heads (R >= 1 stacked runs), the MobileNetV4 filter and the DETR fine-tune.
 
 A *job* (:class:`featcache.heads.task.Job`: every hook declared there, with no-op defaults;
-:class:`featcache.heads.task.Task` and :class:`OneModelJob` derive from it) supplies batches, a
+:class:`featcache.heads.task.Task` derives from it) supplies batches, a
 loss and an evaluation; :func:`fit` does the rest, per run: epochs, the learning-rate schedule
 (:class:`Schedule`), AdamW (fused on CUDA), per-run gradient clipping, ``training.class_balance``
 (none | weight: the task's class-weighted loss, :meth:`Task.class_weighted_mean` | sampler: every
@@ -52,13 +52,6 @@ RESUME_FILE = RunDir.RESUME
 #: ``training.class_balance``: none (the design's own), weight (class-weighted loss), sampler (balanced batches);
 #: the options of its declared constraint (:class:`featcache.config.Training`).
 CLASS_BALANCE = Constraint.parse(CONSTRAINTS["training.class_balance"]).options
-
-
-class OneModelJob(Job):
-    """A one-model job (R = 1: the MobileNetV4 filter, the DETR fine-tune): its weights are run 0's
-    (the :class:`Job` defaults)."""
-
-    runs = max_runs = 1
 
 
 @dataclass
