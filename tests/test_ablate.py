@@ -47,8 +47,9 @@ def test_batched_ablation_equals_sequential_train_head_runs_then_reuses_and_redo
     # one group, one job: the three presets differ only in loss coefficients
     assert res.groups == ["group 1: none, full, cvar x seeds 0, 1 = 6 run(s) as one job"]
     assert len(res.table) == 6 and not res.missing
-    # each preset and each seed against its own single run (three of the six: every preset, both seeds)
-    for preset, seed in (("none", 1), ("full", 0), ("cvar", 1)):
+    # runs against their own single runs (two of the six: both seeds, a preset with every fairness term off
+    # and one with all on; cvar differs from full only by its coefficients, the same stacked code path)
+    for preset, seed in (("none", 1), ("full", 0)):
         single = train_head("stage2", bed / "c", tmp_path / "seq" / preset / str(seed), preset=preset,
                             sets=[*S2TINY, f"training.seed={seed}"], options={"stage1": bed / "s1"}, progress=False)
         got = json.loads((tmp_path / "abl" / preset / f"seed{seed}" / "summary.json").read_text())

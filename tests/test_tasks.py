@@ -47,25 +47,48 @@ def data(face_caches, stage1_run, tmp_path_factory):
     from featcache.extract import extract
 
     root = tmp_path_factory.mktemp("tasks")
-    faces = _subset(face_caches / "data" / "manifest.csv", root / "faces.csv", {"train": 16, "val": 8, "test": 8})
-    run_cli("-q", "synth", "audio", root / "audio", "--n", "45", "--seed", "1", "--min-seconds", "1.0",
-            "--max-seconds", "1.5")
-    extract("xlsr", root / "audio" / "manifest.csv", root / "xlsr", model="tiny", batch_size=8, num_workers=0,
-            progress=False)
-    synth_detection(root / "det", n=16, seed=2, progress=False)
-    extract("detr", root / "det" / "manifest.csv", root / "queries", model="tiny", batch_size=8, num_workers=0,
-            progress=False)
+
+    def audio():
+        run_cli("-q", "synth", "audio", root / "audio", "--n", "45", "--seed", "1", "--min-seconds", "1.0",
+                "--max-seconds", "1.5")
+        extract("xlsr", root / "audio" / "manifest.csv", root / "xlsr", model="tiny", batch_size=8, num_workers=0,
+                progress=False)
+        return root / "xlsr"
+
+    def detection(queries: bool):
+        if not (root / "det").exists():
+            synth_detection(root / "det", n=16, seed=2, progress=False)
+        if not queries:
+            return root / "det" / "manifest.csv"
+        extract("detr", root / "det" / "manifest.csv", root / "queries", model="tiny", batch_size=8, num_workers=0,
+                progress=False)
+        return root / "queries"
+
     one = ["training.epochs=1", "training.device=cpu"]
-    return {
-        "stage1": (face_caches / "s1", [*TINY, "training.epochs=1"], {}),
-        "stage2": (face_caches / "det", [*TINY, "training.epochs=2", "fairness.warmup_start=0", "fairness.warmup_end=1",
-                                         "selection.min_epoch=2", "model.classifier_hidden=[16]",
-                                         "model.num_ca_views=2", "model.ca_heads=2"], {"stage1": stage1_run}),
-        "xai": (root / "xlsr", [*one, "training.batch_size=8"], {}),
-        "faap": (root / "queries", [*one, "training.batch_size=8"], {}),
-        "mnv4": (faces, [*MNV4_TINY, "training.epochs=1"], {}),
-        "detr": (root / "det" / "manifest.csv", [*one, "training.batch_size=8"], {}),
-    }
+    # each task's data is made when its test first asks (a worker of pytest-xdist makes only what it runs)
+    return _Lazy({
+        "stage1": lambda: (face_caches / "s1", [*TINY, "training.epochs=1"], {}),
+        "stage2": lambda: (face_caches / "det", [*TINY, "training.epochs=2", "fairness.warmup_start=0",
+                                                 "fairness.warmup_end=1", "selection.min_epoch=2",
+                                                 "model.classifier_hidden=[16]", "model.num_ca_views=2",
+                                                 "model.ca_heads=2"], {"stage1": stage1_run}),
+        "xai": lambda: (audio(), [*one, "training.batch_size=8"], {}),
+        "faap": lambda: (detection(True), [*one, "training.batch_size=8"], {}),
+        "mnv4": lambda: (_subset(face_caches / "data" / "manifest.csv", root / "faces.csv",
+                                 {"train": 16, "val": 8, "test": 8}), [*MNV4_TINY, "training.epochs=1"], {}),
+        "detr": lambda: (detection(False), [*one, "training.batch_size=8"], {}),
+    })
+
+
+class _Lazy(dict):
+    """A dict whose values are made on first access (and kept)."""
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if callable(value):
+            value = value()
+            self[key] = value
+        return value
 
 
 def test_the_registry_holds_every_own_task():
