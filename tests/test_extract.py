@@ -130,14 +130,22 @@ def test_ctrl_c_and_kill_9_then_resume_give_identical_arrays(tmp_path):
     with pytest.raises(CacheLockedError, match="another process"):
         extract("clip", manifest, out, model="tiny", part_rows=10, batch_size=5, num_workers=0, progress=False)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
-    assert "rerun the same command to resume" in proc.stderr.read()
+    # communicate, not wait: the child's pipes are drained while it ends (a full stderr pipe would hold
+    # it); a child that does not end is killed and its output shown
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out_, err = proc.communicate()
+        pytest.fail(f"the child did not end within 120 s of Ctrl-C; stdout: {out_[-2000:]!r}; stderr: {err[-4000:]!r}")
+    assert proc.returncode == 130, err
+    assert "rerun the same command to resume" in err
     assert _parts_done(out) == 3
 
     # Resume, then kill -9 after 6 parts: the kernel releases the dead writer's lock.
     proc = _start_paused(args, out, 6)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert _parts_done(out) == 6
     assert not json.loads((out / "zarr.json").read_text())["attributes"]["complete"]
     report = verify_cache(out)
