@@ -90,7 +90,10 @@ def _parts_done(out) -> int:
 # prints "paused <n>" and waits, its main thread still running, until the run is aborted. So the
 # signal lands mid-run, at a part count the test chose, however fast or slow the machine is.
 _PAUSED_CHILD = """
-import sys, time
+import signal, sys, time
+# Ctrl-C as in a terminal: a suite started in the background (a non-interactive shell's `cmd &`) hands its
+# children SIGINT ignored, and Python then installs no KeyboardInterrupt handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from featcache.extract import runner
 stop_after, handle = int(sys.argv[1]), runner._Writer._handle
 def held(self, *a):
