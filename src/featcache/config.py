@@ -26,6 +26,7 @@ import operator
 import os
 import re
 import typing
+from abc import ABC, abstractmethod
 from dataclasses import MISSING, dataclass, field, fields
 from importlib import resources
 from importlib.metadata import entry_points
@@ -220,7 +221,7 @@ def _no_key(section: str, key: str, valid) -> ConfigKeyError:
     return ConfigKeyError(f"config has no {section}.{key}; {hint}{section} has: {', '.join(valid) or '(no key)'}")
 
 
-class _Settings:
+class _Settings(ABC):
     """What every config section offers besides one attribute per key: ``key in section``,
     :meth:`keys`, :meth:`as_dict` and an error naming the valid keys for a wrong one."""
 
@@ -235,8 +236,9 @@ class _Settings:
     def as_dict(self) -> dict:
         return {k: _plain(v) for k, v in self._values().items()}
 
-    def _values(self) -> dict:  # pragma: no cover - each kind of section says
-        raise NotImplementedError
+    @abstractmethod
+    def _values(self) -> dict:
+        """The section's values by key (each kind of section says where they come from)."""
 
 
 @dataclass(frozen=True, kw_only=True)
