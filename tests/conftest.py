@@ -121,11 +121,14 @@ def images(tmp_path_factory) -> Path:
 
 
 # -- the synthetic faces and the runs trained on them, built once per session ------------------------
+# No per-run PNGs where a test reads none (logging.plots=false: about a fifth of the suite's time was
+# matplotlib drawing figures no test looked at); the session's runs (FAST) and the plots' tests keep them.
+NO_PLOTS = ["logging.plots=false"]
 FAST = ["training.epochs=3", "training.batch_size=64"]
 # Stage 2 in 3 epochs: the warm-up and the first selectable epoch within them (a shorter run is refused)
 S2FAST = FAST + ["fairness.warmup_start=1", "fairness.warmup_end=2", "selection.min_epoch=2"]
 # The ablation and protocol tests' heads: tiny widths, Stage 2 in 3 epochs
-TINY = ["training.batch_size=64", "training.device=cpu", "model.adapter_hidden=16", "model.dropout=0.1"]
+TINY = ["training.batch_size=64", "training.device=cpu", "model.adapter_hidden=16", "model.dropout=0.1", *NO_PLOTS]
 S2TINY = TINY + ["training.epochs=3", "fairness.warmup_start=1", "fairness.warmup_end=2", "selection.min_epoch=2",
                  "model.classifier_hidden=[16]", "model.num_ca_views=2", "model.ca_heads=2"]
 

@@ -274,13 +274,14 @@ def test_collapse_detection_stops_training(frames_cache, tmp_path):
 def test_xai_localizes_partial_spoofs(frames_cache, tmp_path):
     run = tmp_path / "xai"
     run_cli("-q", "train-head", "xai", "--cache", frames_cache, "--prototype-mode", "ema", "--set",
-            "training.epochs=3", "--out", run)
-    evaluate_run(run, frames_cache, split="test", name="synth")
+            "training.epochs=3", "--set", "logging.plots=false", "--out", run)
+    evaluate_run(run, frames_cache, split="test", name="synth", plots=True)  # a run without plots gets them here
     metrics = json.loads((run / "eval" / "synth_test" / "metrics.json").read_text())
     assert metrics == json.loads((run / "eval" / "test" / "metrics.json").read_text())
     assert metrics["loc_utterances"] == 6 and metrics["loc_partial_utterances"] == 3
     assert metrics["loc_auroc"] > 0.6, metrics  # held-out utterances
     assert (run / "eval" / "synth_test" / "plots" / "importance.png").is_file()
+    assert not (run / "plots").exists() and not (run / "eval" / "test" / "plots").exists()  # logging.plots=false
     assert len((run / "eval" / "synth_test" / "predictions.csv").read_text().splitlines()) == 1 + 9
     # the pooled localization AUROC, recomputed with sklearn from the head's importance maps
     from sklearn.metrics import roc_auc_score

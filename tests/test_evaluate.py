@@ -91,6 +91,19 @@ def test_partial_demographics_fairness_covers_the_known_rows(stage2_run, other_c
         assert coverage["rows"] == known.sum() and coverage["of_rows"] == len(preds)
 
 
+def test_no_plots_writes_the_same_evaluation_without_its_pngs(stage2_run, other_caches):
+    """``--no-plots`` (a run's ``logging.plots: false``): the same files but the PNGs, the same metrics."""
+    drawn = evaluate_head(stage2_run, other_caches / "partial", name="drawn")
+    proc = run_cli("-q", "evaluate", stage2_run, "--cache", other_caches / "partial", "--name", "bare", "--no-plots")
+    bare = stage2_run / "eval" / "bare_test"
+    assert "plots/" not in proc.stdout and not (bare / "plots").exists()
+    assert {f for f in drawn.files if not f.startswith("plots/")} == {p.name for p in bare.iterdir()}
+    assert {"plots/roc.png", "plots/subgroup_rates.png"} <= set(drawn.files)
+    strip = ("provenance",)  # the command line and the folder differ, nothing else
+    assert ({k: v for k, v in _metrics(bare).items() if k not in strip}
+            == {k: v for k, v in _metrics(drawn.out).items() if k not in strip})
+
+
 def test_another_evaluation_is_never_written_over(stage2_run, other_caches, tmp_path):
     # a name already holding another cache's evaluation (here the run's own test evaluation) needs --overwrite
     shutil.copytree(stage2_run / "eval" / "test", stage2_run / "eval" / "xd_test")

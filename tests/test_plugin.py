@@ -123,7 +123,8 @@ def test_a_task_from_another_package_trains_evaluates_and_ablates_through_the_cl
     assert "smooth_probe" in helped  # the help lists it beside featcache's own, with its own option
     assert "--smoothing VALUE smooth_probe: label smoothing (sets loss.smoothing)." in helped
     run = tmp_path / "run"
-    cli("-q", "train-head", "smooth_probe", "--cache", cache, "--out", run, "--preset", "smooth")
+    cli("-q", "train-head", "smooth_probe", "--cache", cache, "--out", run, "--preset", "smooth",
+        "--set", "logging.plots=false")  # no PNGs: none is looked at here
     summary = json.loads((run / "summary.json").read_text())
     assert summary["task"] == "smooth_probe" and summary["preset"] == "smooth" and summary["test"]["auc"] > 0.6
     again = cli("-q", "evaluate", run)
@@ -139,7 +140,8 @@ def test_a_task_from_another_package_trains_evaluates_and_ablates_through_the_cl
         2, "error: --set loss.smoothing=1: loss.smoothing must be a number >= 0 and < 1; got 1.0")  # its shortcut
     # an ablation over its presets and two seeds, stacked as one job
     out = tmp_path / "ablation"
-    cli("-q", "ablate", "smooth_probe", "--cache", cache, "--presets", "all", "--seeds", "0,1", "--out", out)
+    cli("-q", "ablate", "smooth_probe", "--cache", cache, "--presets", "all", "--seeds", "0,1", "--out", out,
+        "--set", "logging.plots=false")
     table = pd.read_csv(out / "ablation.csv")
     assert sorted(zip(table["preset"], table["seed"])) == [("plain", 0), ("plain", 1), ("smooth", 0), ("smooth", 1)]
     assert (table["test_auc"] > 0.6).all() and (out / "ablation.md").is_file()

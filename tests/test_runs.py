@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import NO_PLOTS
 from safetensors.torch import load_file
 
 from featcache.cache.synth import synth_feature_cache
@@ -75,11 +76,11 @@ def _toy_task_registered():
     TASKS._items.pop("toy_stack", None)
 
 
-def toy_cfg(seed: int, l2: float, epochs: int = 4, **training):
+def toy_cfg(seed: int, l2: float, epochs: int = 4, plots: bool = False, **training):
     return {"training": {"epochs": epochs, "batch_size": 64, "lr": 0.05, "weight_decay": 0.01, "grad_clip": 0.5,
                          "seed": seed, "device": "cpu", "patience": 0, "save_every": 0, **training},
             "selection": {"score": "auc - acc * 0", "min_epoch": 1, "rule": "best"},
-            "loss": {"l2": l2}, "cache": {"path": "x"}, "preset": None}
+            "loss": {"l2": l2}, "cache": {"path": "x"}, "logging": {"plots": plots}, "preset": None}
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +294,7 @@ def test_training_curves_show_every_logged_series(controlled, tmp_path, monkeypa
             return real_plt.close(fig)
 
     monkeypatch.setattr(plots, "_plt", lambda: Recording())
-    r = train_runs("toy_stack", controlled, [tmp_path / "r"], cfgs=[{**toy_cfg(0, 0.1, epochs=3),
+    r = train_runs("toy_stack", controlled, [tmp_path / "r"], cfgs=[{**toy_cfg(0, 0.1, epochs=3, plots=True),
                                                                       "selection": {"score": "auc"}}], progress=False)[0]
     left, right = figures[0].axes
     series = [line for line in left.get_lines() if not line.get_label().startswith("_")]
@@ -334,7 +335,7 @@ def test_train_head_killed_with_sigkill_resumes_with_the_same_command(controlled
 
     from featcache.train import train_head
 
-    sets = ["training.epochs=6", "training.device=cpu"]
+    sets = ["training.epochs=6", "training.device=cpu", *NO_PLOTS]
     args = [sys.executable, "-c", _HELD_AFTER_EPOCH_2, "-q", "train-head", "stage1", "--preset", "grl_only",
             "--cache", str(controlled), "--out", str(tmp_path / "cut")] + [a for s in sets for a in ("--set", s)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import TINY, run_cli
+from conftest import NO_PLOTS, TINY, run_cli
 
 import featcache.cli
 from featcache.errors import FeatcacheError
@@ -65,10 +65,11 @@ def data(face_caches, stage1_run, tmp_path_factory):
         return root / "queries"
 
     one = ["training.epochs=1", "training.device=cpu"]
+    tiny = [s for s in TINY if s not in NO_PLOTS]  # the layout has its plots
     # each task's data is made when its test first asks (a worker of pytest-xdist makes only what it runs)
     return _Lazy({
-        "stage1": lambda: (face_caches / "s1", [*TINY, "training.epochs=1"], {}),
-        "stage2": lambda: (face_caches / "det", [*TINY, "training.epochs=2", "fairness.warmup_start=0",
+        "stage1": lambda: (face_caches / "s1", [*tiny, "training.epochs=1"], {}),
+        "stage2": lambda: (face_caches / "det", [*tiny, "training.epochs=2", "fairness.warmup_start=0",
                                                  "fairness.warmup_end=1", "selection.min_epoch=2",
                                                  "model.classifier_hidden=[16]", "model.num_ca_views=2",
                                                  "model.ca_heads=2"], {"stage1": stage1_run}),
@@ -142,6 +143,8 @@ def test_every_task_writes_one_layout_and_evaluate_repeats_its_evaluation(task, 
         written = json.loads((ev / "metrics.json").read_text())
         assert _same(written, summary[split])  # summary.json holds each split's metrics as written
         assert len(pd.read_csv(ev / "predictions.csv")) > 0
+    own_plot = {"xai": "importance.png", "mnv4": "cascade_analysis.png"}.get(task)  # a task's write_plots
+    assert own_plot is None or (out / "eval" / "test" / "plots" / own_plot).is_file()
     # `featcache evaluate RUN`: the same code path, so the same numbers and files as training's end
     before = json.loads((out / "eval" / "test" / "metrics.json").read_text())
     files = sorted(p.relative_to(out / "eval" / "test") for p in (out / "eval" / "test").rglob("*"))
@@ -173,7 +176,8 @@ def test_ablate_mnv4_tables_two_seeds(data, tmp_path):
     source, sets, _ = data["mnv4"]
     out = tmp_path / "abl"
     args = [a for s in sets for a in ("--set", s)]
-    run_cli("-q", "ablate", "mnv4", "--manifest", source, "--presets", "design", "--seeds", "0,1", "--out", out, *args)
+    run_cli("-q", "ablate", "mnv4", "--manifest", source, "--presets", "design", "--seeds", "0,1", "--out", out, *args,
+            "--set", "logging.plots=false")
     table = pd.read_csv(out / "ablation.csv")
     assert list(zip(table["preset"], table["seed"])) == [("design", 0), ("design", 1)]
     for seed, auc in zip(table["seed"], table["test_auc"]):

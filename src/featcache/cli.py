@@ -575,9 +575,12 @@ def _print_remarks_and_legend(evaluations) -> None:
 @click.option("--thresholds", default=None,
               help="mnv4 runs: cascade thresholds (stop as real when 1 - P(fake) >= t) [the run's "
                    "evaluation.thresholds: 0.9,0.95,0.98,0.99].")
+@click.option("--plots/--no-plots", default=None,
+              help="Draw this evaluation's plots or not [the run's logging.plots: a run trained with "
+                   "logging.plots=false gets its plots with --plots].")
 @quiet_option
 @click.pass_obj
-def evaluate(state, run, cache_path, manifest_path, split, name, overwrite, thresholds):
+def evaluate(state, run, cache_path, manifest_path, split, name, overwrite, thresholds, plots):
     """Evaluate a run of any task on a split: predictions, metrics, subgroup table, plots.
 
     The run's own data (its cache, or its manifest for mnv4 and detr runs) goes to RUN/eval/<split>/;
@@ -596,7 +599,7 @@ def evaluate(state, run, cache_path, manifest_path, split, name, overwrite, thre
 
     e = evaluate_run(run, cache_path, split=split, name=name, manifest=manifest_path,
                      thresholds=None if thresholds is None else _floats(thresholds, "--thresholds"),
-                     progress=not state.quiet, overwrite=overwrite,
+                     plots=plots, progress=not state.quiet, overwrite=overwrite,
                      command=_command_line(click.get_current_context()))
     _print_evaluation(e, run)
 

@@ -293,6 +293,9 @@ class Evaluation(DeclaredSection):
 class Logging(DeclaredSection):
     _section = "logging"
     tensorboard: bool = setting(None, False)
+    # false: no PNGs per run (training curves, ROC, subgroup rates, the task's own); an ablation of
+    # many runs skips their rendering, about 0.2 s a figure (`featcache evaluate RUN --plots` draws them)
+    plots: bool = setting(None, True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -475,11 +478,27 @@ def _yaml_sections(path: str, mtime_ns: int) -> dict:
 
 
 def _task_defaults(task) -> dict:
-    """The sections of ``task``'s YAML (its defaults), or {} for a task without one (the filter)."""
+    """The sections of ``task``'s YAML (its defaults) with the declared fields' defaults it leaves out
+    (:func:`with_declared_defaults`), or {} for a task without one."""
     if not isinstance(task, str):
         return {}
     path = config_path(task)
-    return copy.deepcopy(_yaml_sections(str(path), path.stat().st_mtime_ns)) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    return with_declared_defaults(copy.deepcopy(_yaml_sections(str(path), path.stat().st_mtime_ns)))
+
+
+def with_declared_defaults(sections: dict) -> dict:
+    """``sections`` (in place) with every field of :data:`COMMON_SECTIONS` that has a default and that
+    they leave out set to it: a task YAML (a plugin's) need not list ``logging.plots`` for
+    ``--set logging.plots=false`` to be a valid key."""
+    for name, cls in COMMON_SECTIONS.items():
+        section = sections.setdefault(name, {})
+        if isinstance(section, dict):
+            for f in fields(cls):
+                if f.default is not MISSING:
+                    section.setdefault(f.name, copy.deepcopy(f.default))
+    return sections
 
 
 class Config:
@@ -625,7 +644,7 @@ def resolve_config(task: str, preset: str | None = None, config_file: str | Path
     presets = raw.pop("presets", {}) or {}
     default_preset = raw.pop("default_preset", None)
     declared = {**CONSTRAINTS, **(raw.pop("constraints", None) or {})}
-    cfg = copy.deepcopy(raw)
+    cfg = with_declared_defaults(copy.deepcopy(raw))
     sources: dict[str, str] = {}
     name = preset or default_preset
     if name is not None:

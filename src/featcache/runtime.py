@@ -217,7 +217,7 @@ def prepare_run_dir(out: Path, overwrite: bool, keep: tuple[str, ...] = ()) -> N
                                  f"or choose a new {option('out', python='out')}")
         for child in children:
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    (out / RunDir.PLOTS).mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)  # plots/ is made by what draws (none with logging.plots: false)
 
 
 def save_module(module: torch.nn.Module | dict, path: Path) -> None:

@@ -33,11 +33,12 @@ def run_task(run_dir) -> str | None:
 
 
 def evaluate_run(run_dir, cache=None, *, split: str = "test", name: str | None = None, device=None,
-                 manifest=None, thresholds=None, progress: bool = False, overwrite: bool = False,
-                 command: str | None = None) -> Evaluation:
+                 manifest=None, thresholds=None, plots: bool | None = None, progress: bool = False,
+                 overwrite: bool = False, command: str | None = None) -> Evaluation:
     """Evaluate a run of any task on ``split`` of its own data or of the ``cache`` / ``manifest`` given
     (the one its task reads). ``thresholds``: the filter's cascade thresholds for this evaluation
-    (``evaluation.thresholds``; the run's own when None)."""
+    (``evaluation.thresholds``; the run's own when None); ``plots``: draw this evaluation's plots or
+    not (``logging.plots``; the run's own when None)."""
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
     task = run_task(run_dir)
@@ -47,11 +48,13 @@ def evaluate_run(run_dir, cache=None, *, split: str = "test", name: str | None =
     if other:
         reads = "images" if source == "manifest" else "features from a cache"
         raise FeatcacheError(f"{run_dir} is a {task} run: it reads {reads}; pass --{source}, not --{other[0]}")
-    options = None
+    options = {}
     if thresholds is not None:
-        options = {"evaluation.thresholds": [float(t) for t in thresholds]}
+        options["evaluation.thresholds"] = [float(t) for t in thresholds]
+    if plots is not None:
+        options["logging.plots"] = bool(plots)
     return evaluate_head(run_dir, given.get(source), split=split, name=name, device=device, overwrite=overwrite,
-                         command=command, options=options)
+                         command=command, options=options or None)
 
 
 def evaluate_filter(run_dir, manifest=None, *, split: str = "test", thresholds=None, name: str | None = None,

@@ -325,8 +325,7 @@ class XaiTask(Task):
         return ["importance.png"]
 
     def finish(self, run_dir: Path, r: int = 0) -> dict:
-        for split in ("val", "test"):
-            self.write_plots(Path(run_dir) / "eval" / split / "plots", split, f"{Path(run_dir).name}, {split}", r=r)
+        # the importance plots are the evaluation's (write_plots, through write_task_evaluation)
         return {"importance": self.importance_stats("train")[r], "stopped": self.stop_messages[r]}
 
 

@@ -354,10 +354,10 @@ _FROM_RUN = object()
 
 def write_evaluation(run_dir, split: str, metrics: dict, predictions: pd.DataFrame, *, detects: bool,
                      summary_keys, title: str, name: str | None = None, task_md: str = "",
-                     plots=None, out=None, provenance: dict | None = None, threshold_rule=_FROM_RUN,
-                     val_predictions=_FROM_RUN, val_missing: str | None = None) -> Evaluation:
+                     plots=None, draw: bool = True, out=None, provenance: dict | None = None,
+                     threshold_rule=_FROM_RUN, val_predictions=_FROM_RUN, val_missing: str | None = None) -> Evaluation:
     """Write one evaluation into ``out`` (default ``RUN/eval/<name>_<split>/``); ``plots(out_plots_dir,
-    tag)`` adds the caller's plots.
+    tag)`` adds the caller's plots; ``draw=False``: no plots at all (a run's ``logging.plots: false``).
 
     ``provenance`` defaults to :func:`run_provenance` (the run's recorded cache); ``threshold_rule``
     to the run's ``evaluation.threshold``; ``val_predictions`` (the run's val predictions, for the
@@ -411,25 +411,17 @@ def write_evaluation(run_dir, split: str, metrics: dict, predictions: pd.DataFra
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    (tmp / RunDir.PLOTS).mkdir(parents=True)
+    (tmp / RunDir.PLOTS if draw else tmp).mkdir(parents=True)
     try:
         table = None
         if detector:
             metrics.setdefault("n", int(len(predictions)))
-            y, p = predictions["label"].to_numpy(), predictions["prob"].to_numpy()
-            plot_roc(y, p, tmp / RunDir.PLOTS / "roc.png", f"{title}, {tag}")
-            files.append("plots/roc.png")
-            known = _known_subgroups(predictions)
-            if known is not None and len(known):
-                table = subgroup_table(y, p, predictions["subgroup"].to_numpy())
-                if len(table):
-                    write_csv_rounded(table, tmp / RunDir.SUBGROUPS)
-                    plot_subgroup_rates(table, tmp / RunDir.PLOTS / "subgroup_rates.png", f"{title}, {tag}")
-                    lines += ["## Subgroups (P(fake) >= 0.5)", "", markdown_table(table), ""]
-                    files += [RunDir.SUBGROUPS, "plots/subgroup_rates.png"]
+            table, more_lines, more_files = _detector_files(tmp, predictions, draw, f"{title}, {tag}")
+            lines += more_lines
+            files += more_files
         if task_md:
             lines += [task_md, ""]
-        if plots is not None:
+        if plots is not None and draw:
             files += [f"{RunDir.PLOTS}/{f}" for f in plots(tmp / RunDir.PLOTS, tag)]
         markdown = "\n".join(lines)
         write_eval(tmp, metrics, predictions, markdown)
@@ -437,8 +429,28 @@ def write_evaluation(run_dir, split: str, metrics: dict, predictions: pd.DataFra
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return Evaluation(run_dir, tag, out, metrics, tuple(summary_keys), markdown, files,
-                      table if table is not None and len(table) else None)
+    return Evaluation(run_dir, tag, out, metrics, tuple(summary_keys), markdown, files, table)
+
+
+def _detector_files(tmp: Path, predictions: pd.DataFrame, draw: bool, caption: str):
+    """A detector's ROC curve and subgroup table (with its bar plot) written into ``tmp``, the plots only
+    with ``draw``: (the table, None without subgroups; its report lines; the files written)."""
+    y, p = predictions["label"].to_numpy(), predictions["prob"].to_numpy()
+    files, lines = [], []
+    if draw:
+        plot_roc(y, p, tmp / RunDir.PLOTS / "roc.png", caption)
+        files.append("plots/roc.png")
+    known = _known_subgroups(predictions)
+    table = subgroup_table(y, p, predictions["subgroup"].to_numpy()) if known is not None and len(known) else None
+    if table is None or not len(table):
+        return None, lines, files
+    write_csv_rounded(table, tmp / RunDir.SUBGROUPS)
+    lines += ["## Subgroups (P(fake) >= 0.5)", "", markdown_table(table), ""]
+    files.append(RunDir.SUBGROUPS)
+    if draw:
+        plot_subgroup_rates(table, tmp / RunDir.PLOTS / "subgroup_rates.png", caption)
+        files.append("plots/subgroup_rates.png")
+    return table, lines, files
 
 
 def _threshold_md(metrics: dict) -> list[str]:
@@ -497,12 +509,15 @@ def _same_path(a, b) -> bool:
 def write_task_evaluation(task: Task, run_dir, split: str, metrics: dict, predictions: pd.DataFrame, *,
                           cfg: dict | None = None, r: int = 0, **kw) -> Evaluation:
     """One evaluation of run r of ``task``, with the task's markdown (:meth:`Task.report`) and plots
-    (:meth:`Task.write_plots`): what training's end and ``featcache evaluate`` both write.  ``kw`` goes
-    to :func:`write_evaluation` (``out``, ``provenance``, ``val_predictions``, ...)."""
-    title = run_title(run_dir, task.name, (task.confs[r] if cfg is None else Config.of(cfg)).preset)
+    (:meth:`Task.write_plots`), the plots left out with the run's ``logging.plots: false``: what
+    training's end and ``featcache evaluate`` both write.  ``kw`` goes to :func:`write_evaluation`
+    (``out``, ``provenance``, ``val_predictions``, ...)."""
+    conf = task.confs[r] if cfg is None else Config.of(cfg)
+    title = run_title(run_dir, task.name, conf.preset)
     return write_evaluation(run_dir, split, metrics, predictions, detects=task.detects,
                             summary_keys=task.summary_keys, title=title, task_md=task.report(metrics, predictions),
-                            plots=lambda d, t: task.write_plots(d, split, f"{title}, {t}", r=r), **kw)
+                            plots=lambda d, t: task.write_plots(d, split, f"{title}, {t}", r=r),
+                            draw=conf.logging.plots, **kw)
 
 
 def evaluate_head(run_dir, source=None, *, split: str = "test", name: str | None = None, device=None,

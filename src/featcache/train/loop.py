@@ -72,6 +72,7 @@ class LoopSettings:
     schedule: str = "constant"  # or "cosine": annealed to 0 over the epochs, stepped per epoch
     min_batch: int = 2
     tensorboard: bool = False  # per-epoch scalars to RUN/tensorboard/ (logging.tensorboard)
+    plots: bool = True  # the training curves' PNG (logging.plots)
     class_balance: str = "none"  # training.class_balance: none | weight | sampler (see balanced_order)
 
     def __post_init__(self):
@@ -92,7 +93,8 @@ class LoopSettings:
         return cls(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seeds=[c.training.seed for c in confs],
                    weight_decay=t.weight_decay, grad_clip=t.grad_clip or 0.0, selection=s.score,
                    min_epoch=s.min_epoch, rule=s.rule, patience=t.patience, save_every=t.save_every,
-                   schedule=t.schedule, class_balance=t.class_balance, tensorboard=confs[0].logging.tensorboard)
+                   schedule=t.schedule, class_balance=t.class_balance, tensorboard=confs[0].logging.tensorboard,
+                   plots=confs[0].logging.plots)
 
 
 @dataclass
@@ -396,7 +398,7 @@ def fit(job: Job, run_dirs: list[Path], settings: LoopSettings, *, resume: bool 
     seconds = time.perf_counter() - t_start
     for w in writers or ():
         w.close()
-    return [finish_run(d, s, seconds, desc) for d, s in zip(dirs, states)]
+    return [finish_run(d, s, seconds, desc, plots=settings.plots) for d, s in zip(dirs, states)]
 
 
 def resume_runs(job: Job, dirs: list[RunDir], states: list[RunState], gens: list[torch.Generator], stepper: Stepper,
@@ -516,8 +518,8 @@ def record_epoch(job: Job, r: int, d: RunDir, st: RunState, row: dict, stepper: 
         echo(f"{d.path}: stopped at epoch {epoch}: {st.stopped}")
 
 
-def finish_run(d: RunDir, st: RunState, seconds: float, desc: str) -> FitResult:
-    """training_log.csv and the training curves of a run; its :class:`FitResult`.  When no epoch ever
+def finish_run(d: RunDir, st: RunState, seconds: float, desc: str, *, plots: bool = True) -> FitResult:
+    """training_log.csv and (with ``plots``) the training curves of a run; its :class:`FitResult`.  When no epoch ever
     competed with a number, the last one is kept as the selected one, with a note."""
     note = st.note
     if st.selection.best_epoch == 0:
@@ -526,10 +528,11 @@ def finish_run(d: RunDir, st: RunState, seconds: float, desc: str) -> FitResult:
         note = f"every selection score was NaN; the last epoch ({st.epoch}) is kept"
     log = pd.DataFrame(st.log)
     write_atomic(d.log_csv, log.to_csv(index=False))
-    d.plots.mkdir(exist_ok=True)
-    name = d.path.name
-    plot_training_curves(log, d.curves, best_epoch=st.selection.best_epoch,
-                         title=f"{d.path.parent.name}/{name}, {desc}" if name.startswith("seed") else f"{name}, {desc}")
+    if plots:
+        d.plots.mkdir(exist_ok=True)
+        name = d.path.name
+        plot_training_curves(log, d.curves, best_epoch=st.selection.best_epoch,
+                             title=f"{d.path.parent.name}/{name}, {desc}" if name.startswith("seed") else f"{name}, {desc}")
     best = st.selection.best_score
     return FitResult(d.path, st.selection.best_epoch, st.epoch, best if best > -math.inf else None, st.stopped,
                      st.log, seconds, note)
