@@ -120,7 +120,7 @@ def _start_paused(args, out, after_parts: int) -> subprocess.Popen:
 
 
 def test_ctrl_c_and_kill_9_then_resume_give_identical_arrays(tmp_path):
-    manifest = write_image_manifest(tmp_path / "data", 300, corrupt={17, 250})
+    manifest = write_image_manifest(tmp_path / "data", 100, corrupt={17, 83})
     args = ["extract", "--backbone", "clip", "--model", "tiny", "--manifest", manifest, "--part-rows", 10,
             "--batch-size", 5, "--num-workers", 0, "-q"]
     # The uninterrupted reference, in-process.
@@ -128,7 +128,7 @@ def test_ctrl_c_and_kill_9_then_resume_give_identical_arrays(tmp_path):
             num_workers=0, progress=False)
     out = tmp_path / "interrupted"
 
-    # Ctrl-C mid-run (the child holds after 3 of 30 parts); meanwhile a second writer is refused.
+    # Ctrl-C mid-run (the child holds after 3 of 10 parts); meanwhile a second writer is refused.
     proc = _start_paused(args, out, 3)
     with pytest.raises(CacheLockedError, match="another process"):
         extract("clip", manifest, out, model="tiny", part_rows=10, batch_size=5, num_workers=0, progress=False)

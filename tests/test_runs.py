@@ -335,7 +335,7 @@ def test_train_head_killed_with_sigkill_resumes_with_the_same_command(controlled
 
     from featcache.train import train_head
 
-    sets = ["training.epochs=6", "training.device=cpu", *NO_PLOTS]
+    sets = ["training.epochs=4", "training.device=cpu", *NO_PLOTS]
     args = [sys.executable, "-c", _HELD_AFTER_EPOCH_2, "-q", "train-head", "stage1", "--preset", "grl_only",
             "--cache", str(controlled), "--out", str(tmp_path / "cut")] + [a for s in sets for a in ("--set", s)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -353,4 +353,4 @@ def test_train_head_killed_with_sigkill_resumes_with_the_same_command(controlled
         assert all(torch.equal(a[k], b[k]) for k in a), f
     log = tmp_path / "cut" / "log.jsonl"
     epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
-    assert epochs == list(range(1, 7))
+    assert epochs == list(range(1, 5))
