@@ -84,6 +84,20 @@ def test_messages_name_what_the_caller_wrote(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: --set training.batch_size=0: training.batch_size must be an integer >= 1; "
                                    "got 0"), proc.stderr
+    # a shortcut option (train-e2e's --epochs, finetune-detr's --lr) is named as typed, from either side
+    proc = run_cli("train-e2e", "mnv4", "--manifest", tmp_path / "m.csv", "--out", tmp_path / "e", "--epochs", "0",
+                   check=False)
+    assert (proc.returncode, proc.stderr.strip()) == (2, "error: --epochs 0: training.epochs must be an integer >= 1; got 0")
+    proc = run_cli("finetune-detr", "--manifest", tmp_path / "m.csv", "--out", tmp_path / "d", "--lr", "0", check=False)
+    assert (proc.returncode, proc.stderr.strip()) == (2, "error: --lr 0.0: training.lr must be a number > 0; got 0.0")
+    from featcache.e2e import train_e2e
+    from featcache.e2e.detr_finetune import finetune_detr
+
+    with pytest.raises(ConfigError, match=r"^batch_size=0: training.batch_size must be an integer >= 2; got 0$"):
+        train_e2e(tmp_path / "m.csv", tmp_path / "e", batch_size=0)
+    with pytest.raises(ConfigError, match=r"^epochs=0: training.epochs must be an integer >= 1; got 0$"):
+        finetune_detr(tmp_path / "m.csv", tmp_path / "d", epochs=0)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "d").exists()  # refused before anything is written
 
 
 def test_sets_of_the_wrong_shape_are_refused_not_iterated():

@@ -137,7 +137,7 @@ def test_a_task_from_another_package_trains_evaluates_and_ablates_through_the_cl
     assert bad.stderr.strip() == "error: --set loss.smoothing=1: loss.smoothing must be a number >= 0 and < 1; got 1.0"
     bad = cli("-q", "ablate", "smooth_probe", "--cache", cache, "--out", tmp_path / "bad", "--smoothing", "1", check=False)
     assert (bad.returncode, bad.stderr.strip()) == (
-        2, "error: --set loss.smoothing=1: loss.smoothing must be a number >= 0 and < 1; got 1.0")  # its shortcut
+        2, "error: --smoothing 1: loss.smoothing must be a number >= 0 and < 1; got 1.0")  # named as typed
     # an ablation over its presets and two seeds, stacked as one job
     out = tmp_path / "ablation"
     cli("-q", "ablate", "smooth_probe", "--cache", cache, "--presets", "all", "--seeds", "0,1", "--out", out,

@@ -189,7 +189,7 @@ def test_cli_errors_name_what_is_wrong(controlled, tmp_path, capsys):
     assert code == 2 and "training.batch_size" in err and "training.epochs" not in err
     code, err = _cli("finetune-detr", "--manifest", tmp_path / "m.csv", "--out", tmp_path / "d", "--epochs", "0",
                      capsys=capsys)
-    assert code == 2 and err.startswith("error: --epochs must be") and err.count("\n") == 1
+    assert code == 2 and err.startswith("error: --epochs 0: training.epochs must be") and err.count("\n") == 1
     if not torch.cuda.is_available():
         code, err = _cli("train-head", "stage1", "--cache", controlled, "--out", tmp_path / "z", "--set",
                          "training.device=cuda", capsys=capsys)

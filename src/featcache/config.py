@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import CALLER, FeatcacheError, set_option, write_atomic
+from .errors import CALLER, FeatcacheError, option, set_option, write_atomic
 
 
 class ConfigError(FeatcacheError):
@@ -592,9 +592,23 @@ def validate(cfg: dict, constraints: dict[str, str], sources: dict[str, str]) ->
             check_value(key, value, spec, sources.get(key, "the task's config"))
 
 
+@dataclass(frozen=True)
+class Shortcut:
+    """A setting given through a shortcut option, an item of ``sets`` beside the ``section.key=value``
+    strings: ``Shortcut("training.epochs", 0, "epochs")`` is ``train-e2e --epochs 0`` (``epochs=0`` from
+    Python), a task's ``--smoothing 1`` is ``Shortcut("loss.smoothing", "1", "smoothing")``. Its errors
+    name the option as the caller wrote it (:func:`errors.option`), not a ``--set`` never typed; a
+    string value is read as YAML, as a ``--set`` value is."""
+
+    key: str
+    value: object
+    option: str  # the Python keyword; the CLI flag is derived from it
+
+
 def _as_items(sets) -> list[tuple[str, object, str]]:
-    """``sets`` as (key, value, how the caller wrote it): a list of ``section.key=value`` strings,
-    or from Python a dict ``{"section.key": value}``; anything else is refused, never iterated."""
+    """``sets`` as (key, value, how the caller wrote it): a list of ``section.key=value`` strings and
+    :class:`Shortcut` items, or from Python a dict ``{"section.key": value}``; anything else is
+    refused, never iterated."""
     if isinstance(sets, (str, bytes)):
         raise ConfigError(f"sets= takes a list of 'section.key=value' strings (e.g. sets=[{sets!r}]) or a dict "
                           f"{{'section.key': value}}; got the string {sets!r}")
@@ -606,6 +620,10 @@ def _as_items(sets) -> list[tuple[str, object, str]]:
         raise ConfigError(f"sets= takes a list of 'section.key=value' strings; got {sets!r}") from None
     out = []
     for item in items:
+        if isinstance(item, Shortcut):
+            value = _yaml_value(item.value) if isinstance(item.value, str) else item.value
+            out.append((item.key, value, option(item.option, item.value)))
+            continue
         if not isinstance(item, str):
             raise ConfigError(f"sets= takes 'section.key=value' strings; got {item!r} in {items!r}")
         keys, value = parse_set(item)
@@ -622,11 +640,16 @@ def parse_set(item: str) -> tuple[list[str], object]:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"{set_option(item)}: empty key")
+    return parts, _yaml_value(raw)
+
+
+def _yaml_value(raw: str):
+    """A value written as text (``--set k=0.5``, ``--smoothing 0.5``) read as YAML: a number, a bool,
+    a list, null; the text itself where it is no valid YAML; '' for blank."""
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        return yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
-        value = raw
-    return parts, value
+        return raw
 
 
 def resolve_config(task: str, preset: str | None = None, config_file: str | Path | None = None,

@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..config import Shortcut
 from ..data.detection_images import DetectionImages
 from ..data.manifest import Manifest
 from ..errors import FeatcacheError
@@ -223,15 +224,11 @@ def finetune_detr(manifest, out, *, model: str | None = None, epochs: int | None
     alias of ``featcache finetune-detr``); ``None`` keeps configs/detr.yaml's value (tiny, 30 epochs,
     batch 16, lr 1e-3). An interrupted fine-tune in ``out`` with the same options resumes; one with
     other options is refused (``overwrite`` replaces it)."""
-    for option, value, ok in (("--epochs", epochs, lambda v: int(v) == v and v >= 1),
-                              ("--batch-size", batch_size, lambda v: int(v) == v and v >= 1),
-                              ("--lr", lr, lambda v: v > 0)):
-        if value is not None and (isinstance(value, bool) or not ok(value)):
-            raise FeatcacheError(f"{option} must be " + ("> 0" if option == "--lr" else "an integer of at least 1")
-                                 + f"; got {value!r}")
-    given = {"model.name": model, "training.epochs": epochs, "training.batch_size": batch_size, "training.lr": lr,
-             "training.seed": seed, "training.split": split, "training.device": device}
-    sets = {k: v for k, v in given.items() if v is not None}
+    given = {"model.name": ("model", model), "training.epochs": ("epochs", epochs),
+             "training.batch_size": ("batch_size", batch_size), "training.lr": ("lr", lr),
+             "training.seed": ("seed", seed), "training.split": ("split", split), "training.device": ("device", device)}
+    # each checked by the declared constraints, its errors naming the option (--epochs 0 / epochs=0)
+    sets = [Shortcut(key, value, name) for key, (name, value) in given.items() if value is not None]
     return train_head(TASK, manifest, out, sets=sets, overwrite=overwrite, progress=progress, echo=echo)
 
 

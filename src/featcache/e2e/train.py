@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..config import Config, given_settings, load_config
+from ..config import Config, Shortcut, given_settings, load_config
 from ..data.manifest import Manifest, read_manifest
 from ..errors import FeatcacheError
 from ..heads.task import ManifestTask, register_task
@@ -317,7 +317,7 @@ def train_e2e(
                  batch_size=batch_size, lr=lr, weight_decay=weight_decay, save_every=save_every, patience=patience,
                  mixed_precision=mixed_precision, amp_dtype=amp_dtype, augment=augment, num_workers=num_workers,
                  device=device or "auto", seed=seed, tensorboard=tensorboard)
-    sets = {OPTION_KEYS[k]: v for k, v in given.items() if v is not None}
+    sets = [Shortcut(OPTION_KEYS[k], v, k) for k, v in given.items() if v is not None]
     return train_head(TASK, manifest, out, sets=sets, overwrite=overwrite, **kw)
 
 

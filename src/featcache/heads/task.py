@@ -44,6 +44,7 @@ from ..cache.splits import split_mask
 from ..config import (
     SOURCE_IDENTITY,
     Config,
+    Shortcut,
     constraints_of,
     load_config,
     register_config_file,
@@ -149,7 +150,7 @@ def task_option_values(task_name: str, given: dict) -> tuple[dict[str, str], lis
         if opt in cls.requires_runs:
             runs[opt] = str(value)
         elif opt in cls.cli_options:
-            sets.append(f"{cls.cli_options[opt][0]}={value}")
+            sets.append(Shortcut(cls.cli_options[opt][0], str(value), opt))
         else:
             users = next((o.tasks for o in task_options() if o.name == opt), ())
             own = [o.flag for o in task_options() if task_name in o.tasks]
