@@ -203,7 +203,7 @@ def test_a_task_given_other_data_says_what_it_reads(data, tmp_path):
 def test_a_tasks_own_options_come_from_its_declarations():
     """``train-head`` and ``ablate`` offer each registered task's required runs (``requires_runs``) and
     setting shortcuts (``cli_options``), made from those declarations; the values given split into the
-    task's runs and ``--set`` items, and an option the task does not declare is one line."""
+    task's runs and ``sets`` items (named as typed), and an option the task does not declare is one line."""
     from featcache.heads.task import task_option_values, task_options
 
     opts = {o.name: o for o in task_options()}
@@ -217,7 +217,10 @@ def test_a_tasks_own_options_come_from_its_declarations():
     assert {n: o.key for n, o in opts.items()} == declared
     assert opts["stage1"].tasks == ("stage2",) and opts["stage1"].key is None
     assert opts["prototype_mode"].tasks == ("xai",) and opts["prototype_mode"].choices == ("ema", "fixed", "learnable")
-    assert task_option_values("xai", {"stage1": None, "prototype_mode": "fixed"}) == ({}, ["model.prototype_mode=fixed"])
+    from featcache.config import Shortcut
+
+    assert task_option_values("xai", {"stage1": None, "prototype_mode": "fixed"}) == (
+        {}, [Shortcut("model.prototype_mode", "fixed", "prototype_mode")])
     assert task_option_values("stage2", {"stage1": "runs/s1", "prototype_mode": None}) == ({"stage1": "runs/s1"}, [])
     with pytest.raises(FeatcacheError, match="^--prototype-mode is an option of xai, not of stage2; stage2 takes --stage1$"):
         task_option_values("stage2", {"prototype_mode": "ema"})
