@@ -202,14 +202,16 @@ def metrics_line(metrics: dict, keys, *, ci: dict | None = None) -> str:
     return ", ".join(cells)
 
 
-def metric_legend(names) -> str:
-    """Markdown bullets: the meaning of each name (metric, ``±``, ``ci95``, ``Δ``) once, in order."""
+def metric_legend(names, meanings: dict[str, str] | None = None) -> str:
+    """Markdown bullets: the meaning of each name (metric, ``±``, ``ci95``, ``Δ``) once, in order;
+    ``meanings`` replace :data:`METRIC_MEANINGS`' (an interval made another way says how)."""
+    meanings = {**METRIC_MEANINGS, **(meanings or {})}
     seen, lines = set(), []
     for name in names:
         key = base_name(name)
-        if key in METRIC_MEANINGS and key not in seen:
+        if key in meanings and key not in seen:
             seen.add(key)
-            lines.append(f"- {METRIC_MEANINGS[key]}")
+            lines.append(f"- {meanings[key]}")
     return "\n".join(lines) + ("\n" if lines else "")
 
 

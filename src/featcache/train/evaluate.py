@@ -395,9 +395,11 @@ def write_evaluation(run_dir, split: str, metrics: dict, predictions: pd.DataFra
         ci = metrics.get("ci95") or {}
         marks = decision_marks(metrics)
         cells = {k: format_metric(k, metrics[k], ci=ci.get(k), **marks) for k in keys}
+        own = (metrics.get("ci95_info") or {}).get("method")  # a task's own interval (FAAP's) says how, in one text
         lines += [markdown_table(pd.DataFrame([cells])), "",
                   metric_legend([*(k for k in keys if k in METRIC_MEANINGS), *(["ci95"] if ci else []),
-                                 *(k for k, on in marks.items() if on)])]
+                                 *(k for k, on in marks.items() if on)],
+                                {"ci95": f"[lo, hi]: 95 % {own}"} if isinstance(own, str) else None)]
     if unavailable and any(k in FAIRNESS_KEYS for k in summary_keys):
         lines += [f"Fairness metrics ({', '.join(FAIRNESS_KEYS)}): not available ({unavailable}).", ""]
     if coverage_sentence(metrics):
