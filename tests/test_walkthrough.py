@@ -39,9 +39,11 @@ def test_help_lists_every_registered_name():
     assert f"FORMAT is one of: {', '.join(list_adapters())}." in _help("manifest")
     extract = _help("extract")
     for name in BACKBONES.names():
-        presets = getattr(BACKBONES.get(name), "presets", ())
+        presets = BACKBONES.get(name).presets
         assert (f"{name} (offline presets: {', '.join(presets)})" if presets else name) in extract
     assert "clip (offline presets: tiny, small)" in extract
+    assert f"an offline preset ({', '.join(BACKBONES.get('detr').presets)}: random" in _help("finetune-detr")
+    assert "an offline preset (tiny, tiny-det: random" in _help("finetune-detr")
     group = _help("analyze")
     for name in cli.commands["analyze"].commands:
         assert name in group

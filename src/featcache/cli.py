@@ -180,9 +180,15 @@ def _backbone_list() -> str:
 
     names = []
     for name in BACKBONES.names():
-        presets = getattr(BACKBONES.get(name), "presets", ())
+        presets = BACKBONES.get(name).presets  # declared by every backbone (Backbone.presets)
         names.append(f"{name} (offline presets: {', '.join(presets)})" if presets else name)
     return ", ".join(names)
+
+
+def _detr_presets() -> str:
+    from .extract.registry import BACKBONES
+
+    return ", ".join(BACKBONES.get("detr").presets)
 
 
 def _task_presets() -> str:
@@ -214,7 +220,7 @@ def _manifest_tasks() -> str:
 #: registered name is listed, and other commands do not import the adapters, heads or backbones).
 HELP_LISTS = {"{formats}": _adapter_list, "{tasks}": _task_list, "{presets}": _task_presets,
               "{manifest_tasks}": _manifest_tasks,
-              "{backbones}": _backbone_list}
+              "{backbones}": _backbone_list, "{detr_presets}": _detr_presets}
 
 
 def _fill_help(text: str | None) -> str | None:
@@ -1115,10 +1121,11 @@ def synth_detection_cmd(state, out, n, seed, gap, size, others, overwrite):
                           indent=2))
 
 
-@cli.command("finetune-detr", context_settings=CONTEXT)
+@cli.command("finetune-detr", cls=_RegistryHelpCommand, context_settings=CONTEXT)
 @click.option("--manifest", "manifest_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the fine-tuned model.")
-@click.option("--model", default=None, help="Starting point: tiny (random, offline), a name or a folder [tiny].")
+@click.option("--model", default=None, help="Starting point: an offline preset ({detr_presets}: random "
+              "weights, nothing downloaded), a Hugging Face name or a folder [tiny].")
 @click.option("--epochs", default=None, type=int, help="[30: configs/detr.yaml's training.epochs]")
 @click.option("--batch-size", default=None, type=int, help="[16]")
 @click.option("--lr", default=None, type=float, help="[1e-3]")
