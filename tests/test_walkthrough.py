@@ -64,6 +64,30 @@ def test_every_command_accepts_quiet_after_it():
     assert missing == []
 
 
+def test_quiet_turns_off_the_libraries_progress_bars_too(monkeypatch):
+    """`featcache -q evaluate DETR_RUN` printed transformers' "Loading weights" bar."""
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as hf_logging
+
+    from featcache.cli import State
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    hf_logging.enable_progress_bar()
+    hub.enable_progress_bars()
+    try:
+        State(quiet=False, debug=False)
+        assert hf_logging.is_progress_bar_enabled() and not hub.are_progress_bars_disabled()
+        State(quiet=True, debug=False)
+        assert not hf_logging.is_progress_bar_enabled() and hub.are_progress_bars_disabled()
+        import os
+
+        assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"  # for a library imported later
+    finally:
+        monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+        hf_logging.enable_progress_bar()
+        hub.enable_progress_bars()
+
+
 def test_analyze_map_quiet(tmp_path):
     synth_feature_cache(tmp_path / "c", rows=64, dim=8, part_rows=64)
     out = tmp_path / "map.png"

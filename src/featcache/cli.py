@@ -20,8 +20,25 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 class State:
     def __init__(self, quiet: bool, debug: bool):
-        self.quiet = quiet
+        self.quiet = False
         self.debug = debug
+        if quiet:
+            self.be_quiet()
+
+    def be_quiet(self) -> None:
+        """featcache's progress bars off (``progress=False`` to the library) and the libraries' too:
+        transformers' "Loading weights" bar when a DETR folder loads, huggingface_hub's (the
+        environment for one not imported yet, its switch for one that is)."""
+        import os
+
+        self.quiet = True
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        if "huggingface_hub" in sys.modules:
+            sys.modules["huggingface_hub"].utils.disable_progress_bars()
+        if "transformers" in sys.modules:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
 
 
 def quiet_option(f):
@@ -29,7 +46,7 @@ def quiet_option(f):
 
     def set_quiet(ctx, _param, value):
         if value:
-            ctx.find_object(State).quiet = True
+            ctx.find_object(State).be_quiet()
 
     return click.option("--quiet", "-q", is_flag=True, expose_value=False, callback=set_quiet,
                         help="No progress bars.")(f)
