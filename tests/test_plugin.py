@@ -145,3 +145,7 @@ def test_a_task_from_another_package_trains_evaluates_and_ablates_through_the_cl
     table = pd.read_csv(out / "ablation.csv")
     assert sorted(zip(table["preset"], table["seed"])) == [("plain", 0), ("plain", 1), ("smooth", 0), ("smooth", 1)]
     assert (table["test_auc"] > 0.6).all() and (out / "ablation.md").is_file()
+    # the logging settings are no part of what a run is: the same ablation with its plots on reuses every run
+    again = cli("-q", "ablate", "smooth_probe", "--cache", cache, "--presets", "all", "--seeds", "0,1", "--out", out)
+    assert "4 finished run(s) reused" in again.stdout, again.stdout
+    assert pd.read_csv(out / "ablation.csv").equals(table) and not (out / "plain" / "seed0" / "plots").exists()

@@ -819,12 +819,15 @@ def where_independent(cfg: dict) -> dict:
 
 def run_config_differences(saved: dict, new: dict) -> list[str]:
     """:func:`config_differences` of two run configs, inputs matched by fingerprint wherever they
-    lie (a moved ablation, re-pointed with ``--cache`` / ``--stage1``, is the same ablation)."""
-    a, b = where_independent(saved), where_independent(new)
+    lie (a moved ablation, re-pointed with ``--cache`` / ``--stage1``, is the same ablation); the
+    ``logging`` section left out (what a run writes beside its results, ``logging.plots``,
+    ``logging.tensorboard``, does not make it another run: it is reused and resumed)."""
+    a, b = (without_keys(where_independent(c), ["logging"]) for c in (saved, new))
     if ("inputs" in a) != ("inputs" in b):  # one written before runs were fingerprinted: compared by path
         a, b = with_older_defaults(saved), with_older_defaults(new)
         for c in (a, b):
             c.pop("inputs", None)
+            c.pop("logging", None)
             for kind in SOURCE_IDENTITY:
                 (c.get(kind) or {}).pop("relative", None)
     return config_differences(a, b)
