@@ -97,6 +97,7 @@ def test_no_plots_writes_the_same_evaluation_without_its_pngs(stage2_run, other_
     proc = run_cli("-q", "evaluate", stage2_run, "--cache", other_caches / "partial", "--name", "bare", "--no-plots")
     bare = stage2_run / "eval" / "bare_test"
     assert "plots/" not in proc.stdout and not (bare / "plots").exists()
+    assert _metrics(bare)["provenance"]["command"].endswith("--name bare --no-plots")  # recorded as typed
     assert {f for f in drawn.files if not f.startswith("plots/")} == {p.name for p in bare.iterdir()}
     assert {"plots/roc.png", "plots/subgroup_rates.png"} <= set(drawn.files)
     strip = ("provenance",)  # the command line and the folder differ, nothing else

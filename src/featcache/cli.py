@@ -644,6 +644,8 @@ def _command_line(ctx) -> str:
         value = ctx.params.get(p.name)
         if isinstance(p, click.Argument):
             words += [str(v) for v in (value if isinstance(value, (list, tuple)) else [value]) if v is not None]
+        elif p.is_flag and value is False and p.secondary_opts and value != p.default:
+            words.append(max(p.secondary_opts, key=len))  # --no-plots
         elif p.expose_value and value not in (None, False, ()) and value != p.default:
             flag = max(p.opts, key=len)
             words += [flag] if p.is_flag else [flag, str(value)]
