@@ -11,6 +11,7 @@ from conftest import NO_PLOTS
 from safetensors.torch import load_file
 
 from featcache.cache.synth import synth_feature_cache
+from featcache.config import load_config
 from featcache.errors import FeatcacheError
 from featcache.heads.task import TASKS, SplitData, Task, register_task
 from featcache.train import train_runs
@@ -139,10 +140,12 @@ def test_a_killed_head_run_resumes_to_the_same_weights(controlled, tmp_path, mon
     other["training"]["lr"] = 0.5
     with pytest.raises(FeatcacheError, match=r"training.lr: 0.05 -> 0.5"):
         train_runs("toy_stack", controlled, [tmp_path / "cut"], cfgs=[other], progress=False)
-    said = []
-    train_runs("toy_stack", controlled, [tmp_path / "cut"], cfgs=[json.loads(json.dumps(cfg))], progress=False,
-               echo=said.append)
+    # the logging settings are not: it resumes with its plots on, and its config.yaml records so
+    said, drawn = [], toy_cfg(3, 0.05, epochs=4, plots=True)
+    train_runs("toy_stack", controlled, [tmp_path / "cut"], cfgs=[drawn], progress=False, echo=said.append)
     assert any("resuming" in s for s in said)
+    assert (tmp_path / "cut" / "plots" / "training_curves.png").is_file() and not (tmp_path / "whole" / "plots").exists()
+    assert load_config(tmp_path / "cut" / "config.yaml")["logging"]["plots"] is True
     for f in ("best.safetensors", "last.safetensors"):
         a, b = load_file(tmp_path / "whole" / f), load_file(tmp_path / "cut" / f)
         assert all(torch.equal(a[k], b[k]) for k in a), f

@@ -211,7 +211,7 @@ def _train_locked(task_name, cls, source, device, outs, cfgs, settings, job: _Jo
     task.load(source.data)
     task.spec = task.make_spec()
     task.module = task.build(task.spec).to(device)
-    if resumes[0] and job.extend:  # an extended run's config records its new length
+    if resumes[0]:  # a resumed run's config records what it resumed with: a new length, its logging
         for o, c in zip(outs, cfgs):
             save_config(c, RunDir(o).config)
     if not resumes[0]:
